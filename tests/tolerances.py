@@ -1,0 +1,22 @@
+"""Every tolerance the tests use, in one table (mirrored in docs/testing.md)."""
+
+# Central finite differences in float64 against hand-derived gradients.
+FD_STEP = 1e-6
+FD_RTOL = 1e-5
+FD_ATOL = 1e-8
+
+# float64 SAE goldens written by reference/sae_goldens.py (PyTorch autograd, float64).
+GOLDEN64_RTOL = 1e-10
+GOLDEN64_ATOL = 1e-12
+
+# float32 computations compared with float64 ones of the same math.
+F32_RTOL = 2e-4
+F32_ATOL = 1e-5
+
+# Gemma 2 logits and sites against transformers (eager, float32): float32 rounding.
+GEMMA_RTOL = 1e-4
+GEMMA_ATOL = 1e-4
+
+# NumPy vs CuPy on the same inputs (different BLAS, summation orders).
+XP64_RTOL = 1e-10
+XP32_RTOL = 1e-4
