@@ -1,0 +1,467 @@
+"""The SAE object used at inference time, and its two file formats (SPEC §7).
+
+Dimensions: B tokens, D = d_in, M = d_sae (latents), K = k (TopK).
+
+Release-form parameters (what the files hold; `SAE.from_training` folds training ones into these):
+    jumprelu: W_enc (D,M), b_enc (M,), W_dec (M,D), b_dec (D,), threshold (M,)
+    topk:     W_enc (D,M), b_enc (M,), W_dec (M,D), b_dec (D,)
+    gated:    W_enc (D,M), b_gate (M,), r_mag (M,), b_mag (M,), W_dec (M,D), b_dec (D,)
+
+Inference (x_c = x - b_dec when cfg["apply_b_dec_to_input"], else x):
+    jumprelu: pre = x_c @ W_enc + b_enc;  f = pre * H(pre - threshold) * H(pre)
+              (SAELens: ReLU, then the threshold mask; the same as SPEC's pre * H(pre - threshold)
+              for every threshold >= 0, which is all a trained SAE can have)
+    topk:     pre = x_c @ W_enc + b_enc (times ||W_dec rows|| if rescale_acts_by_decoder_norm);
+              keep the K largest per row, ReLU on the kept values, zero elsewhere
+    gated:    f = H(x_c @ W_enc + b_gate) * ReLU(x_c @ (W_enc * exp(r_mag)) + b_mag)
+    all:      xhat = f @ W_dec + b_dec   (f / ||W_dec rows|| first for rescaled TopK)
+
+Formats:
+- SAELens folder: cfg.json + sae_weights.safetensors (through minisae.safetensors_io; no torch).
+- Gemma Scope params.npz: W_enc, W_dec, b_enc, b_dec, threshold, float32, pre-encoder bias folded
+  into b_enc (inference subtracts no b_dec). Read with allow_pickle=False.
+
+Folding (SPEC §4), from training (input x = x_raw / C, pre-encoder bias) to release form: every
+bias and the threshold are multiplied by C; W_enc, W_dec and r_mag are kept; apply_b_dec_to_input
+= the training option pre_enc_bias (True for gated and topk). Each pre-activation is then C times
+the training one, so f_release = C * f_train and xhat_raw = C * xhat_train exactly, float rounding
+apart, for all three variants (a positive scale changes neither TopK's choice nor a Heaviside).
+A Gemma Scope file has no apply_b_dec_to_input flag, so `save_gemma_scope` also folds b_dec into
+b_enc: b_enc' = C*b_enc - (C*b_dec) @ W_enc (Gemma Scope App. A).
+"""
+
+import json
+import math
+import os
+import re
+import shutil
+import tempfile
+import zipfile
+from pathlib import Path
+
+import numpy
+
+from minisae.xp import asarray, to_numpy, xp_of
+
+CFG_FILENAME = "cfg.json"
+WEIGHTS_FILENAME = "sae_weights.safetensors"
+GEMMA_SCOPE_FILENAME = "params.npz"
+# The cfg.json layout written here. SAELens >= 6 reads a file without metadata.sae_lens_version
+# as pre-6.0 and then drops model_name, hook_name, context_size from its metadata.
+SAELENS_FORMAT_VERSION = "6.0.0"
+
+RELEASE_PARAMS = {
+    "jumprelu": ("W_enc", "b_enc", "W_dec", "b_dec", "threshold"),
+    "topk": ("W_enc", "b_enc", "W_dec", "b_dec"),
+    "gated": ("W_enc", "b_gate", "r_mag", "b_mag", "W_dec", "b_dec"),
+}
+TRAINING_PARAMS = {**RELEASE_PARAMS, "jumprelu": ("W_enc", "b_enc", "W_dec", "b_dec", "log_threshold")}
+ARCHITECTURES = tuple(RELEASE_PARAMS)
+
+
+class SAEFileError(ValueError):
+    """A malformed SAE file or parameter set; the message names the file and the tensor."""
+
+
+def _expected_shape(name, d_in, d_sae):
+    return {"W_enc": (d_in, d_sae), "W_dec": (d_sae, d_in), "b_dec": (d_in,)}.get(name, (d_sae,))
+
+
+def _check_architecture(architecture, where):
+    if architecture not in RELEASE_PARAMS:
+        raise SAEFileError(f"{where}: unknown SAE architecture {architecture!r}; expected one of {ARCHITECTURES}")
+
+
+# ------------------------------------------------------------------------------------------
+# inference, one encoder per architecture (x_c already has b_dec removed when configured)
+
+
+def _encode_jumprelu(p, x_c, cfg):
+    pre = x_c @ p["W_enc"] + p["b_enc"]  # (B, D) @ (D, M) -> (B, M)
+    active = (pre > p["threshold"]) & (pre > 0)  # (B, M)
+    return pre * active.astype(pre.dtype)  # (B, M)
+
+
+def _decoder_norms(p):
+    return xp_of(p["W_dec"]).linalg.norm(p["W_dec"], axis=1)  # (M,)
+
+
+def _encode_topk(p, x_c, cfg):
+    xp = xp_of(x_c)
+    pre = x_c @ p["W_enc"] + p["b_enc"]  # (B, D) @ (D, M) -> (B, M)
+    if cfg.get("rescale_acts_by_decoder_norm", False):
+        pre = pre * _decoder_norms(p)  # (B, M) * (M,)
+    B, M = pre.shape
+    k = int(cfg["k"])
+    if k >= M:
+        return xp.maximum(pre, 0)  # (B, M): every latent kept
+    top = xp.argpartition(pre, M - k, axis=1)[:, M - k :]  # (B, K) indices of the k largest
+    rows = xp.arange(B)[:, None]  # (B, 1)
+    f = xp.zeros_like(pre)  # (B, M)
+    f[rows, top] = xp.maximum(pre[rows, top], 0)  # (B, K): ReLU on the kept values
+    return f
+
+
+def _encode_gated(p, x_c, cfg):
+    xp = xp_of(x_c)
+    pi_gate = x_c @ p["W_enc"] + p["b_gate"]  # (B, D) @ (D, M) -> (B, M)
+    W_mag = p["W_enc"] * xp.exp(p["r_mag"])  # (D, M) * (M,): weight sharing
+    pi_mag = x_c @ W_mag + p["b_mag"]  # (B, M)
+    return (pi_gate > 0).astype(x_c.dtype) * xp.maximum(pi_mag, 0)  # (B, M)
+
+
+_ENCODERS = {"jumprelu": _encode_jumprelu, "topk": _encode_topk, "gated": _encode_gated}
+
+
+def _default_cfg(architecture, d_in, d_sae, dtype):
+    metadata = {"sae_lens_version": SAELENS_FORMAT_VERSION, "model_name": None, "hook_name": None,
+                "context_size": None, "prepend_bos": True}
+    return {"architecture": architecture, "d_in": int(d_in), "d_sae": int(d_sae), "dtype": str(dtype),
+            "device": "cpu", "apply_b_dec_to_input": True, "normalize_activations": "none",
+            "reshape_activations": "none", "metadata": metadata}
+
+
+class SAE:
+    """A sparse autoencoder in release form: encode, decode, load and save.
+
+    Attributes: architecture, cfg (SAELens-style dict), params (release-form arrays on xp),
+    d_in, d_sae, dtype, xp. `source` names the file (or "params") in error messages."""
+
+    def __init__(self, architecture, params, cfg=None, *, xp=None, source="params"):
+        _check_architecture(architecture, source)
+        names = RELEASE_PARAMS[architecture]
+        missing = [n for n in names if n not in params]
+        if missing:
+            raise SAEFileError(f"{source}: {architecture} SAE is missing tensor(s) {missing}; found {sorted(params)}")
+        extra = sorted(set(params) - set(names))
+        if extra:
+            raise SAEFileError(f"{source}: unexpected tensor(s) {extra} for a {architecture} SAE (expected {names})")
+        W_enc, W_dec = params["W_enc"], params["W_dec"]
+        if W_enc.ndim != 2:
+            raise SAEFileError(f"{source}: tensor W_enc: expected shape (d_in, d_sae), found {tuple(W_enc.shape)}")
+        d_in, d_sae = (int(n) for n in W_enc.shape)
+        if tuple(W_dec.shape) != (d_sae, d_in):
+            raise SAEFileError(f"{source}: W_enc has shape {(d_in, d_sae)} (d_in, d_sae), so tensor W_dec should "
+                               f"have shape {(d_sae, d_in)}, found {tuple(W_dec.shape)}")
+        for name in names:
+            expected, found = _expected_shape(name, d_in, d_sae), tuple(params[name].shape)
+            if found != expected:
+                raise SAEFileError(f"{source}: tensor {name}: expected shape {expected}, found {found}")
+        dtype = numpy.dtype(str(W_enc.dtype))
+        if dtype.kind != "f":
+            raise SAEFileError(f"{source}: tensor W_enc: expected a floating-point dtype, found {dtype}")
+        self.xp = xp_of(W_enc) if xp is None else xp
+        self.params = {n: asarray(params[n], self.xp, dtype) for n in names}
+        self.architecture, self.d_in, self.d_sae = architecture, d_in, d_sae
+
+        full = _default_cfg(architecture, d_in, d_sae, dtype)
+        cfg = dict(cfg or {})
+        full["metadata"].update(cfg.pop("metadata", None) or {})
+        full.update(cfg, dtype=str(dtype))
+        for key, value in (("architecture", architecture), ("d_in", d_in), ("d_sae", d_sae)):
+            if full[key] != value:
+                raise SAEFileError(f"{source}: cfg {key} is {full[key]!r} but the tensors give {value!r}")
+        if full["normalize_activations"] not in (None, "none"):
+            raise SAEFileError(f"{source}: normalize_activations={full['normalize_activations']!r} is not "
+                               "supported; fold the normalisation into the weights first (minisae writes 'none')")
+        full["normalize_activations"] = "none"
+        if full["reshape_activations"] not in ("none", "hook_z"):
+            raise SAEFileError(f"{source}: reshape_activations={full['reshape_activations']!r}; "
+                               "expected 'none' or 'hook_z'")
+        if architecture == "topk":
+            k = full.get("k")
+            if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+                raise SAEFileError(f"{source}: a topk SAE needs a positive integer cfg 'k', found {k!r}")
+            full.setdefault("rescale_acts_by_decoder_norm", False)
+        self.cfg = full
+
+    @property
+    def dtype(self):
+        return self.params["W_enc"].dtype
+
+    def __repr__(self):
+        return (f"SAE(architecture={self.architecture!r}, d_in={self.d_in}, d_sae={self.d_sae}, "
+                f"hook_name={self.cfg['metadata'].get('hook_name')!r})")
+
+    # --------------------------------------------------------------------------------------
+    # inference
+
+    def encode(self, x):
+        """Latent activations f (..., M) for inputs x (..., D), cast to the SAE's dtype. With
+        reshape_activations "hook_z", inputs (..., H, d_head) are flattened first."""
+        x = asarray(x, self.xp, self.dtype)
+        D = self.d_in
+        if (self.cfg["reshape_activations"] == "hook_z" and x.ndim >= 2 and x.shape[-1] != D
+                and x.shape[-2] * x.shape[-1] == D):
+            x = x.reshape(*x.shape[:-2], D)  # (..., H, d_head) -> (..., D)
+        if x.ndim == 0 or x.shape[-1] != D:
+            raise ValueError(f"SAE.encode: expected inputs (..., d_in={D}), found shape {tuple(x.shape)}")
+        lead = x.shape[:-1]
+        x_c = x.reshape(-1, D)  # (B, D)
+        if self.cfg["apply_b_dec_to_input"]:
+            x_c = x_c - self.params["b_dec"]  # (B, D)
+        f = _ENCODERS[self.architecture](self.params, x_c, self.cfg)  # (B, M)
+        return f.reshape(*lead, self.d_sae)
+
+    def decode(self, f):
+        """Reconstructions xhat (..., D) from latent activations f (..., M)."""
+        f = asarray(f, self.xp, self.dtype)
+        if f.ndim == 0 or f.shape[-1] != self.d_sae:
+            raise ValueError(f"SAE.decode: expected latents (..., d_sae={self.d_sae}), found shape {tuple(f.shape)}")
+        if self.architecture == "topk" and self.cfg.get("rescale_acts_by_decoder_norm", False):
+            f = f / _decoder_norms(self.params)  # (..., M)
+        return f @ self.params["W_dec"] + self.params["b_dec"]  # (..., M) @ (M, D) -> (..., D)
+
+    def __call__(self, x):
+        return self.decode(self.encode(x))
+
+    # --------------------------------------------------------------------------------------
+    # from a training run
+
+    @classmethod
+    def from_training(cls, architecture, params, *, scale, hyper=None, metadata=None):
+        """Release-form SAE from training parameters (minisae.sae.<variant> names) trained on
+        x = x_raw / scale: the module docstring's folding; log_threshold -> threshold. `hyper`:
+        k for topk, pre_enc_bias (default True) for jumprelu; other keys are ignored."""
+        _check_architecture(architecture, "SAE.from_training")
+        hyper, C = dict(hyper or {}), float(scale)
+        if not (math.isfinite(C) and C > 0):
+            raise ValueError(f"SAE.from_training: expected a finite scale > 0, found {scale!r}")
+        missing = [n for n in TRAINING_PARAMS[architecture] if n not in params]
+        if missing:
+            raise SAEFileError(f"SAE.from_training: {architecture} training params lack {missing}; "
+                               f"found {sorted(params)}")
+        xp = xp_of(params["W_enc"])
+        out = {"W_enc": params["W_enc"], "W_dec": params["W_dec"], "b_dec": C * params["b_dec"]}
+        cfg = {"apply_b_dec_to_input": True}
+        if architecture == "jumprelu":
+            out.update(b_enc=C * params["b_enc"], threshold=C * xp.exp(params["log_threshold"]))  # theta' = C theta
+            cfg["apply_b_dec_to_input"] = bool(hyper.get("pre_enc_bias", True))
+        elif architecture == "topk":
+            if "k" not in hyper:
+                raise ValueError("SAE.from_training: a topk SAE needs hyper['k']")
+            out["b_enc"] = C * params["b_enc"]
+            cfg.update(k=int(hyper["k"]), rescale_acts_by_decoder_norm=False)
+        else:
+            out.update(b_gate=C * params["b_gate"], b_mag=C * params["b_mag"], r_mag=params["r_mag"])
+        cfg["metadata"] = {**(metadata or {}), "minisae_folded_scale": C}
+        if str(cfg["metadata"].get("hook_name") or "").endswith("hook_z"):
+            cfg["reshape_activations"] = "hook_z"
+        return cls(architecture, out, cfg, xp=xp, source="SAE.from_training")
+
+    # --------------------------------------------------------------------------------------
+    # saving
+
+    def save(self, folder, *, overwrite=False):
+        """Write a SAELens folder (cfg.json + sae_weights.safetensors); returns it as a Path.
+        A new or empty folder is written as a temporary sibling and renamed into place (all or
+        nothing). An existing non-empty folder is refused unless overwrite=True, which replaces
+        just those two files, each atomically (other files in the folder are left alone)."""
+        from minisae.safetensors_io import save_file
+
+        folder = Path(folder)
+        if folder.exists() and not folder.is_dir():
+            raise FileExistsError(f"{folder}: exists and is not a folder; SAE.save writes a folder")
+        non_empty = folder.is_dir() and any(folder.iterdir())
+        if non_empty and not overwrite:
+            raise FileExistsError(f"{folder}: folder exists and is not empty; "
+                                  "pass overwrite=True to replace its SAE files")
+        tensors = {n: numpy.ascontiguousarray(to_numpy(self.params[n])) for n in RELEASE_PARAMS[self.architecture]}
+        cfg_text = json.dumps(self.cfg, indent=2, default=_json_default) + "\n"
+        if non_empty:
+            save_file(tensors, folder / WEIGHTS_FILENAME)
+            _atomic_write_bytes(folder / CFG_FILENAME, cfg_text.encode())
+            return folder
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder.parent))
+        try:
+            save_file(tensors, tmp / WEIGHTS_FILENAME)
+            (tmp / CFG_FILENAME).write_text(cfg_text)
+            if folder.is_dir():
+                folder.rmdir()  # empty, checked above
+            os.replace(tmp, folder)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return folder
+
+    def save_gemma_scope(self, path, *, overwrite=False):
+        """Write a Gemma Scope params.npz (JumpReLU only; float32; b_dec folded into b_enc when
+        the SAE subtracts it from its input). `path`: the .npz file, or a folder to hold
+        params.npz. Atomic; refuses to overwrite unless overwrite=True. Returns the file's Path."""
+        if self.architecture != "jumprelu":
+            raise ValueError(f"save_gemma_scope: the Gemma Scope format holds JumpReLU SAEs only, "
+                             f"this is {self.architecture!r}")
+        path = Path(path)
+        path = path if path.suffix == ".npz" else path / GEMMA_SCOPE_FILENAME
+        if path.exists() and not overwrite:
+            raise FileExistsError(f"{path}: file exists; pass overwrite=True to replace it")
+        p = {n: to_numpy(v).astype(numpy.float64) for n, v in self.params.items()}
+        b_enc = p["b_enc"] - p["b_dec"] @ p["W_enc"] if self.cfg["apply_b_dec_to_input"] else p["b_enc"]  # (M,)
+        arrays = {"W_enc": p["W_enc"], "W_dec": p["W_dec"], "b_enc": b_enc, "b_dec": p["b_dec"],
+                  "threshold": p["threshold"]}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _atomic_write(path, lambda fh: numpy.savez(fh, **{n: a.astype(numpy.float32) for n, a in arrays.items()}))
+        return path
+
+    # --------------------------------------------------------------------------------------
+    # loading
+
+    @classmethod
+    def load(cls, path_or_hub_ref, *, xp=numpy, revision=None, dtype="float32"):
+        """Load a SAELens folder or a Gemma Scope params.npz: a local path (a folder, its
+        cfg.json, or an .npz file), or a Hub reference "org/repo[/path/in/repo]" resolved with
+        minisae.hub (a path ending in .npz is that file; a path in a google/gemma-scope-* repo
+        means its params.npz; anything else is a SAELens folder). Tensors are cast to `dtype`."""
+        dtype = numpy.dtype(dtype)
+        if dtype.kind != "f":
+            raise ValueError(f"SAE.load: expected a floating-point dtype, found {dtype}")
+        ref = str(path_or_hub_ref)
+        local = Path(ref).expanduser()
+        if local.is_dir():
+            if (local / CFG_FILENAME).exists() or (local / WEIGHTS_FILENAME).exists():
+                return _load_saelens(local / CFG_FILENAME, local / WEIGHTS_FILENAME, xp, dtype, str(local))
+            if (local / GEMMA_SCOPE_FILENAME).exists():
+                return _load_gemma_scope(local / GEMMA_SCOPE_FILENAME, xp, dtype, ref)
+            raise FileNotFoundError(f"{local}: no SAE here; expected {CFG_FILENAME} + {WEIGHTS_FILENAME} "
+                                    f"(SAELens) or {GEMMA_SCOPE_FILENAME} (Gemma Scope)")
+        if local.exists():
+            if local.name in (CFG_FILENAME, WEIGHTS_FILENAME):
+                folder = local.parent
+                return _load_saelens(folder / CFG_FILENAME, folder / WEIGHTS_FILENAME, xp, dtype, str(folder))
+            if local.suffix == ".npz":
+                return _load_gemma_scope(local, xp, dtype, ref)
+            raise SAEFileError(f"{local}: not an SAE file; expected a SAELens folder or a Gemma Scope .npz")
+        parts = [s for s in ref.split("/") if s]
+        if ref.startswith(("/", ".", "~")) or len(parts) < 2:
+            raise FileNotFoundError(f"{ref}: no such file or folder (and not a Hub reference 'org/repo/path')")
+        from minisae import hub
+
+        repo_id, sub = "/".join(parts[:2]), "/".join(parts[2:])
+        if sub.endswith(".npz") or "gemma-scope" in parts[1].lower():
+            filename = sub if sub.endswith(".npz") else "/".join(parts[2:] + [GEMMA_SCOPE_FILENAME])
+            return _load_gemma_scope(Path(hub.resolve_file(repo_id, filename, revision=revision)), xp, dtype, ref)
+        prefix = f"{sub}/" if sub else ""
+        cfg_path = Path(hub.resolve_file(repo_id, prefix + CFG_FILENAME, revision=revision))
+        weights_path = Path(hub.resolve_file(repo_id, prefix + WEIGHTS_FILENAME, revision=revision))
+        return _load_saelens(cfg_path, weights_path, xp, dtype, ref)
+
+
+# ------------------------------------------------------------------------------------------
+# file helpers
+
+
+def _json_default(value):
+    if isinstance(value, numpy.generic):
+        return value.item()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"cfg value {value!r} of type {type(value).__name__} is not JSON-serialisable")
+
+
+def _atomic_write(path, write):
+    """Call write(file_handle) on a temporary file beside `path`, then rename it into place."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            write(fh)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _atomic_write_bytes(path, data):
+    _atomic_write(path, lambda fh: fh.write(data))
+
+
+# SAELens < 6 kept these at the top level of cfg.json instead of under "metadata"
+_OLD_METADATA_KEYS = ("model_name", "hook_name", "hook_head_index", "context_size", "prepend_bos")
+_CFG_KEYS = ("d_in", "d_sae", "device", "apply_b_dec_to_input", "normalize_activations", "reshape_activations",
+             "k", "rescale_acts_by_decoder_norm")
+
+
+def _load_saelens(cfg_path, weights_path, xp, dtype, source):
+    from minisae.safetensors_io import SafetensorsFile
+
+    for path in (cfg_path, weights_path):
+        if not path.exists():
+            raise FileNotFoundError(f"{source}: missing {path.name} (a SAELens folder holds {CFG_FILENAME} "
+                                    f"and {WEIGHTS_FILENAME})")
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise SAEFileError(f"{cfg_path}: not valid JSON ({e})") from e
+    if not isinstance(cfg, dict):
+        raise SAEFileError(f"{cfg_path}: expected a JSON object, found {type(cfg).__name__}")
+    architecture = cfg.get("architecture")
+    if architecture is None:
+        raise SAEFileError(f"{cfg_path}: no 'architecture' key (a SAELens < 6 'standard' SAE?); "
+                           f"expected one of {ARCHITECTURES}")
+    _check_architecture(architecture, str(cfg_path))
+    for key in ("d_in", "d_sae"):
+        if not isinstance(cfg.get(key), int):
+            raise SAEFileError(f"{cfg_path}: expected an integer {key!r}, found {cfg.get(key)!r}")
+    cfg_out = {k: cfg[k] for k in _CFG_KEYS if k in cfg}
+    cfg_out["architecture"] = architecture
+    cfg_out["metadata"] = dict(cfg.get("metadata") or {k: cfg[k] for k in _OLD_METADATA_KEYS if k in cfg})
+
+    with SafetensorsFile(weights_path) as st:
+        names = set(st.keys())
+        params = {}
+        if architecture == "jumprelu" and "threshold" not in names and "log_threshold" in names:
+            names.discard("log_threshold")  # older SAELens JumpReLU files store log(theta)
+            params["threshold"] = numpy.exp(st.get("log_threshold", dtype=numpy.float64))
+        for name in names:
+            params[name] = numpy.array(st.get(name), dtype=dtype)  # a copy, off the memory map
+    missing = [n for n in RELEASE_PARAMS[architecture] if n not in params]
+    if missing:
+        raise SAEFileError(f"{weights_path}: {architecture} SAE is missing tensor(s) {missing}; found {sorted(params)}")
+    order = RELEASE_PARAMS[architecture] + tuple(sorted(set(params) - set(RELEASE_PARAMS[architecture])))
+    for name in order:  # W_enc first: a cfg d_in / d_sae mismatch is reported on it
+        expected = _expected_shape(name, cfg["d_in"], cfg["d_sae"])
+        if tuple(params[name].shape) != expected:
+            raise SAEFileError(f"{weights_path}: tensor {name}: expected shape {expected} (cfg d_in={cfg['d_in']}, "
+                               f"d_sae={cfg['d_sae']}), found {tuple(params[name].shape)}")
+    params = {n: a.astype(dtype, copy=False) for n, a in params.items()}
+    return SAE(architecture, params, cfg_out, xp=xp, source=str(weights_path))
+
+
+_GEMMA_SCOPE_NAMES = {"W_enc": ("W_enc", "w_enc"), "W_dec": ("W_dec", "w_dec"), "b_enc": ("b_enc",),
+                      "b_dec": ("b_dec",), "threshold": ("threshold",)}
+_GEMMA_SCOPE_MODELS = {"2b": "gemma-2-2b", "9b": "gemma-2-9b", "27b": "gemma-2-27b"}
+_GEMMA_SCOPE_HOOKS = {"res": "blocks.{L}.hook_resid_post", "mlp": "blocks.{L}.hook_mlp_out",
+                      "att": "blocks.{L}.attn.hook_z"}
+
+
+def _gemma_scope_metadata(ref):
+    """Model and hook names read off a Gemma Scope reference such as
+    google/gemma-scope-2b-pt-res/layer_20/width_16k/average_l0_71/params.npz."""
+    meta = {"model_name": None, "hook_name": None}
+    repo = re.search(r"gemma-scope-(2b|9b|27b)-pt-(res|mlp|att)", ref)
+    layer = re.search(r"layer_(\d+)", ref)
+    if repo:  # Gemma Scope was trained on 1024-token sequences starting with BOS
+        meta.update(model_name=_GEMMA_SCOPE_MODELS[repo.group(1)], context_size=1024, prepend_bos=True)
+        if layer:
+            meta["hook_name"] = _GEMMA_SCOPE_HOOKS[repo.group(2)].format(L=int(layer.group(1)))
+    return meta
+
+
+def _load_gemma_scope(path, xp, dtype, ref):
+    try:
+        with numpy.load(path, allow_pickle=False) as npz:
+            found, params = list(npz.files), {}
+            for name, aliases in _GEMMA_SCOPE_NAMES.items():
+                key = next((a for a in aliases if a in found), None)
+                if key is None:
+                    raise SAEFileError(f"{path}: missing array {name!r} (Gemma Scope params.npz); found {found}")
+                params[name] = numpy.asarray(npz[key]).astype(dtype)
+    except SAEFileError:
+        raise
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+        raise SAEFileError(f"{path}: not a readable Gemma Scope .npz archive ({type(e).__name__}: {e})") from e
+    cfg = {"apply_b_dec_to_input": False, "metadata": _gemma_scope_metadata(ref)}
+    if str(cfg["metadata"]["hook_name"] or "").endswith("hook_z"):
+        cfg["reshape_activations"] = "hook_z"
+    return SAE("jumprelu", params, cfg, xp=xp, source=str(path))
