@@ -49,17 +49,22 @@ def get_xp(name="numpy"):
     raise ValueError(f"unknown array backend {name!r}: expected 'numpy' or 'cupy'")
 
 
+def _is_cupy_array(array):
+    # Checked by the type's module, so arrays from a CuPy imported elsewhere are recognised too.
+    return type(array).__module__.split(".")[0] == "cupy"
+
+
 def xp_of(array):
     """The module that owns `array`: cupy for CuPy arrays, numpy for everything else."""
-    if _cupy is not None and isinstance(array, _cupy.ndarray):
-        return _cupy
+    if _is_cupy_array(array):
+        return _import_cupy() or __import__("cupy")
     return numpy
 
 
 def to_numpy(array):
     """A NumPy copy (or view) of a NumPy or CuPy array."""
-    if _cupy is not None and isinstance(array, _cupy.ndarray):
-        return _cupy.asnumpy(array)
+    if _is_cupy_array(array):
+        return array.get()
     return numpy.asarray(array)
 
 

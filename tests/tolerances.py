@@ -9,6 +9,10 @@ FD_ATOL = 1e-8
 GOLDEN64_RTOL = 1e-10
 GOLDEN64_ATOL = 1e-12
 
+# A float64 computation against an independent float64 NumPy reference of the same math.
+REF64_RTOL = 1e-10
+REF64_ATOL = 1e-12
+
 # float32 computations compared with float64 ones of the same math.
 F32_RTOL = 2e-4
 F32_ATOL = 1e-5

@@ -1,0 +1,402 @@
+"""The Gemma 2 forward pass in NumPy / CuPy, one block top to bottom, with SAE sites.
+
+Matches transformers' eager Gemma2ForCausalLM in float32 (SPEC §6; docs/gemma2.md names the source
+of every quirk). Dimension legend:
+
+    B batch rows          T tokens per row        N = B*T tokens
+    D hidden_size         I intermediate_size     V vocab_size
+    H query heads         K key/value heads       G = H // K query heads per kv head
+    d head_dim            W sliding_window        L layer index (0-based)
+
+Activations inside a block are kept as (N, D) matrices so every projection is one BLAS call;
+attention reshapes to heads and back. Linear weights are stored [out, in] (torch.nn.Linear), so a
+projection reads `x @ W.T`: the transposed view of the (memory-mapped) weight, never a copy.
+
+Padding: there is no attention mask argument. Rows are expected right-padded (real tokens first):
+with causal attention a real token never sees a later pad, so its activations and logits are the
+same as without padding; activations at pad positions are meaningless and must be masked by the
+caller (cross_entropy takes that mask). Left padding would shift RoPE positions: not supported.
+"""
+
+import math
+import re
+
+import numpy
+
+from minisae.xp import asarray, get_xp, xp_of
+
+from .config import Gemma2Config
+from .weights import check_shapes
+
+SITE_KINDS = ("hook_resid_post", "attn.hook_z", "hook_mlp_out")
+_SITE_RE = re.compile(r"^blocks\.(\d+)\.(hook_resid_post|attn\.hook_z|hook_mlp_out)$")
+_ATTN_BYTES = 256 * 2**20  # attention scores are computed for as many batch rows as fit in this
+_CE_ELEMS = 2**22  # cross_entropy gathers about this many logits at a time (float64)
+_LOSS_ROWS = 256  # Gemma2Model.loss makes logits for this many tokens at a time (256 MB for 2B)
+
+
+def parse_site(site):
+    """'blocks.L.hook_resid_post' | 'blocks.L.attn.hook_z' | 'blocks.L.hook_mlp_out' -> (L, kind)."""
+    m = _SITE_RE.match(site) if isinstance(site, str) else None
+    if m is None:
+        raise ValueError(f"site {site!r}: expected 'blocks.<layer>.<kind>' with kind one of {SITE_KINDS}")
+    return int(m.group(1)), m.group(2)
+
+
+# ---- the pieces of a block, in the order they run -------------------------------------------------
+
+def rms_norm(x, w1, eps):
+    """x * rsqrt(mean(x^2) + eps) * (1 + w); `w1` is (1 + w), precomputed once per weight."""
+    xp = _module_of(x)
+    ms = xp.mean(x * x, axis=-1, keepdims=True)  # (N, 1)  Gemma2RMSNorm._norm: x.pow(2).mean(-1)
+    return (x * (1.0 / xp.sqrt(ms + eps))) * w1  # (N, D)  output * (1.0 + weight): Gemma's (1 + w)
+
+
+def rope_tables(T, head_dim, theta, xp, dtype):
+    """cos, sin (T, 1, d) for positions 0..T-1, inv_freq_i = theta^(-2i/d), all in `dtype` (float32)."""
+    exponent = xp.arange(0, head_dim, 2, dtype=dtype) / head_dim  # (d/2,)  arange(0, dim, 2) / dim
+    inv_freq = 1.0 / (theta ** exponent)  # (d/2,)  compute_default_rope_parameters (float32, not float64)
+    pos = xp.arange(T, dtype=dtype)  # (T,)  position_ids from 0, no offset
+    freqs = pos[:, None] * inv_freq[None, :]  # (T, d/2)  position_ids.float() * inv_freq
+    emb = xp.concatenate([freqs, freqs], axis=-1)[:, None, :]  # (T, 1, d)  cat(freqs, freqs)
+    return xp.cos(emb), xp.sin(emb)  # (T, 1, d) each, computed in float32
+
+
+def apply_rope(x, cos, sin):
+    """x (B, T, n, d) rotated by "rotate_half": pairs (i, i + d/2), not adjacent pairs."""
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]  # (B, T, n, d/2) each
+    out = x * cos  # (B, T, n, d)  q * cos
+    out[..., :half] -= x2 * sin[..., :half]  # + rotate_half(q) * sin; rotate_half = cat(-x2, x1)
+    out[..., half:] += x1 * sin[..., half:]  # (same IEEE result as adding (-x2) * sin)
+    return out
+
+
+def attention_scores_to_probs(s, mask, scale, cap, xp):
+    """In place on s (b, K, G, T, T): scale, soft-cap, mask, float32 softmax over keys."""
+    s *= scale  # matmul(q, kᵀ) * scaling, scaling = query_pre_attn_scalar ** -0.5 (not head_dim)
+    if cap is not None:
+        s /= cap  # attention soft-cap c * tanh(s / c), c = attn_logit_softcapping ...
+        xp.tanh(s, out=s)
+        s *= cap  # ... applied BEFORE the mask (eager_attention_forward)
+    s += mask  # (T, T) additive: 0 where visible, finfo.min where masked
+    s -= s.max(axis=-1, keepdims=True)  # softmax(dim=-1, dtype=float32)
+    xp.exp(s, out=s)
+    s /= s.sum(axis=-1, keepdims=True)
+    return s
+
+
+def gelu_tanh_(x, xp):
+    """In place: 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))), GELU's tanh form (gelu_pytorch_tanh)."""
+    inner = x * x  # (N, I)
+    inner *= x  # x^3
+    inner *= 0.044715
+    inner += x
+    inner *= math.sqrt(2.0 / math.pi)
+    xp.tanh(inner, out=inner)
+    inner += 1.0
+    x *= inner
+    x *= 0.5
+    return x
+
+
+class Gemma2Model:
+    """Gemma 2 as arrays: forward(ids) -> soft-capped logits; capture(ids, sites); splices."""
+
+    def __init__(self, config: Gemma2Config, weights, *, xp=numpy, dtype="float32"):
+        """`weights` is {checkpoint tensor name: array} (minisae.gemma2.weights.load_weights)."""
+        ignored = check_shapes({k: tuple(v.shape) for k, v in weights.items()}, config)
+        self.config, self.xp, self.dtype = config, xp, numpy.dtype(dtype)
+        if self.dtype not in (numpy.float32, numpy.float64):
+            raise ValueError(f"dtype: expected 'float32' or 'float64', found {dtype!r}")
+        w = {k: asarray(v, xp, self.dtype) for k, v in weights.items() if k not in ignored}
+        c = config
+
+        def one_plus(name):  # Gemma2RMSNorm stores w (init 0) and scales by (1 + w)
+            return 1.0 + w[name]  # (D,)
+
+        self.embed = w["model.embed_tokens.weight"]  # (V, D)
+        self.lm_head = self.embed if c.tie_word_embeddings else w["lm_head.weight"]  # (V, D) tied
+        self.final_norm = one_plus("model.norm.weight")  # (D,)
+        self.layers = []
+        for n in range(c.num_hidden_layers):
+            p = f"model.layers.{n}."
+            self.layers.append(dict(
+                input_norm=one_plus(p + "input_layernorm.weight"),
+                q=w[p + "self_attn.q_proj.weight"],  # (H*d, D)
+                k=w[p + "self_attn.k_proj.weight"],  # (K*d, D)
+                v=w[p + "self_attn.v_proj.weight"],  # (K*d, D)
+                o=w[p + "self_attn.o_proj.weight"],  # (D, H*d)
+                post_attn_norm=one_plus(p + "post_attention_layernorm.weight"),
+                pre_ff_norm=one_plus(p + "pre_feedforward_layernorm.weight"),
+                gate=w[p + "mlp.gate_proj.weight"],  # (I, D)
+                up=w[p + "mlp.up_proj.weight"],  # (I, D)
+                down=w[p + "mlp.down_proj.weight"],  # (D, I)
+                post_ff_norm=one_plus(p + "post_feedforward_layernorm.weight"),
+            ))
+        self._tables = {}  # RoPE tables and masks for the last sequence length seen
+
+    # ---- sites -----------------------------------------------------------------------------------
+    def site_width(self, site):
+        """Width of the activations at `site`: D for resid_post / mlp_out, H*d for attn.hook_z."""
+        _, kind = self._check_site(site)
+        c = self.config
+        return c.num_attention_heads * c.head_dim if kind == "attn.hook_z" else c.hidden_size
+
+    def _check_site(self, site):
+        layer, kind = parse_site(site)
+        if layer >= self.config.num_hidden_layers:
+            raise ValueError(f"site {site!r}: layer {layer} out of range (the model has "
+                             f"{self.config.num_hidden_layers} layers, 0..{self.config.num_hidden_layers - 1})")
+        return layer, kind
+
+    # ---- public entry points ---------------------------------------------------------------------
+    def forward(self, ids, splice=None):
+        """Logits (B, T, V) after the final soft-cap; `splice={site: fn}` replaces a site's acts by fn(acts)."""
+        h, _, (B, T) = self._run(ids, splice=splice, capture=())
+        return self._logits(h).reshape(B, T, -1)  # (B, T, V)
+
+    __call__ = forward
+
+    def capture(self, ids, sites, splice=None):
+        """Activations at one site (B, T, width) or {site: array} for a list, in one pass.
+
+        Runs only up to the deepest layer needed. With `splice`, captured values are those after
+        any splice at the same site (what flows on through the model).
+        """
+        names = [sites] if isinstance(sites, str) else list(sites)
+        if not names:
+            raise ValueError("capture: expected a site or a non-empty list of sites, found none")
+        _, acts, _ = self._run(ids, splice=splice, capture=names)
+        return acts[sites] if isinstance(sites, str) else {s: acts[s] for s in names}
+
+    def loss(self, ids, mask=None, splice=None, *, exclude_ids=None):
+        """cross_entropy(forward(ids, splice), ids, mask) without ever holding (B, T, V) logits.
+
+        Logits are made only for the counted positions, _LOSS_ROWS at a time. exclude_ids
+        defaults to the config's PAD, EOS and BOS ids. Returns (mean loss, count).
+        """
+        c = self.config
+        if exclude_ids is None:
+            exclude_ids = [i for i in (c.pad_token_id, *c.eos_token_ids, c.bos_token_id) if i is not None]
+        h, _, (B, T) = self._run(ids, splice=splice, capture=())
+        rows, cols, targets = counted_pairs(ids, mask, exclude_ids, (B, T), self.xp)  # (n,) each
+        n = int(rows.shape[0])
+        if n == 0:
+            return float("nan"), 0
+        flat = rows * T + cols  # (n,) token index into h
+        total = 0.0
+        for s0 in range(0, n, _LOSS_ROWS):
+            s1 = s0 + _LOSS_ROWS
+            total += nll_sum(self._logits(h[flat[s0:s1]]), targets[s0:s1], self.xp)  # (n, V) a chunk
+        return total / n, n
+
+    # ---- the forward recipe ----------------------------------------------------------------------
+    def _run(self, ids, *, splice, capture):
+        xp, c = self.xp, self.config
+        ids = self._check_ids(ids)
+        B, T = ids.shape
+        splices = {}
+        for site, fn in (splice or {}).items():
+            if not callable(fn):
+                raise TypeError(f"splice[{site!r}]: expected a function acts -> acts, found {type(fn).__name__}")
+            splices[self._check_site(site)] = (site, fn)
+        wanted = {self._check_site(s): s for s in capture}
+        # capture stops after the deepest wanted site; forward runs every layer
+        last = max(layer for layer, _ in wanted) if wanted else c.num_hidden_layers - 1
+        only_z = bool(wanted) and all(k == "attn.hook_z" for (layer, k) in wanted if layer == last)
+        acts = {}
+
+        def hook(layer, kind, x):  # x (N, width): splice, then record
+            key = (layer, kind)
+            if key in splices:
+                site, fn = splices[key]
+                x = self._spliced(site, fn, x.reshape(B, T, -1))
+            if key in wanted:
+                acts[wanted[key]] = x.reshape(B, T, -1)  # (B, T, width)
+            return x.reshape(B * T, -1)  # (N, width)
+
+        h = self.embed[ids.reshape(-1)]  # (N, D)  embedding lookup (a gather: a copy)
+        h = h * xp.asarray(math.sqrt(c.hidden_size), dtype=self.dtype)  # x sqrt(D), cast first (Gemma)
+        for layer in range(last + 1):
+            h = self._block(h, layer, B, T, hook, stop_after_z=only_z and layer == last)
+        return h, acts, (B, T)
+
+    def _block(self, h, layer, B, T, hook, stop_after_z=False):
+        """One decoder layer on the residual stream h (N, D): four RMSNorms, attention, MLP."""
+        lw, eps = self.layers[layer], self.config.rms_norm_eps
+        x = rms_norm(h, lw["input_norm"], eps)  # (N, D)  input_layernorm
+        z = self._attention(x, layer, B, T)  # (N, H*d)
+        z = hook(layer, "attn.hook_z", z)  # site: the input of o_proj, head-major
+        if stop_after_z:
+            return h
+        a = z @ lw["o"].T  # (N, H*d) @ (H*d, D) -> (N, D)  o_proj
+        a = rms_norm(a, lw["post_attn_norm"], eps)  # post_attention_layernorm (Gemma 2's sandwich norm)
+        h = h + a  # (N, D)  residual
+        x = rms_norm(h, lw["pre_ff_norm"], eps)  # pre_feedforward_layernorm
+        m = self._mlp(x, lw)  # (N, D)
+        m = rms_norm(m, lw["post_ff_norm"], eps)  # post_feedforward_layernorm
+        m = hook(layer, "hook_mlp_out", m)  # site: output of post_feedforward_layernorm
+        h = h + m  # (N, D)  residual
+        return hook(layer, "hook_resid_post", h)  # site: the block output
+
+    def _attention(self, x, layer, B, T):
+        """Grouped-query self-attention of x (N, D) -> z (N, H*d), before o_proj."""
+        xp, c, lw = self.xp, self.config, self.layers[layer]
+        H, K, G, d = c.num_attention_heads, c.num_key_value_heads, c.n_groups, c.head_dim
+        cos, sin, mask = self._position_tables(T, layer)
+        q = (x @ lw["q"].T).reshape(B, T, H, d)  # (N, D) @ (D, H*d) -> (B, T, H, d)  no bias
+        k = (x @ lw["k"].T).reshape(B, T, K, d)  # (B, T, K, d)
+        v = (x @ lw["v"].T).reshape(B, T, K, d)  # (B, T, K, d)
+        q = apply_rope(q, cos, sin)  # (B, T, H, d)  RoPE on queries and keys only
+        k = apply_rope(k, cos, sin)  # (B, T, K, d)
+        # GQA without repeating k/v: query head h = kv*G + g reads kv head h // G. Stack the G
+        # query heads of one kv head along the query axis so one matmul serves them all.
+        qg = q.reshape(B, T, K, G, d).transpose(0, 2, 3, 1, 4).reshape(B, K, G * T, d)  # (B, K, G*T, d)
+        kh = xp.ascontiguousarray(k.transpose(0, 2, 1, 3))  # (B, K, T, d)
+        vh = xp.ascontiguousarray(v.transpose(0, 2, 1, 3))  # (B, K, T, d)
+        z = xp.empty((B, T, K, G, d), dtype=self.dtype)  # (B, T, K, G, d) == (B, T, H*d) head-major
+        scale = float(c.query_pre_attn_scalar) ** -0.5
+        rows = max(1, _ATTN_BYTES // (H * T * T * self.dtype.itemsize))  # batch rows per chunk
+        for b0 in range(0, B, rows):
+            b1 = min(B, b0 + rows)
+            s = qg[b0:b1] @ kh[b0:b1].swapaxes(-1, -2)  # (b, K, G*T, d) @ (b, K, d, T) -> (b, K, G*T, T)
+            p = attention_scores_to_probs(s.reshape(b1 - b0, K, G, T, T), mask, scale,
+                                          c.attn_logit_softcapping, xp)  # (b, K, G, T, T)
+            o = p.reshape(b1 - b0, K, G * T, T) @ vh[b0:b1]  # (b, K, G*T, T) @ (b, K, T, d) -> (b, K, G*T, d)
+            z[b0:b1] = o.reshape(b1 - b0, K, G, T, d).transpose(0, 3, 1, 2, 4)  # (b, T, K, G, d)
+        return z.reshape(B * T, H * d)  # (N, H*d)
+
+    def _mlp(self, x, lw):
+        """down(gelu_tanh(gate(x)) * up(x)) on x (N, D) -> (N, D)."""
+        g = x @ lw["gate"].T  # (N, D) @ (D, I) -> (N, I)
+        u = x @ lw["up"].T  # (N, D) @ (D, I) -> (N, I)
+        g = gelu_tanh_(g, self.xp)  # hidden_activation gelu_pytorch_tanh (approximate="tanh")
+        g *= u  # (N, I)  gated: act(gate) * up
+        return g @ lw["down"].T  # (N, I) @ (I, D) -> (N, D)
+
+    def _logits(self, h):
+        """Final RMSNorm, tied output projection, final soft-cap: (N, D) -> (N, V)."""
+        xp, c = self.xp, self.config
+        h = rms_norm(h, self.final_norm, c.rms_norm_eps)  # (N, D)  model.norm
+        # one matmul: BLAS streams the (V, D) matrix once (row chunks would re-read it per chunk)
+        logits = h @ self.lm_head.T  # (N, D) @ (D, V) -> (N, V)  lm_head tied to embed_tokens
+        cap = c.final_logit_softcapping
+        if cap is not None:
+            logits /= cap  # final soft-cap cap * tanh(logits / cap), cap = 30 (final_logit_softcapping)
+            xp.tanh(logits, out=logits)
+            logits *= cap
+        return logits  # (N, V)
+
+    # ---- helpers ---------------------------------------------------------------------------------
+    def _position_tables(self, T, layer):
+        """(cos, sin, additive mask) for length T; the mask is sliding-window on sliding layers."""
+        c, xp = self.config, self.xp
+        window = c.sliding_window if c.is_sliding(layer) else None
+        key = (T, window)
+        if key not in self._tables:
+            if T not in self._tables:  # a new length: forget the old one's tables (T^2 masks add up)
+                self._tables = {T: rope_tables(T, c.head_dim, c.rope_theta, xp, self.dtype)}
+            i = xp.arange(T)[:, None]  # (T, 1) query position
+            j = xp.arange(T)[None, :]  # (1, T) key position
+            visible = j <= i  # causal
+            if window is not None:
+                visible = visible & (j > i - window)  # sliding window: i - W < j <= i
+            mask = xp.zeros((T, T), dtype=self.dtype)  # (T, T) additive
+            mask[~visible] = float(numpy.finfo(self.dtype).min)  # transformers' min_dtype: exp gives 0
+            self._tables[key] = mask
+        cos, sin = self._tables[T]
+        return cos, sin, self._tables[key]
+
+    def _check_ids(self, ids):
+        xp = self.xp
+        ids = asarray(ids, xp)
+        if ids.ndim != 2:
+            raise ValueError(f"ids: expected a (B, T) array of token ids, found shape {tuple(ids.shape)}")
+        if ids.dtype.kind not in "iu":
+            raise ValueError(f"ids: expected integer token ids, found dtype {ids.dtype}")
+        if ids.size == 0:
+            raise ValueError(f"ids: expected at least one token, found shape {tuple(ids.shape)}")
+        lo, hi = int(ids.min()), int(ids.max())
+        if lo < 0 or hi >= self.config.vocab_size:
+            bad = lo if lo < 0 else hi
+            raise ValueError(f"ids: token id {bad} out of range [0, {self.config.vocab_size})")
+        return ids
+
+    def _spliced(self, site, fn, x):
+        new = fn(x)
+        shape = None if new is None else tuple(getattr(new, "shape", ()))
+        if shape != tuple(x.shape):
+            raise ValueError(f"splice[{site!r}]: the function must return an array of shape "
+                             f"{tuple(x.shape)}, found {shape}")
+        return asarray(new, self.xp, self.dtype)
+
+    def __repr__(self):
+        c = self.config
+        return (f"Gemma2Model(layers={c.num_hidden_layers}, D={c.hidden_size}, I={c.intermediate_size}, "
+                f"H={c.num_attention_heads}, K={c.num_key_value_heads}, d={c.head_dim}, V={c.vocab_size}, "
+                f"xp={self.xp.__name__}, dtype={self.dtype.name})")
+
+
+def cross_entropy(logits, ids, mask=None, *, exclude_ids=(0, 1, 2)):
+    """Masked next-token cross-entropy: (mean loss over counted tokens as a float, count).
+
+    Position t's logits predict ids[:, t + 1]. The pair (t, t + 1) counts iff
+      - mask[:, t] and mask[:, t + 1] are both True (both tokens real; mask None = all real), and
+      - the target ids[:, t + 1] is not in `exclude_ids` (default PAD 0, EOS 1, BOS 2; () for none).
+    The last position predicts nothing. Loss per pair = logsumexp(logits) - logits[target], in
+    float64; the mean is over counted pairs (NaN when none count).
+    """
+    xp = _module_of(logits)
+    B, T, V = logits.shape
+    rows, cols, targets = counted_pairs(ids, mask, exclude_ids, (B, T), xp)  # (n,) each
+    n = int(rows.shape[0])
+    if n == 0:
+        return float("nan"), 0
+    total = 0.0
+    step = max(1, _CE_ELEMS // V)
+    for s0 in range(0, n, step):
+        s1 = s0 + step
+        total += nll_sum(logits[rows[s0:s1], cols[s0:s1]], targets[s0:s1], xp)  # (n, V) gathered
+    return total / n, n
+
+
+def counted_pairs(ids, mask, exclude_ids, shape, xp):
+    """(rows, cols, targets): the positions whose next-token loss counts (see cross_entropy)."""
+    B, T = shape
+    ids = asarray(ids, xp)
+    if tuple(ids.shape) != (B, T):
+        raise ValueError(f"ids: expected shape {(B, T)} to match the logits, found {tuple(ids.shape)}")
+    real = xp.ones((B, T), dtype=bool) if mask is None else asarray(mask, xp).astype(bool)
+    if tuple(real.shape) != (B, T):
+        raise ValueError(f"mask: expected shape {(B, T)} like ids, found {tuple(real.shape)}")
+    target = ids[:, 1:]  # (B, T-1)
+    counted = real[:, :-1] & real[:, 1:]  # (B, T-1) input and target both real
+    for e in exclude_ids:
+        counted &= target != int(e)
+    rows, cols = xp.nonzero(counted)  # (n,), (n,)
+    return rows, cols, target[rows, cols]
+
+
+def nll_sum(z, targets, xp):
+    """sum over rows of logsumexp(z) - z[target], in float64; z (n, V), targets (n,)."""
+    total = 0.0
+    step = max(1, _CE_ELEMS // z.shape[-1])  # rows per float64 block
+    for s0 in range(0, z.shape[0], step):
+        zc = z[s0:s0 + step].astype(xp.float64)  # (r, V)
+        m = zc.max(axis=-1)  # (r,)
+        lse = m + xp.log(xp.exp(zc - m[:, None]).sum(axis=-1))  # (r,)
+        picked = zc[xp.arange(zc.shape[0]), targets[s0:s0 + step]]  # (r,)
+        total += float((lse - picked).sum())
+    return total
+
+
+def _module_of(a):
+    """numpy or cupy for `a`, also when CuPy was imported directly rather than through get_xp."""
+    if type(a).__module__.startswith("cupy"):
+        return get_xp("cupy")
+    return xp_of(a)
+
+
+__all__ = ["Gemma2Model", "cross_entropy", "parse_site", "SITE_KINDS", "rms_norm", "rope_tables",
+           "apply_rope", "gelu_tanh_"]
