@@ -4,6 +4,9 @@
 FD_STEP = 1e-6
 FD_RTOL = 1e-5
 FD_ATOL = 1e-8
+# Distance every drawn pre-activation keeps from a kink (ReLU at 0, jumps at theta, kernel
+# window edges, top-k gaps), enforced with assume(); one FD step moves one by ~10 * FD_STEP.
+KINK_MARGIN = 1e-3
 
 # float64 SAE goldens written by reference/sae_goldens.py (PyTorch autograd, float64).
 GOLDEN64_RTOL = 1e-10

@@ -1,0 +1,200 @@
+"""Pieces every SAE variant shares: input checks, the decoder, the squared error, initialisation,
+the geometric median (TopK's b_dec init), and row-sparse matrix products (the NumPy fast path).
+
+Dimensions: B tokens in the batch, D = d_in, M = d_sae latents, N stored (non-zero) entries of a
+sparse (B, M) matrix. Layout as in the released files: `x @ W_enc` with W_enc (D, M), `f @ W_dec`
+with W_dec (M, D); the rows of W_dec are the latent directions.
+
+Every function takes arrays of one module `xp` (NumPy or CuPy, read off the arrays with
+`xp_of`) and one float dtype, and keeps that dtype: scalars enter the math as Python floats.
+"""
+
+import math
+
+import numpy
+
+from minisae.xp import xp_of
+
+# ----------------------------------------------------------------------------------------------
+# checks
+
+
+def check_params(params, names, architecture):
+    """Raise a ValueError unless `params` has exactly `names` with consistent shapes."""
+    if not isinstance(params, dict):
+        raise TypeError(f"{architecture} params: expected a dict of arrays, "
+                        f"found {type(params).__name__}")
+    missing = [k for k in names if k not in params]
+    extra = [k for k in params if k not in names]
+    if missing or extra:
+        raise ValueError(f"{architecture} params: expected keys {list(names)}, "
+                         f"missing {missing}, unexpected {extra}")
+    D, M = params["W_enc"].shape
+    expected = {"W_enc": (D, M), "W_dec": (M, D), "b_dec": (D,)}
+    for k in names:
+        expected.setdefault(k, (M,))
+    for k in names:
+        if tuple(params[k].shape) != expected[k]:
+            raise ValueError(f"{architecture} params[{k!r}]: expected shape {expected[k]} "
+                             f"(from W_enc {(D, M)}), found {tuple(params[k].shape)}")
+        if params[k].dtype != params["W_enc"].dtype:
+            raise ValueError(f"{architecture} params[{k!r}]: expected dtype "
+                             f"{params['W_enc'].dtype} (that of W_enc), found {params[k].dtype}")
+
+
+def as_input(params, x, architecture):
+    """x as a (B, D) array on the params' module and in their dtype (a no-op when it already is)."""
+    W_enc = params["W_enc"]
+    xp = xp_of(W_enc)
+    x = xp.asarray(x, dtype=W_enc.dtype)
+    if x.ndim != 2 or x.shape[1] != W_enc.shape[0]:
+        raise ValueError(f"{architecture} input x: expected shape (B, {W_enc.shape[0]}) "
+                         f"(B tokens, d_in from W_enc), found {tuple(x.shape)}")
+    return x
+
+
+def scalar(value, dtype, xp):
+    """A 0-d array of `dtype` on `xp` (NumPy reductions return NumPy scalars, not arrays)."""
+    return xp.asarray(value, dtype=dtype).reshape(())
+
+
+# ----------------------------------------------------------------------------------------------
+# decoder and squared error
+
+
+def decode(params, f):
+    """xhat = f @ W_dec + b_dec: latents (B, M) back to inputs (B, D)."""
+    W_dec, b_dec = params["W_dec"], params["b_dec"]
+    f = xp_of(W_dec).asarray(f, dtype=W_dec.dtype)
+    return f @ W_dec + b_dec  # (B, M) @ (M, D) -> (B, D)
+
+
+def squared_error(x, xhat):
+    """mse = mean over the batch of the sum over dimensions of (x - xhat)^2; and err = x - xhat."""
+    err = x - xhat  # (B, D)
+    mse = (err * err).sum() / x.shape[0]
+    return mse, err
+
+
+def squared_error_backward(err, scale=1.0):
+    """d(scale * mse)/d xhat, given err = x - xhat from `squared_error`."""
+    # forward was: mse = sum_bd err^2 / B with err = x - xhat
+    return err * (-2.0 * float(scale) / err.shape[0])  # (B, D)
+
+
+# ----------------------------------------------------------------------------------------------
+# initialisation (random numbers on the host with NumPy, then moved: CPU and GPU start identical)
+
+
+def unit_rows(a):
+    """Rows of `a` scaled to unit L2 norm (zero rows stay zero)."""
+    xp = xp_of(a)
+    norms = xp.sqrt((a * a).sum(axis=1, keepdims=True))  # (M, 1)
+    return a / xp.maximum(norms, numpy.finfo(a.dtype).tiny)
+
+
+def init_dictionary(d_in, d_sae, *, seed, xp, dtype):
+    """W_dec He-uniform (bound sqrt(6 / d_in)) then unit rows, W_enc = W_dec^T, b_dec = 0.
+
+    The He bound sets only the scale, which the row normalisation removes: the directions are
+    uniform in the cube, normalised. Drawn in float64 on the host, then cast and moved to xp.
+    """
+    if int(d_in) < 1 or int(d_sae) < 1:
+        raise ValueError(f"init: expected d_in >= 1 and d_sae >= 1, "
+                         f"found d_in={d_in}, d_sae={d_sae}")
+    rng = numpy.random.default_rng(seed)
+    bound = math.sqrt(6.0 / d_in)
+    W_dec = unit_rows(rng.uniform(-bound, bound, size=(d_sae, d_in)))  # (M, D)
+    return {
+        "W_enc": xp.asarray(numpy.ascontiguousarray(W_dec.T), dtype=dtype),  # (D, M)
+        "W_dec": xp.asarray(W_dec, dtype=dtype),                              # (M, D)
+        "b_dec": xp.zeros((d_in,), dtype=dtype),                              # (D,)
+    }
+
+
+def geometric_median(x, *, iters=100, tol=1e-7, xp=None):
+    """argmin_y sum_b ||x_b - y|| over a sample x (B, D), by Weiszfeld's iteration.
+
+    Starts at the mean; each step is the average of the points weighted by 1 / ||x_b - y||
+    (distances floored at a tiny value so a point sitting on y does not divide by zero); stops
+    when a step moves y by less than tol * (1 + ||y||). Computed in float64, returned in x's dtype.
+    """
+    xp = xp_of(x) if xp is None else xp
+    x = xp.asarray(x)
+    if x.ndim != 2 or x.shape[0] < 1:
+        raise ValueError(f"geometric_median: expected a sample of shape (B, D) with B >= 1, "
+                         f"found {tuple(x.shape)}")
+    out_dtype = x.dtype if x.dtype.kind == "f" else numpy.float64
+    x64 = x.astype(numpy.float64)  # (B, D)
+    y = x64.mean(axis=0)  # (D,)
+    for _ in range(int(iters)):
+        dist = xp.sqrt(((x64 - y) ** 2).sum(axis=1))  # (B,)
+        w = 1.0 / xp.maximum(dist, 1e-12)  # (B,)
+        y_new = (w[:, None] * x64).sum(axis=0) / w.sum()  # (D,)
+        step = float(xp.sqrt(((y_new - y) ** 2).sum()))
+        y = y_new
+        if step <= tol * (1.0 + float(xp.sqrt((y * y).sum()))):
+            break
+    return y.astype(out_dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# row-sparse products (NumPy fast path). A sparse (B, M) matrix is held as its N stored entries
+# in row-major order: rows (N,), cols (N,), values (N,), and rowptr (B + 1,) with the entries of
+# row b at rowptr[b]:rowptr[b+1]. Dense equivalents are given in each docstring; a test holds
+# the two equal. Each loops in Python over rows (B) or latents (M) and hands the inner work to
+# BLAS, which pays off when few entries are stored (about 1% of B*M for a trained SAE).
+
+
+def sparse_from_mask(mask):
+    """(rows, cols, rowptr) of the True entries of a (B, M) boolean mask, row-major."""
+    B, M = mask.shape
+    flat = numpy.flatnonzero(mask)  # (N,)
+    rows, cols = numpy.divmod(flat, M)  # (N,), (N,)
+    rowptr = numpy.searchsorted(rows, numpy.arange(B + 1))  # (B + 1,)
+    return rows, cols, rowptr, flat
+
+
+def sparse_matmul(rowptr, cols, values, W):
+    """A @ W for sparse A (B, M) with W (M, D): dense result (B, D)."""
+    B = rowptr.shape[0] - 1
+    out = numpy.empty((B, W.shape[1]), dtype=W.dtype)  # (B, D)
+    ptr = rowptr.tolist()
+    for b in range(B):
+        s, e = ptr[b], ptr[b + 1]
+        numpy.dot(values[s:e], W[cols[s:e]], out=out[b])  # (n,) @ (n, D) -> (D,)
+    return out
+
+
+def sampled_matmul(rowptr, cols, E, W):
+    """(E @ W.T)[rows, cols] for E (B, D) and W (M, D): only the stored entries, (N,)."""
+    out = numpy.empty(cols.shape[0], dtype=W.dtype)  # (N,)
+    ptr = rowptr.tolist()
+    for b in range(rowptr.shape[0] - 1):
+        s, e = ptr[b], ptr[b + 1]
+        numpy.dot(W[cols[s:e]], E[b], out=out[s:e])  # (n, D) @ (D,) -> (n,)
+    return out
+
+
+def sparse_t_matmul(rows, cols, n_cols, pairs):
+    """[A_k.T @ E_k for (A_k values (N,), E_k (B, D_k)) in pairs], all A_k sharing one pattern.
+
+    Each result is dense (M, D_k) with M = n_cols. The entries are regrouped by column
+    (latent) once, then each latent's rows of E_k are gathered and weighted by its values.
+    """
+    order = numpy.argsort(cols, kind="stable")  # (N,)
+    rows_c = rows[order]  # (N,)
+    colptr = numpy.searchsorted(cols[order], numpy.arange(n_cols + 1)).tolist()  # (M + 1,)
+    vals_c = [values[order] for values, _ in pairs]  # each (N,)
+    outs = [numpy.empty((n_cols, E.shape[1]), dtype=E.dtype) for _, E in pairs]  # each (M, D_k)
+    for i in range(n_cols):
+        s, e = colptr[i], colptr[i + 1]
+        r = rows_c[s:e]
+        for v, (_, E), out in zip(vals_c, pairs, outs):
+            numpy.dot(v[s:e], E[r], out=out[i])  # (n,) @ (n, D_k) -> (D_k,)
+    return outs
+
+
+def column_sums(cols, values, n_cols, dtype):
+    """A.sum(axis=0) for sparse A: (M,), accumulated in float64, returned in `dtype`."""
+    return numpy.bincount(cols, weights=values, minlength=n_cols).astype(dtype)

@@ -1,0 +1,218 @@
+"""Gated SAE (Rajamanoharan et al. 2024, arXiv 2404.16014): forward, hand-written backward.
+
+Dimensions: B tokens in the batch, D = d_in, M = d_sae latents.
+
+    x_c     = x - b_dec
+    pi_gate = x_c @ W_enc + b_gate                      (W_enc is the paper's W_gate)
+    pi_mag  = x_c @ (W_enc * exp(r_mag)) + b_mag        (weight sharing, per column)
+    f       = H(pi_gate) * ReLU(pi_mag)                 (H strict: 1 if u > 0 else 0)
+    xhat    = f @ W_dec + b_dec
+    loss    = mean_b [ sum_d (x - xhat)^2 + lambda * sum_i ReLU(pi_gate)_i
+                       + sum_d (x - xhat_frozen)^2 ]
+    xhat_frozen = ReLU(pi_gate) @ sg(W_dec) + sg(b_dec)
+
+sg = stop-gradient: the auxiliary term trains the encoder side only. The Heaviside gate passes no
+gradient, so b_gate learns from the L1 and auxiliary terms only. Decoder rows are kept at unit
+norm by the optimiser (minisae.optim), so the L1 term carries no norm weight.
+Both pre-activations share one product: x_c @ (W_enc * s) = (x_c @ W_enc) * s, s = exp(r_mag).
+The derivation, line by line, is docs/derivations/gated.md.
+
+`forward` + `backward` are the plain, dense reference. `forward_backward` and `loss_and_grads`
+run the same math on a row-sparse path on NumPy when few gates are open
+(`_forward_backward_sparse`, at the bottom); a test holds the two equal.
+"""
+
+import numpy
+
+from minisae.sae.common import (as_input, check_params, column_sums, decode, init_dictionary,
+                                sampled_matmul, scalar, sparse_from_mask, sparse_matmul,
+                                sparse_t_matmul, squared_error, squared_error_backward)
+from minisae.xp import xp_of
+
+ARCHITECTURE = "gated"
+PARAM_NAMES = ("W_enc", "b_gate", "r_mag", "b_mag", "W_dec", "b_dec")
+SPARSE_MAX_DENSITY = 0.05  # the sparse path is taken up to this fraction of B*M gates open
+
+__all__ = ["ARCHITECTURE", "PARAM_NAMES", "init", "encode", "decode", "forward", "backward",
+           "forward_backward", "loss_and_grads"]
+
+
+def init(d_in, d_sae, *, seed=0, xp=numpy, dtype="float32"):
+    """Unit-norm He-uniform decoder rows, W_enc = W_dec^T, r_mag = b_gate = b_mag = b_dec = 0."""
+    p = init_dictionary(d_in, d_sae, seed=seed, xp=xp, dtype=dtype)
+    return {
+        "W_enc": p["W_enc"],                        # (D, M)
+        "b_gate": xp.zeros((d_sae,), dtype=dtype),  # (M,)
+        "r_mag": xp.zeros((d_sae,), dtype=dtype),   # (M,)
+        "b_mag": xp.zeros((d_sae,), dtype=dtype),   # (M,)
+        "W_dec": p["W_dec"],                        # (M, D)
+        "b_dec": p["b_dec"],                        # (D,)
+    }
+
+
+def _shared_product(params, x):
+    """x_c = x - b_dec (B, D) and pre = x_c @ W_enc (B, M), the product both paths share."""
+    x_c = x - params["b_dec"]  # (B, D)
+    return x_c, x_c @ params["W_enc"]  # (B, D) @ (D, M) -> (B, M)
+
+
+def _encoder(params, pre):
+    """scale = exp(r_mag), pi_gate and pi_mag from the shared product pre."""
+    scale = xp_of(pre).exp(params["r_mag"])  # (M,)
+    pi_gate = pre + params["b_gate"]  # (B, M)
+    pi_mag = pre * scale + params["b_mag"]  # (B, M) = x_c @ (W_enc * scale) + b_mag
+    return scale, pi_gate, pi_mag
+
+
+def encode(params, x, *, sparsity_coeff=None):
+    """f (B, M) for inputs x (B, D). sparsity_coeff is accepted and unused."""
+    check_params(params, PARAM_NAMES, ARCHITECTURE)
+    x = as_input(params, x, ARCHITECTURE)
+    _, pi_gate, pi_mag = _encoder(params, _shared_product(params, x)[1])
+    return (pi_gate > 0.0) * xp_of(x).maximum(pi_mag, 0.0)  # (B, M)
+
+
+def _check_hyper(sparsity_coeff):
+    if not float(sparsity_coeff) >= 0.0:
+        raise ValueError(f"gated: expected sparsity_coeff >= 0, found {sparsity_coeff!r}")
+    return float(sparsity_coeff)
+
+
+def forward(params, x, *, sparsity_coeff):
+    """(out, cache): out has loss, mse, l1, aux, l0 (0-d), f (B, M), xhat (B, D)."""
+    check_params(params, PARAM_NAMES, ARCHITECTURE)
+    sparsity_coeff = _check_hyper(sparsity_coeff)
+    x = as_input(params, x, ARCHITECTURE)
+    x_c, pre = _shared_product(params, x)
+    return _forward_from_pre(params, x, x_c, pre, sparsity_coeff)
+
+
+def _forward_from_pre(params, x, x_c, pre, sparsity_coeff):
+    xp = xp_of(x)
+    B, dtype = x.shape[0], x.dtype
+    W_dec, b_dec = params["W_dec"], params["b_dec"]
+    scale, pi_gate, pi_mag = _encoder(params, pre)
+    gate = pi_gate > 0.0  # (B, M) H(pi_gate)
+    f = gate * xp.maximum(pi_mag, 0.0)  # (B, M)
+    xhat = f @ W_dec + b_dec  # (B, M) @ (M, D) -> (B, D)
+    mse, err = squared_error(x, xhat)
+    relu_gate = xp.maximum(pi_gate, 0.0)  # (B, M)
+    l1 = relu_gate.sum() / B  # mean_b sum_i ReLU(pi_gate)
+    xhat_frozen = relu_gate @ W_dec + b_dec  # (B, M) @ (M, D) -> (B, D); W_dec, b_dec held fixed
+    aux, err_frozen = squared_error(x, xhat_frozen)
+    out = {"loss": scalar(mse + sparsity_coeff * l1 + aux, dtype, xp),
+           "mse": scalar(mse, dtype, xp), "l1": scalar(l1, dtype, xp),
+           "aux": scalar(aux, dtype, xp),
+           "l0": scalar(xp.count_nonzero(f) / B, dtype, xp), "f": f, "xhat": xhat}
+    cache = {"x_c": x_c, "pre": pre, "scale": scale, "gate": gate, "pi_mag": pi_mag, "f": f,
+             "err": err, "err_frozen": err_frozen, "sparsity_coeff": sparsity_coeff}
+    return out, cache
+
+
+def backward(params, cache):
+    """True gradients of forward's loss (the Heaviside gate contributes none), with the
+    auxiliary term's decoder held fixed."""
+    xp = xp_of(cache["f"])
+    W_enc, W_dec = params["W_enc"], params["W_dec"]
+    x_c, pre, scale, gate, f = (cache[k] for k in ("x_c", "pre", "scale", "gate", "f"))
+    B = f.shape[0]
+    # forward was: mse = sum_bd (x - xhat)^2 / B, xhat = f @ W_dec + b_dec
+    dxhat = squared_error_backward(cache["err"])  # (B, D)
+    dW_dec = f.T @ dxhat  # (M, B) @ (B, D) -> (M, D)
+    db_dec = dxhat.sum(axis=0)  # (D,)
+    df = dxhat @ W_dec.T  # (B, D) @ (D, M) -> (B, M)
+    # forward was: f = H(pi_gate) * ReLU(pi_mag); H passes nothing, so only pi_mag gets df
+    dpi_mag = xp.multiply(df, gate & (cache["pi_mag"] > 0.0), out=df)  # (B, M)
+    # forward was: aux = sum_bd (x - xhat_frozen)^2 / B,
+    #              xhat_frozen = ReLU(pi_gate) @ sg(W_dec) + sg(b_dec)
+    dxhat_frozen = squared_error_backward(cache["err_frozen"])  # (B, D); nothing to W_dec, b_dec
+    drelu_gate = dxhat_frozen @ W_dec.T  # (B, D) @ (D, M) -> (B, M)
+    # forward was: l1 = sum_bi ReLU(pi_gate) / B, weighted by lambda in the loss
+    drelu_gate += cache["sparsity_coeff"] / B  # (B, M)
+    # forward was: relu_gate = ReLU(pi_gate); ReLU'(pi_gate) = H(pi_gate) = gate
+    dpi_gate = xp.multiply(drelu_gate, gate, out=drelu_gate)  # (B, M)
+    db_gate = dpi_gate.sum(axis=0)  # (M,)
+    # forward was: pi_mag = pre * scale + b_mag, scale = exp(r_mag)
+    db_mag = dpi_mag.sum(axis=0)  # (M,)
+    dr_mag = (dpi_mag * pre).sum(axis=0) * scale  # (M,) d scale / d r_mag = scale
+    # forward was: pi_gate = pre + b_gate, and pre = x_c @ W_enc feeds both paths
+    dpre = xp.multiply(dpi_mag, scale, out=dpi_mag)  # (B, M)
+    dpre += dpi_gate  # (B, M)
+    dW_enc = x_c.T @ dpre  # (D, B) @ (B, M) -> (D, M)
+    # forward was: x_c = x - b_dec; sum_b d x_c = (sum_b dpre) @ W_enc^T
+    db_dec = db_dec - W_enc @ dpre.sum(axis=0)  # (D, M) @ (M,) -> (D,)
+    return {"W_enc": dW_enc, "b_gate": db_gate, "r_mag": dr_mag, "b_mag": db_mag,
+            "W_dec": dW_dec, "b_dec": db_dec}
+
+
+def forward_backward(params, x, *, sparsity_coeff, path="auto", dense_f=True):
+    """(out, grads): forward's out and backward's grads in one call. path: "dense" (forward
+    then backward), "sparse" (NumPy only), or "auto": sparse on NumPy when at most
+    SPARSE_MAX_DENSITY of the batch's gates are open, else dense. The sparse path builds the
+    dense out["f"] (one (B, M) scatter) only when dense_f is true."""
+    if path not in ("auto", "dense", "sparse"):
+        raise ValueError(f"gated.forward_backward: path must be 'auto', 'dense' or 'sparse', "
+                         f"found {path!r}")
+    check_params(params, PARAM_NAMES, ARCHITECTURE)
+    sparsity_coeff = _check_hyper(sparsity_coeff)
+    x = as_input(params, x, ARCHITECTURE)
+    xp = xp_of(x)
+    if path == "sparse" and xp is not numpy:
+        raise ValueError("gated.forward_backward: path='sparse' runs on NumPy arrays only; "
+                         f"found {xp.__name__} arrays (use 'auto' or 'dense')")
+    x_c, pre = _shared_product(params, x)
+    if xp is numpy and path != "dense":
+        gate = pre > -params["b_gate"]  # (B, M) pi_gate = pre + b_gate > 0, exactly
+        if path == "sparse" or numpy.count_nonzero(gate) <= SPARSE_MAX_DENSITY * gate.size:
+            return _forward_backward_sparse(params, x, x_c, pre, gate, sparsity_coeff, dense_f)
+    out, cache = _forward_from_pre(params, x, x_c, pre, sparsity_coeff)
+    return out, backward(params, cache)
+
+
+def loss_and_grads(params, x, *, sparsity_coeff, path="auto"):
+    """(loss, grads) of `forward` / `backward`, through `forward_backward` (same paths)."""
+    out, grads = forward_backward(params, x, sparsity_coeff=sparsity_coeff, path=path,
+                                  dense_f=False)
+    return out["loss"], grads
+
+
+# ----------------------------------------------------------------------------------------------
+# sparse path (NumPy): the same math on the open gates only. Where a gate is shut, f,
+# ReLU(pi_gate) and every gradient to pi_gate and pi_mag are zero: only the N open entries count.
+
+
+def _forward_backward_sparse(params, x, x_c, pre, gate, sparsity_coeff, dense_f):
+    W_enc, W_dec, b_dec = params["W_enc"], params["W_dec"], params["b_dec"]
+    (B, M), dtype = pre.shape, x.dtype
+    scale = numpy.exp(params["r_mag"])  # (M,)
+    rows, cols, rowptr, flat = sparse_from_mask(gate)  # (N,) (N,) (B + 1,) (N,)
+    pre_s = pre.ravel()[flat]  # (N,)
+    relu_gate_s = pre_s + params["b_gate"][cols]  # (N,) = pi_gate > 0 on open gates
+    pi_mag_s = pre_s * scale[cols] + params["b_mag"][cols]  # (N,)
+    f_s = numpy.maximum(pi_mag_s, 0.0)  # (N,)
+    xhat = sparse_matmul(rowptr, cols, f_s, W_dec) + b_dec  # (B, M) @ (M, D) -> (B, D)
+    mse, err = squared_error(x, xhat)
+    l1 = relu_gate_s.sum() / B
+    xhat_frozen = sparse_matmul(rowptr, cols, relu_gate_s, W_dec) + b_dec  # (B, D)
+    aux, err_frozen = squared_error(x, xhat_frozen)
+    # backward, as in `backward`
+    dxhat = squared_error_backward(err)  # (B, D)
+    dpi_mag_s = sampled_matmul(rowptr, cols, dxhat, W_dec) * (pi_mag_s > 0.0)  # (N,)
+    dxhat_frozen = squared_error_backward(err_frozen)  # (B, D)
+    dpi_gate_s = sampled_matmul(rowptr, cols, dxhat_frozen, W_dec)  # (N,)
+    dpi_gate_s += sparsity_coeff / B
+    dpre_s = dpi_mag_s * scale[cols] + dpi_gate_s  # (N,)
+    dW_dec, dW_enc_t = sparse_t_matmul(rows, cols, M, [(f_s, dxhat), (dpre_s, x_c)])  # (M, D) x2
+    db_dec = dxhat.sum(axis=0) - W_enc @ column_sums(cols, dpre_s, M, dtype)  # (D,)
+    grads = {"W_enc": numpy.ascontiguousarray(dW_enc_t.T),
+             "b_gate": column_sums(cols, dpi_gate_s, M, dtype),
+             "r_mag": column_sums(cols, dpi_mag_s * pre_s, M, dtype) * scale,
+             "b_mag": column_sums(cols, dpi_mag_s, M, dtype), "W_dec": dW_dec, "b_dec": db_dec}
+    out = {"loss": scalar(mse + sparsity_coeff * l1 + aux, dtype, numpy),
+           "mse": scalar(mse, dtype, numpy), "l1": scalar(l1, dtype, numpy),
+           "aux": scalar(aux, dtype, numpy),
+           "l0": scalar(numpy.count_nonzero(f_s) / B, dtype, numpy), "xhat": xhat}
+    if dense_f:
+        out["f"] = numpy.zeros((B, M), dtype=dtype)  # (B, M)
+        out["f"].ravel()[flat] = f_s
+    return out, grads

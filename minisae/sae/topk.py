@@ -1,0 +1,250 @@
+"""TopK SAE with AuxK (Gao et al. 2024, arXiv 2406.04093): forward, hand-written backward.
+
+Dimensions: B tokens in the batch, D = d_in, M = d_sae latents, K = k kept per token,
+Nd dead latents, Ka = k' = min(aux_k, Nd) kept per token among the dead ones.
+
+    pi    = (x - b_dec) @ W_enc + b_enc          (b_dec is the paper's b_pre)
+    z     = ReLU(TopK_k(pi))                     (keep the k largest per row, zero the rest)
+    xhat  = z @ W_dec + b_dec
+    e     = sg(x - xhat)                         (AuxK target, a constant for the gradient)
+    z_aux = ReLU(TopK_k'(pi restricted to the dead latents))
+    ehat  = z_aux @ W_dec[dead]                  (no bias)
+    loss  = mean_b sum_d (x - xhat)^2 + alpha * mean_b sum_d (e - ehat)^2
+
+The AuxK term is zero when no latent is dead (dead_mask None or all False). TopK and ReLU pass
+gradient only through the kept entries; ties at the k-th value are broken by argpartition.
+The derivation, line by line, is docs/derivations/topk.md.
+
+`forward` + `backward` are the plain, dense reference. `forward_backward` and `loss_and_grads`
+run the same math on a row-sparse path on NumPy when k is a small fraction of M
+(`_forward_backward_sparse`, at the bottom); a test holds the two equal.
+"""
+
+import numpy
+
+from minisae.sae.common import (as_input, check_params, column_sums, decode, geometric_median,
+                                init_dictionary, sampled_matmul, scalar, sparse_matmul,
+                                sparse_t_matmul, squared_error, squared_error_backward)
+from minisae.xp import xp_of
+
+ARCHITECTURE = "topk"
+PARAM_NAMES = ("W_enc", "b_enc", "W_dec", "b_dec")
+SPARSE_MAX_DENSITY = 0.04  # the sparse path is taken when k <= this fraction of M
+
+__all__ = ["ARCHITECTURE", "PARAM_NAMES", "init", "encode", "decode", "forward", "backward",
+           "forward_backward", "loss_and_grads", "topk_rows"]
+
+
+def init(d_in, d_sae, *, seed=0, xp=numpy, dtype="float32", sample=None):
+    """Unit-norm He-uniform decoder rows, W_enc = W_dec^T, b_enc = 0; b_dec = the geometric
+    median of `sample` (B, D) when one is given (the paper's init), else 0."""
+    p = init_dictionary(d_in, d_sae, seed=seed, xp=xp, dtype=dtype)
+    b_dec = p["b_dec"]  # (D,)
+    if sample is not None:
+        sample = xp.asarray(sample, dtype="float64")  # (B, D)
+        if sample.ndim != 2 or sample.shape[1] != d_in:
+            raise ValueError(f"topk.init: expected sample of shape (B, {d_in}), "
+                             f"found {tuple(sample.shape)}")
+        b_dec = xp.asarray(geometric_median(sample, xp=xp), dtype=dtype)  # (D,)
+    return {"W_enc": p["W_enc"], "b_enc": xp.zeros((d_sae,), dtype=dtype),  # (D, M), (M,)
+            "W_dec": p["W_dec"], "b_dec": b_dec}                           # (M, D), (D,)
+
+
+def _check_k(k, n, what):
+    if int(k) != k or not 1 <= int(k) <= n:
+        raise ValueError(f"topk: expected {what} an integer in [1, {n}], found {k!r}")
+    return int(k)
+
+
+def topk_rows(pi, k):
+    """(idx, vals): column indices (B, K) and values (B, K) of the k largest entries of each row
+    of pi (B, M), in no particular order."""
+    xp = xp_of(pi)
+    M = pi.shape[1]
+    idx = xp.argpartition(pi, M - k, axis=1)[:, M - k:]  # (B, K)
+    return idx, xp.take_along_axis(pi, idx, axis=1)  # (B, K), (B, K)
+
+
+def _scatter_rows(values, idx, n_cols):
+    """Dense (B, n_cols) with values (B, K) at columns idx (B, K) of each row, zeros elsewhere."""
+    xp = xp_of(values)
+    out = xp.zeros((values.shape[0], n_cols), dtype=values.dtype)  # (B, n_cols)
+    out[xp.arange(values.shape[0])[:, None], idx] = values
+    return out
+
+
+def _dead_indices(dead_mask, M, xp):
+    if dead_mask is None:
+        return xp.zeros((0,), dtype=xp.int64)
+    dead_mask = xp.asarray(dead_mask)
+    if dead_mask.shape != (M,) or dead_mask.dtype != bool:
+        raise ValueError(f"topk dead_mask: expected a bool array of shape ({M},), found "
+                         f"{dead_mask.dtype} {tuple(dead_mask.shape)}")
+    return xp.flatnonzero(dead_mask)  # (Nd,)
+
+
+def encode(params, x, *, k, aux_k=None, aux_coeff=None, dead_mask=None):
+    """z (B, M) for inputs x (B, D). aux_k, aux_coeff and dead_mask are accepted and unused."""
+    check_params(params, PARAM_NAMES, ARCHITECTURE)
+    x = as_input(params, x, ARCHITECTURE)
+    xp = xp_of(x)
+    k = _check_k(k, params["W_enc"].shape[1], "k")
+    pi = (x - params["b_dec"]) @ params["W_enc"] + params["b_enc"]  # (B, D) @ (D, M) -> (B, M)
+    idx, vals = topk_rows(pi, k)  # (B, K), (B, K)
+    return _scatter_rows(xp.maximum(vals, 0.0), idx, pi.shape[1])  # (B, M)
+
+
+def _check_hyper(params, k, aux_k, aux_coeff, dead_mask, xp):
+    M = params["W_enc"].shape[1]
+    if int(aux_k) != aux_k or int(aux_k) < 1:
+        raise ValueError(f"topk: expected aux_k an integer >= 1, found {aux_k!r}")
+    return _check_k(k, M, "k"), int(aux_k), float(aux_coeff), _dead_indices(dead_mask, M, xp)
+
+
+def _auxk_forward(pi, err, W_dec, dead, aux_k):
+    """AuxK: the top-k' of the dead latents reconstruct the (constant) residual err = x - xhat.
+    Returns aux = mean_b sum_d (err - ehat)^2 and the cache `_auxk_backward` needs."""
+    xp = xp_of(pi)
+    k_aux = min(aux_k, dead.shape[0])  # k' = min(aux_k, #dead)
+    aux_idx, aux_vals = topk_rows(pi[:, dead], k_aux)  # (B, Ka), (B, Ka) into the dead list
+    z_aux = _scatter_rows(xp.maximum(aux_vals, 0.0), aux_idx, dead.shape[0])  # (B, Nd)
+    ehat = z_aux @ W_dec[dead]  # (B, Nd) @ (Nd, D) -> (B, D), no bias
+    aux, err_aux = squared_error(err, ehat)
+    return aux, {"dead": dead, "z_aux": z_aux, "aux_idx": aux_idx, "aux_vals": aux_vals,
+                 "err_aux": err_aux}
+
+
+def _auxk_backward(aux_cache, W_dec, aux_coeff):
+    """(dW_dec rows of the dead latents (Nd, D), dpi on the dead columns (B, Nd)) of
+    alpha * aux; the target err is a constant (stop-gradient), so xhat gets nothing."""
+    xp = xp_of(W_dec)
+    dead, z_aux, aux_idx = aux_cache["dead"], aux_cache["z_aux"], aux_cache["aux_idx"]
+    # forward was: aux = sum_bd (err - ehat)^2 / B, ehat = z_aux @ W_dec[dead]
+    dehat = squared_error_backward(aux_cache["err_aux"], aux_coeff)  # (B, D)
+    dW_dead = z_aux.T @ dehat  # (Nd, B) @ (B, D) -> (Nd, D)
+    dz_aux = dehat @ W_dec[dead].T  # (B, D) @ (D, Nd) -> (B, Nd)
+    # forward was: z_aux = ReLU(TopK_k'(pi[:, dead])); kept positive entries only
+    daux = xp.take_along_axis(dz_aux, aux_idx, axis=1) * (aux_cache["aux_vals"] > 0.0)  # (B, Ka)
+    return dW_dead, _scatter_rows(daux, aux_idx, dead.shape[0])  # (Nd, D), (B, Nd)
+
+
+def forward(params, x, *, k, aux_k=512, aux_coeff=1.0 / 32, dead_mask=None):
+    """(out, cache): out has loss, mse, aux, l0 (0-d), f = z (B, M), xhat (B, D)."""
+    check_params(params, PARAM_NAMES, ARCHITECTURE)
+    x = as_input(params, x, ARCHITECTURE)
+    xp = xp_of(x)
+    (B, D), M, dtype = x.shape, params["W_enc"].shape[1], x.dtype
+    k, aux_k, aux_coeff, dead = _check_hyper(params, k, aux_k, aux_coeff, dead_mask, xp)
+    x_c = x - params["b_dec"]  # (B, D)
+    pi = x_c @ params["W_enc"] + params["b_enc"]  # (B, D) @ (D, M) -> (B, M)
+    idx, vals = topk_rows(pi, k)  # (B, K), (B, K)
+    z = _scatter_rows(xp.maximum(vals, 0.0), idx, M)  # (B, M)
+    xhat = z @ params["W_dec"] + params["b_dec"]  # (B, M) @ (M, D) -> (B, D)
+    mse, err = squared_error(x, xhat)
+    cache = {"x_c": x_c, "z": z, "idx": idx, "vals": vals, "err": err, "aux_coeff": aux_coeff,
+             "aux": None}
+    aux = 0.0  # zero when no latent is dead
+    if dead.shape[0] > 0:
+        aux, cache["aux"] = _auxk_forward(pi, err, params["W_dec"], dead, aux_k)
+    out = {"loss": scalar(mse + aux_coeff * aux, dtype, xp), "mse": scalar(mse, dtype, xp),
+           "aux": scalar(aux, dtype, xp), "l0": scalar(xp.count_nonzero(z) / B, dtype, xp),
+           "f": z, "xhat": xhat}
+    return out, cache
+
+
+def backward(params, cache):
+    """True gradients of forward's loss, through the kept entries only."""
+    xp = xp_of(cache["z"])
+    W_enc, W_dec = params["W_enc"], params["W_dec"]
+    x_c, z, idx, vals = (cache[k] for k in ("x_c", "z", "idx", "vals"))
+    M = z.shape[1]
+    # forward was: mse = sum_bd (x - xhat)^2 / B, xhat = z @ W_dec + b_dec
+    dxhat = squared_error_backward(cache["err"])  # (B, D)
+    dW_dec = z.T @ dxhat  # (M, B) @ (B, D) -> (M, D)
+    db_dec = dxhat.sum(axis=0)  # (D,)
+    dz = dxhat @ W_dec.T  # (B, D) @ (D, M) -> (B, M)
+    # forward was: z = ReLU(TopK_k(pi)); only kept entries with a positive value pass gradient
+    dvals = xp.take_along_axis(dz, idx, axis=1) * (vals > 0.0)  # (B, K)
+    dpi = _scatter_rows(dvals, idx, M)  # (B, M)
+    if cache["aux"] is not None:  # forward was: loss = mse + alpha * aux
+        dead = cache["aux"]["dead"]  # (Nd,) distinct indices
+        dW_dead, dpi_dead = _auxk_backward(cache["aux"], W_dec, cache["aux_coeff"])
+        dW_dec[dead] += dW_dead  # (Nd, D)
+        dpi[:, dead] += dpi_dead  # (B, Nd)
+    # forward was: pi = x_c @ W_enc + b_enc
+    dW_enc = x_c.T @ dpi  # (D, B) @ (B, M) -> (D, M)
+    db_enc = dpi.sum(axis=0)  # (M,)
+    # forward was: x_c = x - b_dec; sum_b d x_c = (sum_b dpi) @ W_enc^T
+    db_dec = db_dec - W_enc @ db_enc  # (D, M) @ (M,) -> (D,)
+    return {"W_enc": dW_enc, "b_enc": db_enc, "W_dec": dW_dec, "b_dec": db_dec}
+
+
+def forward_backward(params, x, *, k, aux_k=512, aux_coeff=1.0 / 32, dead_mask=None,
+                     path="auto", dense_f=True):
+    """(out, grads): forward's out and backward's grads in one call. path: "dense" (forward
+    then backward), "sparse" (NumPy only), or "auto": sparse on NumPy when k <=
+    SPARSE_MAX_DENSITY * M. The sparse path builds the dense out["f"] only when dense_f."""
+    if path not in ("auto", "dense", "sparse"):
+        raise ValueError(f"topk.forward_backward: path must be 'auto', 'dense' or 'sparse', "
+                         f"found {path!r}")
+    hyper = dict(k=k, aux_k=aux_k, aux_coeff=aux_coeff, dead_mask=dead_mask)
+    xp = xp_of(params["W_enc"])
+    if path == "sparse" and xp is not numpy:
+        raise ValueError("topk.forward_backward: path='sparse' runs on NumPy arrays only; "
+                         f"found {xp.__name__} arrays (use 'auto' or 'dense')")
+    M = params["W_enc"].shape[1]
+    if xp is numpy and (path == "sparse" or (path == "auto" and k <= SPARSE_MAX_DENSITY * M)):
+        return _forward_backward_sparse(params, x, dense_f=dense_f, **hyper)
+    out, cache = forward(params, x, **hyper)
+    return out, backward(params, cache)
+
+
+def loss_and_grads(params, x, *, k, aux_k=512, aux_coeff=1.0 / 32, dead_mask=None, path="auto"):
+    """(loss, grads) of `forward` / `backward`, through `forward_backward` (same paths)."""
+    out, grads = forward_backward(params, x, k=k, aux_k=aux_k, aux_coeff=aux_coeff,
+                                  dead_mask=dead_mask, path=path, dense_f=False)
+    return out["loss"], grads
+
+
+# ----------------------------------------------------------------------------------------------
+# sparse path (NumPy): the same math with z held as its k kept entries per row; the AuxK part
+# stays dense over the (few) dead columns
+
+
+def _forward_backward_sparse(params, x, *, k, aux_k, aux_coeff, dead_mask, dense_f):
+    check_params(params, PARAM_NAMES, ARCHITECTURE)
+    x = as_input(params, x, ARCHITECTURE)
+    k, aux_k, aux_coeff, dead = _check_hyper(params, k, aux_k, aux_coeff, dead_mask, numpy)
+    W_enc, W_dec, b_dec = params["W_enc"], params["W_dec"], params["b_dec"]
+    (B, D), M, dtype = x.shape, W_enc.shape[1], x.dtype
+    x_c = x - b_dec  # (B, D)
+    pi = x_c @ W_enc  # (B, D) @ (D, M) -> (B, M)
+    pi += params["b_enc"]  # (B, M)
+    idx, vals = topk_rows(pi, k)  # (B, K), (B, K)
+    rows = numpy.repeat(numpy.arange(B), k)  # (N,) with N = B * K, row-major
+    cols, rowptr = idx.ravel(), numpy.arange(B + 1) * k  # (N,), (B + 1,)
+    z_s = numpy.maximum(vals, 0.0).ravel()  # (N,)
+    xhat = sparse_matmul(rowptr, cols, z_s, W_dec) + b_dec  # (B, M) @ (M, D) -> (B, D)
+    mse, err = squared_error(x, xhat)
+    aux, aux_cache = 0.0, None
+    if dead.shape[0] > 0:
+        aux, aux_cache = _auxk_forward(pi, err, W_dec, dead, aux_k)
+    loss = scalar(mse + aux_coeff * aux, dtype, numpy)
+    # backward, as in `backward`
+    dxhat = squared_error_backward(err)  # (B, D)
+    dpi_s = sampled_matmul(rowptr, cols, dxhat, W_dec) * (vals.ravel() > 0.0)  # (N,)
+    dW_dec, dW_enc_t = sparse_t_matmul(rows, cols, M, [(z_s, dxhat), (dpi_s, x_c)])  # (M, D) x2
+    db_enc = column_sums(cols, dpi_s, M, dtype)  # (M,)
+    if aux_cache is not None:
+        dW_dead, dpi_dead = _auxk_backward(aux_cache, W_dec, aux_coeff)  # (Nd, D), (B, Nd)
+        dW_dec[dead] += dW_dead  # (Nd, D)
+        dW_enc_t[dead] += dpi_dead.T @ x_c  # (Nd, B) @ (B, D) -> (Nd, D)
+        db_enc[dead] += dpi_dead.sum(axis=0)  # (Nd,)
+    db_dec = dxhat.sum(axis=0) - W_enc @ db_enc  # (D,)
+    grads = {"W_enc": numpy.ascontiguousarray(dW_enc_t.T), "b_enc": db_enc, "W_dec": dW_dec,
+             "b_dec": db_dec}
+    out = {"loss": loss, "mse": scalar(mse, dtype, numpy), "aux": scalar(aux, dtype, numpy),
+           "l0": scalar(numpy.count_nonzero(z_s) / B, dtype, numpy), "xhat": xhat}
+    if dense_f:
+        out["f"] = _scatter_rows(numpy.maximum(vals, 0.0), idx, M)  # (B, M)
+    return out, grads

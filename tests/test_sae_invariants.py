@@ -1,0 +1,400 @@
+"""SAE invariants as properties: TopK sparsity and gradient routing, JumpReLU's zero region, the
+Gated = JumpReLU equivalence, the API contract (keys, shapes, dtypes), float32 vs float64, the
+JumpReLU sparse path vs the plain one, the row-sparse kernels vs dense products, init, the
+geometric median, and NumPy vs CuPy.
+"""
+
+import math
+
+import numpy
+import pytest
+from hypothesis import assume, given
+from hypothesis import strategies as st
+
+from minisae.sae import VARIANTS, common, gated, get_variant, jumprelu, topk
+from minisae.xp import asarray, cupy_available, get_xp, to_numpy
+from test_sae_gradients import HSETTINGS, KINK_MARGIN, problem, seeds, shapes, to_xp
+from tolerances import F32_ATOL, F32_RTOL, GOLDEN64_ATOL, XP32_RTOL, XP64_RTOL
+
+HYPER = {"jumprelu": dict(sparsity_coeff=0.7, bandwidth=0.3),
+         "gated": dict(sparsity_coeff=0.7),
+         "topk": dict(k=3, aux_k=2, aux_coeff=0.5)}
+
+
+def hyper_for(variant, M, xp, dead_host=None):
+    h = dict(HYPER[variant])
+    if variant == "topk":
+        h["k"] = min(h["k"], M)
+        if dead_host is not None:
+            h["dead_mask"] = asarray(dead_host, xp)
+    return h
+
+
+def assert_close(a, b, rtol, atol, what):
+    a, b = to_numpy(a), to_numpy(b)
+    numpy.testing.assert_allclose(a, b, rtol=rtol, atol=atol, err_msg=what)
+
+
+# ----------------------------------------------------------------------------------------------
+# TopK
+
+
+@HSETTINGS
+@given(shape=shapes, seed=seeds, data=st.data())
+def test_topk_keeps_at_most_k_and_routes_gradient_only_through_kept(xp, shape, seed, data):
+    B, D, M = shape
+    k = data.draw(st.integers(1, M), label="k")
+    rng = numpy.random.default_rng(seed)
+    p_host, x_host = problem("topk", rng, B, D, M)
+    pi = (x_host - p_host["b_dec"]) @ p_host["W_enc"] + p_host["b_enc"]  # (B, M)
+    s = -numpy.sort(-pi, axis=1)
+    assume(k == M or numpy.all(s[:, k - 1] - s[:, k] > KINK_MARGIN))  # a unique top-k set
+    params, x = to_xp(p_host, xp), asarray(x_host, xp, "float64")
+    out, cache = topk.forward(params, x, k=k)
+    z = to_numpy(out["f"])  # (B, M)
+    assert numpy.all(numpy.count_nonzero(z, axis=1) <= k)
+    assert numpy.all(z >= 0.0)
+    kept = pi >= s[:, k - 1:k]  # (B, M) the top-k set of each row
+    numpy.testing.assert_array_equal(z, numpy.where(kept, numpy.maximum(pi, 0.0), 0.0))
+    numpy.testing.assert_array_equal(to_numpy(topk.encode(params, x, k=k)), z)
+    grads = {n: to_numpy(g) for n, g in topk.backward(params, cache).items()}
+    # a latent kept (with a positive value) in no row gets no gradient at all
+    unused = ~numpy.any(kept & (pi > 0.0), axis=0)  # (M,)
+    assert numpy.all(grads["b_enc"][unused] == 0.0)
+    assert numpy.all(grads["W_enc"][:, unused] == 0.0)
+    assert numpy.all(grads["W_dec"][unused] == 0.0)
+    if B == 1:  # one token: dpi is b_enc's gradient, non-zero only on the kept set
+        assert numpy.all(grads["b_enc"][~kept[0]] == 0.0)
+
+
+def test_topk_aux_is_zero_without_dead_latents(xp):
+    rng = numpy.random.default_rng(3)
+    p_host, x_host = problem("topk", rng, 5, 4, 7)
+    params, x = to_xp(p_host, xp), asarray(x_host, xp, "float64")
+    none, _ = topk.forward(params, x, k=2)
+    all_alive, _ = topk.forward(params, x, k=2, dead_mask=asarray(numpy.zeros(7, bool), xp))
+    for out in (none, all_alive):
+        assert float(out["aux"]) == 0.0 and float(out["loss"]) == float(out["mse"])
+    some_dead, _ = topk.forward(params, x, k=2, dead_mask=asarray(numpy.arange(7) < 3, xp))
+    assert float(some_dead["aux"]) > 0.0
+    with pytest.raises(ValueError, match="dead_mask"):
+        topk.forward(params, x, k=2, dead_mask=asarray(numpy.ones(6, bool), xp))
+    with pytest.raises(ValueError, match="k an integer"):
+        topk.forward(params, x, k=8)
+
+
+# ----------------------------------------------------------------------------------------------
+# JumpReLU and Gated
+
+
+@HSETTINGS
+@given(shape=shapes, seed=seeds, pre_enc_bias=st.booleans())
+def test_jumprelu_output_is_zero_where_pi_at_or_below_theta(xp, shape, seed, pre_enc_bias):
+    rng = numpy.random.default_rng(seed)
+    p_host, x_host = problem("jumprelu", rng, *shape)
+    # make some thresholds coincide with a pre-activation: H is strict, so those give 0
+    x_c = x_host - p_host["b_dec"] if pre_enc_bias else x_host
+    pi = numpy.maximum(x_c @ p_host["W_enc"] + p_host["b_enc"], 0.0)  # (B, M)
+    log_pi0 = numpy.log(numpy.where(pi[0] > 0.0, pi[0], 1.0))  # (M,)
+    p_host["log_threshold"] = numpy.where(pi[0] > 0.0, log_pi0, p_host["log_threshold"])
+    params, x = to_xp(p_host, xp), asarray(x_host, xp, "float64")
+    f = to_numpy(jumprelu.encode(params, x, pre_enc_bias=pre_enc_bias))  # (B, M)
+    out, _ = jumprelu.forward(params, x, sparsity_coeff=0.1, pre_enc_bias=pre_enc_bias)
+    pi_m = numpy.maximum(to_numpy(jumprelu._encoder_pre(params, x, pre_enc_bias)[1]), 0.0)
+    theta = numpy.exp(to_numpy(params["log_threshold"]))  # (M,)
+    assert numpy.all(f[pi_m <= theta] == 0.0)
+    numpy.testing.assert_array_equal(f[pi_m > theta], pi_m[pi_m > theta])
+    numpy.testing.assert_array_equal(to_numpy(out["f"]), f)
+    assert float(out["l0"]) == numpy.count_nonzero(pi_m > theta) / shape[0]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_jumprelu_heaviside_is_strict(xp, dtype):
+    """Latents whose pre-activation equals theta exactly (zero encoder column, b_enc = theta)
+    stay off on every path: H(0) = 0."""
+    rng = numpy.random.default_rng(7)
+    p_host, x_host = problem("jumprelu", rng, 6, 4, 10)
+    p_host["W_enc"][:, :5] = 0.0
+    params, x = to_xp(p_host, xp, dtype), asarray(x_host, xp, dtype)
+    theta = xp.exp(params["log_threshold"])  # (M,) exactly as the module computes it
+    params["b_enc"][:5] = theta[:5]  # pre = 0 + theta
+    hyper = dict(sparsity_coeff=10.0, bandwidth=0.5)
+    out, _ = jumprelu.forward(params, x, **hyper)
+    f = to_numpy(out["f"])
+    assert numpy.all(f[:, :5] == 0.0)
+    assert float(out["l0"]) == numpy.count_nonzero(f) / 6
+    paths = ["auto", "dense"] + (["sparse"] if xp is numpy else [])
+    for path in paths:
+        loss, _ = jumprelu.loss_and_grads(params, x, path=path, **hyper)
+        assert_close(loss, out["loss"], F32_RTOL if dtype == "float32" else XP64_RTOL, 0.0, path)
+
+
+@HSETTINGS
+@given(shape=shapes, seed=seeds)
+def test_gated_equals_jumprelu_with_folded_threshold(xp, shape, seed):
+    """f_gated = JumpReLU_theta(pi_mag) with theta = b_mag - exp(r_mag) * b_gate (theta > 0)."""
+    rng = numpy.random.default_rng(seed)
+    p_host, x_host = problem("gated", rng, *shape)
+    M = shape[2]
+    s = numpy.exp(p_host["r_mag"])  # (M,)
+    p_host["b_mag"] = s * p_host["b_gate"] + rng.uniform(0.05, 1.0, M)  # so that theta > 0
+    theta = p_host["b_mag"] - s * p_host["b_gate"]  # (M,)
+    pi_mag = (x_host - p_host["b_dec"]) @ (p_host["W_enc"] * s) + p_host["b_mag"]  # (B, M)
+    assume(numpy.all(numpy.abs(pi_mag - theta) > KINK_MARGIN))
+    j_host = {"W_enc": p_host["W_enc"] * s, "b_enc": p_host["b_mag"], "W_dec": p_host["W_dec"],
+              "b_dec": p_host["b_dec"], "log_threshold": numpy.log(theta)}
+    x = asarray(x_host, xp, "float64")
+    f_gated = to_numpy(gated.encode(to_xp(p_host, xp), x))
+    f_jump = to_numpy(jumprelu.encode(to_xp(j_host, xp), x, pre_enc_bias=True))
+    assert numpy.array_equal(f_gated != 0.0, f_jump != 0.0)
+    numpy.testing.assert_allclose(f_gated, f_jump, rtol=XP64_RTOL, atol=GOLDEN64_ATOL)
+
+
+# ----------------------------------------------------------------------------------------------
+# contract: keys, shapes, dtypes; float32 vs float64
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_outputs_and_grads_keep_keys_shapes_dtypes(xp, variant, dtype):
+    module = get_variant(variant)
+    params = module.init(5, 12, seed=1, xp=xp, dtype=dtype)
+    assert tuple(params) == module.PARAM_NAMES and module.ARCHITECTURE == variant
+    x = asarray(numpy.random.default_rng(0).standard_normal((4, 5)), xp, dtype)
+    hyper = hyper_for(variant, 12, xp, numpy.arange(12) % 3 == 0)
+    out, cache = module.forward(params, x, **hyper)
+    for key in ("loss", "mse", "l0"):
+        assert out[key].shape == () and out[key].dtype == dtype, key
+    assert out["f"].shape == (4, 12) and out["f"].dtype == dtype
+    assert out["xhat"].shape == (4, 5) and out["xhat"].dtype == dtype
+    all_grads = [module.backward(params, cache), module.loss_and_grads(params, x, **hyper)[1]]
+    paths = [{"path": "auto"}, {"path": "dense"}] + ([{"path": "sparse"}] if xp is numpy else [])
+    tol = (F32_RTOL, F32_ATOL) if dtype == "float32" else (XP64_RTOL, GOLDEN64_ATOL)
+    for path in paths:
+        fb_out, fb_grads = module.forward_backward(params, x, **hyper, **path)
+        assert set(fb_out) == set(out), path
+        for key in out:
+            assert fb_out[key].shape == out[key].shape and fb_out[key].dtype == dtype, (path, key)
+            assert_close(fb_out[key], out[key], *tol, f"forward_backward {path} out[{key!r}]")
+        all_grads.append(fb_grads)
+    for grads in all_grads:
+        assert tuple(grads) == module.PARAM_NAMES
+        for k in module.PARAM_NAMES:
+            assert grads[k].shape == params[k].shape and grads[k].dtype == params[k].dtype, k
+            assert isinstance(grads[k], type(params[k])), k
+    assert_close(module.encode(params, x, **hyper), out["f"], 0, 0, "encode vs forward's f")
+    assert_close(module.decode(params, out["f"]), out["xhat"], 0, 0, "decode vs forward's xhat")
+
+
+def test_bad_inputs_name_what_was_expected(xp):
+    params = jumprelu.init(5, 12, xp=xp, dtype="float64")
+    with pytest.raises(ValueError, match=r"input x: expected shape \(B, 5\).*found \(4, 6\)"):
+        jumprelu.forward(params, xp.zeros((4, 6)), sparsity_coeff=0.1)
+    bad = dict(params, b_enc=xp.zeros(11))
+    with pytest.raises(ValueError, match=r"params\['b_enc'\]: expected shape \(12,\)"):
+        jumprelu.forward(bad, xp.zeros((4, 5)), sparsity_coeff=0.1)
+    expected = r"gated params: .*missing \[.b_gate., .r_mag., .b_mag.\], unexpected \[.b_enc.\]"
+    with pytest.raises(ValueError, match=expected):
+        gated.forward({k: v for k, v in params.items() if k != "log_threshold"}, xp.zeros((4, 5)),
+                      sparsity_coeff=0.1)
+    with pytest.raises(ValueError, match="bandwidth > 0"):
+        jumprelu.forward(params, xp.zeros((4, 5)), sparsity_coeff=0.1, bandwidth=0.0)
+    with pytest.raises(ValueError, match="unknown SAE architecture"):
+        get_variant("relu")
+
+
+@HSETTINGS
+@given(variant=st.sampled_from(sorted(VARIANTS)), shape=shapes, seed=seeds)
+def test_float32_matches_float64(xp, variant, shape, seed):
+    B, D, M = shape
+    rng = numpy.random.default_rng(seed)
+    p_host, x_host = problem(variant, rng, B, D, M)
+    dead = rng.random(M) < 0.5
+    hyper = hyper_for(variant, M, xp, dead)
+    # every discrete choice must be the same in both precisions: keep pre-activations clear
+    x_c = x_host - p_host["b_dec"]  # (B, D)
+    if variant == "jumprelu":
+        pi = numpy.maximum(x_c @ p_host["W_enc"] + p_host["b_enc"], 0.0)  # (B, M)
+        theta = numpy.exp(p_host["log_threshold"])
+        for edge in (theta, theta - 0.5 * hyper["bandwidth"], theta + 0.5 * hyper["bandwidth"]):
+            assume(numpy.all(numpy.abs(pi - edge) > KINK_MARGIN))
+    elif variant == "gated":
+        pre = x_c @ p_host["W_enc"]  # (B, M)
+        assume(numpy.all(numpy.abs(pre + p_host["b_gate"]) > KINK_MARGIN))
+        pi_mag = pre * numpy.exp(p_host["r_mag"]) + p_host["b_mag"]  # (B, M)
+        assume(numpy.all(numpy.abs(pi_mag) > KINK_MARGIN))
+    else:
+        pi = x_c @ p_host["W_enc"] + p_host["b_enc"]  # (B, M)
+        assume(numpy.all(numpy.abs(pi) > KINK_MARGIN))
+        for cols, kk in ((numpy.arange(M), hyper["k"]), (numpy.flatnonzero(dead), hyper["aux_k"])):
+            s = -numpy.sort(-pi[:, cols], axis=1)
+            assume(kk >= len(cols) or numpy.all(s[:, kk - 1] - s[:, kk] > KINK_MARGIN))
+    module = get_variant(variant)
+    results = {}
+    for dtype in ("float64", "float32"):
+        params, x = to_xp(p_host, xp, dtype), asarray(x_host, xp, dtype)
+        loss, grads = module.loss_and_grads(params, x, **hyper)
+        assert loss.dtype == dtype and all(g.dtype == dtype for g in grads.values())
+        results[dtype] = (loss, grads)
+    (l64, g64), (l32, g32) = results["float64"], results["float32"]
+    assert_close(l32, l64, F32_RTOL, F32_ATOL, f"{variant} loss")
+    for k in module.PARAM_NAMES:
+        assert_close(g32[k], g64[k], F32_RTOL, F32_ATOL, f"{variant} grad {k}")
+
+
+# ----------------------------------------------------------------------------------------------
+# the sparse paths (JumpReLU, TopK) and the row-sparse kernels
+
+
+def assert_paths_agree(module, p, x, hyper):
+    """forward_backward's sparse path (out and grads) equals the plain forward + backward."""
+    out_d, cache = module.forward(p, x, **hyper)
+    g_dense = module.backward(p, cache)
+    out_s, g_sparse = module.forward_backward(p, x, path="sparse", **hyper)
+    assert set(out_s) == set(out_d)
+    for k in out_d:
+        assert_close(out_s[k], out_d[k], XP64_RTOL, GOLDEN64_ATOL, f"out[{k!r}]")
+    for k in module.PARAM_NAMES:
+        assert_close(g_sparse[k], g_dense[k], XP64_RTOL, GOLDEN64_ATOL, f"grad {k}")
+    loss, grads = module.loss_and_grads(p, x, path="sparse", **hyper)
+    assert float(loss) == float(out_s["loss"])
+    for k in module.PARAM_NAMES:
+        numpy.testing.assert_array_equal(grads[k], g_sparse[k])
+
+
+@HSETTINGS
+@given(B=st.integers(1, 24), D=st.integers(1, 8), M=st.integers(1, 40), seed=seeds,
+       density=st.floats(0.0, 0.5), pre_enc_bias=st.booleans(), lam=st.floats(0.0, 1.0))
+def test_jumprelu_sparse_path_equals_plain(B, D, M, seed, density, pre_enc_bias, lam):
+    rng = numpy.random.default_rng(seed)
+    p, x = problem("jumprelu", rng, B, D, M)
+    x_c = x - p["b_dec"] if pre_enc_bias else x
+    pi = numpy.maximum(x_c @ p["W_enc"] + p["b_enc"], 0.0)  # (B, M)
+    bandwidth = 0.2
+    # thresholds at the (1 - density) quantile, some inside the window of a token, and a few
+    # below eps/2 (then every entry of that latent is stored, pi = 0 ones in the window)
+    theta = numpy.quantile(pi, 1.0 - density, axis=0) + rng.uniform(-0.3, 0.3, M) * bandwidth
+    theta = numpy.where(rng.random(M) < 0.15, 0.3 * bandwidth, numpy.maximum(theta, 1e-3))
+    p["log_threshold"] = numpy.log(theta)
+    hyper = dict(sparsity_coeff=lam, bandwidth=bandwidth, pre_enc_bias=pre_enc_bias)
+    assert_paths_agree(jumprelu, p, x, hyper)
+    p32 = {k: v.astype("float32") for k, v in p.items()}
+    l32, g32 = jumprelu.loss_and_grads(p32, x.astype("float32"), path="sparse", **hyper)
+    assert l32.dtype == numpy.float32 and all(g.dtype == numpy.float32 for g in g32.values())
+
+
+@HSETTINGS
+@given(B=st.integers(1, 24), D=st.integers(1, 8), M=st.integers(1, 40), seed=seeds, data=st.data(),
+       aux_coeff=st.floats(0.0, 1.0))
+def test_topk_sparse_path_equals_plain(B, D, M, seed, data, aux_coeff):
+    k = data.draw(st.integers(1, M), label="k")
+    aux_k = data.draw(st.integers(1, M), label="aux_k")
+    rng = numpy.random.default_rng(seed)
+    p, x = problem("topk", rng, B, D, M)
+    dead = rng.random(M) < data.draw(st.floats(0.0, 1.0), label="dead fraction")
+    hyper = dict(k=k, aux_k=aux_k, aux_coeff=aux_coeff, dead_mask=dead)
+    assert_paths_agree(topk, p, x, hyper)
+
+
+@HSETTINGS
+@given(B=st.integers(1, 24), D=st.integers(1, 8), M=st.integers(1, 40), seed=seeds,
+       density=st.floats(0.0, 1.0), lam=st.floats(0.0, 1.0))
+def test_gated_sparse_path_equals_plain(B, D, M, seed, density, lam):
+    rng = numpy.random.default_rng(seed)
+    p, x = problem("gated", rng, B, D, M)
+    pre = (x - p["b_dec"]) @ p["W_enc"]  # (B, M)
+    p["b_gate"] = -numpy.quantile(pre, 1.0 - density, axis=0)  # about density of gates open
+    assert_paths_agree(gated, p, x, dict(sparsity_coeff=lam))
+
+
+@HSETTINGS
+@given(B=st.integers(1, 12), M=st.integers(1, 20), D=st.integers(1, 6), seed=seeds,
+       density=st.floats(0.0, 1.0))
+def test_sparse_kernels_equal_dense_products(B, M, D, seed, density):
+    rng = numpy.random.default_rng(seed)
+    mask = rng.random((B, M)) < density  # (B, M), empty rows and columns included
+    A = numpy.where(mask, rng.standard_normal((B, M)), 0.0)  # (B, M)
+    W, E = rng.standard_normal((M, D)), rng.standard_normal((B, D))  # (M, D), (B, D)
+    E2 = rng.standard_normal((B, D + 1))  # (B, D + 1)
+    rows, cols, rowptr, flat = common.sparse_from_mask(mask)
+    numpy.testing.assert_array_equal(flat, numpy.flatnonzero(mask))
+    vals = A.ravel()[flat]  # (N,)
+    tol = dict(rtol=XP64_RTOL, atol=GOLDEN64_ATOL)
+    numpy.testing.assert_allclose(common.sparse_matmul(rowptr, cols, vals, W), A @ W, **tol)
+    numpy.testing.assert_allclose(common.sampled_matmul(rowptr, cols, E, W),
+                                  (E @ W.T)[rows, cols], **tol)
+    out1, out2 = common.sparse_t_matmul(rows, cols, M, [(vals, E), (2.0 * vals, E2)])
+    numpy.testing.assert_allclose(out1, A.T @ E, **tol)
+    numpy.testing.assert_allclose(out2, 2.0 * A.T @ E2, **tol)
+    numpy.testing.assert_allclose(common.column_sums(cols, vals, M, "float64"), A.sum(0), **tol)
+
+
+# ----------------------------------------------------------------------------------------------
+# init and the geometric median
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_init_follows_the_recipe(xp, variant):
+    module = get_variant(variant)
+    p = {k: to_numpy(v) for k, v in module.init(7, 30, seed=5, xp=xp, dtype="float64").items()}
+    numpy.testing.assert_allclose(numpy.linalg.norm(p["W_dec"], axis=1), 1.0, rtol=1e-12)
+    numpy.testing.assert_array_equal(p["W_enc"], p["W_dec"].T)
+    for k in module.PARAM_NAMES:
+        if k not in ("W_enc", "W_dec", "log_threshold"):
+            assert numpy.all(p[k] == 0.0), k
+    if variant == "jumprelu":
+        numpy.testing.assert_allclose(numpy.exp(p["log_threshold"]), 0.001, rtol=1e-12)
+    again = module.init(7, 30, seed=5, xp=numpy, dtype="float32")  # same draws on the host
+    for k in module.PARAM_NAMES:
+        numpy.testing.assert_array_equal(again[k], p[k].astype("float32"))
+    assert not numpy.array_equal(module.init(7, 30, seed=6)["W_dec"], again["W_dec"])
+
+
+def test_geometric_median(xp):
+    rng = numpy.random.default_rng(0)
+    # 1-D: the median of an odd sample
+    one_d = rng.standard_normal((41, 1)) ** 3
+    gm = to_numpy(common.geometric_median(asarray(one_d, xp), iters=2000, tol=1e-12))
+    numpy.testing.assert_allclose(gm, numpy.median(one_d, axis=0), atol=1e-6)
+    # D-dim: no better than small moves in any direction, and robust to a far outlier
+    pts = rng.standard_normal((200, 5))
+    pts[0] = 1e6
+    gm = to_numpy(common.geometric_median(asarray(pts, xp), iters=500, tol=1e-12))
+
+    def cost(y):
+        return numpy.linalg.norm(pts - y, axis=1).sum()
+
+    for d in numpy.vstack([numpy.eye(5), -numpy.eye(5)]):
+        assert cost(gm) <= cost(gm + 1e-3 * d)
+    assert numpy.linalg.norm(gm) < 1.0  # the mean would sit near 5000 * ones
+    assert common.geometric_median(asarray(pts.astype("float32"), xp)).dtype == numpy.float32
+    p = topk.init(5, 9, xp=xp, dtype="float32", sample=asarray(pts, xp))
+    numpy.testing.assert_allclose(to_numpy(p["b_dec"]), gm, rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------
+# NumPy vs CuPy on the same inputs
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+@pytest.mark.parametrize("dtype, rtol", [("float64", XP64_RTOL), ("float32", XP32_RTOL)])
+def test_numpy_and_cupy_agree(variant, dtype, rtol):
+    if not cupy_available():
+        pytest.skip("CuPy with a CUDA device is not available")
+    cp = get_xp("cupy")
+    module = get_variant(variant)
+    rng = numpy.random.default_rng(11)
+    p_host, x_host = problem(variant, rng, 64, 16, 96)
+    dead = rng.random(96) < 0.3
+    res = {}
+    for xp in (numpy, cp):
+        hyper = hyper_for(variant, 96, xp, dead)
+        params, x = to_xp(p_host, xp, dtype), asarray(x_host, xp, dtype)
+        res[xp.__name__] = module.loss_and_grads(params, x, **hyper)
+    (ln, gn), (lc, gc) = res["numpy"], res["cupy"]
+    atol = GOLDEN64_ATOL if dtype == "float64" else F32_ATOL
+    assert_close(lc, ln, rtol, atol, f"{variant} loss")
+    for k in module.PARAM_NAMES:
+        assert_close(gc[k], gn[k], rtol, atol, f"{variant} {k}")
+    assert math.isfinite(float(ln))
