@@ -1,5 +1,6 @@
 """minisae.saefile: inference per architecture, from_training folding, SAELens folder and Gemma
-Scope npz round trips, clear errors, and goldens written by SAELens itself
+Scope npz round trips, Hub references loaded through the real huggingface_hub from an offline
+cache, clear errors, and goldens written by SAELens itself
 (reference/check_saelens.py -> tests/golden/saelens/)."""
 
 import importlib
@@ -8,9 +9,12 @@ from pathlib import Path
 
 import numpy
 import pytest
+from test_hub import SHA as HUB_SHA
+from test_hub import offline_hub, populate_cache  # noqa: F401 (offline_hub is a fixture)
 from tolerances import F32_ATOL, F32_RTOL, GOLDEN64_ATOL, GOLDEN64_RTOL
 
 from minisae import saefile
+from minisae.hub import HubError
 from minisae.safetensors_io import SafetensorsError
 from minisae.saefile import SAE, SAEFileError
 from minisae.xp import asarray, to_numpy
@@ -303,31 +307,74 @@ def test_gemma_scope_lowercase_names_and_metadata(tmp_path):
     assert sae.cfg["reshape_activations"] == "hook_z"
 
 
-def test_hub_references_resolve_through_minisae_hub(tmp_path, monkeypatch):
-    sae = make_sae("jumprelu")
-    sae.save_gemma_scope(tmp_path / "gs" / "layer_20" / "width_16k" / "average_l0_71" / "params.npz")
-    make_sae("topk").save(tmp_path / "sl" / "blocks.8.hook_resid_post")
-    calls = []
+# Hub references go through minisae.hub and the real huggingface_hub code, offline, reading a
+# cache laid out as the library writes it (test_hub's `offline_hub` fixture and `populate_cache`).
 
-    def fake_resolve_file(repo_id, filename=None, *, revision=None):
-        calls.append((repo_id, filename, revision))
-        root = {"google/gemma-scope-2b-pt-res": "gs", "someone/saes": "sl"}[repo_id]
-        return tmp_path / root / filename
+GS_REPO = "google/gemma-scope-2b-pt-res"
+GS_FILE = "layer_3/width_16k/average_l0_10/params.npz"
 
-    monkeypatch.setattr("minisae.hub.resolve_file", fake_resolve_file)
-    ref = "google/gemma-scope-2b-pt-res/layer_20/width_16k/average_l0_71/params.npz"
-    got = SAE.load(ref, revision="main")
-    assert calls == [("google/gemma-scope-2b-pt-res", "layer_20/width_16k/average_l0_71/params.npz", "main")]
-    assert got.cfg["metadata"]["hook_name"] == "blocks.20.hook_resid_post"
-    assert got.cfg["metadata"]["model_name"] == "gemma-2-2b"
-    calls.clear()
-    SAE.load("google/gemma-scope-2b-pt-res/layer_20/width_16k/average_l0_71")  # folder: its params.npz
-    assert calls[0][1] == "layer_20/width_16k/average_l0_71/params.npz"
-    calls.clear()
+
+def gemma_scope_arrays(d_in=8, d_sae=16):
+    rng = numpy.random.default_rng(11)
+    W_dec = rng.standard_normal((d_sae, d_in))  # (M, D)
+    W_dec /= numpy.linalg.norm(W_dec, axis=1, keepdims=True)
+    arrays = {"W_enc": W_dec.T + 0.3 * rng.standard_normal((d_in, d_sae)), "W_dec": W_dec,
+              "b_enc": 0.2 * rng.standard_normal(d_sae), "b_dec": 0.3 * rng.standard_normal(d_in),
+              "threshold": rng.uniform(0.05, 1.0, d_sae)}
+    return {k: v.astype(numpy.float32) for k, v in arrays.items()}
+
+
+def test_hub_gemma_scope_from_offline_cache(offline_hub):
+    arrays = gemma_scope_arrays()
+    snapshot = populate_cache(offline_hub, GS_REPO, {})
+    (snapshot / GS_FILE).parent.mkdir(parents=True)
+    numpy.savez(snapshot / GS_FILE, **arrays)
+    for kwargs in ({}, {"revision": "main"}, {"revision": HUB_SHA}):
+        sae = SAE.load(f"{GS_REPO}/{GS_FILE}", **kwargs)
+        assert sae.architecture == "jumprelu" and (sae.d_in, sae.d_sae) == (8, 16)
+        for name, value in arrays.items():
+            numpy.testing.assert_array_equal(sae.params[name], value)
+    meta = sae.cfg["metadata"]
+    assert meta["hook_name"] == "blocks.3.hook_resid_post" and meta["model_name"] == "gemma-2-2b"
+    assert meta["context_size"] == 1024 and meta["prepend_bos"] is True
+    assert sae.cfg["apply_b_dec_to_input"] is False and sae.cfg["reshape_activations"] == "none"
+    x = numpy.random.default_rng(3).standard_normal((16, 8)).astype(numpy.float32)  # (16, D)
+    close(sae.encode(x), reference_encode("jumprelu", arrays, x, sae.cfg))
+    folder_ref = SAE.load(f"{GS_REPO}/{GS_FILE.rsplit('/', 1)[0]}")  # a folder in the repo: its params.npz
+    numpy.testing.assert_array_equal(folder_ref.params["W_enc"], arrays["W_enc"])
+    assert folder_ref.cfg == sae.cfg
+    with pytest.raises(HubError, match=r"Hub repo 'google/gemma-scope-2b-pt-res' \(revision 'v2'\)"):
+        SAE.load(f"{GS_REPO}/{GS_FILE}", revision="v2")  # the revision reaches huggingface_hub
+    with pytest.raises(HubError, match=r"file 'layer_4/width_16k/average_l0_10/params.npz' of Hub repo "
+                                       r"'google/gemma-scope-2b-pt-res'.*not in the local"):
+        SAE.load(f"{GS_REPO}/layer_4/width_16k/average_l0_10/params.npz")
+
+
+def test_hub_saelens_folder_in_cached_repo(offline_hub):
+    snapshot = populate_cache(offline_hub, "someone/saes", {})
+    sae = make_sae("topk", metadata={"hook_name": "blocks.8.hook_resid_post"})
+    sae.save(snapshot / "blocks.8.hook_resid_post")
     got = SAE.load("someone/saes/blocks.8.hook_resid_post")
-    folder = "blocks.8.hook_resid_post"
-    assert [c[1] for c in calls] == [f"{folder}/cfg.json", f"{folder}/sae_weights.safetensors"]
-    assert got.architecture == "topk"
+    assert got.architecture == "topk" and got.cfg == sae.cfg
+    for name, value in sae.params.items():
+        numpy.testing.assert_array_equal(got.params[name], value)
+    x = inputs()
+    numpy.testing.assert_array_equal(got(x), sae(x))
+    root = populate_cache(offline_hub, "someone/one-sae", {})
+    make_sae("gated").save(root)  # cfg.json + sae_weights.safetensors at the repo's top level
+    assert SAE.load("someone/one-sae").architecture == "gated"
+    with pytest.raises(HubError, match=r"file 'blocks.9.hook_resid_post/cfg.json' of Hub repo 'someone/saes'"):
+        SAE.load("someone/saes/blocks.9.hook_resid_post")
+
+
+def test_hub_missing_repo_offline_names_repo(offline_hub):
+    with pytest.raises(HubError) as err:
+        SAE.load(f"{GS_REPO}/{GS_FILE}")
+    message = str(err.value)
+    assert f"Hub repo {GS_REPO!r}" in message and f"file {GS_FILE!r}" in message
+    assert "HF_HUB_OFFLINE" in message and f"hf download {GS_REPO}" in message
+    with pytest.raises(HubError, match=r"file 'sub/cfg.json' of Hub repo 'someone/missing'.*HF_HUB_OFFLINE"):
+        SAE.load("someone/missing/sub")
 
 
 # ------------------------------------------------------------------------------------------
