@@ -1,0 +1,344 @@
+"""Gemma 2 activations on disk: text → tokens → sequences → `capture` at a site → float32 shards.
+
+    model = gemma2.load("google/gemma-2-2b"); tok = gemma2.load_tokenizer("google/gemma-2-2b")
+    cache_activations(model, tok, ["corpus.jsonl"], "blocks.12.hook_resid_post", "acts/",
+                      max_tokens=2_000_000)
+    store = ActivationStore("acts/")         # a training source: store.batch(step, 4096)
+
+Text: `.jsonl` files hold one JSON object per line with the document in field `text` (the name is
+an argument); `.txt` files hold documents separated by blank lines (a run of non-empty lines is one
+document, its lines joined by "\\n"), so a file with one document per line also works when the
+lines are separated by blank lines, and a book becomes one document per paragraph.
+Each document is tokenized with BOS first and cut into sequences of at most T tokens, each starting
+with BOS (later pieces of a long document get a BOS of their own). A batch of sequences is padded
+on the right with PAD (causal attention: padding never changes earlier positions), run to the site,
+and only positions holding a real token are kept: BOS, EOS and PAD positions are dropped (SPEC §4).
+
+On disk (folder out_dir):
+    manifest.json       {"format", "model", "site", "layer", "d_in", "dtype": "float32", "count",
+                         "seq_len", "text_files", "text_field", "sequences_done", "complete",
+                         "shards": [{"file", "count"}, ...]}
+    shard_00000.npy     (count, d_in) float32, written to a temp name then renamed
+The manifest is rewritten atomically after every shard, so an interrupted run resumes after the
+last complete shard (sequences are regenerated deterministically and the done ones skipped).
+Memory stays at one shard (shard_tokens × d_in floats) plus one batch of the model.
+
+Legend: B sequences in a batch, T tokens per sequence, D site width, N cached tokens.
+"""
+
+import json
+import os
+from pathlib import Path
+
+import numpy
+
+from minisae.xp import to_numpy
+
+MANIFEST = "manifest.json"
+FORMAT = "minisae-activations-1"
+
+
+class ActivationsError(ValueError):
+    """A cache folder, manifest, shard or text file is missing, corrupt or does not fit."""
+
+
+# ---------------------------------------------------------------------------------------------
+# text → documents → sequences → padded batches
+
+def iter_documents(paths, *, text_field="text"):
+    """Yield the documents of each file in order (.txt: blank-line separated; .jsonl: `text_field`)."""
+    for path in map(Path, paths):
+        if not path.is_file():
+            raise ActivationsError(f"text file {path} does not exist")
+        if path.suffix == ".jsonl":
+            with open(path, encoding="utf-8") as fh:
+                for lineno, line in enumerate(fh, 1):
+                    if not line.strip():
+                        continue
+                    try:
+                        obj = json.loads(line)
+                    except json.JSONDecodeError as e:
+                        raise ActivationsError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+                    if not isinstance(obj, dict) or not isinstance(obj.get(text_field), str):
+                        raise ActivationsError(f"{path}:{lineno}: expected an object with a string field {text_field!r}")
+                    if obj[text_field]:
+                        yield obj[text_field]
+        elif path.suffix == ".txt":
+            with open(path, encoding="utf-8") as fh:
+                lines = []
+                for line in fh:
+                    if line.strip():
+                        lines.append(line.rstrip("\n"))
+                    elif lines:
+                        yield "\n".join(lines)
+                        lines = []
+                if lines:
+                    yield "\n".join(lines)
+        else:
+            raise ActivationsError(f"text file {path}: expected a .txt or .jsonl file, found suffix {path.suffix!r}")
+
+
+def iter_sequences(tokenizer, paths, seq_len, *, text_field="text"):
+    """Yield token lists of length <= seq_len, each starting with BOS (one document → 1+ pieces)."""
+    if seq_len < 2:
+        raise ValueError(f"seq_len: expected at least 2 (BOS and one token), found {seq_len}")
+    bos = tokenizer.bos_id
+    for doc in iter_documents(paths, text_field=text_field):
+        ids = list(tokenizer.encode(doc))
+        body = ids[1:] if ids and ids[0] == bos else ids  # encode puts BOS first exactly once
+        for start in range(0, len(body), seq_len - 1):
+            yield [bos] + body[start:start + seq_len - 1]
+
+
+def pad_batch(seqs, pad_id):
+    """(ids (B, T) int64, mask (B, T) bool) padded on the right to the longest sequence."""
+    T = max(len(s) for s in seqs)
+    ids = numpy.full((len(seqs), T), pad_id, dtype=numpy.int64)  # (B, T)
+    mask = numpy.zeros((len(seqs), T), dtype=bool)  # (B, T)
+    for i, s in enumerate(seqs):
+        ids[i, :len(s)] = s
+        mask[i, :len(s)] = True
+    return ids, mask
+
+
+def iter_batches(tokenizer, paths, seq_len, batch_size, *, text_field="text", skip=0):
+    """Yield (first_sequence_index, ids, mask) for batches of sequences, skipping the first `skip`."""
+    batch, first = [], skip
+    for i, seq in enumerate(iter_sequences(tokenizer, paths, seq_len, text_field=text_field)):
+        if i < skip:
+            continue
+        batch.append(seq)
+        if len(batch) == batch_size:
+            yield first, *pad_batch(batch, tokenizer.pad_id)
+            first, batch = i + 1, []
+    if batch:
+        yield first, *pad_batch(batch, tokenizer.pad_id)
+
+
+def real_token_mask(ids, mask, tokenizer):
+    """(B, T) bool: positions holding a real token (not BOS, EOS or PAD, not padding)."""
+    special = (ids == tokenizer.bos_id) | (ids == tokenizer.eos_id) | (ids == tokenizer.pad_id)
+    return mask & ~special
+
+
+# ---------------------------------------------------------------------------------------------
+# writing the cache
+
+def _write_json_atomic(path, obj):
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def _write_shard(path, rows):
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as fh:
+        numpy.save(fh, rows)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def read_manifest(folder):
+    """The manifest of a cache folder, checked for the keys the readers need."""
+    path = Path(folder) / MANIFEST
+    if not path.is_file():
+        raise ActivationsError(f"{path}: no activation manifest here (expected a folder written by `minisae cache`)")
+    try:
+        man = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ActivationsError(f"{path}: corrupt manifest ({e})") from None
+    need = ("format", "site", "d_in", "dtype", "count", "shards")
+    if not isinstance(man, dict) or any(k not in man for k in need) or man.get("format") != FORMAT:
+        raise ActivationsError(f"{path}: not a {FORMAT} manifest (expected keys {need})")
+    return man
+
+
+def cache_activations(model, tokenizer, text_paths, site, out_dir, *, seq_len=1024, batch_size=8,
+                      max_tokens=None, shard_tokens=65536, resume=True, text_field="text",
+                      model_name=None, progress=True):
+    """Capture `site` activations of `model` on the texts into float32 shards; returns the manifest.
+
+    resume=True continues an interrupted cache of the same model/site/texts (a complete one is
+    returned as it is); resume=False refuses a folder that already holds a manifest.
+    """
+    from minisae.gemma2 import parse_site
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    layer, kind = parse_site(site)
+    d_in = int(model.site_width(site))
+    text_files = [str(Path(p).resolve()) for p in text_paths]
+    for p in text_files:
+        if not Path(p).is_file():
+            raise ActivationsError(f"text file {p} does not exist")
+    want = {"format": FORMAT, "model": str(model_name), "site": site, "layer": layer, "kind": kind,
+            "d_in": d_in, "dtype": "float32", "seq_len": seq_len, "text_files": text_files,
+            "text_field": text_field, "max_tokens": max_tokens}
+    if (out / MANIFEST).exists():
+        if not resume:
+            raise FileExistsError(f"{out} already holds an activation cache; resume it or choose a new folder")
+        man = read_manifest(out)
+        diff = [f"{k}: cache {man.get(k)!r}, now {v!r}" for k, v in want.items() if man.get(k) != v]
+        if diff:
+            raise ActivationsError(f"{out}: cannot resume, the cache was made differently: " + "; ".join(diff))
+        if man.get("complete"):
+            return man
+    else:
+        man = {**want, "count": 0, "sequences_done": 0, "complete": False, "shards": []}
+        _write_json_atomic(out / MANIFEST, man)
+
+    bar = _bar(progress, max_tokens, man["count"])
+    buf, buf_n = [], 0
+    next_seq = man["sequences_done"]
+    try:
+        for first, ids, mask in iter_batches(tokenizer, text_files, seq_len, batch_size,
+                                              text_field=text_field, skip=man["sequences_done"]):
+            acts = to_numpy(model.capture(model.xp.asarray(ids), site))  # (B, T, D)
+            keep = real_token_mask(ids, mask, tokenizer)  # (B, T)
+            rows = numpy.ascontiguousarray(acts[keep], dtype=numpy.float32)  # (n, D)
+            buf.append(rows)
+            buf_n += rows.shape[0]
+            next_seq = first + ids.shape[0]
+            bar.update(rows.shape[0])
+            reached = max_tokens is not None and man["count"] + buf_n >= max_tokens
+            if buf_n >= shard_tokens or reached:
+                _flush(out, man, buf, next_seq, max_tokens)
+                buf, buf_n = [], 0
+                if reached:
+                    break
+        if buf_n:
+            _flush(out, man, buf, next_seq, max_tokens)
+        man["complete"] = True
+        _write_json_atomic(out / MANIFEST, man)
+    finally:
+        bar.close()
+    if man["count"] == 0:
+        raise ActivationsError(f"{out}: the texts gave no tokens to cache ({text_files})")
+    return man
+
+
+def _flush(out, man, buf, next_seq, max_tokens):
+    rows = numpy.concatenate(buf, axis=0)  # (n, D)
+    if max_tokens is not None:
+        rows = rows[:max(0, max_tokens - man["count"])]
+    name = f"shard_{len(man['shards']):05d}.npy"
+    _write_shard(out / name, rows)
+    man["shards"].append({"file": name, "count": int(rows.shape[0])})
+    man["count"] += int(rows.shape[0])
+    man["sequences_done"] = next_seq
+    _write_json_atomic(out / MANIFEST, man)
+
+
+def _bar(enabled, total, initial, desc="cache"):
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        enabled = False
+    if not enabled:
+        class _No:
+            def update(self, n):
+                pass
+
+            def close(self):
+                pass
+        return _No()
+    return tqdm(total=total, initial=initial, unit="tok", unit_scale=True, desc=desc, dynamic_ncols=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# reading the cache
+
+class ActivationStore:
+    """A training source over a cache folder: memory-mapped shards, shuffled batches.
+
+    batch(step, B) is a pure function of (seed, step): epoch e = step·B // N_train visits the
+    training rows in the order of permutation(seed, e). The last `holdout_tokens` rows of a fixed
+    permutation are kept out of training and serve `eval_sample`.
+    """
+
+    def __init__(self, folder, *, seed=0, holdout_tokens=0):
+        self.folder = Path(folder)
+        self.manifest = man = read_manifest(self.folder)
+        if man["dtype"] != "float32":
+            raise ActivationsError(f"{self.folder / MANIFEST}: expected dtype float32, found {man['dtype']!r}")
+        self.d_in, self.seed = int(man["d_in"]), int(seed)
+        self.site, self.model = man["site"], man.get("model")
+        self.shards, counts = [], []
+        for sh in man["shards"]:
+            self.shards.append(self._open_shard(self.folder / sh["file"], int(sh["count"])))
+            counts.append(int(sh["count"]))
+        self.offsets = numpy.concatenate([[0], numpy.cumsum(counts)]).astype(numpy.int64)  # (S+1,)
+        self.count = int(self.offsets[-1])
+        if self.count != int(man["count"]):
+            raise ActivationsError(f"{self.folder / MANIFEST}: count {man['count']} but its shards hold {self.count} rows")
+        if not 0 <= holdout_tokens < self.count:
+            raise ActivationsError(f"{self.folder}: holdout_tokens must be in [0, {self.count}), found {holdout_tokens}")
+        split = numpy.random.default_rng([self.seed, 0x5EED]).permutation(self.count)  # (N,)
+        self.train_rows = numpy.sort(split[:self.count - holdout_tokens])  # (N_train,)
+        self.holdout_rows = numpy.sort(split[self.count - holdout_tokens:])  # (N_hold,)
+        self._perm = {}
+
+    def _open_shard(self, path, count):
+        if not path.is_file():
+            raise ActivationsError(f"shard {path} listed in the manifest does not exist")
+        try:
+            arr = numpy.load(path, mmap_mode="r", allow_pickle=False)
+        except (ValueError, OSError, EOFError) as e:
+            raise ActivationsError(f"shard {path}: unreadable or truncated ({e})") from None
+        if arr.dtype != numpy.float32 or arr.shape != (count, self.d_in):
+            raise ActivationsError(f"shard {path}: expected float32 ({count}, {self.d_in}), "
+                                   f"found {arr.dtype} {arr.shape}")
+        return arr
+
+    def describe(self):
+        return {"type": "activations", "folder": str(self.folder), "model": self.model,
+                "site": self.site, "count": self.count, "seed": self.seed,
+                "holdout_tokens": int(self.holdout_rows.size)}
+
+    def sae_metadata(self):
+        return {"model_name": self.model, "hook_name": self.site,
+                "context_size": self.manifest.get("seq_len"), "prepend_bos": True}
+
+    def rows(self, index):
+        """The cached rows at global indices `index` (sorted or not), float32 (n, D)."""
+        index = numpy.asarray(index, dtype=numpy.int64)
+        order = numpy.argsort(index, kind="stable")
+        sorted_idx = index[order]
+        out = numpy.empty((index.size, self.d_in), dtype=numpy.float32)  # (n, D)
+        shard_of = numpy.searchsorted(self.offsets, sorted_idx, side="right") - 1  # (n,)
+        for s in numpy.unique(shard_of):
+            sel = shard_of == s
+            out[order[sel]] = self.shards[s][sorted_idx[sel] - self.offsets[s]]
+        return out
+
+    def _epoch_perm(self, epoch):
+        if epoch not in self._perm:
+            if len(self._perm) > 1:
+                self._perm.pop(min(self._perm))
+            rng = numpy.random.default_rng([self.seed, int(epoch)])
+            self._perm[epoch] = self.train_rows[rng.permutation(self.train_rows.size)]
+        return self._perm[epoch]
+
+    def batch(self, step, batch_size):
+        """Training batch `step`: (batch_size, D) float32, rows in sorted file order."""
+        n = self.train_rows.size
+        pos = numpy.arange(step * batch_size, (step + 1) * batch_size, dtype=numpy.int64)  # (B,)
+        epochs, within = pos // n, pos % n
+        index = numpy.empty(batch_size, dtype=numpy.int64)
+        for e in numpy.unique(epochs):
+            sel = epochs == e
+            index[sel] = self._epoch_perm(int(e))[within[sel]]
+        return self.rows(numpy.sort(index))
+
+    def sample(self, n, *, offset=0):
+        """A fixed sample of n training rows (for the normalising constant, TopK's b_dec)."""
+        rng = numpy.random.default_rng([self.seed, 0x5A3])
+        pick = rng.permutation(self.train_rows.size)[offset:offset + n]
+        return self.rows(numpy.sort(self.train_rows[pick]))
+
+    def eval_sample(self, n):
+        """Up to n held-out rows (training rows when holdout_tokens = 0)."""
+        if self.holdout_rows.size == 0:
+            return self.sample(n)
+        return self.rows(self.holdout_rows[:n])

@@ -1,0 +1,354 @@
+"""The `minisae` console command: train, eval, compare, cache, convert (docs/pipeline.md).
+
+    minisae compare --out report/                       # JumpReLU vs Gated vs TopK, synthetic data
+    minisae cache --model google/gemma-2-2b --site blocks.12.hook_resid_post --text c.jsonl --out acts/
+    minisae train --arch jumprelu --sparsity-coeff 3e-3 --activations acts/ --steps 20000 --out run/
+    minisae eval --sae run/sae --model google/gemma-2-2b --site blocks.12.hook_resid_post --text val.jsonl
+    minisae convert params.npz my_sae/                   # Gemma Scope npz -> SAELens folder
+
+User errors (missing or corrupt files, bad arguments, an SAE that does not fit the site) end with
+one line on stderr and exit status 2; a training run that diverges exits with 1; --debug shows the
+traceback instead.
+"""
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+EXIT_USER_ERROR, EXIT_FAILED, EXIT_INTERRUPTED = 2, 1, 130
+
+
+def _synthetic_args(p):
+    g = p.add_argument_group("synthetic data (the default source; defaults = the compare default)")
+    g.add_argument("--d-in", type=int, help="activation width D (default 64)")
+    g.add_argument("--n-features", type=int, help="planted features F")
+    g.add_argument("--true-l0", type=float, help="mean active planted features per token")
+    g.add_argument("--max-freq", type=float, help="highest firing probability of a feature")
+    g.add_argument("--noise-std", type=float, help="isotropic noise per dimension")
+    g.add_argument("--offset-norm", type=float, help="norm of a constant offset")
+    g.add_argument("--data-seed", type=int, default=0, help="seed of the data (and of the cache shuffle)")
+
+
+_SYNTHETIC_FLAGS = {"d_in": "d_in", "n_features": "n_features", "true_l0": "target_l0", "max_freq": "max_freq",
+                    "noise_std": "noise_std", "offset_norm": "offset_norm", "data_seed": "seed"}
+
+
+def _synthetic_dict(a, base):
+    """SyntheticConfig fields: `base` with every synthetic flag given on the command line applied."""
+    out = dict(base)
+    out.update({field: getattr(a, flag) for flag, field in _SYNTHETIC_FLAGS.items() if getattr(a, flag) is not None})
+    return out
+
+
+def _synthetic_from(a):
+    from minisae.compare import DEFAULT_SYNTHETIC
+    from minisae.synthetic import SyntheticActivations, SyntheticConfig
+
+    return SyntheticActivations(SyntheticConfig(**_synthetic_dict(a, DEFAULT_SYNTHETIC)))
+
+
+def _model_args(p, *, required=False, text_help="text files (.txt: blank-line separated documents; .jsonl)"):
+    g = p.add_argument_group("Gemma 2 model")
+    g.add_argument("--model", required=required, help="local folder or Hub repo id, e.g. google/gemma-2-2b")
+    g.add_argument("--tokenizer", help="tokenizer.json file/folder/repo (default: the model's)")
+    g.add_argument("--revision", help="Hub revision of the model")
+    g.add_argument("--site", required=required, help="e.g. blocks.12.hook_resid_post, blocks.5.attn.hook_z, blocks.3.hook_mlp_out")
+    g.add_argument("--text", nargs="+", required=required, metavar="FILE", help=text_help)
+    g.add_argument("--text-field", default="text", help="field of each .jsonl object holding the text (default text)")
+    g.add_argument("--seq-len", type=int, default=1024, help="tokens per sequence T (default 1024)")
+
+
+def _load_model(a, xp):
+    from minisae import gemma2
+
+    model = gemma2.load(a.model, xp=xp, revision=a.revision)
+    tokenizer = gemma2.load_tokenizer(a.tokenizer or a.model)
+    return model, tokenizer
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(prog="minisae", description="Sparse autoencoders (JumpReLU, Gated, TopK) "
+                                     "in NumPy/CuPy, trained and evaluated on synthetic data or Gemma 2 activations.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    # ---- train -------------------------------------------------------------------------------
+    p = sub.add_parser("train", help="train one SAE", description="Train one SAE (SPEC §4 recipe) on synthetic "
+                       "data (default) or cached activations; checkpoints, metrics.jsonl and the SAE go to --out.")
+    p.add_argument("--out", required=True, help="run folder")
+    p.add_argument("--arch", choices=["jumprelu", "gated", "topk"], default="jumprelu")
+    p.add_argument("--d-sae", type=int, default=1024, help="latents M (default 1024)")
+    p.add_argument("--sparsity-coeff", "--lambda", dest="sparsity_coeff", type=float, help="λ (jumprelu, gated)")
+    p.add_argument("--k", type=int, help="latents kept per token (topk)")
+    p.add_argument("--lr", type=float, help="learning rate (default per architecture: 7e-5 JumpReLU, 3e-4 Gated, 2e-4/sqrt(M/2^14) TopK)")
+    p.add_argument("--steps", type=int, help="optimiser steps")
+    p.add_argument("--tokens", type=int, help="training tokens (instead of --steps)")
+    p.add_argument("--batch-size", type=int, default=4096)
+    p.add_argument("--warmup-steps", type=int, default=1000, help="cosine lr warm-up (default 1000)")
+    p.add_argument("--sparsity-warmup-steps", type=int, default=10000, help="linear λ warm-up (default 10000)")
+    p.add_argument("--decay-frac", type=float, default=0.0, help="linear lr decay over this final fraction")
+    p.add_argument("--bandwidth", type=float, default=0.001, help="JumpReLU kernel bandwidth ε")
+    p.add_argument("--aux-k", type=int, help="TopK AuxK k' (default min(512, D/2))")
+    p.add_argument("--aux-coeff", type=float, default=1 / 32, help="TopK AuxK weight (default 1/32)")
+    p.add_argument("--dead-window-tokens", type=int, default=10_000_000, help="tokens without firing = dead")
+    p.add_argument("--seed", type=int, default=0, help="initialisation seed")
+    p.add_argument("--dtype", choices=["float32", "float64"], default="float32")
+    p.add_argument("--checkpoint-every", type=int, default=1000)
+    p.add_argument("--log-every", type=int, default=50)
+    p.add_argument("--eval-tokens", type=int, default=65536, help="held-out tokens evaluated at the end")
+    p.add_argument("--activations", help="cache folder written by `minisae cache` (default: synthetic data)")
+    p.add_argument("--holdout-tokens", type=int, default=0, help="cached tokens kept out of training for evaluation")
+    p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
+    p.add_argument("--overwrite", action="store_true", help="start over in an --out that holds a checkpoint")
+    _common(p)
+    _synthetic_args(p)
+
+    # ---- eval --------------------------------------------------------------------------------
+    p = sub.add_parser("eval", help="evaluate an SAE", description="SPEC §5 metrics of an SAE (SAELens folder, "
+                       "Gemma Scope params.npz or a Hub reference) on activations, plus delta LM loss and loss "
+                       "recovered when a Gemma 2 model, site and text are given. Without a data option, a run "
+                       "folder's own data (its config.json) is used.")
+    p.add_argument("--sae", required=True, help="SAE folder, params.npz, or Hub org/repo/path")
+    p.add_argument("--activations", help="cache folder written by `minisae cache`")
+    p.add_argument("--synthetic", action="store_true", help="evaluate on synthetic data (the options below)")
+    p.add_argument("--eval-tokens", type=int, default=65536)
+    p.add_argument("--lm-tokens", type=int, default=8192, help="scored tokens for delta LM loss")
+    p.add_argument("--lm-batch-size", type=int, default=2)
+    p.add_argument("--json", help="also write the results to this JSON file")
+    _model_args(p)
+    _common(p)
+    _synthetic_args(p)
+
+    # ---- compare -----------------------------------------------------------------------------
+    p = sub.add_parser("compare", help="JumpReLU vs Gated vs TopK over a sparsity sweep", description="Train the "
+                       "three variants over a sparsity sweep on the same activations (synthetic by default; "
+                       "a Gemma 2 model, site and text when given) and write report.md, results.json and "
+                       "pareto.png into --out. The default run takes about 10 minutes on 2 CPU cores.")
+    p.add_argument("--out", required=True, help="report folder")
+    p.add_argument("--force", action="store_true", help="overwrite an existing report and its runs")
+    p.add_argument("--resume", action="store_true", help="finish an interrupted sweep (runs resume from checkpoints)")
+    p.add_argument("--quick", action="store_true", help="a tiny sweep for smoke tests (seconds)")
+    p.add_argument("--d-sae", type=int, help="latents per SAE (default 1024; 4 × site width for Gemma 2)")
+    p.add_argument("--steps", type=int, help="steps per SAE")
+    p.add_argument("--batch-size", type=int, help="tokens per step")
+    p.add_argument("--jumprelu", type=float, nargs="+", metavar="λ", help="JumpReLU sparsity coefficients")
+    p.add_argument("--gated", type=float, nargs="+", metavar="λ", help="Gated sparsity coefficients")
+    p.add_argument("--topk", type=int, nargs="+", metavar="K", help="TopK k values")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--jobs", type=int, help="training processes (default min(2, CPUs) on numpy, 1 on cupy)")
+    p.add_argument("--tokens", type=int, default=1_000_000, help="Gemma 2: activations to cache (default 1M)")
+    p.add_argument("--eval-text", nargs="+", metavar="FILE", help="Gemma 2: texts for delta LM loss (default --text)")
+    _model_args(p)
+    _common(p)
+    _synthetic_args(p)
+
+    # ---- cache -------------------------------------------------------------------------------
+    p = sub.add_parser("cache", help="cache Gemma 2 activations to disk", description="Run a Gemma 2 model over "
+                       "text and store the activations at one site (BOS/EOS/pad dropped) as float32 shards "
+                       "plus manifest.json. Resumable: rerun the same command after an interruption.")
+    p.add_argument("--out", required=True, help="cache folder")
+    p.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass")
+    p.add_argument("--max-tokens", type=int, help="stop after this many cached tokens")
+    p.add_argument("--shard-tokens", type=int, default=65536, help="tokens per shard file")
+    p.add_argument("--no-resume", action="store_true", help="refuse a folder that already holds a cache")
+    _model_args(p, required=True)
+    _common(p)
+
+    # ---- convert -----------------------------------------------------------------------------
+    p = sub.add_parser("convert", help="convert Gemma Scope params.npz <-> SAELens folder",
+                       description="Convert an SAE between a Gemma Scope params.npz (JumpReLU only) and a "
+                       "SAELens folder (cfg.json + sae_weights.safetensors). The output format follows from "
+                       "OUTPUT (a .npz file or a folder) unless --to is given.")
+    p.add_argument("input", help="SAELens folder, params.npz, or Hub reference")
+    p.add_argument("output", help="output .npz file or folder")
+    p.add_argument("--to", choices=["saelens", "gemma-scope"], help="output format")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    return parser
+
+
+def _common(p):
+    p.add_argument("--backend", choices=["numpy", "cupy"], default="numpy", help="array backend (default numpy)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+
+
+# ---------------------------------------------------------------------------------------------
+
+def cmd_train(a):
+    from minisae.train import TrainConfig, train
+
+    source = _activation_store(a.activations, a.data_seed, a.holdout_tokens) if a.activations else _synthetic_from(a)
+    cfg = TrainConfig(
+        architecture=a.arch, d_sae=a.d_sae, sparsity_coeff=a.sparsity_coeff, k=a.k, bandwidth=a.bandwidth, lr=a.lr,
+        steps=a.steps, tokens=a.tokens, batch_size=a.batch_size, warmup_steps=a.warmup_steps,
+        sparsity_warmup_steps=a.sparsity_warmup_steps, decay_frac=a.decay_frac, seed=a.seed, backend=a.backend,
+        dtype=a.dtype, dead_window_tokens=a.dead_window_tokens, aux_k=a.aux_k, aux_coeff=a.aux_coeff,
+        checkpoint_every=a.checkpoint_every, log_every=a.log_every, eval_tokens=a.eval_tokens)
+    res = train(cfg, source, a.out, resume=a.resume, overwrite=a.overwrite, progress=not a.no_progress)
+    print(f"SAE written to {Path(a.out) / 'sae'}")
+    if res.summary:
+        print(_summary_line(res.summary))
+
+
+def _activation_store(folder, seed, holdout):
+    from minisae.activations import ActivationStore
+
+    return ActivationStore(folder, seed=seed, holdout_tokens=holdout)
+
+
+def _summary_line(s):
+    keys = ["l0", "fvu", "dead_frac", "dense_frac", "rel_recon_bias", "mmcs", "frac_recovered",
+            "delta_lm_loss", "loss_recovered"]
+    return "  ".join(f"{k}={s[k]:.4g}" for k in keys if isinstance(s.get(k), (int, float)))
+
+
+def _run_source(sae_path):
+    """The data source recorded in a training run folder (<run>/config.json beside <run>/sae)."""
+    cfg_path = Path(sae_path) / ".." / "config.json"
+    if not cfg_path.is_file():
+        return None
+    info = json.loads(cfg_path.read_text()).get("source", {})
+    if info.get("type") == "activations":
+        return _activation_store(info["folder"], info.get("seed", 0), info.get("holdout_tokens", 0))
+    if "config" in info and info.get("type") == "SyntheticActivations":
+        from minisae.synthetic import SyntheticActivations, SyntheticConfig
+
+        return SyntheticActivations(SyntheticConfig(**info["config"]))
+    return None
+
+
+def cmd_eval(a):
+    from minisae.evaluate import evaluate
+    from minisae.saefile import SAE
+    from minisae.xp import get_xp
+
+    xp = get_xp(a.backend)
+    sae = SAE.load(a.sae, xp=xp)
+    if a.activations:
+        source = _activation_store(a.activations, a.data_seed, 0)
+    elif a.synthetic:
+        source = _synthetic_from(a)
+    else:
+        source = _run_source(a.sae) if Path(a.sae).is_dir() else None
+    model = tokenizer = None
+    if a.model:
+        if not (a.site and a.text):
+            raise ValueError("--model needs --site and --text for delta LM loss")
+        model, tokenizer = _load_model(a, xp)
+    if source is None and model is None:
+        raise ValueError("nothing to evaluate on: give --activations, --synthetic, or --model/--site/--text")
+    out = evaluate(sae, source, n_tokens=a.eval_tokens, model=model, tokenizer=tokenizer, texts=a.text,
+                   site=a.site, seq_len=a.seq_len, lm_batch_size=a.lm_batch_size, lm_tokens=a.lm_tokens,
+                   text_field=a.text_field)
+    print(_summary_line(out))
+    if a.json:
+        from minisae.compare import _write_atomic
+
+        _write_atomic(Path(a.json), json.dumps(out, indent=2) + "\n")
+
+
+def cmd_compare(a):
+    from minisae.compare import CompareConfig, quick_config, run_compare
+    from minisae.xp import get_xp
+
+    cfg = quick_config() if a.quick else CompareConfig()
+    cfg.seed, cfg.backend, cfg.seq_len = a.seed, a.backend, a.seq_len
+    cfg.synthetic = _synthetic_dict(a, cfg.synthetic)
+    for name in ("d_sae", "steps", "batch_size", "jobs"):
+        if getattr(a, name) is not None:
+            setattr(cfg, name, getattr(a, name))
+    for arch in ("jumprelu", "gated", "topk"):
+        if getattr(a, arch) is not None:
+            cfg.sweep[arch] = list(getattr(a, arch))
+    kw = {}
+    if a.model:
+        if not (a.site and a.text):
+            raise ValueError("--model needs --site and --text")
+        from minisae.activations import ActivationStore, cache_activations
+
+        model, tokenizer = _load_model(a, get_xp(a.backend))
+        if a.d_sae is None:
+            cfg.d_sae = 4 * model.site_width(a.site)
+        acts = Path(a.out) / "activations"
+        man = cache_activations(model, tokenizer, a.text, a.site, acts, seq_len=a.seq_len,
+                                max_tokens=a.tokens, text_field=a.text_field, model_name=a.model,
+                                progress=not a.no_progress)
+        holdout = min(cfg.eval_tokens, man["count"] // 10)
+        cfg.eval_tokens = holdout
+        source = ActivationStore(acts, seed=a.data_seed, holdout_tokens=holdout)
+        kw = dict(source=source, model=model, tokenizer=tokenizer, eval_texts=a.eval_text or a.text, site=a.site,
+                  data_description={"type": "gemma2", "model": a.model, "site": a.site, "d_in": source.d_in,
+                                    "cached_tokens": source.count, "held_out_tokens": holdout})
+    res = run_compare(cfg, a.out, force=a.force, resume=a.resume, progress=not a.no_progress, **kw)
+    print(f"report: {Path(a.out) / 'report.md'}  ({res['wall_seconds']:.0f} s)")
+    for v in res["verdict"].values():
+        print(v["text"])
+
+
+def cmd_cache(a):
+    from minisae.activations import cache_activations
+    from minisae.xp import get_xp
+
+    model, tokenizer = _load_model(a, get_xp(a.backend))
+    man = cache_activations(model, tokenizer, a.text, a.site, a.out, seq_len=a.seq_len, batch_size=a.batch_size,
+                            max_tokens=a.max_tokens, shard_tokens=a.shard_tokens, resume=not a.no_resume,
+                            text_field=a.text_field, model_name=a.model, progress=not a.no_progress)
+    print(f"{man['count']} tokens of {man['site']} (d_in {man['d_in']}) in {len(man['shards'])} shards at {a.out}")
+
+
+def cmd_convert(a):
+    from minisae.saefile import SAE
+
+    sae = SAE.load(a.input)
+    to = a.to or ("gemma-scope" if a.output.endswith(".npz") else "saelens")
+    if to == "gemma-scope":
+        path = sae.save_gemma_scope(a.output, overwrite=a.overwrite)
+    else:
+        path = sae.save(a.output, overwrite=a.overwrite)
+    print(f"{sae.architecture} SAE (d_in {sae.d_in}, d_sae {sae.d_sae}) written to {path}")
+
+
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "compare": cmd_compare, "cache": cmd_cache, "convert": cmd_convert}
+
+
+def _user_errors():
+    errors = [FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError, ValueError]
+    try:
+        from minisae.hub import HubError
+
+        errors.append(HubError)
+    except ImportError:
+        pass
+    return tuple(errors)
+
+
+def main(argv=None):
+    """Entry point of the `minisae` command; returns the exit status."""
+    parser = build_parser()
+    a = parser.parse_args(argv)
+    from minisae.train import TrainingError
+
+    try:
+        COMMANDS[a.command](a)
+    except TrainingError as e:
+        if a.debug:
+            raise
+        print(f"minisae {a.command}: error: {e}", file=sys.stderr)
+        return EXIT_FAILED
+    except _user_errors() as e:
+        if a.debug:
+            raise
+        msg = str(e) if not isinstance(e, OSError) or not e.filename else f"{e.strerror}: {e.filename}"
+        print(f"minisae {a.command}: error: {msg}".replace("\n", " "), file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print(f"\nminisae {a.command}: interrupted (runs resume from their last checkpoint with --resume)",
+              file=sys.stderr)
+        return EXIT_INTERRUPTED
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,454 @@
+"""Training loop for the three SAE variants: the Gemma Scope recipe (SPEC §4), checkpoints, resume.
+
+    from minisae.synthetic import SyntheticActivations, SyntheticConfig
+    from minisae.train import TrainConfig, train
+    source = SyntheticActivations(SyntheticConfig(d_in=64, n_features=512))
+    result = train(TrainConfig("jumprelu", d_sae=1024, sparsity_coeff=3e-3, steps=2000,
+                               batch_size=1024), source, "runs/jr")
+    result.sae.save("my_sae")   # already saved to runs/jr/sae
+
+One step: x = x_raw / C (C set once so that E‖x‖² = 1) → the variant's forward and hand-written
+backward → the decoder gradient's component along each decoder row removed → Adam → decoder rows
+renormalised. The learning rate follows a cosine warm-up, the sparsity coefficient a linear one.
+
+A data source is any object with
+    d_in                          width of the activations
+    batch(step, batch_size)       (batch_size, d_in) float32 NumPy: the training batch of `step`,
+                                  a pure function of step (so a resumed run sees the same data)
+    sample(n)                     (n, d_in) float32 NumPy: a fixed sample to estimate C and TopK's b_dec
+minisae.synthetic.SyntheticActivations and minisae.activations.ActivationStore are two.
+
+Resume guarantee: a checkpoint holds everything the next step reads (parameters, Adam moments and
+step count, the dead-latent counters, the step number, C, the config). Data and schedules are pure
+functions of the step, so `train(..., resume=True)` after an interruption ends with parameters
+bitwise equal to those of an uninterrupted run (tests/test_train.py proves it).
+
+Files in out_dir: config.json, checkpoint.safetensors (atomic, replaced every checkpoint_every
+steps; never written with non-finite values), metrics.jsonl (one JSON object per log step),
+sae/ (the release SAE, SAELens folder format, C and the pre-encoder bias folded in), eval.json.
+
+Legend: B tokens in a batch, D d_in, M d_sae (latents).
+"""
+
+import dataclasses
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import numpy
+
+from minisae import optim
+from minisae.sae import VARIANTS
+from minisae.safetensors_io import SafetensorsError, SafetensorsFile, save_file
+from minisae.xp import asarray, get_xp, to_numpy
+
+CHECKPOINT_NAME = "checkpoint.safetensors"
+CHECKPOINT_FORMAT = "minisae-checkpoint-1"
+
+# Default learning rates: JumpReLU per the Gemma Scope recipe (SPEC §4), Gated per its paper
+# (SPEC §2); TopK follows Gao et al., lr ∝ 1/√M (optim.topk_lr).
+DEFAULT_LR = {"jumprelu": 7e-5, "gated": 3e-4}
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (non-finite loss, parameters or activations); names the step."""
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, unreadable, truncated or does not fit the config."""
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    architecture: str = "jumprelu"        # "jumprelu" | "gated" | "topk"
+    d_sae: int = 1024                     # M, number of latents
+    sparsity_coeff: float | None = None   # λ (JumpReLU: L0 weight, Gated: L1 weight)
+    k: int | None = None                  # TopK: latents kept per token
+    bandwidth: float = 0.001              # JumpReLU: ε of the threshold pseudo-derivative
+    threshold_init: float | None = None   # JumpReLU: θ at init; None = SPEC's 0.001 (see below)
+    lr: float | None = None               # None = DEFAULT_LR / optim.topk_lr(d_sae)
+    adam_beta1: float | None = None       # None = 0.0 (JumpReLU, Gated; SPEC §4) / 0.9 (TopK, Gao et al.)
+    adam_beta2: float = 0.999
+    adam_eps: float | None = None         # None = 1e-8 / optim.TOPK_ADAM_EPS (TopK)
+    steps: int | None = None              # optimiser steps; or give tokens
+    tokens: int | None = None             # training tokens (steps = ceil(tokens / batch_size))
+    batch_size: int = 4096                # B
+    warmup_steps: int = 1000              # cosine lr warm-up from 0.1·lr
+    sparsity_warmup_steps: int = 10000    # linear λ warm-up from 0 (JumpReLU, Gated)
+    decay_frac: float = 0.0               # linear lr decay to 0 over this last fraction of steps
+    seed: int = 0                         # parameter init (data order belongs to the source)
+    backend: str = "numpy"                # "numpy" | "cupy"
+    dtype: str = "float32"                # parameter and compute dtype
+    dead_window_tokens: int = 10_000_000  # a latent silent this many tokens is dead (AuxK, stats)
+    aux_k: int | None = None              # TopK AuxK k'; None = min(512, D // 2)
+    aux_coeff: float = 1 / 32             # TopK AuxK weight α
+    norm_sample_tokens: int = 65536       # sample size for C (and TopK's geometric median)
+    checkpoint_every: int = 1000          # steps between checkpoints (plus one at the end)
+    log_every: int = 50                   # steps between metrics.jsonl lines / progress updates
+    eval_tokens: int = 65536              # held-out tokens for the final evaluation (0 = none)
+    eval_batch_size: int = 4096
+
+    def resolved(self, d_in):
+        """A copy with every None default filled in for inputs of width d_in; checks values."""
+        c = dataclasses.replace(self)
+        if c.architecture not in VARIANTS:
+            raise ValueError(f"architecture: expected one of {sorted(VARIANTS)}, found {c.architecture!r}")
+        if c.architecture == "topk":
+            if c.k is None or not 0 < c.k <= c.d_sae:
+                raise ValueError(f"k: TopK needs 0 < k <= d_sae={c.d_sae}, found {c.k}")
+        elif c.sparsity_coeff is None or not c.sparsity_coeff >= 0:
+            raise ValueError(f"sparsity_coeff: {c.architecture} needs a value >= 0, found {c.sparsity_coeff}")
+        if c.lr is None:
+            c.lr = optim.topk_lr(c.d_sae) if c.architecture == "topk" else DEFAULT_LR[c.architecture]
+        if c.adam_beta1 is None:
+            c.adam_beta1 = 0.9 if c.architecture == "topk" else 0.0
+        if c.adam_eps is None:
+            c.adam_eps = optim.TOPK_ADAM_EPS if c.architecture == "topk" else 1e-8
+        if c.aux_k is None:
+            c.aux_k = max(1, min(512, d_in // 2))
+        if c.steps is None:
+            if c.tokens is None:
+                raise ValueError("give steps or tokens (how long to train)")
+            c.steps = -(-c.tokens // c.batch_size)
+        c.tokens = c.steps * c.batch_size
+        for name in ("d_sae", "steps", "batch_size", "checkpoint_every", "log_every"):
+            if getattr(c, name) < 1:
+                raise ValueError(f"{name}: expected a positive integer, found {getattr(c, name)}")
+        if c.threshold_init is not None and not c.threshold_init > 0:
+            raise ValueError(f"threshold_init: expected a value > 0, found {c.threshold_init}")
+        if c.dtype not in ("float32", "float64"):
+            raise ValueError(f"dtype: expected 'float32' or 'float64', found {c.dtype!r}")
+        return c
+
+
+@dataclasses.dataclass
+class TrainResult:
+    sae: object            # minisae.saefile.SAE, release form (what sae/ holds)
+    params: dict           # training-form parameters (NumPy), on inputs x_raw / scale
+    scale: float           # C
+    steps: int
+    summary: dict          # final evaluation (minisae.evaluate.evaluate_sae), {} if eval_tokens = 0
+    out_dir: Path
+
+
+# Config fields a resumed run may change without changing its result.
+_RESUME_FREE = {"checkpoint_every", "log_every", "backend", "eval_tokens", "eval_batch_size"}
+
+
+def hypers_at(cfg, step, dead_mask=None):
+    """The variant's forward/backward keyword arguments at `step` (sparsity warm-up applied)."""
+    if cfg.architecture == "topk":
+        return {"k": cfg.k, "aux_k": cfg.aux_k, "aux_coeff": cfg.aux_coeff, "dead_mask": dead_mask}
+    coeff = optim.sparsity_coeff_at(step, coeff=cfg.sparsity_coeff, warmup_steps=cfg.sparsity_warmup_steps)
+    if cfg.architecture == "jumprelu":
+        return {"sparsity_coeff": coeff, "bandwidth": cfg.bandwidth}
+    return {"sparsity_coeff": coeff}
+
+
+def estimate_scale(x):
+    """C with E‖x / C‖² = 1 on the sample x (N, D), computed in float64; returned as a Python float."""
+    x = numpy.asarray(x, dtype=numpy.float64)
+    if not numpy.isfinite(x).all():
+        raise TrainingError("the sample used to estimate the normalising constant holds NaN or inf values")
+    c = math.sqrt(float(numpy.mean(numpy.sum(x * x, axis=1))))
+    if not c > 0:
+        raise TrainingError("the activation sample is all zeros: cannot normalise it (E‖x‖² = 0)")
+    return c
+
+
+def fresh_state(cfg, source, xp):
+    """Initial training state: parameters (SPEC init), Adam, counters, C."""
+    mod = VARIANTS[cfg.architecture]
+    sample = numpy.asarray(source.sample(cfg.norm_sample_tokens), dtype=numpy.float32)  # (N, D)
+    scale = estimate_scale(sample)
+    params = mod.init(source.d_in, cfg.d_sae, seed=cfg.seed, xp=xp, dtype=cfg.dtype)
+    if cfg.architecture == "jumprelu" and cfg.threshold_init is not None:
+        # log θ moves by about lr per Adam step, so a short run cannot travel from 0.001 to the
+        # scale of its pre-activations; small-D runs (minisae compare) start θ nearer to it
+        params["log_threshold"] = xp.full(cfg.d_sae, math.log(cfg.threshold_init), dtype=cfg.dtype)  # (M,)
+    if cfg.architecture == "topk":  # b_dec = geometric median of the (normalised) data (Gao et al.)
+        from minisae.sae.common import geometric_median
+
+        xs = asarray(sample / scale, xp, cfg.dtype)  # (N, D)
+        params["b_dec"] = asarray(geometric_median(xs, xp=xp), xp, cfg.dtype)  # (D,)
+    return {
+        "step": 0,
+        "scale": scale,
+        "params": params,
+        "adam": optim.adam_init(params),
+        "since_fired": xp.zeros(cfg.d_sae, dtype=xp.int64),  # (M,) tokens since each latent fired
+    }
+
+
+def save_checkpoint(path, state, cfg):
+    """Write the whole training state to one safetensors file, atomically (temp, fsync, replace)."""
+    path = Path(path)
+    tensors = {"since_fired": to_numpy(state["since_fired"])}
+    for k, v in state["params"].items():
+        tensors[f"params.{k}"] = to_numpy(v)
+        tensors[f"adam_m.{k}"] = to_numpy(state["adam"]["m"][k])
+        tensors[f"adam_v.{k}"] = to_numpy(state["adam"]["v"][k])
+    info = {
+        "format": CHECKPOINT_FORMAT,
+        "step": state["step"],
+        "adam_step": int(state["adam"]["step"]),
+        "scale": state["scale"],
+        "config": dataclasses.asdict(cfg),
+    }
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        save_file(tensors, tmp, metadata={"minisae": json.dumps(info)})
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def load_checkpoint(path, cfg, xp):
+    """Read a checkpoint written by save_checkpoint; every name, shape and the config are checked."""
+    path = Path(path)
+    try:
+        with SafetensorsFile(path) as f:
+            info = json.loads((f.metadata or {}).get("minisae", "null") or "null")
+            if not isinstance(info, dict) or info.get("format") != CHECKPOINT_FORMAT:
+                raise CheckpointError(f"{path}: not a minisae training checkpoint (no {CHECKPOINT_FORMAT!r} metadata)")
+            arrays = {name: numpy.array(f.get(name)) for name in f.keys()}
+    except (SafetensorsError, OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(
+            f"{path}: cannot read the checkpoint ({e}); it may be truncated or corrupt. It was left "
+            "untouched: restore it, or move it away to start training over"
+        ) from None
+    _check_resume_config(path, info, cfg)
+    mod = VARIANTS[cfg.architecture]
+    params, m, v = {}, {}, {}
+    for k in mod.PARAM_NAMES:
+        for store, prefix in ((params, "params"), (m, "adam_m"), (v, "adam_v")):
+            name = f"{prefix}.{k}"
+            if name not in arrays:
+                raise CheckpointError(f"{path}: tensor {name!r} is missing")
+            store[k] = asarray(arrays[name], xp)
+    if "since_fired" not in arrays or arrays["since_fired"].shape != (cfg.d_sae,):
+        raise CheckpointError(f"{path}: tensor 'since_fired' missing or not of shape ({cfg.d_sae},)")
+    for k, a in params.items():
+        if not bool(xp.isfinite(a).all()):
+            raise CheckpointError(f"{path}: params.{k} holds non-finite values")
+    return {
+        "step": int(info["step"]),
+        "scale": float(info["scale"]),
+        "params": params,
+        "adam": {"step": int(info["adam_step"]), "m": m, "v": v},
+        "since_fired": asarray(arrays["since_fired"], xp),
+    }
+
+
+def _check_resume_config(path, info, cfg):
+    saved, now = info["config"], dataclasses.asdict(cfg)
+    free = set(_RESUME_FREE)
+    if cfg.decay_frac == 0 and saved.get("decay_frac", 0) == 0:
+        free |= {"steps", "tokens"}  # without decay the schedule does not depend on the length
+    diff = [f"{k}: checkpoint {saved.get(k)!r}, now {now[k]!r}" for k in now if k not in free and saved.get(k) != now[k]]
+    if diff:
+        raise CheckpointError(f"{path}: cannot resume, the config differs from the checkpoint's: " + "; ".join(diff))
+    if int(info["step"]) > cfg.steps:
+        raise CheckpointError(f"{path}: the checkpoint is at step {info['step']}, past steps={cfg.steps}")
+
+
+def _params_finite(params, xp):
+    return all(bool(xp.isfinite(a).all()) for a in params.values())
+
+
+def _append_jsonl(path, rows):
+    with open(path, "a") as fh:
+        for row in rows:
+            fh.write(json.dumps(row) + "\n")
+
+
+def _truncate_metrics(path, step):
+    """On resume, drop metric lines logged after the checkpoint (they will be logged again)."""
+    if not path.exists():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                keep.append(line)
+        except (ValueError, KeyError, TypeError):
+            continue  # a line cut short by the interruption
+    _write_text_atomic(path, "".join(s + "\n" for s in keep))
+
+
+def _write_text_atomic(path, text):
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _source_info(source):
+    describe = getattr(source, "describe", None)
+    info = describe() if callable(describe) else {"type": type(source).__name__}
+    scfg = getattr(source, "cfg", None)
+    if dataclasses.is_dataclass(scfg):  # e.g. SyntheticActivations: its whole config
+        info["config"] = dataclasses.asdict(scfg)
+    return {**info, "d_in": int(source.d_in)}
+
+
+def train(cfg, source, out_dir, *, resume=False, overwrite=False, progress=True):
+    """Train an SAE on `source`; write checkpoints, metrics and the release SAE into out_dir.
+
+    resume=True continues from out_dir/checkpoint.safetensors (or starts afresh if there is none);
+    resume=False refuses a folder that already holds a checkpoint unless overwrite=True.
+    Raises TrainingError (non-finite values; the last good checkpoint stays) and CheckpointError.
+    """
+    from minisae.evaluate import evaluate_sae
+    from minisae.saefile import SAE
+
+    cfg = cfg.resolved(int(source.d_in))
+    xp = get_xp(cfg.backend)
+    mod = VARIANTS[cfg.architecture]
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ckpt = out_dir / CHECKPOINT_NAME
+    metrics_path = out_dir / "metrics.jsonl"
+
+    if ckpt.exists() and resume:
+        state = load_checkpoint(ckpt, cfg, xp)
+        if int(state["params"]["W_enc"].shape[0]) != source.d_in:
+            raise CheckpointError(f"{ckpt}: trained on d_in={state['params']['W_enc'].shape[0]}, the source has {source.d_in}")
+        _truncate_metrics(metrics_path, state["step"])
+    elif ckpt.exists() and not overwrite:
+        raise FileExistsError(f"{out_dir} already holds a training checkpoint; resume it (--resume) or choose a new folder (or --overwrite)")
+    else:  # a fresh run (overwrite=True: the old run's state and results go first)
+        for old in (ckpt, metrics_path, out_dir / "eval.json"):
+            if old.exists():
+                old.unlink()
+        state = fresh_state(cfg, source, xp)
+    _write_text_atomic(out_dir / "config.json", json.dumps(
+        {"train": dataclasses.asdict(cfg), "source": _source_info(source)}, indent=2) + "\n")
+
+    scale, params, adam = state["scale"], state["params"], state["adam"]
+    since_fired = state["since_fired"]
+    last_good = state["step"] if ckpt.exists() and resume else None
+    betas = (cfg.adam_beta1, cfg.adam_beta2)
+    bar = _progress_bar(cfg.steps, state["step"], cfg.architecture, progress)
+    pending, t0 = [], time.time()
+    try:
+        for step in range(state["step"], cfg.steps):
+            x_raw = numpy.asarray(source.batch(step, cfg.batch_size))  # (B, D)
+            if x_raw.shape != (cfg.batch_size, source.d_in):
+                raise TrainingError(f"step {step}: the source returned a batch of shape {x_raw.shape}, "
+                                    f"expected ({cfg.batch_size}, {source.d_in})")
+            if not numpy.isfinite(x_raw).all():
+                raise TrainingError(f"step {step}: the activation batch holds NaN or inf values; "
+                                    + _kept(ckpt, last_good))
+            x = asarray(x_raw, xp, cfg.dtype) / scale  # (B, D) normalised: E‖x‖² = 1
+            dead_mask = since_fired >= cfg.dead_window_tokens  # (M,)
+            hyper = hypers_at(cfg, step, dead_mask)
+            out, cache = mod.forward(params, x, **hyper)
+            loss = float(to_numpy(out["loss"]))
+            if not math.isfinite(loss):
+                raise TrainingError(f"step {step}: the loss is {loss}; " + _kept(ckpt, last_good)
+                                    + "; try a lower learning rate")
+            grads = mod.backward(params, cache)
+            grads["W_dec"] = optim.remove_parallel_decoder_grad(params["W_dec"], grads["W_dec"])
+            lr = optim.lr_at(step, lr=cfg.lr, warmup_steps=cfg.warmup_steps,
+                             total_steps=cfg.steps, decay_frac=cfg.decay_frac)
+            optim.adam_update(params, grads, adam, lr=lr, betas=betas, eps=cfg.adam_eps)
+            optim.normalize_decoder_rows(params["W_dec"])
+            fired = (out["f"] != 0).any(axis=0)  # (M,)
+            since_fired = xp.where(fired, 0, since_fired + cfg.batch_size)  # (M,)
+            done = step + 1
+
+            if done % cfg.log_every == 0 or done == cfg.steps:
+                row = _log_row(cfg, done, out, x, lr, hyper, since_fired, loss, time.time() - t0)
+                pending.append(row)
+                bar.set_postfix(loss=f"{row['loss']:.4g}", L0=f"{row['l0']:.1f}", FVU=f"{row['fvu']:.4f}")
+            if done % cfg.checkpoint_every == 0 or done == cfg.steps:
+                if not _params_finite(params, xp):
+                    raise TrainingError(f"step {step}: the parameters became NaN or inf; "
+                                        + _kept(ckpt, last_good) + "; try a lower learning rate")
+                save_checkpoint(ckpt, {"step": done, "scale": scale, "params": params, "adam": adam,
+                                       "since_fired": since_fired}, cfg)
+                last_good = done
+                _append_jsonl(metrics_path, pending)  # metrics only ever run up to the checkpoint
+                pending = []
+            bar.update(1)
+    finally:
+        bar.close()
+        _append_jsonl(metrics_path, pending)  # after an error: the lines since the last checkpoint
+
+    params_np = {k: to_numpy(v) for k, v in params.items()}
+    sae = SAE.from_training(cfg.architecture, params_np, scale=scale, hyper=_release_hyper(cfg),
+                            metadata=_sae_metadata(source))
+    sae.save(out_dir / "sae", overwrite=True)
+    summary = {}
+    if cfg.eval_tokens > 0:
+        summary = evaluate_sae(sae, source, n_tokens=cfg.eval_tokens, batch_size=cfg.eval_batch_size)
+        _write_text_atomic(out_dir / "eval.json", json.dumps(summary, indent=2) + "\n")
+    return TrainResult(sae=sae, params=params_np, scale=scale, steps=cfg.steps, summary=summary, out_dir=out_dir)
+
+
+def _kept(ckpt, last_good):
+    if last_good is None:
+        return "no checkpoint had been written yet"
+    return f"the last good checkpoint (step {last_good}) is kept at {ckpt}"
+
+
+def _log_row(cfg, done, out, x, lr, hyper, since_fired, loss, elapsed):
+    xp_x = x - x.mean(axis=0)  # (B, D) centred over tokens
+    denom = float(to_numpy((xp_x * xp_x).sum()))
+    mse = float(to_numpy(out["mse"]))
+    row = {
+        "step": done,
+        "tokens": done * cfg.batch_size,
+        "loss": loss,
+        "mse": mse,
+        "l0": float(to_numpy((out["f"] != 0).sum(axis=1).mean())),
+        "fvu": mse * x.shape[0] / denom if denom > 0 else float("nan"),
+        "lr": lr,
+        "dead_frac": float(to_numpy((since_fired >= cfg.dead_window_tokens).mean())),
+        "elapsed_s": round(elapsed, 3),
+    }
+    if "sparsity_coeff" in hyper:
+        row["sparsity_coeff"] = hyper["sparsity_coeff"]
+    return row
+
+
+def _release_hyper(cfg):
+    if cfg.architecture == "topk":
+        return {"k": cfg.k}
+    if cfg.architecture == "jumprelu":
+        return {"bandwidth": cfg.bandwidth, "sparsity_coeff": cfg.sparsity_coeff}
+    return {"sparsity_coeff": cfg.sparsity_coeff}
+
+
+def _sae_metadata(source):
+    meta = getattr(source, "sae_metadata", None)
+    return dict(meta()) if callable(meta) else {}
+
+
+class _NoBar:
+    def set_postfix(self, **kw):
+        pass
+
+    def update(self, n):
+        pass
+
+    def close(self):
+        pass
+
+
+def _progress_bar(total, initial, desc, enabled):
+    if not enabled:
+        return _NoBar()
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # tqdm is a dependency; a bare environment still trains
+        return _NoBar()
+    nested = enabled == "nested"  # inside `minisae compare`: below its bar, cleared when done
+    return tqdm(total=total, initial=initial, desc=desc, unit="step", dynamic_ncols=True,
+                leave=not nested, position=1 if nested else None)

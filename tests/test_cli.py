@@ -1,0 +1,126 @@
+"""The `minisae` command end to end: --help everywhere, train → eval → convert on synthetic data,
+`compare --quick` on synthetic data and on a tiny random Gemma 2 (cache → train → delta LM loss),
+and user errors that end in one clear line with exit status 2 and leave files alone."""
+
+import json
+
+import numpy
+import pytest
+from test_activations import SITE, TINY, make_tokenizer, write_texts
+from tolerances import F32_ATOL, F32_RTOL
+
+from minisae.cli import main
+from minisae.saefile import SAE
+
+SUBCOMMANDS = ["train", "eval", "compare", "cache", "convert"]
+TINY_TRAIN = ["--d-in", "16", "--n-features", "32", "--true-l0", "3", "--max-freq", "0.2", "--d-sae", "32", "--steps", "20",
+              "--batch-size", "128", "--warmup-steps", "2", "--sparsity-warmup-steps", "5", "--lr", "3e-3",
+              "--eval-tokens", "1024", "--checkpoint-every", "10", "--no-progress"]
+
+
+def _error_line(capsys):
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err and len(err.splitlines()) == 1, err
+    return err
+
+
+@pytest.mark.parametrize("cmd", [None] + SUBCOMMANDS)
+def test_help(cmd, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(([cmd] if cmd else []) + ["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: minisae") and (cmd is None or f"minisae {cmd}" in out)
+
+
+def test_train_eval_convert(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", "--arch", "jumprelu", "--sparsity-coeff", "1e-2", "--out", str(run)] + TINY_TRAIN) == 0
+    assert "fvu=" in capsys.readouterr().out
+    # eval finds the run's own (synthetic) data through run/config.json
+    assert main(["eval", "--sae", str(run / "sae"), "--eval-tokens", "2048", "--json", str(tmp_path / "e.json"),
+                 "--no-progress"]) == 0
+    ev = json.loads((tmp_path / "e.json").read_text())
+    assert 0 < ev["fvu"] < 1 and "mmcs" in ev and len(ev["firing_freq"]) == 32
+    # SAELens folder -> Gemma Scope npz -> SAELens folder keeps the SAE
+    assert main(["convert", str(run / "sae"), str(tmp_path / "gs" / "params.npz")]) == 0
+    assert main(["convert", str(tmp_path / "gs" / "params.npz"), str(tmp_path / "back")]) == 0
+    a, b = SAE.load(run / "sae"), SAE.load(tmp_path / "back")
+    x = numpy.random.default_rng(0).standard_normal((64, 16)).astype(numpy.float32)
+    numpy.testing.assert_allclose(b(x), a(x), rtol=F32_RTOL, atol=F32_ATOL)
+    capsys.readouterr()
+    assert main(["convert", str(run / "sae"), str(tmp_path / "back")]) == 2  # exists, no --overwrite
+    assert "not empty" in _error_line(capsys)
+
+
+def test_user_errors_are_one_line_with_status_2(tmp_path, capsys):
+    assert main(["eval", "--sae", str(tmp_path / "nope")]) == 2
+    assert "nope" in _error_line(capsys)
+    assert main(["train", "--arch", "topk", "--out", str(tmp_path / "r")] + TINY_TRAIN) == 2
+    assert "k: TopK needs" in _error_line(capsys)
+    run = tmp_path / "run"
+    assert main(["train", "--arch", "topk", "--k", "3", "--out", str(run)] + TINY_TRAIN) == 0
+    capsys.readouterr()
+    assert main(["train", "--arch", "topk", "--k", "3", "--out", str(run)] + TINY_TRAIN) == 2
+    assert "--resume" in _error_line(capsys)
+    ckpt = run / "checkpoint.safetensors"
+    ckpt.write_bytes(ckpt.read_bytes()[:100])
+    assert main(["train", "--arch", "topk", "--k", "3", "--out", str(run), "--resume"] + TINY_TRAIN) == 2
+    assert "truncated or corrupt" in _error_line(capsys) and ckpt.stat().st_size == 100
+    assert main(["train", "--arch", "gated", "--sparsity-coeff", "1", "--activations", str(tmp_path),
+                 "--out", str(tmp_path / "r2")] + TINY_TRAIN) == 2
+    assert "manifest" in _error_line(capsys)
+
+
+def test_compare_quick_synthetic(tmp_path, capsys):
+    out = tmp_path / "cmp"
+    assert main(["compare", "--quick", "--out", str(out), "--no-progress"]) == 0
+    report = (out / "report.md").read_text()
+    results = json.loads((out / "results.json").read_text())
+    for title in ("## JumpReLU", "## Gated", "## TopK", "## Verdict"):
+        assert title in report
+    assert "The paper's ordering" in report and "MMCS" in report
+    assert len(results["runs"]) == 6 and {r["architecture"] for r in results["runs"]} == {"jumprelu", "gated", "topk"}
+    for r in results["runs"]:
+        assert r["l0"] > 0 and 0 < r["fvu"] < 1.5 and 0 <= r["dead_frac"] <= 1 and "mmcs" in r
+        assert (out / r["run_dir"] / "sae" / "cfg.json").is_file()
+    assert results["verdict"]["fvu"]["holds"] in (True, False, None)
+    assert (out / "pareto.png").is_file() and results["plot"] == "pareto.png"
+    before = (out / "results.json").read_bytes()
+    capsys.readouterr()
+    assert main(["compare", "--quick", "--out", str(out), "--no-progress"]) == 2
+    assert "--force" in _error_line(capsys)
+    assert (out / "results.json").read_bytes() == before
+    # --resume finishes from the runs' checkpoints: the same numbers again
+    assert main(["compare", "--quick", "--out", str(out), "--no-progress", "--resume"]) == 0
+    again = json.loads((out / "results.json").read_text())
+    assert [r["fvu"] for r in again["runs"]] == [r["fvu"] for r in results["runs"]]
+
+
+def test_cache_and_compare_on_tiny_gemma2(tmp_path, capsys):
+    tok_dir = tmp_path / "tok"
+    tok_dir.mkdir()
+    make_tokenizer(tok_dir)
+    texts = [str(p) for p in write_texts(tmp_path, n_docs=30)]
+    model = ["--model", str(TINY), "--tokenizer", str(tok_dir / "tokenizer.json"), "--seq-len", "32"]
+    acts = tmp_path / "acts"
+    assert main(["cache", "--site", SITE, "--text", *texts, "--out", str(acts), "--max-tokens", "500",
+                 "--no-progress"] + model) == 0
+    man = json.loads((acts / "manifest.json").read_text())
+    assert man["complete"] and man["count"] == 500 and man["d_in"] == 64
+    out = tmp_path / "cmp"
+    assert main(["compare", "--quick", "--out", str(out), "--site", SITE, "--text", *texts, "--tokens", "1500",
+                 "--d-sae", "128", "--no-progress"] + model) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["data"]["type"] == "gemma2" and results["data"]["d_in"] == 64
+    for r in results["runs"]:
+        assert r["lm_tokens"] >= 256 and r["ce_zero"] > r["ce_clean"]
+        assert r["delta_lm_loss"] == pytest.approx(r["ce_sae"] - r["ce_clean"])
+    report = (out / "report.md").read_text()
+    assert "ΔLM loss" in report and "delta LM loss" in report
+    # an SAE of the wrong width for the site: one line, status 2
+    capsys.readouterr()
+    sae_dir = out / results["runs"][0]["run_dir"] / "sae"
+    assert main(["eval", "--sae", str(sae_dir), "--site", "blocks.0.attn.hook_z", "--text", texts[0],
+                 "--no-progress"] + model) == 2
+    assert "d_in=64 does not match site blocks.0.attn.hook_z" in _error_line(capsys)
