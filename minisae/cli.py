@@ -12,7 +12,6 @@ traceback instead.
 """
 
 import argparse
-import dataclasses
 import json
 import sys
 from pathlib import Path
