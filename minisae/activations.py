@@ -32,6 +32,7 @@ from pathlib import Path
 
 import numpy
 
+from minisae.progress import progress_bar
 from minisae.xp import to_numpy
 
 MANIFEST = "manifest.json"
@@ -231,19 +232,8 @@ def _flush(out, man, buf, next_seq, max_tokens):
 
 
 def _bar(enabled, total, initial, desc="cache"):
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:
-        enabled = False
-    if not enabled:
-        class _No:
-            def update(self, n):
-                pass
-
-            def close(self):
-                pass
-        return _No()
-    return tqdm(total=total, initial=initial, unit="tok", unit_scale=True, desc=desc, dynamic_ncols=True)
+    return progress_bar(total, enabled=bool(enabled), initial=initial, desc=desc, unit="tok",
+                        unit_scale=True)
 
 
 # ---------------------------------------------------------------------------------------------

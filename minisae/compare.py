@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy
 
+from minisae.progress import progress_bar
 from minisae.train import TrainConfig, train
 
 VARIANT_NAMES = {"jumprelu": "JumpReLU", "gated": "Gated", "topk": "TopK"}
@@ -433,24 +434,4 @@ def _json_default(o):
 
 
 def _bar(enabled, total):
-    if enabled:
-        try:
-            from tqdm.auto import tqdm
-
-            return tqdm(total=total, desc="compare", unit="SAE", position=0, dynamic_ncols=True)
-        except ImportError:
-            pass
-
-    class _No:
-        def set_description(self, s):
-            pass
-
-        def set_postfix(self, **kw):
-            pass
-
-        def update(self, n):
-            pass
-
-        def close(self):
-            pass
-    return _No()
+    return progress_bar(total, enabled=bool(enabled), desc="compare", unit="SAE", position=0)

@@ -18,6 +18,7 @@ import math
 
 import numpy
 
+from minisae.progress import progress_bar
 from minisae.metrics import EvalAccumulator, feature_recovery
 from minisae.xp import asarray, to_numpy
 
@@ -152,6 +153,4 @@ def evaluate(sae, source=None, *, n_tokens=65536, batch_size=4096, model=None, t
 
 
 def _bar(enabled, total):
-    from minisae.activations import _bar as bar
-
-    return bar(enabled, total, 0, desc="LM eval")
+    return progress_bar(total, enabled=bool(enabled), desc="LM eval", unit="tok", unit_scale=True)

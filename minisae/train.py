@@ -40,6 +40,7 @@ from pathlib import Path
 import numpy
 
 from minisae import optim
+from minisae.progress import progress_bar
 from minisae.sae import VARIANTS
 from minisae.safetensors_io import SafetensorsError, SafetensorsFile, save_file
 from minisae.xp import asarray, get_xp, to_numpy
@@ -431,24 +432,7 @@ def _sae_metadata(source):
     return dict(meta()) if callable(meta) else {}
 
 
-class _NoBar:
-    def set_postfix(self, **kw):
-        pass
-
-    def update(self, n):
-        pass
-
-    def close(self):
-        pass
-
-
 def _progress_bar(total, initial, desc, enabled):
-    if not enabled:
-        return _NoBar()
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # tqdm is a dependency; a bare environment still trains
-        return _NoBar()
     nested = enabled == "nested"  # inside `minisae compare`: below its bar, cleared when done
-    return tqdm(total=total, initial=initial, desc=desc, unit="step", dynamic_ncols=True,
-                leave=not nested, position=1 if nested else None)
+    return progress_bar(total, enabled=bool(enabled), initial=initial, desc=desc, unit="step",
+                        leave=not nested, position=1 if nested else None)
