@@ -82,7 +82,6 @@ def evaluate_lm(sae, model, tokenizer, text_paths, site, *, seq_len=1024, batch_
     are token-weighted means over the batches read until max_tokens scored tokens.
     """
     from minisae.activations import iter_batches
-    from minisae.gemma2 import cross_entropy
 
     check_width(sae, model.site_width(site), f"site {site} of the model")
     mx = model.xp
@@ -107,10 +106,9 @@ def evaluate_lm(sae, model, tokenizer, text_paths, site, *, seq_len=1024, batch_
 
             losses = {}
             for name, splice in (("clean", None), ("sae", {site: splice_sae}), ("zero", {site: splice_zero})):
-                logits = model.forward(ids, splice=splice)  # (B, T, V)
-                loss, n = cross_entropy(logits, ids, mask, exclude_ids=special)
+                # = cross_entropy(model.forward(ids, splice), ...) without the (B, T, V) logits
+                loss, n = model.loss(ids, mask, splice=splice, exclude_ids=special)
                 losses[name] = (float(to_numpy(loss)), int(to_numpy(n)))
-                del logits
             n = losses["clean"][1]
             if n == 0:
                 continue
