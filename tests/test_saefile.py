@@ -147,17 +147,11 @@ def test_leading_dims_and_hook_z_reshape():
 
 
 def training_params(arch, seed, dtype):
-    rng = numpy.random.default_rng([seed, 7, ARCHS.index(arch)])
-    W_dec = rng.standard_normal((M, D))  # (M, D)
-    W_dec /= numpy.linalg.norm(W_dec, axis=1, keepdims=True)
-    p = {"W_enc": W_dec.T + 0.3 * rng.standard_normal((D, M)), "W_dec": W_dec, "b_dec": 0.3 * rng.standard_normal(D)}
+    """Training-form parameters: release_params' draws (another seed stream), with JumpReLU's
+    threshold trained as log_threshold."""
+    p = release_params(arch, seed=1000 + seed, dtype=numpy.float64)
     if arch == "jumprelu":
-        p.update(b_enc=0.2 * rng.standard_normal(M), log_threshold=numpy.log(rng.uniform(0.05, 1.0, M)))
-    elif arch == "topk":
-        p.update(b_enc=0.2 * rng.standard_normal(M))
-    else:
-        p.update(b_gate=0.3 * rng.standard_normal(M), r_mag=0.3 * rng.standard_normal(M),
-                 b_mag=0.3 * rng.standard_normal(M))
+        p["log_threshold"] = numpy.log(p.pop("threshold"))
     return {k: v.astype(dtype) for k, v in p.items()}
 
 
