@@ -11,7 +11,7 @@ __version__ = "0.1.0"
 def __getattr__(name):
     # Lazy, so `import minisae` stays cheap: the SAE object pulls in the file readers.
     if name == "SAE":
-        from minisae.saefile import SAE
+        from minisae.io.saefile import SAE
 
         return SAE
     raise AttributeError(f"module 'minisae' has no attribute {name!r}")

@@ -43,7 +43,7 @@ def _synthetic_dict(a, base):
 
 def _synthetic_from(a):
     from minisae.compare import DEFAULT_SYNTHETIC
-    from minisae.synthetic import SyntheticActivations, SyntheticConfig
+    from minisae.data.synthetic import SyntheticActivations, SyntheticConfig
 
     return SyntheticActivations(SyntheticConfig(**_synthetic_dict(a, DEFAULT_SYNTHETIC)))
 
@@ -60,7 +60,7 @@ def _model_args(p, *, required=False, text_help="text files (.txt: blank-line se
 
 
 def _load_model(a, xp):
-    from minisae import gemma2
+    from minisae.models import gemma2
 
     model = gemma2.load(a.model, xp=xp, revision=a.revision)
     tokenizer = gemma2.load_tokenizer(a.tokenizer or a.model)
@@ -192,7 +192,7 @@ def cmd_train(a):
 
 
 def _activation_store(folder, seed, holdout):
-    from minisae.activations import ActivationStore
+    from minisae.data.activations import ActivationStore
 
     return ActivationStore(folder, seed=seed, holdout_tokens=holdout)
 
@@ -212,7 +212,7 @@ def _run_source(sae_path):
     if info.get("type") == "activations":
         return _activation_store(info["folder"], info.get("seed", 0), info.get("holdout_tokens", 0))
     if "config" in info and info.get("type") == "SyntheticActivations":
-        from minisae.synthetic import SyntheticActivations, SyntheticConfig
+        from minisae.data.synthetic import SyntheticActivations, SyntheticConfig
 
         return SyntheticActivations(SyntheticConfig(**info["config"]))
     return None
@@ -220,7 +220,7 @@ def _run_source(sae_path):
 
 def cmd_eval(a):
     from minisae.evaluate import evaluate
-    from minisae.saefile import SAE
+    from minisae.io.saefile import SAE
     from minisae.xp import get_xp
 
     xp = get_xp(a.backend)
@@ -265,7 +265,7 @@ def cmd_compare(a):
     if a.model:
         if not (a.site and a.text):
             raise ValueError("--model needs --site and --text")
-        from minisae.activations import ActivationStore, cache_activations
+        from minisae.data.activations import ActivationStore, cache_activations
 
         model, tokenizer = _load_model(a, get_xp(a.backend))
         if a.d_sae is None:
@@ -287,7 +287,7 @@ def cmd_compare(a):
 
 
 def cmd_cache(a):
-    from minisae.activations import cache_activations
+    from minisae.data.activations import cache_activations
     from minisae.xp import get_xp
 
     model, tokenizer = _load_model(a, get_xp(a.backend))
@@ -298,7 +298,7 @@ def cmd_cache(a):
 
 
 def cmd_convert(a):
-    from minisae.saefile import SAE
+    from minisae.io.saefile import SAE
 
     sae = SAE.load(a.input)
     to = a.to or ("gemma-scope" if a.output.endswith(".npz") else "saelens")
@@ -315,7 +315,7 @@ COMMANDS = {"train": cmd_train, "eval": cmd_eval, "compare": cmd_compare, "cache
 def _user_errors():
     errors = [FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError, ValueError]
     try:
-        from minisae.hub import HubError
+        from minisae.io.hub import HubError
 
         errors.append(HubError)
     except ImportError:

@@ -107,7 +107,7 @@ def run_compare(cfg, out_dir, *, source=None, model=None, tokenizer=None, eval_t
                                   "it or --resume to finish an interrupted sweep")
     out.mkdir(parents=True, exist_ok=True)
     if source is None:
-        from minisae.synthetic import SyntheticActivations, SyntheticConfig
+        from minisae.data.synthetic import SyntheticActivations, SyntheticConfig
 
         source = SyntheticActivations(SyntheticConfig(**cfg.synthetic))
         data_description = data_description or _synthetic_description(source)
@@ -144,7 +144,7 @@ def run_compare(cfg, out_dir, *, source=None, model=None, tokenizer=None, eval_t
         outer.close()
     if model is not None:
         from minisae.evaluate import evaluate_lm
-        from minisae.saefile import SAE
+        from minisae.io.saefile import SAE
 
         for row in rows:
             sae = SAE.load(out / row["run_dir"] / "sae", xp=model.xp)
@@ -173,8 +173,8 @@ def _train_job(source, train_cfg, run_dir, resume, force, progress=False):
 
 def _source_spec(source):
     """A picklable description a worker rebuilds the source from (None: train in this process)."""
-    from minisae.activations import ActivationStore
-    from minisae.synthetic import SyntheticActivations
+    from minisae.data.activations import ActivationStore
+    from minisae.data.synthetic import SyntheticActivations
 
     if isinstance(source, SyntheticActivations):
         return ("synthetic", dataclasses.asdict(source.cfg))
@@ -190,11 +190,11 @@ def _worker_job(spec, *args):
     key = json.dumps(spec)
     if key not in _WORKER_SOURCE:  # one source per worker process, built on its first job
         if spec[0] == "synthetic":
-            from minisae.synthetic import SyntheticActivations, SyntheticConfig
+            from minisae.data.synthetic import SyntheticActivations, SyntheticConfig
 
             _WORKER_SOURCE[key] = SyntheticActivations(SyntheticConfig(**spec[1]))
         else:
-            from minisae.activations import ActivationStore
+            from minisae.data.activations import ActivationStore
 
             _WORKER_SOURCE[key] = ActivationStore(spec[1], seed=spec[2], holdout_tokens=spec[3])
     return _train_job(_WORKER_SOURCE[key], *args)

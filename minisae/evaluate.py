@@ -1,4 +1,4 @@
-"""Evaluation of a release SAE (minisae.saefile.SAE) by the metrics of SPEC §5.
+"""Evaluation of a release SAE (minisae.io.saefile.SAE) by the metrics of SPEC §5.
 
     summary = evaluate_sae(sae, source)                      # L0, FVU, dead/dense, γ, firing freq
     lm = evaluate_lm(sae, model, tokenizer, ["val.jsonl"], "blocks.12.hook_resid_post")
@@ -81,7 +81,7 @@ def evaluate_lm(sae, model, tokenizer, text_paths, site, *, seq_len=1024, batch_
     Returns {"ce_clean", "ce_sae", "ce_zero", "delta_lm_loss", "loss_recovered", "lm_tokens"}; losses
     are token-weighted means over the batches read until max_tokens scored tokens.
     """
-    from minisae.activations import iter_batches
+    from minisae.data.activations import iter_batches
 
     check_width(sae, model.site_width(site), f"site {site} of the model")
     mx = model.xp

@@ -1,6 +1,6 @@
 """Training loop for the three SAE variants: the Gemma Scope recipe (SPEC §4), checkpoints, resume.
 
-    from minisae.synthetic import SyntheticActivations, SyntheticConfig
+    from minisae.data.synthetic import SyntheticActivations, SyntheticConfig
     from minisae.train import TrainConfig, train
     source = SyntheticActivations(SyntheticConfig(d_in=64, n_features=512))
     result = train(TrainConfig("jumprelu", d_sae=1024, sparsity_coeff=3e-3, steps=2000,
@@ -16,7 +16,7 @@ A data source is any object with
     batch(step, batch_size)       (batch_size, d_in) float32 NumPy: the training batch of `step`,
                                   a pure function of step (so a resumed run sees the same data)
     sample(n)                     (n, d_in) float32 NumPy: a fixed sample to estimate C and TopK's b_dec
-minisae.synthetic.SyntheticActivations and minisae.activations.ActivationStore are two.
+minisae.data.synthetic.SyntheticActivations and minisae.data.activations.ActivationStore are two.
 
 Resume guarantee: a checkpoint holds everything the next step reads (parameters, Adam moments and
 step count, the dead-latent counters, the step number, C, the config). Data and schedules are pure
@@ -42,7 +42,7 @@ import numpy
 from minisae import optim
 from minisae.progress import progress_bar
 from minisae.sae import VARIANTS
-from minisae.safetensors_io import SafetensorsError, SafetensorsFile, save_file
+from minisae.io.safetensors_io import SafetensorsError, SafetensorsFile, save_file
 from minisae.xp import asarray, get_xp, to_numpy
 
 CHECKPOINT_NAME = "checkpoint.safetensors"
@@ -126,7 +126,7 @@ class TrainConfig:
 
 @dataclasses.dataclass
 class TrainResult:
-    sae: object            # minisae.saefile.SAE, release form (what sae/ holds)
+    sae: object            # minisae.io.saefile.SAE, release form (what sae/ holds)
     params: dict           # training-form parameters (NumPy), on inputs x_raw / scale
     scale: float           # C
     steps: int
@@ -306,7 +306,7 @@ def train(cfg, source, out_dir, *, resume=False, overwrite=False, progress=True)
     Raises TrainingError (non-finite values; the last good checkpoint stays) and CheckpointError.
     """
     from minisae.evaluate import evaluate_sae
-    from minisae.saefile import SAE
+    from minisae.io.saefile import SAE
 
     cfg = cfg.resolved(int(source.d_in))
     xp = get_xp(cfg.backend)

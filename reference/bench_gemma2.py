@@ -109,7 +109,7 @@ def time_calls(call, repeats):
 
 def worker_minisae(a):
     import minisae.xp
-    from minisae.gemma2 import load
+    from minisae.models.gemma2 import load
 
     xp = minisae.xp.get_xp(a.backend)
     t0 = time.perf_counter()

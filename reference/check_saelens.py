@@ -1,4 +1,4 @@
-"""Cross-check minisae.saefile against SAELens and write the goldens in tests/golden/saelens/.
+"""Cross-check minisae.io.saefile against SAELens and write the goldens in tests/golden/saelens/.
 
 Run with the reference venv (torch + sae-lens; minisae installed with --no-deps):
     /work/venvs/ref/bin/python reference/check_saelens.py
@@ -26,7 +26,7 @@ import sae_lens
 import torch
 from sae_lens import SAE as LensSAE
 
-from minisae.saefile import SAE
+from minisae.io.saefile import SAE
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "tests" / "golden" / "saelens"

@@ -11,11 +11,11 @@ import numpy
 import pytest
 from tolerances import GEMMA_ATOL, GEMMA_RTOL
 
-from minisae import gemma2
-from minisae.activations import (ActivationsError, ActivationStore, cache_activations, iter_documents,
+from minisae.models import gemma2
+from minisae.data.activations import (ActivationsError, ActivationStore, cache_activations, iter_documents,
                                  iter_sequences)
 from minisae.evaluate import evaluate_lm, evaluate_sae
-from minisae.saefile import SAE
+from minisae.io.saefile import SAE
 
 TINY = Path(__file__).parent / "data" / "gemma2" / "tiny_f32"
 SITE = "blocks.1.hook_resid_post"

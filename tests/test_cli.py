@@ -10,7 +10,7 @@ from test_activations import SITE, TINY, make_tokenizer, write_texts
 from tolerances import F32_ATOL, F32_RTOL
 
 from minisae.cli import main
-from minisae.saefile import SAE
+from minisae.io.saefile import SAE
 
 SUBCOMMANDS = ["train", "eval", "compare", "cache", "convert"]
 TINY_TRAIN = ["--d-in", "16", "--n-features", "32", "--true-l0", "3", "--max-freq", "0.2", "--d-sae", "32", "--steps", "20",

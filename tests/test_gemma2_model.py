@@ -1,4 +1,4 @@
-"""minisae.gemma2 on tiny random checkpoints written by the test itself (no torch, no goldens).
+"""minisae.models.gemma2 on tiny random checkpoints written by the test itself (no torch, no goldens).
 
 Covers: config.json of both generations and its errors; single-file, sharded, BF16 and F16
 checkpoints; every tensor name / shape error; capture vs forward; splices; the final soft-cap;
@@ -15,10 +15,10 @@ import re
 import numpy
 import pytest
 
-from minisae.gemma2 import (CheckpointError, ConfigError, Gemma2Config, Gemma2Model, cross_entropy, load,
+from minisae.models.gemma2 import (CheckpointError, ConfigError, Gemma2Config, Gemma2Model, cross_entropy, load,
                             parse_site)
-from minisae.gemma2.weights import expected_shapes
-from minisae.safetensors_io import bf16_bits_to_float32, float32_to_bf16_bits, save_file
+from minisae.models.gemma2.weights import expected_shapes
+from minisae.io.safetensors_io import bf16_bits_to_float32, float32_to_bf16_bits, save_file
 from minisae.xp import to_numpy
 from tolerances import F32_ATOL, F32_RTOL, REF64_ATOL, REF64_RTOL
 
@@ -405,7 +405,7 @@ def test_cross_entropy_by_hand(xp):
 
 
 def test_model_loss_equals_cross_entropy_of_forward(model, xp, monkeypatch):
-    import minisae.gemma2.model as gm
+    import minisae.models.gemma2.model as gm
 
     monkeypatch.setattr(gm, "_LOSS_ROWS", 5)  # several chunks
     ids = make_ids(4)
@@ -490,7 +490,7 @@ def test_against_float64_reference(cfg, weights, xp):
 
 
 def test_attention_chunked_over_batch_rows_is_the_same(model, monkeypatch):
-    import minisae.gemma2.model as gm
+    import minisae.models.gemma2.model as gm
 
     ids = make_ids(6, b=3)
     whole = to_numpy(model.capture(ids, "blocks.2.attn.hook_z"))

@@ -1,4 +1,4 @@
-"""minisae.gemma2 against transformers' eager float32 Gemma2ForCausalLM on tiny random checkpoints.
+"""minisae.models.gemma2 against transformers' eager float32 Gemma2ForCausalLM on tiny random checkpoints.
 
 The checkpoints and goldens in tests/data/gemma2/ are written by reference/make_tiny_gemma2.py
 (which says how each variant is made hard: both soft-caps acting, sliding window shorter than the
@@ -14,7 +14,7 @@ import pathlib
 import numpy
 import pytest
 
-from minisae.gemma2 import load, parse_site
+from minisae.models.gemma2 import load, parse_site
 from minisae.xp import to_numpy
 from tolerances import GEMMA_ATOL, GEMMA_RTOL
 

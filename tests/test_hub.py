@@ -1,9 +1,9 @@
-"""minisae.hub: local paths, the real huggingface_hub code path offline (empty and pre-populated
+"""minisae.io.hub: local paths, the real huggingface_hub code path offline (empty and pre-populated
 caches), and its error handling against a small fake Hub served on 127.0.0.1 (no network).
 
 The fake Hub answers the four requests huggingface_hub makes (repo info, tree listing, file HEAD
 and GET) with the status codes and X-Error-Code headers the real Hub uses, so the library's own
-exception classes reach `minisae.hub` exactly as they would in the field.
+exception classes reach `minisae.io.hub` exactly as they would in the field.
 """
 
 import hashlib
@@ -17,7 +17,7 @@ import urllib.parse
 
 import pytest
 
-from minisae.hub import HubError, resolve_dir, resolve_file
+from minisae.io.hub import HubError, resolve_dir, resolve_file
 
 SHA = "0123456789abcdef0123456789abcdef01234567"
 FILES = {"config.json": b'{"hidden_size": 8}', "tokenizer.json": b'{"tok": 1}',
@@ -209,7 +209,7 @@ def fake_hub():
 
 RUNNER = """
 import json, sys
-from minisae.hub import HubError, resolve_dir, resolve_file
+from minisae.io.hub import HubError, resolve_dir, resolve_file
 out = []
 for fn, args, kwargs in json.loads(sys.argv[1]):
     try:

@@ -1,4 +1,4 @@
-"""minisae.saefile: inference per architecture, from_training folding, SAELens folder and Gemma
+"""minisae.io.saefile: inference per architecture, from_training folding, SAELens folder and Gemma
 Scope npz round trips, Hub references loaded through the real huggingface_hub from an offline
 cache, clear errors, and goldens written by SAELens itself
 (reference/check_saelens.py -> tests/golden/saelens/)."""
@@ -13,10 +13,10 @@ from test_hub import SHA as HUB_SHA
 from test_hub import offline_hub, populate_cache  # noqa: F401 (offline_hub is a fixture)
 from tolerances import F32_ATOL, F32_RTOL, GOLDEN64_ATOL, GOLDEN64_RTOL
 
-from minisae import saefile
-from minisae.hub import HubError
-from minisae.safetensors_io import SafetensorsError
-from minisae.saefile import SAE, SAEFileError
+from minisae.io import saefile
+from minisae.io.hub import HubError
+from minisae.io.safetensors_io import SafetensorsError
+from minisae.io.saefile import SAE, SAEFileError
 from minisae.xp import asarray, to_numpy
 
 D, M, K = 12, 40, 5
@@ -301,7 +301,7 @@ def test_gemma_scope_lowercase_names_and_metadata(tmp_path):
     assert sae.cfg["reshape_activations"] == "hook_z"
 
 
-# Hub references go through minisae.hub and the real huggingface_hub code, offline, reading a
+# Hub references go through minisae.io.hub and the real huggingface_hub code, offline, reading a
 # cache laid out as the library writes it (test_hub's `offline_hub` fixture and `populate_cache`).
 
 GS_REPO = "google/gemma-scope-2b-pt-res"
@@ -394,7 +394,7 @@ def test_save_refuses_to_overwrite_and_is_atomic(tmp_path, monkeypatch):
     def broken_save_file(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr("minisae.safetensors_io.save_file", broken_save_file)
+    monkeypatch.setattr("minisae.io.safetensors_io.save_file", broken_save_file)
     with pytest.raises(OSError, match="disk full"):
         a.save(tmp_path / "new")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "file", "out"]  # nothing half-written
@@ -414,7 +414,7 @@ def test_load_errors(tmp_path):
         tensors = {k: numpy.array(v) for k, v in saefile_load_tensors(folder).items()}
         if edit_tensors:
             edit_tensors(tensors)
-        from minisae.safetensors_io import save_file
+        from minisae.io.safetensors_io import save_file
 
         save_file(tensors, dst / "sae_weights.safetensors")
         return dst
@@ -488,7 +488,7 @@ def test_corrupt_or_incomplete_npz(tmp_path):
 
 
 def saefile_load_tensors(folder):
-    from minisae.safetensors_io import load_file
+    from minisae.io.safetensors_io import load_file
 
     return load_file(Path(folder) / saefile.WEIGHTS_FILENAME)
 

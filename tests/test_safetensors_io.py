@@ -1,4 +1,4 @@
-"""minisae.safetensors_io against the reference `safetensors` library, hand-written files, and
+"""minisae.io.safetensors_io against the reference `safetensors` library, hand-written files, and
 exact arithmetic (BF16 / F8 decoding, BF16 rounding)."""
 
 import json
@@ -17,7 +17,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from minisae.safetensors_io import (
+from minisae.io.safetensors_io import (
     MAX_HEADER_BYTES,
     SafetensorsError,
     SafetensorsFile,

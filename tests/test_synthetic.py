@@ -1,4 +1,4 @@
-"""minisae.synthetic: reproducibility (batches are pure functions of seed and index), the
+"""minisae.data.synthetic: reproducibility (batches are pure functions of seed and index), the
 planted dictionary, the capped power law, magnitudes, the group copula and noise."""
 
 import dataclasses
@@ -8,7 +8,7 @@ import pytest
 
 from tolerances import F32_ATOL, F32_RTOL, GOLDEN64_RTOL
 
-from minisae.synthetic import SyntheticActivations, SyntheticConfig, power_law_frequencies
+from minisae.data.synthetic import SyntheticActivations, SyntheticConfig, power_law_frequencies
 
 
 def test_defaults_and_shapes():

@@ -1,4 +1,4 @@
-"""minisae.gemma2.tokenizer on small tokenizer.json files built here with the `tokenizers` library."""
+"""minisae.models.gemma2.tokenizer on small tokenizer.json files built here with the `tokenizers` library."""
 
 import numpy
 import pytest
@@ -9,8 +9,8 @@ from tokenizers.models import WordLevel
 from tokenizers.pre_tokenizers import Whitespace
 from tokenizers.processors import TemplateProcessing
 
-from minisae.gemma2.tokenizer import Gemma2Tokenizer, TokenizerError, load_tokenizer
-from minisae.hub import HubError
+from minisae.models.gemma2.tokenizer import Gemma2Tokenizer, TokenizerError, load_tokenizer
+from minisae.io.hub import HubError
 
 SPECIALS = {"<pad>": 0, "<eos>": 1, "<bos>": 2, "<unk>": 3}
 WORDS = ["hello", "world", "the", "quick", "brown", "fox"]

@@ -10,8 +10,8 @@ import pytest
 from tolerances import F32_ATOL, F32_RTOL
 
 from minisae.sae import VARIANTS
-from minisae.saefile import SAE
-from minisae.synthetic import SyntheticActivations, SyntheticConfig
+from minisae.io.saefile import SAE
+from minisae.data.synthetic import SyntheticActivations, SyntheticConfig
 from minisae.train import CheckpointError, TrainConfig, TrainingError, load_checkpoint, train
 
 SETTING = {"jumprelu": {"sparsity_coeff": 1e-2}, "gated": {"sparsity_coeff": 3e-2}, "topk": {"k": 4}}

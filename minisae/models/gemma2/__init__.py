@@ -1,6 +1,6 @@
 """Gemma 2 in NumPy / CuPy: load a checkpoint, run it, read and splice SAE sites.
 
-    from minisae import gemma2
+    from minisae.models import gemma2
     model = gemma2.load("google/gemma-2-2b")                 # a local folder or a Hub repo id
     tok = gemma2.load_tokenizer("google/gemma-2-2b")
     ids, mask = tok.encode_batch(["The cat sat on the mat."])

@@ -34,7 +34,7 @@ from minisae.xp import asarray
 
 from .config import Gemma2Config
 
-# the files a Hub download needs (minisae.hub.resolve_dir allow_patterns)
+# the files a Hub download needs (minisae.io.hub.resolve_dir allow_patterns)
 HUB_PATTERNS = ["config.json", "*.safetensors", "*.safetensors.index.json", "tokenizer.json"]
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -113,7 +113,7 @@ def checkpoint_dir(path_or_repo_id, *, revision=None):
     if path.exists():
         raise CheckpointError(f"{path}: expected a checkpoint folder (config.json + *.safetensors), "
                               "found a file")
-    from minisae import hub  # only needed for repo ids
+    from minisae.io import hub  # only needed for repo ids
 
     return pathlib.Path(hub.resolve_dir(str(path_or_repo_id), revision=revision,
                                         allow_patterns=HUB_PATTERNS))
@@ -140,7 +140,7 @@ def weight_files(folder):
 
 def open_checkpoint(folder):
     """Open the safetensors file(s) (headers only); return {name: (SafetensorsFile, TensorInfo)}."""
-    from minisae.safetensors_io import SafetensorsFile
+    from minisae.io.safetensors_io import SafetensorsFile
 
     folder = pathlib.Path(folder)
     mapping = weight_files(folder)

@@ -17,7 +17,7 @@ Inference (x_c = x - b_dec when cfg["apply_b_dec_to_input"], else x):
     all:      xhat = f @ W_dec + b_dec   (f / ||W_dec rows|| first for rescaled TopK)
 
 Formats:
-- SAELens folder: cfg.json + sae_weights.safetensors (through minisae.safetensors_io; no torch).
+- SAELens folder: cfg.json + sae_weights.safetensors (through minisae.io.safetensors_io; no torch).
 - Gemma Scope params.npz: W_enc, W_dec, b_enc, b_dec, threshold, float32, pre-encoder bias folded
   into b_enc (inference subtracts no b_dec). Read with allow_pickle=False.
 
@@ -257,7 +257,7 @@ class SAE:
         A new or empty folder is written as a temporary sibling and renamed into place (all or
         nothing). An existing non-empty folder is refused unless overwrite=True, which replaces
         just those two files, each atomically (other files in the folder are left alone)."""
-        from minisae.safetensors_io import save_file
+        from minisae.io.safetensors_io import save_file
 
         folder = Path(folder)
         if folder.exists() and not folder.is_dir():
@@ -311,7 +311,7 @@ class SAE:
     def load(cls, path_or_hub_ref, *, xp=numpy, revision=None, dtype="float32"):
         """Load a SAELens folder or a Gemma Scope params.npz: a local path (a folder, its
         cfg.json, or an .npz file), or a Hub reference "org/repo[/path/in/repo]" resolved with
-        minisae.hub (a path ending in .npz is that file; a path in a google/gemma-scope-* repo
+        minisae.io.hub (a path ending in .npz is that file; a path in a google/gemma-scope-* repo
         means its params.npz; anything else is a SAELens folder). Tensors are cast to `dtype`."""
         dtype = numpy.dtype(dtype)
         if dtype.kind != "f":
@@ -335,7 +335,7 @@ class SAE:
         parts = [s for s in ref.split("/") if s]
         if ref.startswith(("/", ".", "~")) or len(parts) < 2:
             raise FileNotFoundError(f"{ref}: no such file or folder (and not a Hub reference 'org/repo/path')")
-        from minisae import hub
+        from minisae.io import hub
 
         repo_id, sub = "/".join(parts[:2]), "/".join(parts[2:])
         if sub.endswith(".npz") or "gemma-scope" in parts[1].lower():
@@ -383,7 +383,7 @@ _CFG_KEYS = ("d_in", "d_sae", "device", "apply_b_dec_to_input", "normalize_activ
 
 
 def _load_saelens(cfg_path, weights_path, xp, dtype, source):
-    from minisae.safetensors_io import SafetensorsFile
+    from minisae.io.safetensors_io import SafetensorsFile
 
     for path in (cfg_path, weights_path):
         if not path.exists():

@@ -104,7 +104,7 @@ class Gemma2Model:
     """Gemma 2 as arrays: forward(ids) -> soft-capped logits; capture(ids, sites); splices."""
 
     def __init__(self, config: Gemma2Config, weights, *, xp=numpy, dtype="float32"):
-        """`weights` is {checkpoint tensor name: array} (minisae.gemma2.weights.load_weights)."""
+        """`weights` is {checkpoint tensor name: array} (minisae.models.gemma2.weights.load_weights)."""
         ignored = check_shapes({k: tuple(v.shape) for k, v in weights.items()}, config)
         self.config, self.xp, self.dtype = config, xp, numpy.dtype(dtype)
         if self.dtype not in (numpy.float32, numpy.float64):

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy
 
-from minisae.hub import resolve_file
+from minisae.io.hub import resolve_file
 
 # defaults when the vocabulary lacks the named special tokens (Gemma's own ids)
 PAD_ID, EOS_ID, BOS_ID = 0, 1, 2
@@ -92,7 +92,7 @@ class Gemma2Tokenizer:
 
 
 def load_tokenizer(path_or_repo_id, *, revision=None):
-    """Load tokenizer.json from a local file or folder, or a Hub repo (see minisae.hub)."""
+    """Load tokenizer.json from a local file or folder, or a Hub repo (see minisae.io.hub)."""
     from tokenizers import Tokenizer
 
     local = Path(path_or_repo_id).expanduser()

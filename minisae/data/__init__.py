@@ -1,0 +1,1 @@
+"""Activation sources: synthetic data with known features, and cached model activations."""

@@ -1,0 +1,1 @@
+"""Language models whose activations SAEs are trained on (Gemma 2). Never imports the pipeline."""
