@@ -41,6 +41,7 @@ from pathlib import Path
 import numpy
 
 from minisae import optim
+from minisae.errors import FileFormatError, TrainingError  # noqa: F401 (TrainingError: part of this API)
 from minisae.progress import progress_bar
 from minisae.sae import VARIANTS
 from minisae.io.safetensors_io import SafetensorsError, SafetensorsFile, save_file
@@ -54,11 +55,7 @@ CHECKPOINT_FORMAT = "minisae-checkpoint-1"
 DEFAULT_LR = {"jumprelu": 7e-5, "gated": 3e-4}
 
 
-class TrainingError(RuntimeError):
-    """Training cannot go on (non-finite loss, parameters or activations); names the step."""
-
-
-class CheckpointError(ValueError):
+class CheckpointError(FileFormatError):
     """A checkpoint is missing, unreadable, truncated or does not fit the config."""
 
 
