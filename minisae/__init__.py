@@ -18,4 +18,8 @@ def __getattr__(name):
         import minisae.models
 
         return getattr(minisae.models, name)
+    if name == "MinisaeError":
+        from minisae.errors import MinisaeError
+
+        return MinisaeError
     raise AttributeError(f"module 'minisae' has no attribute {name!r}")
