@@ -21,6 +21,8 @@ their captures and splices by that pair, so the same site given in both spelling
 
 import re
 
+from minisae.errors import InputError
+
 SITE_KINDS = ("hook_resid_post", "attn.hook_z", "hook_mlp_in", "hook_mlp_out")
 # Hugging Face module hook -> SAELens kind
 HF_HOOKS = {
@@ -43,7 +45,7 @@ def parse_site(site):
         m = _HF_RE.match(site)
         if m:
             return int(m.group(1)), HF_HOOKS[m.group(2)]
-    raise ValueError(f"site {site!r}: expected 'blocks.<layer>.<kind>' with kind one of {SITE_KINDS}, "
+    raise InputError(f"site {site!r}: expected 'blocks.<layer>.<kind>' with kind one of {SITE_KINDS}, "
                      f"or a Hugging Face hook 'model.layers.<layer>.<hook>' with hook one of {tuple(HF_HOOKS)}")
 
 
