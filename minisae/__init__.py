@@ -14,4 +14,8 @@ def __getattr__(name):
         from minisae.io.saefile import SAE
 
         return SAE
+    if name == "MinisaeError":
+        from minisae.errors import MinisaeError
+
+        return MinisaeError
     raise AttributeError(f"module 'minisae' has no attribute {name!r}")

@@ -6,9 +6,9 @@
     minisae eval --sae run/sae --model google/gemma-2-2b --site blocks.12.hook_resid_post --text val.jsonl
     minisae convert params.npz my_sae/                   # Gemma Scope npz -> SAELens folder
 
-User errors (missing or corrupt files, bad arguments, an SAE that does not fit the site) end with
-one line on stderr and exit status 2; a training run that diverges exits with 1; --debug shows the
-traceback instead.
+Errors (minisae.MinisaeError: missing or corrupt files, bad arguments, an SAE that does not fit
+the site, a full or read-only disk) end with one line on stderr and exit status 2; a training run
+that diverges exits with 1; --debug shows the traceback instead.
 """
 
 import argparse
@@ -326,40 +326,42 @@ def cmd_convert(a):
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "compare": cmd_compare, "cache": cmd_cache, "convert": cmd_convert}
 
 
-def _user_errors():
-    errors = [FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError, ValueError]
-    try:
-        from minisae.io.hub import HubError
+def _exit_status(e):
+    """The exit status for exception `e`, or None for a bug (which keeps its traceback)."""
+    from minisae.errors import MinisaeError
 
-        errors.append(HubError)
-    except ImportError:
-        pass
-    return tuple(errors)
+    if isinstance(e, MinisaeError):
+        return e.exit_status
+    if isinstance(e, (OSError, ValueError, MemoryError)):  # a file, an argument, memory: the user's to fix
+        return EXIT_USER_ERROR
+    return None
+
+
+def _message(e):
+    from minisae.errors import MinisaeError, one_line
+
+    msg = one_line(e)
+    if isinstance(e, MemoryError) and not isinstance(e, MinisaeError):
+        msg = f"out of memory ({msg}): try a smaller --d-sae, --batch-size or --seq-len"
+    return msg
 
 
 def main(argv=None):
     """Entry point of the `minisae` command; returns the exit status."""
     parser = build_parser()
     a = parser.parse_args(argv)
-    from minisae.train import TrainingError
-
     try:
         COMMANDS[a.command](a)
-    except TrainingError as e:
-        if a.debug:
-            raise
-        print(f"minisae {a.command}: error: {e}", file=sys.stderr)
-        return EXIT_FAILED
-    except _user_errors() as e:
-        if a.debug:
-            raise
-        msg = str(e) if not isinstance(e, OSError) or not e.filename else f"{e.strerror}: {e.filename}"
-        print(f"minisae {a.command}: error: {msg}".replace("\n", " "), file=sys.stderr)
-        return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print(f"\nminisae {a.command}: interrupted (runs resume from their last checkpoint with --resume)",
               file=sys.stderr)
         return EXIT_INTERRUPTED
+    except Exception as e:
+        status = _exit_status(e)
+        if a.debug or status is None:
+            raise
+        print(f"minisae {a.command}: error: {_message(e)}", file=sys.stderr)
+        return status
     return 0
 
 

@@ -32,6 +32,7 @@ from pathlib import Path
 
 import numpy
 
+from minisae.errors import FileFormatError
 from minisae.progress import progress_bar
 from minisae.xp import to_numpy
 
@@ -39,7 +40,7 @@ MANIFEST = "manifest.json"
 FORMAT = "minisae-activations-1"
 
 
-class ActivationsError(ValueError):
+class ActivationsError(FileFormatError):
     """A cache folder, manifest, shard or text file is missing, corrupt or does not fit."""
 
 

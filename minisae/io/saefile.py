@@ -41,6 +41,7 @@ from pathlib import Path
 
 import numpy
 
+from minisae.errors import FileFormatError
 from minisae.xp import asarray, to_numpy, xp_of
 
 CFG_FILENAME = "cfg.json"
@@ -59,7 +60,7 @@ TRAINING_PARAMS = {**RELEASE_PARAMS, "jumprelu": ("W_enc", "b_enc", "W_dec", "b_
 ARCHITECTURES = tuple(RELEASE_PARAMS)
 
 
-class SAEFileError(ValueError):
+class SAEFileError(FileFormatError):
     """A malformed SAE file or parameter set; the message names the file and the tensor."""
 
 

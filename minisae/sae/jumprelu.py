@@ -33,9 +33,10 @@ import math
 
 import numpy
 
-from minisae.sae.common import (as_input, check_params, column_sums, decode, init_dictionary,
-                                sampled_matmul, scalar, sparse_from_mask, sparse_matmul,
-                                sparse_t_matmul, squared_error, squared_error_backward)
+from minisae.sae.common import (as_input, check_params, column_sums, decode, fire_counts,
+                                init_dictionary, sampled_matmul, scalar, sparse_fire_counts,
+                                sparse_from_mask, sparse_matmul, sparse_t_matmul, squared_error,
+                                squared_error_backward)
 from minisae.xp import xp_of
 
 ARCHITECTURE = "jumprelu"
@@ -272,7 +273,8 @@ def forward_backward(params, x, *, path="auto", dense_f=True, **hyper):
     """(out, grads): forward's out and backward's grads in one call. path: "dense" (forward
     then backward), "sparse" (NumPy only), or "auto": sparse on NumPy when at most
     SPARSE_MAX_DENSITY of the batch's entries are active or in the kernel window, else dense.
-    The sparse path builds the dense out["f"] (one (B, M) scatter) only when dense_f is true."""
+    The sparse path builds the dense out["f"] (one (B, M) scatter) only when dense_f is true.
+    out also has "fired" (M,) int64: on how many of the batch's tokens each latent fired."""
     if path not in ("auto", "dense", "sparse"):
         raise ValueError(f"jumprelu.forward_backward: path must be 'auto', 'dense' or 'sparse', "
                          f"found {path!r}")
@@ -288,6 +290,7 @@ def forward_backward(params, x, *, path="auto", dense_f=True, **hyper):
         if path == "sparse" or numpy.count_nonzero(stored) <= SPARSE_MAX_DENSITY * stored.size:
             return _forward_backward_sparse(params, x, x_c, pre, stored, h, raw, dense_f)
     out, cache = _forward_from_pre(params, x, x_c, pre, h, raw)
+    out["fired"] = fire_counts(out["f"])  # (M,)
     return out, backward(params, cache)
 
 
@@ -346,7 +349,8 @@ def _forward_backward_sparse(params, x, x_c, pre, stored, h, raw, dense_f):
     grads["threshold" if raw else "log_threshold"] = dtheta if raw else theta * dtheta
     out = {"loss": scalar(mse + sparsity + freq, dtype, numpy), "mse": scalar(mse, dtype, numpy),
            "l0": scalar(l0_b.sum() / B, dtype, numpy), "sparsity": scalar(sparsity, dtype, numpy),
-           "freq": scalar(freq, dtype, numpy), "xhat": xhat}
+           "freq": scalar(freq, dtype, numpy), "xhat": xhat,
+           "fired": sparse_fire_counts(cols, f_s, M)}
     if dense_f:
         out["f"] = numpy.zeros((B, M), dtype=dtype)  # (B, M)
         out["f"].ravel()[flat] = f_s

@@ -30,6 +30,7 @@ import pathlib
 
 import numpy
 
+from minisae.errors import FileFormatError
 from minisae.xp import asarray
 
 from .config import Gemma2Config
@@ -44,7 +45,7 @@ COMPUTE_DTYPES = ("float32", "float64")
 _MAX_LISTED = 8  # problems listed in one error message
 
 
-class CheckpointError(ValueError):
+class CheckpointError(FileFormatError):
     """A checkpoint folder that is missing files or whose tensors do not match config.json."""
 
 
