@@ -91,6 +91,18 @@ def build_parser():
     p.add_argument("--sparsity-warmup-steps", type=int, default=10000, help="linear λ warm-up (default 10000)")
     p.add_argument("--decay-frac", type=float, default=0.0, help="linear lr decay over this final fraction")
     p.add_argument("--bandwidth", type=float, default=0.001, help="JumpReLU kernel bandwidth ε")
+    p.add_argument("--penalty", choices=["l0", "quadratic"], default="l0",
+                   help="JumpReLU sparsity penalty per token: l0 = λ·L0 (the paper, default); quadratic = "
+                        "λ·(2/L0*)·(L0 − L0*)² around --target-l0 (Gemma Scope 2, Eq. 5)")
+    p.add_argument("--target-l0", type=float, help="L0* of the quadratic penalty (latents per token)")
+    p.add_argument("--threshold-param", choices=["log", "raw"], default="log",
+                   help="JumpReLU: train log θ (log, the paper, default) or θ itself (raw, as SAELens ≥ 6.48)")
+    p.add_argument("--threshold-init", type=float, help="JumpReLU θ at init (default 0.001)")
+    p.add_argument("--freq-coeff", type=float, default=0.0,
+                   help="JumpReLU: weight μ of minisae's frequency penalty μ·Σ_i max(p_i − target, 0)², "
+                        "p_i the fraction of the batch latent i fires on (default 0 = off)")
+    p.add_argument("--freq-target", type=float, default=0.1,
+                   help="firing fraction above which the frequency penalty acts (default 0.1)")
     p.add_argument("--aux-k", type=int, help="TopK AuxK k' (default min(512, D/2))")
     p.add_argument("--aux-coeff", type=float, default=1 / 32, help="TopK AuxK weight (default 1/32)")
     p.add_argument("--dead-window-tokens", type=int, default=10_000_000, help="tokens without firing = dead")
@@ -185,6 +197,8 @@ def cmd_train(a):
     source = _activation_store(a.activations, a.data_seed, a.holdout_tokens) if a.activations else _synthetic_from(a)
     cfg = TrainConfig(
         architecture=a.arch, d_sae=a.d_sae, sparsity_coeff=a.sparsity_coeff, k=a.k, bandwidth=a.bandwidth, lr=a.lr,
+        penalty=a.penalty, target_l0=a.target_l0, threshold_param=a.threshold_param, threshold_init=a.threshold_init,
+        freq_coeff=a.freq_coeff, freq_target=a.freq_target,
         steps=a.steps, tokens=a.tokens, batch_size=a.batch_size, warmup_steps=a.warmup_steps,
         sparsity_warmup_steps=a.sparsity_warmup_steps, decay_frac=a.decay_frac, seed=a.seed, backend=a.backend,
         dtype=a.dtype, dead_window_tokens=a.dead_window_tokens, aux_k=a.aux_k, aux_coeff=a.aux_coeff,

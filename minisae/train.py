@@ -18,6 +18,8 @@ A data source is any object with
                                   a pure function of step (so a resumed run sees the same data)
     sample(n)                     (n, d_in) float32 NumPy: a fixed sample to estimate C and TopK's b_dec
 minisae.data.synthetic.SyntheticActivations and minisae.data.activations.ActivationStore are two.
+`batch` is called from a background thread, one step ahead of the training step (minisae.prefetch;
+TrainConfig.prefetch = 0 calls it in the loop instead); nothing else calls the source meanwhile.
 
 Resume guarantee: a checkpoint holds everything the next step reads (parameters, Adam moments and
 step count, the dead-latent counters, the step number, C, the config). Data and schedules are pure
@@ -42,6 +44,7 @@ import numpy
 
 from minisae import optim
 from minisae.errors import FileFormatError, TrainingError  # noqa: F401 (TrainingError: part of this API)
+from minisae.prefetch import Prefetcher
 from minisae.progress import progress_bar
 from minisae.sae import VARIANTS
 from minisae.io.safetensors_io import SafetensorsError, SafetensorsFile, save_file
@@ -67,6 +70,11 @@ class TrainConfig:
     k: int | None = None                  # TopK: latents kept per token
     bandwidth: float = 0.001              # JumpReLU: ε of the threshold pseudo-derivative
     threshold_init: float | None = None   # JumpReLU: θ at init; None = SPEC's 0.001 (see below)
+    threshold_param: str = "log"          # JumpReLU: train log θ ("log", the paper) or θ itself ("raw", SAELens)
+    penalty: str = "l0"                   # JumpReLU: "l0" (the paper) | "quadratic" (Gemma Scope 2, needs target_l0)
+    target_l0: float | None = None        # L0* of the quadratic penalty: λ·(2/L0*)·(L0_b − L0*)² per token
+    freq_coeff: float = 0.0               # JumpReLU: weight of minisae's frequency penalty (0 = off)
+    freq_target: float = 0.1              # JumpReLU: firing fraction above which a latent is penalised
     lr: float | None = None               # None = DEFAULT_LR / optim.topk_lr(d_sae)
     adam_beta1: float | None = None       # None = 0.0 (JumpReLU, Gated; SPEC §4) / 0.9 (TopK, Gao et al.)
     adam_beta2: float = 0.999
@@ -88,6 +96,7 @@ class TrainConfig:
     log_every: int = 50                   # steps between metrics.jsonl lines / progress updates
     eval_tokens: int = 65536              # held-out tokens for the final evaluation (0 = none)
     eval_batch_size: int = 4096
+    prefetch: int = 1                     # batches made ahead in a background thread (0 = none)
 
     def resolved(self, d_in):
         """A copy with every None default filled in for inputs of width d_in; checks values."""
@@ -117,8 +126,22 @@ class TrainConfig:
                 raise ValueError(f"{name}: expected a positive integer, found {getattr(c, name)}")
         if c.threshold_init is not None and not c.threshold_init > 0:
             raise ValueError(f"threshold_init: expected a value > 0, found {c.threshold_init}")
+        if c.threshold_param not in ("log", "raw"):
+            raise ValueError(f"threshold_param: expected 'log' or 'raw', found {c.threshold_param!r}")
+        if c.penalty not in ("l0", "quadratic"):
+            raise ValueError(f"penalty: expected 'l0' or 'quadratic', found {c.penalty!r}")
+        if c.architecture != "jumprelu" and (c.penalty != "l0" or c.threshold_param != "log" or c.freq_coeff):
+            raise ValueError(f"penalty, threshold_param and freq_coeff are JumpReLU options; "
+                             f"found them set for {c.architecture!r}")
+        if c.penalty == "quadratic" and not (c.target_l0 is not None and 0 < c.target_l0 <= c.d_sae):
+            raise ValueError(f"target_l0: the quadratic penalty needs 0 < target_l0 <= d_sae={c.d_sae}, "
+                             f"found {c.target_l0}")
+        if not c.freq_coeff >= 0 or not 0 <= c.freq_target <= 1:
+            raise ValueError(f"freq_coeff >= 0 and 0 <= freq_target <= 1 expected, found {c.freq_coeff}, {c.freq_target}")
         if c.dtype not in ("float32", "float64"):
             raise ValueError(f"dtype: expected 'float32' or 'float64', found {c.dtype!r}")
+        if int(c.prefetch) != c.prefetch or c.prefetch < 0:
+            raise ValueError(f"prefetch: expected an integer >= 0, found {c.prefetch!r}")
         return c
 
 
@@ -133,7 +156,16 @@ class TrainResult:
 
 
 # Config fields a resumed run may change without changing its result.
-_RESUME_FREE = {"checkpoint_every", "log_every", "backend", "eval_tokens", "eval_batch_size"}
+_RESUME_FREE = {"checkpoint_every", "log_every", "backend", "eval_tokens", "eval_batch_size",
+                "prefetch"}
+
+
+def param_names(cfg):
+    """The trained parameters' names (JumpReLU's depend on threshold_param)."""
+    mod = VARIANTS[cfg.architecture]
+    if cfg.architecture == "jumprelu":
+        return mod.param_names(cfg.threshold_param)
+    return mod.PARAM_NAMES
 
 
 def hypers_at(cfg, step, dead_mask=None):
@@ -142,7 +174,12 @@ def hypers_at(cfg, step, dead_mask=None):
         return {"k": cfg.k, "aux_k": cfg.aux_k, "aux_coeff": cfg.aux_coeff, "dead_mask": dead_mask}
     coeff = optim.sparsity_coeff_at(step, coeff=cfg.sparsity_coeff, warmup_steps=cfg.sparsity_warmup_steps)
     if cfg.architecture == "jumprelu":
-        return {"sparsity_coeff": coeff, "bandwidth": cfg.bandwidth}
+        h = {"sparsity_coeff": coeff, "bandwidth": cfg.bandwidth, "penalty": cfg.penalty}
+        if cfg.penalty == "quadratic":
+            h["target_l0"] = cfg.target_l0
+        if cfg.freq_coeff > 0:
+            h.update(freq_coeff=cfg.freq_coeff, freq_target=cfg.freq_target)
+        return h
     return {"sparsity_coeff": coeff}
 
 
@@ -195,11 +232,14 @@ def fresh_state(cfg, source, xp):
     """Initial training state: parameters (SPEC init), Adam, counters, C."""
     mod = VARIANTS[cfg.architecture]
     scale, sample = estimate_scale(source, cfg.norm_sample_tokens)  # C, (N, D)
-    params = mod.init(source.d_in, cfg.d_sae, seed=cfg.seed, xp=xp, dtype=cfg.dtype)
-    if cfg.architecture == "jumprelu" and cfg.threshold_init is not None:
+    if cfg.architecture == "jumprelu":
         # log θ moves by about lr per Adam step, so a short run cannot travel from 0.001 to the
         # scale of its pre-activations; small-D runs (minisae compare) start θ nearer to it
-        params["log_threshold"] = xp.full(cfg.d_sae, math.log(cfg.threshold_init), dtype=cfg.dtype)  # (M,)
+        params = mod.init(source.d_in, cfg.d_sae, seed=cfg.seed, xp=xp, dtype=cfg.dtype,
+                          threshold_param=cfg.threshold_param,
+                          threshold_init=cfg.threshold_init or mod.THRESHOLD_INIT)
+    else:
+        params = mod.init(source.d_in, cfg.d_sae, seed=cfg.seed, xp=xp, dtype=cfg.dtype)
     if cfg.architecture == "topk":  # b_dec = geometric median of the (normalised) data (Gao et al.)
         from minisae.sae.common import geometric_median
 
@@ -255,9 +295,8 @@ def load_checkpoint(path, cfg, xp):
             "untouched: restore it, or move it away to start training over"
         ) from None
     _check_resume_config(path, info, cfg)
-    mod = VARIANTS[cfg.architecture]
     params, m, v = {}, {}, {}
-    for k in mod.PARAM_NAMES:
+    for k in param_names(cfg):
         for store, prefix in ((params, "params"), (m, "adam_m"), (v, "adam_v")):
             name = f"{prefix}.{k}"
             if name not in arrays:
@@ -369,9 +408,16 @@ def train(cfg, source, out_dir, *, resume=False, overwrite=False, progress=True)
     bar = _progress_bar(cfg.steps, state["step"], cfg.architecture, progress)
     pending, t0 = [], time.time()
     losses = []  # 0-d loss arrays since the last check, read back to the host in one go
+    # the batches, checked and normalised, are made one step ahead in a background thread
+    batches = Prefetcher(lambda i: _training_batch(source, i, cfg, scale), state["step"], cfg.steps,
+                         depth=cfg.prefetch) if cfg.prefetch > 0 else None
     try:
         for step in range(state["step"], cfg.steps):
-            x = _training_batch(source, step, cfg, scale, xp, ckpt, last_good)  # (B, D) normalised
+            try:
+                x = batches.get(step) if batches else _training_batch(source, step, cfg, scale)
+            except _BadBatch as e:
+                raise TrainingError(f"step {step}: {e}; " + _kept(ckpt, last_good)) from None
+            x = asarray(x, xp)  # (B, D) normalised: E‖x‖² = 1
             hyper = hypers_at(cfg, step, since_fired >= cfg.dead_window_tokens)
             # the variant's fastest exact path (row-sparse on NumPy when few latents fire); the
             # latents are never held as a dense (B, M) array: out["fired"] counts them per latent
@@ -382,6 +428,8 @@ def train(cfg, source, out_dir, *, resume=False, overwrite=False, progress=True)
                              total_steps=cfg.steps, decay_frac=cfg.decay_frac)
             optim.adam_update(params, grads, adam, lr=lr, betas=betas, eps=cfg.adam_eps)
             optim.normalize_decoder_rows(params["W_dec"])
+            if "threshold" in params:  # raw θ: kept >= 0 by projection (a θ < 0 would count π = 0 as active)
+                xp.maximum(params["threshold"], 0.0, out=params["threshold"])
             since_fired += cfg.batch_size  # (M,) tokens since each latent last fired ...
             since_fired *= out["fired"] == 0  # ... reset where it fired in this batch
             done = step + 1
@@ -406,6 +454,8 @@ def train(cfg, source, out_dir, *, resume=False, overwrite=False, progress=True)
                 pending = []
             bar.update(1)
     finally:
+        if batches:
+            batches.close()
         bar.close()
         _append_jsonl(metrics_path, pending)  # after an error: the lines since the last checkpoint
 
@@ -420,17 +470,20 @@ def train(cfg, source, out_dir, *, resume=False, overwrite=False, progress=True)
     return TrainResult(sae=sae, params=params_np, scale=scale, steps=cfg.steps, summary=summary, out_dir=out_dir)
 
 
-def _training_batch(source, step, cfg, scale, xp, ckpt, last_good):
-    """Batch `step` of the source, checked (shape, finite) and normalised: x_raw / C, (B, D)."""
+class _BadBatch(Exception):
+    """A batch the source returned cannot be trained on (wrong shape, NaN or inf)."""
+
+
+def _training_batch(source, step, cfg, scale):
+    """Batch `step` of the source, checked (shape, finite) and normalised: x_raw / C, (B, D)
+    NumPy in cfg.dtype. Runs in the prefetch thread: it reads nothing the training step writes."""
     x_raw = numpy.asarray(source.batch(step, cfg.batch_size))  # (B, D)
     if x_raw.shape != (cfg.batch_size, source.d_in):
-        raise TrainingError(f"step {step}: the source returned a batch of shape {x_raw.shape}, "
-                            f"expected ({cfg.batch_size}, {source.d_in})")
+        raise _BadBatch(f"the source returned a batch of shape {x_raw.shape}, "
+                        f"expected ({cfg.batch_size}, {source.d_in})")
     if not numpy.isfinite(x_raw).all():
-        raise TrainingError(f"step {step}: the activation batch holds NaN or inf values; "
-                            + _kept(ckpt, last_good))
-    x = numpy.divide(x_raw, scale, dtype=cfg.dtype)  # (B, D) a fresh array: E‖x‖² = 1
-    return asarray(x, xp)
+        raise _BadBatch("the activation batch holds NaN or inf values")
+    return numpy.divide(x_raw, scale, dtype=cfg.dtype)  # (B, D) a fresh array
 
 
 def _check_losses(xp, losses, first_step, ckpt, last_good):
