@@ -383,3 +383,63 @@ class SynthSAEBench:
     def __repr__(self):
         return (f"SynthSAEBench(n_features={self.n_features}, d_in={self.d_in}, "
                 f"expected_l0={self.expected_l0:.3g}, seed={self.cfg.seed})")
+
+
+# ---------------------------------------------------------------------------------------------
+# the same samples as an activation cache (the `minisae cache` format)
+
+def write_cache(source, folder, n_tokens, *, batch_size=4096, shard_tokens=65536, progress=False):
+    """Write training batches 0, 1, ... of `source` (batch_size rows each, the last cut) as an
+    activation cache: float32 shards plus manifest.json, the format `minisae cache` writes and
+    minisae.data.activations.ActivationStore reads, so any trainer can use the samples. Rows
+    [i·batch_size, (i+1)·batch_size) are exactly source.batch(i, batch_size).
+
+    A folder holding a complete cache of the same source and size is reused as it is (returns
+    its manifest); any other existing cache is refused. Shards and the manifest are written to
+    temporary names and renamed; the manifest comes last."""
+    from pathlib import Path
+
+    from minisae.data.activations import FORMAT, MANIFEST, ActivationsError, _write_json_atomic, _write_shard
+    from minisae.progress import progress_bar
+
+    folder = Path(folder)
+    n_tokens, batch_size, shard_tokens = int(n_tokens), int(batch_size), int(shard_tokens)
+    if n_tokens < 1 or batch_size < 1 or shard_tokens < 1:
+        raise ValueError(f"write_cache: expected positive n_tokens, batch_size and shard_tokens, "
+                         f"found {n_tokens}, {batch_size}, {shard_tokens}")
+    desc = {"format": FORMAT, "model": f"synthsaebench (seed {source.cfg.seed})", "site": "synthetic",
+            "layer": None, "kind": "synthetic", "d_in": source.d_in, "dtype": "float32",
+            "source": source.describe(), "batch_size": batch_size}
+    man_path = folder / MANIFEST
+    if man_path.exists():
+        import json
+
+        old = json.loads(man_path.read_text())
+        same = all(old.get(k) == v for k, v in desc.items() if k != "format") and old.get("count") == n_tokens
+        if same and old.get("complete"):
+            return old
+        raise ActivationsError(f"{folder} already holds an activation cache of other data or size; "
+                               "choose another folder")
+    folder.mkdir(parents=True, exist_ok=True)
+    shards, buf, buffered, written = [], [], 0, 0
+    n_batches = -(-n_tokens // batch_size)
+    bar = progress_bar(n_batches, enabled=bool(progress), desc="synthetic cache", unit="batch")
+    try:
+        for i in range(n_batches):
+            x = source.batch(i, batch_size)[: n_tokens - i * batch_size]  # (<= B, D)
+            buf.append(x)
+            buffered += x.shape[0]
+            while buffered >= shard_tokens or (i == n_batches - 1 and buffered):
+                rows = numpy.concatenate(buf)
+                take = min(shard_tokens, rows.shape[0])
+                name = f"shard_{len(shards):05d}.npy"
+                _write_shard(folder / name, numpy.ascontiguousarray(rows[:take]))
+                shards.append({"file": name, "count": take})
+                written += take
+                buf, buffered = ([rows[take:]] if take < rows.shape[0] else []), rows.shape[0] - take
+            bar.update(1)
+    finally:
+        bar.close()
+    man = {**desc, "count": written, "complete": True, "shards": shards}
+    _write_json_atomic(man_path, man)
+    return man
