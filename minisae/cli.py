@@ -100,6 +100,12 @@ def build_parser():
     p.add_argument("--holdout-tokens", type=int, default=0, help="cached tokens kept out of training for evaluation")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
     p.add_argument("--overwrite", action="store_true", help="start over in an --out that holds a checkpoint")
+    g = p.add_argument_group("past one process (docs/scale.md); launch with mpiexec -n P minisae train ...")
+    g.add_argument("--shards", type=int, default=1, help="latent shards S; the P processes form P/S data-parallel "
+                   "replicas (default 1)")
+    g.add_argument("--accumulate", type=int, default=1, help="micro-batches per process per step (default 1)")
+    g.add_argument("--dist-backend", choices=["auto", "mpi", "nccl"], default="auto",
+                   help="collectives: auto = MPI under mpiexec (default); nccl for CuPy arrays (untested: no GPU)")
     _common(p)
     _synthetic_args(p)
 
@@ -185,10 +191,27 @@ def cmd_train(a):
         sparsity_warmup_steps=a.sparsity_warmup_steps, decay_frac=a.decay_frac, seed=a.seed, backend=a.backend,
         dtype=a.dtype, dead_window_tokens=a.dead_window_tokens, aux_k=a.aux_k, aux_coeff=a.aux_coeff,
         checkpoint_every=a.checkpoint_every, log_every=a.log_every, eval_tokens=a.eval_tokens)
-    res = train(cfg, source, a.out, resume=a.resume, overwrite=a.overwrite, progress=not a.no_progress)
+    if a.shards > 1 or a.accumulate > 1 or a.dist_backend != "auto" or _launched_by_mpiexec():
+        from minisae import dist
+        from minisae.parallel import train_parallel
+
+        comm = dist.world(a.dist_backend)
+        with dist.abort_on_error(comm):
+            res = train_parallel(cfg, source, a.out, shards=a.shards, accumulate=a.accumulate, comm=comm,
+                                 resume=a.resume, overwrite=a.overwrite, progress=not a.no_progress)
+        if comm.rank != 0:
+            return
+    else:
+        res = train(cfg, source, a.out, resume=a.resume, overwrite=a.overwrite, progress=not a.no_progress)
     print(f"SAE written to {Path(a.out) / 'sae'}")
     if res.summary:
         print(_summary_line(res.summary))
+
+
+def _launched_by_mpiexec():
+    from minisae.dist import launched_by_mpiexec
+
+    return launched_by_mpiexec() > 1
 
 
 def _activation_store(folder, seed, holdout):

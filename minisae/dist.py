@@ -27,7 +27,9 @@ Every collective counts the bytes this rank sends (`comm.sent_bytes`), which the
 Legend: P ranks in a communicator, n elements of an array.
 """
 
+import contextlib
 import os
+import sys
 
 import numpy
 
@@ -79,6 +81,21 @@ def _mpi4py():
     return MPI
 
 
+@contextlib.contextmanager
+def abort_on_error(comm):
+    """In a run of several processes, an error on one rank would leave the others waiting in a
+    collective for ever: print it with the rank and abort every process (MPI_Abort, status 1)."""
+    try:
+        yield
+    except BaseException as e:
+        if comm.size == 1:
+            raise
+        print(f"minisae (rank {comm.rank} of {comm.size}): error: {type(e).__name__}: {e}".replace("\n", " "),
+              file=sys.stderr, flush=True)
+        comm.abort(1)
+        raise
+
+
 class Comm:
     """What every backend offers. Arrays go in and new arrays come out (inputs are not changed)."""
 
@@ -124,6 +141,9 @@ class Comm:
 
     def allgather_obj(self, obj):
         return [obj]
+
+    def abort(self, code):
+        """End every process of the run now (MPI_Abort); a no-op in one process."""
 
 
 class SingleProcess(Comm):
@@ -211,6 +231,9 @@ class MPIComm(Comm):
 
     def barrier(self):
         self.comm.Barrier()
+
+    def abort(self, code):
+        self.comm.Abort(int(code))
 
     def split(self, color, key):
         return MPIComm(self.comm.Split(int(color), int(key)), deterministic=self.deterministic)
@@ -300,6 +323,9 @@ class NCCLComm(Comm):
     def barrier(self):
         self.cupy.cuda.get_current_stream().synchronize()
         self.mpi.barrier()
+
+    def abort(self, code):
+        self.mpi.abort(code)
 
     def split(self, color, key):
         return NCCLComm(self.mpi.split(color, key), deterministic=self.deterministic)
