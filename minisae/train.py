@@ -7,9 +7,10 @@
                                batch_size=1024), source, "runs/jr")
     result.sae.save("my_sae")   # already saved to runs/jr/sae
 
-One step: x = x_raw / C (C set once so that E‖x‖² = 1) → the variant's forward and hand-written
-backward → the decoder gradient's component along each decoder row removed → Adam → decoder rows
-renormalised. The learning rate follows a cosine warm-up, the sparsity coefficient a linear one.
+One step: x = x_raw / C (C set once so that E‖x‖² = 1) → the variant's `forward_backward` (its
+hand-written backward; row-sparse on NumPy when few latents fire, the latents never held as a
+dense (B, M) array) → the decoder gradient's component along each decoder row removed → Adam →
+decoder rows renormalised; the last three in place (minisae.optim). The learning rate follows a cosine warm-up, the sparsity coefficient a linear one.
 
 A data source is any object with
     d_in                          width of the activations
@@ -17,6 +18,8 @@ A data source is any object with
                                   a pure function of step (so a resumed run sees the same data)
     sample(n)                     (n, d_in) float32 NumPy: a fixed sample to estimate C and TopK's b_dec
 minisae.data.synthetic.SyntheticActivations and minisae.data.activations.ActivationStore are two.
+`batch` is called from a background thread, one step ahead of the training step (minisae.prefetch;
+TrainConfig.prefetch = 0 calls it in the loop instead); nothing else calls the source meanwhile.
 
 Resume guarantee: a checkpoint holds everything the next step reads (parameters, Adam moments and
 step count, the dead-latent counters, the step number, C, the config). Data and schedules are pure
@@ -40,6 +43,8 @@ from pathlib import Path
 import numpy
 
 from minisae import optim
+from minisae.errors import FileFormatError, TrainingError  # noqa: F401 (TrainingError: part of this API)
+from minisae.prefetch import Prefetcher
 from minisae.progress import progress_bar
 from minisae.sae import VARIANTS
 from minisae.io.safetensors_io import SafetensorsError, SafetensorsFile, save_file
@@ -53,11 +58,7 @@ CHECKPOINT_FORMAT = "minisae-checkpoint-1"
 DEFAULT_LR = {"jumprelu": 7e-5, "gated": 3e-4}
 
 
-class TrainingError(RuntimeError):
-    """Training cannot go on (non-finite loss, parameters or activations); names the step."""
-
-
-class CheckpointError(ValueError):
+class CheckpointError(FileFormatError):
     """A checkpoint is missing, unreadable, truncated or does not fit the config."""
 
 
@@ -69,6 +70,11 @@ class TrainConfig:
     k: int | None = None                  # TopK: latents kept per token
     bandwidth: float = 0.001              # JumpReLU: ε of the threshold pseudo-derivative
     threshold_init: float | None = None   # JumpReLU: θ at init; None = SPEC's 0.001 (see below)
+    threshold_param: str = "log"          # JumpReLU: train log θ ("log", the paper) or θ itself ("raw", SAELens)
+    penalty: str = "l0"                   # JumpReLU: "l0" (the paper) | "quadratic" (Gemma Scope 2, needs target_l0)
+    target_l0: float | None = None        # L0* of the quadratic penalty: λ·(2/L0*)·(L0_b − L0*)² per token
+    freq_coeff: float = 0.0               # JumpReLU: weight of minisae's frequency penalty (0 = off)
+    freq_target: float = 0.1              # JumpReLU: firing fraction above which a latent is penalised
     lr: float | None = None               # None = DEFAULT_LR / optim.topk_lr(d_sae)
     adam_beta1: float | None = None       # None = 0.0 (JumpReLU, Gated; SPEC §4) / 0.9 (TopK, Gao et al.)
     adam_beta2: float = 0.999
@@ -85,11 +91,12 @@ class TrainConfig:
     dead_window_tokens: int = 10_000_000  # a latent silent this many tokens is dead (AuxK, stats)
     aux_k: int | None = None              # TopK AuxK k'; None = min(512, D // 2)
     aux_coeff: float = 1 / 32             # TopK AuxK weight α
-    norm_sample_tokens: int = 65536       # sample size for C (and TopK's geometric median)
+    norm_sample_tokens: int = 65536       # most tokens sampled for C (and TopK's geometric median)
     checkpoint_every: int = 1000          # steps between checkpoints (plus one at the end)
     log_every: int = 50                   # steps between metrics.jsonl lines / progress updates
     eval_tokens: int = 65536              # held-out tokens for the final evaluation (0 = none)
     eval_batch_size: int = 4096
+    prefetch: int = 1                     # batches made ahead in a background thread (0 = none)
 
     def resolved(self, d_in):
         """A copy with every None default filled in for inputs of width d_in; checks values."""
@@ -119,8 +126,22 @@ class TrainConfig:
                 raise ValueError(f"{name}: expected a positive integer, found {getattr(c, name)}")
         if c.threshold_init is not None and not c.threshold_init > 0:
             raise ValueError(f"threshold_init: expected a value > 0, found {c.threshold_init}")
+        if c.threshold_param not in ("log", "raw"):
+            raise ValueError(f"threshold_param: expected 'log' or 'raw', found {c.threshold_param!r}")
+        if c.penalty not in ("l0", "quadratic"):
+            raise ValueError(f"penalty: expected 'l0' or 'quadratic', found {c.penalty!r}")
+        if c.architecture != "jumprelu" and (c.penalty != "l0" or c.threshold_param != "log" or c.freq_coeff):
+            raise ValueError(f"penalty, threshold_param and freq_coeff are JumpReLU options; "
+                             f"found them set for {c.architecture!r}")
+        if c.penalty == "quadratic" and not (c.target_l0 is not None and 0 < c.target_l0 <= c.d_sae):
+            raise ValueError(f"target_l0: the quadratic penalty needs 0 < target_l0 <= d_sae={c.d_sae}, "
+                             f"found {c.target_l0}")
+        if not c.freq_coeff >= 0 or not 0 <= c.freq_target <= 1:
+            raise ValueError(f"freq_coeff >= 0 and 0 <= freq_target <= 1 expected, found {c.freq_coeff}, {c.freq_target}")
         if c.dtype not in ("float32", "float64"):
             raise ValueError(f"dtype: expected 'float32' or 'float64', found {c.dtype!r}")
+        if int(c.prefetch) != c.prefetch or c.prefetch < 0:
+            raise ValueError(f"prefetch: expected an integer >= 0, found {c.prefetch!r}")
         return c
 
 
@@ -135,7 +156,16 @@ class TrainResult:
 
 
 # Config fields a resumed run may change without changing its result.
-_RESUME_FREE = {"checkpoint_every", "log_every", "backend", "eval_tokens", "eval_batch_size"}
+_RESUME_FREE = {"checkpoint_every", "log_every", "backend", "eval_tokens", "eval_batch_size",
+                "prefetch"}
+
+
+def param_names(cfg):
+    """The trained parameters' names (JumpReLU's depend on threshold_param)."""
+    mod = VARIANTS[cfg.architecture]
+    if cfg.architecture == "jumprelu":
+        return mod.param_names(cfg.threshold_param)
+    return mod.PARAM_NAMES
 
 
 def hypers_at(cfg, step, dead_mask=None):
@@ -144,31 +174,72 @@ def hypers_at(cfg, step, dead_mask=None):
         return {"k": cfg.k, "aux_k": cfg.aux_k, "aux_coeff": cfg.aux_coeff, "dead_mask": dead_mask}
     coeff = optim.sparsity_coeff_at(step, coeff=cfg.sparsity_coeff, warmup_steps=cfg.sparsity_warmup_steps)
     if cfg.architecture == "jumprelu":
-        return {"sparsity_coeff": coeff, "bandwidth": cfg.bandwidth}
+        h = {"sparsity_coeff": coeff, "bandwidth": cfg.bandwidth, "penalty": cfg.penalty}
+        if cfg.penalty == "quadratic":
+            h["target_l0"] = cfg.target_l0
+        if cfg.freq_coeff > 0:
+            h.update(freq_coeff=cfg.freq_coeff, freq_target=cfg.freq_target)
+        return h
     return {"sparsity_coeff": coeff}
 
 
-def estimate_scale(x):
-    """C with E‖x / C‖² = 1 on the sample x (N, D), computed in float64; returned as a Python float."""
-    x = numpy.asarray(x, dtype=numpy.float64)
-    if not numpy.isfinite(x).all():
-        raise TrainingError("the sample used to estimate the normalising constant holds NaN or inf values")
-    c = math.sqrt(float(numpy.mean(numpy.sum(x * x, axis=1))))
-    if not c > 0:
+SCALE_REL_SE = 0.005    # stop sampling for C once the standard error of E‖x‖² is this fraction of it
+SCALE_FIRST_TOKENS = 4096  # first sample size for C; doubled until the rule above holds
+SCALE_CHUNK_ROWS = 8192    # rows per float32 pass when summing squared norms
+
+
+def scale_statistics(x):
+    """(n, sum ‖x_b‖², sum ‖x_b‖⁴) of a sample x (N, D), read in float32 chunks of
+    SCALE_CHUNK_ROWS rows: the squared norm of each row in float32 (a D-term sum), the sums over
+    rows in float64. No float64 copy of the sample is made."""
+    s1 = s2 = 0.0
+    for i in range(0, x.shape[0], SCALE_CHUNK_ROWS):
+        chunk = numpy.asarray(x[i:i + SCALE_CHUNK_ROWS], dtype=numpy.float32)  # (n, D)
+        if not numpy.isfinite(chunk).all():
+            raise TrainingError("the sample used to estimate the normalising constant holds NaN or inf values")
+        sq = numpy.einsum("bd,bd->b", chunk, chunk).astype(numpy.float64)  # (n,) ‖x_b‖²
+        s1 += float(sq.sum())
+        s2 += float((sq * sq).sum())
+    return x.shape[0], s1, s2
+
+
+def estimate_scale(source, max_tokens, *, rel_se=SCALE_REL_SE, first=SCALE_FIRST_TOKENS):
+    """(C, sample): C = sqrt(mean ‖x‖²) over a sample of the source sized by its own standard error.
+
+    Draws source.sample(n) with n = first, 2·first, 4·first, ... and stops as soon as the
+    standard error of the mean squared norm, sqrt(var(‖x‖²) / n), is at most rel_se of that
+    mean, or n reaches max_tokens. With rel_se = 0.5 % C is then known to about 0.25 % (one
+    standard error), which is all a fixed rescaling of the inputs needs; typical activations stop
+    after 4k–32k tokens instead of reading max_tokens. The sample the estimate stopped at is
+    returned too (TopK's geometric median uses it). Raises TrainingError on NaN/inf or an
+    all-zero sample.
+    """
+    n = max(1, min(int(first), int(max_tokens)))
+    while True:
+        sample = numpy.asarray(source.sample(n), dtype=numpy.float32)  # (n, D)
+        count, s1, s2 = scale_statistics(sample)
+        mean = s1 / count
+        var = max(s2 / count - mean * mean, 0.0) * count / max(count - 1, 1)
+        if n >= max_tokens or math.sqrt(var / count) <= rel_se * mean:
+            break
+        n = min(2 * n, int(max_tokens))
+    if not mean > 0:
         raise TrainingError("the activation sample is all zeros: cannot normalise it (E‖x‖² = 0)")
-    return c
+    return math.sqrt(mean), sample
 
 
 def fresh_state(cfg, source, xp):
     """Initial training state: parameters (SPEC init), Adam, counters, C."""
     mod = VARIANTS[cfg.architecture]
-    sample = numpy.asarray(source.sample(cfg.norm_sample_tokens), dtype=numpy.float32)  # (N, D)
-    scale = estimate_scale(sample)
-    params = mod.init(source.d_in, cfg.d_sae, seed=cfg.seed, xp=xp, dtype=cfg.dtype)
-    if cfg.architecture == "jumprelu" and cfg.threshold_init is not None:
+    scale, sample = estimate_scale(source, cfg.norm_sample_tokens)  # C, (N, D)
+    if cfg.architecture == "jumprelu":
         # log θ moves by about lr per Adam step, so a short run cannot travel from 0.001 to the
         # scale of its pre-activations; small-D runs (minisae compare) start θ nearer to it
-        params["log_threshold"] = xp.full(cfg.d_sae, math.log(cfg.threshold_init), dtype=cfg.dtype)  # (M,)
+        params = mod.init(source.d_in, cfg.d_sae, seed=cfg.seed, xp=xp, dtype=cfg.dtype,
+                          threshold_param=cfg.threshold_param,
+                          threshold_init=cfg.threshold_init or mod.THRESHOLD_INIT)
+    else:
+        params = mod.init(source.d_in, cfg.d_sae, seed=cfg.seed, xp=xp, dtype=cfg.dtype)
     if cfg.architecture == "topk":  # b_dec = geometric median of the (normalised) data (Gao et al.)
         from minisae.sae.common import geometric_median
 
@@ -224,9 +295,8 @@ def load_checkpoint(path, cfg, xp):
             "untouched: restore it, or move it away to start training over"
         ) from None
     _check_resume_config(path, info, cfg)
-    mod = VARIANTS[cfg.architecture]
     params, m, v = {}, {}, {}
-    for k in mod.PARAM_NAMES:
+    for k in param_names(cfg):
         for store, prefix in ((params, "params"), (m, "adam_m"), (v, "adam_v")):
             name = f"{prefix}.{k}"
             if name not in arrays:
@@ -337,38 +407,43 @@ def train(cfg, source, out_dir, *, resume=False, overwrite=False, progress=True)
     betas = (cfg.adam_beta1, cfg.adam_beta2)
     bar = _progress_bar(cfg.steps, state["step"], cfg.architecture, progress)
     pending, t0 = [], time.time()
+    losses = []  # 0-d loss arrays since the last check, read back to the host in one go
+    # the batches, checked and normalised, are made one step ahead in a background thread
+    batches = Prefetcher(lambda i: _training_batch(source, i, cfg, scale), state["step"], cfg.steps,
+                         depth=cfg.prefetch) if cfg.prefetch > 0 else None
     try:
         for step in range(state["step"], cfg.steps):
-            x_raw = numpy.asarray(source.batch(step, cfg.batch_size))  # (B, D)
-            if x_raw.shape != (cfg.batch_size, source.d_in):
-                raise TrainingError(f"step {step}: the source returned a batch of shape {x_raw.shape}, "
-                                    f"expected ({cfg.batch_size}, {source.d_in})")
-            if not numpy.isfinite(x_raw).all():
-                raise TrainingError(f"step {step}: the activation batch holds NaN or inf values; "
-                                    + _kept(ckpt, last_good))
-            x = asarray(x_raw, xp, cfg.dtype) / scale  # (B, D) normalised: E‖x‖² = 1
-            dead_mask = since_fired >= cfg.dead_window_tokens  # (M,)
-            hyper = hypers_at(cfg, step, dead_mask)
-            out, cache = mod.forward(params, x, **hyper)
-            loss = float(to_numpy(out["loss"]))
-            if not math.isfinite(loss):
-                raise TrainingError(f"step {step}: the loss is {loss}; " + _kept(ckpt, last_good)
-                                    + "; try a lower learning rate")
-            grads = mod.backward(params, cache)
-            grads["W_dec"] = optim.remove_parallel_decoder_grad(params["W_dec"], grads["W_dec"])
+            try:
+                x = batches.get(step) if batches else _training_batch(source, step, cfg, scale)
+            except _BadBatch as e:
+                raise TrainingError(f"step {step}: {e}; " + _kept(ckpt, last_good)) from None
+            x = asarray(x, xp)  # (B, D) normalised: E‖x‖² = 1
+            hyper = hypers_at(cfg, step, since_fired >= cfg.dead_window_tokens)
+            # the variant's fastest exact path (row-sparse on NumPy when few latents fire); the
+            # latents are never held as a dense (B, M) array: out["fired"] counts them per latent
+            out, grads = mod.forward_backward(params, x, **hyper, path="auto", dense_f=False)
+            losses.append(out["loss"])
+            optim.remove_parallel_decoder_grad(params["W_dec"], grads["W_dec"], out=grads["W_dec"])
             lr = optim.lr_at(step, lr=cfg.lr, warmup_steps=cfg.warmup_steps,
                              total_steps=cfg.steps, decay_frac=cfg.decay_frac)
             optim.adam_update(params, grads, adam, lr=lr, betas=betas, eps=cfg.adam_eps)
             optim.normalize_decoder_rows(params["W_dec"])
-            fired = (out["f"] != 0).any(axis=0)  # (M,)
-            since_fired = xp.where(fired, 0, since_fired + cfg.batch_size)  # (M,)
+            if "threshold" in params:  # raw θ: kept >= 0 by projection (a θ < 0 would count π = 0 as active)
+                xp.maximum(params["threshold"], 0.0, out=params["threshold"])
+            since_fired += cfg.batch_size  # (M,) tokens since each latent last fired ...
+            since_fired *= out["fired"] == 0  # ... reset where it fired in this batch
             done = step + 1
 
-            if done % cfg.log_every == 0 or done == cfg.steps:
+            log_now = done % cfg.log_every == 0 or done == cfg.steps
+            checkpoint_now = done % cfg.checkpoint_every == 0 or done == cfg.steps
+            if log_now or checkpoint_now:  # the only host reads of a step; on NumPy they are free
+                loss = _check_losses(xp, losses, done - len(losses), ckpt, last_good)
+                losses = []
+            if log_now:
                 row = _log_row(cfg, done, out, x, lr, hyper, since_fired, loss, time.time() - t0)
                 pending.append(row)
                 bar.set_postfix(loss=f"{row['loss']:.4g}", L0=f"{row['l0']:.1f}", FVU=f"{row['fvu']:.4f}")
-            if done % cfg.checkpoint_every == 0 or done == cfg.steps:
+            if checkpoint_now:
                 if not _params_finite(params, xp):
                     raise TrainingError(f"step {step}: the parameters became NaN or inf; "
                                         + _kept(ckpt, last_good) + "; try a lower learning rate")
@@ -379,6 +454,8 @@ def train(cfg, source, out_dir, *, resume=False, overwrite=False, progress=True)
                 pending = []
             bar.update(1)
     finally:
+        if batches:
+            batches.close()
         bar.close()
         _append_jsonl(metrics_path, pending)  # after an error: the lines since the last checkpoint
 
@@ -391,6 +468,33 @@ def train(cfg, source, out_dir, *, resume=False, overwrite=False, progress=True)
         summary = evaluate_sae(sae, source, n_tokens=cfg.eval_tokens, batch_size=cfg.eval_batch_size)
         _write_text_atomic(out_dir / "eval.json", json.dumps(summary, indent=2) + "\n")
     return TrainResult(sae=sae, params=params_np, scale=scale, steps=cfg.steps, summary=summary, out_dir=out_dir)
+
+
+class _BadBatch(Exception):
+    """A batch the source returned cannot be trained on (wrong shape, NaN or inf)."""
+
+
+def _training_batch(source, step, cfg, scale):
+    """Batch `step` of the source, checked (shape, finite) and normalised: x_raw / C, (B, D)
+    NumPy in cfg.dtype. Runs in the prefetch thread: it reads nothing the training step writes."""
+    x_raw = numpy.asarray(source.batch(step, cfg.batch_size))  # (B, D)
+    if x_raw.shape != (cfg.batch_size, source.d_in):
+        raise _BadBatch(f"the source returned a batch of shape {x_raw.shape}, "
+                        f"expected ({cfg.batch_size}, {source.d_in})")
+    if not numpy.isfinite(x_raw).all():
+        raise _BadBatch("the activation batch holds NaN or inf values")
+    return numpy.divide(x_raw, scale, dtype=cfg.dtype)  # (B, D) a fresh array
+
+
+def _check_losses(xp, losses, first_step, ckpt, last_good):
+    """Read the losses of steps first_step, first_step + 1, ... back at once; raise a
+    TrainingError naming the first non-finite one; return the last as a Python float."""
+    values = to_numpy(xp.stack(losses)).astype(numpy.float64)  # (n,)
+    bad = numpy.flatnonzero(~numpy.isfinite(values))
+    if bad.size:
+        raise TrainingError(f"step {first_step + int(bad[0])}: the loss is {values[bad[0]]}; "
+                            + _kept(ckpt, last_good) + "; try a lower learning rate")
+    return float(values[-1])
 
 
 def _kept(ckpt, last_good):
@@ -408,7 +512,7 @@ def _log_row(cfg, done, out, x, lr, hyper, since_fired, loss, elapsed):
         "tokens": done * cfg.batch_size,
         "loss": loss,
         "mse": mse,
-        "l0": float(to_numpy((out["f"] != 0).sum(axis=1).mean())),
+        "l0": float(to_numpy(out["l0"])),
         "fvu": mse * x.shape[0] / denom if denom > 0 else float("nan"),
         "lr": lr,
         "dead_frac": float(to_numpy((since_fired >= cfg.dead_window_tokens).mean())),

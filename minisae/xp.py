@@ -8,6 +8,8 @@ run with the same seed start from identical values.
 
 import numpy
 
+from minisae.errors import DependencyError, InputError
+
 _cupy = None
 _cupy_error = None
 
@@ -40,13 +42,13 @@ def get_xp(name="numpy"):
     if key in ("cupy", "cp", "gpu", "cuda"):
         cp = _import_cupy()
         if cp is None:
-            raise RuntimeError(
+            raise DependencyError(
                 f"array backend {name!r} asked for, but CuPy is not usable here ({_cupy_error}); "
                 "install the GPU extra (pip install 'minisae[gpu]') on a machine with a CUDA device, "
                 "or use the 'numpy' backend"
             )
         return cp
-    raise ValueError(f"unknown array backend {name!r}: expected 'numpy' or 'cupy'")
+    raise InputError(f"unknown array backend {name!r}: expected 'numpy' or 'cupy'")
 
 
 def _is_cupy_array(array):

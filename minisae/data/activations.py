@@ -32,6 +32,7 @@ from pathlib import Path
 
 import numpy
 
+from minisae.errors import FileFormatError
 from minisae.progress import progress_bar
 from minisae.xp import to_numpy
 
@@ -39,7 +40,7 @@ MANIFEST = "manifest.json"
 FORMAT = "minisae-activations-1"
 
 
-class ActivationsError(ValueError):
+class ActivationsError(FileFormatError):
     """A cache folder, manifest, shard or text file is missing, corrupt or does not fit."""
 
 
@@ -163,7 +164,7 @@ def cache_activations(model, tokenizer, text_paths, site, out_dir, *, seq_len=10
     resume=True continues an interrupted cache of the same model/site/texts (a complete one is
     returned as it is); resume=False refuses a folder that already holds a manifest.
     """
-    from minisae.models.gemma2 import parse_site
+    from minisae.models.sites import parse_site
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

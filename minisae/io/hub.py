@@ -19,8 +19,10 @@ Every failure is a `HubError` naming the repo (and file) and saying what to do.
 import os
 from pathlib import Path
 
+from minisae.errors import MinisaeError
 
-class HubError(RuntimeError):
+
+class HubError(MinisaeError, RuntimeError):
     """A path or Hub reference that cannot be resolved; the message says how to fix it."""
 
 

@@ -33,6 +33,7 @@ from typing import NamedTuple
 
 import numpy
 
+from minisae.errors import FileFormatError
 from minisae.xp import to_numpy
 
 MAX_HEADER_BYTES = 100_000_000  # the reference library's limit on N
@@ -87,7 +88,7 @@ _LAYOUT_ORDER = ["U64", "I64", "F64", "C64", "F32", "U32", "I32", "BF16", "F16",
 _LAYOUT_RANK = {name: i for i, name in enumerate(_LAYOUT_ORDER)}
 
 
-class SafetensorsError(ValueError):
+class SafetensorsError(FileFormatError):
     """A malformed or unreadable safetensors file; the message names the file and the tensor."""
 
 

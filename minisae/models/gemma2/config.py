@@ -17,6 +17,8 @@ import math
 import pathlib
 from dataclasses import dataclass
 
+from minisae.errors import FileFormatError
+
 SLIDING = "sliding_attention"
 FULL = "full_attention"
 # hidden_activation values that mean GELU with the tanh approximation (transformers' ACT2FN names)
@@ -26,7 +28,7 @@ _REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layer
              "num_attention_heads", "num_key_value_heads", "head_dim")
 
 
-class ConfigError(ValueError):
+class ConfigError(FileFormatError):
     """A config.json that is not a Gemma 2 config minisae can run; the message names the key."""
 
 

@@ -15,13 +15,14 @@ from pathlib import Path
 
 import numpy
 
+from minisae.errors import FileFormatError
 from minisae.io.hub import resolve_file
 
 # defaults when the vocabulary lacks the named special tokens (Gemma's own ids)
 PAD_ID, EOS_ID, BOS_ID = 0, 1, 2
 
 
-class TokenizerError(ValueError):
+class TokenizerError(FileFormatError):
     """A tokenizer.json that cannot be read, or text the tokenizer cannot take."""
 
 
