@@ -21,7 +21,8 @@ accumulates the same P micro-batches in rank order; a plain MPI_Allreduce is not
 reduction tree by message size and P). Traffic per rank is 2(P-1)/P of the array, as for a ring
 all-reduce. `deterministic=False` uses the library's all-reduce instead.
 
-Every collective counts the bytes this rank sends (`comm.sent_bytes`), which the scaling benchmark
+Every collective counts the bytes this rank sends (`comm.sent_bytes`, shared with the communicators
+split from it), which the scaling benchmark
 (reference/bench_dist.py) compares with the formula in docs/scale.md.
 
 Legend: P ranks in a communicator, n elements of an array.
@@ -103,8 +104,17 @@ class Comm:
     size = 1
     name = "single"
 
-    def __init__(self):
-        self.sent_bytes = 0
+    def __init__(self, traffic=None):
+        self._traffic = [0] if traffic is None else traffic  # shared with the communicators split off
+
+    @property
+    def sent_bytes(self):
+        """Bytes this process has sent through this communicator and every one split from it."""
+        return self._traffic[0]
+
+    @sent_bytes.setter
+    def sent_bytes(self, value):
+        self._traffic[0] = value
 
     def sum(self, a):
         """The elementwise sum over ranks of `a`, in rank order (bitwise the same everywhere)."""
@@ -165,7 +175,7 @@ class SingleProcess(Comm):
         pass
 
     def split(self, color, key):
-        return SingleProcess()
+        return SingleProcess(self._traffic)
 
 
 class MPIComm(Comm):
@@ -173,8 +183,8 @@ class MPIComm(Comm):
 
     name = "mpi"
 
-    def __init__(self, mpi_comm, *, deterministic=True):
-        super().__init__()
+    def __init__(self, mpi_comm, *, deterministic=True, traffic=None):
+        super().__init__(traffic)
         self.comm = mpi_comm
         self.rank, self.size = mpi_comm.Get_rank(), mpi_comm.Get_size()
         self.deterministic = deterministic
@@ -236,7 +246,8 @@ class MPIComm(Comm):
         self.comm.Abort(int(code))
 
     def split(self, color, key):
-        return MPIComm(self.comm.Split(int(color), int(key)), deterministic=self.deterministic)
+        return MPIComm(self.comm.Split(int(color), int(key)), deterministic=self.deterministic,
+                       traffic=self._traffic)
 
 
 class NCCLComm(Comm):
@@ -252,8 +263,8 @@ class NCCLComm(Comm):
 
     name = "nccl"
 
-    def __init__(self, mpi, *, deterministic=True):
-        super().__init__()
+    def __init__(self, mpi, *, deterministic=True, traffic=None):
+        super().__init__(traffic)
         try:
             from minisae.xp import get_xp
 
@@ -328,4 +339,4 @@ class NCCLComm(Comm):
         self.mpi.abort(code)
 
     def split(self, color, key):
-        return NCCLComm(self.mpi.split(color, key), deterministic=self.deterministic)
+        return NCCLComm(self.mpi.split(color, key), deterministic=self.deterministic, traffic=self._traffic)

@@ -109,12 +109,18 @@ def init_dictionary_chunked(d_in, lo, hi, *, seed, dtype):
 
 def init_shard(cfg, d_in, lo, hi, xp, b_dec=None):
     """Training-form parameters of latents [lo, hi): W_dec chunk-keyed, W_enc = W_dec^T, every
-    per-latent vector at its variant's init value (threshold_init applied), b_dec given or 0."""
+    per-latent vector at its variant's init value (JumpReLU: threshold_init, threshold_param),
+    b_dec given or 0."""
+    from minisae.train import param_names
+
     mod = VARIANTS[cfg.architecture]
-    one = mod.init(d_in, 1, seed=0, dtype=cfg.dtype)  # the variant's init values, one latent
+    kw = {}
+    if cfg.architecture == "jumprelu":
+        kw = dict(threshold_param=cfg.threshold_param, threshold_init=cfg.threshold_init or mod.THRESHOLD_INIT)
+    one = mod.init(d_in, 1, seed=0, dtype=cfg.dtype, **kw)  # the variant's init values, one latent
     W_dec = init_dictionary_chunked(d_in, lo, hi, seed=cfg.seed, dtype=cfg.dtype)  # (m, D)
     params = {}
-    for name in mod.PARAM_NAMES:
+    for name in param_names(cfg):
         if name == "W_dec":
             params[name] = asarray(W_dec, xp)  # (m, D)
         elif name == "W_enc":
@@ -123,8 +129,6 @@ def init_shard(cfg, d_in, lo, hi, xp, b_dec=None):
             params[name] = asarray(numpy.zeros(d_in) if b_dec is None else b_dec, xp, cfg.dtype)  # (D,)
         else:
             params[name] = xp.full((hi - lo,), float(one[name][0]), dtype=cfg.dtype)  # (m,)
-    if cfg.architecture == "jumprelu" and cfg.threshold_init is not None:
-        params["log_threshold"] = xp.full((hi - lo,), math.log(cfg.threshold_init), dtype=cfg.dtype)
     return params
 
 
@@ -141,6 +145,9 @@ def shard_forward_backward(arch, params, x, hyper, comm):
     if arch == "topk":
         return _topk(params, x, hyper, comm)
     mod = VARIANTS[arch]
+    if comm.size > 1 and hyper.get("penalty", "l0") != "l0":
+        raise ValueError(f"the {hyper['penalty']} penalty couples every latent of a token (its total L0); "
+                         "it cannot be split over latent shards: train it with --shards 1")
     out, cache = mod.forward(params, x, **hyper)
     xp = xp_of(x)
     b_dec = params["b_dec"]
@@ -152,14 +159,19 @@ def shard_forward_backward(arch, params, x, hyper, comm):
             cache["err_frozen"] = x - summed[1]  # (b, D)
     grads = mod.backward(params, cache)
     mse = float(to_numpy((cache["err"] ** 2).sum())) / x.shape[0]
-    counts = [float(to_numpy(out["l0"]))] + ([float(to_numpy(out["l1"]))] if arch == "gated" else [])
+    # the penalties are sums over latents (JumpReLU: lambda L0 and the frequency penalty; Gated:
+    # lambda L1), so their shard parts add up
+    if arch == "jumprelu":
+        counts = [float(to_numpy(out["l0"])), float(to_numpy(out["loss"])) - float(to_numpy(out["mse"]))]
+    else:
+        counts = [float(to_numpy(out["l0"])), hyper["sparsity_coeff"] * float(to_numpy(out["l1"]))]
     counts = _sum_scalars(comm, counts)
     stats = {"mse": mse, "l0": counts[0]}
     if arch == "jumprelu":
-        stats["loss"] = mse + hyper["sparsity_coeff"] * counts[0]
+        stats["loss"] = mse + counts[1] if comm.size > 1 else float(to_numpy(out["loss"]))
     else:
         aux = float(to_numpy((cache["err_frozen"] ** 2).sum())) / x.shape[0]
-        stats["loss"] = mse + hyper["sparsity_coeff"] * counts[1] + aux
+        stats["loss"] = mse + counts[1] + aux
     _fix_b_dec(grads, cache["err"], comm)
     return stats, grads, (out["f"] != 0).any(axis=0)
 
@@ -355,7 +367,8 @@ def reshard(src_run, dst_run, shards):
     man = read_manifest(src)
     if dst.exists():
         raise FileExistsError(f"{dst} already exists; choose a new run folder")
-    names = VARIANTS[man["config"]["architecture"]].PARAM_NAMES
+    with SafetensorsFile(src / man["shards"][0]["file"]) as f:
+        names = [k[len("params."):] for k in f.keys() if k.startswith("params.")]
     step_dir = f"step-{man['step']:08d}"
     (dst / step_dir).mkdir(parents=True)
     out = []
@@ -397,14 +410,16 @@ def train_parallel(cfg, source, out_dir, *, shards=1, accumulate=1, comm=None, r
     accumulate: micro-batches per rank per step (gradients summed in order): one process with
     accumulate=R ends bitwise equal to R ranks with accumulate=1 (tests/test_dist.py).
     Returns minisae.train.TrainResult on rank 0 (on other ranks its sae, summary are None, {})."""
-    from minisae.train import (CheckpointError, TrainingError, TrainResult, _check_resume_config,
-                               hypers_at)
+    from minisae.train import CheckpointError, TrainingError, _check_resume_config, hypers_at, param_names
 
     world = dist.world() if comm is None else comm
     cfg = cfg.resolved(int(source.d_in))
     xp = get_xp(cfg.backend)
-    mod = VARIANTS[cfg.architecture]
+    names = param_names(cfg)
     grid = make_grid(world, shards, cfg.d_sae)
+    if grid.S > 1 and cfg.penalty != "l0":
+        raise ValueError(f"penalty {cfg.penalty!r} couples every latent of a token (its total L0); "
+                         "it cannot be split over latent shards: train it with --shards 1")
     n_micro = grid.R * int(accumulate)
     if int(accumulate) < 1 or cfg.batch_size % n_micro:
         raise ValueError(f"batch_size {cfg.batch_size} must split into {grid.R} replicas x "
@@ -420,7 +435,7 @@ def train_parallel(cfg, source, out_dir, *, shards=1, accumulate=1, comm=None, r
         raise FileExistsError(f"{out_dir} already holds a training checkpoint; resume it (--resume) "
                               "or choose a new folder (or --overwrite)")
     if have and resume:
-        man, state = load_sharded(ckdir, grid.lo, grid.hi, xp, names=mod.PARAM_NAMES)
+        man, state = load_sharded(ckdir, grid.lo, grid.hi, xp, names=names)
         _check_resume_config(ckdir / MANIFEST_NAME, man, cfg)
         if int(man["d_in"]) != source.d_in:
             raise CheckpointError(f"{ckdir}: trained on d_in={man['d_in']}, the source has {source.d_in}")
@@ -509,7 +524,7 @@ def train_parallel(cfg, source, out_dir, *, shards=1, accumulate=1, comm=None, r
         bar.close()
         if lead:
             _append_jsonl(metrics_path, pending)
-    return _finish(cfg, source, out_dir, ckdir, world, mod, scale)
+    return _finish(cfg, source, out_dir, ckdir, world, names, scale)
 
 
 def _fresh_state(cfg, source, grid, xp):
@@ -518,8 +533,7 @@ def _fresh_state(cfg, source, grid, xp):
 
     scale, b_dec = None, None
     if grid.world.rank == 0:
-        sample = numpy.asarray(source.sample(cfg.norm_sample_tokens), dtype=numpy.float32)  # (N, D)
-        scale = estimate_scale(sample)
+        scale, sample = estimate_scale(source, cfg.norm_sample_tokens)  # C, (N, D)
         if cfg.architecture == "topk":  # b_dec = geometric median of the normalised sample
             from minisae.sae.common import geometric_median
             b_dec = to_numpy(geometric_median(asarray(sample / scale, numpy, cfg.dtype)))  # (D,)
@@ -538,7 +552,7 @@ def _finite(params, xp):
     return all(bool(xp.isfinite(a).all()) for a in params.values())
 
 
-def _finish(cfg, source, out_dir, ckdir, world, mod, scale):
+def _finish(cfg, source, out_dir, ckdir, world, names, scale):
     """Rank 0 puts the whole SAE together from the final checkpoint, saves and evaluates it."""
     from minisae.evaluate import evaluate_sae
     from minisae.io.saefile import SAE
@@ -546,7 +560,7 @@ def _finish(cfg, source, out_dir, ckdir, world, mod, scale):
 
     sae, summary, params_np = None, {}, None
     if world.rank == 0:
-        _, st = load_sharded(ckdir, 0, cfg.d_sae, numpy, names=mod.PARAM_NAMES)
+        _, st = load_sharded(ckdir, 0, cfg.d_sae, numpy, names=names)
         params_np = st["params"]
         sae = SAE.from_training(cfg.architecture, params_np, scale=scale, hyper=_release_hyper(cfg),
                                 metadata=_sae_metadata(source))
