@@ -28,46 +28,93 @@ def adam_init(params):
             "v": {k: xp_of(p).zeros_like(p) for k, p in params.items()}}
 
 
-def adam_update(params, grads, state, *, lr, betas=(0.0, 0.999), eps=1e-8):
-    """One bias-corrected Adam step, in place on params and state (as torch.optim.Adam does it):
+def _adam_scalars(state, lr, betas, eps):
+    b1, b2 = float(betas[0]), float(betas[1])
+    if not (0.0 <= b1 < 1.0 and 0.0 <= b2 < 1.0):
+        raise ValueError(f"adam_update: expected betas in [0, 1), found {betas!r}")
+    t = state["step"] + 1
+    return b1, b2, float(lr) / (1.0 - b1 ** t), math.sqrt(1.0 - b2 ** t), float(eps)
+
+
+def _check_adam_args(params, grads, state):
+    if set(grads) != set(params) or set(state["m"]) != set(params):
+        raise ValueError(f"adam_update: expected grads and state for exactly {sorted(params)}, "
+                         f"found grads {sorted(grads)}, state {sorted(state['m'])}")
+    for k, p in params.items():
+        g = grads[k]
+        if g.shape != p.shape or g.dtype != p.dtype:
+            raise ValueError(f"adam_update: grads[{k!r}] expected {p.dtype} {tuple(p.shape)}, "
+                             f"found {g.dtype} {tuple(g.shape)}")
+
+
+def adam_update_plain(params, grads, state, *, lr, betas=(0.0, 0.999), eps=1e-8):
+    """One bias-corrected Adam step (as torch.optim.Adam does it), written plainly; updates
+    params and state in place but allocates temporaries. `adam_update` is the same arithmetic
+    with none (a test holds the two bitwise equal):
 
         m <- b1 m + (1 - b1) g;   v <- b2 v + (1 - b2) g^2;   t <- t + 1
         p <- p - (lr / (1 - b1^t)) * m / (sqrt(v) / sqrt(1 - b2^t) + eps)
     """
-    if set(grads) != set(params) or set(state["m"]) != set(params):
-        raise ValueError(f"adam_update: expected grads and state for exactly {sorted(params)}, "
-                         f"found grads {sorted(grads)}, state {sorted(state['m'])}")
-    b1, b2 = float(betas[0]), float(betas[1])
-    if not (0.0 <= b1 < 1.0 and 0.0 <= b2 < 1.0):
-        raise ValueError(f"adam_update: expected betas in [0, 1), found {betas!r}")
+    _check_adam_args(params, grads, state)
+    b1, b2, step_size, sqrt_bc2, eps = _adam_scalars(state, lr, betas, eps)
     state["step"] += 1
-    t = state["step"]
-    step_size = float(lr) / (1.0 - b1 ** t)
-    sqrt_bc2 = math.sqrt(1.0 - b2 ** t)
-    eps = float(eps)
     for k, p in params.items():
         g, m, v = grads[k], state["m"][k], state["v"][k]
-        if g.shape != p.shape or g.dtype != p.dtype:
-            raise ValueError(f"adam_update: grads[{k!r}] expected {p.dtype} {tuple(p.shape)}, "
-                             f"found {g.dtype} {tuple(g.shape)}")
         xp = xp_of(p)
-        m *= b1
-        m += (1.0 - b1) * g
-        v *= b2
-        v += (1.0 - b2) * (g * g)
-        update = xp.sqrt(v)  # (same shape as p) then, in place: step_size * m / denom
-        update /= sqrt_bc2
-        update += eps
-        xp.divide(m, update, out=update)
-        update *= step_size
-        p -= update
+        m[...] = m * b1 + (1.0 - b1) * g
+        v[...] = v * b2 + (1.0 - b2) * (g * g)
+        p -= step_size * (m / (xp.sqrt(v) / sqrt_bc2 + eps))
+
+
+def adam_update(params, grads, state, *, lr, betas=(0.0, 0.999), eps=1e-8):
+    """One bias-corrected Adam step, in place on params and state, with no temporaries: every
+    operation writes into m, v, p or one scratch buffer per parameter shape that lives in the
+    state (state["scratch"], never saved). Bitwise equal to `adam_update_plain`.
+
+    Not restricted to the latents that fired: Adam's second moment v decays on every entry
+    each step (v <- b2 v), and with b1 > 0 (TopK) so does m and hence the update of every
+    parameter. With b1 = 0 (JumpReLU, Gated) a zero-gradient row would keep p unchanged, but at
+    training batch sizes (thousands of tokens, L0 ~ 1 % of M) nearly every live latent fires in
+    every batch, so a row-restricted update would save little besides the dead rows and cost
+    gathers and scatters; it is not done.
+    """
+    _check_adam_args(params, grads, state)
+    b1, b2, step_size, sqrt_bc2, eps = _adam_scalars(state, lr, betas, eps)
+    state["step"] += 1
+    scratch = state.setdefault("scratch", {})
+    for k, p in params.items():
+        g, m, v = grads[k], state["m"][k], state["v"][k]
+        xp = xp_of(p)
+        key = (tuple(p.shape), str(p.dtype))
+        tmp = scratch.get(key)
+        if tmp is None or xp_of(tmp) is not xp:
+            tmp = scratch[key] = xp.empty_like(p)
+        m *= b1  # m <- b1 m + (1 - b1) g
+        xp.multiply(g, 1.0 - b1, out=tmp)
+        m += tmp
+        v *= b2  # v <- b2 v + (1 - b2) g^2
+        xp.multiply(g, g, out=tmp)
+        tmp *= 1.0 - b2
+        v += tmp
+        xp.sqrt(v, out=tmp)  # tmp <- step_size * m / (sqrt(v) / sqrt_bc2 + eps)
+        tmp /= sqrt_bc2
+        tmp += eps
+        xp.divide(m, tmp, out=tmp)
+        tmp *= step_size
+        p -= tmp
 
 
 # ----------------------------------------------------------------------------------------------
 # the unit-norm decoder constraint
+#
+# Plain versions first (readable, allocate (M, D) temporaries); then the ones training uses,
+# which run over blocks of rows with a small scratch block and write in place. Both sum each
+# row the same way, so a test holds them bitwise equal.
+
+ROW_BLOCK_ELEMENTS = 1 << 16  # rows per block of the in-place versions: about this many entries
 
 
-def remove_parallel_decoder_grad(W_dec, dW_dec):
+def remove_parallel_decoder_grad_plain(W_dec, dW_dec):
     """dW_dec minus, per row, its component along that row of W_dec (M, D): the gradient of
     the loss restricted to the tangent space of unit-norm rows. A new array."""
     xp = xp_of(W_dec)
@@ -77,11 +124,50 @@ def remove_parallel_decoder_grad(W_dec, dW_dec):
     return dW_dec - coeff * W_dec  # (M, D)
 
 
-def normalize_decoder_rows(W_dec):
-    """Scale each row of W_dec (M, D) to unit L2 norm, in place (a zero row stays zero)."""
+def normalize_decoder_rows_plain(W_dec):
+    """Scale each row of W_dec (M, D) to unit L2 norm, in place (a zero row stays zero);
+    allocates (M, D) temporaries."""
     xp = xp_of(W_dec)
     norms = xp.sqrt((W_dec * W_dec).sum(axis=1, keepdims=True))  # (M, 1)
     W_dec /= xp.maximum(norms, numpy.finfo(W_dec.dtype).tiny)
+
+
+def _row_blocks(a):
+    """Slices of about ROW_BLOCK_ELEMENTS entries over the rows of a (M, D); one on a GPU."""
+    M, D = a.shape
+    step = M if xp_of(a) is not numpy else max(1, ROW_BLOCK_ELEMENTS // max(D, 1))
+    return [slice(i, min(i + step, M)) for i in range(0, M, step)]
+
+
+def remove_parallel_decoder_grad(W_dec, dW_dec, *, out=None):
+    """`remove_parallel_decoder_grad_plain`, written into `out` (may be dW_dec itself; a new
+    array when None) block by block, with one small scratch block and no (M, D) temporary."""
+    xp = xp_of(W_dec)
+    out = xp.empty_like(dW_dec) if out is None else out
+    tiny = numpy.finfo(W_dec.dtype).tiny
+    blocks = _row_blocks(W_dec)
+    tmp = xp.empty_like(W_dec[blocks[0]]) if blocks else None  # (rows, D)
+    for blk in blocks:
+        W, dW, t = W_dec[blk], dW_dec[blk], tmp[: blk.stop - blk.start]
+        sq_norms = xp.multiply(W, W, out=t).sum(axis=1, keepdims=True)  # (rows, 1)
+        dots = xp.multiply(dW, W, out=t).sum(axis=1, keepdims=True)  # (rows, 1)
+        dots /= xp.maximum(sq_norms, tiny, out=sq_norms)
+        xp.multiply(dots, W, out=t)
+        xp.subtract(dW, t, out=out[blk])
+    return out
+
+
+def normalize_decoder_rows(W_dec):
+    """`normalize_decoder_rows_plain`, block by block with one small scratch block."""
+    xp = xp_of(W_dec)
+    tiny = numpy.finfo(W_dec.dtype).tiny
+    blocks = _row_blocks(W_dec)
+    tmp = xp.empty_like(W_dec[blocks[0]]) if blocks else None  # (rows, D)
+    for blk in blocks:
+        W, t = W_dec[blk], tmp[: blk.stop - blk.start]
+        norms = xp.multiply(W, W, out=t).sum(axis=1, keepdims=True)  # (rows, 1)
+        xp.sqrt(norms, out=norms)
+        W /= xp.maximum(norms, tiny, out=norms)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -7,9 +7,10 @@
                                batch_size=1024), source, "runs/jr")
     result.sae.save("my_sae")   # already saved to runs/jr/sae
 
-One step: x = x_raw / C (C set once so that E‖x‖² = 1) → the variant's forward and hand-written
-backward → the decoder gradient's component along each decoder row removed → Adam → decoder rows
-renormalised. The learning rate follows a cosine warm-up, the sparsity coefficient a linear one.
+One step: x = x_raw / C (C set once so that E‖x‖² = 1) → the variant's `forward_backward` (its
+hand-written backward; row-sparse on NumPy when few latents fire, the latents never held as a
+dense (B, M) array) → the decoder gradient's component along each decoder row removed → Adam →
+decoder rows renormalised; the last three in place (minisae.optim). The learning rate follows a cosine warm-up, the sparsity coefficient a linear one.
 
 A data source is any object with
     d_in                          width of the activations
@@ -82,7 +83,7 @@ class TrainConfig:
     dead_window_tokens: int = 10_000_000  # a latent silent this many tokens is dead (AuxK, stats)
     aux_k: int | None = None              # TopK AuxK k'; None = min(512, D // 2)
     aux_coeff: float = 1 / 32             # TopK AuxK weight α
-    norm_sample_tokens: int = 65536       # sample size for C (and TopK's geometric median)
+    norm_sample_tokens: int = 65536       # most tokens sampled for C (and TopK's geometric median)
     checkpoint_every: int = 1000          # steps between checkpoints (plus one at the end)
     log_every: int = 50                   # steps between metrics.jsonl lines / progress updates
     eval_tokens: int = 65536              # held-out tokens for the final evaluation (0 = none)
@@ -145,22 +146,55 @@ def hypers_at(cfg, step, dead_mask=None):
     return {"sparsity_coeff": coeff}
 
 
-def estimate_scale(x):
-    """C with E‖x / C‖² = 1 on the sample x (N, D), computed in float64; returned as a Python float."""
-    x = numpy.asarray(x, dtype=numpy.float64)
-    if not numpy.isfinite(x).all():
-        raise TrainingError("the sample used to estimate the normalising constant holds NaN or inf values")
-    c = math.sqrt(float(numpy.mean(numpy.sum(x * x, axis=1))))
-    if not c > 0:
+SCALE_REL_SE = 0.005    # stop sampling for C once the standard error of E‖x‖² is this fraction of it
+SCALE_FIRST_TOKENS = 4096  # first sample size for C; doubled until the rule above holds
+SCALE_CHUNK_ROWS = 8192    # rows per float32 pass when summing squared norms
+
+
+def scale_statistics(x):
+    """(n, sum ‖x_b‖², sum ‖x_b‖⁴) of a sample x (N, D), read in float32 chunks of
+    SCALE_CHUNK_ROWS rows: the squared norm of each row in float32 (a D-term sum), the sums over
+    rows in float64. No float64 copy of the sample is made."""
+    s1 = s2 = 0.0
+    for i in range(0, x.shape[0], SCALE_CHUNK_ROWS):
+        chunk = numpy.asarray(x[i:i + SCALE_CHUNK_ROWS], dtype=numpy.float32)  # (n, D)
+        if not numpy.isfinite(chunk).all():
+            raise TrainingError("the sample used to estimate the normalising constant holds NaN or inf values")
+        sq = numpy.einsum("bd,bd->b", chunk, chunk).astype(numpy.float64)  # (n,) ‖x_b‖²
+        s1 += float(sq.sum())
+        s2 += float((sq * sq).sum())
+    return x.shape[0], s1, s2
+
+
+def estimate_scale(source, max_tokens, *, rel_se=SCALE_REL_SE, first=SCALE_FIRST_TOKENS):
+    """(C, sample): C = sqrt(mean ‖x‖²) over a sample of the source sized by its own standard error.
+
+    Draws source.sample(n) with n = first, 2·first, 4·first, ... and stops as soon as the
+    standard error of the mean squared norm, sqrt(var(‖x‖²) / n), is at most rel_se of that
+    mean, or n reaches max_tokens. With rel_se = 0.5 % C is then known to about 0.25 % (one
+    standard error), which is all a fixed rescaling of the inputs needs; typical activations stop
+    after 4k–32k tokens instead of reading max_tokens. The sample the estimate stopped at is
+    returned too (TopK's geometric median uses it). Raises TrainingError on NaN/inf or an
+    all-zero sample.
+    """
+    n = max(1, min(int(first), int(max_tokens)))
+    while True:
+        sample = numpy.asarray(source.sample(n), dtype=numpy.float32)  # (n, D)
+        count, s1, s2 = scale_statistics(sample)
+        mean = s1 / count
+        var = max(s2 / count - mean * mean, 0.0) * count / max(count - 1, 1)
+        if n >= max_tokens or math.sqrt(var / count) <= rel_se * mean:
+            break
+        n = min(2 * n, int(max_tokens))
+    if not mean > 0:
         raise TrainingError("the activation sample is all zeros: cannot normalise it (E‖x‖² = 0)")
-    return c
+    return math.sqrt(mean), sample
 
 
 def fresh_state(cfg, source, xp):
     """Initial training state: parameters (SPEC init), Adam, counters, C."""
     mod = VARIANTS[cfg.architecture]
-    sample = numpy.asarray(source.sample(cfg.norm_sample_tokens), dtype=numpy.float32)  # (N, D)
-    scale = estimate_scale(sample)
+    scale, sample = estimate_scale(source, cfg.norm_sample_tokens)  # C, (N, D)
     params = mod.init(source.d_in, cfg.d_sae, seed=cfg.seed, xp=xp, dtype=cfg.dtype)
     if cfg.architecture == "jumprelu" and cfg.threshold_init is not None:
         # log θ moves by about lr per Adam step, so a short run cannot travel from 0.001 to the
@@ -341,38 +375,34 @@ def train(cfg, source, out_dir, *, resume=False, overwrite=False, progress=True)
     betas = (cfg.adam_beta1, cfg.adam_beta2)
     bar = _progress_bar(cfg.steps, state["step"], cfg.architecture, progress)
     pending, t0 = [], time.time()
+    losses = []  # 0-d loss arrays since the last check, read back to the host in one go
     try:
         for step in range(state["step"], cfg.steps):
-            x_raw = numpy.asarray(source.batch(step, cfg.batch_size))  # (B, D)
-            if x_raw.shape != (cfg.batch_size, source.d_in):
-                raise TrainingError(f"step {step}: the source returned a batch of shape {x_raw.shape}, "
-                                    f"expected ({cfg.batch_size}, {source.d_in})")
-            if not numpy.isfinite(x_raw).all():
-                raise TrainingError(f"step {step}: the activation batch holds NaN or inf values; "
-                                    + _kept(ckpt, last_good))
-            x = asarray(x_raw, xp, cfg.dtype) / scale  # (B, D) normalised: E‖x‖² = 1
-            dead_mask = since_fired >= cfg.dead_window_tokens  # (M,)
-            hyper = hypers_at(cfg, step, dead_mask)
-            out, cache = mod.forward(params, x, **hyper)
-            loss = float(to_numpy(out["loss"]))
-            if not math.isfinite(loss):
-                raise TrainingError(f"step {step}: the loss is {loss}; " + _kept(ckpt, last_good)
-                                    + "; try a lower learning rate")
-            grads = mod.backward(params, cache)
-            grads["W_dec"] = optim.remove_parallel_decoder_grad(params["W_dec"], grads["W_dec"])
+            x = _training_batch(source, step, cfg, scale, xp, ckpt, last_good)  # (B, D) normalised
+            hyper = hypers_at(cfg, step, since_fired >= cfg.dead_window_tokens)
+            # the variant's fastest exact path (row-sparse on NumPy when few latents fire); the
+            # latents are never held as a dense (B, M) array: out["fired"] counts them per latent
+            out, grads = mod.forward_backward(params, x, **hyper, path="auto", dense_f=False)
+            losses.append(out["loss"])
+            optim.remove_parallel_decoder_grad(params["W_dec"], grads["W_dec"], out=grads["W_dec"])
             lr = optim.lr_at(step, lr=cfg.lr, warmup_steps=cfg.warmup_steps,
                              total_steps=cfg.steps, decay_frac=cfg.decay_frac)
             optim.adam_update(params, grads, adam, lr=lr, betas=betas, eps=cfg.adam_eps)
             optim.normalize_decoder_rows(params["W_dec"])
-            fired = (out["f"] != 0).any(axis=0)  # (M,)
-            since_fired = xp.where(fired, 0, since_fired + cfg.batch_size)  # (M,)
+            since_fired += cfg.batch_size  # (M,) tokens since each latent last fired ...
+            since_fired *= out["fired"] == 0  # ... reset where it fired in this batch
             done = step + 1
 
-            if done % cfg.log_every == 0 or done == cfg.steps:
+            log_now = done % cfg.log_every == 0 or done == cfg.steps
+            checkpoint_now = done % cfg.checkpoint_every == 0 or done == cfg.steps
+            if log_now or checkpoint_now:  # the only host reads of a step; on NumPy they are free
+                loss = _check_losses(xp, losses, done - len(losses), ckpt, last_good)
+                losses = []
+            if log_now:
                 row = _log_row(cfg, done, out, x, lr, hyper, since_fired, loss, time.time() - t0)
                 pending.append(row)
                 bar.set_postfix(loss=f"{row['loss']:.4g}", L0=f"{row['l0']:.1f}", FVU=f"{row['fvu']:.4f}")
-            if done % cfg.checkpoint_every == 0 or done == cfg.steps:
+            if checkpoint_now:
                 if not _params_finite(params, xp):
                     raise TrainingError(f"step {step}: the parameters became NaN or inf; "
                                         + _kept(ckpt, last_good) + "; try a lower learning rate")
@@ -397,6 +427,30 @@ def train(cfg, source, out_dir, *, resume=False, overwrite=False, progress=True)
     return TrainResult(sae=sae, params=params_np, scale=scale, steps=cfg.steps, summary=summary, out_dir=out_dir)
 
 
+def _training_batch(source, step, cfg, scale, xp, ckpt, last_good):
+    """Batch `step` of the source, checked (shape, finite) and normalised: x_raw / C, (B, D)."""
+    x_raw = numpy.asarray(source.batch(step, cfg.batch_size))  # (B, D)
+    if x_raw.shape != (cfg.batch_size, source.d_in):
+        raise TrainingError(f"step {step}: the source returned a batch of shape {x_raw.shape}, "
+                            f"expected ({cfg.batch_size}, {source.d_in})")
+    if not numpy.isfinite(x_raw).all():
+        raise TrainingError(f"step {step}: the activation batch holds NaN or inf values; "
+                            + _kept(ckpt, last_good))
+    x = numpy.divide(x_raw, scale, dtype=cfg.dtype)  # (B, D) a fresh array: E‖x‖² = 1
+    return asarray(x, xp)
+
+
+def _check_losses(xp, losses, first_step, ckpt, last_good):
+    """Read the losses of steps first_step, first_step + 1, ... back at once; raise a
+    TrainingError naming the first non-finite one; return the last as a Python float."""
+    values = to_numpy(xp.stack(losses)).astype(numpy.float64)  # (n,)
+    bad = numpy.flatnonzero(~numpy.isfinite(values))
+    if bad.size:
+        raise TrainingError(f"step {first_step + int(bad[0])}: the loss is {values[bad[0]]}; "
+                            + _kept(ckpt, last_good) + "; try a lower learning rate")
+    return float(values[-1])
+
+
 def _kept(ckpt, last_good):
     if last_good is None:
         return "no checkpoint had been written yet"
@@ -412,7 +466,7 @@ def _log_row(cfg, done, out, x, lr, hyper, since_fired, loss, elapsed):
         "tokens": done * cfg.batch_size,
         "loss": loss,
         "mse": mse,
-        "l0": float(to_numpy((out["f"] != 0).sum(axis=1).mean())),
+        "l0": float(to_numpy(out["l0"])),
         "fvu": mse * x.shape[0] / denom if denom > 0 else float("nan"),
         "lr": lr,
         "dead_frac": float(to_numpy((since_fired >= cfg.dead_window_tokens).mean())),

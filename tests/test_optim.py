@@ -113,6 +113,39 @@ def test_projection_matches_hand_example(xp):
     numpy.testing.assert_allclose(to_numpy(Z), [[0.0, 0.0], [0.6, 0.8]], rtol=1e-15)
 
 
+@HSETTINGS
+@given(M=st.integers(1, 40), D=st.integers(1, 9), seed=seeds, dtype=st.sampled_from(["float32", "float64"]),
+       block=st.integers(1, 64), b1=st.sampled_from([0.0, 0.9]))
+def test_in_place_versions_equal_plain_ones_bitwise(xp, M, D, seed, dtype, block, b1, monkeypatch):
+    """adam_update, remove_parallel_decoder_grad and normalize_decoder_rows (in place, blocked,
+    no temporaries) give bit for bit what their plain versions give, over several steps."""
+    monkeypatch.setattr(optim, "ROW_BLOCK_ELEMENTS", block)  # blocks of a few rows, uneven at the end
+    rng = numpy.random.default_rng(seed)
+    start = {"W_dec": rng.standard_normal((M, D)), "b": rng.standard_normal(D)}
+    start["W_dec"][0] = 0.0  # a zero row stays zero
+    fast = {k: asarray(v, xp, dtype) for k, v in start.items()}
+    plain = {k: asarray(v, xp, dtype) for k, v in start.items()}
+    s_fast, s_plain = optim.adam_init(fast), optim.adam_init(plain)
+    for _ in range(3):
+        g = {k: asarray(rng.standard_normal(v.shape) * 10.0 ** rng.integers(-3, 2), xp, dtype)
+             for k, v in start.items()}
+        g_plain = dict(g, W_dec=optim.remove_parallel_decoder_grad_plain(plain["W_dec"], g["W_dec"]))
+        g_fast = {k: v.copy() for k, v in g.items()}
+        out = optim.remove_parallel_decoder_grad(fast["W_dec"], g_fast["W_dec"], out=g_fast["W_dec"])
+        assert out is g_fast["W_dec"]
+        numpy.testing.assert_array_equal(to_numpy(g_fast["W_dec"]), to_numpy(g_plain["W_dec"]))
+        optim.adam_update(fast, g_fast, s_fast, lr=1e-2, betas=(b1, 0.999), eps=1e-8)
+        optim.adam_update_plain(plain, g_plain, s_plain, lr=1e-2, betas=(b1, 0.999), eps=1e-8)
+        optim.normalize_decoder_rows(fast["W_dec"])
+        optim.normalize_decoder_rows_plain(plain["W_dec"])
+        for k in start:
+            for a, b in ((fast[k], plain[k]), (s_fast["m"][k], s_plain["m"][k]),
+                         (s_fast["v"][k], s_plain["v"][k])):
+                assert a.dtype == dtype
+                numpy.testing.assert_array_equal(to_numpy(a), to_numpy(b), err_msg=k)
+    assert s_fast["step"] == s_plain["step"] == 3
+
+
 # ----------------------------------------------------------------------------------------------
 # schedules
 

@@ -172,7 +172,9 @@ def test_outputs_and_grads_keep_keys_shapes_dtypes(xp, variant, dtype):
     tol = (F32_RTOL, F32_ATOL) if dtype == "float32" else (XP64_RTOL, GOLDEN64_ATOL)
     for path in paths:
         fb_out, fb_grads = module.forward_backward(params, x, **hyper, **path)
-        assert set(fb_out) == set(out), path
+        assert set(fb_out) == set(out) | {"fired"}, path
+        fired = xp.count_nonzero(out["f"], axis=0)  # (M,) tokens each latent fired on
+        assert fb_out["fired"].dtype == numpy.int64 and bool((fb_out["fired"] == fired).all()), path
         for key in out:
             assert fb_out[key].shape == out[key].shape and fb_out[key].dtype == dtype, (path, key)
             assert_close(fb_out[key], out[key], *tol, f"forward_backward {path} out[{key!r}]")
@@ -251,7 +253,8 @@ def assert_paths_agree(module, p, x, hyper):
     out_d, cache = module.forward(p, x, **hyper)
     g_dense = module.backward(p, cache)
     out_s, g_sparse = module.forward_backward(p, x, path="sparse", **hyper)
-    assert set(out_s) == set(out_d)
+    assert set(out_s) == set(out_d) | {"fired"}
+    numpy.testing.assert_array_equal(out_s["fired"], numpy.count_nonzero(out_d["f"], axis=0))
     for k in out_d:
         assert_close(out_s[k], out_d[k], XP64_RTOL, GOLDEN64_ATOL, f"out[{k!r}]")
     for k in module.PARAM_NAMES:

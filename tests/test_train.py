@@ -3,6 +3,7 @@ bitwise exact, and bad input (NaN activations, truncated or mismatched checkpoin
 error without losing the last good checkpoint."""
 
 import dataclasses
+import math
 import json
 
 import numpy
@@ -12,7 +13,8 @@ from tolerances import F32_ATOL, F32_RTOL
 from minisae.sae import VARIANTS
 from minisae.io.saefile import SAE
 from minisae.data.synthetic import SyntheticActivations, SyntheticConfig
-from minisae.train import CheckpointError, TrainConfig, TrainingError, load_checkpoint, train
+from minisae.train import (CheckpointError, TrainConfig, TrainingError, estimate_scale,
+                           load_checkpoint, train)
 
 SETTING = {"jumprelu": {"sparsity_coeff": 1e-2}, "gated": {"sparsity_coeff": 3e-2}, "topk": {"k": 4}}
 
@@ -176,3 +178,35 @@ def test_threshold_init_sets_theta(tmp_path):
     cfg = tiny_config("jumprelu", steps=1, threshold_init=0.05, lr=1e-12, eval_tokens=0)
     res = train(cfg, tiny_source(), tmp_path, progress=False)
     numpy.testing.assert_allclose(numpy.exp(res.params["log_threshold"]), 0.05, rtol=F32_RTOL)
+
+
+class ArraySource:
+    """A source whose `sample(n)` is the first n rows of a fixed array; records each n asked."""
+
+    def __init__(self, x):
+        self.x, self.d_in, self.asked = x, x.shape[1], []
+
+    def sample(self, n):
+        self.asked.append(n)
+        return self.x[:n]
+
+
+def test_scale_sample_is_sized_by_its_own_standard_error():
+    rng = numpy.random.default_rng(0)
+    # norms that barely vary: the first 4096 tokens already pin E‖x‖² to 0.5 %
+    steady = ArraySource(rng.standard_normal((50_000, 256)).astype("float32"))
+    c, sample = estimate_scale(steady, 50_000)
+    assert steady.asked == [4096] and sample.shape == (4096, 256)
+    expected = math.sqrt(numpy.mean(numpy.sum(sample.astype("float64") ** 2, axis=1)))
+    assert c == pytest.approx(expected, rel=1e-6)
+    # heavy-tailed norms (a few tokens 30x larger): the sample doubles until the cap
+    x = rng.standard_normal((20_000, 8)).astype("float32")
+    x[rng.random(20_000) < 0.01] *= 30.0
+    heavy = ArraySource(x)
+    c, sample = estimate_scale(heavy, 20_000)
+    assert heavy.asked == [4096, 8192, 16384, 20_000] and sample.shape == (20_000, 8)
+    assert c == pytest.approx(math.sqrt(numpy.mean(numpy.sum(x.astype("float64") ** 2, axis=1))), rel=1e-6)
+    with pytest.raises(TrainingError, match="NaN or inf"):
+        estimate_scale(ArraySource(numpy.full((10, 3), numpy.inf, dtype="float32")), 10)
+    with pytest.raises(TrainingError, match="all zeros"):
+        estimate_scale(ArraySource(numpy.zeros((10, 3), dtype="float32")), 10)

@@ -195,6 +195,16 @@ def sparse_t_matmul(rows, cols, n_cols, pairs):
     return outs
 
 
+def fire_counts(f):
+    """Per latent, how many tokens of the batch it fired on: (f != 0).sum(axis=0), (M,) int64."""
+    return xp_of(f).count_nonzero(f, axis=0).astype("int64")  # (M,)
+
+
+def sparse_fire_counts(cols, values, n_cols):
+    """fire_counts of a sparse (B, M) matrix from its stored entries: (M,) int64."""
+    return numpy.bincount(cols[values != 0], minlength=n_cols).astype(numpy.int64)  # (M,)
+
+
 def column_sums(cols, values, n_cols, dtype):
     """A.sum(axis=0) for sparse A: (M,), accumulated in float64, returned in `dtype`."""
     return numpy.bincount(cols, weights=values, minlength=n_cols).astype(dtype)

@@ -24,9 +24,10 @@ run the same math on a row-sparse path on NumPy when few gates are open
 
 import numpy
 
-from minisae.sae.common import (as_input, check_params, column_sums, decode, init_dictionary,
-                                sampled_matmul, scalar, sparse_from_mask, sparse_matmul,
-                                sparse_t_matmul, squared_error, squared_error_backward)
+from minisae.sae.common import (as_input, check_params, column_sums, decode, fire_counts,
+                                init_dictionary, sampled_matmul, scalar, sparse_fire_counts,
+                                sparse_from_mask, sparse_matmul, sparse_t_matmul, squared_error,
+                                squared_error_backward)
 from minisae.xp import xp_of
 
 ARCHITECTURE = "gated"
@@ -149,7 +150,8 @@ def forward_backward(params, x, *, sparsity_coeff, path="auto", dense_f=True):
     """(out, grads): forward's out and backward's grads in one call. path: "dense" (forward
     then backward), "sparse" (NumPy only), or "auto": sparse on NumPy when at most
     SPARSE_MAX_DENSITY of the batch's gates are open, else dense. The sparse path builds the
-    dense out["f"] (one (B, M) scatter) only when dense_f is true."""
+    dense out["f"] (one (B, M) scatter) only when dense_f is true. out also has "fired" (M,)
+    int64: on how many of the batch's tokens each latent fired."""
     if path not in ("auto", "dense", "sparse"):
         raise ValueError(f"gated.forward_backward: path must be 'auto', 'dense' or 'sparse', "
                          f"found {path!r}")
@@ -166,6 +168,7 @@ def forward_backward(params, x, *, sparsity_coeff, path="auto", dense_f=True):
         if path == "sparse" or numpy.count_nonzero(gate) <= SPARSE_MAX_DENSITY * gate.size:
             return _forward_backward_sparse(params, x, x_c, pre, gate, sparsity_coeff, dense_f)
     out, cache = _forward_from_pre(params, x, x_c, pre, sparsity_coeff)
+    out["fired"] = fire_counts(out["f"])  # (M,)
     return out, backward(params, cache)
 
 
@@ -211,7 +214,8 @@ def _forward_backward_sparse(params, x, x_c, pre, gate, sparsity_coeff, dense_f)
     out = {"loss": scalar(mse + sparsity_coeff * l1 + aux, dtype, numpy),
            "mse": scalar(mse, dtype, numpy), "l1": scalar(l1, dtype, numpy),
            "aux": scalar(aux, dtype, numpy),
-           "l0": scalar(numpy.count_nonzero(f_s) / B, dtype, numpy), "xhat": xhat}
+           "l0": scalar(numpy.count_nonzero(f_s) / B, dtype, numpy), "xhat": xhat,
+           "fired": sparse_fire_counts(cols, f_s, M)}
     if dense_f:
         out["f"] = numpy.zeros((B, M), dtype=dtype)  # (B, M)
         out["f"].ravel()[flat] = f_s

@@ -22,9 +22,10 @@ import math
 
 import numpy
 
-from minisae.sae.common import (as_input, check_params, column_sums, decode, init_dictionary,
-                                sampled_matmul, scalar, sparse_from_mask, sparse_matmul,
-                                sparse_t_matmul, squared_error, squared_error_backward)
+from minisae.sae.common import (as_input, check_params, column_sums, decode, fire_counts,
+                                init_dictionary, sampled_matmul, scalar, sparse_fire_counts,
+                                sparse_from_mask, sparse_matmul, sparse_t_matmul, squared_error,
+                                squared_error_backward)
 from minisae.xp import xp_of
 
 ARCHITECTURE = "jumprelu"
@@ -166,7 +167,8 @@ def forward_backward(params, x, *, sparsity_coeff, bandwidth=0.001, pre_enc_bias
     """(out, grads): forward's out and backward's grads in one call. path: "dense" (forward
     then backward), "sparse" (NumPy only), or "auto": sparse on NumPy when at most
     SPARSE_MAX_DENSITY of the batch's entries are active or in the kernel window, else dense.
-    The sparse path builds the dense out["f"] (one (B, M) scatter) only when dense_f is true."""
+    The sparse path builds the dense out["f"] (one (B, M) scatter) only when dense_f is true.
+    out also has "fired" (M,) int64: on how many of the batch's tokens each latent fired."""
     if path not in ("auto", "dense", "sparse"):
         raise ValueError(f"jumprelu.forward_backward: path must be 'auto', 'dense' or 'sparse', "
                          f"found {path!r}")
@@ -184,6 +186,7 @@ def forward_backward(params, x, *, sparsity_coeff, bandwidth=0.001, pre_enc_bias
         if path == "sparse" or numpy.count_nonzero(stored) <= SPARSE_MAX_DENSITY * stored.size:
             return _forward_backward_sparse(params, x, x_c, pre, stored, *hyper, dense_f)
     out, cache = _forward_from_pre(params, x, x_c, pre, *hyper)
+    out["fired"] = fire_counts(out["f"])  # (M,)
     return out, backward(params, cache)
 
 
@@ -235,7 +238,8 @@ def _forward_backward_sparse(params, x, x_c, pre, stored, sparsity_coeff, bandwi
         db_dec = db_dec - W_enc @ db_enc  # (D, M) @ (M,) -> (D,)
     grads = {"W_enc": numpy.ascontiguousarray(dW_enc_t.T), "b_enc": db_enc, "W_dec": dW_dec,
              "b_dec": db_dec, "log_threshold": theta * dtheta}
-    out = {"loss": loss, "mse": scalar(mse, dtype, numpy), "l0": l0, "xhat": xhat}
+    out = {"loss": loss, "mse": scalar(mse, dtype, numpy), "l0": l0, "xhat": xhat,
+           "fired": sparse_fire_counts(cols, f_s, M)}
     if dense_f:
         out["f"] = numpy.zeros((B, M), dtype=dtype)  # (B, M)
         out["f"].ravel()[flat] = f_s

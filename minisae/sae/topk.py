@@ -22,9 +22,10 @@ run the same math on a row-sparse path on NumPy when k is a small fraction of M
 
 import numpy
 
-from minisae.sae.common import (as_input, check_params, column_sums, decode, geometric_median,
-                                init_dictionary, sampled_matmul, scalar, sparse_matmul,
-                                sparse_t_matmul, squared_error, squared_error_backward)
+from minisae.sae.common import (as_input, check_params, column_sums, decode, fire_counts,
+                                geometric_median, init_dictionary, sampled_matmul, scalar,
+                                sparse_fire_counts, sparse_matmul, sparse_t_matmul,
+                                squared_error, squared_error_backward)
 from minisae.xp import xp_of
 
 ARCHITECTURE = "topk"
@@ -183,7 +184,8 @@ def forward_backward(params, x, *, k, aux_k=512, aux_coeff=1.0 / 32, dead_mask=N
                      path="auto", dense_f=True):
     """(out, grads): forward's out and backward's grads in one call. path: "dense" (forward
     then backward), "sparse" (NumPy only), or "auto": sparse on NumPy when k <=
-    SPARSE_MAX_DENSITY * M. The sparse path builds the dense out["f"] only when dense_f."""
+    SPARSE_MAX_DENSITY * M. The sparse path builds the dense out["f"] only when dense_f.
+    out also has "fired" (M,) int64: on how many of the batch's tokens each latent fired."""
     if path not in ("auto", "dense", "sparse"):
         raise ValueError(f"topk.forward_backward: path must be 'auto', 'dense' or 'sparse', "
                          f"found {path!r}")
@@ -196,6 +198,7 @@ def forward_backward(params, x, *, k, aux_k=512, aux_coeff=1.0 / 32, dead_mask=N
     if xp is numpy and (path == "sparse" or (path == "auto" and k <= SPARSE_MAX_DENSITY * M)):
         return _forward_backward_sparse(params, x, dense_f=dense_f, **hyper)
     out, cache = forward(params, x, **hyper)
+    out["fired"] = fire_counts(out["f"])  # (M,)
     return out, backward(params, cache)
 
 
@@ -244,7 +247,8 @@ def _forward_backward_sparse(params, x, *, k, aux_k, aux_coeff, dead_mask, dense
     grads = {"W_enc": numpy.ascontiguousarray(dW_enc_t.T), "b_enc": db_enc, "W_dec": dW_dec,
              "b_dec": db_dec}
     out = {"loss": loss, "mse": scalar(mse, dtype, numpy), "aux": scalar(aux, dtype, numpy),
-           "l0": scalar(numpy.count_nonzero(z_s) / B, dtype, numpy), "xhat": xhat}
+           "l0": scalar(numpy.count_nonzero(z_s) / B, dtype, numpy), "xhat": xhat,
+           "fired": sparse_fire_counts(cols, z_s, M)}
     if dense_f:
         out["f"] = _scatter_rows(numpy.maximum(vals, 0.0), idx, M)  # (B, M)
     return out, grads
