@@ -18,6 +18,8 @@ A data source is any object with
                                   a pure function of step (so a resumed run sees the same data)
     sample(n)                     (n, d_in) float32 NumPy: a fixed sample to estimate C and TopK's b_dec
 minisae.data.synthetic.SyntheticActivations and minisae.data.activations.ActivationStore are two.
+`batch` is called from a background thread, one step ahead of the training step (minisae.prefetch;
+TrainConfig.prefetch = 0 calls it in the loop instead); nothing else calls the source meanwhile.
 
 Resume guarantee: a checkpoint holds everything the next step reads (parameters, Adam moments and
 step count, the dead-latent counters, the step number, C, the config). Data and schedules are pure
@@ -42,6 +44,7 @@ import numpy
 from minisae import optim
 from minisae.errors import FileFormatError, MinisaeError, OutputExistsError, TrainingError, storage_error
 from minisae.io.files import check_output_dir, make_dir, read_json, write_atomic
+from minisae.prefetch import Prefetcher
 from minisae.progress import progress_bar
 from minisae.sae import VARIANTS
 from minisae.io.safetensors_io import SafetensorsError, SafetensorsFile, save_file
@@ -88,6 +91,7 @@ class TrainConfig:
     log_every: int = 50                   # steps between metrics.jsonl lines / progress updates
     eval_tokens: int = 65536              # held-out tokens for the final evaluation (0 = none)
     eval_batch_size: int = 4096
+    prefetch: int = 1                     # batches made ahead in a background thread (0 = none)
 
     def resolved(self, d_in):
         """A copy with every None default filled in for inputs of width d_in; checks values."""
@@ -119,6 +123,8 @@ class TrainConfig:
             raise ValueError(f"threshold_init: expected a value > 0, found {c.threshold_init}")
         if c.dtype not in ("float32", "float64"):
             raise ValueError(f"dtype: expected 'float32' or 'float64', found {c.dtype!r}")
+        if int(c.prefetch) != c.prefetch or c.prefetch < 0:
+            raise ValueError(f"prefetch: expected an integer >= 0, found {c.prefetch!r}")
         return c
 
 
@@ -133,7 +139,8 @@ class TrainResult:
 
 
 # Config fields a resumed run may change without changing its result.
-_RESUME_FREE = {"checkpoint_every", "log_every", "backend", "eval_tokens", "eval_batch_size"}
+_RESUME_FREE = {"checkpoint_every", "log_every", "backend", "eval_tokens", "eval_batch_size",
+                "prefetch"}
 
 
 def hypers_at(cfg, step, dead_mask=None):
@@ -376,9 +383,16 @@ def train(cfg, source, out_dir, *, resume=False, overwrite=False, progress=True)
     bar = _progress_bar(cfg.steps, state["step"], cfg.architecture, progress)
     pending, t0 = [], time.time()
     losses = []  # 0-d loss arrays since the last check, read back to the host in one go
+    # the batches, checked and normalised, are made one step ahead in a background thread
+    batches = Prefetcher(lambda i: _training_batch(source, i, cfg, scale), state["step"], cfg.steps,
+                         depth=cfg.prefetch) if cfg.prefetch > 0 else None
     try:
         for step in range(state["step"], cfg.steps):
-            x = _training_batch(source, step, cfg, scale, xp, ckpt, last_good)  # (B, D) normalised
+            try:
+                x = batches.get(step) if batches else _training_batch(source, step, cfg, scale)
+            except _BadBatch as e:
+                raise TrainingError(f"step {step}: {e}; " + _kept(ckpt, last_good)) from None
+            x = asarray(x, xp)  # (B, D) normalised: E‖x‖² = 1
             hyper = hypers_at(cfg, step, since_fired >= cfg.dead_window_tokens)
             # the variant's fastest exact path (row-sparse on NumPy when few latents fire); the
             # latents are never held as a dense (B, M) array: out["fired"] counts them per latent
@@ -413,6 +427,8 @@ def train(cfg, source, out_dir, *, resume=False, overwrite=False, progress=True)
                 pending = []
             bar.update(1)
     finally:
+        if batches:
+            batches.close()
         bar.close()
         _append_jsonl(metrics_path, pending)  # after an error: the lines since the last checkpoint
 
@@ -427,17 +443,20 @@ def train(cfg, source, out_dir, *, resume=False, overwrite=False, progress=True)
     return TrainResult(sae=sae, params=params_np, scale=scale, steps=cfg.steps, summary=summary, out_dir=out_dir)
 
 
-def _training_batch(source, step, cfg, scale, xp, ckpt, last_good):
-    """Batch `step` of the source, checked (shape, finite) and normalised: x_raw / C, (B, D)."""
+class _BadBatch(Exception):
+    """A batch the source returned cannot be trained on (wrong shape, NaN or inf)."""
+
+
+def _training_batch(source, step, cfg, scale):
+    """Batch `step` of the source, checked (shape, finite) and normalised: x_raw / C, (B, D)
+    NumPy in cfg.dtype. Runs in the prefetch thread: it reads nothing the training step writes."""
     x_raw = numpy.asarray(source.batch(step, cfg.batch_size))  # (B, D)
     if x_raw.shape != (cfg.batch_size, source.d_in):
-        raise TrainingError(f"step {step}: the source returned a batch of shape {x_raw.shape}, "
-                            f"expected ({cfg.batch_size}, {source.d_in})")
+        raise _BadBatch(f"the source returned a batch of shape {x_raw.shape}, "
+                        f"expected ({cfg.batch_size}, {source.d_in})")
     if not numpy.isfinite(x_raw).all():
-        raise TrainingError(f"step {step}: the activation batch holds NaN or inf values; "
-                            + _kept(ckpt, last_good))
-    x = numpy.divide(x_raw, scale, dtype=cfg.dtype)  # (B, D) a fresh array: E‖x‖² = 1
-    return asarray(x, xp)
+        raise _BadBatch("the activation batch holds NaN or inf values")
+    return numpy.divide(x_raw, scale, dtype=cfg.dtype)  # (B, D) a fresh array
 
 
 def _check_losses(xp, losses, first_step, ckpt, last_good):

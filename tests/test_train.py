@@ -194,9 +194,9 @@ class ArraySource:
 def test_scale_sample_is_sized_by_its_own_standard_error():
     rng = numpy.random.default_rng(0)
     # norms that barely vary: the first 4096 tokens already pin E‖x‖² to 0.5 %
-    steady = ArraySource(rng.standard_normal((50_000, 256)).astype("float32"))
-    c, sample = estimate_scale(steady, 50_000)
-    assert steady.asked == [4096] and sample.shape == (4096, 256)
+    steady = ArraySource(rng.standard_normal((10_000, 128)).astype("float32"))
+    c, sample = estimate_scale(steady, 10_000)
+    assert steady.asked == [4096] and sample.shape == (4096, 128)
     expected = math.sqrt(numpy.mean(numpy.sum(sample.astype("float64") ** 2, axis=1)))
     assert c == pytest.approx(expected, rel=1e-6)
     # heavy-tailed norms (a few tokens 30x larger): the sample doubles until the cap
@@ -210,3 +210,21 @@ def test_scale_sample_is_sized_by_its_own_standard_error():
         estimate_scale(ArraySource(numpy.full((10, 3), numpy.inf, dtype="float32")), 10)
     with pytest.raises(TrainingError, match="all zeros"):
         estimate_scale(ArraySource(numpy.zeros((10, 3), dtype="float32")), 10)
+
+
+def test_prefetch_and_plain_loop_train_identically(tmp_path):
+    """The background batch producer changes nothing: same parameters as making each batch in
+    the loop; its errors (here a bad batch shape) stop the run naming the step."""
+    cfg = tiny_config("topk", steps=12, checkpoint_every=6, eval_tokens=0, d_sae=64,
+                      dead_window_tokens=128)
+    a = train(cfg, tiny_source(), tmp_path / "a", progress=False)
+    b = train(dataclasses.replace(cfg, prefetch=0), tiny_source(), tmp_path / "b", progress=False)
+    for k in a.params:
+        numpy.testing.assert_array_equal(a.params[k], b.params[k])
+
+    class Short(Faulty):
+        def batch(self, step, batch_size):
+            return self.source.batch(step, batch_size - (step == 7))
+
+    with pytest.raises(TrainingError, match=r"step 7: the source returned a batch of shape \(127, 16\).*step 6"):
+        train(cfg, Short(tiny_source(), 0, ""), tmp_path / "c", progress=False)
