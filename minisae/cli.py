@@ -57,27 +57,30 @@ def _synthetic_from(a):
 
 
 def _model_args(p, *, required=False, text_help="text files (.txt: blank-line separated documents; .jsonl)"):
-    g = p.add_argument_group("Gemma 2 model")
-    g.add_argument("--model", required=required, help="local folder or Hub repo id, e.g. google/gemma-2-2b")
+    g = p.add_argument_group("Gemma 2 / Gemma 3 model (the generation is read from config.json)")
+    g.add_argument("--model", required=required,
+                   help="local folder or Hub repo id, e.g. google/gemma-2-2b or google/gemma-3-270m")
     g.add_argument("--tokenizer", help="tokenizer.json file/folder/repo (default: the model's)")
     g.add_argument("--revision", help="Hub revision of the model")
-    g.add_argument("--site", required=required, help="e.g. blocks.12.hook_resid_post, blocks.5.attn.hook_z, blocks.3.hook_mlp_out")
+    g.add_argument("--site", required=required, help="blocks.L.{hook_resid_post,attn.hook_z,hook_mlp_in,hook_mlp_out} or the Hugging Face "
+                   "hook names of Gemma Scope 2 configs: model.layers.L.{output,self_attn.o_proj.input,"
+                   "pre_feedforward_layernorm.output,post_feedforward_layernorm.output}")
     g.add_argument("--text", nargs="+", required=required, metavar="FILE", help=text_help)
     g.add_argument("--text-field", default="text", help="field of each .jsonl object holding the text (default text)")
     g.add_argument("--seq-len", type=int, default=1024, help="tokens per sequence T (default 1024)")
 
 
 def _load_model(a, xp):
-    from minisae.models import gemma2
+    from minisae.models import load_model, load_tokenizer
 
-    model = gemma2.load(a.model, xp=xp, revision=a.revision)
-    tokenizer = gemma2.load_tokenizer(a.tokenizer or a.model)
+    model = load_model(a.model, xp=xp, revision=a.revision)  # Gemma 2 or Gemma 3, from config.json
+    tokenizer = load_tokenizer(a.tokenizer or a.model)
     return model, tokenizer
 
 
 def build_parser():
     parser = argparse.ArgumentParser(prog="minisae", description="Sparse autoencoders (JumpReLU, Gated, TopK) "
-                                     "in NumPy/CuPy, trained and evaluated on synthetic data or Gemma 2 activations.")
+                                     "in NumPy/CuPy, trained and evaluated on synthetic data or Gemma 2 / Gemma 3 activations.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     # ---- train -------------------------------------------------------------------------------
@@ -96,6 +99,18 @@ def build_parser():
     p.add_argument("--sparsity-warmup-steps", type=int, default=10000, help="linear λ warm-up (default 10000)")
     p.add_argument("--decay-frac", type=float, default=0.0, help="linear lr decay over this final fraction")
     p.add_argument("--bandwidth", type=float, default=0.001, help="JumpReLU kernel bandwidth ε")
+    p.add_argument("--penalty", choices=["l0", "quadratic"], default="l0",
+                   help="JumpReLU sparsity penalty per token: l0 = λ·L0 (the paper, default); quadratic = "
+                        "λ·(2/L0*)·(L0 − L0*)² around --target-l0 (Gemma Scope 2, Eq. 5)")
+    p.add_argument("--target-l0", type=float, help="L0* of the quadratic penalty (latents per token)")
+    p.add_argument("--threshold-param", choices=["log", "raw"], default="log",
+                   help="JumpReLU: train log θ (log, the paper, default) or θ itself (raw, as SAELens ≥ 6.48)")
+    p.add_argument("--threshold-init", type=float, help="JumpReLU θ at init (default 0.001)")
+    p.add_argument("--freq-coeff", type=float, default=0.0,
+                   help="JumpReLU: weight μ of minisae's frequency penalty μ·Σ_i max(p_i − target, 0)², "
+                        "p_i the fraction of the batch latent i fires on (default 0 = off)")
+    p.add_argument("--freq-target", type=float, default=0.1,
+                   help="firing fraction above which the frequency penalty acts (default 0.1)")
     p.add_argument("--aux-k", type=int, help="TopK AuxK k' (default min(512, D/2))")
     p.add_argument("--aux-coeff", type=float, default=1 / 32, help="TopK AuxK weight (default 1/32)")
     p.add_argument("--dead-window-tokens", type=int, default=10_000_000, help="tokens without firing = dead")
@@ -114,7 +129,7 @@ def build_parser():
     # ---- eval --------------------------------------------------------------------------------
     p = sub.add_parser("eval", help="evaluate an SAE", description="SPEC §5 metrics of an SAE (SAELens folder, "
                        "Gemma Scope params.npz or a Hub reference) on activations, plus delta LM loss and loss "
-                       "recovered when a Gemma 2 model, site and text are given. Without a data option, a run "
+                       "recovered when a Gemma 2 / Gemma 3 model, site and text are given. Without a data option, a run "
                        "folder's own data (its config.json) is used.")
     p.add_argument("--sae", required=True, help="SAE folder, params.npz, or Hub org/repo/path")
     p.add_argument("--activations", help="cache folder written by `minisae cache`")
@@ -131,13 +146,13 @@ def build_parser():
     # ---- compare -----------------------------------------------------------------------------
     p = sub.add_parser("compare", help="JumpReLU vs Gated vs TopK over a sparsity sweep", description="Train the "
                        "three variants over a sparsity sweep on the same activations (synthetic by default; "
-                       "a Gemma 2 model, site and text when given) and write report.md, results.json and "
+                       "a Gemma 2 / Gemma 3 model, site and text when given) and write report.md, results.json and "
                        "pareto.png into --out. The default run takes about 10 minutes on 2 CPU cores.")
     p.add_argument("--out", required=True, help="report folder")
     p.add_argument("--overwrite", action="store_true", help="start over in an --out that holds a comparison")
     p.add_argument("--resume", action="store_true", help="finish an interrupted sweep (runs resume from checkpoints)")
     p.add_argument("--quick", action="store_true", help="a tiny sweep for smoke tests (seconds)")
-    p.add_argument("--d-sae", type=int, help="latents per SAE (default 1024; 4 × site width for Gemma 2)")
+    p.add_argument("--d-sae", type=int, help="latents per SAE (default 1024; 4 × site width for a model)")
     p.add_argument("--steps", type=int, help="steps per SAE")
     p.add_argument("--batch-size", type=int, help="tokens per step")
     p.add_argument("--jumprelu", type=float, nargs="+", metavar="λ", help="JumpReLU sparsity coefficients")
@@ -145,14 +160,15 @@ def build_parser():
     p.add_argument("--topk", type=int, nargs="+", metavar="K", help="TopK k values")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--jobs", type=int, help="training processes (default min(2, CPUs) on numpy, 1 on cupy)")
-    p.add_argument("--tokens", type=int, default=1_000_000, help="Gemma 2: activations to cache (default 1M)")
-    p.add_argument("--eval-text", nargs="+", metavar="FILE", help="Gemma 2: texts for delta LM loss (default --text)")
+    p.add_argument("--tokens", type=int, default=1_000_000, help="with --model: activations to cache (default 1M)")
+    p.add_argument("--eval-text", nargs="+", metavar="FILE", help="with --model: texts for delta LM loss (default --text)")
     _model_args(p)
     _common(p)
     _synthetic_args(p)
 
     # ---- cache -------------------------------------------------------------------------------
-    p = sub.add_parser("cache", help="cache Gemma 2 activations to disk", description="Run a Gemma 2 model over "
+    p = sub.add_parser("cache", help="cache Gemma 2 / Gemma 3 activations to disk", description="Run a Gemma 2 or "
+                       "Gemma 3 model over "
                        "text and store the activations at one site (BOS/EOS/pad dropped) as float32 shards "
                        "plus manifest.json. Resumable: rerun the same command after an interruption.")
     p.add_argument("--out", required=True, help="cache folder")
@@ -191,6 +207,8 @@ def cmd_train(a):
     source = _activation_store(a.activations, a.data_seed, a.holdout_tokens) if a.activations else _synthetic_from(a)
     cfg = TrainConfig(
         architecture=a.arch, d_sae=a.d_sae, sparsity_coeff=a.sparsity_coeff, k=a.k, bandwidth=a.bandwidth, lr=a.lr,
+        penalty=a.penalty, target_l0=a.target_l0, threshold_param=a.threshold_param, threshold_init=a.threshold_init,
+        freq_coeff=a.freq_coeff, freq_target=a.freq_target,
         steps=a.steps, tokens=a.tokens, batch_size=a.batch_size, warmup_steps=a.warmup_steps,
         sparsity_warmup_steps=a.sparsity_warmup_steps, decay_frac=a.decay_frac, seed=a.seed, backend=a.backend,
         dtype=a.dtype, dead_window_tokens=a.dead_window_tokens, aux_k=a.aux_k, aux_coeff=a.aux_coeff,
@@ -294,7 +312,8 @@ def cmd_compare(a):
         cfg.eval_tokens = holdout
         source = ActivationStore(acts, seed=a.data_seed, holdout_tokens=holdout)
         kw = dict(source=source, model=model, tokenizer=tokenizer, eval_texts=a.eval_text or a.text, site=a.site,
-                  data_description={"type": "gemma2", "model": a.model, "site": a.site, "d_in": source.d_in,
+                  data_description={"type": type(model).__name__.removesuffix("Model").lower(),  # gemma2 / gemma3
+                                    "model": a.model, "site": a.site, "d_in": source.d_in,
                                     "cached_tokens": source.count, "held_out_tokens": holdout})
     res = run_compare(cfg, a.out, force=a.overwrite, resume=a.resume, progress=not a.no_progress, **kw)
     print(f"report: {Path(a.out) / 'report.md'}  ({res['wall_seconds']:.0f} s)")

@@ -70,6 +70,11 @@ class TrainConfig:
     k: int | None = None                  # TopK: latents kept per token
     bandwidth: float = 0.001              # JumpReLU: ε of the threshold pseudo-derivative
     threshold_init: float | None = None   # JumpReLU: θ at init; None = SPEC's 0.001 (see below)
+    threshold_param: str = "log"          # JumpReLU: train log θ ("log", the paper) or θ itself ("raw", SAELens)
+    penalty: str = "l0"                   # JumpReLU: "l0" (the paper) | "quadratic" (Gemma Scope 2, needs target_l0)
+    target_l0: float | None = None        # L0* of the quadratic penalty: λ·(2/L0*)·(L0_b − L0*)² per token
+    freq_coeff: float = 0.0               # JumpReLU: weight of minisae's frequency penalty (0 = off)
+    freq_target: float = 0.1              # JumpReLU: firing fraction above which a latent is penalised
     lr: float | None = None               # None = DEFAULT_LR / optim.topk_lr(d_sae)
     adam_beta1: float | None = None       # None = 0.0 (JumpReLU, Gated; SPEC §4) / 0.9 (TopK, Gao et al.)
     adam_beta2: float = 0.999
@@ -121,6 +126,18 @@ class TrainConfig:
                 raise ValueError(f"{name}: expected a positive integer, found {getattr(c, name)}")
         if c.threshold_init is not None and not c.threshold_init > 0:
             raise ValueError(f"threshold_init: expected a value > 0, found {c.threshold_init}")
+        if c.threshold_param not in ("log", "raw"):
+            raise ValueError(f"threshold_param: expected 'log' or 'raw', found {c.threshold_param!r}")
+        if c.penalty not in ("l0", "quadratic"):
+            raise ValueError(f"penalty: expected 'l0' or 'quadratic', found {c.penalty!r}")
+        if c.architecture != "jumprelu" and (c.penalty != "l0" or c.threshold_param != "log" or c.freq_coeff):
+            raise ValueError(f"penalty, threshold_param and freq_coeff are JumpReLU options; "
+                             f"found them set for {c.architecture!r}")
+        if c.penalty == "quadratic" and not (c.target_l0 is not None and 0 < c.target_l0 <= c.d_sae):
+            raise ValueError(f"target_l0: the quadratic penalty needs 0 < target_l0 <= d_sae={c.d_sae}, "
+                             f"found {c.target_l0}")
+        if not c.freq_coeff >= 0 or not 0 <= c.freq_target <= 1:
+            raise ValueError(f"freq_coeff >= 0 and 0 <= freq_target <= 1 expected, found {c.freq_coeff}, {c.freq_target}")
         if c.dtype not in ("float32", "float64"):
             raise ValueError(f"dtype: expected 'float32' or 'float64', found {c.dtype!r}")
         if int(c.prefetch) != c.prefetch or c.prefetch < 0:
@@ -143,13 +160,26 @@ _RESUME_FREE = {"checkpoint_every", "log_every", "backend", "eval_tokens", "eval
                 "prefetch"}
 
 
+def param_names(cfg):
+    """The trained parameters' names (JumpReLU's depend on threshold_param)."""
+    mod = VARIANTS[cfg.architecture]
+    if cfg.architecture == "jumprelu":
+        return mod.param_names(cfg.threshold_param)
+    return mod.PARAM_NAMES
+
+
 def hypers_at(cfg, step, dead_mask=None):
     """The variant's forward/backward keyword arguments at `step` (sparsity warm-up applied)."""
     if cfg.architecture == "topk":
         return {"k": cfg.k, "aux_k": cfg.aux_k, "aux_coeff": cfg.aux_coeff, "dead_mask": dead_mask}
     coeff = optim.sparsity_coeff_at(step, coeff=cfg.sparsity_coeff, warmup_steps=cfg.sparsity_warmup_steps)
     if cfg.architecture == "jumprelu":
-        return {"sparsity_coeff": coeff, "bandwidth": cfg.bandwidth}
+        h = {"sparsity_coeff": coeff, "bandwidth": cfg.bandwidth, "penalty": cfg.penalty}
+        if cfg.penalty == "quadratic":
+            h["target_l0"] = cfg.target_l0
+        if cfg.freq_coeff > 0:
+            h.update(freq_coeff=cfg.freq_coeff, freq_target=cfg.freq_target)
+        return h
     return {"sparsity_coeff": coeff}
 
 
@@ -202,11 +232,14 @@ def fresh_state(cfg, source, xp):
     """Initial training state: parameters (SPEC init), Adam, counters, C."""
     mod = VARIANTS[cfg.architecture]
     scale, sample = estimate_scale(source, cfg.norm_sample_tokens)  # C, (N, D)
-    params = mod.init(source.d_in, cfg.d_sae, seed=cfg.seed, xp=xp, dtype=cfg.dtype)
-    if cfg.architecture == "jumprelu" and cfg.threshold_init is not None:
+    if cfg.architecture == "jumprelu":
         # log θ moves by about lr per Adam step, so a short run cannot travel from 0.001 to the
         # scale of its pre-activations; small-D runs (minisae compare) start θ nearer to it
-        params["log_threshold"] = xp.full(cfg.d_sae, math.log(cfg.threshold_init), dtype=cfg.dtype)  # (M,)
+        params = mod.init(source.d_in, cfg.d_sae, seed=cfg.seed, xp=xp, dtype=cfg.dtype,
+                          threshold_param=cfg.threshold_param,
+                          threshold_init=cfg.threshold_init or mod.THRESHOLD_INIT)
+    else:
+        params = mod.init(source.d_in, cfg.d_sae, seed=cfg.seed, xp=xp, dtype=cfg.dtype)
     if cfg.architecture == "topk":  # b_dec = geometric median of the (normalised) data (Gao et al.)
         from minisae.sae.common import geometric_median
 
@@ -256,9 +289,8 @@ def load_checkpoint(path, cfg, xp):
             "untouched: restore it, or move it away to start training over"
         ) from None
     _check_resume_config(path, info, cfg)
-    mod = VARIANTS[cfg.architecture]
     params, m, v = {}, {}, {}
-    for k in mod.PARAM_NAMES:
+    for k in param_names(cfg):
         for store, prefix in ((params, "params"), (m, "adam_m"), (v, "adam_v")):
             name = f"{prefix}.{k}"
             if name not in arrays:
@@ -403,6 +435,8 @@ def train(cfg, source, out_dir, *, resume=False, overwrite=False, progress=True)
                              total_steps=cfg.steps, decay_frac=cfg.decay_frac)
             optim.adam_update(params, grads, adam, lr=lr, betas=betas, eps=cfg.adam_eps)
             optim.normalize_decoder_rows(params["W_dec"])
+            if "threshold" in params:  # raw θ: kept >= 0 by projection (a θ < 0 would count π = 0 as active)
+                xp.maximum(params["threshold"], 0.0, out=params["threshold"])
             since_fired += cfg.batch_size  # (M,) tokens since each latent last fired ...
             since_fired *= out["fired"] == 0  # ... reset where it fired in this batch
             done = step + 1

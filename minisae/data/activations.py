@@ -190,7 +190,7 @@ def cache_activations(model, tokenizer, text_paths, site, out_dir, *, seq_len=10
     overwrite=True starts over there (the old cache's shards and manifest are removed). Any other
     non-empty folder is refused (minisae.io.files). No manifest is written before the first shard.
     """
-    from minisae.models.gemma2 import parse_site
+    from minisae.models.sites import parse_site
 
     for name, value, least in (("batch_size", batch_size, 1), ("shard_tokens", shard_tokens, 1), ("seq_len", seq_len, 2)):
         if isinstance(value, bool) or not isinstance(value, int) or value < least:

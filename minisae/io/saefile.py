@@ -226,7 +226,10 @@ class SAE:
         hyper, C = dict(hyper or {}), float(scale)
         if not (math.isfinite(C) and C > 0):
             raise ValueError(f"SAE.from_training: expected a finite scale > 0, found {scale!r}")
-        missing = [n for n in TRAINING_PARAMS[architecture] if n not in params]
+        names = TRAINING_PARAMS[architecture]
+        if architecture == "jumprelu" and "threshold" in params:  # theta trained raw
+            names = RELEASE_PARAMS["jumprelu"]
+        missing = [n for n in names if n not in params]
         if missing:
             raise SAEFileError(f"SAE.from_training: {architecture} training params lack {missing}; "
                                f"found {sorted(params)}")
@@ -234,7 +237,8 @@ class SAE:
         out = {"W_enc": params["W_enc"], "W_dec": params["W_dec"], "b_dec": C * params["b_dec"]}
         cfg = {"apply_b_dec_to_input": True}
         if architecture == "jumprelu":
-            out.update(b_enc=C * params["b_enc"], threshold=C * xp.exp(params["log_threshold"]))  # theta' = C theta
+            theta = params["threshold"] if "threshold" in params else xp.exp(params["log_threshold"])
+            out.update(b_enc=C * params["b_enc"], threshold=C * theta)  # theta' = C theta
             cfg["apply_b_dec_to_input"] = bool(hyper.get("pre_enc_bias", True))
         elif architecture == "topk":
             if "k" not in hyper:
