@@ -16,7 +16,15 @@ import json
 import sys
 from pathlib import Path
 
+from minisae.errors import InputError, MissingInputError, OutputExistsError
+
 EXIT_USER_ERROR, EXIT_FAILED, EXIT_INTERRUPTED = 2, 1, 130
+
+
+def _check_files_exist(paths, flag):
+    for p in paths:
+        if not Path(p).is_file():
+            raise MissingInputError(f"{flag} {p}: no such file")
 
 
 def _synthetic_args(p):
@@ -136,6 +144,7 @@ def build_parser():
     p.add_argument("--lm-tokens", type=int, default=8192, help="scored tokens for delta LM loss")
     p.add_argument("--lm-batch-size", type=int, default=2)
     p.add_argument("--json", help="also write the results to this JSON file")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
     _model_args(p)
     _common(p)
     _synthetic_args(p)
@@ -146,7 +155,7 @@ def build_parser():
                        "a Gemma 2 / Gemma 3 model, site and text when given) and write report.md, results.json and "
                        "pareto.png into --out. The default run takes about 10 minutes on 2 CPU cores.")
     p.add_argument("--out", required=True, help="report folder")
-    p.add_argument("--force", action="store_true", help="overwrite an existing report and its runs")
+    p.add_argument("--overwrite", action="store_true", help="start over in an --out that holds a comparison")
     p.add_argument("--resume", action="store_true", help="finish an interrupted sweep (runs resume from checkpoints)")
     p.add_argument("--quick", action="store_true", help="a tiny sweep for smoke tests (seconds)")
     p.add_argument("--d-sae", type=int, help="latents per SAE (default 1024; 4 × site width for a model)")
@@ -173,6 +182,7 @@ def build_parser():
     p.add_argument("--max-tokens", type=int, help="stop after this many cached tokens")
     p.add_argument("--shard-tokens", type=int, default=65536, help="tokens per shard file")
     p.add_argument("--no-resume", action="store_true", help="refuse a folder that already holds a cache")
+    p.add_argument("--overwrite", action="store_true", help="start over in an --out that holds a cache")
     _model_args(p, required=True)
     _common(p)
 
@@ -264,6 +274,8 @@ def cmd_eval(a):
     from minisae.io.saefile import SAE
     from minisae.xp import get_xp
 
+    if a.json and Path(a.json).exists() and not a.overwrite:
+        raise OutputExistsError(f"{a.json}: exists; pass --overwrite to replace it")
     xp = get_xp(a.backend)
     sae = SAE.load(a.sae, xp=xp)
     if a.activations:
@@ -275,22 +287,23 @@ def cmd_eval(a):
     model = tokenizer = None
     if a.model:
         if not (a.site and a.text):
-            raise ValueError("--model needs --site and --text for delta LM loss")
+            raise InputError("--model needs --site and --text for delta LM loss")
         model, tokenizer = _load_model(a, xp)
     if source is None and model is None:
-        raise ValueError("nothing to evaluate on: give --activations, --synthetic, or --model/--site/--text")
+        raise InputError("nothing to evaluate on: give --activations, --synthetic, or --model/--site/--text")
     out = evaluate(sae, source, n_tokens=a.eval_tokens, model=model, tokenizer=tokenizer, texts=a.text,
                    site=a.site, seq_len=a.seq_len, lm_batch_size=a.lm_batch_size, lm_tokens=a.lm_tokens,
                    text_field=a.text_field)
     print(_summary_line(out))
     if a.json:
-        from minisae.compare import _write_atomic
+        from minisae.io.files import write_atomic
 
-        _write_atomic(Path(a.json), json.dumps(out, indent=2) + "\n")
+        write_atomic(a.json, json.dumps(out, indent=2) + "\n")
 
 
 def cmd_compare(a):
-    from minisae.compare import CompareConfig, quick_config, run_compare
+    from minisae.compare import CompareConfig, is_compare_folder, quick_config, run_compare
+    from minisae.io.files import check_output_dir
     from minisae.xp import get_xp
 
     cfg = quick_config() if a.quick else CompareConfig()
@@ -303,9 +316,12 @@ def cmd_compare(a):
         if getattr(a, arch) is not None:
             cfg.sweep[arch] = list(getattr(a, arch))
     kw = {}
+    check_output_dir(a.out, "compare report", is_own=is_compare_folder)
     if a.model:
         if not (a.site and a.text):
-            raise ValueError("--model needs --site and --text")
+            raise InputError("--model needs --site and --text")
+        _check_files_exist(a.text, "--text")
+        _check_files_exist(a.eval_text or [], "--eval-text")
         from minisae.data.activations import ActivationStore, cache_activations
 
         model, tokenizer = _load_model(a, get_xp(a.backend))
@@ -322,7 +338,7 @@ def cmd_compare(a):
                   data_description={"type": type(model).__name__.removesuffix("Model").lower(),  # gemma2 / gemma3
                                     "model": a.model, "site": a.site, "d_in": source.d_in,
                                     "cached_tokens": source.count, "held_out_tokens": holdout})
-    res = run_compare(cfg, a.out, force=a.force, resume=a.resume, progress=not a.no_progress, **kw)
+    res = run_compare(cfg, a.out, force=a.overwrite, resume=a.resume, progress=not a.no_progress, **kw)
     print(f"report: {Path(a.out) / 'report.md'}  ({res['wall_seconds']:.0f} s)")
     for v in res["verdict"].values():
         print(v["text"])
@@ -334,7 +350,7 @@ def cmd_cache(a):
 
     model, tokenizer = _load_model(a, get_xp(a.backend))
     man = cache_activations(model, tokenizer, a.text, a.site, a.out, seq_len=a.seq_len, batch_size=a.batch_size,
-                            max_tokens=a.max_tokens, shard_tokens=a.shard_tokens, resume=not a.no_resume,
+                            max_tokens=a.max_tokens, shard_tokens=a.shard_tokens, resume=not a.no_resume, overwrite=a.overwrite,
                             text_field=a.text_field, model_name=a.model, progress=not a.no_progress)
     print(f"{man['count']} tokens of {man['site']} (d_in {man['d_in']}) in {len(man['shards'])} shards at {a.out}")
 
