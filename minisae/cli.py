@@ -16,7 +16,15 @@ import json
 import sys
 from pathlib import Path
 
+from minisae.errors import InputError, MissingInputError, OutputExistsError
+
 EXIT_USER_ERROR, EXIT_FAILED, EXIT_INTERRUPTED = 2, 1, 130
+
+
+def _check_files_exist(paths, flag):
+    for p in paths:
+        if not Path(p).is_file():
+            raise MissingInputError(f"{flag} {p}: no such file")
 
 
 def _synthetic_args(p):
@@ -49,27 +57,30 @@ def _synthetic_from(a):
 
 
 def _model_args(p, *, required=False, text_help="text files (.txt: blank-line separated documents; .jsonl)"):
-    g = p.add_argument_group("Gemma 2 model")
-    g.add_argument("--model", required=required, help="local folder or Hub repo id, e.g. google/gemma-2-2b")
+    g = p.add_argument_group("Gemma 2 / Gemma 3 model (the generation is read from config.json)")
+    g.add_argument("--model", required=required,
+                   help="local folder or Hub repo id, e.g. google/gemma-2-2b or google/gemma-3-270m")
     g.add_argument("--tokenizer", help="tokenizer.json file/folder/repo (default: the model's)")
     g.add_argument("--revision", help="Hub revision of the model")
-    g.add_argument("--site", required=required, help="e.g. blocks.12.hook_resid_post, blocks.5.attn.hook_z, blocks.3.hook_mlp_out")
+    g.add_argument("--site", required=required, help="blocks.L.{hook_resid_post,attn.hook_z,hook_mlp_in,hook_mlp_out} or the Hugging Face "
+                   "hook names of Gemma Scope 2 configs: model.layers.L.{output,self_attn.o_proj.input,"
+                   "pre_feedforward_layernorm.output,post_feedforward_layernorm.output}")
     g.add_argument("--text", nargs="+", required=required, metavar="FILE", help=text_help)
     g.add_argument("--text-field", default="text", help="field of each .jsonl object holding the text (default text)")
     g.add_argument("--seq-len", type=int, default=1024, help="tokens per sequence T (default 1024)")
 
 
 def _load_model(a, xp):
-    from minisae.models import gemma2
+    from minisae.models import load_model, load_tokenizer
 
-    model = gemma2.load(a.model, xp=xp, revision=a.revision)
-    tokenizer = gemma2.load_tokenizer(a.tokenizer or a.model)
+    model = load_model(a.model, xp=xp, revision=a.revision)  # Gemma 2 or Gemma 3, from config.json
+    tokenizer = load_tokenizer(a.tokenizer or a.model)
     return model, tokenizer
 
 
 def build_parser():
     parser = argparse.ArgumentParser(prog="minisae", description="Sparse autoencoders (JumpReLU, Gated, TopK) "
-                                     "in NumPy/CuPy, trained and evaluated on synthetic data or Gemma 2 activations.")
+                                     "in NumPy/CuPy, trained and evaluated on synthetic data or Gemma 2 / Gemma 3 activations.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     # ---- train -------------------------------------------------------------------------------
@@ -119,13 +130,19 @@ def build_parser():
     p.add_argument("--holdout-tokens", type=int, default=0, help="cached tokens kept out of training for evaluation")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
     p.add_argument("--overwrite", action="store_true", help="start over in an --out that holds a checkpoint")
+    g = p.add_argument_group("past one process (docs/scale.md); launch with mpiexec -n P minisae train ...")
+    g.add_argument("--shards", type=int, default=1, help="latent shards S; the P processes form P/S data-parallel "
+                   "replicas (default 1)")
+    g.add_argument("--accumulate", type=int, default=1, help="micro-batches per process per step (default 1)")
+    g.add_argument("--dist-backend", choices=["auto", "mpi", "nccl"], default="auto",
+                   help="collectives: auto = MPI under mpiexec (default); nccl for CuPy arrays (untested: no GPU)")
     _common(p)
     _synthetic_args(p)
 
     # ---- eval --------------------------------------------------------------------------------
     p = sub.add_parser("eval", help="evaluate an SAE", description="SPEC §5 metrics of an SAE (SAELens folder, "
                        "Gemma Scope params.npz or a Hub reference) on activations, plus delta LM loss and loss "
-                       "recovered when a Gemma 2 model, site and text are given. Without a data option, a run "
+                       "recovered when a Gemma 2 / Gemma 3 model, site and text are given. Without a data option, a run "
                        "folder's own data (its config.json) is used.")
     p.add_argument("--sae", required=True, help="SAE folder, params.npz, or Hub org/repo/path")
     p.add_argument("--activations", help="cache folder written by `minisae cache`")
@@ -134,6 +151,7 @@ def build_parser():
     p.add_argument("--lm-tokens", type=int, default=8192, help="scored tokens for delta LM loss")
     p.add_argument("--lm-batch-size", type=int, default=2)
     p.add_argument("--json", help="also write the results to this JSON file")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
     _model_args(p)
     _common(p)
     _synthetic_args(p)
@@ -141,13 +159,13 @@ def build_parser():
     # ---- compare -----------------------------------------------------------------------------
     p = sub.add_parser("compare", help="JumpReLU vs Gated vs TopK over a sparsity sweep", description="Train the "
                        "three variants over a sparsity sweep on the same activations (synthetic by default; "
-                       "a Gemma 2 model, site and text when given) and write report.md, results.json and "
+                       "a Gemma 2 / Gemma 3 model, site and text when given) and write report.md, results.json and "
                        "pareto.png into --out. The default run takes about 10 minutes on 2 CPU cores.")
     p.add_argument("--out", required=True, help="report folder")
-    p.add_argument("--force", action="store_true", help="overwrite an existing report and its runs")
+    p.add_argument("--overwrite", action="store_true", help="start over in an --out that holds a comparison")
     p.add_argument("--resume", action="store_true", help="finish an interrupted sweep (runs resume from checkpoints)")
     p.add_argument("--quick", action="store_true", help="a tiny sweep for smoke tests (seconds)")
-    p.add_argument("--d-sae", type=int, help="latents per SAE (default 1024; 4 × site width for Gemma 2)")
+    p.add_argument("--d-sae", type=int, help="latents per SAE (default 1024; 4 × site width for a model)")
     p.add_argument("--steps", type=int, help="steps per SAE")
     p.add_argument("--batch-size", type=int, help="tokens per step")
     p.add_argument("--jumprelu", type=float, nargs="+", metavar="λ", help="JumpReLU sparsity coefficients")
@@ -155,14 +173,15 @@ def build_parser():
     p.add_argument("--topk", type=int, nargs="+", metavar="K", help="TopK k values")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--jobs", type=int, help="training processes (default min(2, CPUs) on numpy, 1 on cupy)")
-    p.add_argument("--tokens", type=int, default=1_000_000, help="Gemma 2: activations to cache (default 1M)")
-    p.add_argument("--eval-text", nargs="+", metavar="FILE", help="Gemma 2: texts for delta LM loss (default --text)")
+    p.add_argument("--tokens", type=int, default=1_000_000, help="with --model: activations to cache (default 1M)")
+    p.add_argument("--eval-text", nargs="+", metavar="FILE", help="with --model: texts for delta LM loss (default --text)")
     _model_args(p)
     _common(p)
     _synthetic_args(p)
 
     # ---- cache -------------------------------------------------------------------------------
-    p = sub.add_parser("cache", help="cache Gemma 2 activations to disk", description="Run a Gemma 2 model over "
+    p = sub.add_parser("cache", help="cache Gemma 2 / Gemma 3 activations to disk", description="Run a Gemma 2 or "
+                       "Gemma 3 model over "
                        "text and store the activations at one site (BOS/EOS/pad dropped) as float32 shards "
                        "plus manifest.json. Resumable: rerun the same command after an interruption.")
     p.add_argument("--out", required=True, help="cache folder")
@@ -170,6 +189,7 @@ def build_parser():
     p.add_argument("--max-tokens", type=int, help="stop after this many cached tokens")
     p.add_argument("--shard-tokens", type=int, default=65536, help="tokens per shard file")
     p.add_argument("--no-resume", action="store_true", help="refuse a folder that already holds a cache")
+    p.add_argument("--overwrite", action="store_true", help="start over in an --out that holds a cache")
     _model_args(p, required=True)
     _common(p)
 
@@ -218,10 +238,27 @@ def cmd_train(a):
         sparsity_warmup_steps=a.sparsity_warmup_steps, decay_frac=a.decay_frac, seed=a.seed, backend=a.backend,
         dtype=a.dtype, dead_window_tokens=a.dead_window_tokens, aux_k=a.aux_k, aux_coeff=a.aux_coeff,
         checkpoint_every=a.checkpoint_every, log_every=a.log_every, eval_tokens=a.eval_tokens)
-    res = train(cfg, source, a.out, resume=a.resume, overwrite=a.overwrite, progress=not a.no_progress)
+    if a.shards > 1 or a.accumulate > 1 or a.dist_backend != "auto" or _launched_by_mpiexec():
+        from minisae import dist
+        from minisae.parallel import train_parallel
+
+        comm = dist.world(a.dist_backend)
+        with dist.abort_on_error(comm):
+            res = train_parallel(cfg, source, a.out, shards=a.shards, accumulate=a.accumulate, comm=comm,
+                                 resume=a.resume, overwrite=a.overwrite, progress=not a.no_progress)
+        if comm.rank != 0:
+            return
+    else:
+        res = train(cfg, source, a.out, resume=a.resume, overwrite=a.overwrite, progress=not a.no_progress)
     print(f"SAE written to {Path(a.out) / 'sae'}")
     if res.summary:
         print(_summary_line(res.summary))
+
+
+def _launched_by_mpiexec():
+    from minisae.dist import launched_by_mpiexec
+
+    return launched_by_mpiexec() > 1
 
 
 def _activation_store(folder, seed, holdout):
@@ -256,6 +293,8 @@ def cmd_eval(a):
     from minisae.io.saefile import SAE
     from minisae.xp import get_xp
 
+    if a.json and Path(a.json).exists() and not a.overwrite:
+        raise OutputExistsError(f"{a.json}: exists; pass --overwrite to replace it")
     xp = get_xp(a.backend)
     sae = SAE.load(a.sae, xp=xp)
     if a.activations:
@@ -267,22 +306,23 @@ def cmd_eval(a):
     model = tokenizer = None
     if a.model:
         if not (a.site and a.text):
-            raise ValueError("--model needs --site and --text for delta LM loss")
+            raise InputError("--model needs --site and --text for delta LM loss")
         model, tokenizer = _load_model(a, xp)
     if source is None and model is None:
-        raise ValueError("nothing to evaluate on: give --activations, --synthetic, or --model/--site/--text")
+        raise InputError("nothing to evaluate on: give --activations, --synthetic, or --model/--site/--text")
     out = evaluate(sae, source, n_tokens=a.eval_tokens, model=model, tokenizer=tokenizer, texts=a.text,
                    site=a.site, seq_len=a.seq_len, lm_batch_size=a.lm_batch_size, lm_tokens=a.lm_tokens,
                    text_field=a.text_field)
     print(_summary_line(out))
     if a.json:
-        from minisae.compare import _write_atomic
+        from minisae.io.files import write_atomic
 
-        _write_atomic(Path(a.json), json.dumps(out, indent=2) + "\n")
+        write_atomic(a.json, json.dumps(out, indent=2) + "\n")
 
 
 def cmd_compare(a):
-    from minisae.compare import CompareConfig, quick_config, run_compare
+    from minisae.compare import CompareConfig, is_compare_folder, quick_config, run_compare
+    from minisae.io.files import check_output_dir
     from minisae.xp import get_xp
 
     cfg = quick_config() if a.quick else CompareConfig()
@@ -295,9 +335,12 @@ def cmd_compare(a):
         if getattr(a, arch) is not None:
             cfg.sweep[arch] = list(getattr(a, arch))
     kw = {}
+    check_output_dir(a.out, "compare report", is_own=is_compare_folder)
     if a.model:
         if not (a.site and a.text):
-            raise ValueError("--model needs --site and --text")
+            raise InputError("--model needs --site and --text")
+        _check_files_exist(a.text, "--text")
+        _check_files_exist(a.eval_text or [], "--eval-text")
         from minisae.data.activations import ActivationStore, cache_activations
 
         model, tokenizer = _load_model(a, get_xp(a.backend))
@@ -311,9 +354,10 @@ def cmd_compare(a):
         cfg.eval_tokens = holdout
         source = ActivationStore(acts, seed=a.data_seed, holdout_tokens=holdout)
         kw = dict(source=source, model=model, tokenizer=tokenizer, eval_texts=a.eval_text or a.text, site=a.site,
-                  data_description={"type": "gemma2", "model": a.model, "site": a.site, "d_in": source.d_in,
+                  data_description={"type": type(model).__name__.removesuffix("Model").lower(),  # gemma2 / gemma3
+                                    "model": a.model, "site": a.site, "d_in": source.d_in,
                                     "cached_tokens": source.count, "held_out_tokens": holdout})
-    res = run_compare(cfg, a.out, force=a.force, resume=a.resume, progress=not a.no_progress, **kw)
+    res = run_compare(cfg, a.out, force=a.overwrite, resume=a.resume, progress=not a.no_progress, **kw)
     print(f"report: {Path(a.out) / 'report.md'}  ({res['wall_seconds']:.0f} s)")
     for v in res["verdict"].values():
         print(v["text"])
@@ -325,7 +369,7 @@ def cmd_cache(a):
 
     model, tokenizer = _load_model(a, get_xp(a.backend))
     man = cache_activations(model, tokenizer, a.text, a.site, a.out, seq_len=a.seq_len, batch_size=a.batch_size,
-                            max_tokens=a.max_tokens, shard_tokens=a.shard_tokens, resume=not a.no_resume,
+                            max_tokens=a.max_tokens, shard_tokens=a.shard_tokens, resume=not a.no_resume, overwrite=a.overwrite,
                             text_field=a.text_field, model_name=a.model, progress=not a.no_progress)
     print(f"{man['count']} tokens of {man['site']} (d_in {man['d_in']}) in {len(man['shards'])} shards at {a.out}")
 

@@ -36,14 +36,14 @@ Legend: B tokens in a batch, D d_in, M d_sae (latents).
 import dataclasses
 import json
 import math
-import os
 import time
 from pathlib import Path
 
 import numpy
 
 from minisae import optim
-from minisae.errors import FileFormatError, TrainingError  # noqa: F401 (TrainingError: part of this API)
+from minisae.errors import FileFormatError, MinisaeError, OutputExistsError, TrainingError, storage_error
+from minisae.io.files import check_output_dir, make_dir, read_json, write_atomic
 from minisae.prefetch import Prefetcher
 from minisae.progress import progress_bar
 from minisae.sae import VARIANTS
@@ -286,15 +286,9 @@ def save_checkpoint(path, state, cfg):
         "threshold_updates": int(state.get("threshold_updates", 0)),
         "config": dataclasses.asdict(cfg),
     }
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        save_file(tensors, tmp, metadata={"minisae": json.dumps(info)})
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    # save_file writes a temp file, fsyncs and renames it; on a failure (a full disk: StorageError)
+    # the temp file is removed and the previous checkpoint is left as it was
+    save_file(tensors, path, metadata={"minisae": json.dumps(info)})
 
 
 def load_checkpoint(path, cfg, xp):
@@ -352,9 +346,14 @@ def _params_finite(params, xp):
 
 
 def _append_jsonl(path, rows):
-    with open(path, "a") as fh:
-        for row in rows:
-            fh.write(json.dumps(row) + "\n")
+    if not rows:
+        return
+    try:
+        with open(path, "a") as fh:
+            for row in rows:
+                fh.write(json.dumps(row) + "\n")
+    except OSError as e:
+        raise storage_error(e, path) from e
 
 
 def _truncate_metrics(path, step):
@@ -372,10 +371,16 @@ def _truncate_metrics(path, step):
 
 
 def _write_text_atomic(path, text):
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    write_atomic(path, text)
+
+
+def is_run_folder(folder):
+    """True when `folder` is a training run folder: its config.json was written by train()."""
+    try:
+        cfg = read_json(Path(folder) / "config.json")
+    except (MinisaeError, OSError):
+        return False
+    return isinstance(cfg.get("train"), dict) and "source" in cfg
 
 
 def _source_info(source):
@@ -401,7 +406,7 @@ def train(cfg, source, out_dir, *, resume=False, overwrite=False, progress=True)
     xp = get_xp(cfg.backend)
     mod = VARIANTS[cfg.architecture]
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    check_output_dir(out_dir, "train run", is_own=is_run_folder)
     ckpt = out_dir / CHECKPOINT_NAME
     metrics_path = out_dir / "metrics.jsonl"
 
@@ -410,13 +415,15 @@ def train(cfg, source, out_dir, *, resume=False, overwrite=False, progress=True)
         if int(state["params"]["W_enc"].shape[0]) != source.d_in:
             raise CheckpointError(f"{ckpt}: trained on d_in={state['params']['W_enc'].shape[0]}, the source has {source.d_in}")
         _truncate_metrics(metrics_path, state["step"])
-    elif ckpt.exists() and not overwrite:
-        raise FileExistsError(f"{out_dir} already holds a training checkpoint; resume it (--resume) or choose a new folder (or --overwrite)")
+    elif (ckpt.exists() or (out_dir / "sae").exists()) and not overwrite:
+        raise OutputExistsError(f"{out_dir} already holds a training run; resume it (--resume), start it over "
+                                "(--overwrite) or choose a new folder")
     else:  # a fresh run (overwrite=True: the old run's state and results go first)
+        state = fresh_state(cfg, source, xp)
+        make_dir(out_dir)
         for old in (ckpt, metrics_path, out_dir / "eval.json"):
             if old.exists():
                 old.unlink()
-        state = fresh_state(cfg, source, xp)
     _write_text_atomic(out_dir / "config.json", json.dumps(
         {"train": dataclasses.asdict(cfg), "source": _source_info(source)}, indent=2) + "\n")
 
