@@ -16,7 +16,15 @@ import json
 import sys
 from pathlib import Path
 
+from minisae.errors import InputError, MissingInputError, OutputExistsError
+
 EXIT_USER_ERROR, EXIT_FAILED, EXIT_INTERRUPTED = 2, 1, 130
+
+
+def _check_files_exist(paths, flag):
+    for p in paths:
+        if not Path(p).is_file():
+            raise MissingInputError(f"{flag} {p}: no such file")
 
 
 def _synthetic_args(p):
@@ -79,10 +87,17 @@ def build_parser():
     p = sub.add_parser("train", help="train one SAE", description="Train one SAE (SPEC §4 recipe) on synthetic "
                        "data (default) or cached activations; checkpoints, metrics.jsonl and the SAE go to --out.")
     p.add_argument("--out", required=True, help="run folder")
-    p.add_argument("--arch", choices=["jumprelu", "gated", "topk"], default="jumprelu")
+    p.add_argument("--arch", choices=["jumprelu", "gated", "topk", "batchtopk"], default="jumprelu",
+                   help="SAE variant (default jumprelu); batchtopk keeps the top B·k pre-activations of the "
+                        "whole batch and is saved as a JumpReLU with one global threshold")
     p.add_argument("--d-sae", type=int, default=1024, help="latents M (default 1024)")
     p.add_argument("--sparsity-coeff", "--lambda", dest="sparsity_coeff", type=float, help="λ (jumprelu, gated)")
-    p.add_argument("--k", type=int, help="latents kept per token (topk)")
+    p.add_argument("--k", type=int, help="latents kept per token (topk; batchtopk: on average)")
+    p.add_argument("--matryoshka", type=_prefix_list, metavar="M1,M2,...",
+                   help="Matryoshka loss over nested latent prefixes, e.g. 128,512,2048 (batchtopk, jumprelu; "
+                        "d_sae is appended as the last prefix if missing)")
+    p.add_argument("--threshold-rate", type=float, default=0.01,
+                   help="batchtopk: averaging rate of the running inference threshold (default 0.01)")
     p.add_argument("--lr", type=float, help="learning rate (default per architecture: 7e-5 JumpReLU, 3e-4 Gated, 2e-4/sqrt(M/2^14) TopK)")
     p.add_argument("--steps", type=int, help="optimiser steps")
     p.add_argument("--tokens", type=int, help="training tokens (instead of --steps)")
@@ -115,6 +130,12 @@ def build_parser():
     p.add_argument("--holdout-tokens", type=int, default=0, help="cached tokens kept out of training for evaluation")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
     p.add_argument("--overwrite", action="store_true", help="start over in an --out that holds a checkpoint")
+    g = p.add_argument_group("past one process (docs/scale.md); launch with mpiexec -n P minisae train ...")
+    g.add_argument("--shards", type=int, default=1, help="latent shards S; the P processes form P/S data-parallel "
+                   "replicas (default 1)")
+    g.add_argument("--accumulate", type=int, default=1, help="micro-batches per process per step (default 1)")
+    g.add_argument("--dist-backend", choices=["auto", "mpi", "nccl"], default="auto",
+                   help="collectives: auto = MPI under mpiexec (default); nccl for CuPy arrays (untested: no GPU)")
     _common(p)
     _synthetic_args(p)
 
@@ -130,6 +151,7 @@ def build_parser():
     p.add_argument("--lm-tokens", type=int, default=8192, help="scored tokens for delta LM loss")
     p.add_argument("--lm-batch-size", type=int, default=2)
     p.add_argument("--json", help="also write the results to this JSON file")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
     _model_args(p)
     _common(p)
     _synthetic_args(p)
@@ -140,7 +162,7 @@ def build_parser():
                        "a Gemma 2 / Gemma 3 model, site and text when given) and write report.md, results.json and "
                        "pareto.png into --out. The default run takes about 10 minutes on 2 CPU cores.")
     p.add_argument("--out", required=True, help="report folder")
-    p.add_argument("--force", action="store_true", help="overwrite an existing report and its runs")
+    p.add_argument("--overwrite", action="store_true", help="start over in an --out that holds a comparison")
     p.add_argument("--resume", action="store_true", help="finish an interrupted sweep (runs resume from checkpoints)")
     p.add_argument("--quick", action="store_true", help="a tiny sweep for smoke tests (seconds)")
     p.add_argument("--d-sae", type=int, help="latents per SAE (default 1024; 4 × site width for a model)")
@@ -167,6 +189,7 @@ def build_parser():
     p.add_argument("--max-tokens", type=int, help="stop after this many cached tokens")
     p.add_argument("--shard-tokens", type=int, default=65536, help="tokens per shard file")
     p.add_argument("--no-resume", action="store_true", help="refuse a folder that already holds a cache")
+    p.add_argument("--overwrite", action="store_true", help="start over in an --out that holds a cache")
     _model_args(p, required=True)
     _common(p)
 
@@ -181,6 +204,17 @@ def build_parser():
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     return parser
+
+
+def _prefix_list(text):
+    """'128,512,2048' -> [128, 512, 2048] (argparse type)."""
+    try:
+        sizes = [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers such as 128,512,2048, found {text!r}") from None
+    if not sizes:
+        raise argparse.ArgumentTypeError("expected at least one prefix size")
+    return sizes
 
 
 def _common(p):
@@ -198,15 +232,33 @@ def cmd_train(a):
     cfg = TrainConfig(
         architecture=a.arch, d_sae=a.d_sae, sparsity_coeff=a.sparsity_coeff, k=a.k, bandwidth=a.bandwidth, lr=a.lr,
         penalty=a.penalty, target_l0=a.target_l0, threshold_param=a.threshold_param, threshold_init=a.threshold_init,
-        freq_coeff=a.freq_coeff, freq_target=a.freq_target,
+        freq_coeff=a.freq_coeff, freq_target=a.freq_target, matryoshka=a.matryoshka,
+        threshold_rate=a.threshold_rate,
         steps=a.steps, tokens=a.tokens, batch_size=a.batch_size, warmup_steps=a.warmup_steps,
         sparsity_warmup_steps=a.sparsity_warmup_steps, decay_frac=a.decay_frac, seed=a.seed, backend=a.backend,
         dtype=a.dtype, dead_window_tokens=a.dead_window_tokens, aux_k=a.aux_k, aux_coeff=a.aux_coeff,
         checkpoint_every=a.checkpoint_every, log_every=a.log_every, eval_tokens=a.eval_tokens)
-    res = train(cfg, source, a.out, resume=a.resume, overwrite=a.overwrite, progress=not a.no_progress)
+    if a.shards > 1 or a.accumulate > 1 or a.dist_backend != "auto" or _launched_by_mpiexec():
+        from minisae import dist
+        from minisae.parallel import train_parallel
+
+        comm = dist.world(a.dist_backend)
+        with dist.abort_on_error(comm):
+            res = train_parallel(cfg, source, a.out, shards=a.shards, accumulate=a.accumulate, comm=comm,
+                                 resume=a.resume, overwrite=a.overwrite, progress=not a.no_progress)
+        if comm.rank != 0:
+            return
+    else:
+        res = train(cfg, source, a.out, resume=a.resume, overwrite=a.overwrite, progress=not a.no_progress)
     print(f"SAE written to {Path(a.out) / 'sae'}")
     if res.summary:
         print(_summary_line(res.summary))
+
+
+def _launched_by_mpiexec():
+    from minisae.dist import launched_by_mpiexec
+
+    return launched_by_mpiexec() > 1
 
 
 def _activation_store(folder, seed, holdout):
@@ -241,6 +293,8 @@ def cmd_eval(a):
     from minisae.io.saefile import SAE
     from minisae.xp import get_xp
 
+    if a.json and Path(a.json).exists() and not a.overwrite:
+        raise OutputExistsError(f"{a.json}: exists; pass --overwrite to replace it")
     xp = get_xp(a.backend)
     sae = SAE.load(a.sae, xp=xp)
     if a.activations:
@@ -252,22 +306,23 @@ def cmd_eval(a):
     model = tokenizer = None
     if a.model:
         if not (a.site and a.text):
-            raise ValueError("--model needs --site and --text for delta LM loss")
+            raise InputError("--model needs --site and --text for delta LM loss")
         model, tokenizer = _load_model(a, xp)
     if source is None and model is None:
-        raise ValueError("nothing to evaluate on: give --activations, --synthetic, or --model/--site/--text")
+        raise InputError("nothing to evaluate on: give --activations, --synthetic, or --model/--site/--text")
     out = evaluate(sae, source, n_tokens=a.eval_tokens, model=model, tokenizer=tokenizer, texts=a.text,
                    site=a.site, seq_len=a.seq_len, lm_batch_size=a.lm_batch_size, lm_tokens=a.lm_tokens,
                    text_field=a.text_field)
     print(_summary_line(out))
     if a.json:
-        from minisae.compare import _write_atomic
+        from minisae.io.files import write_atomic
 
-        _write_atomic(Path(a.json), json.dumps(out, indent=2) + "\n")
+        write_atomic(a.json, json.dumps(out, indent=2) + "\n")
 
 
 def cmd_compare(a):
-    from minisae.compare import CompareConfig, quick_config, run_compare
+    from minisae.compare import CompareConfig, is_compare_folder, quick_config, run_compare
+    from minisae.io.files import check_output_dir
     from minisae.xp import get_xp
 
     cfg = quick_config() if a.quick else CompareConfig()
@@ -280,9 +335,12 @@ def cmd_compare(a):
         if getattr(a, arch) is not None:
             cfg.sweep[arch] = list(getattr(a, arch))
     kw = {}
+    check_output_dir(a.out, "compare report", is_own=is_compare_folder)
     if a.model:
         if not (a.site and a.text):
-            raise ValueError("--model needs --site and --text")
+            raise InputError("--model needs --site and --text")
+        _check_files_exist(a.text, "--text")
+        _check_files_exist(a.eval_text or [], "--eval-text")
         from minisae.data.activations import ActivationStore, cache_activations
 
         model, tokenizer = _load_model(a, get_xp(a.backend))
@@ -299,7 +357,7 @@ def cmd_compare(a):
                   data_description={"type": type(model).__name__.removesuffix("Model").lower(),  # gemma2 / gemma3
                                     "model": a.model, "site": a.site, "d_in": source.d_in,
                                     "cached_tokens": source.count, "held_out_tokens": holdout})
-    res = run_compare(cfg, a.out, force=a.force, resume=a.resume, progress=not a.no_progress, **kw)
+    res = run_compare(cfg, a.out, force=a.overwrite, resume=a.resume, progress=not a.no_progress, **kw)
     print(f"report: {Path(a.out) / 'report.md'}  ({res['wall_seconds']:.0f} s)")
     for v in res["verdict"].values():
         print(v["text"])
@@ -311,7 +369,7 @@ def cmd_cache(a):
 
     model, tokenizer = _load_model(a, get_xp(a.backend))
     man = cache_activations(model, tokenizer, a.text, a.site, a.out, seq_len=a.seq_len, batch_size=a.batch_size,
-                            max_tokens=a.max_tokens, shard_tokens=a.shard_tokens, resume=not a.no_resume,
+                            max_tokens=a.max_tokens, shard_tokens=a.shard_tokens, resume=not a.no_resume, overwrite=a.overwrite,
                             text_field=a.text_field, model_name=a.model, progress=not a.no_progress)
     print(f"{man['count']} tokens of {man['site']} (d_in {man['d_in']}) in {len(man['shards'])} shards at {a.out}")
 

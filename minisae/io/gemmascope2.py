@@ -21,14 +21,12 @@ An SAE reads and writes the same site (D_out = D_in); a transcoder reads the MLP
 
 import json
 import math
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy
 
 from minisae.errors import FileFormatError, InputError, OutputExistsError
+from minisae.io.files import atomic_path, check_output_dir, make_dir, read_json, write_atomic
 
 PARAMS_FILENAME = "params.safetensors"
 CONFIG_FILENAME = "config.json"
@@ -61,14 +59,7 @@ def read_config(path):
     path = Path(path)
     if not path.is_file():
         raise GemmaScope2Error(f"{path}: missing (a Gemma Scope 2 folder holds {PARAMS_FILENAME} and {CONFIG_FILENAME})")
-    if path.stat().st_size > MAX_CONFIG_BYTES:
-        raise GemmaScope2Error(f"{path}: {path.stat().st_size} bytes, too large for a Gemma Scope 2 config.json")
-    try:
-        cfg = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise GemmaScope2Error(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(cfg, dict):
-        raise GemmaScope2Error(f"{path}: expected a JSON object, found {type(cfg).__name__}")
+    cfg = read_json(path, max_bytes=MAX_CONFIG_BYTES, error=GemmaScope2Error)  # a JSON object, size-limited
     arch = cfg.get("architecture", ARCHITECTURE)
     if arch != ARCHITECTURE:
         raise GemmaScope2Error(f"{path}: architecture: expected {ARCHITECTURE!r}, found {arch!r}")
@@ -201,37 +192,25 @@ def save(sae, folder, *, overwrite=False):
     text = (json.dumps(config, indent=2) + "\n").encode()
 
     folder = Path(folder)
-    if folder.exists() and not folder.is_dir():
-        raise OutputExistsError(f"{folder}: exists and is not a folder; a Gemma Scope 2 SAE is a folder")
-    non_empty = folder.is_dir() and any(folder.iterdir())
-    if non_empty and not overwrite:
-        raise OutputExistsError(f"{folder}: folder exists and is not empty; pass overwrite=True "
+    state = check_output_dir(folder, "SAE", is_own=_is_sae_folder, flag="output folder")
+    if state == "own" and not overwrite:
+        raise OutputExistsError(f"{folder}: folder exists and is not empty (an SAE folder); pass overwrite=True "
                                 "(--overwrite) to replace its Gemma Scope 2 files")
-    if non_empty:
+    if state == "own":
         save_file(tensors, folder / PARAMS_FILENAME)
-        _write_atomic(folder / CONFIG_FILENAME, text)
+        write_atomic(folder / CONFIG_FILENAME, text)
         return folder
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder.parent))
-    try:
+    make_dir(folder.parent)
+    with atomic_path(folder) as tmp:  # all or nothing: a temporary sibling renamed into place
+        tmp.mkdir()
         save_file(tensors, tmp / PARAMS_FILENAME)
         (tmp / CONFIG_FILENAME).write_bytes(text)
         if folder.is_dir():
-            folder.rmdir()  # empty, checked above
-        os.replace(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+            folder.rmdir()  # empty (or only temporary leftovers), checked above
     return folder
 
 
-def _write_atomic(path, data):
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+def _is_sae_folder(folder):
+    from minisae.io.saefile import _is_sae_folder as saefile_own
+
+    return (folder / PARAMS_FILENAME).is_file() or (folder / CONFIG_FILENAME).is_file() or saefile_own(folder)

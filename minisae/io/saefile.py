@@ -37,17 +37,15 @@ b_enc: b_enc' = C*b_enc - (C*b_dec) @ W_enc (Gemma Scope App. A).
 
 import json
 import math
-import os
 import re
-import shutil
-import tempfile
 import zipfile
 from pathlib import Path
 
 import numpy
 
-from minisae.errors import FileFormatError
+from minisae.errors import FileFormatError, OutputExistsError
 from minisae.io import gemmascope2
+from minisae.io.files import atomic_path, check_output_dir, make_dir
 from minisae.xp import asarray, to_numpy, xp_of
 
 CFG_FILENAME = "cfg.json"
@@ -265,9 +263,17 @@ class SAE:
     def from_training(cls, architecture, params, *, scale, hyper=None, metadata=None):
         """Release-form SAE from training parameters (minisae.sae.<variant> names) trained on
         x = x_raw / scale: the module docstring's folding; log_threshold -> threshold. `hyper`:
-        k for topk, pre_enc_bias (default True) for jumprelu; other keys are ignored."""
-        _check_architecture(architecture, "SAE.from_training")
+        k for topk, pre_enc_bias (default True) for jumprelu, threshold (the running inference
+        threshold) for batchtopk, which becomes a jumprelu SAE with that threshold on every latent;
+        other keys are ignored."""
         hyper, C = dict(hyper or {}), float(scale)
+        if architecture == "batchtopk":  # inference: a JumpReLU with one global threshold
+            if hyper.get("threshold") is None:
+                raise ValueError("SAE.from_training: a batchtopk SAE needs hyper['threshold'] (its running threshold)")
+            from minisae.sae.batchtopk import inference_params
+
+            architecture, params = "jumprelu", inference_params(params, hyper["threshold"])
+        _check_architecture(architecture, "SAE.from_training")
         if not (math.isfinite(C) and C > 0):
             raise ValueError(f"SAE.from_training: expected a finite scale > 0, found {scale!r}")
         names = TRAINING_PARAMS[architecture]
@@ -302,34 +308,30 @@ class SAE:
     def save(self, folder, *, overwrite=False):
         """Write a SAELens folder (cfg.json + sae_weights.safetensors); returns it as a Path.
         A new or empty folder is written as a temporary sibling and renamed into place (all or
-        nothing). An existing non-empty folder is refused unless overwrite=True, which replaces
-        just those two files, each atomically (other files in the folder are left alone)."""
+        nothing). An existing SAE folder (one holding cfg.json, sae_weights.safetensors or
+        params.npz) is refused unless overwrite=True, which replaces just those two files, each
+        atomically; any other non-empty folder is always refused (minisae.io.files)."""
         from minisae.io.safetensors_io import save_file
 
         folder = Path(folder)
-        if folder.exists() and not folder.is_dir():
-            raise FileExistsError(f"{folder}: exists and is not a folder; SAE.save writes a folder")
-        non_empty = folder.is_dir() and any(folder.iterdir())
+        state = check_output_dir(folder, "SAE", is_own=_is_sae_folder, flag="output folder")
+        non_empty = state == "own"
         if non_empty and not overwrite:
-            raise FileExistsError(f"{folder}: folder exists and is not empty; "
-                                  "pass overwrite=True to replace its SAE files")
+            raise OutputExistsError(f"{folder}: folder exists and is not empty (an SAE folder); "
+                                    "pass overwrite=True (--overwrite) to replace its SAE files")
         tensors = {n: numpy.ascontiguousarray(to_numpy(self.params[n])) for n in RELEASE_PARAMS[self.architecture]}
         cfg_text = json.dumps(self.cfg, indent=2, default=_json_default) + "\n"
         if non_empty:
             save_file(tensors, folder / WEIGHTS_FILENAME)
             _atomic_write_bytes(folder / CFG_FILENAME, cfg_text.encode())
             return folder
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder.parent))
-        try:
+        make_dir(folder.parent)
+        with atomic_path(folder) as tmp:
+            tmp.mkdir()
             save_file(tensors, tmp / WEIGHTS_FILENAME)
             (tmp / CFG_FILENAME).write_text(cfg_text)
             if folder.is_dir():
                 folder.rmdir()  # empty, checked above
-            os.replace(tmp, folder)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         return folder
 
     def save_gemma_scope(self, path, *, overwrite=False):
@@ -340,14 +342,16 @@ class SAE:
             raise ValueError(f"save_gemma_scope: the Gemma Scope format holds JumpReLU SAEs only, "
                              f"this is {self.architecture!r}")
         path = Path(path)
-        path = path if path.suffix == ".npz" else path / GEMMA_SCOPE_FILENAME
-        if path.exists() and not overwrite:
-            raise FileExistsError(f"{path}: file exists; pass overwrite=True to replace it")
+        if path.suffix != ".npz":
+            check_output_dir(path, "SAE", is_own=_is_sae_folder, flag="output folder")
+            path = path / GEMMA_SCOPE_FILENAME
+        if path.is_dir() or (path.exists() and not overwrite):
+            raise OutputExistsError(f"{path}: exists; pass overwrite=True (--overwrite) to replace it")
         p = {n: to_numpy(v).astype(numpy.float64) for n, v in self.params.items()}
         b_enc = p["b_enc"] - p["b_dec"] @ p["W_enc"] if self.cfg["apply_b_dec_to_input"] else p["b_enc"]  # (M,)
         arrays = {"W_enc": p["W_enc"], "W_dec": p["W_dec"], "b_enc": b_enc, "b_dec": p["b_dec"],
                   "threshold": p["threshold"]}
-        path.parent.mkdir(parents=True, exist_ok=True)
+        make_dir(path.parent)
         _atomic_write(path, lambda fh: numpy.savez(fh, **{n: a.astype(numpy.float32) for n, a in arrays.items()}))
         return path
 
@@ -427,15 +431,13 @@ def _json_default(value):
 
 def _atomic_write(path, write):
     """Call write(file_handle) on a temporary file beside `path`, then rename it into place."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as fh:
             write(fh)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+
+
+def _is_sae_folder(folder):
+    return any((folder / name).is_file() for name in (CFG_FILENAME, WEIGHTS_FILENAME, GEMMA_SCOPE_FILENAME))
 
 
 def _atomic_write_bytes(path, data):
