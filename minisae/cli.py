@@ -89,10 +89,17 @@ def build_parser():
                        "arXiv:2408.05147) on synthetic "
                        "data (default) or cached activations; checkpoints, metrics.jsonl and the SAE go to --out.")
     p.add_argument("--out", required=True, help="run folder")
-    p.add_argument("--arch", choices=["jumprelu", "gated", "topk"], default="jumprelu", help="SAE variant")
+    p.add_argument("--arch", choices=["jumprelu", "gated", "topk", "batchtopk"], default="jumprelu",
+                   help="SAE variant (default jumprelu); batchtopk keeps the top B·k pre-activations of the "
+                        "whole batch and is saved as a JumpReLU with one global threshold")
     p.add_argument("--d-sae", type=int, default=1024, help="latents M (default 1024)")
     p.add_argument("--sparsity-coeff", "--lambda", dest="sparsity_coeff", type=float, help="λ (jumprelu, gated)")
-    p.add_argument("--k", type=int, help="latents kept per token (topk)")
+    p.add_argument("--k", type=int, help="latents kept per token (topk; batchtopk: on average)")
+    p.add_argument("--matryoshka", type=_prefix_list, metavar="M1,M2,...",
+                   help="Matryoshka loss over nested latent prefixes, e.g. 128,512,2048 (batchtopk, jumprelu; "
+                        "d_sae is appended as the last prefix if missing)")
+    p.add_argument("--threshold-rate", type=float, default=0.01,
+                   help="batchtopk: averaging rate of the running inference threshold (default 0.01)")
     p.add_argument("--lr", type=float, help="learning rate (default per architecture: 7e-5 JumpReLU, 3e-4 Gated, 2e-4/sqrt(M/2^14) TopK)")
     p.add_argument("--steps", type=int, help="optimiser steps")
     p.add_argument("--tokens", type=int, help="training tokens (instead of --steps)")
@@ -125,6 +132,12 @@ def build_parser():
     p.add_argument("--holdout-tokens", type=int, default=0, help="cached tokens kept out of training for evaluation")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
     p.add_argument("--overwrite", action="store_true", help="start over in an --out that holds a checkpoint")
+    g = p.add_argument_group("past one process (docs/scale.md); launch with mpiexec -n P minisae train ...")
+    g.add_argument("--shards", type=int, default=1, help="latent shards S; the P processes form P/S data-parallel "
+                   "replicas (default 1)")
+    g.add_argument("--accumulate", type=int, default=1, help="micro-batches per process per step (default 1)")
+    g.add_argument("--dist-backend", choices=["auto", "mpi", "nccl"], default="auto",
+                   help="collectives: auto = MPI under mpiexec (default); nccl for CuPy arrays (untested: no GPU)")
     _common(p)
     _synthetic_args(p)
 
@@ -200,6 +213,17 @@ def build_parser():
     return parser
 
 
+def _prefix_list(text):
+    """'128,512,2048' -> [128, 512, 2048] (argparse type)."""
+    try:
+        sizes = [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers such as 128,512,2048, found {text!r}") from None
+    if not sizes:
+        raise argparse.ArgumentTypeError("expected at least one prefix size")
+    return sizes
+
+
 def _common(p):
     p.add_argument("--backend", choices=["numpy", "cupy"], default="numpy", help="array backend (default numpy)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -216,16 +240,34 @@ def cmd_train(a):
         architecture=a.arch, d_sae=a.d_sae, sparsity_coeff=a.sparsity_coeff, k=a.k, lr=a.lr,
         bandwidth=TrainConfig.bandwidth if a.bandwidth is None else a.bandwidth,
         penalty=a.penalty, target_l0=a.target_l0, threshold_param=a.threshold_param, threshold_init=a.threshold_init,
-        freq_coeff=a.freq_coeff, freq_target=a.freq_target,
+        freq_coeff=a.freq_coeff, freq_target=a.freq_target, matryoshka=a.matryoshka,
+        threshold_rate=a.threshold_rate,
         steps=a.steps, tokens=a.tokens, batch_size=a.batch_size, warmup_steps=a.warmup_steps,
         sparsity_warmup_steps=a.sparsity_warmup_steps, decay_frac=a.decay_frac, seed=a.seed, backend=a.backend,
         dtype=a.dtype, dead_window_tokens=a.dead_window_tokens, aux_k=a.aux_k,
         aux_coeff=TrainConfig.aux_coeff if a.aux_coeff is None else a.aux_coeff,
         checkpoint_every=a.checkpoint_every, log_every=a.log_every, eval_tokens=a.eval_tokens)
-    res = train(cfg, source, a.out, resume=a.resume, overwrite=a.overwrite, progress=not a.no_progress)
+    if a.shards > 1 or a.accumulate > 1 or a.dist_backend != "auto" or _launched_by_mpiexec():
+        from minisae import dist
+        from minisae.parallel import train_parallel
+
+        comm = dist.world(a.dist_backend)
+        with dist.abort_on_error(comm):
+            res = train_parallel(cfg, source, a.out, shards=a.shards, accumulate=a.accumulate, comm=comm,
+                                 resume=a.resume, overwrite=a.overwrite, progress=not a.no_progress)
+        if comm.rank != 0:
+            return
+    else:
+        res = train(cfg, source, a.out, resume=a.resume, overwrite=a.overwrite, progress=not a.no_progress)
     print(f"SAE written to {Path(a.out) / 'sae'}")
     if res.summary:
         print(_summary_line(res.summary))
+
+
+def _launched_by_mpiexec():
+    from minisae.dist import launched_by_mpiexec
+
+    return launched_by_mpiexec() > 1
 
 
 def _activation_store(folder, seed, holdout):
