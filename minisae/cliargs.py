@@ -70,7 +70,8 @@ RANGES = {
     "max_freq": ("float", 0, 1, False), "noise_std": ("float", 0, None, True),
     "offset_norm": ("float", 0, None, True), "target_l0": ("float", 0, None, False),
     "threshold_init": ("float", 0, None, False), "freq_coeff": ("float", 0, None, True),
-    "freq_target": ("float", 0, 1, True), "jumprelu": ("float", 0, None, True), "gated": ("float", 0, None, True),
+    "freq_target": ("float", 0, 1, True), "threshold_rate": ("float", 0, 1, False),
+    "shards": ("int", 1, None, True), "accumulate": ("int", 1, None, True), "jumprelu": ("float", 0, None, True), "gated": ("float", 0, None, True),
 }
 
 
