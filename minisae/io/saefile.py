@@ -383,7 +383,7 @@ class SAE:
                 return _load_gemma_scope(local / GEMMA_SCOPE_FILENAME, xp, dtype, ref)
             if (local / gemmascope2.PARAMS_FILENAME).exists():
                 return gemmascope2.load(local, xp=xp, dtype=dtype, source=ref)
-            raise FileNotFoundError(f"{local}: no SAE here; expected {CFG_FILENAME} + {WEIGHTS_FILENAME} "
+            raise MissingInputError(f"{local}: no SAE here; expected {CFG_FILENAME} + {WEIGHTS_FILENAME} "
                                     f"(SAELens), {GEMMA_SCOPE_FILENAME} (Gemma Scope) or "
                                     f"{gemmascope2.PARAMS_FILENAME} + {gemmascope2.CONFIG_FILENAME} (Gemma Scope 2)")
         if local.exists():
