@@ -209,7 +209,8 @@ def _forward_from_pre(params, x, x_c, pre, h, raw):
            "matryoshka": scalar(total - mse, dtype, xp), "l0": scalar(l0_b.sum() / B, dtype, xp),
            "sparsity": scalar(sparsity, dtype, xp), "freq": scalar(freq, dtype, xp), "f": f,
            "xhat": xhats[-1]}
-    cache = {"x_c": x_c, "pi": pi, "theta": theta, "active": active, "f": f, "errs": errs,
+    cache = {"x_c": x_c, "pi": pi, "theta": theta, "active": active, "f": f,
+             "err": errs[-1], "errs_inner": errs[:-1],  # x - xhat; x - xhat_j of the inner prefixes
              "da_b": da_b, "da_i": da_i, "hyper": h, "raw": raw}
     return out, cache
 
@@ -255,7 +256,7 @@ def backward(params, cache):
     # forward was: loss = sum_j mse_j + penalties, mse_j = sum_bd (x - xhat_j)^2 / B,
     # xhat_j = f[:, :m_j] @ W_dec[:m_j] + b_dec (one prefix, m_1 = M, without Matryoshka);
     # segment s (latents [m_{s-1}, m_s)) is in prefixes s..S and gets G_s = sum_{j>=s} dxhat_j
-    G = prefix_decoder_gradients(cache["errs"], h.prefixes)  # S x (B, D)
+    G = prefix_decoder_gradients(cache["errs_inner"] + [cache["err"]], h.prefixes)  # S x (B, D)
     dW_dec = xp.empty_like(W_dec)  # (M, D)
     df = xp.empty_like(f)  # (B, M)
     for (s, e), G_s in zip(segments(h.prefixes), G):
