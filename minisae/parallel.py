@@ -35,7 +35,6 @@ on this shard, K top-k, P ranks, R replicas, S shards.
 import dataclasses
 import json
 import math
-import os
 import shutil
 import time
 from pathlib import Path
@@ -43,6 +42,8 @@ from pathlib import Path
 import numpy
 
 from minisae import dist, optim
+from minisae.errors import OutputExistsError
+from minisae.io.files import check_output_dir, make_dir, write_atomic
 from minisae.io.safetensors_io import SafetensorsError, SafetensorsFile, save_file
 from minisae.sae import VARIANTS
 from minisae.sae.common import squared_error, squared_error_backward, unit_rows
@@ -365,8 +366,9 @@ def reshard(src_run, dst_run, shards):
     is for moving a checkpoint to a grid whose ranks should each read one file."""
     src, dst = Path(src_run) / CHECKPOINT_DIR, Path(dst_run) / CHECKPOINT_DIR
     man = read_manifest(src)
-    if dst.exists():
-        raise FileExistsError(f"{dst} already exists; choose a new run folder")
+    if int(shards) < 1 or int(shards) > int(man["d_sae"]):
+        raise ValueError(f"shards: expected 1 ... {man['d_sae']} (d_sae), found {shards}")
+    check_output_dir(dst_run, "train run", is_own=lambda d: False)  # new or empty only
     with SafetensorsFile(src / man["shards"][0]["file"]) as f:
         names = [k[len("params."):] for k in f.keys() if k.startswith("params.")]
     step_dir = f"step-{man['step']:08d}"
@@ -384,17 +386,14 @@ def reshard(src_run, dst_run, shards):
         save_file(tensors, dst / step_dir / f"shard-{s:05d}.safetensors", metadata={"minisae": json.dumps(info)})
         out.append({"file": f"{step_dir}/shard-{s:05d}.safetensors", "lo": lo, "hi": hi})
     _write_text_atomic(dst / MANIFEST_NAME, json.dumps({**man, "shards": out}, indent=1) + "\n")
-    for name in ("config.json", "metrics.jsonl"):
+    for name in ("config.json", "metrics.jsonl"):  # the run's record, so the copy resumes as a run
         if (Path(src_run) / name).exists():
-            shutil.copyfile(Path(src_run) / name, Path(dst_run) / name)
+            write_atomic(Path(dst_run) / name, (Path(src_run) / name).read_bytes())
     return dst
 
 
 def _write_text_atomic(path, text):
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    write_atomic(path, text)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -410,7 +409,8 @@ def train_parallel(cfg, source, out_dir, *, shards=1, accumulate=1, comm=None, r
     accumulate: micro-batches per rank per step (gradients summed in order): one process with
     accumulate=R ends bitwise equal to R ranks with accumulate=1 (tests/test_dist.py).
     Returns minisae.train.TrainResult on rank 0 (on other ranks its sae, summary are None, {})."""
-    from minisae.train import CheckpointError, TrainingError, _check_resume_config, hypers_at, param_names
+    from minisae.train import (CheckpointError, TrainingError, _check_resume_config, hypers_at, is_run_folder,
+                               param_names)
 
     world = dist.world() if comm is None else comm
     cfg = cfg.resolved(int(source.d_in))
@@ -430,10 +430,13 @@ def train_parallel(cfg, source, out_dir, *, shards=1, accumulate=1, comm=None, r
     metrics_path = out_dir / "metrics.jsonl"
     lead = world.rank == 0
 
-    have = world.bcast_obj((ckdir / MANIFEST_NAME).exists() if lead else None)
-    if have and not resume and not overwrite:
-        raise FileExistsError(f"{out_dir} already holds a training checkpoint; resume it (--resume) "
-                              "or choose a new folder (or --overwrite)")
+    if lead:  # the output-folder rule (minisae.io.files): new, empty, or a run folder of ours
+        check_output_dir(out_dir, "train run", is_own=is_run_folder)
+    have = world.bcast_obj(((ckdir / MANIFEST_NAME).exists(), (out_dir / "sae").exists()) if lead else None)
+    if any(have) and not (resume and have[0]) and not overwrite:
+        raise OutputExistsError(f"{out_dir} already holds a training run; resume it (--resume), start it "
+                                "over (--overwrite) or choose a new folder")
+    have = have[0]
     if have and resume:
         man, state = load_sharded(ckdir, grid.lo, grid.hi, xp, names=names)
         _check_resume_config(ckdir / MANIFEST_NAME, man, cfg)
@@ -443,7 +446,7 @@ def train_parallel(cfg, source, out_dir, *, shards=1, accumulate=1, comm=None, r
             _truncate_metrics(metrics_path, state["step"])
     else:
         if lead:
-            out_dir.mkdir(parents=True, exist_ok=True)
+            make_dir(out_dir)
             if ckdir.exists():
                 shutil.rmtree(ckdir)
             for old in (metrics_path, out_dir / "eval.json"):
@@ -489,11 +492,13 @@ def train_parallel(cfg, source, out_dir, *, shards=1, accumulate=1, comm=None, r
             loss, mse, l0 = (float(v) / n_micro for v in sums)
             if not math.isfinite(loss):
                 raise TrainingError(f"step {step}: the loss is {loss}; try a lower learning rate")
-            grads["W_dec"] = optim.remove_parallel_decoder_grad(params["W_dec"], grads["W_dec"])
+            optim.remove_parallel_decoder_grad(params["W_dec"], grads["W_dec"], out=grads["W_dec"])
             lr = optim.lr_at(step, lr=cfg.lr, warmup_steps=cfg.warmup_steps, total_steps=cfg.steps,
                              decay_frac=cfg.decay_frac)
             optim.adam_update(params, grads, adam, lr=lr, betas=betas, eps=cfg.adam_eps)
             optim.normalize_decoder_rows(params["W_dec"])
+            if "threshold" in params:  # raw θ (JumpReLU option): kept >= 0, as minisae.train does
+                xp.maximum(params["threshold"], 0.0, out=params["threshold"])
             since_fired = xp.where(fired, 0, since_fired + cfg.batch_size)  # (m,)
             done = step + 1
             if lead and (done % cfg.log_every == 0 or done == cfg.steps):
