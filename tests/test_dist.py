@@ -128,7 +128,7 @@ def test_parallel_trainer_follows_the_output_rule(tmp_path):
     from minisae.errors import OutputExistsError
     from minisae.parallel import train_parallel
 
-    source = SyntheticActivations(SyntheticConfig(d_in=8, n_features=32, target_l0=2.0))
+    source = SyntheticActivations(SyntheticConfig(d_in=8, n_features=32, target_l0=1.0))
     cfg = TrainConfig("topk", k=2, d_sae=16, steps=2, batch_size=32, eval_tokens=0)
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "notes.txt").write_text("mine")
