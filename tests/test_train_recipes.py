@@ -10,7 +10,7 @@ from tolerances import F32_ATOL, F32_RTOL
 
 from minisae.cli import main
 from minisae.io.saefile import SAE
-from minisae.sae import jumprelu
+from minisae.sae import batchtopk, jumprelu
 from minisae.train import TrainConfig, load_checkpoint, train
 from test_cli import TINY_TRAIN
 from test_train import Faulty, Interrupt, _metrics, tiny_config, tiny_source
@@ -59,3 +59,42 @@ def test_cli_recipe_flags(tmp_path, capsys):
     assert (saved["penalty"], saved["target_l0"], saved["threshold_param"], saved["freq_coeff"]) == \
         ("quadratic", 3.0, "raw", 0.5)
     assert SAE.load(run / "sae").architecture == "jumprelu"
+
+
+@pytest.mark.parametrize("matryoshka", [None, [8, 20]])
+def test_batchtopk_trains_resumes_bitwise_and_saves_a_jumprelu(tmp_path, matryoshka):
+    cfg = tiny_config("topk", architecture="batchtopk", k=4, d_sae=64, dead_window_tokens=128, steps=30,
+                      checkpoint_every=10, log_every=3, matryoshka=matryoshka)
+    straight = train(cfg, tiny_source(), tmp_path / "a", progress=False)
+    rows = _metrics(tmp_path / "a" / "metrics.jsonl")
+    assert rows[-1]["mse"] < 0.75 * rows[0]["mse"]
+    assert all(r["threshold"] > 0 for r in rows) and rows[0]["threshold"] != rows[-1]["threshold"]
+    with pytest.raises(Interrupt):
+        train(cfg, Faulty(tiny_source(), 25, "interrupt"), tmp_path / "b", progress=False)
+    state = load_checkpoint(tmp_path / "b" / "checkpoint.safetensors", cfg.resolved(16), numpy)
+    assert state["step"] == 20 and state["threshold_updates"] == 20
+    resumed = train(cfg, tiny_source(), tmp_path / "b", resume=True, progress=False)
+    for k, v in straight.params.items():
+        assert numpy.array_equal(v, resumed.params[k]), f"{k} differs after resume"
+    assert _metrics(tmp_path / "a" / "metrics.jsonl") == rows == _metrics(tmp_path / "b" / "metrics.jsonl")
+    # released as a JumpReLU with one global threshold C * theta; encodes as batchtopk.encode(threshold=theta)
+    sae = SAE.load(tmp_path / "a" / "sae")
+    assert sae.architecture == "jumprelu" and sae.cfg["apply_b_dec_to_input"]
+    theta = rows[-1]["threshold"]
+    numpy.testing.assert_allclose(sae.params["threshold"], straight.scale * theta, rtol=F32_RTOL)
+    x_raw = tiny_source().sample(256, offset=7)
+    f = batchtopk.encode(straight.params, x_raw / straight.scale, threshold=theta)
+    numpy.testing.assert_allclose(sae.encode(x_raw), straight.scale * f, rtol=F32_RTOL, atol=F32_ATOL)
+    assert 0 < straight.summary["l0"] < 64
+
+
+def test_cli_batchtopk_matryoshka(tmp_path):
+    run = tmp_path / "run"
+    assert main(["train", "--arch", "batchtopk", "--k", "3", "--matryoshka", "8,16", "--out", str(run)]
+                + TINY_TRAIN) == 0
+    assert json.loads((run / "config.json").read_text())["train"]["matryoshka"] == [8, 16, 32]
+    assert SAE.load(run / "sae").architecture == "jumprelu"
+    with pytest.raises(SystemExit) as e:  # argparse: usage and the one-line reason, status 2
+        main(["train", "--arch", "batchtopk", "--k", "3", "--matryoshka", "8,x", "--out", str(tmp_path / "r2")]
+             + TINY_TRAIN)
+    assert e.value.code == 2

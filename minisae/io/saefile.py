@@ -38,7 +38,7 @@ from pathlib import Path
 
 import numpy
 
-from minisae.errors import FileFormatError, OutputExistsError
+from minisae.errors import FileFormatError, MissingInputError, OutputExistsError
 from minisae.io.files import atomic_path, check_output_dir, make_dir
 from minisae.xp import asarray, to_numpy, xp_of
 
@@ -221,9 +221,17 @@ class SAE:
     def from_training(cls, architecture, params, *, scale, hyper=None, metadata=None):
         """Release-form SAE from training parameters (minisae.sae.<variant> names) trained on
         x = x_raw / scale: the module docstring's folding; log_threshold -> threshold. `hyper`:
-        k for topk, pre_enc_bias (default True) for jumprelu; other keys are ignored."""
-        _check_architecture(architecture, "SAE.from_training")
+        k for topk, pre_enc_bias (default True) for jumprelu, threshold (the running inference
+        threshold) for batchtopk, which becomes a jumprelu SAE with that threshold on every latent;
+        other keys are ignored."""
         hyper, C = dict(hyper or {}), float(scale)
+        if architecture == "batchtopk":  # inference: a JumpReLU with one global threshold
+            if hyper.get("threshold") is None:
+                raise ValueError("SAE.from_training: a batchtopk SAE needs hyper['threshold'] (its running threshold)")
+            from minisae.sae.batchtopk import inference_params
+
+            architecture, params = "jumprelu", inference_params(params, hyper["threshold"])
+        _check_architecture(architecture, "SAE.from_training")
         if not (math.isfinite(C) and C > 0):
             raise ValueError(f"SAE.from_training: expected a finite scale > 0, found {scale!r}")
         names = TRAINING_PARAMS[architecture]
@@ -334,9 +342,10 @@ class SAE:
                 return _load_gemma_scope(local, xp, dtype, ref)
             raise SAEFileError(f"{local}: not an SAE file; expected a SAELens folder or a Gemma Scope .npz")
         parts = [s for s in ref.split("/") if s]
-        if ref.startswith(("/", ".", "~")) or len(parts) < 2:
-            raise FileNotFoundError(f"{ref}: no such file or folder (and not a Hub reference 'org/repo/path')")
         from minisae.io import hub
+
+        if ref.startswith(("/", ".", "~")) or len(parts) < 2 or hub._looks_like_path(ref):
+            raise MissingInputError(f"{ref}: no such file or folder (and not a Hub reference 'org/repo/path')")
 
         repo_id, sub = "/".join(parts[:2]), "/".join(parts[2:])
         if sub.endswith(".npz") or "gemma-scope" in parts[1].lower():
