@@ -38,7 +38,7 @@ from pathlib import Path
 
 import numpy
 
-from minisae.errors import FileFormatError, OutputExistsError
+from minisae.errors import FileFormatError, MissingInputError, OutputExistsError
 from minisae.io.files import atomic_path, check_output_dir, make_dir
 from minisae.xp import asarray, to_numpy, xp_of
 
@@ -342,9 +342,10 @@ class SAE:
                 return _load_gemma_scope(local, xp, dtype, ref)
             raise SAEFileError(f"{local}: not an SAE file; expected a SAELens folder or a Gemma Scope .npz")
         parts = [s for s in ref.split("/") if s]
-        if ref.startswith(("/", ".", "~")) or len(parts) < 2:
-            raise FileNotFoundError(f"{ref}: no such file or folder (and not a Hub reference 'org/repo/path')")
         from minisae.io import hub
+
+        if ref.startswith(("/", ".", "~")) or len(parts) < 2 or hub._looks_like_path(ref):
+            raise MissingInputError(f"{ref}: no such file or folder (and not a Hub reference 'org/repo/path')")
 
         repo_id, sub = "/".join(parts[:2]), "/".join(parts[2:])
         if sub.endswith(".npz") or "gemma-scope" in parts[1].lower():
