@@ -136,6 +136,9 @@ def build_parser():
     g.add_argument("--shards", type=int, default=1, help="latent shards S; the P processes form P/S data-parallel "
                    "replicas (default 1)")
     g.add_argument("--accumulate", type=int, default=1, help="micro-batches per process per step (default 1)")
+    g.add_argument("--shuffle-buffer", type=int, metavar="TOKENS", help="read --activations as a stream: whole "
+                   "shards in a seeded order, rows shuffled within windows of this many tokens, the next window "
+                   "loaded in the background (for caches larger than memory, bfloat16 caches, object storage)")
     g.add_argument("--dist-backend", choices=["auto", "mpi", "nccl"], default="auto",
                    help="collectives: auto = MPI under mpiexec (default); nccl for CuPy arrays (untested: no GPU)")
     _common(p)
@@ -242,7 +245,14 @@ def _common(p):
 def cmd_train(a):
     from minisae.train import TrainConfig, train
 
-    source = _activation_store(a.activations, a.data_seed, a.holdout_tokens) if a.activations else _synthetic_from(a)
+    if a.shuffle_buffer is not None:
+        from minisae.data.stream import ShardStream
+
+        if not a.activations or a.holdout_tokens:
+            raise ValueError("--shuffle-buffer streams an activation cache: give --activations, and no --holdout-tokens")
+        source = ShardStream(a.activations, seed=a.data_seed, buffer_tokens=a.shuffle_buffer)
+    else:
+        source = _activation_store(a.activations, a.data_seed, a.holdout_tokens) if a.activations else _synthetic_from(a)
     cfg = TrainConfig(
         architecture=a.arch, d_sae=a.d_sae, sparsity_coeff=a.sparsity_coeff, k=a.k, lr=a.lr,
         bandwidth=TrainConfig.bandwidth if a.bandwidth is None else a.bandwidth,
