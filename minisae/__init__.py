@@ -1,4 +1,4 @@
-"""minisae: sparse autoencoders (JumpReLU, Gated, TopK) in NumPy/CuPy, and a Gemma 2 forward pass.
+"""minisae: sparse autoencoders (JumpReLU, Gated, TopK) in NumPy/CuPy, and Gemma 2 / Gemma 3 forward passes.
 
     from minisae.sae import jumprelu
     params = jumprelu.init(d_in=512, d_sae=8192)
@@ -14,6 +14,10 @@ def __getattr__(name):
         from minisae.io.saefile import SAE
 
         return SAE
+    if name in ("load_model", "load_tokenizer"):
+        import minisae.models
+
+        return getattr(minisae.models, name)
     if name == "MinisaeError":
         from minisae.errors import MinisaeError
 

@@ -12,7 +12,8 @@ B's; the report prints the ratios so the reader can judge for themselves.
 
 out/ holds report.md, results.json, pareto.png (matplotlib, optional: `pip install
 'minisae[plot]'`) and runs/<variant>-<i>/ (each a full training folder, see minisae.train).
-All three files are written atomically; an existing report is not overwritten unless force=True.
+All three files are written atomically; an existing comparison is not overwritten unless force=True
+(`--overwrite`), and a folder holding anything else is refused.
 """
 
 import dataclasses
@@ -24,6 +25,8 @@ from pathlib import Path
 
 import numpy
 
+from minisae.errors import OutputExistsError
+from minisae.io.files import atomic_path, check_output_dir, is_temp_name, make_dir, write_atomic
 from minisae.progress import progress_bar
 from minisae.train import TrainConfig, train
 
@@ -101,11 +104,12 @@ def run_compare(cfg, out_dir, *, source=None, model=None, tokenizer=None, eval_t
     with jobs > 1 needs the usual `if __name__ == "__main__":` guard.
     """
     out = Path(out_dir)
-    if (out / "report.md").exists() or (out / "results.json").exists():
+    check_output_dir(out, "compare report", is_own=is_compare_folder)
+    if (out / "report.md").exists() or (out / "results.json").exists() or (out / "runs").exists():
         if not (force or resume):
-            raise FileExistsError(f"{out} already holds a comparison report; pass --force to overwrite "
-                                  "it or --resume to finish an interrupted sweep")
-    out.mkdir(parents=True, exist_ok=True)
+            raise OutputExistsError(f"{out} already holds a comparison; pass --overwrite to start it over "
+                                    "or --resume to finish an interrupted sweep")
+    make_dir(out)
     if source is None:
         from minisae.data.synthetic import SyntheticActivations, SyntheticConfig
 
@@ -402,10 +406,11 @@ def pareto_plot(rows, path):
         ax.legend()
     fig.tight_layout()
     path = Path(path)
-    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=120, format="png")
+    finally:
+        plt.close(fig)
     return path.name
 
 
@@ -420,9 +425,16 @@ def _synthetic_description(source):
 
 
 def _write_atomic(path, text):
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    write_atomic(path, text)
+
+
+_COMPARE_NAMES = {"runs", "activations", "report.md", "results.json", "pareto.png"}
+
+
+def is_compare_folder(folder):
+    """True when `folder` holds what run_compare writes and nothing else."""
+    names = {p.name for p in Path(folder).iterdir() if not is_temp_name(p.name)}
+    return bool(names) and names <= _COMPARE_NAMES
 
 
 def _json_default(o):

@@ -36,14 +36,15 @@ Legend: B tokens in a batch, D d_in, M d_sae (latents).
 import dataclasses
 import json
 import math
-import os
 import time
 from pathlib import Path
 
 import numpy
 
 from minisae import optim
-from minisae.errors import FileFormatError, TrainingError  # noqa: F401 (TrainingError: part of this API)
+from minisae.errors import (FileFormatError, InputError, MinisaeError, OutputExistsError, ResourceError, TrainingError,
+                            storage_error)
+from minisae.io.files import check_output_dir, make_dir, memory_limit_bytes, read_json, write_atomic
 from minisae.prefetch import Prefetcher
 from minisae.progress import progress_bar
 from minisae.sae import VARIANTS
@@ -64,12 +65,19 @@ class CheckpointError(FileFormatError):
 
 @dataclasses.dataclass
 class TrainConfig:
-    architecture: str = "jumprelu"        # "jumprelu" | "gated" | "topk"
+    architecture: str = "jumprelu"        # "jumprelu" | "gated" | "topk" | "batchtopk"
     d_sae: int = 1024                     # M, number of latents
     sparsity_coeff: float | None = None   # λ (JumpReLU: L0 weight, Gated: L1 weight)
-    k: int | None = None                  # TopK: latents kept per token
+    k: int | None = None                  # TopK: latents kept per token (BatchTopK: on average, B·k per batch)
+    threshold_rate: float = 0.01          # BatchTopK: averaging rate of the running inference threshold
+    matryoshka: tuple | None = None       # BatchTopK, JumpReLU: nested prefix sizes m_1 < m_2 < ... (≤ d_sae)
     bandwidth: float = 0.001              # JumpReLU: ε of the threshold pseudo-derivative
     threshold_init: float | None = None   # JumpReLU: θ at init; None = SPEC's 0.001 (see below)
+    threshold_param: str = "log"          # JumpReLU: train log θ ("log", the paper) or θ itself ("raw", SAELens)
+    penalty: str = "l0"                   # JumpReLU: "l0" (the paper) | "quadratic" (Gemma Scope 2, needs target_l0)
+    target_l0: float | None = None        # L0* of the quadratic penalty: λ·(2/L0*)·(L0_b − L0*)² per token
+    freq_coeff: float = 0.0               # JumpReLU: weight of minisae's frequency penalty (0 = off)
+    freq_target: float = 0.1              # JumpReLU: firing fraction above which a latent is penalised
     lr: float | None = None               # None = DEFAULT_LR / optim.topk_lr(d_sae)
     adam_beta1: float | None = None       # None = 0.0 (JumpReLU, Gated; SPEC §4) / 0.9 (TopK, Gao et al.)
     adam_beta2: float = 0.999
@@ -96,19 +104,20 @@ class TrainConfig:
     def resolved(self, d_in):
         """A copy with every None default filled in for inputs of width d_in; checks values."""
         c = dataclasses.replace(self)
+        check_values(c)
         if c.architecture not in VARIANTS:
             raise ValueError(f"architecture: expected one of {sorted(VARIANTS)}, found {c.architecture!r}")
-        if c.architecture == "topk":
+        if c.architecture in ("topk", "batchtopk"):
             if c.k is None or not 0 < c.k <= c.d_sae:
                 raise ValueError(f"k: TopK needs 0 < k <= d_sae={c.d_sae}, found {c.k}")
         elif c.sparsity_coeff is None or not c.sparsity_coeff >= 0:
             raise ValueError(f"sparsity_coeff: {c.architecture} needs a value >= 0, found {c.sparsity_coeff}")
         if c.lr is None:
-            c.lr = optim.topk_lr(c.d_sae) if c.architecture == "topk" else DEFAULT_LR[c.architecture]
+            c.lr = optim.topk_lr(c.d_sae) if c.architecture in ("topk", "batchtopk") else DEFAULT_LR[c.architecture]
         if c.adam_beta1 is None:
-            c.adam_beta1 = 0.9 if c.architecture == "topk" else 0.0
+            c.adam_beta1 = 0.9 if c.architecture in ("topk", "batchtopk") else 0.0
         if c.adam_eps is None:
-            c.adam_eps = optim.TOPK_ADAM_EPS if c.architecture == "topk" else 1e-8
+            c.adam_eps = optim.TOPK_ADAM_EPS if c.architecture in ("topk", "batchtopk") else 1e-8
         if c.aux_k is None:
             c.aux_k = max(1, min(512, d_in // 2))
         if c.steps is None:
@@ -121,11 +130,89 @@ class TrainConfig:
                 raise ValueError(f"{name}: expected a positive integer, found {getattr(c, name)}")
         if c.threshold_init is not None and not c.threshold_init > 0:
             raise ValueError(f"threshold_init: expected a value > 0, found {c.threshold_init}")
+        if c.threshold_param not in ("log", "raw"):
+            raise ValueError(f"threshold_param: expected 'log' or 'raw', found {c.threshold_param!r}")
+        if c.penalty not in ("l0", "quadratic"):
+            raise ValueError(f"penalty: expected 'l0' or 'quadratic', found {c.penalty!r}")
+        if c.architecture != "jumprelu" and (c.penalty != "l0" or c.threshold_param != "log" or c.freq_coeff):
+            raise ValueError(f"penalty, threshold_param and freq_coeff are JumpReLU options; "
+                             f"found them set for {c.architecture!r}")
+        if c.penalty == "quadratic" and not (c.target_l0 is not None and 0 < c.target_l0 <= c.d_sae):
+            raise ValueError(f"target_l0: the quadratic penalty needs 0 < target_l0 <= d_sae={c.d_sae}, "
+                             f"found {c.target_l0}")
+        if c.matryoshka is not None:
+            if c.architecture not in ("jumprelu", "batchtopk"):
+                raise ValueError(f"matryoshka: a BatchTopK or JumpReLU option, found it set for {c.architecture!r}")
+            from minisae.sae.common import check_prefixes
+
+            c.matryoshka = list(check_prefixes(c.matryoshka, c.d_sae, "matryoshka"))
+        if not 0 < c.threshold_rate <= 1:
+            raise ValueError(f"threshold_rate: expected a value in (0, 1], found {c.threshold_rate}")
+        if not c.freq_coeff >= 0 or not 0 <= c.freq_target <= 1:
+            raise ValueError(f"freq_coeff >= 0 and 0 <= freq_target <= 1 expected, found {c.freq_coeff}, {c.freq_target}")
         if c.dtype not in ("float32", "float64"):
             raise ValueError(f"dtype: expected 'float32' or 'float64', found {c.dtype!r}")
         if int(c.prefetch) != c.prefetch or c.prefetch < 0:
             raise ValueError(f"prefetch: expected an integer >= 0, found {c.prefetch!r}")
         return c
+
+
+# field -> (low, high, low inclusive, integer); checked whenever the value is not None
+_RANGES = {
+    "d_sae": (1, None, True, True), "k": (1, None, True, True), "steps": (1, None, True, True),
+    "tokens": (1, None, True, True), "batch_size": (1, None, True, True), "warmup_steps": (0, None, True, True),
+    "sparsity_warmup_steps": (0, None, True, True), "dead_window_tokens": (1, None, True, True),
+    "aux_k": (1, None, True, True), "norm_sample_tokens": (1, None, True, True),
+    "checkpoint_every": (1, None, True, True), "log_every": (1, None, True, True),
+    "eval_tokens": (0, None, True, True), "eval_batch_size": (1, None, True, True), "seed": (0, None, True, True),
+    "lr": (0, None, False, False), "sparsity_coeff": (0, None, True, False), "bandwidth": (0, None, False, False),
+    "adam_beta1": (0, 1, True, False), "adam_beta2": (0, 1, True, False), "adam_eps": (0, None, False, False),
+    "decay_frac": (0, 1, True, False), "aux_coeff": (0, None, True, False),
+}
+
+
+def check_values(cfg):
+    """InputError for the first TrainConfig field of the wrong type or out of range, and for
+    k / sparsity_coeff given to a variant that does not take it (it would be silently ignored)."""
+    for name, (low, high, low_incl, integer) in _RANGES.items():
+        v = getattr(cfg, name, None)
+        if v is None:
+            continue
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or (integer and int(v) != v) or not math.isfinite(v):
+            raise InputError(f"{name}: expected {'an integer' if integer else 'a finite number'}, found {v!r}")
+        if not (v >= low if low_incl else v > low) or (high is not None and v > high):
+            bound = f"in [{low}, {high}]" if high is not None else f"{'>=' if low_incl else '>'} {low}"
+            raise InputError(f"{name}: expected a value {bound}, found {v!r}")
+    arch = str(cfg.architecture)
+    if "topk" in arch and cfg.sparsity_coeff is not None:
+        raise InputError(f"sparsity_coeff: {arch} keeps the k largest latents and takes no sparsity "
+                         f"coefficient; found sparsity_coeff={cfg.sparsity_coeff} (give k instead)")
+    if "topk" not in arch and cfg.k is not None:
+        raise InputError(f"k: only TopK variants take k; {arch} takes sparsity_coeff (found k={cfg.k})")
+
+
+def memory_estimate(cfg, d_in):
+    """Bytes one training run holds, roughly: the parameters four times over (values, Adam m and
+    v, gradients) and about six (B, M) arrays of a step (pre-activations, latents, gradients, masks)."""
+    itemsize = numpy.dtype(cfg.dtype).itemsize
+    n_params = 2 * d_in * cfg.d_sae + 4 * cfg.d_sae + d_in  # W_enc, W_dec, the (M,) vectors, b_dec
+    return itemsize * (4 * n_params + 6 * cfg.batch_size * cfg.d_sae)
+
+
+def check_memory(cfg, d_in, xp):
+    """ResourceError, before anything is allocated, when the run cannot fit this machine's memory
+    (host memory on NumPy, the device's on CuPy)."""
+    need = memory_estimate(cfg, d_in)
+    have, where = memory_limit_bytes(), "memory"
+    if xp is not numpy:
+        try:
+            have, where = int(xp.cuda.Device().mem_info[1]), "GPU memory"
+        except Exception:  # no device query: the host bound stands
+            pass
+    if need > have:
+        raise ResourceError(f"d_sae={cfg.d_sae}, d_in={d_in}, batch_size={cfg.batch_size} ({cfg.dtype}) needs about "
+                            f"{need / 2**30:.1f} GiB, more than this machine's {have / 2**30:.1f} GiB of {where}: "
+                            "choose a smaller --d-sae or --batch-size")
 
 
 @dataclasses.dataclass
@@ -143,13 +230,31 @@ _RESUME_FREE = {"checkpoint_every", "log_every", "backend", "eval_tokens", "eval
                 "prefetch"}
 
 
+def param_names(cfg):
+    """The trained parameters' names (JumpReLU's depend on threshold_param)."""
+    mod = VARIANTS[cfg.architecture]
+    if cfg.architecture == "jumprelu":
+        return mod.param_names(cfg.threshold_param)
+    return mod.PARAM_NAMES
+
+
 def hypers_at(cfg, step, dead_mask=None):
     """The variant's forward/backward keyword arguments at `step` (sparsity warm-up applied)."""
     if cfg.architecture == "topk":
         return {"k": cfg.k, "aux_k": cfg.aux_k, "aux_coeff": cfg.aux_coeff, "dead_mask": dead_mask}
+    if cfg.architecture == "batchtopk":
+        return {"k": cfg.k, "aux_k": cfg.aux_k, "aux_coeff": cfg.aux_coeff, "dead_mask": dead_mask,
+                "prefixes": None if cfg.matryoshka is None else tuple(cfg.matryoshka)}
     coeff = optim.sparsity_coeff_at(step, coeff=cfg.sparsity_coeff, warmup_steps=cfg.sparsity_warmup_steps)
     if cfg.architecture == "jumprelu":
-        return {"sparsity_coeff": coeff, "bandwidth": cfg.bandwidth}
+        h = {"sparsity_coeff": coeff, "bandwidth": cfg.bandwidth, "penalty": cfg.penalty}
+        if cfg.penalty == "quadratic":
+            h["target_l0"] = cfg.target_l0
+        if cfg.freq_coeff > 0:
+            h.update(freq_coeff=cfg.freq_coeff, freq_target=cfg.freq_target)
+        if cfg.matryoshka is not None:
+            h["prefixes"] = tuple(cfg.matryoshka)
+        return h
     return {"sparsity_coeff": coeff}
 
 
@@ -202,12 +307,15 @@ def fresh_state(cfg, source, xp):
     """Initial training state: parameters (SPEC init), Adam, counters, C."""
     mod = VARIANTS[cfg.architecture]
     scale, sample = estimate_scale(source, cfg.norm_sample_tokens)  # C, (N, D)
-    params = mod.init(source.d_in, cfg.d_sae, seed=cfg.seed, xp=xp, dtype=cfg.dtype)
-    if cfg.architecture == "jumprelu" and cfg.threshold_init is not None:
+    if cfg.architecture == "jumprelu":
         # log θ moves by about lr per Adam step, so a short run cannot travel from 0.001 to the
         # scale of its pre-activations; small-D runs (minisae compare) start θ nearer to it
-        params["log_threshold"] = xp.full(cfg.d_sae, math.log(cfg.threshold_init), dtype=cfg.dtype)  # (M,)
-    if cfg.architecture == "topk":  # b_dec = geometric median of the (normalised) data (Gao et al.)
+        params = mod.init(source.d_in, cfg.d_sae, seed=cfg.seed, xp=xp, dtype=cfg.dtype,
+                          threshold_param=cfg.threshold_param,
+                          threshold_init=cfg.threshold_init or mod.THRESHOLD_INIT)
+    else:
+        params = mod.init(source.d_in, cfg.d_sae, seed=cfg.seed, xp=xp, dtype=cfg.dtype)
+    if cfg.architecture in ("topk", "batchtopk"):  # b_dec = geometric median of the (normalised) data (Gao et al.)
         from minisae.sae.common import geometric_median
 
         xs = asarray(sample / scale, xp, cfg.dtype)  # (N, D)
@@ -218,6 +326,8 @@ def fresh_state(cfg, source, xp):
         "params": params,
         "adam": optim.adam_init(params),
         "since_fired": xp.zeros(cfg.d_sae, dtype=xp.int64),  # (M,) tokens since each latent fired
+        "batchtopk_threshold": 0.0,  # BatchTopK's running inference threshold (batchtopk.update_threshold)
+        "threshold_updates": 0,      # ... and how many batches it has averaged
     }
 
 
@@ -234,17 +344,13 @@ def save_checkpoint(path, state, cfg):
         "step": state["step"],
         "adam_step": int(state["adam"]["step"]),
         "scale": state["scale"],
+        "batchtopk_threshold": float(state.get("batchtopk_threshold", 0.0)),
+        "threshold_updates": int(state.get("threshold_updates", 0)),
         "config": dataclasses.asdict(cfg),
     }
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        save_file(tensors, tmp, metadata={"minisae": json.dumps(info)})
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    # save_file writes a temp file, fsyncs and renames it; on a failure (a full disk: StorageError)
+    # the temp file is removed and the previous checkpoint is left as it was
+    save_file(tensors, path, metadata={"minisae": json.dumps(info)})
 
 
 def load_checkpoint(path, cfg, xp):
@@ -262,9 +368,8 @@ def load_checkpoint(path, cfg, xp):
             "untouched: restore it, or move it away to start training over"
         ) from None
     _check_resume_config(path, info, cfg)
-    mod = VARIANTS[cfg.architecture]
     params, m, v = {}, {}, {}
-    for k in mod.PARAM_NAMES:
+    for k in param_names(cfg):
         for store, prefix in ((params, "params"), (m, "adam_m"), (v, "adam_v")):
             name = f"{prefix}.{k}"
             if name not in arrays:
@@ -281,6 +386,8 @@ def load_checkpoint(path, cfg, xp):
         "params": params,
         "adam": {"step": int(info["adam_step"]), "m": m, "v": v},
         "since_fired": asarray(arrays["since_fired"], xp),
+        "batchtopk_threshold": float(info.get("batchtopk_threshold", 0.0)),
+        "threshold_updates": int(info.get("threshold_updates", 0)),
     }
 
 
@@ -301,9 +408,14 @@ def _params_finite(params, xp):
 
 
 def _append_jsonl(path, rows):
-    with open(path, "a") as fh:
-        for row in rows:
-            fh.write(json.dumps(row) + "\n")
+    if not rows:
+        return
+    try:
+        with open(path, "a") as fh:
+            for row in rows:
+                fh.write(json.dumps(row) + "\n")
+    except OSError as e:
+        raise storage_error(e, path) from e
 
 
 def _truncate_metrics(path, step):
@@ -321,10 +433,16 @@ def _truncate_metrics(path, step):
 
 
 def _write_text_atomic(path, text):
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    write_atomic(path, text)
+
+
+def is_run_folder(folder):
+    """True when `folder` is a training run folder: its config.json was written by train()."""
+    try:
+        cfg = read_json(Path(folder) / "config.json")
+    except (MinisaeError, OSError):
+        return False
+    return isinstance(cfg.get("train"), dict) and "source" in cfg
 
 
 def _source_info(source):
@@ -348,9 +466,10 @@ def train(cfg, source, out_dir, *, resume=False, overwrite=False, progress=True)
 
     cfg = cfg.resolved(int(source.d_in))
     xp = get_xp(cfg.backend)
+    check_memory(cfg, int(source.d_in), xp)
     mod = VARIANTS[cfg.architecture]
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    check_output_dir(out_dir, "train run", is_own=is_run_folder)
     ckpt = out_dir / CHECKPOINT_NAME
     metrics_path = out_dir / "metrics.jsonl"
 
@@ -359,18 +478,22 @@ def train(cfg, source, out_dir, *, resume=False, overwrite=False, progress=True)
         if int(state["params"]["W_enc"].shape[0]) != source.d_in:
             raise CheckpointError(f"{ckpt}: trained on d_in={state['params']['W_enc'].shape[0]}, the source has {source.d_in}")
         _truncate_metrics(metrics_path, state["step"])
-    elif ckpt.exists() and not overwrite:
-        raise FileExistsError(f"{out_dir} already holds a training checkpoint; resume it (--resume) or choose a new folder (or --overwrite)")
+    elif (ckpt.exists() or (out_dir / "sae").exists()) and not overwrite:
+        raise OutputExistsError(f"{out_dir} already holds a training run; resume it (--resume), start it over "
+                                "(--overwrite) or choose a new folder")
     else:  # a fresh run (overwrite=True: the old run's state and results go first)
+        state = fresh_state(cfg, source, xp)
+        make_dir(out_dir)
         for old in (ckpt, metrics_path, out_dir / "eval.json"):
             if old.exists():
                 old.unlink()
-        state = fresh_state(cfg, source, xp)
     _write_text_atomic(out_dir / "config.json", json.dumps(
         {"train": dataclasses.asdict(cfg), "source": _source_info(source)}, indent=2) + "\n")
 
     scale, params, adam = state["scale"], state["params"], state["adam"]
     since_fired = state["since_fired"]
+    threshold = (state["batchtopk_threshold"], state["threshold_updates"])  # BatchTopK's running θ
+    min_kept = []  # 0-d smallest kept activations since the last fold into `threshold`
     last_good = state["step"] if ckpt.exists() and resume else None
     betas = (cfg.adam_beta1, cfg.adam_beta2)
     bar = _progress_bar(cfg.steps, state["step"], cfg.architecture, progress)
@@ -391,11 +514,15 @@ def train(cfg, source, out_dir, *, resume=False, overwrite=False, progress=True)
             # latents are never held as a dense (B, M) array: out["fired"] counts them per latent
             out, grads = mod.forward_backward(params, x, **hyper, path="auto", dense_f=False)
             losses.append(out["loss"])
+            if cfg.architecture == "batchtopk":
+                min_kept.append(out["min_kept"])
             optim.remove_parallel_decoder_grad(params["W_dec"], grads["W_dec"], out=grads["W_dec"])
             lr = optim.lr_at(step, lr=cfg.lr, warmup_steps=cfg.warmup_steps,
                              total_steps=cfg.steps, decay_frac=cfg.decay_frac)
             optim.adam_update(params, grads, adam, lr=lr, betas=betas, eps=cfg.adam_eps)
             optim.normalize_decoder_rows(params["W_dec"])
+            if "threshold" in params:  # raw θ: kept >= 0 by projection (a θ < 0 would count π = 0 as active)
+                xp.maximum(params["threshold"], 0.0, out=params["threshold"])
             since_fired += cfg.batch_size  # (M,) tokens since each latent last fired ...
             since_fired *= out["fired"] == 0  # ... reset where it fired in this batch
             done = step + 1
@@ -405,8 +532,12 @@ def train(cfg, source, out_dir, *, resume=False, overwrite=False, progress=True)
             if log_now or checkpoint_now:  # the only host reads of a step; on NumPy they are free
                 loss = _check_losses(xp, losses, done - len(losses), ckpt, last_good)
                 losses = []
+                for m in min_kept:  # in step order: the same θ as updating at every step
+                    threshold = VARIANTS["batchtopk"].update_threshold(*threshold, float(to_numpy(m)),
+                                                                       cfg.threshold_rate)
+                min_kept = []
             if log_now:
-                row = _log_row(cfg, done, out, x, lr, hyper, since_fired, loss, time.time() - t0)
+                row = _log_row(cfg, done, out, x, lr, hyper, since_fired, loss, time.time() - t0, threshold[0])
                 pending.append(row)
                 bar.set_postfix(loss=f"{row['loss']:.4g}", L0=f"{row['l0']:.1f}", FVU=f"{row['fvu']:.4f}")
             if checkpoint_now:
@@ -414,7 +545,8 @@ def train(cfg, source, out_dir, *, resume=False, overwrite=False, progress=True)
                     raise TrainingError(f"step {step}: the parameters became NaN or inf; "
                                         + _kept(ckpt, last_good) + "; try a lower learning rate")
                 save_checkpoint(ckpt, {"step": done, "scale": scale, "params": params, "adam": adam,
-                                       "since_fired": since_fired}, cfg)
+                                       "since_fired": since_fired, "batchtopk_threshold": threshold[0],
+                                       "threshold_updates": threshold[1]}, cfg)
                 last_good = done
                 _append_jsonl(metrics_path, pending)  # metrics only ever run up to the checkpoint
                 pending = []
@@ -426,7 +558,7 @@ def train(cfg, source, out_dir, *, resume=False, overwrite=False, progress=True)
         _append_jsonl(metrics_path, pending)  # after an error: the lines since the last checkpoint
 
     params_np = {k: to_numpy(v) for k, v in params.items()}
-    sae = SAE.from_training(cfg.architecture, params_np, scale=scale, hyper=_release_hyper(cfg),
+    sae = SAE.from_training(cfg.architecture, params_np, scale=scale, hyper=_release_hyper(cfg, threshold[0]),
                             metadata=_sae_metadata(source))
     sae.save(out_dir / "sae", overwrite=True)
     summary = {}
@@ -469,7 +601,7 @@ def _kept(ckpt, last_good):
     return f"the last good checkpoint (step {last_good}) is kept at {ckpt}"
 
 
-def _log_row(cfg, done, out, x, lr, hyper, since_fired, loss, elapsed):
+def _log_row(cfg, done, out, x, lr, hyper, since_fired, loss, elapsed, threshold=None):
     xp_x = x - x.mean(axis=0)  # (B, D) centred over tokens
     denom = float(to_numpy((xp_x * xp_x).sum()))
     mse = float(to_numpy(out["mse"]))
@@ -486,12 +618,16 @@ def _log_row(cfg, done, out, x, lr, hyper, since_fired, loss, elapsed):
     }
     if "sparsity_coeff" in hyper:
         row["sparsity_coeff"] = hyper["sparsity_coeff"]
+    if cfg.architecture == "batchtopk":
+        row["threshold"] = threshold
     return row
 
 
-def _release_hyper(cfg):
+def _release_hyper(cfg, batchtopk_threshold=None):
     if cfg.architecture == "topk":
         return {"k": cfg.k}
+    if cfg.architecture == "batchtopk":  # released as a JumpReLU with one global threshold
+        return {"threshold": batchtopk_threshold}
     if cfg.architecture == "jumprelu":
         return {"bandwidth": cfg.bandwidth, "sparsity_coeff": cfg.sparsity_coeff}
     return {"sparsity_coeff": cfg.sparsity_coeff}

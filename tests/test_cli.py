@@ -95,7 +95,7 @@ def test_compare_quick_synthetic(tmp_path, capsys):
     before = (out / "results.json").read_bytes()
     capsys.readouterr()
     assert main(["compare", "--quick", "--out", str(out), "--no-progress"]) == 2
-    assert "--force" in _error_line(capsys)
+    assert "--overwrite" in _error_line(capsys)
     assert (out / "results.json").read_bytes() == before
     # --resume finishes from the runs' checkpoints: the same numbers again
     assert main(["compare", "--quick", "--out", str(out), "--no-progress", "--resume"]) == 0

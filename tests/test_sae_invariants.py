@@ -18,12 +18,13 @@ from tolerances import F32_ATOL, F32_RTOL, GOLDEN64_ATOL, XP32_RTOL, XP64_RTOL
 
 HYPER = {"jumprelu": dict(sparsity_coeff=0.7, bandwidth=0.3),
          "gated": dict(sparsity_coeff=0.7),
-         "topk": dict(k=3, aux_k=2, aux_coeff=0.5)}
+         "topk": dict(k=3, aux_k=2, aux_coeff=0.5),
+         "batchtopk": dict(k=3, aux_k=2, aux_coeff=0.5)}
 
 
 def hyper_for(variant, M, xp, dead_host=None):
     h = dict(HYPER[variant])
-    if variant == "topk":
+    if variant in ("topk", "batchtopk"):
         h["k"] = min(h["k"], M)
         if dead_host is not None:
             h["dead_mask"] = asarray(dead_host, xp)
@@ -225,6 +226,15 @@ def test_float32_matches_float64(xp, variant, shape, seed):
         assume(numpy.all(numpy.abs(pre + p_host["b_gate"]) > KINK_MARGIN))
         pi_mag = pre * numpy.exp(p_host["r_mag"]) + p_host["b_mag"]  # (B, M)
         assume(numpy.all(numpy.abs(pi_mag) > KINK_MARGIN))
+    elif variant == "batchtopk":
+        pi = x_c @ p_host["W_enc"] + p_host["b_enc"]  # (B, M)
+        assume(numpy.all(numpy.abs(pi) > KINK_MARGIN))
+        s = -numpy.sort(-pi.ravel())  # the global top-B*k gap
+        n = B * hyper["k"]
+        assume(n >= s.size or s[n - 1] - s[n] > KINK_MARGIN)
+        dead_cols = numpy.flatnonzero(dead)
+        s = -numpy.sort(-pi[:, dead_cols], axis=1)
+        assume(hyper["aux_k"] >= len(dead_cols) or numpy.all(s[:, hyper["aux_k"] - 1] - s[:, hyper["aux_k"]] > KINK_MARGIN))
     else:
         pi = x_c @ p_host["W_enc"] + p_host["b_enc"]  # (B, M)
         assume(numpy.all(numpy.abs(pi) > KINK_MARGIN))
@@ -257,11 +267,12 @@ def assert_paths_agree(module, p, x, hyper):
     numpy.testing.assert_array_equal(out_s["fired"], numpy.count_nonzero(out_d["f"], axis=0))
     for k in out_d:
         assert_close(out_s[k], out_d[k], XP64_RTOL, GOLDEN64_ATOL, f"out[{k!r}]")
-    for k in module.PARAM_NAMES:
+    assert set(g_sparse) == set(g_dense) == set(p)
+    for k in p:
         assert_close(g_sparse[k], g_dense[k], XP64_RTOL, GOLDEN64_ATOL, f"grad {k}")
     loss, grads = module.loss_and_grads(p, x, path="sparse", **hyper)
     assert float(loss) == float(out_s["loss"])
-    for k in module.PARAM_NAMES:
+    for k in p:
         numpy.testing.assert_array_equal(grads[k], g_sparse[k])
 
 

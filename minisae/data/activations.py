@@ -32,7 +32,8 @@ from pathlib import Path
 
 import numpy
 
-from minisae.errors import FileFormatError
+from minisae.errors import FileFormatError, InputError, MinisaeError, OutputExistsError, storage_error
+from minisae.io.files import atomic_path, check_output_dir, make_dir, read_json, write_atomic
 from minisae.progress import progress_bar
 from minisae.xp import to_numpy
 
@@ -127,18 +128,23 @@ def real_token_mask(ids, mask, tokenizer):
 # writing the cache
 
 def _write_json_atomic(path, obj):
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(obj, indent=2) + "\n")
 
 
 def _write_shard(path, rows):
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as fh:
-        numpy.save(fh, rows)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:  # a full disk: StorageError naming the shard, no temp file left
+        with open(tmp, "wb") as fh:
+            numpy.save(fh, rows)
+            fh.flush()
+            os.fsync(fh.fileno())
+
+
+def is_cache_folder(folder):
+    """True when `folder` holds a manifest.json written by cache_activations."""
+    try:
+        return read_json(Path(folder) / MANIFEST).get("format") == FORMAT
+    except (MinisaeError, OSError):
+        return False
 
 
 def read_manifest(folder):
@@ -146,28 +152,53 @@ def read_manifest(folder):
     path = Path(folder) / MANIFEST
     if not path.is_file():
         raise ActivationsError(f"{path}: no activation manifest here (expected a folder written by `minisae cache`)")
-    try:
-        man = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ActivationsError(f"{path}: corrupt manifest ({e})") from None
+    man = read_json(path, error=ActivationsError)
     need = ("format", "site", "d_in", "dtype", "count", "shards")
-    if not isinstance(man, dict) or any(k not in man for k in need) or man.get("format") != FORMAT:
+    if any(k not in man for k in need) or man.get("format") != FORMAT:
         raise ActivationsError(f"{path}: not a {FORMAT} manifest (expected keys {need})")
+    _check_manifest_types(path, man)
     return man
 
 
+def _check_manifest_types(path, man):
+    def is_count(v):
+        return isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2**62
+
+    if not isinstance(man["site"], str):
+        raise ActivationsError(f"{path}: 'site' must be a string, found {man['site']!r:.80}")
+    if not (is_count(man["d_in"]) and 0 < man["d_in"] <= 2**20):
+        raise ActivationsError(f"{path}: 'd_in' must be an integer in [1, 2^20], found {man['d_in']!r:.80}")
+    if not is_count(man["count"]):
+        raise ActivationsError(f"{path}: 'count' must be a non-negative integer, found {man['count']!r:.80}")
+    if not isinstance(man["shards"], list):
+        raise ActivationsError(f"{path}: 'shards' must be a list, found {type(man['shards']).__name__}")
+    for i, sh in enumerate(man["shards"]):
+        if not (isinstance(sh, dict) and isinstance(sh.get("file"), str) and is_count(sh.get("count"))):
+            raise ActivationsError(f"{path}: shards[{i}] must be an object with a string 'file' and an integer "
+                                   f"'count', found {sh!r:.80}")
+        if Path(sh["file"]).name != sh["file"] or sh["file"] in ("", ".", ".."):
+            raise ActivationsError(f"{path}: shards[{i}]: file {sh['file']!r:.80} must be a plain name in the cache folder")
+
+
 def cache_activations(model, tokenizer, text_paths, site, out_dir, *, seq_len=1024, batch_size=8,
-                      max_tokens=None, shard_tokens=65536, resume=True, text_field="text",
+                      max_tokens=None, shard_tokens=65536, resume=True, overwrite=False, text_field="text",
                       model_name=None, progress=True):
     """Capture `site` activations of `model` on the texts into float32 shards; returns the manifest.
 
     resume=True continues an interrupted cache of the same model/site/texts (a complete one is
-    returned as it is); resume=False refuses a folder that already holds a manifest.
+    returned as it is); resume=False refuses a folder that already holds a manifest;
+    overwrite=True starts over there (the old cache's shards and manifest are removed). Any other
+    non-empty folder is refused (minisae.io.files). No manifest is written before the first shard.
     """
-    from minisae.models.gemma2 import parse_site
+    from minisae.models.sites import parse_site
 
+    for name, value, least in (("batch_size", batch_size, 1), ("shard_tokens", shard_tokens, 1), ("seq_len", seq_len, 2)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise InputError(f"{name}: expected an integer >= {least}, found {value!r}")
+    if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1):
+        raise InputError(f"max_tokens: expected an integer >= 1, found {max_tokens!r}")
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    state = check_output_dir(out, "activation cache", is_own=is_cache_folder)
     layer, kind = parse_site(site)
     d_in = int(model.site_width(site))
     text_files = [str(Path(p).resolve()) for p in text_paths]
@@ -177,18 +208,22 @@ def cache_activations(model, tokenizer, text_paths, site, out_dir, *, seq_len=10
     want = {"format": FORMAT, "model": str(model_name), "site": site, "layer": layer, "kind": kind,
             "d_in": d_in, "dtype": "float32", "seq_len": seq_len, "text_files": text_files,
             "text_field": text_field, "max_tokens": max_tokens}
-    if (out / MANIFEST).exists():
+    if state == "own" and overwrite:
+        _remove_cache(out)
+    elif state == "own":
         if not resume:
-            raise FileExistsError(f"{out} already holds an activation cache; resume it or choose a new folder")
+            raise OutputExistsError(f"{out} already holds an activation cache; resume it, start it over "
+                                    "(--overwrite) or choose a new folder")
         man = read_manifest(out)
         diff = [f"{k}: cache {man.get(k)!r}, now {v!r}" for k, v in want.items() if man.get(k) != v]
         if diff:
-            raise ActivationsError(f"{out}: cannot resume, the cache was made differently: " + "; ".join(diff))
+            raise ActivationsError(f"{out}: cannot resume, the cache was made differently: " + "; ".join(diff)
+                                   + " (--overwrite starts it over)")
         if man.get("complete"):
             return man
-    else:
+    if state != "own" or overwrite:
         man = {**want, "count": 0, "sequences_done": 0, "complete": False, "shards": []}
-        _write_json_atomic(out / MANIFEST, man)
+        make_dir(out)
 
     bar = _bar(progress, max_tokens, man["count"])
     buf, buf_n = [], 0
@@ -211,13 +246,25 @@ def cache_activations(model, tokenizer, text_paths, site, out_dir, *, seq_len=10
                     break
         if buf_n:
             _flush(out, man, buf, next_seq, max_tokens)
+        if man["count"] == 0:  # no manifest was written: the folder stays free for other texts
+            raise ActivationsError(f"the texts gave no tokens to cache ({', '.join(text_files)}); "
+                                   f"nothing was written to {out}")
         man["complete"] = True
         _write_json_atomic(out / MANIFEST, man)
     finally:
         bar.close()
-    if man["count"] == 0:
-        raise ActivationsError(f"{out}: the texts gave no tokens to cache ({text_files})")
     return man
+
+
+def _remove_cache(out):
+    """Remove a cache's manifest and the shards it lists (nothing else in the folder)."""
+    man = read_manifest(out)
+    try:
+        for sh in man["shards"]:
+            (out / sh["file"]).unlink(missing_ok=True)
+        (out / MANIFEST).unlink()
+    except OSError as e:
+        raise storage_error(e, out, "remove the old cache in") from e
 
 
 def _flush(out, man, buf, next_seq, max_tokens):

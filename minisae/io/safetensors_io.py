@@ -33,7 +33,7 @@ from typing import NamedTuple
 
 import numpy
 
-from minisae.errors import FileFormatError
+from minisae.errors import FileFormatError, storage_error
 from minisae.xp import to_numpy
 
 MAX_HEADER_BYTES = 100_000_000  # the reference library's limit on N
@@ -435,7 +435,10 @@ def save_file(tensors, path, *, metadata=None, dtypes=None):
 
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # umask applies
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # umask applies
+    except OSError as e:
+        raise storage_error(e, path) from e
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(len(text).to_bytes(8, "little"))
@@ -447,6 +450,9 @@ def save_file(tensors, path, *, metadata=None, dtypes=None):
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
+    except OSError as e:  # a full or read-only disk: one line naming the file; the old one stays
+        tmp.unlink(missing_ok=True)
+        raise storage_error(e, path) from e
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

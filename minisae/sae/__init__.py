@@ -1,4 +1,4 @@
-"""The three SAE variants, one module each with the same interface (see minisae/sae/jumprelu.py):
+"""The SAE variants, one module each with the same interface (see minisae/sae/jumprelu.py):
 
     ARCHITECTURE, PARAM_NAMES, init, forward, backward, forward_backward, loss_and_grads,
     encode, decode
@@ -7,13 +7,13 @@
 one call; on NumPy, JumpReLU and TopK take a row-sparse path there when few latents fire.
 """
 
-from minisae.sae import gated, jumprelu, topk
+from minisae.sae import batchtopk, gated, jumprelu, topk
 
-VARIANTS = {"jumprelu": jumprelu, "gated": gated, "topk": topk}
+VARIANTS = {"jumprelu": jumprelu, "gated": gated, "topk": topk, "batchtopk": batchtopk}
 
 
 def get_variant(architecture):
-    """The module for "jumprelu", "gated" or "topk"."""
+    """The module for "jumprelu", "gated", "topk" or "batchtopk"."""
     try:
         return VARIANTS[architecture]
     except KeyError:

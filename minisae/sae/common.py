@@ -377,3 +377,71 @@ def sparse_fire_counts(cols, values, n_cols):
 def column_sums(cols, values, n_cols, dtype):
     """A.sum(axis=0) for sparse A: (M,), accumulated in float64, returned in `dtype`."""
     return numpy.bincount(cols, weights=values, minlength=n_cols).astype(dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# Matryoshka decoding (Bussmann et al. 2025, arXiv 2503.17547): the loss sums the squared error of
+# the reconstructions from nested prefixes of the latents, m_1 < m_2 < ... < m_S = M:
+#     xhat_j = f[:, :m_j] @ W_dec[:m_j] + b_dec,    mse = sum_j mean_b ||x_b - xhat_j,b||^2
+# Latent i lies in every prefix with m_j > i, so its decoder row gets gradient from each of them.
+# Segment s holds the latents [m_{s-1}, m_s) (m_0 = 0): it is in prefixes s, s+1, ..., S.
+
+
+def check_prefixes(prefixes, n_latents, where):
+    """The prefix sizes as a tuple of ints, strictly increasing, ending at M = n_latents (M is
+    appended when the last given size is smaller: the full SAE is always the last prefix).
+    None stands for (M,), the plain loss."""
+    if prefixes is None:
+        return (int(n_latents),)
+    try:
+        sizes = [int(m) for m in prefixes]
+    except (TypeError, ValueError):
+        raise ValueError(f"{where}: prefixes must be a sequence of integers, found {prefixes!r}") from None
+    if sizes and sizes[-1] != n_latents:
+        sizes.append(int(n_latents))
+    if not sizes or sizes[0] < 1 or any(b <= a for a, b in zip(sizes, sizes[1:])) or sizes[-1] != n_latents:
+        raise ValueError(f"{where}: prefixes must increase strictly from >= 1 to at most d_sae={n_latents}, "
+                         f"found {tuple(prefixes)}")
+    return tuple(sizes)
+
+
+def prefix_decode(f, W_dec, b_dec, prefixes):
+    """[xhat_1, ..., xhat_S], each (B, D): the reconstructions from the nested prefixes."""
+    xhat, out, start = b_dec, [], 0
+    for end in prefixes:
+        xhat = xhat + f[:, start:end] @ W_dec[start:end]  # (B, m) @ (m, D) -> (B, D)
+        out.append(xhat)
+        start = end
+    return out
+
+
+def prefix_squared_error(x, xhats):
+    """(mse, errs): mse = sum_j mean_b ||x_b - xhat_j,b||^2 and errs [x - xhat_j]."""
+    total, errs = 0.0, []
+    for xhat in xhats:
+        mse, err = squared_error(x, xhat)
+        total, errs = total + mse, errs + [err]
+    return total, errs
+
+
+def prefix_decoder_gradients(errs, prefixes):
+    """[G_1, ..., G_S]: G_s = sum_{j >= s} dmse/dxhat_j (B, D), the gradient reaching the decoder
+    output of segment s (whose latents are in prefixes s..S); G_1 is also db_dec's sum."""
+    out, acc = [], None
+    for err in reversed(errs):
+        d = squared_error_backward(err)  # (B, D)
+        acc = d if acc is None else acc + d
+        out.append(acc)
+    return out[::-1]
+
+
+def segments(prefixes):
+    """[(start, end)] of the latents first added by each prefix."""
+    return list(zip((0,) + tuple(prefixes[:-1]), prefixes))
+
+
+def segment_entries(rows, cols, n_rows, start, end):
+    """(sel, rowptr) of the stored entries (row-major) with start <= col < end: their positions
+    among the N entries and the row pointer of that sub-matrix."""
+    sel = numpy.flatnonzero((cols >= start) & (cols < end))  # (n,)
+    return sel, numpy.searchsorted(rows[sel], numpy.arange(n_rows + 1))  # (n,), (B + 1,)

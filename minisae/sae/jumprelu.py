@@ -4,56 +4,132 @@ Dimensions: B tokens in the batch, D = d_in, M = d_sae latents, N stored entries
 
     x_c  = x - b_dec                  (pre-encoder bias; option pre_enc_bias, on by default)
     pi   = ReLU(x_c @ W_enc + b_enc)  (the paper's pseudo-code keeps this ReLU)
-    f    = pi * H(pi - theta)         (JumpReLU; H(u) = 1 if u > 0 else 0, strict)
+    a    = H(pi - theta)              (H(u) = 1 if u > 0 else 0, strict); L0_b = sum_i a_bi
+    f    = pi * a                     (JumpReLU)
     xhat = f @ W_dec + b_dec
-    loss = mean_b [ sum_d (x - xhat)^2 + lambda * sum_i H(pi_i - theta_i) ]
+    loss = mean_b [ sum_d (x - xhat)^2 + P(L0_b) ] + F(latent frequencies)
 
-theta = exp(log_threshold) > 0; log_threshold is the trained parameter. The loss is piecewise
-constant in theta, so theta learns from *pseudo*-derivatives (a kernel-density estimate of the
-derivative of the expected loss); everything else gets its true gradient, and the L0 term
-trains theta only. The derivation, line by line, is docs/derivations/jumprelu.md.
+With Matryoshka prefixes m_1 < ... < m_S = M (option `prefixes`, Bussmann et al. 2025, arXiv
+2503.17547) the squared error is summed over the reconstructions from the nested prefixes,
+xhat_j = f[:, :m_j] @ W_dec[:m_j] + b_dec (docs/derivations/matryoshka.md).
+
+P, the sparsity penalty (option `penalty`):
+    "l0"         P = lambda * L0_b                                    (the paper; the default)
+    "quadratic"  P = lambda * (2 / L0*) * (L0_b - L0*)^2, L0* = target_l0  (Gemma Scope 2, Eq. 5)
+F, the frequency penalty (minisae's own design; off unless freq_coeff > 0), with p_i = mean_b a_bi
+the fraction of the batch on which latent i fires:
+    F = freq_coeff * sum_i max(p_i - freq_target, 0)^2
+
+theta = exp(log_threshold) > 0 (the paper), or theta itself when the params hold `threshold`
+instead (`init(..., threshold_param="raw")`, as SAELens >= 6.48 and dictionary_learning train it).
+The loss is piecewise constant in theta, so theta learns from *pseudo*-derivatives (a kernel-density
+estimate of the derivative of the expected loss); everything else gets its true gradient, and the
+penalties train theta only. Derivations: docs/derivations/jumprelu.md (the paper's loss) and
+docs/derivations/jumprelu_recipes.md (quadratic, frequency, raw theta).
 
 `forward` + `backward` are the plain, dense reference. `forward_backward` and `loss_and_grads`
 run the same math on a row-sparse path on NumPy when few latents fire
 (`_forward_backward_sparse`, at the bottom); a test holds the two equal.
 """
 
+import dataclasses
 import math
 
 import numpy
 
-from minisae.sae.common import (as_input, check_params, column_sums, decode, fire_counts,
-                                init_dictionary, sampled_matmul, scalar, sparse_fire_counts,
-                                sparse_from_mask, sparse_matmul, sparse_t_matmul, squared_error,
-                                squared_error_backward)
+from minisae.sae.common import (as_input, check_params, check_prefixes, column_sums, decode,
+                                fire_counts, init_dictionary, prefix_decode,
+                                prefix_decoder_gradients, prefix_squared_error, sampled_matmul,
+                                scalar, segment_entries, segments, sparse_fire_counts,
+                                sparse_from_mask, sparse_matmul, sparse_t_matmul)
 from minisae.xp import xp_of
 
 ARCHITECTURE = "jumprelu"
-PARAM_NAMES = ("W_enc", "b_enc", "W_dec", "b_dec", "log_threshold")
+PARAM_NAMES = ("W_enc", "b_enc", "W_dec", "b_dec", "log_threshold")  # the paper: log theta trained
+PARAM_NAMES_RAW = ("W_enc", "b_enc", "W_dec", "b_dec", "threshold")   # threshold_param="raw"
+PENALTIES = ("l0", "quadratic")
 THRESHOLD_INIT = 0.001  # theta at init (Gemma Scope recipe)
 SPARSE_MAX_DENSITY = 0.025  # the sparse path is taken up to this fraction of B*M entries stored
 
-__all__ = ["ARCHITECTURE", "PARAM_NAMES", "init", "encode", "decode", "forward", "backward",
-           "forward_backward", "loss_and_grads", "dtheta_ste", "kernel_window"]
+__all__ = ["ARCHITECTURE", "PARAM_NAMES", "PARAM_NAMES_RAW", "PENALTIES", "Hyper", "param_names",
+           "init", "encode", "decode", "forward", "backward", "forward_backward", "loss_and_grads",
+           "dtheta_ste", "kernel_window", "sparsity_penalty", "frequency_penalty"]
 
 
-def init(d_in, d_sae, *, seed=0, xp=numpy, dtype="float32"):
-    """Unit-norm He-uniform decoder rows, W_enc = W_dec^T, b_enc = b_dec = 0, theta = 0.001."""
+def param_names(threshold_param="log"):
+    """PARAM_NAMES ("log": log_threshold trained) or PARAM_NAMES_RAW ("raw": threshold trained)."""
+    if threshold_param not in ("log", "raw"):
+        raise ValueError(f"jumprelu: threshold_param must be 'log' or 'raw', found {threshold_param!r}")
+    return PARAM_NAMES if threshold_param == "log" else PARAM_NAMES_RAW
+
+
+def init(d_in, d_sae, *, seed=0, xp=numpy, dtype="float32", threshold_param="log",
+         threshold_init=THRESHOLD_INIT):
+    """Unit-norm He-uniform decoder rows, W_enc = W_dec^T, b_enc = b_dec = 0, theta = threshold_init
+    (0.001), held as log_threshold (threshold_param="log", the paper) or threshold ("raw")."""
+    names = param_names(threshold_param)
+    if not float(threshold_init) > 0.0:
+        raise ValueError(f"jumprelu.init: expected threshold_init > 0, found {threshold_init!r}")
     p = init_dictionary(d_in, d_sae, seed=seed, xp=xp, dtype=dtype)
+    theta0 = float(threshold_init) if threshold_param == "raw" else math.log(threshold_init)
     return {
-        "W_enc": p["W_enc"],                                                   # (D, M)
-        "b_enc": xp.zeros((d_sae,), dtype=dtype),                              # (M,)
-        "W_dec": p["W_dec"],                                                   # (M, D)
-        "b_dec": p["b_dec"],                                                   # (D,)
-        "log_threshold": xp.full((d_sae,), math.log(THRESHOLD_INIT), dtype=dtype),  # (M,)
+        "W_enc": p["W_enc"],                                  # (D, M)
+        "b_enc": xp.zeros((d_sae,), dtype=dtype),             # (M,)
+        "W_dec": p["W_dec"],                                  # (M, D)
+        "b_dec": p["b_dec"],                                  # (D,)
+        names[4]: xp.full((d_sae,), theta0, dtype=dtype),     # (M,) log_threshold or threshold
     }
 
 
-def _check_hyper(sparsity_coeff, bandwidth):
-    if not float(sparsity_coeff) >= 0.0:
-        raise ValueError(f"jumprelu: expected sparsity_coeff >= 0, found {sparsity_coeff!r}")
-    if not float(bandwidth) > 0.0:
-        raise ValueError(f"jumprelu: expected bandwidth > 0, found {bandwidth!r}")
+def _check(params, x):
+    """Checked params and x; returns (x, raw) with raw True when theta itself is trained."""
+    raw = isinstance(params, dict) and "threshold" in params
+    check_params(params, PARAM_NAMES_RAW if raw else PARAM_NAMES, ARCHITECTURE)
+    return as_input(params, x, ARCHITECTURE), raw
+
+
+def _theta(params, raw, xp):
+    return params["threshold"] if raw else xp.exp(params["log_threshold"])  # (M,)
+
+
+@dataclasses.dataclass(frozen=True)
+class Hyper:
+    """The loss options, checked once. Defaults are the paper's recipe."""
+    sparsity_coeff: float          # lambda
+    bandwidth: float = 0.001       # epsilon of the rectangle kernel
+    pre_enc_bias: bool = True      # x_c = x - b_dec (else x_c = x)
+    penalty: str = "l0"            # "l0" | "quadratic"
+    target_l0: float | None = None  # L0*, needed by the quadratic penalty
+    freq_coeff: float = 0.0        # weight of the frequency penalty (0 = off)
+    freq_target: float = 0.1       # firing fraction above which a latent is penalised
+    prefixes: tuple | None = None  # Matryoshka prefix sizes m_1 < ... (M appended); None = plain
+
+    @classmethod
+    def of(cls, **kw):
+        try:
+            h = cls(**kw)
+        except TypeError as e:
+            raise TypeError(f"jumprelu: {e}; the options are {[f.name for f in dataclasses.fields(cls)]}") from None
+        if not float(h.sparsity_coeff) >= 0.0:
+            raise ValueError(f"jumprelu: expected sparsity_coeff >= 0, found {h.sparsity_coeff!r}")
+        if not float(h.bandwidth) > 0.0:
+            raise ValueError(f"jumprelu: expected bandwidth > 0, found {h.bandwidth!r}")
+        if h.penalty not in PENALTIES:
+            raise ValueError(f"jumprelu: penalty must be one of {PENALTIES}, found {h.penalty!r}")
+        if h.penalty == "quadratic" and not (h.target_l0 is not None and float(h.target_l0) > 0.0):
+            raise ValueError(f"jumprelu: penalty='quadratic' needs target_l0 > 0, found {h.target_l0!r}")
+        if not float(h.freq_coeff) >= 0.0 or not 0.0 <= float(h.freq_target) <= 1.0:
+            raise ValueError(f"jumprelu: expected freq_coeff >= 0 and 0 <= freq_target <= 1, "
+                             f"found {h.freq_coeff!r}, {h.freq_target!r}")
+        return dataclasses.replace(
+            h, sparsity_coeff=float(h.sparsity_coeff), bandwidth=float(h.bandwidth),
+            pre_enc_bias=bool(h.pre_enc_bias), freq_coeff=float(h.freq_coeff),
+            freq_target=float(h.freq_target),
+            target_l0=None if h.target_l0 is None else float(h.target_l0))
+
+    def with_latents(self, M):
+        """This Hyper with `prefixes` checked against M latents (a tuple ending at M)."""
+        return dataclasses.replace(self, prefixes=check_prefixes(self.prefixes, M, ARCHITECTURE))
 
 
 def _encoder_pre(params, x, pre_enc_bias):
@@ -64,46 +140,78 @@ def _encoder_pre(params, x, pre_enc_bias):
     return x_c, pre
 
 
-def encode(params, x, *, pre_enc_bias=True, sparsity_coeff=None, bandwidth=None):
-    """f (B, M) for inputs x (B, D). sparsity_coeff and bandwidth are accepted and unused."""
-    check_params(params, PARAM_NAMES, ARCHITECTURE)
-    x = as_input(params, x, ARCHITECTURE)
+def encode(params, x, *, pre_enc_bias=True, **training_only):
+    """f (B, M) for inputs x (B, D). The loss options (sparsity_coeff, ...) are accepted, unused."""
+    x, raw = _check(params, x)
     xp = xp_of(x)
     _, pre = _encoder_pre(params, x, pre_enc_bias)
     pi = xp.maximum(pre, 0.0, out=pre)  # (B, M)
-    theta = xp.exp(params["log_threshold"])  # (M,)
-    return pi * (pi > theta)  # (B, M)
+    return pi * (pi > _theta(params, raw, xp))  # (B, M)
+
+
+# ----------------------------------------------------------------------------------------------
+# the penalties: each returns its value and dL/da, the gradient in the indicators a_bi = H(pi - theta)
+# (to theta only, through the pseudo-derivative `dtheta_ste`)
+
+
+def sparsity_penalty(l0_b, h, xp):
+    """(value, da_b): value = mean_b P(L0_b) for the per-token counts l0_b (B,) and
+    da_b (B,) = dvalue/da_bi, the same for every latent i of token b.
+        l0:        P = lambda L0_b,                    dP/da_bi = lambda
+        quadratic: P = lambda (2/L0*) (L0_b - L0*)^2,  dP/da_bi = lambda (4/L0*) (L0_b - L0*)
+    (dL0_b/da_bi = 1; the 1/B of the batch mean is in da_b.)"""
+    B = l0_b.shape[0]
+    if h.penalty == "l0":
+        return h.sparsity_coeff * float(l0_b.sum()) / B, xp.full(B, h.sparsity_coeff / B, dtype=l0_b.dtype)
+    c = h.sparsity_coeff * 2.0 / h.target_l0
+    u = l0_b - h.target_l0  # (B,)
+    return c * float((u * u).sum()) / B, u * (2.0 * c / B)  # (B,)
+
+
+def frequency_penalty(count_i, h, B):
+    """(value, da_i): F = freq_coeff * sum_i max(p_i - freq_target, 0)^2 with p_i = count_i / B the
+    firing fraction of latent i (count_i = sum_b a_bi, (M,)), and da_i (M,) = dF/da_bi =
+    2 freq_coeff max(p_i - freq_target, 0) / B, the same for every token b. minisae's design."""
+    over = count_i * (1.0 / B) - h.freq_target  # (M,)
+    over *= over > 0.0
+    return h.freq_coeff * float((over * over).sum()), over * (2.0 * h.freq_coeff / B)  # (M,)
 
 
 # ----------------------------------------------------------------------------------------------
 # plain forward / backward
 
 
-def forward(params, x, *, sparsity_coeff, bandwidth=0.001, pre_enc_bias=True):
-    """(out, cache): out has loss, mse, l0 (0-d), f (B, M), xhat (B, D)."""
-    check_params(params, PARAM_NAMES, ARCHITECTURE)
-    _check_hyper(sparsity_coeff, bandwidth)
-    x = as_input(params, x, ARCHITECTURE)
-    x_c, pre = _encoder_pre(params, x, pre_enc_bias)
-    return _forward_from_pre(params, x, x_c, pre, float(sparsity_coeff), float(bandwidth),
-                             bool(pre_enc_bias))
+def forward(params, x, **hyper):
+    """(out, cache): out has loss, mse, l0, sparsity, freq (0-d), f (B, M), xhat (B, D).
+    hyper: sparsity_coeff (required) and the other fields of `Hyper`."""
+    x, raw = _check(params, x)
+    h = Hyper.of(**hyper).with_latents(params["W_enc"].shape[1])
+    x_c, pre = _encoder_pre(params, x, h.pre_enc_bias)
+    return _forward_from_pre(params, x, x_c, pre, h, raw)
 
 
-def _forward_from_pre(params, x, x_c, pre, sparsity_coeff, bandwidth, pre_enc_bias):
+def _forward_from_pre(params, x, x_c, pre, h, raw):
     xp = xp_of(x)
     B, dtype = x.shape[0], x.dtype
     pi = xp.maximum(pre, 0.0, out=pre)  # (B, M) ReLU, in place
-    theta = xp.exp(params["log_threshold"])  # (M,)
+    theta = _theta(params, raw, xp)  # (M,)
     active = pi > theta  # (B, M) H(pi - theta), strict
     f = pi * active  # (B, M)
-    xhat = f @ params["W_dec"] + params["b_dec"]  # (B, M) @ (M, D) -> (B, D)
-    mse, err = squared_error(x, xhat)
-    l0 = scalar(xp.count_nonzero(active) / B, dtype, xp)  # mean_b sum_i H(pi - theta)
-    mse = scalar(mse, dtype, xp)
-    loss = scalar(mse + sparsity_coeff * l0, dtype, xp)
-    out = {"loss": loss, "mse": mse, "l0": l0, "f": f, "xhat": xhat}
-    cache = {"x_c": x_c, "pi": pi, "theta": theta, "active": active, "f": f, "err": err,
-             "sparsity_coeff": sparsity_coeff, "bandwidth": bandwidth, "pre_enc_bias": pre_enc_bias}
+    xhats = prefix_decode(f, params["W_dec"], params["b_dec"], h.prefixes)  # S x (B, D)
+    total, errs = prefix_squared_error(x, xhats)  # sum over prefixes; errs[-1] = x - xhat
+    mse = float((errs[-1] * errs[-1]).sum()) / B  # the full SAE's
+    l0_b = active.sum(axis=1, dtype=dtype)  # (B,) L0 of each token
+    sparsity, da_b = sparsity_penalty(l0_b, h, xp)  # da_b (B,)
+    freq, da_i = 0.0, None
+    if h.freq_coeff > 0.0:
+        freq, da_i = frequency_penalty(active.sum(axis=0, dtype=dtype), h, B)  # da_i (M,)
+    out = {"loss": scalar(total + sparsity + freq, dtype, xp), "mse": scalar(mse, dtype, xp),
+           "matryoshka": scalar(total - mse, dtype, xp), "l0": scalar(l0_b.sum() / B, dtype, xp),
+           "sparsity": scalar(sparsity, dtype, xp), "freq": scalar(freq, dtype, xp), "f": f,
+           "xhat": xhats[-1]}
+    cache = {"x_c": x_c, "pi": pi, "theta": theta, "active": active, "f": f,
+             "err": errs[-1], "errs_inner": errs[:-1],  # x - xhat; x - xhat_j of the inner prefixes
+             "da_b": da_b, "da_i": da_i, "hyper": h, "raw": raw}
     return out, cache
 
 
@@ -114,7 +222,7 @@ def kernel_window(pi, theta, bandwidth):
     return (pi > theta - half) & (pi < theta + half)
 
 
-def dtheta_ste(window_df_sum, window_count, theta, sparsity_coeff, bandwidth, batch):
+def dtheta_ste(window_df_sum, window_da_sum, theta, bandwidth):
     """Pseudo-derivative of the loss in theta: *not the derivative of the forward* (which is 0
     almost everywhere in theta), but a kernel-density estimate of the derivative of the
     expected loss. Per entry, with K the rectangle kernel and eps the bandwidth,
@@ -122,48 +230,63 @@ def dtheta_ste(window_df_sum, window_count, theta, sparsity_coeff, bandwidth, ba
         d JumpReLU_theta(pi) / d theta := -(theta / eps) K((pi - theta) / eps)
         d H(pi - theta)      / d theta := -(1 / eps)     K((pi - theta) / eps)
 
-    so dL/dtheta_i = -(1/eps) * [theta_i * sum_b K_bi dL/df_bi + (lambda/B) * sum_b K_bi].
-    Takes the two column sums (M,) and returns dL/dtheta (M,).
+    so dL/dtheta_i = -(1/eps) * [theta_i * sum_b K_bi dL/df_bi + sum_b K_bi dL/da_bi], where
+    dL/da_bi is what the penalties pass to the indicator a_bi = H(pi_bi - theta_i) (lambda/B for
+    the paper's L0). Takes the two column sums (M,) and returns dL/dtheta (M,).
     """
-    return (theta * window_df_sum + (sparsity_coeff / batch) * window_count) * (-1.0 / bandwidth)
+    return (theta * window_df_sum + window_da_sum) * (-1.0 / bandwidth)
+
+
+def _window_da_sum(window, da_b, da_i, dtype):
+    """sum_b K_bi (da_b[b] + da_i[i]) (M,) from the (B, M) window."""
+    xp = xp_of(window)
+    s = xp.where(window, da_b[:, None], 0.0).sum(axis=0)  # (M,)
+    if da_i is not None:
+        s += da_i * window.sum(axis=0, dtype=dtype)  # (M,)
+    return s
 
 
 def backward(params, cache):
-    """Gradients of forward's loss: true ones for W_enc, b_enc, W_dec, b_dec; for log_threshold
-    the pseudo-derivative of `dtheta_ste` (chained through theta = exp(log_threshold))."""
+    """Gradients of forward's loss: true ones for W_enc, b_enc, W_dec, b_dec; for the threshold
+    the pseudo-derivative of `dtheta_ste` (chained through theta = exp(log_threshold) unless
+    theta is trained raw)."""
     xp = xp_of(cache["f"])
-    W_enc, W_dec = params["W_enc"], params["W_dec"]
+    W_enc, W_dec, h = params["W_enc"], params["W_dec"], cache["hyper"]
     x_c, pi, theta, active, f = (cache[k] for k in ("x_c", "pi", "theta", "active", "f"))
-    B = f.shape[0]
-    # forward was: loss = mse + lambda * l0, mse = sum_bd (x - xhat)^2 / B
-    dxhat = squared_error_backward(cache["err"])  # (B, D)
-    # forward was: xhat = f @ W_dec + b_dec
-    dW_dec = f.T @ dxhat  # (M, B) @ (B, D) -> (M, D)
-    db_dec = dxhat.sum(axis=0)  # (D,)
-    df = dxhat @ W_dec.T  # (B, D) @ (D, M) -> (B, M)
-    # forward was: f = pi * H(pi - theta), l0 = mean_b sum_i H(pi - theta); the theta part
-    window = kernel_window(pi, theta, cache["bandwidth"])  # (B, M)
+    # forward was: loss = sum_j mse_j + penalties, mse_j = sum_bd (x - xhat_j)^2 / B,
+    # xhat_j = f[:, :m_j] @ W_dec[:m_j] + b_dec (one prefix, m_1 = M, without Matryoshka);
+    # segment s (latents [m_{s-1}, m_s)) is in prefixes s..S and gets G_s = sum_{j>=s} dxhat_j
+    G = prefix_decoder_gradients(cache["errs_inner"] + [cache["err"]], h.prefixes)  # S x (B, D)
+    dW_dec = xp.empty_like(W_dec)  # (M, D)
+    df = xp.empty_like(f)  # (B, M)
+    for (s, e), G_s in zip(segments(h.prefixes), G):
+        dW_dec[s:e] = f[:, s:e].T @ G_s  # (m, B) @ (B, D) -> (m, D)
+        df[:, s:e] = G_s @ W_dec[s:e].T  # (B, D) @ (D, m) -> (B, m)
+    db_dec = G[0].sum(axis=0)  # (D,) b_dec is in every prefix
+    # forward was: f = pi * a, a = H(pi - theta), the penalties of a; the theta part
+    window = kernel_window(pi, theta, h.bandwidth)  # (B, M)
     dtheta = dtheta_ste(xp.where(window, df, 0.0).sum(axis=0),  # (M,)
-                        window.sum(axis=0, dtype=theta.dtype),  # (M,)
-                        theta, cache["sparsity_coeff"], cache["bandwidth"], B)
-    # ... and the pi part: d f/d pi = H(pi - theta); the L0 step passes nothing to pi
+                        _window_da_sum(window, cache["da_b"], cache["da_i"], theta.dtype),  # (M,)
+                        theta, h.bandwidth)
+    # ... and the pi part: d f/d pi = a; the penalties' steps pass nothing to pi
     dpi = xp.multiply(df, active, out=df)  # (B, M)
-    # forward was: pi = ReLU(pre); where H(pi - theta) = 1, pre = pi > theta > 0, so ReLU' = 1
+    # forward was: pi = ReLU(pre); where a = 1, pre = pi > theta > 0, so ReLU' = 1
     dpre = dpi  # (B, M)
     # forward was: pre = x_c @ W_enc + b_enc
     dW_enc = x_c.T @ dpre  # (D, B) @ (B, M) -> (D, M)
     db_enc = dpre.sum(axis=0)  # (M,)
-    if cache["pre_enc_bias"]:
+    if h.pre_enc_bias:
         # forward was: x_c = x - b_dec; sum_b d x_c = (sum_b dpre) @ W_enc^T
         db_dec = db_dec - W_enc @ db_enc  # (D, M) @ (M,) -> (D,)
-    # forward was: theta = exp(log_threshold)
-    dlog_threshold = theta * dtheta  # (M,)
-    return {"W_enc": dW_enc, "b_enc": db_enc, "W_dec": dW_dec, "b_dec": db_dec,
-            "log_threshold": dlog_threshold}
+    grads = {"W_enc": dW_enc, "b_enc": db_enc, "W_dec": dW_dec, "b_dec": db_dec}
+    if cache["raw"]:
+        grads["threshold"] = dtheta  # (M,)
+    else:  # forward was: theta = exp(log_threshold)
+        grads["log_threshold"] = theta * dtheta  # (M,)
+    return grads
 
 
-def forward_backward(params, x, *, sparsity_coeff, bandwidth=0.001, pre_enc_bias=True,
-                     path="auto", dense_f=True):
+def forward_backward(params, x, *, path="auto", dense_f=True, **hyper):
     """(out, grads): forward's out and backward's grads in one call. path: "dense" (forward
     then backward), "sparse" (NumPy only), or "auto": sparse on NumPy when at most
     SPARSE_MAX_DENSITY of the batch's entries are active or in the kernel window, else dense.
@@ -172,28 +295,27 @@ def forward_backward(params, x, *, sparsity_coeff, bandwidth=0.001, pre_enc_bias
     if path not in ("auto", "dense", "sparse"):
         raise ValueError(f"jumprelu.forward_backward: path must be 'auto', 'dense' or 'sparse', "
                          f"found {path!r}")
-    check_params(params, PARAM_NAMES, ARCHITECTURE)
-    _check_hyper(sparsity_coeff, bandwidth)
-    x = as_input(params, x, ARCHITECTURE)
+    x, raw = _check(params, x)
+    h = Hyper.of(**hyper).with_latents(params["W_enc"].shape[1])
     xp = xp_of(x)
     if path == "sparse" and xp is not numpy:
         raise ValueError("jumprelu.forward_backward: path='sparse' runs on NumPy arrays only; "
                          f"found {xp.__name__} arrays (use 'auto' or 'dense')")
-    hyper = (float(sparsity_coeff), float(bandwidth), bool(pre_enc_bias))
-    x_c, pre = _encoder_pre(params, x, pre_enc_bias)
+    x_c, pre = _encoder_pre(params, x, h.pre_enc_bias)
     if xp is numpy and path != "dense":
-        stored = _stored_mask(pre, numpy.exp(params["log_threshold"]), hyper[1])  # (B, M)
+        stored = _stored_mask(pre, _theta(params, raw, xp), h.bandwidth)  # (B, M)
         if path == "sparse" or numpy.count_nonzero(stored) <= SPARSE_MAX_DENSITY * stored.size:
-            return _forward_backward_sparse(params, x, x_c, pre, stored, *hyper, dense_f)
-    out, cache = _forward_from_pre(params, x, x_c, pre, *hyper)
+            return _forward_backward_sparse(params, x, x_c, pre, stored, h, raw, dense_f)
+    out, cache = _forward_from_pre(params, x, x_c, pre, h, raw)
     out["fired"] = fire_counts(out["f"])  # (M,)
     return out, backward(params, cache)
 
 
-def loss_and_grads(params, x, *, sparsity_coeff, bandwidth=0.001, pre_enc_bias=True, path="auto"):
-    """(loss, grads) of `forward` / `backward`, through `forward_backward` (same paths)."""
-    out, grads = forward_backward(params, x, sparsity_coeff=sparsity_coeff, bandwidth=bandwidth,
-                                  pre_enc_bias=pre_enc_bias, path=path, dense_f=False)
+def loss_and_grads(params, x, *, path="auto", **hyper):
+    """(loss, grads) of `forward` / `backward`, through `forward_backward` (same paths).
+    hyper: sparsity_coeff, bandwidth=0.001, pre_enc_bias=True, penalty="l0", target_l0=None,
+    freq_coeff=0.0, freq_target=0.1, prefixes=None (see `Hyper`)."""
+    out, grads = forward_backward(params, x, path=path, dense_f=False, **hyper)
     return out["loss"], grads
 
 
@@ -208,37 +330,63 @@ def _stored_mask(pre, theta, bandwidth):
     return pre > numpy.where(lo < 0.0, -numpy.inf, lo).astype(pre.dtype)  # (B, M)
 
 
-def _forward_backward_sparse(params, x, x_c, pre, stored, sparsity_coeff, bandwidth, pre_enc_bias,
-                             dense_f):
+def _forward_backward_sparse(params, x, x_c, pre, stored, h, raw, dense_f):
     W_enc, W_dec, b_dec = params["W_enc"], params["W_dec"], params["b_dec"]
     (B, M), dtype = pre.shape, x.dtype
-    theta = numpy.exp(params["log_threshold"])  # (M,)
-    # forward, on the N stored entries (row-major): pi, H(pi - theta), f
+    theta = _theta(params, raw, numpy)  # (M,)
+    # forward, on the N stored entries (row-major): pi, a = H(pi - theta), f
     rows, cols, rowptr, flat = sparse_from_mask(stored)  # (N,) (N,) (B + 1,) (N,)
     pi_s = numpy.maximum(pre.ravel()[flat], 0.0)  # (N,)
     theta_s = theta[cols]  # (N,)
     active_s = pi_s > theta_s  # (N,)
     f_s = pi_s * active_s  # (N,)
-    xhat = sparse_matmul(rowptr, cols, f_s, W_dec) + b_dec  # (B, M) @ (M, D) -> (B, D)
-    mse, err = squared_error(x, xhat)
-    l0 = scalar(numpy.count_nonzero(active_s) / B, dtype, numpy)
-    loss = scalar(mse + sparsity_coeff * l0, dtype, numpy)
-    # backward, as in `backward`; entries outside the stored set have df * H = 0 and K = 0
-    dxhat = squared_error_backward(err)  # (B, D)
-    df_s = sampled_matmul(rowptr, cols, dxhat, W_dec)  # (N,) = (dxhat @ W_dec.T)[rows, cols]
-    window_s = kernel_window(pi_s, theta_s, bandwidth)  # (N,)
-    dtheta = dtheta_ste(column_sums(cols, df_s * window_s, M, dtype),  # (M,)
-                        column_sums(cols, window_s, M, dtype),  # (M,)
-                        theta, sparsity_coeff, bandwidth, B)
+    parts = [(s, e) + segment_entries(rows, cols, B, s, e) for s, e in segments(h.prefixes)]
+    if len(parts) == 1:  # plain loss: all entries at once
+        xhats = [sparse_matmul(rowptr, cols, f_s, W_dec) + b_dec]  # (B, M) @ (M, D) -> (B, D)
+    else:
+        xhats, acc = [], b_dec
+        for s, e, sel, rp in parts:
+            acc = acc + sparse_matmul(rp, cols[sel], f_s[sel], W_dec)  # (B, D)
+            xhats.append(acc)
+    total, errs = prefix_squared_error(x, xhats)
+    mse = float((errs[-1] * errs[-1]).sum()) / B
+    l0_b = numpy.bincount(rows[active_s], minlength=B).astype(dtype)  # (B,)
+    sparsity, da_b = sparsity_penalty(l0_b, h, numpy)  # (B,)
+    freq, da_i = 0.0, None
+    if h.freq_coeff > 0.0:
+        freq, da_i = frequency_penalty(column_sums(cols, active_s, M, dtype), h, B)  # (M,)
+    # backward, as in `backward`; entries outside the stored set have df * a = 0 and K = 0
+    G = prefix_decoder_gradients(errs, h.prefixes)  # S x (B, D)
+    if len(parts) == 1:
+        df_s = sampled_matmul(rowptr, cols, G[0], W_dec)  # (N,) = (G @ W_dec.T)[rows, cols]
+    else:
+        df_s = numpy.empty_like(f_s)  # (N,)
+        for (s, e, sel, rp), G_s in zip(parts, G):
+            df_s[sel] = sampled_matmul(rp, cols[sel], G_s, W_dec)  # (n,)
+    window_s = kernel_window(pi_s, theta_s, h.bandwidth)  # (N,)
+    window_da = column_sums(cols, numpy.where(window_s, da_b[rows], 0.0), M, dtype)  # (M,)
+    if da_i is not None:
+        window_da += da_i * column_sums(cols, window_s, M, dtype)  # (M,)
+    dtheta = dtheta_ste(column_sums(cols, df_s * window_s, M, dtype), window_da, theta, h.bandwidth)
     dpre_s = df_s * active_s  # (N,)
-    dW_dec, dW_enc_t = sparse_t_matmul(rows, cols, M, [(f_s, dxhat), (dpre_s, x_c)])  # (M, D) x2
+    if len(parts) == 1:
+        dW_dec, dW_enc_t = sparse_t_matmul(rows, cols, M, [(f_s, G[0]), (dpre_s, x_c)])  # (M, D) x2
+    else:
+        dW_dec = numpy.empty_like(W_dec)  # (M, D)
+        for (s, e, sel, rp), G_s in zip(parts, G):
+            dW_dec[s:e] = sparse_t_matmul(rows[sel], cols[sel] - s, e - s, [(f_s[sel], G_s)])[0]
+        dW_enc_t = sparse_t_matmul(rows, cols, M, [(dpre_s, x_c)])[0]  # (M, D)
     db_enc = column_sums(cols, dpre_s, M, dtype)  # (M,)
-    db_dec = dxhat.sum(axis=0)  # (D,)
-    if pre_enc_bias:
+    db_dec = G[0].sum(axis=0)  # (D,)
+    if h.pre_enc_bias:
         db_dec = db_dec - W_enc @ db_enc  # (D, M) @ (M,) -> (D,)
     grads = {"W_enc": numpy.ascontiguousarray(dW_enc_t.T), "b_enc": db_enc, "W_dec": dW_dec,
-             "b_dec": db_dec, "log_threshold": theta * dtheta}
-    out = {"loss": loss, "mse": scalar(mse, dtype, numpy), "l0": l0, "xhat": xhat,
+             "b_dec": db_dec}
+    grads["threshold" if raw else "log_threshold"] = dtheta if raw else theta * dtheta
+    out = {"loss": scalar(total + sparsity + freq, dtype, numpy), "mse": scalar(mse, dtype, numpy),
+           "matryoshka": scalar(total - mse, dtype, numpy), "l0": scalar(l0_b.sum() / B, dtype, numpy),
+           "sparsity": scalar(sparsity, dtype, numpy), "freq": scalar(freq, dtype, numpy),
+           "xhat": xhats[-1],
            "fired": sparse_fire_counts(cols, f_s, M)}
     if dense_f:
         out["f"] = numpy.zeros((B, M), dtype=dtype)  # (B, M)

@@ -19,28 +19,18 @@ caller (cross_entropy takes that mask). Left padding would shift RoPE positions:
 """
 
 import math
-import re
 
 import numpy
 
 from minisae.xp import asarray, get_xp, xp_of
 
+from ..sites import SITE_KINDS, parse_site
 from .config import Gemma2Config
-from .weights import check_shapes
+from .weights import check_shapes, expected_shapes
 
-SITE_KINDS = ("hook_resid_post", "attn.hook_z", "hook_mlp_out")
-_SITE_RE = re.compile(r"^blocks\.(\d+)\.(hook_resid_post|attn\.hook_z|hook_mlp_out)$")
 _ATTN_BYTES = 256 * 2**20  # attention scores are computed for as many batch rows as fit in this
 _CE_ELEMS = 2**22  # cross_entropy gathers about this many logits at a time (float64)
 _LOSS_ROWS = 256  # Gemma2Model.loss makes logits for this many tokens at a time (256 MB for 2B)
-
-
-def parse_site(site):
-    """'blocks.L.hook_resid_post' | 'blocks.L.attn.hook_z' | 'blocks.L.hook_mlp_out' -> (L, kind)."""
-    m = _SITE_RE.match(site) if isinstance(site, str) else None
-    if m is None:
-        raise ValueError(f"site {site!r}: expected 'blocks.<layer>.<kind>' with kind one of {SITE_KINDS}")
-    return int(m.group(1)), m.group(2)
 
 
 # ---- the pieces of a block, in the order they run -------------------------------------------------
@@ -52,10 +42,15 @@ def rms_norm(x, w1, eps):
     return (x * (1.0 / xp.sqrt(ms + eps))) * w1  # (N, D)  output * (1.0 + weight): Gemma's (1 + w)
 
 
-def rope_tables(T, head_dim, theta, xp, dtype):
-    """cos, sin (T, 1, d) for positions 0..T-1, inv_freq_i = theta^(-2i/d), all in `dtype` (float32)."""
+def rope_tables(T, head_dim, theta, xp, dtype, factor=1.0):
+    """cos, sin (T, 1, d) for positions 0..T-1, inv_freq_i = theta^(-2i/d) / factor, all in `dtype`.
+
+    factor != 1 is linear RoPE scaling (positions divided by factor; Gemma 3 4B+ global layers).
+    """
     exponent = xp.arange(0, head_dim, 2, dtype=dtype) / head_dim  # (d/2,)  arange(0, dim, 2) / dim
     inv_freq = 1.0 / (theta ** exponent)  # (d/2,)  compute_default_rope_parameters (float32, not float64)
+    if factor != 1.0:
+        inv_freq = inv_freq / xp.asarray(factor, dtype=dtype)  # _compute_linear_scaling_rope_parameters
     pos = xp.arange(T, dtype=dtype)  # (T,)  position_ids from 0, no offset
     freqs = pos[:, None] * inv_freq[None, :]  # (T, d/2)  position_ids.float() * inv_freq
     emb = xp.concatenate([freqs, freqs], axis=-1)[:, None, :]  # (T, 1, d)  cat(freqs, freqs)
@@ -103,9 +98,12 @@ def gelu_tanh_(x, xp):
 class Gemma2Model:
     """Gemma 2 as arrays: forward(ids) -> soft-capped logits; capture(ids, sites); splices."""
 
+    expected_shapes = staticmethod(expected_shapes)  # {tensor name: shape} a config implies
+
     def __init__(self, config: Gemma2Config, weights, *, xp=numpy, dtype="float32"):
         """`weights` is {checkpoint tensor name: array} (minisae.models.gemma2.weights.load_weights)."""
-        ignored = check_shapes({k: tuple(v.shape) for k, v in weights.items()}, config)
+        ignored = check_shapes({k: tuple(v.shape) for k, v in weights.items()}, config,
+                               expected=self.expected_shapes(config))
         self.config, self.xp, self.dtype = config, xp, numpy.dtype(dtype)
         if self.dtype not in (numpy.float32, numpy.float64):
             raise ValueError(f"dtype: expected 'float32' or 'float64', found {dtype!r}")
@@ -138,7 +136,7 @@ class Gemma2Model:
 
     # ---- sites -----------------------------------------------------------------------------------
     def site_width(self, site):
-        """Width of the activations at `site`: D for resid_post / mlp_out, H*d for attn.hook_z."""
+        """Width of the activations at `site`: H*d for attn.hook_z, D for the others."""
         _, kind = self._check_site(site)
         c = self.config
         return c.num_attention_heads * c.head_dim if kind == "attn.hook_z" else c.hidden_size
@@ -200,8 +198,13 @@ class Gemma2Model:
         for site, fn in (splice or {}).items():
             if not callable(fn):
                 raise TypeError(f"splice[{site!r}]: expected a function acts -> acts, found {type(fn).__name__}")
-            splices[self._check_site(site)] = (site, fn)
-        wanted = {self._check_site(s): s for s in capture}
+            key = self._check_site(site)
+            if key in splices:
+                raise ValueError(f"splice: {splices[key][0]!r} and {site!r} name the same site")
+            splices[key] = (site, fn)
+        wanted = {}  # (layer, kind) -> the names asked for (a site may be given in both spellings)
+        for s in capture:
+            wanted.setdefault(self._check_site(s), []).append(s)
         # capture stops after the deepest wanted site; forward runs every layer
         last = max(layer for layer, _ in wanted) if wanted else c.num_hidden_layers - 1
         only_z = bool(wanted) and all(k == "attn.hook_z" for (layer, k) in wanted if layer == last)
@@ -212,8 +215,8 @@ class Gemma2Model:
             if key in splices:
                 site, fn = splices[key]
                 x = self._spliced(site, fn, x.reshape(B, T, -1))
-            if key in wanted:
-                acts[wanted[key]] = x.reshape(B, T, -1)  # (B, T, width)
+            for name in wanted.get(key, ()):
+                acts[name] = x.reshape(B, T, -1)  # (B, T, width)
             return x.reshape(B * T, -1)  # (N, width)
 
         h = self.embed[ids.reshape(-1)]  # (N, D)  embedding lookup (a gather: a copy)
@@ -234,6 +237,7 @@ class Gemma2Model:
         a = rms_norm(a, lw["post_attn_norm"], eps)  # post_attention_layernorm (Gemma 2's sandwich norm)
         h = h + a  # (N, D)  residual
         x = rms_norm(h, lw["pre_ff_norm"], eps)  # pre_feedforward_layernorm
+        x = hook(layer, "hook_mlp_in", x)  # site: the MLP's input (what Gemma Scope 2 transcoders read)
         m = self._mlp(x, lw)  # (N, D)
         m = rms_norm(m, lw["post_ff_norm"], eps)  # post_feedforward_layernorm
         m = hook(layer, "hook_mlp_out", m)  # site: output of post_feedforward_layernorm
@@ -248,8 +252,7 @@ class Gemma2Model:
         q = (x @ lw["q"].T).reshape(B, T, H, d)  # (N, D) @ (D, H*d) -> (B, T, H, d)  no bias
         k = (x @ lw["k"].T).reshape(B, T, K, d)  # (B, T, K, d)
         v = (x @ lw["v"].T).reshape(B, T, K, d)  # (B, T, K, d)
-        q = apply_rope(q, cos, sin)  # (B, T, H, d)  RoPE on queries and keys only
-        k = apply_rope(k, cos, sin)  # (B, T, K, d)
+        q, k = self._position_qk(q, k, lw, cos, sin)  # RoPE (Gemma 3: QK-norm first)
         # GQA without repeating k/v: query head h = kv*G + g reads kv head h // G. Stack the G
         # query heads of one kv head along the query axis so one matmul serves them all.
         qg = q.reshape(B, T, K, G, d).transpose(0, 2, 3, 1, 4).reshape(B, K, G * T, d)  # (B, K, G*T, d)
@@ -266,6 +269,14 @@ class Gemma2Model:
             o = p.reshape(b1 - b0, K, G * T, T) @ vh[b0:b1]  # (b, K, G*T, T) @ (b, K, T, d) -> (b, K, G*T, d)
             z[b0:b1] = o.reshape(b1 - b0, K, G, T, d).transpose(0, 3, 1, 2, 4)  # (b, T, K, G, d)
         return z.reshape(B * T, H * d)  # (N, H*d)
+
+    def _position_qk(self, q, k, lw, cos, sin):
+        """RoPE on queries (B, T, H, d) and keys (B, T, K, d); values are not rotated."""
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+
+    def _rope_params(self, layer):
+        """(theta, linear scaling factor) of the RoPE `layer` uses: one base for every Gemma 2 layer."""
+        return self.config.rope_theta, 1.0
 
     def _mlp(self, x, lw):
         """down(gelu_tanh(gate(x)) * up(x)) on x (N, D) -> (N, D)."""
@@ -293,10 +304,13 @@ class Gemma2Model:
         """(cos, sin, additive mask) for length T; the mask is sliding-window on sliding layers."""
         c, xp = self.config, self.xp
         window = c.sliding_window if c.is_sliding(layer) else None
-        key = (T, window)
+        rope = self._rope_params(layer)  # (theta, factor)
+        if self._tables.get("T") != T:  # a new length: forget the old one's tables (T^2 masks add up)
+            self._tables = {"T": T}
+        if rope not in self._tables:
+            self._tables[rope] = rope_tables(T, c.head_dim, rope[0], xp, self.dtype, factor=rope[1])
+        key = ("mask", window)
         if key not in self._tables:
-            if T not in self._tables:  # a new length: forget the old one's tables (T^2 masks add up)
-                self._tables = {T: rope_tables(T, c.head_dim, c.rope_theta, xp, self.dtype)}
             i = xp.arange(T)[:, None]  # (T, 1) query position
             j = xp.arange(T)[None, :]  # (1, T) key position
             visible = j <= i  # causal
@@ -305,7 +319,7 @@ class Gemma2Model:
             mask = xp.zeros((T, T), dtype=self.dtype)  # (T, T) additive
             mask[~visible] = float(numpy.finfo(self.dtype).min)  # transformers' min_dtype: exp gives 0
             self._tables[key] = mask
-        cos, sin = self._tables[T]
+        cos, sin = self._tables[rope]
         return cos, sin, self._tables[key]
 
     def _check_ids(self, ids):

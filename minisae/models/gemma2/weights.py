@@ -74,12 +74,13 @@ def expected_shapes(config: Gemma2Config):
     return shapes
 
 
-def check_shapes(found, config: Gemma2Config, source="weights"):
+def check_shapes(found, config: Gemma2Config, source="weights", *, expected=None):
     """Compare {name: shape} with what `config` implies; raise CheckpointError listing problems.
 
+    `expected` defaults to expected_shapes(config) (Gemma 3 passes its own, with QK-norm weights).
     Returns the set of names to ignore (a tied checkpoint's redundant lm_head.weight).
     """
-    expected = expected_shapes(config)
+    expected = expected_shapes(config) if expected is None else expected
     problems, ignored = [], set()
     for name, shape in expected.items():
         if name not in found:
@@ -164,16 +165,26 @@ def open_checkpoint(folder):
     return tensors
 
 
-def load_weights(folder, config: Gemma2Config, *, xp=numpy, dtype="float32"):
+def load_weights(folder, config: Gemma2Config, *, xp=numpy, dtype="float32", expected=None, rename=None):
     """Check the checkpoint in `folder` against `config` and read it: {name: xp array of dtype}.
 
     float32 tensors read with dtype="float32" on NumPy are memory-mapped views (no copy).
+    `expected` as in check_shapes; `rename(name)` maps a stored tensor name to the name checked
+    and returned, or None to skip the tensor unread (Gemma 3's multimodal files: see gemma3.weights).
     """
     if dtype not in COMPUTE_DTYPES:
         raise ValueError(f"dtype: expected one of {COMPUTE_DTYPES}, found {dtype!r}")
-    tensors = open_checkpoint(folder)
+    stored = open_checkpoint(folder)
+    names = {}  # checked name -> stored name
+    for n in stored:
+        new = n if rename is None else rename(n)
+        if new in names:
+            raise CheckpointError(f"{folder}: tensors {names[new]} and {n} both hold {new}")
+        if new is not None:
+            names[new] = n
+    tensors = {new: stored[old] for new, old in names.items()}
     ignored = check_shapes({n: info.shape for n, (_, info) in tensors.items()}, config,
-                           source=str(folder))
+                           source=str(folder), expected=expected)
     weights = {}
     for name, (f, info) in tensors.items():
         if name in ignored:
@@ -181,6 +192,6 @@ def load_weights(folder, config: Gemma2Config, *, xp=numpy, dtype="float32"):
         if info.dtype not in FLOAT_DTYPES:
             raise CheckpointError(f"{name}: expected a float dtype {FLOAT_DTYPES}, found {info.dtype} "
                                   f"in {f.path}")
-        host = f.get(name)  # F32: memory-mapped view; BF16 / F16: exact float32 copy
+        host = f.get(names[name])  # F32: memory-mapped view; BF16 / F16: exact float32 copy
         weights[name] = asarray(host, xp, dtype)  # a no-op for float32 on NumPy
     return weights

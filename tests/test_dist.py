@@ -1,0 +1,141 @@
+"""Distributed training (minisae.dist, minisae.parallel): in-process checks of the pieces, and the
+multi-process claims under real `mpiexec` (tests/mpi_worker.py; skipped without mpi4py/mpiexec):
+
+- collectives: the sum is the rank-ordered sum, bitwise the same on every rank; traffic counted;
+- data parallel: 2 ranks end bitwise equal to one process accumulating the same 2 micro-batches;
+- latent sharding: one step's loss and gradients on 2 shards equal the unsharded variant's to 1e-12
+  (float64); training on 2 shards agrees with 1 shard within float32 rounding; resume on the same
+  grid is bit-identical; a checkpoint resumes on another S and converts with `reshard`;
+- the 2 x 2 grid on 4 ranks ends bitwise equal to 2 shards accumulating 2 micro-batches.
+"""
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy
+import pytest
+
+from minisae import dist
+from minisae.parallel import init_shard, latent_range, make_grid, shard_forward_backward
+from minisae.sae import VARIANTS
+from minisae.train import TrainConfig, hypers_at
+from minisae.xp import cupy_available
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _mpiexec():
+    here = Path(sys.executable).parent / "mpiexec"
+    return str(here) if here.exists() else shutil.which("mpiexec")
+
+
+def run_mpi(case, n, tmp_path, timeout=120):
+    """Run tests/mpi_worker.py CASE under `mpiexec -n n`; fail with its output if it fails."""
+    pytest.importorskip("mpi4py")
+    exe = _mpiexec()
+    if exe is None:
+        pytest.skip("mpiexec not found (install the dist extra: pip install 'minisae[dist]')")
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+           "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    cmd = [exe, "-n", str(n), sys.executable, "-m", "mpi4py", str(ROOT / "tests" / "mpi_worker.py"),
+           case, str(tmp_path)]
+    try:
+        p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as e:
+        pytest.fail(f"mpiexec -n {n} {case}: no result after {timeout} s (a deadlock?)\n{e.stdout}\n{e.stderr}")
+    assert p.returncode == 0, f"mpiexec -n {n} {case} failed:\n{p.stdout[-4000:]}\n{p.stderr[-4000:]}"
+    assert f"{case}: ok on {n} ranks" in p.stdout
+
+
+@pytest.mark.parametrize("case", ["collectives", "dataparallel", "shard"])
+def test_under_mpiexec_2(case, tmp_path):
+    run_mpi(case, 2, tmp_path)
+
+
+def test_grid_2x2_under_mpiexec_4(tmp_path):
+    run_mpi("grid", 4, tmp_path)
+
+
+@pytest.mark.gpu
+def test_nccl_smoke_under_mpiexec(tmp_path):
+    if not cupy_available():
+        pytest.skip("CuPy with a CUDA device is not available")
+    run_mpi("nccl", 1, tmp_path)
+
+
+# ----------------------------------------------------------------------------------------------
+# in process
+
+
+def test_single_process_collectives_are_identities():
+    comm = dist.world()
+    assert isinstance(comm, dist.SingleProcess) and comm.size == 1
+    a = numpy.arange(6.0).reshape(2, 3)
+    for out in (comm.sum(a), comm.allgather(a)[0], comm.broadcast(a)):
+        assert numpy.array_equal(out, a) and out is not a
+    assert dist.ordered_sum([a, a, a]).tolist() == ((a + a) + a).tolist()
+
+
+def test_world_rejects_an_unknown_backend():
+    with pytest.raises(ValueError, match="dist backend"):
+        dist.world("gloo")
+
+
+def test_latent_ranges_tile_the_latents():
+    for M, S in ((40, 3), (7, 7), (131072, 8)):
+        bounds = [latent_range(M, S, s) for s in range(S)]
+        assert bounds[0][0] == 0 and bounds[-1][1] == M
+        assert all(a[1] == b[0] for a, b in zip(bounds, bounds[1:]))
+        assert max(h - l for l, h in bounds) - min(h - l for l, h in bounds) <= 1
+
+
+def test_grid_needs_a_divisor():
+    with pytest.raises(ValueError, match="divisor"):
+        make_grid(dist.SingleProcess(), 2, 40)
+
+
+@pytest.mark.parametrize("arch", ["jumprelu", "gated", "topk"])
+def test_one_shard_is_the_variant_bit_for_bit(arch):
+    """With S = 1 the sharded step is the variant's own forward and backward."""
+    kw = {"jumprelu": dict(sparsity_coeff=1e-3), "gated": dict(sparsity_coeff=1e-3), "topk": dict(k=3)}[arch]
+    cfg = TrainConfig(arch, d_sae=24, steps=1, **kw).resolved(8)
+    params = init_shard(cfg, 8, 0, 24, numpy)
+    x = numpy.random.default_rng(1).standard_normal((32, 8)).astype(numpy.float32)
+    dead = numpy.arange(24) % 4 == 0
+    hyper = hypers_at(cfg, 3, dead)
+    out, cache = VARIANTS[arch].forward(params, x, **hyper)
+    ref = VARIANTS[arch].backward(params, cache)
+    stats, grads, fired = shard_forward_backward(arch, params, x, hyper, dist.SingleProcess())
+    for k in ref:
+        assert numpy.array_equal(grads[k], ref[k]), k
+    assert numpy.array_equal(fired, (out["f"] != 0).any(axis=0))
+    assert stats["loss"] == pytest.approx(float(out["loss"]), rel=1e-6)
+
+
+def test_init_does_not_depend_on_the_shards():
+    cfg = TrainConfig("jumprelu", d_sae=9000, sparsity_coeff=0.0, steps=1).resolved(4)
+    full = init_shard(cfg, 4, 0, 9000, numpy)["W_dec"]  # three init chunks
+    for lo, hi in ((0, 4500), (4500, 9000), (4000, 8200)):
+        assert numpy.array_equal(init_shard(cfg, 4, lo, hi, numpy)["W_dec"], full[lo:hi])
+    assert numpy.allclose((full.astype(numpy.float64) ** 2).sum(axis=1), 1.0, atol=1e-6)
+
+
+def test_parallel_trainer_follows_the_output_rule(tmp_path):
+    from minisae.data.synthetic import SyntheticActivations, SyntheticConfig
+    from minisae.errors import OutputExistsError
+    from minisae.parallel import train_parallel
+
+    source = SyntheticActivations(SyntheticConfig(d_in=8, n_features=32, target_l0=1.0))
+    cfg = TrainConfig("topk", k=2, d_sae=16, steps=2, batch_size=32, eval_tokens=0)
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    with pytest.raises(OutputExistsError, match="not a minisae train run folder"):
+        train_parallel(cfg, source, tmp_path / "other", comm=dist.SingleProcess(), progress=False)
+    train_parallel(cfg, source, tmp_path / "run", comm=dist.SingleProcess(), progress=False)
+    with pytest.raises(OutputExistsError, match="--resume"):
+        train_parallel(cfg, source, tmp_path / "run", comm=dist.SingleProcess(), progress=False)
+    again = train_parallel(cfg, source, tmp_path / "run", comm=dist.SingleProcess(), overwrite=True, progress=False)
+    assert again.steps == 2 and (tmp_path / "run" / "sae").is_dir()
