@@ -149,6 +149,9 @@ def shard_forward_backward(arch, params, x, hyper, comm):
     if comm.size > 1 and hyper.get("penalty", "l0") != "l0":
         raise ValueError(f"the {hyper['penalty']} penalty couples every latent of a token (its total L0); "
                          "it cannot be split over latent shards: train it with --shards 1")
+    if comm.size > 1 and hyper.get("prefixes") is not None:
+        raise ValueError("a Matryoshka loss sums reconstructions from latent prefixes; it cannot be split "
+                         "over latent shards: train it with --shards 1")
     out, cache = mod.forward(params, x, **hyper)
     xp = xp_of(x)
     b_dec = params["b_dec"]

@@ -252,6 +252,8 @@ def hypers_at(cfg, step, dead_mask=None):
             h["target_l0"] = cfg.target_l0
         if cfg.freq_coeff > 0:
             h.update(freq_coeff=cfg.freq_coeff, freq_target=cfg.freq_target)
+        if cfg.matryoshka is not None:
+            h["prefixes"] = tuple(cfg.matryoshka)
         return h
     return {"sparsity_coeff": coeff}
 
