@@ -157,6 +157,9 @@ def build_parser():
     p.add_argument("--lm-tokens", type=int, default=8192, help="scored tokens for delta LM loss")
     p.add_argument("--lm-batch-size", type=int, default=2, help="sequences per forward pass for delta LM loss")
     p.add_argument("--json", help="also write the results to this JSON file")
+    p.add_argument("--site-out", help="transcoders: the site the prediction replaces (default: the transcoder's "
+                   "hook_name_out, e.g. model.layers.L.post_feedforward_layernorm.output for Gemma Scope 2); "
+                   "--site (default: its hook_name) is the site it reads")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
     _model_args(p)
     _common(p)
@@ -203,13 +206,17 @@ def build_parser():
     _common(p)
 
     # ---- convert -----------------------------------------------------------------------------
-    p = sub.add_parser("convert", help="convert Gemma Scope params.npz <-> SAELens folder",
-                       description="Convert an SAE between a Gemma Scope params.npz (JumpReLU only) and a "
-                       "SAELens folder (cfg.json + sae_weights.safetensors). The output format follows from "
-                       "OUTPUT (a .npz file or a folder) unless --to is given.")
-    p.add_argument("input", help="SAELens folder, params.npz, or Hub reference")
+    p = sub.add_parser("convert", help="convert SAEs between SAELens, Gemma Scope and Gemma Scope 2 files",
+                       description="Convert an SAE or transcoder between a SAELens folder (cfg.json + "
+                       "sae_weights.safetensors; every architecture), a Gemma Scope params.npz (JumpReLU SAEs "
+                       "only) and a Gemma Scope 2 folder (params.safetensors + config.json; JumpReLU SAEs and "
+                       "transcoders). A conversion the target format cannot hold is refused with the reason. "
+                       "The output format is --to, else gemma-scope for an OUTPUT ending in .npz, else saelens.")
+    p.add_argument("input", help="SAELens folder, params.npz, Gemma Scope 2 folder, or Hub reference "
+                   "(e.g. google/gemma-scope-2-270m-pt/resid_post/layer_9_width_16k_l0_small)")
     p.add_argument("output", help="output .npz file or folder")
-    p.add_argument("--to", choices=["saelens", "gemma-scope"], help="output format")
+    p.add_argument("--to", choices=["saelens", "gemma-scope", "gemma-scope-2"],
+                   help="output format (default: from OUTPUT, see above)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing SAE folder or .npz file")
     p.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     show_defaults(parser)
@@ -324,14 +331,19 @@ def cmd_eval(a):
         source = _run_source(a.sae) if Path(a.sae).is_dir() else None
     model = tokenizer = None
     if a.model:
-        if not (a.site and a.text):
-            raise InputError("--model needs --site and --text for delta LM loss")
+        site = a.site or sae.cfg["metadata"].get("hook_name")  # a Gemma Scope 2 file names its own site
+        if not (site and a.text):
+            raise InputError("--model needs --site (or an SAE whose cfg names its hook) and --text for delta LM loss")
+        a.site = site
         model, tokenizer = _load_model(a, xp)
+    elif sae.is_transcoder and source is not None:
+        raise InputError("a transcoder is evaluated on a model: give --model, --text (and --site unless its cfg "
+                         "names it), not cached or synthetic activations")
     if source is None and model is None:
         raise InputError("nothing to evaluate on: give --activations, --synthetic, or --model/--site/--text")
     out = evaluate(sae, source, n_tokens=a.eval_tokens, model=model, tokenizer=tokenizer, texts=a.text,
                    site=a.site, seq_len=a.seq_len, lm_batch_size=a.lm_batch_size, lm_tokens=a.lm_tokens,
-                   text_field=a.text_field)
+                   text_field=a.text_field, site_out=a.site_out)
     print(_summary_line(out))
     if a.json:
         from minisae.io.files import write_atomic
@@ -400,6 +412,8 @@ def cmd_convert(a):
     to = a.to or ("gemma-scope" if a.output.endswith(".npz") else "saelens")
     if to == "gemma-scope":
         path = sae.save_gemma_scope(a.output, overwrite=a.overwrite)
+    elif to == "gemma-scope-2":
+        path = sae.save_gemma_scope_2(a.output, overwrite=a.overwrite)
     else:
         path = sae.save(a.output, overwrite=a.overwrite)
     print(f"{sae.architecture} SAE (d_in {sae.d_in}, d_sae {sae.d_sae}) written to {path}")

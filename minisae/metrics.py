@@ -139,7 +139,8 @@ class EvalAccumulator:
             "mse": float(self.sum_sq_err) / n,
             "dead_frac": float(numpy.mean(freq == 0)),
             "dense_frac": float(numpy.mean(freq > DENSE_FREQ)),
-            "rel_recon_bias": float(self.sum_xhat_sq) / float(self.sum_xhat_dot_x),
+            "rel_recon_bias": (float(self.sum_xhat_sq) / float(self.sum_xhat_dot_x)  # NaN for an all-zero xhat
+                               if float(self.sum_xhat_dot_x) != 0 else float("nan")),
             "n_tokens": n,
         }
 
