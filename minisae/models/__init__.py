@@ -5,8 +5,6 @@
     tok = load_tokenizer("google/gemma-3-270m")
 """
 
-import json
-
 import numpy
 
 # config.json model_type -> the module (minisae.models.<name>) that runs it
@@ -21,13 +19,12 @@ def model_module(path_or_repo_id, *, revision=None):
     from minisae.models.gemma2.weights import checkpoint_dir
 
     folder = checkpoint_dir(path_or_repo_id, revision=revision)
+    from minisae.io.files import read_json  # size- and depth-limited, one-line errors
+
     path = folder / "config.json"
-    try:
-        d = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: no such file (a checkpoint folder needs config.json)") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{path}: not valid JSON ({e})") from None
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such file (a checkpoint folder needs config.json)")
+    d = read_json(path, expect=None, error=ConfigError)
     model_type = d.get("model_type") if isinstance(d, dict) else None
     if model_type not in MODEL_TYPES:
         raise ConfigError(f"{path}: model_type: expected one of {tuple(MODEL_TYPES)}, found {model_type!r}")

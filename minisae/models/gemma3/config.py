@@ -25,7 +25,6 @@ Keys a file leaves out take transformers' Gemma3TextConfig defaults (DEFAULTS be
 text_config relies on. With neither layer_types nor a pattern, every 6th layer is global (5, 11, ...).
 """
 
-import json
 import pathlib
 from dataclasses import dataclass
 
@@ -41,6 +40,7 @@ DEFAULTS = dict(vocab_size=262_208, hidden_size=2304, intermediate_size=9216, nu
 GLOBAL_THETA, LOCAL_THETA = 1_000_000.0, 10_000.0  # Gemma3TextConfig.default_theta
 SLIDING_WINDOW_PATTERN = 6  # 5 local : 1 global
 ROPE_TYPES = ("default", "linear")
+MAX_LAYERS = 1024  # Gemma 3 27B has 62; a config claiming millions is refused before any per-layer work
 # the keys a Gemma 3 file must spell out itself: defaults for these would only hide a broken file
 _REQUIRED = ("hidden_size", "intermediate_size", "num_hidden_layers")
 
@@ -107,6 +107,8 @@ class Gemma3Config(Gemma2Config):
             return DEFAULTS[key] if value is None and DEFAULTS[key] is not None else value
 
         n_layers = d["num_hidden_layers"]
+        if not isinstance(n_layers, int) or isinstance(n_layers, bool) or not 0 < n_layers <= MAX_LAYERS:
+            raise ConfigError(f"{source}: num_hidden_layers: expected an integer in 1..{MAX_LAYERS}, found {n_layers!r}")
         layer_types = d.get("layer_types")
         if layer_types is None:
             pattern = d.get("sliding_window_pattern", d.get("_sliding_window_pattern", SLIDING_WINDOW_PATTERN))
@@ -146,16 +148,14 @@ class Gemma3Config(Gemma2Config):
     @classmethod
     def from_file(cls, path):
         """Read a config.json file (or the config.json inside a folder)."""
+        from minisae.io.files import read_json  # size- and depth-limited, one-line errors
+
         path = pathlib.Path(path)
         if path.is_dir():
             path = path / "config.json"
-        try:
-            d = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise ConfigError(f"{path}: no such file (a Gemma 3 checkpoint folder needs config.json)") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ConfigError(f"{path}: not valid JSON ({e})") from None
-        return cls.from_dict(d, source=str(path))
+        if not path.is_file():
+            raise ConfigError(f"{path}: no such file (a Gemma 3 checkpoint folder needs config.json)")
+        return cls.from_dict(read_json(path, expect=None, error=ConfigError), source=str(path))
 
     def to_dict(self):
         """A text-only config.json-style dict (newer layout) that from_dict reads back unchanged."""
