@@ -28,7 +28,7 @@ text_config relies on. With neither layer_types nor a pattern, every 6th layer i
 import pathlib
 from dataclasses import dataclass
 
-from minisae.models.gemma2.config import FULL, SLIDING, ConfigError, Gemma2Config, _is_number
+from minisae.models.gemma2.config import FULL, SLIDING, ConfigError, Gemma2Config, _is_number, check_sizes
 
 TEXT_TYPE, MULTIMODAL_TYPE = "gemma3_text", "gemma3"
 # transformers' Gemma3TextConfig defaults (configuration_gemma3.py), used for keys a file omits
@@ -40,7 +40,6 @@ DEFAULTS = dict(vocab_size=262_208, hidden_size=2304, intermediate_size=9216, nu
 GLOBAL_THETA, LOCAL_THETA = 1_000_000.0, 10_000.0  # Gemma3TextConfig.default_theta
 SLIDING_WINDOW_PATTERN = 6  # 5 local : 1 global
 ROPE_TYPES = ("default", "linear")
-MAX_LAYERS = 1024  # Gemma 3 27B has 62; a config claiming millions is refused before any per-layer work
 # the keys a Gemma 3 file must spell out itself: defaults for these would only hide a broken file
 _REQUIRED = ("hidden_size", "intermediate_size", "num_hidden_layers")
 
@@ -97,6 +96,7 @@ class Gemma3Config(Gemma2Config):
         for key in _REQUIRED:
             if key not in d:
                 raise ConfigError(f"{source}: missing required key {key!r}")
+        check_sizes(d, source)  # before layer_types is built from num_hidden_layers
         for key in ("attention_bias", "use_bidirectional_attention"):
             if d.get(key, False):
                 raise ConfigError(f"{source}: {key}: only causal attention without biases is implemented, "
@@ -107,8 +107,6 @@ class Gemma3Config(Gemma2Config):
             return DEFAULTS[key] if value is None and DEFAULTS[key] is not None else value
 
         n_layers = d["num_hidden_layers"]
-        if not isinstance(n_layers, int) or isinstance(n_layers, bool) or not 0 < n_layers <= MAX_LAYERS:
-            raise ConfigError(f"{source}: num_hidden_layers: expected an integer in 1..{MAX_LAYERS}, found {n_layers!r}")
         layer_types = d.get("layer_types")
         if layer_types is None:
             pattern = d.get("sliding_window_pattern", d.get("_sliding_window_pattern", SLIDING_WINDOW_PATTERN))
