@@ -167,7 +167,9 @@ def read_json(path, *, max_bytes=MAX_JSON_BYTES, max_depth=MAX_JSON_DEPTH, expec
         if size > max_bytes:
             raise error(f"{path}: {size} bytes, more than the {max_bytes}-byte limit for a JSON file here")
         with open(path, "rb") as fh:
-            raw = fh.read(max_bytes + 1)
+            raw = fh.read(size + 1)  # (not max_bytes + 1: read(n) allocates n bytes up front)
+        if len(raw) > max_bytes:
+            raise error(f"{path}: more than the {max_bytes}-byte limit for a JSON file here")
     except OSError as e:
         if isinstance(e, MinisaeError):
             raise
