@@ -10,6 +10,7 @@ Adding a format (Gemma Scope 2 was added this way) is one entry in FORMATS: how 
 one into a folder, which of its files to mutate (as bytes or as JSON), and how to load and use it.
 """
 
+import copy
 import dataclasses
 import json
 import math
@@ -82,6 +83,7 @@ def mutate_json(obj, ops):
     obj = json.loads(json.dumps(obj))
     for op, which, value in ops:
         paths = [p for p in _paths(obj) if p]
+        value = copy.deepcopy(value)  # never the shared HOSTILE object itself
         if not paths:
             return value
         path = paths[which % len(paths)]

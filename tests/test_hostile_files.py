@@ -186,3 +186,16 @@ def test_huge_json_file_is_refused_unread(tmp_path):
         fh.truncate(65 * 2**20)  # sparse: 65 MiB of nothing
     with bounded(seconds=1, mib=8), pytest.raises(MinisaeError, match="byte limit"):
         read_json(big)
+
+
+def test_shard_with_a_mangled_npy_header(tmp_path):
+    """numpy reads an .npy header as a Python literal: a mangled one raises SyntaxError or
+    tokenize.TokenError inside numpy; minisae reports the shard instead (found by tests/test_fuzz.py)."""
+    numpy.save(tmp_path / "shard_00000.npy", numpy.zeros((4, 3), numpy.float32))
+    data = (tmp_path / "shard_00000.npy").read_bytes()
+    (tmp_path / "shard_00000.npy").write_bytes(data.replace(b"(4, 3)", b"(4, 3) 3)", 1)[:len(data)])
+    man = {"format": "minisae-activations-1", "site": "s", "d_in": 3, "dtype": "float32", "count": 4,
+           "shards": [{"file": "shard_00000.npy", "count": 4}]}
+    (tmp_path / "manifest.json").write_text(json.dumps(man))
+    with pytest.raises(ActivationsError, match="shard_00000.npy: unreadable or truncated"):
+        ActivationStore(tmp_path)
