@@ -19,7 +19,7 @@ import numpy
 import pytest
 
 from minisae import dist
-from minisae.parallel import init_shard, latent_range, make_grid, shard_forward_backward
+from minisae.sharded import init_shard, latent_range, make_grid, shard_forward_backward
 from minisae.sae import VARIANTS
 from minisae.train import TrainConfig, hypers_at
 from minisae.xp import cupy_available
