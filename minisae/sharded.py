@@ -184,6 +184,24 @@ def _fix_b_dec(grads, err, comm, dsum=None):
     grads["b_dec"] = dsum - comm.sum(dsum - grads["b_dec"])  # (D,)
 
 
+TOPK_BLOCK = 2 ** 22  # entries of pi per argpartition call: bounds its int64 index array to 32 MiB
+
+
+def _topk_rows_blocked(vals, w):
+    """topk.topk_rows(vals, w) a block of rows at a time (each row's selection is its own, so the
+    result is the same): argpartition's (b, m) int64 index array would otherwise be the largest
+    temporary of the step, twice the size of vals."""
+    xp = xp_of(vals)
+    rows = max(1, TOPK_BLOCK // max(1, vals.shape[1]))
+    if rows >= vals.shape[0]:
+        return topk_rows(vals, w)
+    idx = xp.empty((vals.shape[0], w), dtype=xp.int64)  # (b, w)
+    out = xp.empty((vals.shape[0], w), dtype=vals.dtype)  # (b, w)
+    for a in range(0, vals.shape[0], rows):
+        idx[a:a + rows], out[a:a + rows] = topk_rows(vals[a:a + rows], w)
+    return idx, out
+
+
 def _global_topk(vals, k, comm):
     """This shard's part of each row's k largest over all shards.
 
@@ -194,7 +212,7 @@ def _global_topk(vals, k, comm):
     b, m = vals.shape
     w = min(k, m)
     if w > 0:
-        idx, v = topk_rows(vals, w)  # (b, w), (b, w)
+        idx, v = _topk_rows_blocked(vals, w)  # (b, w), (b, w)
     else:  # no candidates here (no dead latent on this shard): still take part in the gather
         idx, v = xp.zeros((b, 0), dtype=xp.int64), vals[:, :0]
     if comm.size == 1:
