@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy
 
 from minisae import dist, optim
-from minisae.errors import OutputExistsError
+from minisae.errors import InputError, OutputExistsError
 from minisae.io.files import check_output_dir, make_dir, write_atomic
 from minisae.io.safetensors_io import SafetensorsError, SafetensorsFile, save_file
 from minisae.sae import VARIANTS
@@ -160,7 +160,7 @@ def reshard(src_run, dst_run, shards):
     src, dst = Path(src_run) / CHECKPOINT_DIR, Path(dst_run) / CHECKPOINT_DIR
     man = read_manifest(src)
     if int(shards) < 1 or int(shards) > int(man["d_sae"]):
-        raise ValueError(f"shards: expected 1 ... {man['d_sae']} (d_sae), found {shards}")
+        raise InputError(f"shards: expected 1 ... {man['d_sae']} (d_sae), found {shards}")
     check_output_dir(dst_run, "train run", is_own=lambda d: False)  # new or empty only
     with SafetensorsFile(src / man["shards"][0]["file"]) as f:
         names = [k[len("params."):] for k in f.keys() if k.startswith("params.")]
@@ -209,13 +209,16 @@ def train_parallel(cfg, source, out_dir, *, shards=1, accumulate=1, comm=None, r
     cfg = cfg.resolved(int(source.d_in))
     xp = get_xp(cfg.backend)
     names = param_names(cfg)
+    world.check_same({"config": dataclasses.asdict(cfg), "shards": int(shards), "accumulate": int(accumulate),
+                      "d_in": int(source.d_in), "resume": bool(resume), "overwrite": bool(overwrite)},
+                     "the training arguments (every process must be started with the same command)")
     grid = make_grid(world, shards, cfg.d_sae)
     if grid.S > 1 and cfg.penalty != "l0":
-        raise ValueError(f"penalty {cfg.penalty!r} couples every latent of a token (its total L0); "
+        raise InputError(f"penalty {cfg.penalty!r} couples every latent of a token (its total L0); "
                          "it cannot be split over latent shards: train it with --shards 1")
     n_micro = grid.R * int(accumulate)
     if int(accumulate) < 1 or cfg.batch_size % n_micro:
-        raise ValueError(f"batch_size {cfg.batch_size} must split into {grid.R} replicas x "
+        raise InputError(f"batch_size {cfg.batch_size} must split into {grid.R} replicas x "
                          f"{accumulate} micro-batches (accumulate >= 1)")
     b, mine = cfg.batch_size // n_micro, cfg.batch_size // grid.R  # rows per micro-batch, per replica
     out_dir = Path(out_dir)

@@ -30,6 +30,7 @@ import math
 
 import numpy
 
+from minisae.errors import InputError
 from minisae.sae import VARIANTS
 from minisae.sae.common import squared_error, squared_error_backward, unit_rows
 from minisae.sae.topk import _scatter_rows, topk_rows
@@ -64,9 +65,9 @@ def latent_range(M, S, s):
 def make_grid(world, shards, d_sae):
     P, S = world.size, int(shards)
     if S < 1 or P % S != 0:
-        raise ValueError(f"shards: expected a divisor of the {P} processes, found {shards}")
+        raise InputError(f"shards: expected a divisor of the {P} processes, found {shards}")
     if d_sae < S:
-        raise ValueError(f"shards: cannot split d_sae={d_sae} latents into {S} shards")
+        raise InputError(f"shards: cannot split d_sae={d_sae} latents into {S} shards")
     r, s = divmod(world.rank, S)
     lo, hi = latent_range(d_sae, S, s)
     return Grid(world, world.split(r, s), world.split(s, r), r, P // S, s, S, lo, hi)
@@ -135,10 +136,10 @@ def shard_forward_backward(arch, params, x, hyper, comm, lo=0, d_sae=None):
         stats = {k: float(to_numpy(out[k])) for k in ("loss", "mse", "l0", "min_kept")}
         return stats, mod.backward(params, cache), (out["f"] != 0).any(axis=0)
     if comm.size > 1 and hyper.get("penalty", "l0") != "l0":
-        raise ValueError(f"the {hyper['penalty']} penalty couples every latent of a token (its total L0); "
+        raise InputError(f"the {hyper['penalty']} penalty couples every latent of a token (its total L0); "
                          "it cannot be split over latent shards: train it with --shards 1")
     if comm.size > 1 and hyper.get("prefixes") is not None:
-        raise ValueError("a Matryoshka loss sums reconstructions from latent prefixes; it cannot be split "
+        raise InputError("a Matryoshka loss sums reconstructions from latent prefixes; it cannot be split "
                          "over latent shards: train it with --shards 1")
     out, cache = mod.forward(params, x, **hyper)
     xp = xp_of(x)
