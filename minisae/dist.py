@@ -145,6 +145,34 @@ class Comm:
         """Elementwise OR over ranks of a boolean array."""
         return self.sum(mask.astype("int32")) > 0
 
+    def on_root(self, fn, root=0):
+        """fn() run on rank root alone; its (small, picklable) result, or the error it raised, is
+        broadcast, so every rank returns the result or raises the error: no rank is left waiting
+        in a collective for a rank that failed."""
+        result, error = None, None
+        if self.rank == root:
+            try:
+                result = fn()
+            except Exception as e:  # handed to every rank below
+                error = e
+        result, error = self.bcast_obj((result, error), root)
+        if error is not None:
+            raise error
+        return result
+
+    def together(self, fn):
+        """fn() run on every rank; if any rank raised, every rank raises (its own error, else the
+        first rank's), so no rank is left waiting for a rank that failed."""
+        result, error = None, None
+        try:
+            result = fn()
+        except Exception as e:  # compared with the other ranks' below
+            error = e
+        errors = [e for e in self.allgather_obj(error) if e is not None]
+        if errors:
+            raise error if error is not None else errors[0]
+        return result
+
     def check_same(self, value, what):
         """Raise DistError on every rank unless every rank passes an equal (JSON-able) value."""
         values = self.allgather_obj(value)

@@ -62,30 +62,34 @@ def save_sharded(ckdir, grid, state, cfg):
     it no longer names are removed."""
     ckdir = Path(ckdir)
     step_dir = f"step-{state['step']:08d}"
-    if grid.r == 0:
-        (ckdir / step_dir).mkdir(parents=True, exist_ok=True)
-        tensors = {"since_fired": to_numpy(state["since_fired"])}
-        for k, v in state["params"].items():
-            tensors[f"params.{k}"] = to_numpy(v)
-            tensors[f"adam_m.{k}"] = to_numpy(state["adam"]["m"][k])
-            tensors[f"adam_v.{k}"] = to_numpy(state["adam"]["v"][k])
-        info = {"format": MANIFEST_FORMAT, "lo": grid.lo, "hi": grid.hi, "step": state["step"]}
-        save_file(tensors, ckdir / step_dir / f"shard-{grid.s:05d}.safetensors",
-                  metadata={"minisae": json.dumps(info)})
-    grid.world.barrier()
-    if grid.world.rank == 0:
-        shards = [{"file": f"{step_dir}/shard-{s:05d}.safetensors", "lo": lo, "hi": hi}
-                  for s, (lo, hi) in enumerate(latent_range(cfg.d_sae, grid.S, s) for s in range(grid.S))]
-        manifest = {"format": MANIFEST_FORMAT, "step": state["step"], "adam_step": int(state["adam"]["step"]),
-                    "batchtopk_threshold": float(state.get("batchtopk_threshold", 0.0)),
-                    "threshold_updates": int(state.get("threshold_updates", 0)),
-                    "scale": state["scale"], "d_sae": cfg.d_sae, "d_in": int(state["params"]["b_dec"].shape[0]),
-                    "replicas": grid.R, "shards": shards, "config": dataclasses.asdict(cfg)}
-        _write_text_atomic(ckdir / MANIFEST_NAME, json.dumps(manifest, indent=1) + "\n")
-        for old in ckdir.glob("step-*"):
-            if old.name != step_dir:
-                shutil.rmtree(old, ignore_errors=True)
-    grid.world.barrier()
+    grid.world.together(lambda: _write_shard(ckdir, step_dir, grid, state) if grid.r == 0 else None)
+    grid.world.on_root(lambda: _write_manifest(ckdir, step_dir, grid, state, cfg))
+
+
+def _write_shard(ckdir, step_dir, grid, state):
+    make_dir(ckdir / step_dir)
+    tensors = {"since_fired": to_numpy(state["since_fired"])}
+    for k, v in state["params"].items():
+        tensors[f"params.{k}"] = to_numpy(v)
+        tensors[f"adam_m.{k}"] = to_numpy(state["adam"]["m"][k])
+        tensors[f"adam_v.{k}"] = to_numpy(state["adam"]["v"][k])
+    info = {"format": MANIFEST_FORMAT, "lo": grid.lo, "hi": grid.hi, "step": state["step"]}
+    save_file(tensors, ckdir / step_dir / f"shard-{grid.s:05d}.safetensors",
+              metadata={"minisae": json.dumps(info)})
+
+
+def _write_manifest(ckdir, step_dir, grid, state, cfg):
+    shards = [{"file": f"{step_dir}/shard-{s:05d}.safetensors", "lo": lo, "hi": hi}
+              for s, (lo, hi) in enumerate(latent_range(cfg.d_sae, grid.S, s) for s in range(grid.S))]
+    manifest = {"format": MANIFEST_FORMAT, "step": state["step"], "adam_step": int(state["adam"]["step"]),
+                "batchtopk_threshold": float(state.get("batchtopk_threshold", 0.0)),
+                "threshold_updates": int(state.get("threshold_updates", 0)),
+                "scale": state["scale"], "d_sae": cfg.d_sae, "d_in": int(state["params"]["b_dec"].shape[0]),
+                "replicas": grid.R, "shards": shards, "config": dataclasses.asdict(cfg)}
+    _write_text_atomic(ckdir / MANIFEST_NAME, json.dumps(manifest, indent=1) + "\n")
+    for old in ckdir.glob("step-*"):
+        if old.name != step_dir:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def read_manifest(ckdir):
@@ -226,36 +230,41 @@ def train_parallel(cfg, source, out_dir, *, shards=1, accumulate=1, comm=None, r
     metrics_path = out_dir / "metrics.jsonl"
     lead = world.rank == 0
 
-    if lead:  # the output-folder rule (minisae.io.files): new, empty, or a run folder of ours
+    def look():  # the output-folder rule (minisae.io.files): new, empty, or a run folder of ours
         check_output_dir(out_dir, "train run", is_own=is_run_folder)
-    have = world.bcast_obj(((ckdir / MANIFEST_NAME).exists(), (out_dir / "sae").exists()) if lead else None)
+        return (ckdir / MANIFEST_NAME).exists(), (out_dir / "sae").exists()
+
+    have = world.on_root(look)
     if any(have) and not (resume and have[0]) and not overwrite:
         raise OutputExistsError(f"{out_dir} already holds a training run; resume it (--resume), start it "
                                 "over (--overwrite) or choose a new folder")
     have = have[0]
     if have and resume:
-        man, state = load_sharded(ckdir, grid.lo, grid.hi, xp, names=names)
+        man, state = world.together(lambda: load_sharded(ckdir, grid.lo, grid.hi, xp, names=names))
         _check_resume_config(ckdir / MANIFEST_NAME, man, cfg)
         if int(man["d_in"]) != source.d_in:
             raise CheckpointError(f"{ckdir}: trained on d_in={man['d_in']}, the source has {source.d_in}")
-        if lead:
-            _truncate_metrics(metrics_path, state["step"])
+        world.on_root(lambda: _truncate_metrics(metrics_path, state["step"]))
     else:
-        if lead:
+        def clear():  # a fresh run (overwrite: the old run's state and results go first)
             make_dir(out_dir)
             if ckdir.exists():
                 shutil.rmtree(ckdir)
             for old in (metrics_path, out_dir / "eval.json"):
                 if old.exists():
                     old.unlink()
+
+        world.on_root(clear)
         state = _fresh_state(cfg, source, grid, xp)
-    if lead:
+
+    def record():
         from minisae.train import _source_info
         info = {"train": dataclasses.asdict(cfg), "source": _source_info(source),
                 "grid": {"processes": world.size, "replicas": grid.R, "shards": grid.S,
                          "accumulate": int(accumulate), "backend": world.name}}
         _write_text_atomic(out_dir / "config.json", json.dumps(info, indent=2) + "\n")
-    world.barrier()
+
+    world.on_root(record)
 
     scale, params, adam, since_fired = state["scale"], state["params"], state["adam"], state["since_fired"]
     threshold = (state["batchtopk_threshold"], state["threshold_updates"])  # BatchTopK's running θ
@@ -330,8 +339,7 @@ def train_parallel(cfg, source, out_dir, *, shards=1, accumulate=1, comm=None, r
                 save_sharded(ckdir, grid, {"step": done, "scale": scale, "params": params, "adam": adam,
                                            "since_fired": since_fired, "batchtopk_threshold": threshold[0],
                                            "threshold_updates": threshold[1]}, cfg)
-                if lead:
-                    _append_jsonl(metrics_path, pending)
+                world.on_root(lambda: _append_jsonl(metrics_path, pending))
                 pending = []
             bar.update(1)
     finally:
@@ -345,13 +353,15 @@ def _fresh_state(cfg, source, grid, xp):
     """Initial state of this rank: C and TopK's b_dec from rank 0, the shard's parameters."""
     from minisae.train import estimate_scale
 
-    scale, b_dec = None, None
-    if grid.world.rank == 0:
+    def measure():
         scale, sample = estimate_scale(source, cfg.norm_sample_tokens)  # C, (N, D)
-        if cfg.architecture == "topk":  # b_dec = geometric median of the normalised sample
+        b_dec = None
+        if cfg.architecture in ("topk", "batchtopk"):  # b_dec = geometric median of the normalised sample
             from minisae.sae.common import geometric_median
             b_dec = to_numpy(geometric_median(asarray(sample / scale, numpy, cfg.dtype)))  # (D,)
-    scale, b_dec = grid.world.bcast_obj((scale, b_dec))
+        return scale, b_dec
+
+    scale, b_dec = grid.world.on_root(measure)
     params = init_shard(cfg, source.d_in, grid.lo, grid.hi, xp, b_dec=b_dec)
     return {"step": 0, "scale": scale, "params": params, "adam": optim.adam_init(params),
             "since_fired": xp.zeros(grid.hi - grid.lo, dtype=xp.int64),
@@ -404,18 +414,22 @@ def _finish(cfg, source, out_dir, ckdir, world, names, scale, batchtopk_threshol
     from minisae.io.saefile import SAE
     from minisae.train import TrainResult, _release_hyper, _sae_metadata
 
-    sae, summary, params_np = None, {}, None
-    if world.rank == 0:
+    done = {"sae": None, "summary": {}, "params": None}
+
+    def release():
         _, st = load_sharded(ckdir, 0, cfg.d_sae, numpy, names=names, params_only=True)
-        params_np = st["params"]
-        sae = SAE.from_training(cfg.architecture, params_np, scale=scale, hyper=_release_hyper(cfg, batchtopk_threshold),
-                                metadata=_sae_metadata(source))
+        done["params"] = st["params"]
+        done["sae"] = sae = SAE.from_training(cfg.architecture, st["params"], scale=scale,
+                                              hyper=_release_hyper(cfg, batchtopk_threshold),
+                                              metadata=_sae_metadata(source))
         sae.save(out_dir / "sae", overwrite=True)
         if cfg.eval_tokens > 0:
-            summary = evaluate_sae(sae, source, n_tokens=cfg.eval_tokens, batch_size=cfg.eval_batch_size)
-            _write_text_atomic(out_dir / "eval.json", json.dumps(summary, indent=2) + "\n")
-    world.barrier()
-    return TrainResult(sae=sae, params=params_np, scale=scale, steps=cfg.steps, summary=summary, out_dir=out_dir)
+            done["summary"] = evaluate_sae(sae, source, n_tokens=cfg.eval_tokens, batch_size=cfg.eval_batch_size)
+            _write_text_atomic(out_dir / "eval.json", json.dumps(done["summary"], indent=2) + "\n")
+
+    world.on_root(release)
+    return TrainResult(sae=done["sae"], params=done["params"], scale=scale, steps=cfg.steps,
+                       summary=done["summary"], out_dir=out_dir)
 
 
 def _append_jsonl(path, rows):

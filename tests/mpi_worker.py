@@ -65,6 +65,15 @@ def case_collectives(comm, tmp):
     assert numpy.array_equal(comm.any(numpy.array([r == 0, False, True])), [True, False, True])
     sub = comm.split(0, P - r)  # reversed order
     assert sub.size == P and sub.rank == P - 1 - r
+    # a failure on one rank reaches every rank (nobody is left waiting in a collective)
+    assert comm.on_root(lambda: {"answer": 42}) == {"answer": 42}
+    for run in (lambda: comm.on_root(lambda: 1 / 0), lambda: comm.together(lambda: [][comm.rank - 1] if r else 0)):
+        try:
+            run()
+        except (ZeroDivisionError, IndexError):
+            pass
+        else:
+            raise AssertionError(f"rank {r}: the error of another rank was not raised here")
     before = comm.sent_bytes
     comm.sum(numpy.zeros(1000, numpy.float32))
     assert comm.sent_bytes - before == 2 * (P - 1) * (1000 // P) * 4  # 2(P-1)/P of the array
