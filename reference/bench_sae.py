@@ -29,6 +29,11 @@ density*M, 1% = ~82 at M=8192), sparsity_coeff 6e-4, bandwidth 0.001; gated: b_g
 away from every kink (theta, theta +- eps/2; pi_gate = 0), so float32 rounding cannot flip a
 discrete choice between minisae and torch. The measured L0 (minisae's forward) is printed.
 
+The 2025-26 losses (docs/benchmarks.md; 15-40 minutes on 2 busy cores):
+    /work/refvenv/bin/python reference/bench_sae.py --batch 4096 --d-in 512 --d-sae 8192 \
+        --variants jumprelu,jumprelu_quadratic,jumprelu_matryoshka,topk,batchtopk,batchtopk_matryoshka \
+        --repeats 3 --warmup 1 --threads 2 --json /tmp/bench9.json
+
 Run (repository root; the issue's setting; 4-7 minutes on 2 cores):
     /work/venvs/ref/bin/python reference/bench_sae.py --batch 2048 --d-in 512 --d-sae 8192 \\
         --variants jumprelu,gated,topk --repeats 7 --warmup 2 --json /tmp/bench_sae.json
