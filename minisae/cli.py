@@ -74,6 +74,7 @@ def _model_args(p, *, required=False, text_help="text files (.txt: blank-line se
 def _load_model(a, xp):
     from minisae.models import load_model, load_tokenizer
 
+    _check_files_exist(getattr(a, "text", None) or [], "--text")  # before minutes of model loading
     model = load_model(a.model, xp=xp, revision=a.revision)  # Gemma 2 or Gemma 3, from config.json
     tokenizer = load_tokenizer(a.tokenizer or a.model)
     return model, tokenizer
@@ -140,7 +141,8 @@ def build_parser():
                    "shards in a seeded order, rows shuffled within windows of this many tokens, the next window "
                    "loaded in the background (for caches larger than memory, bfloat16 caches, object storage)")
     g.add_argument("--dist-backend", choices=["auto", "mpi", "nccl"], default="auto",
-                   help="collectives: auto = MPI under mpiexec (default); nccl for CuPy arrays (untested: no GPU)")
+                   help="collectives: auto = MPI under mpiexec, NCCL with --backend cupy (default); the NCCL "
+                   "backend has never run (no GPU during development)")
     _common(p)
     _synthetic_args(p)
 
@@ -268,7 +270,10 @@ def cmd_train(a):
         from minisae import dist
         from minisae.parallel import train_parallel
 
-        comm = dist.world(a.dist_backend)
+        backend = a.dist_backend
+        if backend == "auto" and a.backend == "cupy" and dist.launched_by_mpiexec() > 1:
+            backend = "nccl"  # CuPy arrays move through NCCL
+        comm = dist.world(backend)
         with dist.abort_on_error(comm):
             res = train_parallel(cfg, source, a.out, shards=a.shards, accumulate=a.accumulate, comm=comm,
                                  resume=a.resume, overwrite=a.overwrite, progress=not a.no_progress)
@@ -329,6 +334,7 @@ def cmd_eval(a):
     from minisae.io.saefile import SAE
     from minisae.xp import get_xp
 
+    _check_files_exist(a.text or [], "--text")  # before the SAE (maybe from the Hub) and the model load
     if a.json and Path(a.json).exists() and not a.overwrite:
         raise OutputExistsError(f"{a.json}: exists; pass --overwrite to replace it")
     xp = get_xp(a.backend)
@@ -405,9 +411,11 @@ def cmd_compare(a):
 
 
 def cmd_cache(a):
-    from minisae.data.activations import cache_activations
+    from minisae.data.activations import cache_activations, is_cache_folder
+    from minisae.io.files import check_output_dir
     from minisae.xp import get_xp
 
+    check_output_dir(a.out, "activation cache", is_own=is_cache_folder)  # before the model is loaded
     model, tokenizer = _load_model(a, get_xp(a.backend))
     man = cache_activations(model, tokenizer, a.text, a.site, a.out, seq_len=a.seq_len, batch_size=a.batch_size,
                             max_tokens=a.max_tokens, shard_tokens=a.shard_tokens, resume=not a.no_resume, overwrite=a.overwrite,
