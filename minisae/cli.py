@@ -391,6 +391,8 @@ def cmd_compare(a):
             cfg.sweep[arch] = list(getattr(a, arch))
     kw = {}
     check_output_dir(a.out, "compare report", is_own=is_compare_folder)
+    if a.eval_text and not a.model:
+        raise InputError("--eval-text scores delta LM loss and needs --model, --site and --text")
     if a.model:
         if not (a.site and a.text):
             raise InputError("--model needs --site and --text")
