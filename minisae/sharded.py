@@ -138,9 +138,8 @@ def shard_forward_backward(arch, params, x, hyper, comm, lo=0, d_sae=None):
     if comm.size > 1 and hyper.get("penalty", "l0") != "l0":
         raise InputError(f"the {hyper['penalty']} penalty couples every latent of a token (its total L0); "
                          "it cannot be split over latent shards: train it with --shards 1")
-    if comm.size > 1 and hyper.get("prefixes") is not None:
-        raise InputError("a Matryoshka loss sums reconstructions from latent prefixes; it cannot be split "
-                         "over latent shards: train it with --shards 1")
+    if comm.size > 1 and hyper.get("prefixes") is not None:  # JumpReLU with Matryoshka prefixes
+        return _jumprelu_matryoshka(params, x, hyper, comm, lo, d_sae)
     out, cache = mod.forward(params, x, **hyper)
     xp = xp_of(x)
     b_dec = params["b_dec"]
@@ -167,6 +166,36 @@ def shard_forward_backward(arch, params, x, hyper, comm, lo=0, d_sae=None):
         stats["loss"] = mse + counts[1] + aux
     _fix_b_dec(grads, cache["err"], comm)
     return stats, grads, (out["f"] != 0).any(axis=0)
+
+
+def _jumprelu_matryoshka(params, x, hyper, comm, lo, d_sae):
+    """JumpReLU with Matryoshka prefixes over shards: the shard's forward without prefixes (its
+    encoder and penalties are per latent), one partial reconstruction per prefix summed over shards,
+    then jumprelu.backward with the prefixes cut to this shard's latents."""
+    from minisae.sae import jumprelu
+    from minisae.sae.common import check_prefixes, prefix_decoder_gradients
+
+    xp = xp_of(x)
+    b, m = x.shape[0], params["W_enc"].shape[1]
+    prefixes = check_prefixes(hyper["prefixes"], d_sae, "jumprelu")
+    local = tuple(min(max(p, lo), lo + m) - lo for p in prefixes)  # each prefix cut to [lo, lo + m)
+    out, cache = jumprelu.forward(params, x, **{**hyper, "prefixes": None})
+    f, W_dec, b_dec = cache["f"], params["W_dec"], params["b_dec"]
+    parts, acc, start = [], xp.zeros_like(x), 0
+    for end in local:  # this shard's part of each prefix's reconstruction
+        acc = acc + f[:, start:end] @ W_dec[start:end]  # (b, D)
+        parts.append(acc)
+        start = end
+    summed = comm.sum(xp.stack(parts))  # (n_prefixes, b, D)
+    errs = [x - (summed[j] + b_dec) for j in range(len(prefixes))]  # each (b, D)
+    cache["err"], cache["errs_inner"] = errs[-1], errs[:-1]
+    cache["hyper"] = dataclasses.replace(cache["hyper"], prefixes=local)
+    grads = jumprelu.backward(params, cache)
+    _fix_b_dec(grads, None, comm, dsum=prefix_decoder_gradients(errs, prefixes)[0].sum(axis=0))
+    total = sum(float(to_numpy((e * e).sum())) for e in errs) / b
+    counts = _sum_scalars(comm, [float(to_numpy(out["l0"])), float(to_numpy(out["loss"])) - float(to_numpy(out["mse"]))])
+    stats = {"loss": total + counts[1], "mse": float(to_numpy((errs[-1] ** 2).sum())) / b, "l0": counts[0]}
+    return stats, grads, (f != 0).any(axis=0)
 
 
 def _sum_scalars(comm, values):

@@ -129,7 +129,7 @@ def case_shard(comm, tmp):
         got = numpy.concatenate(_gather_var(comm, mine, 1), axis=1)
         assert numpy.array_equal(got, batch_topk_mask(pi, n_keep)), f"batch top-{n_keep} over shards"
     recipes = dict(freq_coeff=0.5, freq_target=0.05, threshold_param="raw")  # JumpReLU options
-    for arch, extra in [(a, {}) for a in ARCHS] + [("jumprelu", recipes)]:
+    for arch, extra in [(a, {}) for a in ARCHS] + [("jumprelu", recipes), ("jumprelu", dict(matryoshka=[10, 25]))]:
         cfg = config(arch, dtype="float64", **extra).resolved(D)
         full = init_shard(cfg, D, 0, M, numpy)
         part = init_shard(cfg, D, lo, hi, numpy)
