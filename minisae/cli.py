@@ -16,6 +16,7 @@ import json
 import sys
 from pathlib import Path
 
+from minisae.cliargs import OneLineParser, check_arch_flags, check_values, show_defaults
 from minisae.errors import InputError, MissingInputError, OutputExistsError
 
 EXIT_USER_ERROR, EXIT_FAILED, EXIT_INTERRUPTED = 2, 1, 130
@@ -30,11 +31,11 @@ def _check_files_exist(paths, flag):
 def _synthetic_args(p):
     g = p.add_argument_group("synthetic data (the default source; defaults = the compare default)")
     g.add_argument("--d-in", type=int, help="activation width D (default 64)")
-    g.add_argument("--n-features", type=int, help="planted features F")
-    g.add_argument("--true-l0", type=float, help="mean active planted features per token")
-    g.add_argument("--max-freq", type=float, help="highest firing probability of a feature")
-    g.add_argument("--noise-std", type=float, help="isotropic noise per dimension")
-    g.add_argument("--offset-norm", type=float, help="norm of a constant offset")
+    g.add_argument("--n-features", type=int, help="planted features F (default 256)")
+    g.add_argument("--true-l0", type=float, help="mean active planted features per token (default 6)")
+    g.add_argument("--max-freq", type=float, help="highest firing probability of a feature (default 0.05)")
+    g.add_argument("--noise-std", type=float, help="isotropic noise per dimension (default 0.01)")
+    g.add_argument("--offset-norm", type=float, help="norm of a constant offset (default 1)")
     g.add_argument("--data-seed", type=int, default=0, help="seed of the data (and of the cache shuffle)")
 
 
@@ -79,12 +80,13 @@ def _load_model(a, xp):
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(prog="minisae", description="Sparse autoencoders (JumpReLU, Gated, TopK) "
+    parser = OneLineParser(prog="minisae", description="Sparse autoencoders (JumpReLU, Gated, TopK) "
                                      "in NumPy/CuPy, trained and evaluated on synthetic data or Gemma 2 / Gemma 3 activations.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     # ---- train -------------------------------------------------------------------------------
-    p = sub.add_parser("train", help="train one SAE", description="Train one SAE (SPEC §4 recipe) on synthetic "
+    p = sub.add_parser("train", help="train one SAE", description="Train one SAE (the Gemma Scope recipe, "
+                       "arXiv:2408.05147) on synthetic "
                        "data (default) or cached activations; checkpoints, metrics.jsonl and the SAE go to --out.")
     p.add_argument("--out", required=True, help="run folder")
     p.add_argument("--arch", choices=["jumprelu", "gated", "topk", "batchtopk"], default="jumprelu",
@@ -101,11 +103,11 @@ def build_parser():
     p.add_argument("--lr", type=float, help="learning rate (default per architecture: 7e-5 JumpReLU, 3e-4 Gated, 2e-4/sqrt(M/2^14) TopK)")
     p.add_argument("--steps", type=int, help="optimiser steps")
     p.add_argument("--tokens", type=int, help="training tokens (instead of --steps)")
-    p.add_argument("--batch-size", type=int, default=4096)
+    p.add_argument("--batch-size", type=int, default=4096, help="tokens per step B")
     p.add_argument("--warmup-steps", type=int, default=1000, help="cosine lr warm-up (default 1000)")
     p.add_argument("--sparsity-warmup-steps", type=int, default=10000, help="linear λ warm-up (default 10000)")
     p.add_argument("--decay-frac", type=float, default=0.0, help="linear lr decay over this final fraction")
-    p.add_argument("--bandwidth", type=float, default=0.001, help="JumpReLU kernel bandwidth ε")
+    p.add_argument("--bandwidth", type=float, help="JumpReLU kernel bandwidth ε (default 0.001)")
     p.add_argument("--penalty", choices=["l0", "quadratic"], default="l0",
                    help="JumpReLU sparsity penalty per token: l0 = λ·L0 (the paper, default); quadratic = "
                         "λ·(2/L0*)·(L0 − L0*)² around --target-l0 (Gemma Scope 2, Eq. 5)")
@@ -119,12 +121,12 @@ def build_parser():
     p.add_argument("--freq-target", type=float, default=0.1,
                    help="firing fraction above which the frequency penalty acts (default 0.1)")
     p.add_argument("--aux-k", type=int, help="TopK AuxK k' (default min(512, D/2))")
-    p.add_argument("--aux-coeff", type=float, default=1 / 32, help="TopK AuxK weight (default 1/32)")
+    p.add_argument("--aux-coeff", type=float, help="TopK AuxK weight (default 1/32)")
     p.add_argument("--dead-window-tokens", type=int, default=10_000_000, help="tokens without firing = dead")
     p.add_argument("--seed", type=int, default=0, help="initialisation seed")
-    p.add_argument("--dtype", choices=["float32", "float64"], default="float32")
-    p.add_argument("--checkpoint-every", type=int, default=1000)
-    p.add_argument("--log-every", type=int, default=50)
+    p.add_argument("--dtype", choices=["float32", "float64"], default="float32", help="parameter and compute dtype")
+    p.add_argument("--checkpoint-every", type=int, default=1000, help="steps between checkpoints")
+    p.add_argument("--log-every", type=int, default=50, help="steps between metrics.jsonl lines")
     p.add_argument("--eval-tokens", type=int, default=65536, help="held-out tokens evaluated at the end")
     p.add_argument("--activations", help="cache folder written by `minisae cache` (default: synthetic data)")
     p.add_argument("--holdout-tokens", type=int, default=0, help="cached tokens kept out of training for evaluation")
@@ -134,23 +136,30 @@ def build_parser():
     g.add_argument("--shards", type=int, default=1, help="latent shards S; the P processes form P/S data-parallel "
                    "replicas (default 1)")
     g.add_argument("--accumulate", type=int, default=1, help="micro-batches per process per step (default 1)")
+    g.add_argument("--shuffle-buffer", type=int, metavar="TOKENS", help="read --activations as a stream: whole "
+                   "shards in a seeded order, rows shuffled within windows of this many tokens, the next window "
+                   "loaded in the background (for caches larger than memory, bfloat16 caches, object storage)")
     g.add_argument("--dist-backend", choices=["auto", "mpi", "nccl"], default="auto",
                    help="collectives: auto = MPI under mpiexec (default); nccl for CuPy arrays (untested: no GPU)")
     _common(p)
     _synthetic_args(p)
 
     # ---- eval --------------------------------------------------------------------------------
-    p = sub.add_parser("eval", help="evaluate an SAE", description="SPEC §5 metrics of an SAE (SAELens folder, "
+    p = sub.add_parser("eval", help="evaluate an SAE", description="L0, FVU, dead and dense latents and more "
+                       "for an SAE (SAELens folder, "
                        "Gemma Scope params.npz or a Hub reference) on activations, plus delta LM loss and loss "
                        "recovered when a Gemma 2 / Gemma 3 model, site and text are given. Without a data option, a run "
                        "folder's own data (its config.json) is used.")
     p.add_argument("--sae", required=True, help="SAE folder, params.npz, or Hub org/repo/path")
     p.add_argument("--activations", help="cache folder written by `minisae cache`")
     p.add_argument("--synthetic", action="store_true", help="evaluate on synthetic data (the options below)")
-    p.add_argument("--eval-tokens", type=int, default=65536)
+    p.add_argument("--eval-tokens", type=int, default=65536, help="tokens evaluated")
     p.add_argument("--lm-tokens", type=int, default=8192, help="scored tokens for delta LM loss")
-    p.add_argument("--lm-batch-size", type=int, default=2)
+    p.add_argument("--lm-batch-size", type=int, default=2, help="sequences per forward pass for delta LM loss")
     p.add_argument("--json", help="also write the results to this JSON file")
+    p.add_argument("--site-out", help="transcoders: the site the prediction replaces (default: the transcoder's "
+                   "hook_name_out, e.g. model.layers.L.post_feedforward_layernorm.output for Gemma Scope 2); "
+                   "--site (default: its hook_name) is the site it reads")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
     _model_args(p)
     _common(p)
@@ -165,12 +174,15 @@ def build_parser():
     p.add_argument("--overwrite", action="store_true", help="start over in an --out that holds a comparison")
     p.add_argument("--resume", action="store_true", help="finish an interrupted sweep (runs resume from checkpoints)")
     p.add_argument("--quick", action="store_true", help="a tiny sweep for smoke tests (seconds)")
-    p.add_argument("--d-sae", type=int, help="latents per SAE (default 1024; 4 × site width for a model)")
-    p.add_argument("--steps", type=int, help="steps per SAE")
-    p.add_argument("--batch-size", type=int, help="tokens per step")
-    p.add_argument("--jumprelu", type=float, nargs="+", metavar="λ", help="JumpReLU sparsity coefficients")
-    p.add_argument("--gated", type=float, nargs="+", metavar="λ", help="Gated sparsity coefficients")
-    p.add_argument("--topk", type=int, nargs="+", metavar="K", help="TopK k values")
+    p.add_argument("--d-sae", type=int, help="latents per SAE (default 512; 64 with --quick; 4 × site width "
+                   "with --model)")
+    p.add_argument("--steps", type=int, help="steps per SAE (default 12000; 150 with --quick)")
+    p.add_argument("--batch-size", type=int, help="tokens per step (default 512; 256 with --quick)")
+    p.add_argument("--jumprelu", type=float, nargs="+", metavar="λ",
+                   help="JumpReLU sparsity coefficients (default 0.006 0.009 0.012 0.02; 0.02 0.08 with --quick)")
+    p.add_argument("--gated", type=float, nargs="+", metavar="λ",
+                   help="Gated sparsity coefficients (default 0.15 0.25 0.4 0.6; 0.1 0.4 with --quick)")
+    p.add_argument("--topk", type=int, nargs="+", metavar="K", help="TopK k values (default 3 6 10 16; 3 10 with --quick)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--jobs", type=int, help="training processes (default min(2, CPUs) on numpy, 1 on cupy)")
     p.add_argument("--tokens", type=int, default=1_000_000, help="with --model: activations to cache (default 1M)")
@@ -194,15 +206,20 @@ def build_parser():
     _common(p)
 
     # ---- convert -----------------------------------------------------------------------------
-    p = sub.add_parser("convert", help="convert Gemma Scope params.npz <-> SAELens folder",
-                       description="Convert an SAE between a Gemma Scope params.npz (JumpReLU only) and a "
-                       "SAELens folder (cfg.json + sae_weights.safetensors). The output format follows from "
-                       "OUTPUT (a .npz file or a folder) unless --to is given.")
-    p.add_argument("input", help="SAELens folder, params.npz, or Hub reference")
+    p = sub.add_parser("convert", help="convert SAEs between SAELens, Gemma Scope and Gemma Scope 2 files",
+                       description="Convert an SAE or transcoder between a SAELens folder (cfg.json + "
+                       "sae_weights.safetensors; every architecture), a Gemma Scope params.npz (JumpReLU SAEs "
+                       "only) and a Gemma Scope 2 folder (params.safetensors + config.json; JumpReLU SAEs and "
+                       "transcoders). A conversion the target format cannot hold is refused with the reason. "
+                       "The output format is --to, else gemma-scope for an OUTPUT ending in .npz, else saelens.")
+    p.add_argument("input", help="SAELens folder, params.npz, Gemma Scope 2 folder, or Hub reference "
+                   "(e.g. google/gemma-scope-2-270m-pt/resid_post/layer_9_width_16k_l0_small)")
     p.add_argument("output", help="output .npz file or folder")
-    p.add_argument("--to", choices=["saelens", "gemma-scope"], help="output format")
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--to", choices=["saelens", "gemma-scope", "gemma-scope-2"],
+                   help="output format (default: from OUTPUT, see above)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing SAE folder or .npz file")
     p.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    show_defaults(parser)
     return parser
 
 
@@ -228,15 +245,24 @@ def _common(p):
 def cmd_train(a):
     from minisae.train import TrainConfig, train
 
-    source = _activation_store(a.activations, a.data_seed, a.holdout_tokens) if a.activations else _synthetic_from(a)
+    if a.shuffle_buffer is not None:
+        from minisae.data.stream import ShardStream
+
+        if not a.activations or a.holdout_tokens:
+            raise ValueError("--shuffle-buffer streams an activation cache: give --activations, and no --holdout-tokens")
+        source = ShardStream(a.activations, seed=a.data_seed, buffer_tokens=a.shuffle_buffer)
+    else:
+        source = _activation_store(a.activations, a.data_seed, a.holdout_tokens) if a.activations else _synthetic_from(a)
     cfg = TrainConfig(
-        architecture=a.arch, d_sae=a.d_sae, sparsity_coeff=a.sparsity_coeff, k=a.k, bandwidth=a.bandwidth, lr=a.lr,
+        architecture=a.arch, d_sae=a.d_sae, sparsity_coeff=a.sparsity_coeff, k=a.k, lr=a.lr,
+        bandwidth=TrainConfig.bandwidth if a.bandwidth is None else a.bandwidth,
         penalty=a.penalty, target_l0=a.target_l0, threshold_param=a.threshold_param, threshold_init=a.threshold_init,
         freq_coeff=a.freq_coeff, freq_target=a.freq_target, matryoshka=a.matryoshka,
         threshold_rate=a.threshold_rate,
         steps=a.steps, tokens=a.tokens, batch_size=a.batch_size, warmup_steps=a.warmup_steps,
         sparsity_warmup_steps=a.sparsity_warmup_steps, decay_frac=a.decay_frac, seed=a.seed, backend=a.backend,
-        dtype=a.dtype, dead_window_tokens=a.dead_window_tokens, aux_k=a.aux_k, aux_coeff=a.aux_coeff,
+        dtype=a.dtype, dead_window_tokens=a.dead_window_tokens, aux_k=a.aux_k,
+        aux_coeff=TrainConfig.aux_coeff if a.aux_coeff is None else a.aux_coeff,
         checkpoint_every=a.checkpoint_every, log_every=a.log_every, eval_tokens=a.eval_tokens)
     if a.shards > 1 or a.accumulate > 1 or a.dist_backend != "auto" or _launched_by_mpiexec():
         from minisae import dist
@@ -305,14 +331,19 @@ def cmd_eval(a):
         source = _run_source(a.sae) if Path(a.sae).is_dir() else None
     model = tokenizer = None
     if a.model:
-        if not (a.site and a.text):
-            raise InputError("--model needs --site and --text for delta LM loss")
+        site = a.site or sae.cfg["metadata"].get("hook_name")  # a Gemma Scope 2 file names its own site
+        if not (site and a.text):
+            raise InputError("--model needs --site (or an SAE whose cfg names its hook) and --text for delta LM loss")
+        a.site = site
         model, tokenizer = _load_model(a, xp)
+    elif sae.is_transcoder and source is not None:
+        raise InputError("a transcoder is evaluated on a model: give --model, --text (and --site unless its cfg "
+                         "names it), not cached or synthetic activations")
     if source is None and model is None:
         raise InputError("nothing to evaluate on: give --activations, --synthetic, or --model/--site/--text")
     out = evaluate(sae, source, n_tokens=a.eval_tokens, model=model, tokenizer=tokenizer, texts=a.text,
                    site=a.site, seq_len=a.seq_len, lm_batch_size=a.lm_batch_size, lm_tokens=a.lm_tokens,
-                   text_field=a.text_field)
+                   text_field=a.text_field, site_out=a.site_out)
     print(_summary_line(out))
     if a.json:
         from minisae.io.files import write_atomic
@@ -381,6 +412,8 @@ def cmd_convert(a):
     to = a.to or ("gemma-scope" if a.output.endswith(".npz") else "saelens")
     if to == "gemma-scope":
         path = sae.save_gemma_scope(a.output, overwrite=a.overwrite)
+    elif to == "gemma-scope-2":
+        path = sae.save_gemma_scope_2(a.output, overwrite=a.overwrite)
     else:
         path = sae.save(a.output, overwrite=a.overwrite)
     print(f"{sae.architecture} SAE (d_in {sae.d_in}, d_sae {sae.d_sae}) written to {path}")
@@ -414,6 +447,8 @@ def main(argv=None):
     parser = build_parser()
     a = parser.parse_args(argv)
     try:
+        check_values(parser, a)  # before any work: ranges, and options the chosen --arch would ignore
+        check_arch_flags(a)
         COMMANDS[a.command](a)
     except KeyboardInterrupt:
         print(f"\nminisae {a.command}: interrupted (runs resume from their last checkpoint with --resume)",

@@ -95,16 +95,50 @@ def _py(v):
     return v
 
 
+_KIND_ORDER = {"attn.hook_z": 0, "hook_mlp_in": 1, "hook_mlp_out": 2, "hook_resid_post": 3}  # within a block
+
+
+def transcoder_sites(sae, model, site, site_out=None):
+    """(input site, output site) of a transcoder in `model`, checked: widths, and the output after the input."""
+    from minisae.errors import InputError
+    from minisae.models.sites import parse_site
+
+    site_out = site_out or sae.cfg["metadata"].get("hook_name_out")
+    if not site_out:
+        raise InputError("a transcoder needs the site it predicts: give --site-out (its cfg has no hook_name_out)")
+    check_width(sae, model.site_width(site), f"site {site} of the model")
+    if int(sae.d_out) != int(model.site_width(site_out)):
+        raise InputError(f"transcoder d_out={sae.d_out} does not match output site {site_out} of the model "
+                         f"(width {model.site_width(site_out)})")
+    (l_in, k_in), (l_out, k_out) = parse_site(site), parse_site(site_out)
+    if (l_out, _KIND_ORDER[k_out]) <= (l_in, _KIND_ORDER[k_in]):
+        raise InputError(f"transcoder output site {site_out} does not come after its input site {site} in the model")
+    return site, site_out
+
+
 def evaluate_lm(sae, model, tokenizer, text_paths, site, *, seq_len=1024, batch_size=2,
-                max_tokens=8192, text_field="text", progress=False):
+                max_tokens=8192, text_field="text", progress=False, site_out=None):
     """Delta LM loss and loss recovered of `sae` spliced into `model` at `site` (SPEC §5).
 
     Returns {"ce_clean", "ce_sae", "ce_zero", "delta_lm_loss", "loss_recovered", "lm_tokens"}; losses
     are token-weighted means over the batches read until max_tokens scored tokens.
+
+    A transcoder reads `site` and predicts `site_out` (default: its cfg's hook_name_out, e.g. the
+    MLP's output for a Gemma Scope 2 transcoder reading the MLP's input): its prediction (skip term
+    included) replaces the model's activations at site_out, and site_out is what gets zero-ablated.
+    The clean pass also measures the prediction against the real output on every non-BOS real
+    token, adding the keys of minisae.metrics.EvalAccumulator (fvu: the FVU of the MLP output, l0,
+    mse, dead_frac, dense_frac, rel_recon_bias, n_tokens).
     """
     from minisae.data.activations import iter_batches
 
-    check_width(sae, model.site_width(site), f"site {site} of the model")
+    transcoder = getattr(sae, "is_transcoder", False)
+    if transcoder:
+        site, site_out = transcoder_sites(sae, model, site, site_out)
+        acc = EvalAccumulator(sae.d_sae, sae.xp)
+    else:
+        check_width(sae, model.site_width(site), f"site {site} of the model")
+        site_out = site
     mx = model.xp
     sums = {"clean": 0.0, "sae": 0.0, "zero": 0.0}
     n_total = 0
@@ -115,21 +149,38 @@ def evaluate_lm(sae, model, tokenizer, text_paths, site, *, seq_len=1024, batch_
             ids = mx.asarray(ids_np)  # (B, T)
             mask = mx.asarray(mask_np)  # (B, T)
             keep = (ids == tokenizer.bos_id)[..., None]  # (B, T, 1) BOS positions stay as they are
+            seen = {}  # site -> activations recorded by the splices below during one pass
 
-            def splice_sae(acts):
-                B, T, D = acts.shape
-                recon = sae(asarray(acts.reshape(B * T, D), sae.xp))  # (B*T, D)
-                recon = asarray(recon, mx, acts.dtype).reshape(B, T, D)  # (B, T, D)
-                return mx.where(keep, acts, recon)
+            def record(name):
+                def fn(acts):
+                    seen[name] = acts
+                    return acts
+                return fn
+
+            def sae_output(acts_in, like):  # the SAE's reconstruction / transcoder's prediction, shaped like `like`
+                B, T = acts_in.shape[:2]
+                out = sae(asarray(acts_in.reshape(B * T, -1), sae.xp))  # (B*T, D_out)
+                return asarray(out, mx, like.dtype).reshape(like.shape)  # (B, T, D_out)
+
+            def splice_sae(acts):  # at site_out; for a transcoder seen["in"] was recorded earlier in this pass
+                return mx.where(keep, acts, sae_output(seen["in"] if transcoder else acts, acts))
 
             def splice_zero(acts):
                 return mx.where(keep, acts, mx.zeros_like(acts))
 
+            clean = {site: record("in"), site_out: record("out")} if transcoder else None
+            spliced = {site: record("in"), site_out: splice_sae} if transcoder else {site: splice_sae}
             losses = {}
-            for name, splice in (("clean", None), ("sae", {site: splice_sae}), ("zero", {site: splice_zero})):
+            for name, splice in (("clean", clean), ("sae", spliced), ("zero", {site_out: splice_zero})):
                 # = cross_entropy(model.forward(ids, splice), ...) without the (B, T, V) logits
                 loss, n = model.loss(ids, mask, splice=splice, exclude_ids=special)
                 losses[name] = (float(to_numpy(loss)), int(to_numpy(n)))
+                if name == "clean" and transcoder:
+                    rows = mask & (ids != tokenizer.bos_id)  # (B, T) real tokens, BOS excluded
+                    x = asarray(seen["in"][rows], sae.xp)  # (n, D_in)
+                    f = sae.encode(x)  # (n, M)
+                    y_hat = sae.decode(f) + (sae.skip(x) if "W_skip" in sae.params else 0.0)  # (n, D_out)
+                    acc.update(asarray(seen["out"][rows], sae.xp), y_hat, f)
             n = losses["clean"][1]
             if n == 0:
                 continue
@@ -145,7 +196,7 @@ def evaluate_lm(sae, model, tokenizer, text_paths, site, *, seq_len=1024, batch_
         raise ValueError(f"no scored tokens in the evaluation texts {list(map(str, text_paths))}")
     ce = {k: v / n_total for k, v in sums.items()}
     denom = ce["zero"] - ce["clean"]
-    return {
+    out = {
         "ce_clean": ce["clean"],
         "ce_sae": ce["sae"],
         "ce_zero": ce["zero"],
@@ -153,19 +204,31 @@ def evaluate_lm(sae, model, tokenizer, text_paths, site, *, seq_len=1024, batch_
         "loss_recovered": (ce["zero"] - ce["sae"]) / denom if denom != 0 else math.nan,
         "lm_tokens": n_total,
     }
+    if transcoder:
+        out.update({k: _py(v) for k, v in acc.summary().items()}, site_out=site_out)
+    return out
 
 
 def evaluate(sae, source=None, *, n_tokens=65536, batch_size=4096, model=None, tokenizer=None,
-             texts=None, site=None, seq_len=1024, lm_batch_size=2, lm_tokens=8192, text_field="text"):
-    """evaluate_sae on `source` (when given) plus evaluate_lm (when model, tokenizer, texts, site are)."""
+             texts=None, site=None, seq_len=1024, lm_batch_size=2, lm_tokens=8192, text_field="text",
+             site_out=None):
+    """evaluate_sae on `source` (when given) plus evaluate_lm (when model, tokenizer, texts, site are).
+
+    A transcoder is evaluated on the model only (cached activations hold one site, a transcoder
+    needs two): its FVU and L0 come from evaluate_lm."""
     out = {}
+    if source is not None and getattr(sae, "is_transcoder", False):
+        from minisae.errors import InputError
+
+        raise InputError("a transcoder is evaluated on a model (--model, --site, --text: it reads one site and "
+                         "predicts another), not on cached activations of one site")
     if source is not None:
         out.update(evaluate_sae(sae, source, n_tokens=n_tokens, batch_size=batch_size))
     if model is not None:
         if tokenizer is None or not texts or site is None:
             raise ValueError("delta LM loss needs a tokenizer, evaluation texts and a site besides the model")
         out.update(evaluate_lm(sae, model, tokenizer, texts, site, seq_len=seq_len, batch_size=lm_batch_size,
-                               max_tokens=lm_tokens, text_field=text_field))
+                               max_tokens=lm_tokens, text_field=text_field, site_out=site_out))
     if not out:
         raise ValueError("nothing to evaluate: give an activation source, or a model with texts and a site")
     return out

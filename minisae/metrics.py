@@ -158,7 +158,8 @@ class EvalAccumulator:
             "mse": float(self.sum_sq_err) / n,
             "dead_frac": float(numpy.mean(freq == 0)),
             "dense_frac": float(numpy.mean(freq > DENSE_FREQ)),
-            "rel_recon_bias": float(self.sum_xhat_sq) / float(self.sum_xhat_dot_x),
+            "rel_recon_bias": (float(self.sum_xhat_sq) / float(self.sum_xhat_dot_x)  # NaN for an all-zero xhat
+                               if float(self.sum_xhat_dot_x) != 0 else float("nan")),
             "shrinkage": float(self.sum_norm_ratio) / int(self.n_ratio) if int(self.n_ratio) else float("nan"),
             "n_tokens": n,
         }

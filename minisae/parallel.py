@@ -35,7 +35,6 @@ on this shard, K top-k, P ranks, R replicas, S shards.
 import dataclasses
 import json
 import math
-import os
 import shutil
 import time
 from pathlib import Path
@@ -43,6 +42,8 @@ from pathlib import Path
 import numpy
 
 from minisae import dist, optim
+from minisae.errors import OutputExistsError
+from minisae.io.files import check_output_dir, make_dir, write_atomic
 from minisae.io.safetensors_io import SafetensorsError, SafetensorsFile, save_file
 from minisae.sae import VARIANTS
 from minisae.sae.common import squared_error, squared_error_backward, unit_rows
@@ -148,6 +149,9 @@ def shard_forward_backward(arch, params, x, hyper, comm):
     if comm.size > 1 and hyper.get("penalty", "l0") != "l0":
         raise ValueError(f"the {hyper['penalty']} penalty couples every latent of a token (its total L0); "
                          "it cannot be split over latent shards: train it with --shards 1")
+    if comm.size > 1 and hyper.get("prefixes") is not None:
+        raise ValueError("a Matryoshka loss sums reconstructions from latent prefixes; it cannot be split "
+                         "over latent shards: train it with --shards 1")
     out, cache = mod.forward(params, x, **hyper)
     xp = xp_of(x)
     b_dec = params["b_dec"]
@@ -365,8 +369,9 @@ def reshard(src_run, dst_run, shards):
     is for moving a checkpoint to a grid whose ranks should each read one file."""
     src, dst = Path(src_run) / CHECKPOINT_DIR, Path(dst_run) / CHECKPOINT_DIR
     man = read_manifest(src)
-    if dst.exists():
-        raise FileExistsError(f"{dst} already exists; choose a new run folder")
+    if int(shards) < 1 or int(shards) > int(man["d_sae"]):
+        raise ValueError(f"shards: expected 1 ... {man['d_sae']} (d_sae), found {shards}")
+    check_output_dir(dst_run, "train run", is_own=lambda d: False)  # new or empty only
     with SafetensorsFile(src / man["shards"][0]["file"]) as f:
         names = [k[len("params."):] for k in f.keys() if k.startswith("params.")]
     step_dir = f"step-{man['step']:08d}"
@@ -384,17 +389,14 @@ def reshard(src_run, dst_run, shards):
         save_file(tensors, dst / step_dir / f"shard-{s:05d}.safetensors", metadata={"minisae": json.dumps(info)})
         out.append({"file": f"{step_dir}/shard-{s:05d}.safetensors", "lo": lo, "hi": hi})
     _write_text_atomic(dst / MANIFEST_NAME, json.dumps({**man, "shards": out}, indent=1) + "\n")
-    for name in ("config.json", "metrics.jsonl"):
+    for name in ("config.json", "metrics.jsonl"):  # the run's record, so the copy resumes as a run
         if (Path(src_run) / name).exists():
-            shutil.copyfile(Path(src_run) / name, Path(dst_run) / name)
+            write_atomic(Path(dst_run) / name, (Path(src_run) / name).read_bytes())
     return dst
 
 
 def _write_text_atomic(path, text):
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    write_atomic(path, text)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -410,7 +412,8 @@ def train_parallel(cfg, source, out_dir, *, shards=1, accumulate=1, comm=None, r
     accumulate: micro-batches per rank per step (gradients summed in order): one process with
     accumulate=R ends bitwise equal to R ranks with accumulate=1 (tests/test_dist.py).
     Returns minisae.train.TrainResult on rank 0 (on other ranks its sae, summary are None, {})."""
-    from minisae.train import CheckpointError, TrainingError, _check_resume_config, hypers_at, param_names
+    from minisae.train import (CheckpointError, TrainingError, _check_resume_config, hypers_at, is_run_folder,
+                               param_names)
 
     world = dist.world() if comm is None else comm
     cfg = cfg.resolved(int(source.d_in))
@@ -424,16 +427,19 @@ def train_parallel(cfg, source, out_dir, *, shards=1, accumulate=1, comm=None, r
     if int(accumulate) < 1 or cfg.batch_size % n_micro:
         raise ValueError(f"batch_size {cfg.batch_size} must split into {grid.R} replicas x "
                          f"{accumulate} micro-batches (accumulate >= 1)")
-    b = cfg.batch_size // n_micro
+    b, mine = cfg.batch_size // n_micro, cfg.batch_size // grid.R  # rows per micro-batch, per replica
     out_dir = Path(out_dir)
     ckdir = out_dir / CHECKPOINT_DIR
     metrics_path = out_dir / "metrics.jsonl"
     lead = world.rank == 0
 
-    have = world.bcast_obj((ckdir / MANIFEST_NAME).exists() if lead else None)
-    if have and not resume and not overwrite:
-        raise FileExistsError(f"{out_dir} already holds a training checkpoint; resume it (--resume) "
-                              "or choose a new folder (or --overwrite)")
+    if lead:  # the output-folder rule (minisae.io.files): new, empty, or a run folder of ours
+        check_output_dir(out_dir, "train run", is_own=is_run_folder)
+    have = world.bcast_obj(((ckdir / MANIFEST_NAME).exists(), (out_dir / "sae").exists()) if lead else None)
+    if any(have) and not (resume and have[0]) and not overwrite:
+        raise OutputExistsError(f"{out_dir} already holds a training run; resume it (--resume), start it "
+                                "over (--overwrite) or choose a new folder")
+    have = have[0]
     if have and resume:
         man, state = load_sharded(ckdir, grid.lo, grid.hi, xp, names=names)
         _check_resume_config(ckdir / MANIFEST_NAME, man, cfg)
@@ -443,7 +449,7 @@ def train_parallel(cfg, source, out_dir, *, shards=1, accumulate=1, comm=None, r
             _truncate_metrics(metrics_path, state["step"])
     else:
         if lead:
-            out_dir.mkdir(parents=True, exist_ok=True)
+            make_dir(out_dir)
             if ckdir.exists():
                 shutil.rmtree(ckdir)
             for old in (metrics_path, out_dir / "eval.json"):
@@ -464,51 +470,50 @@ def train_parallel(cfg, source, out_dir, *, shards=1, accumulate=1, comm=None, r
     pending, t0 = [], time.time()
     try:
         for step in range(state["step"], cfg.steps):
-            X = numpy.asarray(source.batch(step, cfg.batch_size))  # (B, D)
-            if X.shape != (cfg.batch_size, source.d_in) or not numpy.isfinite(X).all():
-                raise TrainingError(f"step {step}: the source returned a batch of shape {X.shape} "
-                                    f"(expected ({cfg.batch_size}, {source.d_in})) or with NaN/inf values")
+            X = _replica_rows(source, step, cfg.batch_size, grid.r * mine, (grid.r + 1) * mine)  # (A*b, D)
             hyper = hypers_at(cfg, step, since_fired >= cfg.dead_window_tokens)
-            grads, fired, sums = None, None, numpy.zeros(3)  # sums: loss, mse, l0 over micro-batches
-            parts = []
+            # sums: loss, mse, l0 over the micro-batches, and 1 where a batch held NaN or inf
+            fired, sums, parts = None, numpy.array([0.0, 0.0, 0.0, float(not numpy.isfinite(X).all())]), []
             for j in range(int(accumulate)):
-                mb = grid.r * int(accumulate) + j
-                x = asarray(X[mb * b:(mb + 1) * b], xp, cfg.dtype) / scale  # (b, D)
+                x = asarray(X[j * b:(j + 1) * b], xp, cfg.dtype) / scale  # (b, D)
                 stats, g, f = shard_forward_backward(cfg.architecture, params, x, hyper, grid.shard)
                 parts.append(g)
                 fired = f if fired is None else fired | f
-                sums += (stats["loss"], stats["mse"], stats["l0"])
+                sums[:3] += (stats["loss"], stats["mse"], stats["l0"])
             grads = parts[0] if len(parts) == 1 else {k: dist.ordered_sum([g[k] for g in parts]) for k in parts[0]}
             if grid.R > 1:  # the replicas' gradients, summed in rank order; fired OR-ed
                 grads = {k: grid.replica.sum(v) for k, v in grads.items()}
                 fired = grid.replica.any(fired)
                 sums = grid.replica.sum(sums)
+            if sums[3] > 0:  # every rank sees it after the sum, so every rank stops here
+                raise TrainingError(f"step {step}: the activation batch holds NaN or inf values; the last good "
+                                    f"checkpoint is kept in {ckdir}")
             if n_micro > 1:
                 for v in grads.values():
                     v *= 1.0 / n_micro
-            loss, mse, l0 = (float(v) / n_micro for v in sums)
+            loss, mse, l0 = (float(v) / n_micro for v in sums[:3])
             if not math.isfinite(loss):
                 raise TrainingError(f"step {step}: the loss is {loss}; try a lower learning rate")
-            grads["W_dec"] = optim.remove_parallel_decoder_grad(params["W_dec"], grads["W_dec"])
+            optim.remove_parallel_decoder_grad(params["W_dec"], grads["W_dec"], out=grads["W_dec"])
             lr = optim.lr_at(step, lr=cfg.lr, warmup_steps=cfg.warmup_steps, total_steps=cfg.steps,
                              decay_frac=cfg.decay_frac)
             optim.adam_update(params, grads, adam, lr=lr, betas=betas, eps=cfg.adam_eps)
             optim.normalize_decoder_rows(params["W_dec"])
+            if "threshold" in params:  # raw θ (JumpReLU option): kept >= 0, as minisae.train does
+                xp.maximum(params["threshold"], 0.0, out=params["threshold"])
             since_fired = xp.where(fired, 0, since_fired + cfg.batch_size)  # (m,)
             done = step + 1
-            if lead and (done % cfg.log_every == 0 or done == cfg.steps):
-                Xn = X.astype(numpy.float64) / scale
-                denom = float(((Xn - Xn.mean(axis=0)) ** 2).sum())
+            if done % cfg.log_every == 0 or done == cfg.steps:  # collective: every rank takes part
+                fvu_denom = _centred_sum_of_squares(X / scale, grid.replica, cfg.batch_size)
                 dead = _sum_dead(grid, since_fired >= cfg.dead_window_tokens)
                 row = {"step": done, "tokens": done * cfg.batch_size, "loss": loss, "mse": mse, "l0": l0,
-                       "fvu": mse * cfg.batch_size / denom if denom > 0 else float("nan"), "lr": lr,
+                       "fvu": mse * cfg.batch_size / fvu_denom if fvu_denom > 0 else float("nan"), "lr": lr,
                        "dead_frac": dead / cfg.d_sae, "elapsed_s": round(time.time() - t0, 3)}
                 if "sparsity_coeff" in hyper:
                     row["sparsity_coeff"] = hyper["sparsity_coeff"]
-                pending.append(row)
-                bar.set_postfix(loss=f"{loss:.4g}", L0=f"{l0:.1f}")
-            elif not lead and (done % cfg.log_every == 0 or done == cfg.steps):
-                _sum_dead(grid, since_fired >= cfg.dead_window_tokens)
+                if lead:
+                    pending.append(row)
+                    bar.set_postfix(loss=f"{loss:.4g}", L0=f"{l0:.1f}")
             if done % cfg.checkpoint_every == 0 or done == cfg.steps:
                 bad = world.sum(numpy.array([0 if _finite(params, xp) else 1], dtype=numpy.int64))[0]
                 if bad:
@@ -541,6 +546,37 @@ def _fresh_state(cfg, source, grid, xp):
     params = init_shard(cfg, source.d_in, grid.lo, grid.hi, xp, b_dec=b_dec)
     return {"step": 0, "scale": scale, "params": params, "adam": optim.adam_init(params),
             "since_fired": xp.zeros(grid.hi - grid.lo, dtype=xp.int64)}
+
+
+def _replica_rows(source, step, batch_size, start, stop):
+    """Rows [start, stop) of the step's batch: read alone where the source offers batch_slice
+    (minisae.data.stream.ShardStream), else cut from the whole batch."""
+    if hasattr(source, "batch_slice"):
+        X = numpy.asarray(source.batch_slice(step, batch_size, start, stop))
+    else:
+        X = numpy.asarray(source.batch(step, batch_size))
+        if X.shape != (batch_size, source.d_in):
+            raise _shape_error(step, X.shape, (batch_size, source.d_in))
+        X = X[start:stop]
+    if X.shape != (stop - start, source.d_in):
+        raise _shape_error(step, X.shape, (stop - start, source.d_in))
+    return X
+
+
+def _shape_error(step, found, expected):
+    from minisae.train import TrainingError
+
+    return TrainingError(f"step {step}: the source returned a batch of shape {found}, expected {expected}")
+
+
+def _centred_sum_of_squares(x, replica, batch_size):
+    """sum_b ||x_b - mean(x)||^2 over the step's whole batch, from each replica's rows (float64)."""
+    x = numpy.asarray(x, dtype=numpy.float64)  # (A*b, D)
+    parts = numpy.concatenate([x.sum(axis=0), [(x * x).sum()]])  # (D + 1,)
+    if replica.size > 1:
+        parts = replica.sum(parts)
+    mean = parts[:-1] / batch_size  # (D,)
+    return float(parts[-1] - batch_size * (mean * mean).sum())
 
 
 def _sum_dead(grid, dead):

@@ -42,8 +42,9 @@ from pathlib import Path
 import numpy
 
 from minisae import optim
-from minisae.errors import FileFormatError, MinisaeError, OutputExistsError, TrainingError, storage_error
-from minisae.io.files import check_output_dir, make_dir, read_json, write_atomic
+from minisae.errors import (FileFormatError, InputError, MinisaeError, OutputExistsError, ResourceError, TrainingError,
+                            storage_error)
+from minisae.io.files import check_output_dir, make_dir, memory_limit_bytes, read_json, write_atomic
 from minisae.prefetch import Prefetcher
 from minisae.progress import progress_bar
 from minisae.sae import VARIANTS
@@ -103,6 +104,7 @@ class TrainConfig:
     def resolved(self, d_in):
         """A copy with every None default filled in for inputs of width d_in; checks values."""
         c = dataclasses.replace(self)
+        check_values(c)
         if c.architecture not in VARIANTS:
             raise ValueError(f"architecture: expected one of {sorted(VARIANTS)}, found {c.architecture!r}")
         if c.architecture in ("topk", "batchtopk"):
@@ -155,6 +157,64 @@ class TrainConfig:
         return c
 
 
+# field -> (low, high, low inclusive, integer); checked whenever the value is not None
+_RANGES = {
+    "d_sae": (1, None, True, True), "k": (1, None, True, True), "steps": (1, None, True, True),
+    "tokens": (1, None, True, True), "batch_size": (1, None, True, True), "warmup_steps": (0, None, True, True),
+    "sparsity_warmup_steps": (0, None, True, True), "dead_window_tokens": (1, None, True, True),
+    "aux_k": (1, None, True, True), "norm_sample_tokens": (1, None, True, True),
+    "checkpoint_every": (1, None, True, True), "log_every": (1, None, True, True),
+    "eval_tokens": (0, None, True, True), "eval_batch_size": (1, None, True, True), "seed": (0, None, True, True),
+    "lr": (0, None, False, False), "sparsity_coeff": (0, None, True, False), "bandwidth": (0, None, False, False),
+    "adam_beta1": (0, 1, True, False), "adam_beta2": (0, 1, True, False), "adam_eps": (0, None, False, False),
+    "decay_frac": (0, 1, True, False), "aux_coeff": (0, None, True, False),
+}
+
+
+def check_values(cfg):
+    """InputError for the first TrainConfig field of the wrong type or out of range, and for
+    k / sparsity_coeff given to a variant that does not take it (it would be silently ignored)."""
+    for name, (low, high, low_incl, integer) in _RANGES.items():
+        v = getattr(cfg, name, None)
+        if v is None:
+            continue
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or (integer and int(v) != v) or not math.isfinite(v):
+            raise InputError(f"{name}: expected {'an integer' if integer else 'a finite number'}, found {v!r}")
+        if not (v >= low if low_incl else v > low) or (high is not None and v > high):
+            bound = f"in [{low}, {high}]" if high is not None else f"{'>=' if low_incl else '>'} {low}"
+            raise InputError(f"{name}: expected a value {bound}, found {v!r}")
+    arch = str(cfg.architecture)
+    if "topk" in arch and cfg.sparsity_coeff is not None:
+        raise InputError(f"sparsity_coeff: {arch} keeps the k largest latents and takes no sparsity "
+                         f"coefficient; found sparsity_coeff={cfg.sparsity_coeff} (give k instead)")
+    if "topk" not in arch and cfg.k is not None:
+        raise InputError(f"k: only TopK variants take k; {arch} takes sparsity_coeff (found k={cfg.k})")
+
+
+def memory_estimate(cfg, d_in):
+    """Bytes one training run holds, roughly: the parameters four times over (values, Adam m and
+    v, gradients) and about six (B, M) arrays of a step (pre-activations, latents, gradients, masks)."""
+    itemsize = numpy.dtype(cfg.dtype).itemsize
+    n_params = 2 * d_in * cfg.d_sae + 4 * cfg.d_sae + d_in  # W_enc, W_dec, the (M,) vectors, b_dec
+    return itemsize * (4 * n_params + 6 * cfg.batch_size * cfg.d_sae)
+
+
+def check_memory(cfg, d_in, xp):
+    """ResourceError, before anything is allocated, when the run cannot fit this machine's memory
+    (host memory on NumPy, the device's on CuPy)."""
+    need = memory_estimate(cfg, d_in)
+    have, where = memory_limit_bytes(), "memory"
+    if xp is not numpy:
+        try:
+            have, where = int(xp.cuda.Device().mem_info[1]), "GPU memory"
+        except Exception:  # no device query: the host bound stands
+            pass
+    if need > have:
+        raise ResourceError(f"d_sae={cfg.d_sae}, d_in={d_in}, batch_size={cfg.batch_size} ({cfg.dtype}) needs about "
+                            f"{need / 2**30:.1f} GiB, more than this machine's {have / 2**30:.1f} GiB of {where}: "
+                            "choose a smaller --d-sae or --batch-size")
+
+
 @dataclasses.dataclass
 class TrainResult:
     sae: object            # minisae.io.saefile.SAE, release form (what sae/ holds)
@@ -192,6 +252,8 @@ def hypers_at(cfg, step, dead_mask=None):
             h["target_l0"] = cfg.target_l0
         if cfg.freq_coeff > 0:
             h.update(freq_coeff=cfg.freq_coeff, freq_target=cfg.freq_target)
+        if cfg.matryoshka is not None:
+            h["prefixes"] = tuple(cfg.matryoshka)
         return h
     return {"sparsity_coeff": coeff}
 
@@ -404,6 +466,7 @@ def train(cfg, source, out_dir, *, resume=False, overwrite=False, progress=True)
 
     cfg = cfg.resolved(int(source.d_in))
     xp = get_xp(cfg.backend)
+    check_memory(cfg, int(source.d_in), xp)
     mod = VARIANTS[cfg.architecture]
     out_dir = Path(out_dir)
     check_output_dir(out_dir, "train run", is_own=is_run_folder)

@@ -79,6 +79,28 @@ def case_dataparallel(comm, tmp):
             same_bits(res.params, ref.params, f"{arch} data parallel vs accumulated")
             assert (tmp / f"dp-{arch}" / "sae" / "cfg.json").exists()
         comm.barrier()
+    # a streamed cache: each replica reads only its rows (ShardStream.batch_slice)
+    from minisae.data.stream import ShardStream
+    if comm.rank == 0:
+        write_cache(tmp / "cache", [SOURCE.batch(i, 50) for i in range(5)])
+    comm.barrier()
+    stream = ShardStream(tmp / "cache", seed=1, buffer_tokens=100)
+    res = train_parallel(config("topk"), stream, tmp / "dp-stream", comm=comm, progress=False)
+    if comm.rank == 0:
+        ref = train_parallel(config("topk"), stream, tmp / "ref-stream", accumulate=2, comm=dist.SingleProcess(),
+                             progress=False)
+        same_bits(res.params, ref.params, "streamed data parallel vs accumulated")
+
+
+def write_cache(folder, shards):
+    import json
+    folder.mkdir()
+    for j, rows in enumerate(shards):
+        numpy.save(folder / f"shard_{j:05d}.npy", rows.astype(numpy.float32))
+    man = {"format": "minisae-activations-1", "site": "synthetic", "d_in": int(shards[0].shape[1]),
+           "dtype": "float32", "count": sum(len(r) for r in shards),
+           "shards": [{"file": f"shard_{j:05d}.npy", "count": len(r)} for j, r in enumerate(shards)]}
+    (folder / "manifest.json").write_text(json.dumps(man))
 
 
 def case_shard(comm, tmp):

@@ -121,3 +121,21 @@ def test_init_does_not_depend_on_the_shards():
     for lo, hi in ((0, 4500), (4500, 9000), (4000, 8200)):
         assert numpy.array_equal(init_shard(cfg, 4, lo, hi, numpy)["W_dec"], full[lo:hi])
     assert numpy.allclose((full.astype(numpy.float64) ** 2).sum(axis=1), 1.0, atol=1e-6)
+
+
+def test_parallel_trainer_follows_the_output_rule(tmp_path):
+    from minisae.data.synthetic import SyntheticActivations, SyntheticConfig
+    from minisae.errors import OutputExistsError
+    from minisae.parallel import train_parallel
+
+    source = SyntheticActivations(SyntheticConfig(d_in=8, n_features=32, target_l0=1.0))
+    cfg = TrainConfig("topk", k=2, d_sae=16, steps=2, batch_size=32, eval_tokens=0)
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    with pytest.raises(OutputExistsError, match="not a minisae train run folder"):
+        train_parallel(cfg, source, tmp_path / "other", comm=dist.SingleProcess(), progress=False)
+    train_parallel(cfg, source, tmp_path / "run", comm=dist.SingleProcess(), progress=False)
+    with pytest.raises(OutputExistsError, match="--resume"):
+        train_parallel(cfg, source, tmp_path / "run", comm=dist.SingleProcess(), progress=False)
+    again = train_parallel(cfg, source, tmp_path / "run", comm=dist.SingleProcess(), overwrite=True, progress=False)
+    assert again.steps == 2 and (tmp_path / "run" / "sae").is_dir()

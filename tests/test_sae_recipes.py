@@ -18,7 +18,7 @@ import pytest
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
-from minisae.sae import jumprelu
+from minisae.sae import common, jumprelu
 from minisae.xp import asarray, to_numpy
 from test_sae_gradients import HSETTINGS, fd_check, jumprelu_pre, problem, seeds, shapes, to_xp
 from test_sae_invariants import assert_close, assert_paths_agree
@@ -204,3 +204,88 @@ def test_recipe_sparse_path_equals_plain(B, D, M, seed, density, lam, opts, raw)
         p = raw_params(p)
     hyper = dict(sparsity_coeff=lam, bandwidth=bandwidth, **opts)
     assert_paths_agree(jumprelu, p, x, hyper)
+
+
+@HSETTINGS
+@given(shape=shapes, seed=seeds, data=st.data(), lam=st.floats(0.0, 2.0), opts=options,
+       raw=st.booleans(), bandwidth=st.floats(0.05, 1.0), offsets_seed=seeds)
+def test_matryoshka_jumprelu_gradients_and_ramp_identity(xp, shape, seed, data, lam, opts, raw,
+                                                          bandwidth, offsets_seed):
+    """Matryoshka over nested prefixes: true gradients by finite differences, and the theta
+    pseudo-gradient against the ramp identity (the jump's height theta enters every prefix
+    reconstruction that contains the latent)."""
+    B, D, M = shape
+    inner = sorted(set(data.draw(st.lists(st.integers(1, M), min_size=1, max_size=3), label="sizes")))
+    prefixes = tuple(inner)
+    sizes = common.check_prefixes(prefixes, M, "test")
+    rng = numpy.random.default_rng(seed)
+    p_host, x_host = problem("jumprelu", rng, B, D, M)
+    pi = numpy.maximum(jumprelu_pre(p_host, x_host, True), 0.0)  # (B, M)
+    off_rng = numpy.random.default_rng(offsets_seed)
+    b_star = off_rng.integers(0, B, M)
+    near = pi[b_star, numpy.arange(M)] + off_rng.uniform(-0.5, 0.5, M) * bandwidth  # (M,)
+    theta = numpy.where(near > 0.01, near, numpy.exp(p_host["log_threshold"]))  # (M,)
+    p_host["log_threshold"] = numpy.log(theta)
+    theta = numpy.exp(p_host["log_threshold"])
+    half = 0.5 * bandwidth
+    for edge in (theta - half, theta + half):
+        assume(numpy.all(numpy.abs(pi - edge) > KINK_MARGIN))
+    pre = jumprelu_pre(p_host, x_host, True)
+    kinks_clear = numpy.all(numpy.abs(pre - theta) > KINK_MARGIN) and numpy.all(numpy.abs(pre) > KINK_MARGIN)
+    assume(opts["freq_coeff"] == 0.0 or freq_kinks_clear(pi, theta, opts["freq_target"]))
+    if raw:
+        p_host = raw_params(p_host)
+    params, x = to_xp(p_host, xp), asarray(x_host, xp, "float64")
+    hyper = dict(sparsity_coeff=lam, bandwidth=bandwidth, prefixes=prefixes, **opts)
+    out, cache = jumprelu.forward(params, x, **hyper)
+    grads = jumprelu.backward(params, cache)
+    f = to_numpy(out["f"])
+    W, b = p_host["W_dec"], p_host["b_dec"]
+
+    def recon(fm):
+        return sum(((x_host - (fm[:, :m] @ W[:m] + b)) ** 2).sum() / B for m in sizes)
+
+    assert numpy.isclose(float(out["loss"]) - float(out["sparsity"]) - float(out["freq"]), recon(f),
+                         rtol=1e-12, atol=1e-12)
+    if kinks_clear:
+        def loss_fn(ps):
+            return float(jumprelu.forward(ps, x, **hyper)[0]["loss"])
+        fd_check(loss_fn, params, grads, ["W_enc", "b_enc", "W_dec", "b_dec"], rng,
+                 f"matryoshka {prefixes}")
+    # theta: the reconstruction part of the ramp identity (the penalties' parts are tested above)
+    l0_b, p_i = (pi > theta).sum(axis=1), (pi > theta).mean(axis=0)
+
+    def ramp(th):
+        return numpy.clip((pi - th) / bandwidth + 0.5, 0.0, 1.0)
+
+    def ramp_loss(th):
+        moved = ramp(th) - ramp(theta)
+        l0 = l0_b + moved.sum(axis=1)
+        pen = lam * l0.mean() if opts["penalty"] == "l0" else \
+            (lam * 2.0 / opts["target_l0"] * (l0 - opts["target_l0"]) ** 2).mean()
+        over = numpy.maximum(p_i + moved.mean(axis=0) - opts["freq_target"], 0.0)
+        return recon(f + theta * moved) + pen + opts["freq_coeff"] * (over ** 2).sum()
+
+    dtheta_fd = numpy.array([(ramp_loss(theta + FD_STEP * e) - ramp_loss(theta - FD_STEP * e))
+                             / (2.0 * FD_STEP) for e in numpy.eye(M)])
+    dtheta = to_numpy(grads["threshold"]) if raw else to_numpy(grads["log_threshold"]) / theta
+    numpy.testing.assert_allclose(dtheta, dtheta_fd, rtol=FD_RTOL,
+                                  atol=FD_ATOL * max(1.0, abs(ramp_loss(theta))))
+    if xp is numpy:
+        assert_paths_agree(jumprelu, p_host, x_host, hyper)
+
+
+def test_matryoshka_jumprelu_single_prefix_is_the_plain_loss(xp):
+    rng = numpy.random.default_rng(8)
+    p_host, x_host = problem("jumprelu", rng, 12, 5, 10)
+    params, x = to_xp(p_host, xp), asarray(x_host, xp, "float64")
+    hyper = dict(sparsity_coeff=0.3, bandwidth=0.5, penalty="quadratic", target_l0=2.0)
+    paths = ["dense"] + (["sparse"] if xp is numpy else [])
+    for path in paths:
+        plain = jumprelu.loss_and_grads(params, x, path=path, **hyper)
+        one = jumprelu.loss_and_grads(params, x, path=path, prefixes=(10,), **hyper)
+        assert float(one[0]) == float(plain[0])
+        for k in plain[1]:
+            numpy.testing.assert_array_equal(to_numpy(one[1][k]), to_numpy(plain[1][k]))
+    with pytest.raises(ValueError, match="prefixes"):
+        jumprelu.forward(params, x, prefixes=(4, 3), **hyper)

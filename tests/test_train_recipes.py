@@ -98,3 +98,12 @@ def test_cli_batchtopk_matryoshka(tmp_path):
         main(["train", "--arch", "batchtopk", "--k", "3", "--matryoshka", "8,x", "--out", str(tmp_path / "r2")]
              + TINY_TRAIN)
     assert e.value.code == 2
+
+
+def test_jumprelu_matryoshka_trains_and_saves_a_jumprelu(tmp_path):
+    cfg = tiny_config("jumprelu", steps=20, matryoshka=[4, 16], **RECIPE)
+    res = train(cfg, tiny_source(), tmp_path, progress=False)
+    assert res.sae.architecture == "jumprelu" and 0 < res.summary["fvu"] < 1
+    assert json.loads((tmp_path / "config.json").read_text())["train"]["matryoshka"] == [4, 16, 32]
+    with pytest.raises(ValueError, match="matryoshka"):
+        TrainConfig("gated", sparsity_coeff=1.0, steps=1, matryoshka=[4]).resolved(4)

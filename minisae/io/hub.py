@@ -9,7 +9,8 @@ say how to fix them.
 Rules, in order:
 1. An existing local path wins.
 2. A string that looks like a path (absolute, starting with `.` or `~`, with a backslash, `//` or a
-   trailing slash) but does not exist is an error; the Hub is not asked.
+   trailing slash, or whose first `/`-separated part is an existing local folder, as in
+   `runs/jr/sea` for `runs/jr/sae`) but does not exist is an error; the Hub is not asked.
 3. Otherwise the first two `/`-separated parts are a Hub repo id (`org/name`) and the rest, if
    any, a folder or file inside the repo. huggingface_hub downloads into (or reads from) its
    cache and honours HF_TOKEN, HF_HOME / HF_HUB_CACHE, HF_ENDPOINT and HF_HUB_OFFLINE.
@@ -27,8 +28,10 @@ class HubError(MinisaeError, RuntimeError):
 
 
 def _looks_like_path(s):
+    # "runs/jr/sae" where ./runs exists is a mistyped local path, not the Hub repo "runs/jr"
+    first = s.split("/", 1)[0]
     return (os.path.isabs(s) or s.startswith((".", "~")) or "\\" in s or s.endswith("/")
-            or "//" in s)
+            or "//" in s or ("/" in s and bool(first) and Path(first).is_dir()))
 
 
 def _split_ref(s):

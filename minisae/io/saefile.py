@@ -16,8 +16,13 @@ Inference (x_c = x - b_dec when cfg["apply_b_dec_to_input"], else x):
     gated:    f = H(x_c @ W_enc + b_gate) * ReLU(x_c @ (W_enc * exp(r_mag)) + b_mag)
     all:      xhat = f @ W_dec + b_dec   (f / ||W_dec rows|| first for rescaled TopK)
 
+Transcoders (jumprelu_transcoder, jumprelu_skip_transcoder; Gemma Scope 2) encode like jumprelu
+on their input site and decode to another site, D_out wide: W_dec (M, D_out), b_dec (D_out,), no
+b_dec subtracted from the input; a skip transcoder adds x @ W_skipᵀ, W_skip (D_out, D_in).
+
 Formats:
 - SAELens folder: cfg.json + sae_weights.safetensors (through minisae.io.safetensors_io; no torch).
+- Gemma Scope 2 folder: params.safetensors + config.json (minisae.io.gemmascope2).
 - Gemma Scope params.npz: W_enc, W_dec, b_enc, b_dec, threshold, float32, pre-encoder bias folded
   into b_enc (inference subtracts no b_dec). Read with allow_pickle=False.
 
@@ -38,7 +43,8 @@ from pathlib import Path
 
 import numpy
 
-from minisae.errors import FileFormatError, OutputExistsError
+from minisae.errors import FileFormatError, MissingInputError, OutputExistsError
+from minisae.io import gemmascope2
 from minisae.io.files import atomic_path, check_output_dir, make_dir
 from minisae.xp import asarray, to_numpy, xp_of
 
@@ -53,7 +59,11 @@ RELEASE_PARAMS = {
     "jumprelu": ("W_enc", "b_enc", "W_dec", "b_dec", "threshold"),
     "topk": ("W_enc", "b_enc", "W_dec", "b_dec"),
     "gated": ("W_enc", "b_gate", "r_mag", "b_mag", "W_dec", "b_dec"),
+    # transcoders (SAELens names): read one site, predict another; W_dec (M, D_out), b_dec (D_out,)
+    "jumprelu_transcoder": ("W_enc", "b_enc", "W_dec", "b_dec", "threshold"),
+    "jumprelu_skip_transcoder": ("W_enc", "b_enc", "W_dec", "b_dec", "threshold", "W_skip"),  # W_skip (D_out, D_in)
 }
+TRANSCODERS = ("jumprelu_transcoder", "jumprelu_skip_transcoder")
 TRAINING_PARAMS = {**RELEASE_PARAMS, "jumprelu": ("W_enc", "b_enc", "W_dec", "b_dec", "log_threshold")}
 ARCHITECTURES = tuple(RELEASE_PARAMS)
 
@@ -62,8 +72,9 @@ class SAEFileError(FileFormatError):
     """A malformed SAE file or parameter set; the message names the file and the tensor."""
 
 
-def _expected_shape(name, d_in, d_sae):
-    return {"W_enc": (d_in, d_sae), "W_dec": (d_sae, d_in), "b_dec": (d_in,)}.get(name, (d_sae,))
+def _expected_shape(name, d_in, d_sae, d_out=None):
+    d_out = d_in if d_out is None else d_out  # an SAE writes what it reads; a transcoder d_out wide
+    return {"W_enc": (d_in, d_sae), "W_dec": (d_sae, d_out), "b_dec": (d_out,), "W_skip": (d_out, d_in)}.get(name, (d_sae,))
 
 
 def _check_architecture(architecture, where):
@@ -109,7 +120,8 @@ def _encode_gated(p, x_c, cfg):
     return (pi_gate > 0).astype(x_c.dtype) * xp.maximum(pi_mag, 0)  # (B, M)
 
 
-_ENCODERS = {"jumprelu": _encode_jumprelu, "topk": _encode_topk, "gated": _encode_gated}
+_ENCODERS = {"jumprelu": _encode_jumprelu, "topk": _encode_topk, "gated": _encode_gated,
+             "jumprelu_transcoder": _encode_jumprelu, "jumprelu_skip_transcoder": _encode_jumprelu}
 
 
 def _default_cfg(architecture, d_in, d_sae, dtype):
@@ -139,11 +151,16 @@ class SAE:
         if W_enc.ndim != 2:
             raise SAEFileError(f"{source}: tensor W_enc: expected shape (d_in, d_sae), found {tuple(W_enc.shape)}")
         d_in, d_sae = (int(n) for n in W_enc.shape)
-        if tuple(W_dec.shape) != (d_sae, d_in):
+        transcoder = architecture in TRANSCODERS
+        if transcoder and W_dec.ndim == 2 and W_dec.shape[0] == d_sae:
+            d_out = int(W_dec.shape[1])  # a transcoder's output width is its own
+        elif tuple(W_dec.shape) != (d_sae, d_in):
             raise SAEFileError(f"{source}: W_enc has shape {(d_in, d_sae)} (d_in, d_sae), so tensor W_dec should "
-                               f"have shape {(d_sae, d_in)}, found {tuple(W_dec.shape)}")
+                               f"have shape {(d_sae, 'd_out' if transcoder else d_in)}, found {tuple(W_dec.shape)}")
+        else:
+            d_out = d_in
         for name in names:
-            expected, found = _expected_shape(name, d_in, d_sae), tuple(params[name].shape)
+            expected, found = _expected_shape(name, d_in, d_sae, d_out), tuple(params[name].shape)
             if found != expected:
                 raise SAEFileError(f"{source}: tensor {name}: expected shape {expected}, found {found}")
         dtype = numpy.dtype(str(W_enc.dtype))
@@ -151,15 +168,21 @@ class SAE:
             raise SAEFileError(f"{source}: tensor W_enc: expected a floating-point dtype, found {dtype}")
         self.xp = xp_of(W_enc) if xp is None else xp
         self.params = {n: asarray(params[n], self.xp, dtype) for n in names}
-        self.architecture, self.d_in, self.d_sae = architecture, d_in, d_sae
+        self.architecture, self.d_in, self.d_sae, self.d_out = architecture, d_in, d_sae, d_out
 
         full = _default_cfg(architecture, d_in, d_sae, dtype)
+        if transcoder:  # a transcoder never subtracts b_dec (D_out wide) from its input (SAELens refuses it)
+            full.update(d_out=d_out, apply_b_dec_to_input=False)
         cfg = dict(cfg or {})
         full["metadata"].update(cfg.pop("metadata", None) or {})
         full.update(cfg, dtype=str(dtype))
-        for key, value in (("architecture", architecture), ("d_in", d_in), ("d_sae", d_sae)):
-            if full[key] != value:
-                raise SAEFileError(f"{source}: cfg {key} is {full[key]!r} but the tensors give {value!r}")
+        for key, value in (("architecture", architecture), ("d_in", d_in), ("d_sae", d_sae),
+                           ("d_out", d_out if transcoder else full.get("d_out"))):
+            if full.get(key) != value:
+                raise SAEFileError(f"{source}: cfg {key} is {full.get(key)!r} but the tensors give {value!r}")
+        if transcoder and full["apply_b_dec_to_input"]:
+            raise SAEFileError(f"{source}: apply_b_dec_to_input must be false for a transcoder (its b_dec is "
+                               "an output bias)")
         if full["normalize_activations"] not in (None, "none"):
             raise SAEFileError(f"{source}: normalize_activations={full['normalize_activations']!r} is not "
                                "supported; fold the normalisation into the weights first (minisae writes 'none')")
@@ -178,9 +201,16 @@ class SAE:
     def dtype(self):
         return self.params["W_enc"].dtype
 
+    @property
+    def is_transcoder(self):
+        """True for a transcoder: it reads hook_name and predicts hook_name_out (d_out wide)."""
+        return self.architecture in TRANSCODERS
+
     def __repr__(self):
+        out = f", d_out={self.d_out}, hook_name_out={self.cfg['metadata'].get('hook_name_out')!r}" \
+            if self.is_transcoder else ""
         return (f"SAE(architecture={self.architecture!r}, d_in={self.d_in}, d_sae={self.d_sae}, "
-                f"hook_name={self.cfg['metadata'].get('hook_name')!r})")
+                f"hook_name={self.cfg['metadata'].get('hook_name')!r}{out})")
 
     # --------------------------------------------------------------------------------------
     # inference
@@ -203,7 +233,8 @@ class SAE:
         return f.reshape(*lead, self.d_sae)
 
     def decode(self, f):
-        """Reconstructions xhat (..., D) from latent activations f (..., M)."""
+        """Reconstructions xhat (..., D) from latent activations f (..., M); for a transcoder the
+        prediction (..., D_out) without the skip term (see __call__)."""
         f = asarray(f, self.xp, self.dtype)
         if f.ndim == 0 or f.shape[-1] != self.d_sae:
             raise ValueError(f"SAE.decode: expected latents (..., d_sae={self.d_sae}), found shape {tuple(f.shape)}")
@@ -211,8 +242,19 @@ class SAE:
             f = f / _decoder_norms(self.params)  # (..., M)
         return f @ self.params["W_dec"] + self.params["b_dec"]  # (..., M) @ (M, D) -> (..., D)
 
+    def skip(self, x):
+        """A skip transcoder's affine term x @ W_skipᵀ (..., D_out) for inputs x (..., D_in)."""
+        if "W_skip" not in self.params:
+            raise ValueError(f"SAE.skip: a {self.architecture} has no skip connection")
+        x = asarray(x, self.xp, self.dtype)
+        return x @ self.params["W_skip"].T  # (..., D_in) @ (D_in, D_out) -> (..., D_out)
+
     def __call__(self, x):
-        return self.decode(self.encode(x))
+        """The reconstruction decode(encode(x)); a skip transcoder adds x @ W_skipᵀ (SAELens's forward)."""
+        out = self.decode(self.encode(x))
+        if "W_skip" in self.params:
+            out = out + self.skip(x)  # (..., D_out)
+        return out
 
     # --------------------------------------------------------------------------------------
     # from a training run
@@ -313,15 +355,22 @@ class SAE:
         _atomic_write(path, lambda fh: numpy.savez(fh, **{n: a.astype(numpy.float32) for n, a in arrays.items()}))
         return path
 
+    def save_gemma_scope_2(self, folder, *, overwrite=False):
+        """Write a Gemma Scope 2 folder (params.safetensors + config.json; JumpReLU SAEs and
+        transcoders only), as minisae.io.gemmascope2.save describes. Returns the folder's Path."""
+        return gemmascope2.save(self, folder, overwrite=overwrite)
+
     # --------------------------------------------------------------------------------------
     # loading
 
     @classmethod
     def load(cls, path_or_hub_ref, *, xp=numpy, revision=None, dtype="float32"):
-        """Load a SAELens folder or a Gemma Scope params.npz: a local path (a folder, its
-        cfg.json, or an .npz file), or a Hub reference "org/repo[/path/in/repo]" resolved with
-        minisae.io.hub (a path ending in .npz is that file; a path in a google/gemma-scope-* repo
-        means its params.npz; anything else is a SAELens folder). Tensors are cast to `dtype`."""
+        """Load a SAELens folder, a Gemma Scope params.npz or a Gemma Scope 2 folder: a local path
+        (a folder, its cfg.json / params.safetensors, or an .npz file), or a Hub reference
+        "org/repo[/path/in/repo]" resolved with minisae.io.hub (a path in a google/gemma-scope-2-*
+        repo (not gemma-scope-2b-*), or ending in params.safetensors, is a Gemma Scope 2 folder; a path ending in .npz is
+        that file; a path in a google/gemma-scope-* repo means its params.npz; anything else is a
+        SAELens folder). Tensors are cast to `dtype`."""
         dtype = numpy.dtype(dtype)
         if dtype.kind != "f":
             raise ValueError(f"SAE.load: expected a floating-point dtype, found {dtype}")
@@ -332,21 +381,34 @@ class SAE:
                 return _load_saelens(local / CFG_FILENAME, local / WEIGHTS_FILENAME, xp, dtype, str(local))
             if (local / GEMMA_SCOPE_FILENAME).exists():
                 return _load_gemma_scope(local / GEMMA_SCOPE_FILENAME, xp, dtype, ref)
-            raise FileNotFoundError(f"{local}: no SAE here; expected {CFG_FILENAME} + {WEIGHTS_FILENAME} "
-                                    f"(SAELens) or {GEMMA_SCOPE_FILENAME} (Gemma Scope)")
+            if (local / gemmascope2.PARAMS_FILENAME).exists():
+                return gemmascope2.load(local, xp=xp, dtype=dtype, source=ref)
+            raise MissingInputError(f"{local}: no SAE here; expected {CFG_FILENAME} + {WEIGHTS_FILENAME} "
+                                    f"(SAELens), {GEMMA_SCOPE_FILENAME} (Gemma Scope) or "
+                                    f"{gemmascope2.PARAMS_FILENAME} + {gemmascope2.CONFIG_FILENAME} (Gemma Scope 2)")
         if local.exists():
             if local.name in (CFG_FILENAME, WEIGHTS_FILENAME):
                 folder = local.parent
                 return _load_saelens(folder / CFG_FILENAME, folder / WEIGHTS_FILENAME, xp, dtype, str(folder))
             if local.suffix == ".npz":
                 return _load_gemma_scope(local, xp, dtype, ref)
+            if local.name == gemmascope2.PARAMS_FILENAME:
+                return gemmascope2.load(local.parent, xp=xp, dtype=dtype, source=ref)
             raise SAEFileError(f"{local}: not an SAE file; expected a SAELens folder or a Gemma Scope .npz")
         parts = [s for s in ref.split("/") if s]
-        if ref.startswith(("/", ".", "~")) or len(parts) < 2:
-            raise FileNotFoundError(f"{ref}: no such file or folder (and not a Hub reference 'org/repo/path')")
         from minisae.io import hub
 
+        if ref.startswith(("/", ".", "~")) or len(parts) < 2 or hub._looks_like_path(ref):
+            raise MissingInputError(f"{ref}: no such file or folder (and not a Hub reference 'org/repo/path')")
+
         repo_id, sub = "/".join(parts[:2]), "/".join(parts[2:])
+        if "gemma-scope-2-" in parts[1].lower() or sub.endswith(gemmascope2.PARAMS_FILENAME):  # not gemma-scope-2b
+            sub = sub.removesuffix(gemmascope2.PARAMS_FILENAME).rstrip("/")
+            prefix = f"{sub}/" if sub else ""
+            config_path = hub.resolve_file(repo_id, prefix + gemmascope2.CONFIG_FILENAME, revision=revision)
+            params_path = hub.resolve_file(repo_id, prefix + gemmascope2.PARAMS_FILENAME, revision=revision)
+            return gemmascope2.load(Path(params_path).parent, xp=xp, dtype=dtype, source=ref,
+                                    params_path=params_path, config_path=config_path)
         if sub.endswith(".npz") or "gemma-scope" in parts[1].lower():
             filename = sub if sub.endswith(".npz") else "/".join(parts[2:] + [GEMMA_SCOPE_FILENAME])
             return _load_gemma_scope(Path(hub.resolve_file(repo_id, filename, revision=revision)), xp, dtype, ref)
@@ -385,7 +447,7 @@ def _atomic_write_bytes(path, data):
 
 # SAELens < 6 kept these at the top level of cfg.json instead of under "metadata"
 _OLD_METADATA_KEYS = ("model_name", "hook_name", "hook_head_index", "context_size", "prepend_bos")
-_CFG_KEYS = ("d_in", "d_sae", "device", "apply_b_dec_to_input", "normalize_activations", "reshape_activations",
+_CFG_KEYS = ("d_in", "d_sae", "d_out", "device", "apply_b_dec_to_input", "normalize_activations", "reshape_activations",
              "k", "rescale_acts_by_decoder_norm")
 
 
@@ -407,7 +469,7 @@ def _load_saelens(cfg_path, weights_path, xp, dtype, source):
         raise SAEFileError(f"{cfg_path}: no 'architecture' key (a SAELens < 6 'standard' SAE?); "
                            f"expected one of {ARCHITECTURES}")
     _check_architecture(architecture, str(cfg_path))
-    for key in ("d_in", "d_sae"):
+    for key in ("d_in", "d_sae") + (("d_out",) if architecture in TRANSCODERS else ()):
         if not isinstance(cfg.get(key), int):
             raise SAEFileError(f"{cfg_path}: expected an integer {key!r}, found {cfg.get(key)!r}")
     cfg_out = {k: cfg[k] for k in _CFG_KEYS if k in cfg}
@@ -427,7 +489,7 @@ def _load_saelens(cfg_path, weights_path, xp, dtype, source):
         raise SAEFileError(f"{weights_path}: {architecture} SAE is missing tensor(s) {missing}; found {sorted(params)}")
     order = RELEASE_PARAMS[architecture] + tuple(sorted(set(params) - set(RELEASE_PARAMS[architecture])))
     for name in order:  # W_enc first: a cfg d_in / d_sae mismatch is reported on it
-        expected = _expected_shape(name, cfg["d_in"], cfg["d_sae"])
+        expected = _expected_shape(name, cfg["d_in"], cfg["d_sae"], cfg.get("d_out"))
         if tuple(params[name].shape) != expected:
             raise SAEFileError(f"{weights_path}: tensor {name}: expected shape {expected} (cfg d_in={cfg['d_in']}, "
                                f"d_sae={cfg['d_sae']}), found {tuple(params[name].shape)}")

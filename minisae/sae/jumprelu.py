@@ -9,6 +9,10 @@ Dimensions: B tokens in the batch, D = d_in, M = d_sae latents, N stored entries
     xhat = f @ W_dec + b_dec
     loss = mean_b [ sum_d (x - xhat)^2 + P(L0_b) ] + F(latent frequencies)
 
+With Matryoshka prefixes m_1 < ... < m_S = M (option `prefixes`, Bussmann et al. 2025, arXiv
+2503.17547) the squared error is summed over the reconstructions from the nested prefixes,
+xhat_j = f[:, :m_j] @ W_dec[:m_j] + b_dec (docs/derivations/matryoshka.md).
+
 P, the sparsity penalty (option `penalty`):
     "l0"         P = lambda * L0_b                                    (the paper; the default)
     "quadratic"  P = lambda * (2 / L0*) * (L0_b - L0*)^2, L0* = target_l0  (Gemma Scope 2, Eq. 5)
@@ -33,10 +37,11 @@ import math
 
 import numpy
 
-from minisae.sae.common import (as_input, check_params, column_sums, decode, fire_counts,
-                                init_dictionary, sampled_matmul, scalar, sparse_fire_counts,
-                                sparse_from_mask, sparse_matmul, sparse_t_matmul, squared_error,
-                                squared_error_backward)
+from minisae.sae.common import (as_input, check_params, check_prefixes, column_sums, decode,
+                                fire_counts, init_dictionary, prefix_decode,
+                                prefix_decoder_gradients, prefix_squared_error, sampled_matmul,
+                                scalar, segment_entries, segments, sparse_fire_counts,
+                                sparse_from_mask, sparse_matmul, sparse_t_matmul)
 from minisae.xp import xp_of
 
 ARCHITECTURE = "jumprelu"
@@ -97,6 +102,7 @@ class Hyper:
     target_l0: float | None = None  # L0*, needed by the quadratic penalty
     freq_coeff: float = 0.0        # weight of the frequency penalty (0 = off)
     freq_target: float = 0.1       # firing fraction above which a latent is penalised
+    prefixes: tuple | None = None  # Matryoshka prefix sizes m_1 < ... (M appended); None = plain
 
     @classmethod
     def of(cls, **kw):
@@ -120,6 +126,10 @@ class Hyper:
             pre_enc_bias=bool(h.pre_enc_bias), freq_coeff=float(h.freq_coeff),
             freq_target=float(h.freq_target),
             target_l0=None if h.target_l0 is None else float(h.target_l0))
+
+    def with_latents(self, M):
+        """This Hyper with `prefixes` checked against M latents (a tuple ending at M)."""
+        return dataclasses.replace(self, prefixes=check_prefixes(self.prefixes, M, ARCHITECTURE))
 
 
 def _encoder_pre(params, x, pre_enc_bias):
@@ -175,7 +185,7 @@ def forward(params, x, **hyper):
     """(out, cache): out has loss, mse, l0, sparsity, freq (0-d), f (B, M), xhat (B, D).
     hyper: sparsity_coeff (required) and the other fields of `Hyper`."""
     x, raw = _check(params, x)
-    h = Hyper.of(**hyper)
+    h = Hyper.of(**hyper).with_latents(params["W_enc"].shape[1])
     x_c, pre = _encoder_pre(params, x, h.pre_enc_bias)
     return _forward_from_pre(params, x, x_c, pre, h, raw)
 
@@ -187,17 +197,20 @@ def _forward_from_pre(params, x, x_c, pre, h, raw):
     theta = _theta(params, raw, xp)  # (M,)
     active = pi > theta  # (B, M) H(pi - theta), strict
     f = pi * active  # (B, M)
-    xhat = f @ params["W_dec"] + params["b_dec"]  # (B, M) @ (M, D) -> (B, D)
-    mse, err = squared_error(x, xhat)
+    xhats = prefix_decode(f, params["W_dec"], params["b_dec"], h.prefixes)  # S x (B, D)
+    total, errs = prefix_squared_error(x, xhats)  # sum over prefixes; errs[-1] = x - xhat
+    mse = float((errs[-1] * errs[-1]).sum()) / B  # the full SAE's
     l0_b = active.sum(axis=1, dtype=dtype)  # (B,) L0 of each token
     sparsity, da_b = sparsity_penalty(l0_b, h, xp)  # da_b (B,)
     freq, da_i = 0.0, None
     if h.freq_coeff > 0.0:
         freq, da_i = frequency_penalty(active.sum(axis=0, dtype=dtype), h, B)  # da_i (M,)
-    out = {"loss": scalar(mse + sparsity + freq, dtype, xp), "mse": scalar(mse, dtype, xp),
-           "l0": scalar(l0_b.sum() / B, dtype, xp), "sparsity": scalar(sparsity, dtype, xp),
-           "freq": scalar(freq, dtype, xp), "f": f, "xhat": xhat}
-    cache = {"x_c": x_c, "pi": pi, "theta": theta, "active": active, "f": f, "err": err,
+    out = {"loss": scalar(total + sparsity + freq, dtype, xp), "mse": scalar(mse, dtype, xp),
+           "matryoshka": scalar(total - mse, dtype, xp), "l0": scalar(l0_b.sum() / B, dtype, xp),
+           "sparsity": scalar(sparsity, dtype, xp), "freq": scalar(freq, dtype, xp), "f": f,
+           "xhat": xhats[-1]}
+    cache = {"x_c": x_c, "pi": pi, "theta": theta, "active": active, "f": f,
+             "err": errs[-1], "errs_inner": errs[:-1],  # x - xhat; x - xhat_j of the inner prefixes
              "da_b": da_b, "da_i": da_i, "hyper": h, "raw": raw}
     return out, cache
 
@@ -240,12 +253,16 @@ def backward(params, cache):
     xp = xp_of(cache["f"])
     W_enc, W_dec, h = params["W_enc"], params["W_dec"], cache["hyper"]
     x_c, pi, theta, active, f = (cache[k] for k in ("x_c", "pi", "theta", "active", "f"))
-    # forward was: loss = mse + penalties, mse = sum_bd (x - xhat)^2 / B
-    dxhat = squared_error_backward(cache["err"])  # (B, D)
-    # forward was: xhat = f @ W_dec + b_dec
-    dW_dec = f.T @ dxhat  # (M, B) @ (B, D) -> (M, D)
-    db_dec = dxhat.sum(axis=0)  # (D,)
-    df = dxhat @ W_dec.T  # (B, D) @ (D, M) -> (B, M)
+    # forward was: loss = sum_j mse_j + penalties, mse_j = sum_bd (x - xhat_j)^2 / B,
+    # xhat_j = f[:, :m_j] @ W_dec[:m_j] + b_dec (one prefix, m_1 = M, without Matryoshka);
+    # segment s (latents [m_{s-1}, m_s)) is in prefixes s..S and gets G_s = sum_{j>=s} dxhat_j
+    G = prefix_decoder_gradients(cache["errs_inner"] + [cache["err"]], h.prefixes)  # S x (B, D)
+    dW_dec = xp.empty_like(W_dec)  # (M, D)
+    df = xp.empty_like(f)  # (B, M)
+    for (s, e), G_s in zip(segments(h.prefixes), G):
+        dW_dec[s:e] = f[:, s:e].T @ G_s  # (m, B) @ (B, D) -> (m, D)
+        df[:, s:e] = G_s @ W_dec[s:e].T  # (B, D) @ (D, m) -> (B, m)
+    db_dec = G[0].sum(axis=0)  # (D,) b_dec is in every prefix
     # forward was: f = pi * a, a = H(pi - theta), the penalties of a; the theta part
     window = kernel_window(pi, theta, h.bandwidth)  # (B, M)
     dtheta = dtheta_ste(xp.where(window, df, 0.0).sum(axis=0),  # (M,)
@@ -279,7 +296,7 @@ def forward_backward(params, x, *, path="auto", dense_f=True, **hyper):
         raise ValueError(f"jumprelu.forward_backward: path must be 'auto', 'dense' or 'sparse', "
                          f"found {path!r}")
     x, raw = _check(params, x)
-    h = Hyper.of(**hyper)
+    h = Hyper.of(**hyper).with_latents(params["W_enc"].shape[1])
     xp = xp_of(x)
     if path == "sparse" and xp is not numpy:
         raise ValueError("jumprelu.forward_backward: path='sparse' runs on NumPy arrays only; "
@@ -297,7 +314,7 @@ def forward_backward(params, x, *, path="auto", dense_f=True, **hyper):
 def loss_and_grads(params, x, *, path="auto", **hyper):
     """(loss, grads) of `forward` / `backward`, through `forward_backward` (same paths).
     hyper: sparsity_coeff, bandwidth=0.001, pre_enc_bias=True, penalty="l0", target_l0=None,
-    freq_coeff=0.0, freq_target=0.1 (see `Hyper`)."""
+    freq_coeff=0.0, freq_target=0.1, prefixes=None (see `Hyper`)."""
     out, grads = forward_backward(params, x, path=path, dense_f=False, **hyper)
     return out["loss"], grads
 
@@ -323,33 +340,53 @@ def _forward_backward_sparse(params, x, x_c, pre, stored, h, raw, dense_f):
     theta_s = theta[cols]  # (N,)
     active_s = pi_s > theta_s  # (N,)
     f_s = pi_s * active_s  # (N,)
-    xhat = sparse_matmul(rowptr, cols, f_s, W_dec) + b_dec  # (B, M) @ (M, D) -> (B, D)
-    mse, err = squared_error(x, xhat)
+    parts = [(s, e) + segment_entries(rows, cols, B, s, e) for s, e in segments(h.prefixes)]
+    if len(parts) == 1:  # plain loss: all entries at once
+        xhats = [sparse_matmul(rowptr, cols, f_s, W_dec) + b_dec]  # (B, M) @ (M, D) -> (B, D)
+    else:
+        xhats, acc = [], b_dec
+        for s, e, sel, rp in parts:
+            acc = acc + sparse_matmul(rp, cols[sel], f_s[sel], W_dec)  # (B, D)
+            xhats.append(acc)
+    total, errs = prefix_squared_error(x, xhats)
+    mse = float((errs[-1] * errs[-1]).sum()) / B
     l0_b = numpy.bincount(rows[active_s], minlength=B).astype(dtype)  # (B,)
     sparsity, da_b = sparsity_penalty(l0_b, h, numpy)  # (B,)
     freq, da_i = 0.0, None
     if h.freq_coeff > 0.0:
         freq, da_i = frequency_penalty(column_sums(cols, active_s, M, dtype), h, B)  # (M,)
     # backward, as in `backward`; entries outside the stored set have df * a = 0 and K = 0
-    dxhat = squared_error_backward(err)  # (B, D)
-    df_s = sampled_matmul(rowptr, cols, dxhat, W_dec)  # (N,) = (dxhat @ W_dec.T)[rows, cols]
+    G = prefix_decoder_gradients(errs, h.prefixes)  # S x (B, D)
+    if len(parts) == 1:
+        df_s = sampled_matmul(rowptr, cols, G[0], W_dec)  # (N,) = (G @ W_dec.T)[rows, cols]
+    else:
+        df_s = numpy.empty_like(f_s)  # (N,)
+        for (s, e, sel, rp), G_s in zip(parts, G):
+            df_s[sel] = sampled_matmul(rp, cols[sel], G_s, W_dec)  # (n,)
     window_s = kernel_window(pi_s, theta_s, h.bandwidth)  # (N,)
     window_da = column_sums(cols, numpy.where(window_s, da_b[rows], 0.0), M, dtype)  # (M,)
     if da_i is not None:
         window_da += da_i * column_sums(cols, window_s, M, dtype)  # (M,)
     dtheta = dtheta_ste(column_sums(cols, df_s * window_s, M, dtype), window_da, theta, h.bandwidth)
     dpre_s = df_s * active_s  # (N,)
-    dW_dec, dW_enc_t = sparse_t_matmul(rows, cols, M, [(f_s, dxhat), (dpre_s, x_c)])  # (M, D) x2
+    if len(parts) == 1:
+        dW_dec, dW_enc_t = sparse_t_matmul(rows, cols, M, [(f_s, G[0]), (dpre_s, x_c)])  # (M, D) x2
+    else:
+        dW_dec = numpy.empty_like(W_dec)  # (M, D)
+        for (s, e, sel, rp), G_s in zip(parts, G):
+            dW_dec[s:e] = sparse_t_matmul(rows[sel], cols[sel] - s, e - s, [(f_s[sel], G_s)])[0]
+        dW_enc_t = sparse_t_matmul(rows, cols, M, [(dpre_s, x_c)])[0]  # (M, D)
     db_enc = column_sums(cols, dpre_s, M, dtype)  # (M,)
-    db_dec = dxhat.sum(axis=0)  # (D,)
+    db_dec = G[0].sum(axis=0)  # (D,)
     if h.pre_enc_bias:
         db_dec = db_dec - W_enc @ db_enc  # (D, M) @ (M,) -> (D,)
     grads = {"W_enc": numpy.ascontiguousarray(dW_enc_t.T), "b_enc": db_enc, "W_dec": dW_dec,
              "b_dec": db_dec}
     grads["threshold" if raw else "log_threshold"] = dtheta if raw else theta * dtheta
-    out = {"loss": scalar(mse + sparsity + freq, dtype, numpy), "mse": scalar(mse, dtype, numpy),
-           "l0": scalar(l0_b.sum() / B, dtype, numpy), "sparsity": scalar(sparsity, dtype, numpy),
-           "freq": scalar(freq, dtype, numpy), "xhat": xhat,
+    out = {"loss": scalar(total + sparsity + freq, dtype, numpy), "mse": scalar(mse, dtype, numpy),
+           "matryoshka": scalar(total - mse, dtype, numpy), "l0": scalar(l0_b.sum() / B, dtype, numpy),
+           "sparsity": scalar(sparsity, dtype, numpy), "freq": scalar(freq, dtype, numpy),
+           "xhat": xhats[-1],
            "fired": sparse_fire_counts(cols, f_s, M)}
     if dense_f:
         out["f"] = numpy.zeros((B, M), dtype=dtype)  # (B, M)
