@@ -29,7 +29,12 @@ def _check_files_exist(paths, flag):
 
 
 def _synthetic_args(p):
-    g = p.add_argument_group("synthetic data (the default source; defaults = the compare default)")
+    g = p.add_argument_group("synthetic data (the default source)")
+    g.add_argument("--preset", choices=["toy", "synthsaebench-cpu", "synthsaebench-16k"],
+                   help="synthetic data: toy = a planted dictionary with the options below (the default of "
+                        "train and eval); synthsaebench-cpu = SynthSAEBench at N=2048 features, D=96 (the default "
+                        "of compare); synthsaebench-16k = the published SynthSAEBench-16k (N=16384, D=768; "
+                        "for GPUs). The options below apply to toy only")
     g.add_argument("--d-in", type=int, help="activation width D (default 64)")
     g.add_argument("--n-features", type=int, help="planted features F (default 256)")
     g.add_argument("--true-l0", type=float, help="mean active planted features per token (default 6)")
@@ -54,6 +59,14 @@ def _synthetic_from(a):
     from minisae.compare import DEFAULT_SYNTHETIC
     from minisae.data.synthetic import SyntheticActivations, SyntheticConfig
 
+    preset = getattr(a, "preset", None) or "toy"
+    if preset != "toy":
+        from minisae.data.synthsaebench import SynthSAEBench, preset_config
+
+        given = [flag for flag in _SYNTHETIC_FLAGS if flag != "data_seed" and getattr(a, flag) is not None]
+        if given:
+            raise InputError(f"--{given[0].replace('_', '-')} applies to --preset toy only, not {preset}")
+        return SynthSAEBench(preset_config(preset, seed=a.data_seed))
     return SyntheticActivations(SyntheticConfig(**_synthetic_dict(a, DEFAULT_SYNTHETIC)))
 
 
@@ -111,7 +124,12 @@ def build_parser():
     p.add_argument("--penalty", choices=["l0", "quadratic"], default="l0",
                    help="JumpReLU sparsity penalty per token: l0 = λ·L0 (the paper, default); quadratic = "
                         "λ·(2/L0*)·(L0 − L0*)² around --target-l0 (Gemma Scope 2, Eq. 5)")
-    p.add_argument("--target-l0", type=float, help="L0* of the quadratic penalty (latents per token)")
+    p.add_argument("--target-l0", type=float, help="train to this L0 (latents per token), every variant: TopK and "
+                   "BatchTopK take k = round(L0*); Gated and JumpReLU (--penalty l0) adjust λ every step by a "
+                   "proportional-integral controller on log λ, starting from --sparsity-coeff (default 0.1 Gated, "
+                   "0.01 JumpReLU); with --penalty quadratic it is the penalty's L0*")
+    p.add_argument("--threshold-lr-mult", type=float, default=1.0, help="JumpReLU: learning rate of θ = this × --lr "
+                   "(default 1: the paper's single learning rate; 0.1 keeps θ from outrunning the weights)")
     p.add_argument("--threshold-param", choices=["log", "raw"], default="log",
                    help="JumpReLU: train log θ (log, the paper, default) or θ itself (raw, as SAELens ≥ 6.48)")
     p.add_argument("--threshold-init", type=float, help="JumpReLU θ at init (default 0.001)")
@@ -257,6 +275,7 @@ def cmd_train(a):
         architecture=a.arch, d_sae=a.d_sae, sparsity_coeff=a.sparsity_coeff, k=a.k, lr=a.lr,
         bandwidth=TrainConfig.bandwidth if a.bandwidth is None else a.bandwidth,
         penalty=a.penalty, target_l0=a.target_l0, threshold_param=a.threshold_param, threshold_init=a.threshold_init,
+        threshold_lr_mult=a.threshold_lr_mult,
         freq_coeff=a.freq_coeff, freq_target=a.freq_target, matryoshka=a.matryoshka,
         threshold_rate=a.threshold_rate,
         steps=a.steps, tokens=a.tokens, batch_size=a.batch_size, warmup_steps=a.warmup_steps,
@@ -311,6 +330,10 @@ def _run_source(sae_path):
         from minisae.data.synthetic import SyntheticActivations, SyntheticConfig
 
         return SyntheticActivations(SyntheticConfig(**info["config"]))
+    if "config" in info and info.get("type") == "synthsaebench":
+        from minisae.data.synthsaebench import SynthSAEBench, SynthSAEBenchConfig
+
+        return SynthSAEBench(SynthSAEBenchConfig(**info["config"]))
     return None
 
 

@@ -116,7 +116,6 @@ _ARCH_FLAGS = {
     "aux_k": ("--aux-k", _uses_k),
     "aux_coeff": ("--aux-coeff", _uses_k),
     "bandwidth": ("--bandwidth", lambda arch: arch == "jumprelu"),
-    "target_l0": ("--target-l0", lambda arch: arch == "jumprelu"),
     "threshold_init": ("--threshold-init", lambda arch: arch == "jumprelu"),
 }
 

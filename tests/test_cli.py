@@ -53,6 +53,27 @@ def test_train_eval_convert(tmp_path, capsys):
     assert "not empty" in _error_line(capsys)
 
 
+def test_train_target_l0_and_synthsaebench_preset(tmp_path, capsys):
+    # --target-l0 drives Gated's λ (the controller); TopK takes k from it; a SynthSAEBench preset
+    # run is evaluated with the ground-truth metrics, also by `minisae eval` from the run folder
+    run = tmp_path / "g"
+    assert main(["train", "--arch", "gated", "--target-l0", "4", "--log-every", "2", "--out", str(run)] + TINY_TRAIN) == 0
+    lambdas = {json.loads(line)["sparsity_coeff"] for line in (run / "metrics.jsonl").read_text().splitlines()}
+    assert len(lambdas) > 2
+    assert main(["train", "--arch", "topk", "--target-l0", "3", "--out", str(tmp_path / "t")] + TINY_TRAIN) == 0
+    assert json.loads((tmp_path / "t" / "config.json").read_text())["train"]["k"] == 3
+    tiny = ["--steps", "20", "--batch-size", "64", "--d-sae", "32", "--eval-tokens", "512", "--no-progress",
+            "--warmup-steps", "2", "--sparsity-warmup-steps", "2"]
+    ssb = tmp_path / "ssb"
+    assert main(["train", "--arch", "topk", "--k", "4", "--preset", "synthsaebench-cpu", "--out", str(ssb)] + tiny) == 0
+    ev = json.loads((ssb / "eval.json").read_text())
+    assert {"mcc", "f1", "precision", "recall", "uniqueness", "explained_variance", "shrinkage"} <= set(ev)
+    capsys.readouterr()
+    assert main(["train", "--arch", "topk", "--k", "4", "--preset", "synthsaebench-cpu", "--d-in", "8",
+                 "--out", str(tmp_path / "bad")] + tiny) == 2
+    assert "--d-in applies to --preset toy only" in _error_line(capsys)
+
+
 def test_user_errors_are_one_line_with_status_2(tmp_path, capsys):
     assert main(["eval", "--sae", str(tmp_path / "nope")]) == 2
     assert "nope" in _error_line(capsys)
