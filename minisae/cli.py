@@ -323,17 +323,30 @@ def _run_source(sae_path):
     cfg_path = Path(sae_path) / ".." / "config.json"
     if not cfg_path.is_file():
         return None
-    info = json.loads(cfg_path.read_text()).get("source", {})
+    from minisae.errors import FileFormatError
+    from minisae.io.files import read_json
+
+    info = read_json(cfg_path).get("source", {})
+    if not isinstance(info, dict):
+        raise FileFormatError(f"{cfg_path}: 'source' must be a JSON object, found {info!r:.80}")
     if info.get("type") == "activations":
+        if not isinstance(info.get("folder"), str):
+            raise FileFormatError(f"{cfg_path}: source.folder must be a string, found {info.get('folder')!r:.80}")
         return _activation_store(info["folder"], info.get("seed", 0), info.get("holdout_tokens", 0))
-    if "config" in info and info.get("type") == "SyntheticActivations":
+    if isinstance(info.get("config"), dict) and info.get("type") == "SyntheticActivations":
         from minisae.data.synthetic import SyntheticActivations, SyntheticConfig
 
-        return SyntheticActivations(SyntheticConfig(**info["config"]))
+        try:
+            return SyntheticActivations(SyntheticConfig(**info["config"]))
+        except TypeError as e:  # an unknown field
+            raise FileFormatError(f"{cfg_path}: source.config does not fit the synthetic data ({e})") from None
     if "config" in info and info.get("type") == "synthsaebench":
         from minisae.data.synthsaebench import SynthSAEBench, SynthSAEBenchConfig
 
-        return SynthSAEBench(SynthSAEBenchConfig(**info["config"]))
+        try:
+            return SynthSAEBench(SynthSAEBenchConfig(**info["config"]))
+        except TypeError as e:  # an unknown field
+            raise FileFormatError(f"{cfg_path}: source.config does not fit SynthSAEBench ({e})") from None
     return None
 
 

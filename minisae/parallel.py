@@ -137,15 +137,22 @@ def init_shard(cfg, d_in, lo, hi, xp, b_dec=None):
 # one micro-batch on one shard: forward, the shard-group sums, the variant's backward
 
 
-def shard_forward_backward(arch, params, x, hyper, comm):
-    """(stats, grads, fired) of the variant's loss on x (b, D) with this shard's latents.
+def shard_forward_backward(arch, params, x, hyper, comm, lo=0, d_sae=None):
+    """(stats, grads, fired) of the variant's loss on x (b, D) with this shard's latents
+    [lo, lo + m) of d_sae (lo, d_sae: only BatchTopK needs them, for its global order and prefixes).
 
-    comm is the shard group (size S). stats: loss, mse, l0 (Python floats, over all latents);
-    grads: this shard's gradients (b_dec's summed over shards); fired: (m,) bool.
-    With S = 1 this is the variant's own forward and backward, bit for bit."""
+    comm is the shard group (size S). stats: loss, mse, l0 (Python floats, over all latents;
+    BatchTopK adds min_kept); grads: this shard's gradients (b_dec's summed over shards);
+    fired: (m,) bool. With S = 1 this is the variant's own forward and backward, bit for bit."""
     if arch == "topk":
         return _topk(params, x, hyper, comm)
     mod = VARIANTS[arch]
+    if arch == "batchtopk":
+        if comm.size > 1:
+            return _batchtopk(params, x, hyper, comm, lo, d_sae)
+        out, cache = mod.forward(params, x, **hyper)
+        stats = {k: float(to_numpy(out[k])) for k in ("loss", "mse", "l0", "min_kept")}
+        return stats, mod.backward(params, cache), (out["f"] != 0).any(axis=0)
     if comm.size > 1 and hyper.get("penalty", "l0") != "l0":
         raise ValueError(f"the {hyper['penalty']} penalty couples every latent of a token (its total L0); "
                          "it cannot be split over latent shards: train it with --shards 1")
@@ -186,12 +193,13 @@ def _sum_scalars(comm, values):
     return [float(v) for v in comm.sum(numpy.asarray(values, dtype=numpy.float64))]
 
 
-def _fix_b_dec(grads, err, comm):
+def _fix_b_dec(grads, err, comm, dsum=None):
     """b_dec's gradient from every shard: backward gave dxhat.sum(0) - u_s, u_s = W_enc_s @ (the
     shard's summed pre-activation gradient); the full one is dxhat.sum(0) - sum_s u_s."""
     if comm.size == 1:
         return
-    dsum = squared_error_backward(err).sum(axis=0)  # (D,), the same on every shard
+    if dsum is None:
+        dsum = squared_error_backward(err).sum(axis=0)  # (D,), the same on every shard
     grads["b_dec"] = dsum - comm.sum(dsum - grads["b_dec"])  # (D,)
 
 
@@ -222,6 +230,100 @@ def _global_topk(vals, k, comm):
     return idx, xp.where(keep, v, -xp.inf)
 
 
+def _auxk_start(pi, dead_mask, aux_k, W_dec, comm):
+    """AuxK over shards, first half: the global top-k' of the dead latents per token and this
+    shard's partial reconstruction of the error from them (parts: [] when no latent is dead)."""
+    xp = xp_of(pi)
+    dead = xp.flatnonzero(dead_mask) if dead_mask is not None else xp.zeros((0,), dtype=xp.int64)
+    n_dead = int(_sum_scalars(comm, [float(dead.shape[0])])[0])
+    if n_dead == 0:
+        return {"n_dead": 0, "parts": []}
+    aux_idx, aux_vals = _global_topk(pi[:, dead], min(aux_k, n_dead), comm)  # (b, wa), (b, wa)
+    z_aux = _scatter_rows(xp.maximum(aux_vals, 0.0), aux_idx, dead.shape[0])  # (b, Nd_s)
+    return {"n_dead": n_dead, "dead": dead, "z_aux": z_aux, "aux_idx": aux_idx, "aux_vals": aux_vals,
+            "parts": [z_aux @ W_dec[dead]]}  # (b, Nd_s) @ (Nd_s, D) -> (b, D), no bias
+
+
+def _auxk_finish(auxk, err, summed):
+    """AuxK, second half: (aux, the AuxK cache topk.backward reads, None without local dead
+    latents) from the global error and the summed reconstruction of it."""
+    if auxk["n_dead"] == 0:
+        return 0.0, None
+    aux, err_aux = squared_error(err, summed[0])
+    if auxk["dead"].shape[0] == 0:
+        return aux, None
+    return aux, {**{k: auxk[k] for k in ("dead", "z_aux", "aux_idx", "aux_vals")}, "err_aux": err_aux}
+
+
+def _global_batch_topk_mask(pi, n_keep, comm, lo, d_sae):
+    """This shard's part (b, m) of batchtopk.batch_topk_mask over all shards' latents: the n_keep
+    largest entries of the whole (b, M) matrix, ties at the n_keep-th value kept in row-major order
+    of the global matrix. Each shard sends its n_keep largest values; all pick the same cut."""
+    xp = xp_of(pi)
+    flat = pi.reshape(-1)  # (b*m,)
+    size = flat.shape[0]
+    cand = xp.full((n_keep,), -xp.inf, dtype=pi.dtype)  # (N,)
+    w = min(n_keep, size)
+    if w > 0:
+        cand[:w] = xp.partition(flat, size - w)[size - w:]
+    every = comm.allgather(cand).reshape(-1)  # (S*N,)
+    v = xp.partition(every, every.shape[0] - n_keep)[every.shape[0] - n_keep]  # the N-th largest of all
+    keep = flat > v  # (b*m,)
+    short = n_keep - int(comm.sum(numpy.array([int(xp.count_nonzero(keep))], dtype=numpy.int64))[0])
+    if short > 0:  # ties at v: the first `short` in the global row-major order (row, global latent)
+        b, m = pi.shape
+        tied = xp.flatnonzero(flat == v)  # (t,)
+        keys = (tied // m) * d_sae + lo + tied % m  # (t,) global row-major positions
+        counts = comm.allgather(numpy.array([int(tied.shape[0])], dtype=numpy.int64))[:, 0]
+        padded = xp.full((int(counts.max()),), numpy.iinfo(numpy.int64).max, dtype=xp.int64)
+        padded[:tied.shape[0]] = keys
+        chosen = xp.sort(comm.allgather(padded).reshape(-1))[:short]  # (short,)
+        keep[tied[xp.isin(keys, chosen)]] = True
+    return keep.reshape(pi.shape)
+
+
+def _batchtopk(params, x, hyper, comm, lo, d_sae):
+    """BatchTopK (optionally Matryoshka) with AuxK over shards: the global batch selection of
+    `_global_batch_topk_mask`, one partial reconstruction per prefix summed over shards, then the
+    cache batchtopk.backward reads, with the prefixes cut to this shard's latents."""
+    from minisae.sae import batchtopk
+    from minisae.sae.common import check_prefixes, prefix_decoder_gradients
+
+    xp = xp_of(x)
+    W_enc, W_dec, b_dec = params["W_enc"], params["W_dec"], params["b_dec"]
+    b, m = x.shape[0], W_enc.shape[1]
+    n_keep = batchtopk.n_kept(hyper["k"], b, d_sae)
+    prefixes = check_prefixes(hyper.get("prefixes"), d_sae, "batchtopk")
+    local = [min(max(p, lo), lo + m) - lo for p in prefixes]  # each prefix cut to [lo, lo + m)
+    x_c = x - b_dec  # (b, D)
+    pi = x_c @ W_enc + params["b_enc"]  # (b, D) @ (D, m) -> (b, m)
+    passes = _global_batch_topk_mask(pi, n_keep, comm, lo, d_sae) & (pi > 0.0)  # (b, m)
+    z = xp.where(passes, pi, 0.0)  # (b, m)
+    parts, acc, start = [], xp.zeros_like(x), 0
+    for end in local:  # partial reconstruction of each prefix from this shard's latents
+        acc = acc + z[:, start:end] @ W_dec[start:end]  # (b, D)
+        parts.append(acc)
+        start = end
+    auxk = _auxk_start(pi, hyper.get("dead_mask"), int(hyper["aux_k"]), W_dec, comm)
+    summed = comm.sum(xp.stack(parts + auxk["parts"]))  # (P + 0 or 1, b, D)
+    errs = [x - (summed[j] + b_dec) for j in range(len(prefixes))]  # each (b, D)
+    total = sum(float(to_numpy((e * e).sum())) for e in errs) / b
+    mse = float(to_numpy((errs[-1] * errs[-1]).sum())) / b
+    aux, aux_cache = _auxk_finish(auxk, errs[-1], summed[len(prefixes):])
+    aux_coeff = float(hyper["aux_coeff"])
+    cache = {"x_c": x_c, "z": z, "passes": passes, "errs": errs, "prefixes": local, "aux_coeff": aux_coeff,
+             "aux": aux_cache}
+    grads = batchtopk.backward(params, cache)
+    _fix_b_dec(grads, None, comm, dsum=prefix_decoder_gradients(errs, prefixes)[0].sum(axis=0))
+    kept = z[passes]
+    low = float(to_numpy(kept.min())) if kept.size else math.inf
+    low = float(comm.allgather(numpy.array([low]))[:, 0].min())
+    l0 = _sum_scalars(comm, [float(to_numpy(xp.count_nonzero(z)))])[0] / b
+    stats = {"loss": total + aux_coeff * float(to_numpy(aux)), "mse": mse, "l0": l0,
+             "min_kept": low if math.isfinite(low) else math.nan}
+    return stats, grads, (z != 0).any(axis=0)
+
+
 def _topk(params, x, hyper, comm):
     """TopK with AuxK over shards: the global top-k (and top-k' of the dead latents) chosen by
     `_global_topk`, then the cache topk.backward reads, built from this shard's entries."""
@@ -237,23 +339,12 @@ def _topk(params, x, hyper, comm):
     idx, vals = _global_topk(pi, k, comm)  # (b, w), (b, w)
     z = _scatter_rows(xp.maximum(vals, 0.0), idx, m)  # (b, m)
     parts = [z @ W_dec]  # (b, D) partial reconstruction
-    dead = xp.flatnonzero(dead_mask) if dead_mask is not None else xp.zeros((0,), dtype=xp.int64)
-    n_dead = int(_sum_scalars(comm, [float(dead.shape[0])])[0])
-    aux_cache = None
-    if n_dead > 0:  # AuxK: the global top-k' of the dead latents reconstruct the error
-        k_aux = min(aux_k, n_dead)
-        aux_idx, aux_vals = _global_topk(pi[:, dead], k_aux, comm)  # (b, wa), (b, wa)
-        z_aux = _scatter_rows(xp.maximum(aux_vals, 0.0), aux_idx, dead.shape[0])  # (b, Nd_s)
-        parts.append(z_aux @ W_dec[dead])  # (b, Nd_s) @ (Nd_s, D) -> (b, D), no bias
+    auxk = _auxk_start(pi, dead_mask, aux_k, W_dec, comm)
+    parts += auxk["parts"]
     summed = comm.sum(xp.stack(parts)) if comm.size > 1 else parts  # (1 or 2, b, D)
     xhat = summed[0] + b_dec  # (b, D)
     mse, err = squared_error(x, xhat)
-    aux = 0.0
-    if n_dead > 0:
-        aux, err_aux = squared_error(err, summed[1])
-        if dead.shape[0] > 0:
-            aux_cache = {"dead": dead, "z_aux": z_aux, "aux_idx": aux_idx, "aux_vals": aux_vals,
-                         "err_aux": err_aux}
+    aux, aux_cache = _auxk_finish(auxk, err, summed[1:])
     cache = {"x_c": x_c, "z": z, "idx": idx, "vals": vals, "err": err, "aux_coeff": aux_coeff,
              "aux": aux_cache}
     grads = topk.backward(params, cache)
@@ -295,6 +386,8 @@ def save_sharded(ckdir, grid, state, cfg):
         shards = [{"file": f"{step_dir}/shard-{s:05d}.safetensors", "lo": lo, "hi": hi}
                   for s, (lo, hi) in enumerate(latent_range(cfg.d_sae, grid.S, s) for s in range(grid.S))]
         manifest = {"format": MANIFEST_FORMAT, "step": state["step"], "adam_step": int(state["adam"]["step"]),
+                    "batchtopk_threshold": float(state.get("batchtopk_threshold", 0.0)),
+                    "threshold_updates": int(state.get("threshold_updates", 0)),
                     "scale": state["scale"], "d_sae": cfg.d_sae, "d_in": int(state["params"]["b_dec"].shape[0]),
                     "replicas": grid.R, "shards": shards, "config": dataclasses.asdict(cfg)}
         _write_text_atomic(ckdir / MANIFEST_NAME, json.dumps(manifest, indent=1) + "\n")
@@ -360,6 +453,8 @@ def load_sharded(ckdir, lo, hi, xp, *, names):
             store[k] = asarray(arr, xp)
     state["since_fired"] = asarray(numpy.concatenate(pieces["since_fired"]), xp)
     state["step"], state["scale"] = int(man["step"]), float(man["scale"])
+    state["batchtopk_threshold"] = float(man.get("batchtopk_threshold", 0.0))
+    state["threshold_updates"] = int(man.get("threshold_updates", 0))
     return man, state
 
 
@@ -465,6 +560,7 @@ def train_parallel(cfg, source, out_dir, *, shards=1, accumulate=1, comm=None, r
     world.barrier()
 
     scale, params, adam, since_fired = state["scale"], state["params"], state["adam"], state["since_fired"]
+    threshold = (state["batchtopk_threshold"], state["threshold_updates"])  # BatchTopK's running θ
     betas = (cfg.adam_beta1, cfg.adam_beta2)
     bar = _bar(cfg, state["step"], progress and lead)
     pending, t0 = [], time.time()
@@ -474,17 +570,25 @@ def train_parallel(cfg, source, out_dir, *, shards=1, accumulate=1, comm=None, r
             hyper = hypers_at(cfg, step, since_fired >= cfg.dead_window_tokens)
             # sums: loss, mse, l0 over the micro-batches, and 1 where a batch held NaN or inf
             fired, sums, parts = None, numpy.array([0.0, 0.0, 0.0, float(not numpy.isfinite(X).all())]), []
+            low = math.inf  # BatchTopK: the smallest kept activation of the step's micro-batches
             for j in range(int(accumulate)):
                 x = asarray(X[j * b:(j + 1) * b], xp, cfg.dtype) / scale  # (b, D)
-                stats, g, f = shard_forward_backward(cfg.architecture, params, x, hyper, grid.shard)
+                stats, g, f = shard_forward_backward(cfg.architecture, params, x, hyper, grid.shard,
+                                                     grid.lo, cfg.d_sae)
                 parts.append(g)
                 fired = f if fired is None else fired | f
                 sums[:3] += (stats["loss"], stats["mse"], stats["l0"])
+                low = min(low, stats.get("min_kept", math.inf) if math.isfinite(stats.get("min_kept", math.nan)) else math.inf)
             grads = parts[0] if len(parts) == 1 else {k: dist.ordered_sum([g[k] for g in parts]) for k in parts[0]}
             if grid.R > 1:  # the replicas' gradients, summed in rank order; fired OR-ed
                 grads = {k: grid.replica.sum(v) for k, v in grads.items()}
                 fired = grid.replica.any(fired)
                 sums = grid.replica.sum(sums)
+            if cfg.architecture == "batchtopk":  # the running inference threshold, the same on every rank
+                if grid.R > 1:
+                    low = float(grid.replica.allgather(numpy.array([low]))[:, 0].min())
+                threshold = VARIANTS["batchtopk"].update_threshold(
+                    *threshold, low if math.isfinite(low) else math.nan, cfg.threshold_rate)
             if sums[3] > 0:  # every rank sees it after the sum, so every rank stops here
                 raise TrainingError(f"step {step}: the activation batch holds NaN or inf values; the last good "
                                     f"checkpoint is kept in {ckdir}")
@@ -520,7 +624,8 @@ def train_parallel(cfg, source, out_dir, *, shards=1, accumulate=1, comm=None, r
                     raise TrainingError(f"step {step}: the parameters became NaN or inf; the last good "
                                         f"checkpoint is kept in {ckdir}; try a lower learning rate")
                 save_sharded(ckdir, grid, {"step": done, "scale": scale, "params": params, "adam": adam,
-                                           "since_fired": since_fired}, cfg)
+                                           "since_fired": since_fired, "batchtopk_threshold": threshold[0],
+                                           "threshold_updates": threshold[1]}, cfg)
                 if lead:
                     _append_jsonl(metrics_path, pending)
                 pending = []
@@ -529,7 +634,7 @@ def train_parallel(cfg, source, out_dir, *, shards=1, accumulate=1, comm=None, r
         bar.close()
         if lead:
             _append_jsonl(metrics_path, pending)
-    return _finish(cfg, source, out_dir, ckdir, world, names, scale)
+    return _finish(cfg, source, out_dir, ckdir, world, names, scale, threshold[0])
 
 
 def _fresh_state(cfg, source, grid, xp):
@@ -545,7 +650,8 @@ def _fresh_state(cfg, source, grid, xp):
     scale, b_dec = grid.world.bcast_obj((scale, b_dec))
     params = init_shard(cfg, source.d_in, grid.lo, grid.hi, xp, b_dec=b_dec)
     return {"step": 0, "scale": scale, "params": params, "adam": optim.adam_init(params),
-            "since_fired": xp.zeros(grid.hi - grid.lo, dtype=xp.int64)}
+            "since_fired": xp.zeros(grid.hi - grid.lo, dtype=xp.int64),
+            "batchtopk_threshold": 0.0, "threshold_updates": 0}
 
 
 def _replica_rows(source, step, batch_size, start, stop):
@@ -588,7 +694,7 @@ def _finite(params, xp):
     return all(bool(xp.isfinite(a).all()) for a in params.values())
 
 
-def _finish(cfg, source, out_dir, ckdir, world, names, scale):
+def _finish(cfg, source, out_dir, ckdir, world, names, scale, batchtopk_threshold):
     """Rank 0 puts the whole SAE together from the final checkpoint, saves and evaluates it."""
     from minisae.evaluate import evaluate_sae
     from minisae.io.saefile import SAE
@@ -598,7 +704,7 @@ def _finish(cfg, source, out_dir, ckdir, world, names, scale):
     if world.rank == 0:
         _, st = load_sharded(ckdir, 0, cfg.d_sae, numpy, names=names)
         params_np = st["params"]
-        sae = SAE.from_training(cfg.architecture, params_np, scale=scale, hyper=_release_hyper(cfg),
+        sae = SAE.from_training(cfg.architecture, params_np, scale=scale, hyper=_release_hyper(cfg, batchtopk_threshold),
                                 metadata=_sae_metadata(source))
         sae.save(out_dir / "sae", overwrite=True)
         if cfg.eval_tokens > 0:

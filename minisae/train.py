@@ -44,7 +44,7 @@ import numpy
 from minisae import l0control, optim
 from minisae.errors import (FileFormatError, InputError, MinisaeError, OutputExistsError, ResourceError, TrainingError,
                             storage_error)
-from minisae.io.files import check_output_dir, make_dir, memory_limit_bytes, read_json, write_atomic
+from minisae.io.files import check_output_dir, make_dir, memory_limit_bytes, parse_json, read_json, write_atomic
 from minisae.prefetch import Prefetcher
 from minisae.progress import progress_bar
 from minisae.sae import VARIANTS
@@ -389,11 +389,13 @@ def load_checkpoint(path, cfg, xp):
     path = Path(path)
     try:
         with SafetensorsFile(path) as f:
-            info = json.loads((f.metadata or {}).get("minisae", "null") or "null")
+            info = parse_json((f.metadata or {}).get("minisae", "null") or "null", f"{path}: metadata",
+                              error=CheckpointError)
             if not isinstance(info, dict) or info.get("format") != CHECKPOINT_FORMAT:
                 raise CheckpointError(f"{path}: not a minisae training checkpoint (no {CHECKPOINT_FORMAT!r} metadata)")
+            _check_checkpoint_info(path, info)
             arrays = {name: numpy.array(f.get(name)) for name in f.keys()}
-    except (SafetensorsError, OSError, json.JSONDecodeError) as e:
+    except (SafetensorsError, OSError) as e:
         raise CheckpointError(
             f"{path}: cannot read the checkpoint ({e}); it may be truncated or corrupt. It was left "
             "untouched: restore it, or move it away to start training over"
@@ -409,6 +411,12 @@ def load_checkpoint(path, cfg, xp):
     if "since_fired" not in arrays or arrays["since_fired"].shape != (cfg.d_sae,):
         raise CheckpointError(f"{path}: tensor 'since_fired' missing or not of shape ({cfg.d_sae},)")
     for k, a in params.items():
+        if numpy.dtype(str(a.dtype)).kind != "f" or m[k].shape != a.shape or v[k].shape != a.shape:
+            raise CheckpointError(f"{path}: params.{k} ({a.dtype} {tuple(a.shape)}) and its Adam moments "
+                                  f"({tuple(m[k].shape)}, {tuple(v[k].shape)}) must be floating point of one shape")
+    if tuple(params["W_enc"].shape)[1:] != (cfg.d_sae,):
+        raise CheckpointError(f"{path}: params.W_enc has shape {tuple(params['W_enc'].shape)}, expected (d_in, {cfg.d_sae})")
+    for k, a in params.items():
         if not bool(xp.isfinite(a).all()):
             raise CheckpointError(f"{path}: params.{k} holds non-finite values")
     return {
@@ -421,6 +429,19 @@ def load_checkpoint(path, cfg, xp):
         "threshold_updates": int(info.get("threshold_updates", 0)),
         "controller": info.get("controller"),
     }
+
+
+def _check_checkpoint_info(path, info):
+    """The checkpoint metadata's fields have the types save_checkpoint writes."""
+    def count(v):
+        return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+    ok = (isinstance(info.get("config"), dict) and count(info.get("step")) and count(info.get("adam_step"))
+          and isinstance(info.get("scale"), (int, float)) and not isinstance(info.get("scale"), bool)
+          and math.isfinite(info["scale"]) and info["scale"] > 0)
+    if not ok:
+        raise CheckpointError(f"{path}: corrupt checkpoint metadata (expected config, step, adam_step and a "
+                              "positive scale); it was left untouched: restore it, or move it away to start over")
 
 
 def _check_resume_config(path, info, cfg):

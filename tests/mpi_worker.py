@@ -24,6 +24,7 @@ ARCHS = {
     "jumprelu": dict(sparsity_coeff=1e-3, threshold_init=0.05),
     "gated": dict(sparsity_coeff=1e-3),
     "topk": dict(k=4, aux_k=6, dead_window_tokens=64),  # latents die fast: AuxK is exercised
+    "batchtopk": dict(k=4, aux_k=6, dead_window_tokens=64, matryoshka=[10, 25]),
 }
 
 
@@ -109,6 +110,14 @@ def case_shard(comm, tmp):
     M, D = 40, SOURCE.d_in
     lo, hi = latent_range(M, comm.size, comm.rank)
     x = SOURCE.batch(0, 64).astype(numpy.float64)  # (B, D)
+    # BatchTopK's selection over shards, ties included (values on a coarse grid: many equal)
+    from minisae.parallel import _global_batch_topk_mask
+    from minisae.sae.batchtopk import batch_topk_mask
+    pi = numpy.round(numpy.random.default_rng(0).standard_normal((6, M)) * 2) / 2  # (6, M)
+    for n_keep in (1, 7, 30, 6 * M):
+        mine = _global_batch_topk_mask(pi[:, lo:hi], n_keep, comm, lo, M)
+        got = numpy.concatenate(_gather_var(comm, mine, 1), axis=1)
+        assert numpy.array_equal(got, batch_topk_mask(pi, n_keep)), f"batch top-{n_keep} over shards"
     recipes = dict(freq_coeff=0.5, freq_target=0.05, threshold_param="raw")  # JumpReLU options
     for arch, extra in [(a, {}) for a in ARCHS] + [("jumprelu", recipes)]:
         cfg = config(arch, dtype="float64", **extra).resolved(D)
@@ -123,7 +132,7 @@ def case_shard(comm, tmp):
         out, cache = VARIANTS[arch].forward(full, x, **{**hyper, **({"dead_mask": dead} if arch == "topk" else {})})
         ref = VARIANTS[arch].backward(full, cache)
         hyper_s = hypers_at(cfg, 5, dead[lo:hi])
-        stats, g, fired = shard_forward_backward(arch, part, x, hyper_s, comm)
+        stats, g, fired = shard_forward_backward(arch, part, x, hyper_s, comm, lo, M)
         assert abs(stats["loss"] - float(out["loss"])) <= SHARD64_RTOL * abs(float(out["loss"])), arch
         got = {k: (g[k] if k == "b_dec" else numpy.concatenate(
             list(_gather_var(comm, g[k], 1 if k == "W_enc" else 0)), axis=1 if k == "W_enc" else 0)) for k in g}
@@ -175,7 +184,7 @@ def _gather_var(comm, a, axis):
 def case_grid(comm, tmp):
     """R = 2 x S = 2 on 4 ranks ends bitwise equal to S = 2 on 2 ranks accumulating 2 micro-batches."""
     sub = comm.split(0 if comm.rank < 2 else 1, comm.rank)
-    for arch in ARCHS:
+    for arch in ("jumprelu", "batchtopk"):  # (every variant's sharded and data-parallel steps: above)
         res = train_parallel(config(arch), SOURCE, tmp / f"grid-{arch}", shards=2, comm=comm, progress=False)
         if comm.rank < 2:
             ref = train_parallel(config(arch), SOURCE, tmp / f"acc-{arch}", shards=2, accumulate=2, comm=sub,

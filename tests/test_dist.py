@@ -97,10 +97,11 @@ def test_grid_needs_a_divisor():
         make_grid(dist.SingleProcess(), 2, 40)
 
 
-@pytest.mark.parametrize("arch", ["jumprelu", "gated", "topk"])
+@pytest.mark.parametrize("arch", ["jumprelu", "gated", "topk", "batchtopk"])
 def test_one_shard_is_the_variant_bit_for_bit(arch):
     """With S = 1 the sharded step is the variant's own forward and backward."""
-    kw = {"jumprelu": dict(sparsity_coeff=1e-3), "gated": dict(sparsity_coeff=1e-3), "topk": dict(k=3)}[arch]
+    kw = {"jumprelu": dict(sparsity_coeff=1e-3), "gated": dict(sparsity_coeff=1e-3), "topk": dict(k=3),
+          "batchtopk": dict(k=3, matryoshka=[8])}[arch]
     cfg = TrainConfig(arch, d_sae=24, steps=1, **kw).resolved(8)
     params = init_shard(cfg, 8, 0, 24, numpy)
     x = numpy.random.default_rng(1).standard_normal((32, 8)).astype(numpy.float32)

@@ -120,8 +120,9 @@ def test_convert_refuses_a_foreign_folder(foreign, tiny_sae, tmp_path, capsys):
     for extra in ([], ["--overwrite"]):
         assert main(["convert", str(tiny_sae / "sae"), str(foreign)] + extra) == 2
         assert "not a minisae SAE folder" in _error_line(capsys)
-        assert main(["convert", str(tiny_sae / "sae"), str(foreign), "--to", "gemma-scope"] + extra) == 2
-        _error_line(capsys)
+        for to in ("gemma-scope", "gemma-scope-2"):  # a model's config.json is not a Gemma Scope 2 config
+            assert main(["convert", str(tiny_sae / "sae"), str(foreign), "--to", to] + extra) == 2
+            assert "not a minisae SAE folder" in _error_line(capsys)
     assert _snapshot(foreign) == before
     npz = tmp_path / "x.npz"
     assert main(["convert", str(tiny_sae / "sae"), str(npz)]) == 0

@@ -211,6 +211,13 @@ def save(sae, folder, *, overwrite=False):
 
 
 def _is_sae_folder(folder):
+    """A folder of SAE files: params.safetensors, a SAELens/Gemma Scope file, or a config.json that
+    names architecture jump_relu. A model's config.json is not one: it is never replaced."""
     from minisae.io.saefile import _is_sae_folder as saefile_own
 
-    return (folder / PARAMS_FILENAME).is_file() or (folder / CONFIG_FILENAME).is_file() or saefile_own(folder)
+    if (folder / PARAMS_FILENAME).is_file() or saefile_own(folder):
+        return True
+    try:
+        return read_json(folder / CONFIG_FILENAME, max_bytes=MAX_CONFIG_BYTES).get("architecture") == ARCHITECTURE
+    except (FileFormatError, OSError):
+        return False

@@ -45,7 +45,7 @@ import numpy
 
 from minisae.errors import FileFormatError, MissingInputError, OutputExistsError
 from minisae.io import gemmascope2
-from minisae.io.files import atomic_path, check_output_dir, make_dir
+from minisae.io.files import atomic_path, check_output_dir, make_dir, npz_members, read_json
 from minisae.xp import asarray, to_numpy, xp_of
 
 CFG_FILENAME = "cfg.json"
@@ -78,8 +78,20 @@ def _expected_shape(name, d_in, d_sae, d_out=None):
 
 
 def _check_architecture(architecture, where):
-    if architecture not in RELEASE_PARAMS:
+    if not isinstance(architecture, str) or architecture not in RELEASE_PARAMS:
         raise SAEFileError(f"{where}: unknown SAE architecture {architecture!r}; expected one of {ARCHITECTURES}")
+
+
+def _check_tensor(source, name, a):
+    """A parameter must be floating point and finite: integer, boolean or NaN weights are refused
+    (they would evaluate to nonsense, e.g. fvu=nan, without an error)."""
+    dtype = numpy.dtype(str(a.dtype))
+    if dtype.kind != "f":
+        raise SAEFileError(f"{source}: tensor {name}: expected a floating-point dtype, found {dtype}")
+    xp = xp_of(a)
+    if not bool(xp.isfinite(a).all()):
+        bad = int((~xp.isfinite(a)).sum())
+        raise SAEFileError(f"{source}: tensor {name} holds {bad} NaN or infinite value(s)")
 
 
 # ------------------------------------------------------------------------------------------
@@ -164,8 +176,8 @@ class SAE:
             if found != expected:
                 raise SAEFileError(f"{source}: tensor {name}: expected shape {expected}, found {found}")
         dtype = numpy.dtype(str(W_enc.dtype))
-        if dtype.kind != "f":
-            raise SAEFileError(f"{source}: tensor W_enc: expected a floating-point dtype, found {dtype}")
+        for name in names:
+            _check_tensor(source, name, params[name])
         self.xp = xp_of(W_enc) if xp is None else xp
         self.params = {n: asarray(params[n], self.xp, dtype) for n in names}
         self.architecture, self.d_in, self.d_sae, self.d_out = architecture, d_in, d_sae, d_out
@@ -192,9 +204,13 @@ class SAE:
                                "expected 'none' or 'hook_z'")
         if architecture == "topk":
             k = full.get("k")
-            if not isinstance(k, int) or isinstance(k, bool) or k < 1:
-                raise SAEFileError(f"{source}: a topk SAE needs a positive integer cfg 'k', found {k!r}")
+            if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= d_sae:
+                raise SAEFileError(f"{source}: a topk SAE needs an integer cfg 'k' in [1, d_sae={d_sae}], found {k!r}")
             full.setdefault("rescale_acts_by_decoder_norm", False)
+        for key in ("apply_b_dec_to_input", "rescale_acts_by_decoder_norm"):
+            if key in full and not isinstance(full[key], bool):
+                raise SAEFileError(f"{source}: cfg {key!r} must be a JSON boolean (true or false), "
+                                   f"found {full[key]!r:.80}")
         self.cfg = full
 
     @property
@@ -458,26 +474,28 @@ def _load_saelens(cfg_path, weights_path, xp, dtype, source):
         if not path.exists():
             raise FileNotFoundError(f"{source}: missing {path.name} (a SAELens folder holds {CFG_FILENAME} "
                                     f"and {WEIGHTS_FILENAME})")
-    try:
-        cfg = json.loads(cfg_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise SAEFileError(f"{cfg_path}: not valid JSON ({e})") from e
-    if not isinstance(cfg, dict):
-        raise SAEFileError(f"{cfg_path}: expected a JSON object, found {type(cfg).__name__}")
+    cfg = read_json(cfg_path, error=SAEFileError)  # size and nesting limits; a JSON object
     architecture = cfg.get("architecture")
     if architecture is None:
         raise SAEFileError(f"{cfg_path}: no 'architecture' key (a SAELens < 6 'standard' SAE?); "
                            f"expected one of {ARCHITECTURES}")
     _check_architecture(architecture, str(cfg_path))
     for key in ("d_in", "d_sae") + (("d_out",) if architecture in TRANSCODERS else ()):
-        if not isinstance(cfg.get(key), int):
-            raise SAEFileError(f"{cfg_path}: expected an integer {key!r}, found {cfg.get(key)!r}")
+        v = cfg.get(key)
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise SAEFileError(f"{cfg_path}: expected a positive integer {key!r}, found {v!r:.80}")
+    if not isinstance(cfg.get("metadata") or {}, dict):
+        raise SAEFileError(f"{cfg_path}: 'metadata' must be a JSON object, found {type(cfg['metadata']).__name__}")
     cfg_out = {k: cfg[k] for k in _CFG_KEYS if k in cfg}
     cfg_out["architecture"] = architecture
     cfg_out["metadata"] = dict(cfg.get("metadata") or {k: cfg[k] for k in _OLD_METADATA_KEYS if k in cfg})
 
     with SafetensorsFile(weights_path) as st:
         names = set(st.keys())
+        for name in sorted(names):  # from the header, before any tensor is read
+            info = st.tensors[name]
+            if info.dtype not in ("F16", "BF16", "F32", "F64"):
+                raise SAEFileError(f"{weights_path}: tensor {name}: expected a floating-point dtype, found {info.dtype}")
         params = {}
         if architecture == "jumprelu" and "threshold" not in names and "log_threshold" in names:
             names.discard("log_threshold")  # older SAELens JumpReLU files store log(theta)
@@ -517,7 +535,38 @@ def _gemma_scope_metadata(ref):
     return meta
 
 
+def _check_npz_members(path, names, expected_shapes):
+    """Before anything is decompressed: the archive's declared sizes and .npy headers are sane
+    (minisae.io.files.npz_members: no zip bombs, no header claiming more than the member holds),
+    and each array in `names` ({ours: (aliases...)}) is floating point with the shape that
+    expected_shapes(d_in, d_sae) gives, d_in and d_sae read off W_enc."""
+    try:
+        members = npz_members(path)
+    except FileFormatError as e:
+        raise SAEFileError(str(e).replace("not a readable .npz", "not a readable Gemma Scope .npz")) from None
+    shapes = {}
+    for name, aliases in names.items():
+        key = next((a for a in aliases if a in members), None)
+        if key is None:
+            continue  # reported by the loader, with the names found
+        shape, dt = members[key]
+        if dt.kind != "f":
+            raise SAEFileError(f"{path}: array {key!r}: expected a floating-point dtype, found {dt}")
+        shapes[name] = shape
+    if len(shapes.get("W_enc", ())) != 2:
+        if "W_enc" in shapes:
+            raise SAEFileError(f"{path}: array W_enc: expected shape (d_in, d_sae), found {shapes['W_enc']}")
+        return
+    d_in, d_sae = shapes["W_enc"]
+    for name, shape in shapes.items():
+        want = expected_shapes(name, d_in, d_sae)
+        if shape != want:
+            raise SAEFileError(f"{path}: W_enc has shape {(d_in, d_sae)} (d_in, d_sae), so array {name} should "
+                               f"have shape {want}, found {shape}")
+
+
 def _load_gemma_scope(path, xp, dtype, ref):
+    _check_npz_members(path, _GEMMA_SCOPE_NAMES, _expected_shape)
     try:
         with numpy.load(path, allow_pickle=False) as npz:
             found, params = list(npz.files), {}

@@ -232,6 +232,8 @@ class SafetensorsFile:
             header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
         except (UnicodeDecodeError, ValueError) as e:
             raise SafetensorsError(f"{where}: header is not valid UTF-8 JSON ({e})") from None
+        except RecursionError:
+            raise SafetensorsError(f"{where}: header JSON is nested too deeply") from None
         if not isinstance(header, dict):
             raise SafetensorsError(f"{where}: header should be a JSON object, found "
                                    f"{type(header).__name__}")

@@ -5,7 +5,6 @@
     tok = load_tokenizer("google/gemma-3-270m")
 """
 
-import json
 
 import numpy
 
@@ -17,19 +16,17 @@ def model_module(path_or_repo_id, *, revision=None):
     """(module, checkpoint folder) for a checkpoint folder or Hub repo id, from its model_type."""
     import importlib
 
+    from minisae.io.files import read_json
     from minisae.models.gemma2.config import ConfigError
     from minisae.models.gemma2.weights import checkpoint_dir
 
     folder = checkpoint_dir(path_or_repo_id, revision=revision)
     path = folder / "config.json"
-    try:
-        d = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: no such file (a checkpoint folder needs config.json)") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{path}: not valid JSON ({e})") from None
-    model_type = d.get("model_type") if isinstance(d, dict) else None
-    if model_type not in MODEL_TYPES:
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such file (a checkpoint folder needs config.json)")
+    d = read_json(path, error=ConfigError)  # size and nesting limits; a JSON object
+    model_type = d.get("model_type")
+    if not isinstance(model_type, str) or model_type not in MODEL_TYPES:
         raise ConfigError(f"{path}: model_type: expected one of {tuple(MODEL_TYPES)}, found {model_type!r}")
     return importlib.import_module(f"minisae.models.{MODEL_TYPES[model_type]}"), folder
 

@@ -12,12 +12,12 @@ Two generations of config.json exist on the Hub and in the wild (SPEC §6, "conf
 activation, attention biases, RoPE scaling, bidirectional attention) with an error naming the key.
 """
 
-import json
 import math
 import pathlib
 from dataclasses import dataclass
 
 from minisae.errors import FileFormatError
+from minisae.io.files import read_json
 
 SLIDING = "sliding_attention"
 FULL = "full_attention"
@@ -30,6 +30,26 @@ _REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layer
 
 class ConfigError(FileFormatError):
     """A config.json that is not a Gemma 2 config minisae can run; the message names the key."""
+
+
+# Upper bounds on config sizes, far above any released Gemma (27B: 46 layers, D 4608, I 36864,
+# V 262144, 128K positions), checked before anything is built from them: a hostile config.json
+# with num_hidden_layers = 20,000,000 must not make minisae build 20 million layer entries. The
+# real check, against the tensors present, follows in weights.check_shapes.
+SIZE_LIMITS = {"vocab_size": 2**22, "hidden_size": 2**16, "intermediate_size": 2**18, "num_hidden_layers": 1024,
+               "num_attention_heads": 1024, "num_key_value_heads": 1024, "head_dim": 2**12,
+               "max_position_embeddings": 2**24, "sliding_window": 2**24}
+
+
+def check_sizes(d, source):
+    """ConfigError unless every size in config dict `d` that SIZE_LIMITS names is absent, null, or a
+    positive integer within its limit (JSON booleans and floats are not integers here)."""
+    for key, limit in SIZE_LIMITS.items():
+        value = d.get(key)
+        if value is None:
+            continue
+        if not isinstance(value, int) or isinstance(value, bool) or not 0 < value <= limit:
+            raise ConfigError(f"{source}: {key}: expected a positive integer <= {limit}, found {value!r:.80}")
 
 
 @dataclass(frozen=True)
@@ -119,6 +139,7 @@ class Gemma2Config:
         for key in _REQUIRED:
             if key not in d:
                 raise ConfigError(f"{source}: missing required key {key!r}")
+        check_sizes(d, source)
         if d.get("attention_bias", False):
             raise ConfigError(f"{source}: attention_bias: Gemma 2 has no attention biases, found true")
         if d.get("use_bidirectional_attention", False):
@@ -194,14 +215,9 @@ class Gemma2Config:
         path = pathlib.Path(path)
         if path.is_dir():
             path = path / "config.json"
-        try:
-            text = path.read_text(encoding="utf-8")
-        except FileNotFoundError:
-            raise ConfigError(f"{path}: no such file (a Gemma 2 checkpoint folder needs config.json)") from None
-        try:
-            d = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path}: not valid JSON ({e})") from None
+        if not path.is_file():
+            raise ConfigError(f"{path}: no such file (a Gemma 2 checkpoint folder needs config.json)")
+        d = read_json(path, error=ConfigError, expect=None)  # size and nesting limits
         return cls.from_dict(d, source=str(path))
 
     def to_dict(self):

@@ -25,12 +25,12 @@ Gemma 2 2B (10.5 GB in float32) loads in seconds and runs in 24 GiB. BF16 / F16 
 converted one at a time to float32 (exact). With xp=cupy each tensor is copied to the device once.
 """
 
-import json
 import pathlib
 
 import numpy
 
 from minisae.errors import FileFormatError
+from minisae.io.files import read_json
 from minisae.xp import asarray
 
 from .config import Gemma2Config
@@ -126,10 +126,11 @@ def weight_files(folder):
     folder = pathlib.Path(folder)
     index = folder / INDEX_FILE
     if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise CheckpointError(f"{index}: expected JSON with a 'weight_map' object ({e!r})") from None
+        weight_map = read_json(index, error=CheckpointError).get("weight_map")
+        if not isinstance(weight_map, dict) or not all(
+                isinstance(f, str) and f and pathlib.PurePath(f).name == f for f in weight_map.values()):
+            raise CheckpointError(f"{index}: expected a 'weight_map' object mapping tensor names to file names "
+                                  f"in the folder, found {weight_map!r:.120}")
         missing = sorted({f for f in weight_map.values() if not (folder / f).is_file()})
         if missing:
             raise CheckpointError(f"{index}: lists shard(s) not in the folder: {', '.join(missing)}")

@@ -29,7 +29,7 @@ import json
 import pathlib
 from dataclasses import dataclass
 
-from minisae.models.gemma2.config import FULL, SLIDING, ConfigError, Gemma2Config, _is_number
+from minisae.models.gemma2.config import FULL, SLIDING, ConfigError, Gemma2Config, _is_number, check_sizes
 
 TEXT_TYPE, MULTIMODAL_TYPE = "gemma3_text", "gemma3"
 # transformers' Gemma3TextConfig defaults (configuration_gemma3.py), used for keys a file omits
@@ -97,6 +97,7 @@ class Gemma3Config(Gemma2Config):
         for key in _REQUIRED:
             if key not in d:
                 raise ConfigError(f"{source}: missing required key {key!r}")
+        check_sizes(d, source)  # before layer_types is built from num_hidden_layers
         for key in ("attention_bias", "use_bidirectional_attention"):
             if d.get(key, False):
                 raise ConfigError(f"{source}: {key}: only causal attention without biases is implemented, "
