@@ -72,6 +72,7 @@ RANGES = {
     "threshold_init": ("float", 0, None, False), "freq_coeff": ("float", 0, None, True),
     "freq_target": ("float", 0, 1, True), "threshold_rate": ("float", 0, 1, False),
     "shards": ("int", 1, None, True), "accumulate": ("int", 1, None, True), "jumprelu": ("float", 0, None, True), "gated": ("float", 0, None, True),
+    "targets": ("float", 0, None, False), "seeds": ("int", 1, None, True), "threshold_lr_mult": ("float", 0, None, False),
 }
 
 

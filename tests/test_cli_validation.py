@@ -65,8 +65,10 @@ def test_other_commands_check_values_before_loading_anything(tmp_path, capsys):
     assert main(["cache", "--model", missing, "--site", "blocks.0.hook_resid_post", "--text", "t.txt",
                  "--out", str(tmp_path / "c"), "--max-tokens", "0"]) == 2
     assert "--max-tokens" in _error_line(capsys)
-    assert main(["compare", "--quick", "--out", str(tmp_path / "cmp"), "--topk", "0"]) == 2
-    assert "--topk: expected an integer >= 1, found 0" in _error_line(capsys)
+    assert main(["compare", "--quick", "--out", str(tmp_path / "cmp"), "--targets", "4", "0"]) == 2
+    assert "--targets: expected a number > 0, found 0.0" in _error_line(capsys)
+    assert main(["compare", "--quick", "--out", str(tmp_path / "cmp"), "--seeds", "0"]) == 2
+    assert "--seeds: expected an integer >= 1, found 0" in _error_line(capsys)
     assert main(["compare", "--quick", "--out", str(tmp_path / "cmp"), "--d-sae", "-5"]) == 2
     assert "--d-sae" in _error_line(capsys)
     assert main(["eval", "--sae", "x", "--lm-batch-size", "0"]) == 2
@@ -115,6 +117,8 @@ def test_help_shows_every_default_and_no_spec(cmd, capsys):
 
 
 def test_compare_help_states_the_true_defaults(capsys):
+    from minisae.compare import DEFAULT_TARGETS
+
     with pytest.raises(SystemExit):
         main(["compare", "--help"])
     text = " ".join(capsys.readouterr().out.split())
@@ -122,10 +126,12 @@ def test_compare_help_states_the_true_defaults(capsys):
     assert f"default {full.d_sae}; {quick.d_sae} with --quick" in text
     assert f"default {full.steps}; {quick.steps} with --quick" in text
     assert f"default {full.batch_size}; {quick.batch_size} with --quick" in text
-    for arch in ("jumprelu", "gated", "topk"):
-        sweep = " ".join(f"{v:g}" for v in full.sweep[arch])
-        qs = " ".join(f"{v:g}" for v in quick.sweep[arch])
-        assert f"default {sweep}; {qs} with --quick" in text, arch
+    assert f"default {full.seeds}; {quick.seeds} with --quick" in text
+    assert "default " + " ".join(full.variants) in text
+    cpu = " ".join(f"{t:g}" for t in DEFAULT_TARGETS[full.preset])
+    qt = " ".join(f"{t:g}" for t in quick.targets)
+    assert f"default {cpu} for {full.preset}" in text and f"{qt} with --quick" in text
+    assert f"lr of every variant (default {full.lr['jumprelu']:g}" in text.replace("learning rate", "lr")
     for flag, key in (("--n-features", "n_features"), ("--true-l0", "target_l0"), ("--max-freq", "max_freq"),
                       ("--noise-std", "noise_std"), ("--offset-norm", "offset_norm"), ("--d-in", "d_in")):
         assert re.search(rf"{flag} \S+ .*?\(default {DEFAULT_SYNTHETIC[key]:g}\)", text), flag
