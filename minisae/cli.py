@@ -158,7 +158,8 @@ def build_parser():
                    "shards in a seeded order, rows shuffled within windows of this many tokens, the next window "
                    "loaded in the background (for caches larger than memory, bfloat16 caches, object storage)")
     g.add_argument("--dist-backend", choices=["auto", "mpi", "nccl"], default="auto",
-                   help="collectives: auto = MPI under mpiexec (default); nccl for CuPy arrays (untested: no GPU)")
+                   help="collectives: auto = MPI under mpiexec, NCCL with --backend cupy (default); the NCCL "
+                   "backend has never run (no GPU during development)")
     _common(p)
     _synthetic_args(p)
 
@@ -296,7 +297,10 @@ def cmd_train(a):
         from minisae import dist
         from minisae.parallel import train_parallel
 
-        comm = dist.world(a.dist_backend)
+        backend = a.dist_backend
+        if backend == "auto" and a.backend == "cupy" and dist.launched_by_mpiexec() > 1:
+            backend = "nccl"  # CuPy arrays move through NCCL
+        comm = dist.world(backend)
         with dist.abort_on_error(comm):
             res = train_parallel(cfg, source, a.out, shards=a.shards, accumulate=a.accumulate, comm=comm,
                                  resume=a.resume, overwrite=a.overwrite, progress=not a.no_progress)

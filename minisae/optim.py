@@ -71,15 +71,22 @@ def adam_update_plain(params, grads, state, *, lr, betas=(0.0, 0.999), eps=1e-8,
     for k, p in params.items():
         g, m, v = grads[k], state["m"][k], state["v"][k]
         xp = xp_of(p)
-        m[...] = m * b1 + (1.0 - b1) * g
+        m[...] = g if b1 == 0.0 else m * b1 + (1.0 - b1) * g  # b1 = 0: m is g (no 0 * m)
         v[...] = v * b2 + (1.0 - b2) * (g * g)
         p -= _param_step(step_size, lr_mult, k) * (m / (xp.sqrt(v) / sqrt_bc2 + eps))
 
 
+ADAM_BLOCK_ELEMENTS = 1 << 15  # entries per block of `adam_update` on NumPy (stays in cache)
+
+
 def adam_update(params, grads, state, *, lr, betas=(0.0, 0.999), eps=1e-8, lr_mult=None):
     """One bias-corrected Adam step, in place on params and state, with no temporaries: every
-    operation writes into m, v, p or one scratch buffer per parameter shape that lives in the
-    state (state["scratch"], never saved). Bitwise equal to `adam_update_plain`.
+    operation writes into m, v, p or a small scratch buffer kept in the state (state["scratch"],
+    never saved). Bitwise equal to `adam_update_plain` (the same operations in the same order).
+
+    On NumPy the parameter is walked in blocks of ADAM_BLOCK_ELEMENTS entries, each taken
+    through all the steps below while it sits in the CPU cache: the dozen elementwise passes
+    then cost about one trip through memory instead of a dozen. (On a GPU: whole arrays.)
 
     Not restricted to the latents that fired: Adam's second moment v decays on every entry
     each step (v <- b2 v), and with b1 > 0 (TopK) so does m and hence the update of every
@@ -95,23 +102,34 @@ def adam_update(params, grads, state, *, lr, betas=(0.0, 0.999), eps=1e-8, lr_mu
     for k, p in params.items():
         g, m, v = grads[k], state["m"][k], state["v"][k]
         xp = xp_of(p)
-        key = (tuple(p.shape), str(p.dtype))
-        tmp = scratch.get(key)
-        if tmp is None or xp_of(tmp) is not xp:
-            tmp = scratch[key] = xp.empty_like(p)
-        m *= b1  # m <- b1 m + (1 - b1) g
-        xp.multiply(g, 1.0 - b1, out=tmp)
-        m += tmp
-        v *= b2  # v <- b2 v + (1 - b2) g^2
-        xp.multiply(g, g, out=tmp)
-        tmp *= 1.0 - b2
-        v += tmp
-        xp.sqrt(v, out=tmp)  # tmp <- step_size * m / (sqrt(v) / sqrt_bc2 + eps)
-        tmp /= sqrt_bc2
-        tmp += eps
-        xp.divide(m, tmp, out=tmp)
-        tmp *= _param_step(step_size, lr_mult, k)
-        p -= tmp
+        n = p.size
+        step = ADAM_BLOCK_ELEMENTS if xp is numpy else max(n, 1)
+        flat = [a.reshape(-1) for a in (p, g, m, v)]  # views (a copy only for a strided g)
+        if any(not a.flags.c_contiguous for a in (p, m, v)):
+            raise ValueError(f"adam_update: params[{k!r}] and its moments must be contiguous arrays")
+        key = (min(step, n), str(p.dtype), xp.__name__)
+        if key not in scratch:
+            scratch[key] = xp.empty(min(step, n), dtype=p.dtype)
+        param_step = _param_step(step_size, lr_mult, k)  # lr_mult: this parameter's factor
+        for s in range(0, n, step):
+            pb, gb, mb, vb = (a[s:s + step] for a in flat)
+            tmp = scratch[key][: pb.shape[0]]
+            if b1 == 0.0:  # m <- g (the recipe's beta1 = 0: one copy instead of three passes)
+                mb[...] = gb
+            else:  # m <- b1 m + (1 - b1) g
+                mb *= b1
+                xp.multiply(gb, 1.0 - b1, out=tmp)
+                mb += tmp
+            vb *= b2  # v <- b2 v + (1 - b2) g^2
+            xp.multiply(gb, gb, out=tmp)
+            tmp *= 1.0 - b2
+            vb += tmp
+            xp.sqrt(vb, out=tmp)  # tmp <- step_size * m / (sqrt(v) / sqrt_bc2 + eps)
+            tmp /= sqrt_bc2
+            tmp += eps
+            xp.divide(mb, tmp, out=tmp)
+            tmp *= param_step
+            pb -= tmp
 
 
 # ----------------------------------------------------------------------------------------------

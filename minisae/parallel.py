@@ -6,7 +6,8 @@ P = R * S processes form a grid; rank = r * S + s holds replica r's copy of shar
 [lo_s, hi_s) (a contiguous slice of M), i.e. W_enc[:, lo:hi], W_dec[lo:hi], every per-latent
 vector, their Adam moments and dead-latent counters, plus b_dec (replicated). One step:
 
-  1. replica r reads its micro-batch of the step's batch (rows r*B/R ... (r+1)*B/R);
+  1. replica r reads its rows of the step's batch (rows r*B/R ... (r+1)*B/R): its shard-0 rank
+     reads them and broadcasts them to the replica's other shards;
   2. each shard encodes with its own latents (TopK: local top-k, then an all-gather of the
      S candidate lists picks the global top-k, as OpenAI did) and decodes a partial
      reconstruction f_s @ W_dec_s; one sum over the shard group gives xhat (B, D);
@@ -411,9 +412,11 @@ def read_manifest(ckdir):
     return man
 
 
-def load_sharded(ckdir, lo, hi, xp, *, names):
+def load_sharded(ckdir, lo, hi, xp, *, names, params_only=False):
     """(manifest, state) of latents [lo, hi) from a sharded checkpoint written with any S: each
-    per-latent tensor is put together from the shard files that overlap [lo, hi)."""
+    per-latent tensor is put together from the shard files that overlap [lo, hi). params_only:
+    leave out Adam's moments (a third of the memory; for the release SAE)."""
+    prefixes = ("params",) if params_only else ("params", "adam_m", "adam_v")
     from minisae.train import CheckpointError
 
     ckdir = Path(ckdir)
@@ -426,7 +429,7 @@ def load_sharded(ckdir, lo, hi, xp, *, names):
         path = ckdir / sh["file"]
         try:
             with SafetensorsFile(path) as f:
-                for prefix in ("params", "adam_m", "adam_v"):
+                for prefix in prefixes:
                     for k in names:
                         name = f"{prefix}.{k}"
                         if name not in f:
@@ -445,6 +448,8 @@ def load_sharded(ckdir, lo, hi, xp, *, names):
                                   "or corrupt") from None
     state = {"params": {}, "adam": {"step": int(man["adam_step"]), "m": {}, "v": {}}}
     for prefix, store in (("params", state["params"]), ("adam_m", state["adam"]["m"]), ("adam_v", state["adam"]["v"])):
+        if prefix not in prefixes:
+            continue
         for k in names:
             axis = _latent_axis(k)
             arr = pieces[f"{prefix}.{k}"][0] if axis is None else numpy.concatenate(pieces[f"{prefix}.{k}"], axis=axis)
@@ -566,7 +571,13 @@ def train_parallel(cfg, source, out_dir, *, shards=1, accumulate=1, comm=None, r
     pending, t0 = [], time.time()
     try:
         for step in range(state["step"], cfg.steps):
-            X = _replica_rows(source, step, cfg.batch_size, grid.r * mine, (grid.r + 1) * mine)  # (A*b, D)
+            # shard 0 of each replica reads the replica's rows and broadcasts them to the other shards
+            X = None
+            if grid.s == 0:
+                X = _replica_rows(source, step, cfg.batch_size, grid.r * mine, (grid.r + 1) * mine)  # (A*b, D)
+            if grid.S > 1:
+                X = grid.shard.broadcast(numpy.empty((mine, source.d_in), numpy.float32) if X is None
+                                         else numpy.ascontiguousarray(X, dtype=numpy.float32), root=0)
             hyper = hypers_at(cfg, step, since_fired >= cfg.dead_window_tokens)
             # sums: loss, mse, l0 over the micro-batches, and 1 where a batch held NaN or inf
             fired, sums, parts = None, numpy.array([0.0, 0.0, 0.0, float(not numpy.isfinite(X).all())]), []
@@ -702,7 +713,7 @@ def _finish(cfg, source, out_dir, ckdir, world, names, scale, batchtopk_threshol
 
     sae, summary, params_np = None, {}, None
     if world.rank == 0:
-        _, st = load_sharded(ckdir, 0, cfg.d_sae, numpy, names=names)
+        _, st = load_sharded(ckdir, 0, cfg.d_sae, numpy, names=names, params_only=True)
         params_np = st["params"]
         sae = SAE.from_training(cfg.architecture, params_np, scale=scale, hyper=_release_hyper(cfg, batchtopk_threshold),
                                 metadata=_sae_metadata(source))

@@ -1,4 +1,10 @@
-"""Speed and memory of minisae's Gemma 2 forward against transformers' eager Gemma2ForCausalLM.
+"""Speed and memory of minisae's Gemma 2 / Gemma 3 forward against transformers' eager float32 models.
+
+--model picks the shapes: gemma2-2b (the default, described below), gemma3-270m (D=640, I=2048,
+4 heads / 1 kv, head_dim 256, V=262144, window 512, 18 layers) or gemma3-1b (D=1152, I=6912, 4 / 1,
+head_dim 256, V=262144, window 512, 26 layers); Gemma 3 runs Gemma3ForCausalLM. --layers defaults to
+the model's own count for gemma3-270m and to 4 otherwise (fewer layers keep the 1B and 2B shapes
+within a shared machine's memory; the table says how many were used).
 
 A Gemma-2-2B-shaped model (D=2304, I=9216, 8 heads / 4 kv, head_dim 256, query_pre_attn_scalar
 256, V=256000, sliding window 4096) with only --layers decoder layers and random weights is written
@@ -46,6 +52,12 @@ GEMMA2_2B = dict(
     num_key_value_heads=4, head_dim=256, query_pre_attn_scalar=256, sliding_window=4096,
     attn_logit_softcapping=50.0, final_logit_softcapping=30.0,
 )
+GEMMA3_270M = dict(vocab_size=262144, hidden_size=640, intermediate_size=2048, num_attention_heads=4,
+                   num_key_value_heads=1, head_dim=256, query_pre_attn_scalar=256, sliding_window=512)
+GEMMA3_1B = dict(GEMMA3_270M, hidden_size=1152, intermediate_size=6912)
+# --model -> (shapes, transformers class name, real layer count, default --layers)
+MODELS = {"gemma2-2b": (GEMMA2_2B, "Gemma2ForCausalLM", 26, 4), "gemma3-270m": (GEMMA3_270M, "Gemma3ForCausalLM", 18, 18),
+          "gemma3-1b": (GEMMA3_1B, "Gemma3ForCausalLM", 26, 4)}
 
 
 def rss_now_mib():
@@ -66,13 +78,15 @@ def peak_rss_mib():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
-def make_checkpoint(folder, layers, seed=0):
+def make_checkpoint(folder, layers, seed=0, name="gemma2-2b"):
     import torch
-    from transformers import Gemma2Config, Gemma2ForCausalLM
+    import transformers
 
+    shapes, cls, _, _ = MODELS[name]
     torch.manual_seed(seed)
-    config = Gemma2Config(num_hidden_layers=layers, **GEMMA2_2B)
-    model = Gemma2ForCausalLM(config)  # default init (normal, std 0.02): speed does not depend on it
+    config = getattr(transformers, cls.replace("ForCausalLM", "TextConfig" if "3" in cls else "Config"))(
+        num_hidden_layers=layers, **shapes)
+    model = getattr(transformers, cls)(config)  # default init (normal, std 0.02): speed does not depend on it
     with torch.no_grad():  # make the norms and soft-caps do real work anyway
         for name, p in model.named_parameters():
             if name.endswith("norm.weight"):
@@ -109,15 +123,15 @@ def time_calls(call, repeats):
 
 def worker_minisae(a):
     import minisae.xp
-    from minisae.models.gemma2 import load
+    from minisae.models import load_model
 
     xp = minisae.xp.get_xp(a.backend)
     t0 = time.perf_counter()
-    model = load(a.ckpt, xp=xp)
+    model = load_model(a.ckpt, xp=xp)  # Gemma 2 or Gemma 3, from config.json
     minisae.xp.synchronize(xp)
     load_s = time.perf_counter() - t0
     rss_loaded = rss_now_mib()
-    ids = xp.asarray(make_ids(a.batch, a.seq, GEMMA2_2B["vocab_size"]))
+    ids = xp.asarray(make_ids(a.batch, a.seq, MODELS[a.model][0]["vocab_size"]))
     site = f"blocks.{a.layer}.hook_resid_post"
 
     def call():
@@ -141,18 +155,19 @@ def worker_minisae(a):
 
 def worker_transformers(a):
     import torch
-    from transformers import Gemma2ForCausalLM
+    import transformers
 
     torch.set_num_threads(a.threads)
     device = "cuda" if a.backend == "cupy" else "cpu"
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     t0 = time.perf_counter()
-    model = Gemma2ForCausalLM.from_pretrained(a.ckpt, dtype=torch.float32, attn_implementation="eager")
+    cls = getattr(transformers, MODELS[a.model][1])
+    model = cls.from_pretrained(a.ckpt, dtype=torch.float32, attn_implementation="eager")
     model.to(device).eval()
     sync()
     load_s = time.perf_counter() - t0
     rss_loaded = rss_now_mib()
-    ids = torch.from_numpy(make_ids(a.batch, a.seq, GEMMA2_2B["vocab_size"])).to(device)
+    ids = torch.from_numpy(make_ids(a.batch, a.seq, MODELS[a.model][0]["vocab_size"])).to(device)
 
     class Stop(Exception):
         pass
@@ -223,7 +238,7 @@ def run_one(args, ckpt, side, mode, batch, seq, scratch):
         env[var] = str(args.threads)
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", side, "--ckpt", ckpt, "--mode", mode,
            "--batch", str(batch), "--seq", str(seq), "--repeats", str(args.repeats), "--layer", str(args.layers // 2),
-           "--threads", str(args.threads), "--backend", args.backend, "--result", result]
+           "--threads", str(args.threads), "--backend", args.backend, "--result", result, "--model", args.model]
     load_before = os.getloadavg()[0]
     p = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if p.returncode != 0:
@@ -237,7 +252,8 @@ def run_one(args, ckpt, side, mode, batch, seq, scratch):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--model", choices=sorted(MODELS), default="gemma2-2b", help="shapes to benchmark")
+    p.add_argument("--layers", type=int, help="decoder layers (default: 18 for gemma3-270m, 4 otherwise)")
     p.add_argument("--batch", type=int, nargs="+", default=[1, 2])
     p.add_argument("--seq", type=int, nargs="+", default=[128, 256],
                    help="sequence lengths, paired with --batch (or one for all)")
@@ -253,8 +269,10 @@ def main(argv=None):
     p.add_argument("--result", help=argparse.SUPPRESS)
     p.add_argument("--make-ckpt", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
+    if a.layers is None:
+        a.layers = MODELS[a.model][3]
     if a.make_ckpt:
-        return make_checkpoint(a.make_ckpt, a.layers)
+        return make_checkpoint(a.make_ckpt, a.layers, name=a.model)
     if a.worker:
         a.batch, a.seq = a.batch[0], a.seq[0]
         return worker(a)
@@ -269,8 +287,8 @@ def main(argv=None):
             ckpt = os.path.join(scratch, "ckpt")
             t0 = time.perf_counter()
             # in a subprocess, so this parent stays small (its size would leak into the workers' peaks)
-            subprocess.run([sys.executable, os.path.abspath(__file__), "--make-ckpt", ckpt, "--layers", str(a.layers)],
-                           check=True, capture_output=True)
+            subprocess.run([sys.executable, os.path.abspath(__file__), "--make-ckpt", ckpt, "--layers", str(a.layers),
+                            "--model", a.model], check=True, capture_output=True)
             print(f"wrote {ckpt} in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
         rows = []
         for batch, seq in zip(a.batch, seqs):
@@ -288,9 +306,9 @@ def main(argv=None):
     v = versions(sys.executable)
     mem_name = "peak device MiB" if a.backend == "cupy" else "peak RSS MiB"
     lines = [
-        f"## Gemma 2 forward: minisae vs transformers eager ({a.backend}, float32)",
+        f"## {a.model} forward: minisae vs transformers eager ({a.backend}, float32)",
         "",
-        f"Gemma-2-2B shapes, {a.layers} layers, random weights; capture = blocks.{a.layers // 2}.hook_resid_post "
+        f"{a.model} shapes, {a.layers} of {MODELS[a.model][2]} layers, random weights; capture = blocks.{a.layers // 2}.hook_resid_post "
         f"(both sides stop after that layer); median of {a.repeats} after 1 warm-up; {a.threads} threads each.",
         "",
         f"| mode | B | T | side | tokens/s | median s | {mem_name} | RSS after load MiB | load s | max rel diff vs HF "
@@ -307,7 +325,8 @@ def main(argv=None):
         "- major faults: pages read from disk during the timed calls (evicted memory-mapped weights); "
         "non-zero means that row timed the disk too.",
         "- RSS after load is small when a side memory-maps the weights lazily; the peak includes the mapped "
-        "weights once touched (about 3.4 GiB for 4 layers; the embedding alone is 2.2 GiB).",
+        "weights once touched (gemma2-2b with 4 layers: about 3.4 GiB, the embedding alone 2.2 GiB; "
+        "gemma3-270m: 1.1 GiB, embedding 0.6 GiB; gemma3-1b with 4 layers: 1.6 GiB, embedding 1.1 GiB).",
         f"- machine: {cpu_name()}, {os.cpu_count()} logical CPUs, {platform.system()} {platform.release()}",
         f"- versions: {json.dumps(v)}",
         f"- date: {datetime.datetime.now().isoformat(timespec='seconds')}, total {time.time() - started:.0f} s",

@@ -13,8 +13,16 @@ rescale_acts_by_decoder_norm):
    randomised, and SAELens's own save_model writes tests/golden/saelens/<case>_saved_by_saelens/
    with saelens_outputs.npz, so the test reads a cfg.json exactly as SAELens writes it.
 
+3. Trained-form variants released as JumpReLU files (minisae train's path, SAE.from_training with
+   an input scale C and the pre-encoder bias folded): "batchtopk_as_jumprelu" (BatchTopK with its one
+   global inference threshold) and "jumprelu_matryoshka" (a Matryoshka JumpReLU with raw thresholds:
+   the prefixes shape training only, the file is a plain JumpReLU). Each folder also holds
+   training.npz (the training-form params, theta, C), and this script checks SAELens's output
+   against minisae's own training-form inference encoder.
+
 tests/test_saefile.py loads every folder with minisae (no torch) and compares with the stored
-outputs. This script also prints the max differences against minisae directly.
+outputs; tests/test_sae_batchtopk_files.py checks the training-form encoders. This script also
+prints the max differences against minisae directly.
 """
 
 import json
@@ -125,6 +133,39 @@ def saelens_to_minisae(case, architecture, extra, x):
     return compare(f"SAELens -> minisae {case}", SAE.load(folder), x, f, xhat)
 
 
+def trained_to_saelens(case, rng, x):
+    """A training-form BatchTopK or raw-theta JumpReLU, released through SAE.from_training."""
+    from minisae.sae import batchtopk, jumprelu
+
+    folder = OUT / case
+    shutil.rmtree(folder, ignore_errors=True)
+    C = 2.5  # the input scale: training saw x / C
+    W_dec = rng.standard_normal((M, D))
+    W_dec /= np.linalg.norm(W_dec, axis=1, keepdims=True)
+    p = {"W_enc": W_dec.T + 0.3 * rng.standard_normal((D, M)), "b_enc": 0.1 * rng.standard_normal(M),
+         "W_dec": W_dec, "b_dec": 0.2 * rng.standard_normal(D)}
+    p = {k: v.astype(np.float32) for k, v in p.items()}
+    xt = x / np.float32(C)  # (N, D) the training-form input
+    if case.startswith("batchtopk"):
+        theta = 0.35
+        sae = SAE.from_training("batchtopk", p, scale=C, hyper={"threshold": theta}, metadata=dict(METADATA))
+        f_train = batchtopk.encode(p, xt, threshold=theta)  # (N, M)
+        np.savez(folder.with_suffix(".tmp.npz"), **p, threshold=np.float64(theta), scale=np.float64(C))
+    else:
+        p["threshold"] = rng.uniform(0.05, 0.6, M).astype(np.float32)
+        sae = SAE.from_training("jumprelu", p, scale=C, metadata=dict(METADATA))
+        f_train = jumprelu.encode(p, xt)  # (N, M)
+        np.savez(folder.with_suffix(".tmp.npz"), **p, scale=np.float64(C))
+    sae.save(folder)
+    shutil.move(folder.with_suffix(".tmp.npz"), folder / "training.npz")
+    lens = LensSAE.load_from_disk(folder, device="cpu")
+    assert type(lens).__name__ == "JumpReLUSAE", type(lens)
+    f, xhat = run_saelens(lens, x)
+    write_outputs(folder, x, f, xhat)
+    print(f"{'':28s} vs the training-form encoder: max|SAELens f - C f_train| {np.abs(f - C * f_train).max():.2e}")
+    return compare(f"minisae -> SAELens {case}", SAE.load(folder), x, f, xhat)
+
+
 def main():
     print(f"sae_lens {sae_lens.__version__}, torch {torch.__version__}")
     OUT.mkdir(parents=True, exist_ok=True)
@@ -134,6 +175,8 @@ def main():
     for case, (architecture, extra) in CASES.items():
         ok &= minisae_to_saelens(case, architecture, extra, rng, x)
         ok &= saelens_to_minisae(case, architecture, extra, x)
+    for case in ("batchtopk_as_jumprelu", "jumprelu_matryoshka"):
+        ok &= trained_to_saelens(case, rng, x)
     cfg = json.loads((OUT / "topk_saved_by_saelens" / "cfg.json").read_text())
     print("cfg.json keys written by SAELens:", sorted(cfg))
     size = sum(p.stat().st_size for p in OUT.rglob("*") if p.is_file())

@@ -496,3 +496,21 @@ def test_attention_chunked_over_batch_rows_is_the_same(model, monkeypatch):
     whole = to_numpy(model.capture(ids, "blocks.2.attn.hook_z"))
     monkeypatch.setattr(gm, "_ATTN_BYTES", 1)  # one batch row per chunk
     numpy.testing.assert_array_equal(to_numpy(model.capture(ids, "blocks.2.attn.hook_z")), whole)
+
+
+def test_linear_layouts_agree(cfg, weights, monkeypatch):
+    """linear() computes x @ W.T as (W @ x.T).T for few tokens: the same product, C-ordered,
+    and a forward through either layout gives the same logits to float32 rounding."""
+    from minisae.models.gemma2 import model as gm
+
+    rng = numpy.random.default_rng(0)
+    W = rng.standard_normal((7, 5)).astype("float32")
+    for n in (1, 3, gm.LINEAR_SWAP_MAX_TOKENS + 1):
+        x = rng.standard_normal((n, 5)).astype("float32")
+        y = gm.linear(x, W)
+        assert y.flags.c_contiguous and y.shape == (n, 7) and y.dtype == numpy.float32
+        close(y, x @ W.T, F32_RTOL, F32_ATOL, f"linear n={n}")
+    ids = make_ids()
+    swapped = Gemma2Model(cfg, weights).forward(ids)
+    monkeypatch.setattr(gm, "LINEAR_SWAP_MAX_TOKENS", 0)
+    close(Gemma2Model(cfg, weights).forward(ids), swapped, F32_RTOL, F32_ATOL, "logits")

@@ -74,6 +74,7 @@ def dataclasses_replace(c, **kw):
     (dict(use_bidirectional_attention=True), "use_bidirectional_attention"),
     (dict(num_key_value_heads=3), "multiple of num_key_value_heads"),
     (dict(hidden_size=None), "hidden_size: expected a positive integer"),
+    (dict(num_hidden_layers=10**9), "num_hidden_layers: expected a positive integer <="),
 ])
 def test_config_errors_name_the_key(change, needle):
     with pytest.raises(ConfigError, match=needle):

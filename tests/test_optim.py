@@ -120,6 +120,7 @@ def test_in_place_versions_equal_plain_ones_bitwise(xp, M, D, seed, dtype, block
     """adam_update, remove_parallel_decoder_grad and normalize_decoder_rows (in place, blocked,
     no temporaries) give bit for bit what their plain versions give, over several steps."""
     monkeypatch.setattr(optim, "ROW_BLOCK_ELEMENTS", block)  # blocks of a few rows, uneven at the end
+    monkeypatch.setattr(optim, "ADAM_BLOCK_ELEMENTS", block)
     rng = numpy.random.default_rng(seed)
     start = {"W_dec": rng.standard_normal((M, D)), "b": rng.standard_normal(D)}
     start["W_dec"][0] = 0.0  # a zero row stays zero

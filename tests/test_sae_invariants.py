@@ -334,13 +334,37 @@ def test_sparse_kernels_equal_dense_products(B, M, D, seed, density):
     numpy.testing.assert_array_equal(flat, numpy.flatnonzero(mask))
     vals = A.ravel()[flat]  # (N,)
     tol = dict(rtol=XP64_RTOL, atol=GOLDEN64_ATOL)
-    numpy.testing.assert_allclose(common.sparse_matmul(rowptr, cols, vals, W), A @ W, **tol)
-    numpy.testing.assert_allclose(common.sampled_matmul(rowptr, cols, E, W),
-                                  (E @ W.T)[rows, cols], **tol)
-    out1, out2 = common.sparse_t_matmul(rows, cols, M, [(vals, E), (2.0 * vals, E2)])
-    numpy.testing.assert_allclose(out1, A.T @ E, **tol)
-    numpy.testing.assert_allclose(out2, 2.0 * A.T @ E2, **tol)
+    for dtype in ("float64", "float32"):  # every implementation, against the dense products
+        v, W_, E_, E2_ = (a.astype(dtype) for a in (vals, W, E, E2))
+        tol = dict(rtol=XP64_RTOL, atol=GOLDEN64_ATOL) if dtype == "float64" else dict(rtol=1e-5, atol=1e-5)
+        for impl in (None,) + common.SPARSE_IMPLS:
+            mm = common.sparse_matmul(rowptr, cols, v, W_, impl=impl)
+            assert mm.dtype == dtype and mm.shape == (B, D)
+            numpy.testing.assert_allclose(mm, A @ W, **tol, err_msg=str(impl))
+            if impl != "scipy":
+                sm = common.sampled_matmul(rowptr, cols, E_, W_, impl=impl)
+                assert sm.dtype == dtype
+                numpy.testing.assert_allclose(sm, (E @ W.T)[rows, cols], **tol, err_msg=str(impl))
+            out1, out2 = common.sparse_t_matmul(rows, cols, M, [(v, E_), (2 * v, E2_)], impl=impl)
+            assert out1.dtype == out2.dtype == dtype and out1.shape == (M, D)
+            numpy.testing.assert_allclose(out1, A.T @ E, **tol, err_msg=str(impl))
+            numpy.testing.assert_allclose(out2, 2.0 * A.T @ E2, **tol, err_msg=str(impl))
+    with pytest.raises(ValueError, match="impl must be one of"):
+        common.sparse_matmul(rowptr, cols, vals, W, impl="fast")
     numpy.testing.assert_allclose(common.column_sums(cols, vals, M, "float64"), A.sum(0), **tol)
+
+
+def test_sparse_products_fall_back_to_numpy_without_optional_packages(monkeypatch):
+    """Without SciPy and threadpoolctl the products choose the NumPy-only einsum loops, and
+    asking for a missing one says what to install."""
+    monkeypatch.setattr(common, "_optional", {"scipy": None, "threadpoolctl": None})
+    assert common._pick(None, ("scipy", "blas1", "einsum"), "f") == "einsum"
+    mask = numpy.eye(3, 4, dtype=bool)
+    rows, cols, rowptr, _ = common.sparse_from_mask(mask)
+    W = numpy.arange(8.0).reshape(4, 2)
+    numpy.testing.assert_array_equal(common.sparse_matmul(rowptr, cols, numpy.ones(3), W), W[:3])
+    with pytest.raises(ValueError, match=r"impl='scipy' needs SciPy \(pip install 'minisae\[fast\]'\)"):
+        common.sparse_matmul(rowptr, cols, numpy.ones(3), W, impl="scipy")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -412,3 +436,36 @@ def test_numpy_and_cupy_agree(variant, dtype, rtol):
     for k in module.PARAM_NAMES:
         assert_close(gc[k], gn[k], rtol, atol, f"{variant} {k}")
     assert math.isfinite(float(ln))
+
+
+@HSETTINGS
+@given(B=st.integers(1, 30), M=st.integers(1, 700), seed=seeds, data=st.data())
+def test_top_k_equals_the_plain_rule_with_ties(B, M, seed, data):
+    """common.top_k (threshold from a sample, exact fix-up) keeps exactly the entries of the
+    stable-sort rule: the k largest, ties to the lowest columns; NaN never beats a number."""
+    k = data.draw(st.integers(1, M), label="k")
+    rng = numpy.random.default_rng(seed)
+    levels = data.draw(st.sampled_from([0, 2, 5]), label="distinct values (0 = continuous)")
+    a = rng.standard_normal((B, M)) if levels == 0 else rng.integers(0, levels, (B, M)) * 1.0
+    if data.draw(st.booleans(), label="a few rows made hard for the sampled threshold"):
+        a[:: 3, :: common.TOPK_SAMPLE_STRIDE] += 10.0  # the sample's top sits above the rest
+    for dtype in ("float64", "float32"):
+        x = a.astype(dtype)
+        idx, vals = common.top_k(x, k)
+        ref_idx, ref_vals = common.top_k_plain(x, k)
+        numpy.testing.assert_array_equal(idx, ref_idx)
+        numpy.testing.assert_array_equal(vals, ref_vals)
+        assert vals.dtype == dtype
+    with_nan = a.copy()
+    with_nan[0, 0] = numpy.nan
+    idx, _ = common.top_k(with_nan, k)
+    assert idx.shape == (B, k) and (k == M or 0 not in idx[0])
+
+
+def test_top_k_large_rows_take_the_sampled_path():
+    rng = numpy.random.default_rng(3)
+    a = rng.standard_normal((40, 4096)).astype("float32")
+    a[:, 100] = a[:, 7]  # a tie that can sit at the k-th place
+    a[5] = numpy.round(a[5])  # a row full of ties
+    for k in (1, 16, 64):
+        numpy.testing.assert_array_equal(common.top_k(a, k)[0], common.top_k_plain(a, k)[0])

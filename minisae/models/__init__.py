@@ -5,12 +5,10 @@
     tok = load_tokenizer("google/gemma-3-270m")
 """
 
-
 import numpy
 
 # config.json model_type -> the module (minisae.models.<name>) that runs it
 MODEL_TYPES = {"gemma2": "gemma2", "gemma3_text": "gemma3", "gemma3": "gemma3"}
-
 
 def model_module(path_or_repo_id, *, revision=None):
     """(module, checkpoint folder) for a checkpoint folder or Hub repo id, from its model_type."""
@@ -21,6 +19,7 @@ def model_module(path_or_repo_id, *, revision=None):
     from minisae.models.gemma2.weights import checkpoint_dir
 
     folder = checkpoint_dir(path_or_repo_id, revision=revision)
+
     path = folder / "config.json"
     if not path.is_file():
         raise ConfigError(f"{path}: no such file (a checkpoint folder needs config.json)")
@@ -30,18 +29,15 @@ def model_module(path_or_repo_id, *, revision=None):
         raise ConfigError(f"{path}: model_type: expected one of {tuple(MODEL_TYPES)}, found {model_type!r}")
     return importlib.import_module(f"minisae.models.{MODEL_TYPES[model_type]}"), folder
 
-
 def load_model(path_or_repo_id, *, xp=numpy, revision=None, dtype="float32"):
     """A Gemma2Model or Gemma3Model, picked from config.json's model_type (gemma2, gemma3_text, gemma3)."""
     module, folder = model_module(path_or_repo_id, revision=revision)
     return module.load(folder, xp=xp, dtype=dtype)
-
 
 def load_tokenizer(path_or_repo_id, *, revision=None):
     """The Gemma tokenizer (tokenizer.json, BOS exactly once) of a folder, file or Hub repo."""
     from minisae.models.gemma2.tokenizer import load_tokenizer as load
 
     return load(path_or_repo_id, revision=revision)
-
 
 __all__ = ["load_model", "load_tokenizer", "model_module", "MODEL_TYPES"]

@@ -9,6 +9,7 @@ Every function takes arrays of one module `xp` (NumPy or CuPy, read off the arra
 `xp_of`) and one float dtype, and keeps that dtype: scalars enter the math as Python floats.
 """
 
+import contextlib
 import math
 
 import numpy
@@ -139,11 +140,152 @@ def geometric_median(x, *, iters=100, tol=1e-7, xp=None):
 
 
 # ----------------------------------------------------------------------------------------------
+# top-k selection per row (TopK, AuxK; BatchTopK can use select_top_k on a flattened batch)
+#
+# The rule, exactly: row b keeps the k entries with the largest values; among entries equal to
+# the k-th largest value, those with the lowest column index. `top_k_plain` says it in one line
+# (a stable sort); `top_k` gives the same answer without sorting or partitioning whole rows.
+
+TOPK_SAMPLE_STRIDE = 8  # top_k estimates each row's threshold from every 8th column
+
+
+def top_k_plain(a, k):
+    """(idx, vals), each (B, K): the top-k of each row of a (B, M) by the rule above, columns in
+    ascending order. A full stable sort of every row: the readable reference."""
+    xp = xp_of(a)
+    idx = xp.sort(xp.argsort(-a, axis=1, kind="stable")[:, :k], axis=1)  # (B, K)
+    return idx, xp.take_along_axis(a, idx, axis=1)
+
+
+def _select_in_candidates(vals, cols, k):
+    """The top-k rule applied to candidate arrays vals, cols (R, C) whose columns ascend along
+    each row (C >= k real candidates per row; padding is -inf with any column): (R, K) x 2."""
+    xp = xp_of(vals)
+    C = vals.shape[1]
+    kth = xp.partition(vals, C - k, axis=1)[:, C - k: C - k + 1]  # (R, 1) the k-th largest
+    above = vals > kth  # (R, C)
+    tied = vals == kth  # (R, C)
+    need = k - above.sum(axis=1, keepdims=True)  # (R, 1) how many ties to keep, >= 1
+    keep = above | (tied & (xp.cumsum(tied, axis=1) <= need))  # lowest columns among the ties
+    return cols[keep].reshape(-1, k), vals[keep].reshape(-1, k)  # row-major: k per row
+
+
+def top_k(a, k):
+    """(idx, vals), each (B, K): the same as top_k_plain(a, k), exactly (ties included).
+
+    On NumPy, for k well below M: each row's threshold t_b is read off a strided sample of its
+    columns (every TOPK_SAMPLE_STRIDE-th) at a rank that leaves a margin of a few standard
+    deviations, so that usually between k and ~2k entries of the row are >= t_b. Those
+    candidates are gathered (one compare pass over (B, M)) and the exact rule is applied to
+    them alone; the rare rows with fewer than k candidates are done on the whole row. Cost: a
+    pass over (B, M) and work on (B, ~2k), instead of partitioning (B, M). NaN counts as -inf.
+    """
+    xp = xp_of(a)
+    B, M = a.shape
+    k = int(k)
+    if not 1 <= k <= M:
+        raise ValueError(f"top_k: expected 1 <= k <= M = {M}, found {k}")
+    if xp is not numpy or M < 4 * TOPK_SAMPLE_STRIDE * k or B == 0:
+        full = xp.where(xp.isnan(a), -xp.inf, a)  # (B, M)
+        return _select_in_candidates(full, xp.broadcast_to(xp.arange(M), (B, M)), k)
+    sample = a[:, ::TOPK_SAMPLE_STRIDE]  # (B, S) strided view
+    S = sample.shape[1]
+    expected = k * S / M  # how many of the top k fall in the sample, on average
+    rank = min(S, int(math.ceil(expected + 4.0 * math.sqrt(expected) + 4)))
+    thresh = numpy.partition(sample, S - rank, axis=1)[:, S - rank]  # (B,) rank-th largest
+    flat = numpy.flatnonzero(a >= thresh[:, None])  # (N,) candidates, row-major; never NaN
+    r, c = numpy.divmod(flat, M)  # (N,) row, column
+    counts = numpy.bincount(r, minlength=B)  # (B,)
+    bad = numpy.flatnonzero(counts < k)  # rows with too few candidates: done on the whole row
+    if bad.size:
+        keep = counts[r] >= k  # (N,)
+        flat, r, c = flat[keep], r[keep], c[keep]
+        counts[bad] = 0
+    width = max(int(counts.max()), k)
+    start = numpy.zeros(B, dtype=numpy.int64)  # (B,) index in flat of each row's first candidate
+    numpy.cumsum(counts[:-1], out=start[1:])
+    slot = r * width + (numpy.arange(flat.size) - start[r])  # (N,) place in the (B, width) arrays
+    cand_vals = numpy.full((B, width), -numpy.inf, dtype=a.dtype)  # (B, width)
+    cand_cols = numpy.zeros((B, width), dtype=numpy.int64)  # (B, width)
+    cand_vals.ravel()[slot] = a.ravel()[flat]
+    cand_cols.ravel()[slot] = c
+    if not bad.size:
+        return _select_in_candidates(cand_vals, cand_cols, k)
+    idx = numpy.empty((B, k), dtype=numpy.int64)  # (B, K)
+    vals = numpy.empty((B, k), dtype=a.dtype)  # (B, K)
+    good = numpy.flatnonzero(counts >= k)  # (R,)
+    idx[good], vals[good] = _select_in_candidates(cand_vals[good], cand_cols[good], k)
+    full = numpy.where(numpy.isnan(a[bad]), -numpy.inf, a[bad])  # (R', M)
+    idx[bad], vals[bad] = _select_in_candidates(full, numpy.broadcast_to(numpy.arange(M), full.shape), k)
+    return idx, vals
+
+
+# ----------------------------------------------------------------------------------------------
 # row-sparse products (NumPy fast path). A sparse (B, M) matrix is held as its N stored entries
 # in row-major order: rows (N,), cols (N,), values (N,), and rowptr (B + 1,) with the entries of
-# row b at rowptr[b]:rowptr[b+1]. Dense equivalents are given in each docstring; a test holds
-# the two equal. Each loops in Python over rows (B) or latents (M) and hands the inner work to
-# BLAS, which pays off when few entries are stored (about 1% of B*M for a trained SAE).
+# row b at rowptr[b]:rowptr[b+1]. Dense equivalents are given in each docstring.
+#
+# Each product has several implementations, chosen by `impl` (None = the fastest available):
+#   "loop"    the plain version: a Python loop over rows (or latents) handing each row to BLAS
+#             (numpy.dot). Readable, but from D ~ 2000 OpenBLAS wakes a second thread for every
+#             call, and on a busy machine every call then waits for it: 3-8x slower at D = 2304.
+#   "blas1"   the same loop with BLAS held to one thread (threadpoolctl, optional)
+#   "einsum"  the same loop with numpy.einsum, which never calls BLAS: NumPy only, one thread
+#   "scipy"   a compiled CSR product (scipy.sparse, optional), one thread, no Python loop
+# Measured (reference/bench_sparse.py, docs/benchmarks.md): scipy is fastest for A @ W and A.T @ E;
+# for the sampled product (no scipy equivalent) the one-thread BLAS loop, then einsum.
+# Tests hold every implementation equal to the dense products.
+
+SPARSE_IMPLS = ("loop", "blas1", "einsum", "scipy")
+_optional = {}
+
+
+def _scipy_sparse():
+    """scipy.sparse, or None when SciPy is not installed (pip install 'minisae[fast]')."""
+    if "scipy" not in _optional:
+        try:
+            import scipy.sparse
+            _optional["scipy"] = scipy.sparse
+        except ImportError:
+            _optional["scipy"] = None
+    return _optional["scipy"]
+
+
+def _blas_controller():
+    """A threadpoolctl controller for NumPy's BLAS, or None without threadpoolctl."""
+    if "threadpoolctl" not in _optional:
+        try:
+            from threadpoolctl import ThreadpoolController
+            _optional["threadpoolctl"] = ThreadpoolController()
+        except ImportError:
+            _optional["threadpoolctl"] = None
+    return _optional["threadpoolctl"]
+
+
+def _pick(impl, choices, what):
+    """The implementation to run: `impl` if given (checked), else the first available of choices."""
+    if impl is None:
+        for name in choices:
+            if name == "scipy" and _scipy_sparse() is None:
+                continue
+            if name == "blas1" and _blas_controller() is None:
+                continue
+            return name
+        return "loop"
+    if impl not in SPARSE_IMPLS:
+        raise ValueError(f"{what}: impl must be one of {SPARSE_IMPLS} or None, found {impl!r}")
+    if impl == "scipy" and _scipy_sparse() is None:
+        raise ValueError(f"{what}: impl='scipy' needs SciPy (pip install 'minisae[fast]')")
+    if impl == "blas1" and _blas_controller() is None:
+        raise ValueError(f"{what}: impl='blas1' needs threadpoolctl (pip install 'minisae[fast]')")
+    return impl
+
+
+def _one_blas_thread(impl):
+    """Context holding NumPy's BLAS to one thread for impl 'blas1'; does nothing otherwise."""
+    if impl == "blas1":
+        return _blas_controller().limit(limits=1, user_api="blas")
+    return contextlib.nullcontext()
 
 
 def sparse_from_mask(mask):
@@ -155,43 +297,70 @@ def sparse_from_mask(mask):
     return rows, cols, rowptr, flat
 
 
-def sparse_matmul(rowptr, cols, values, W):
-    """A @ W for sparse A (B, M) with W (M, D): dense result (B, D)."""
+def sparse_matmul(rowptr, cols, values, W, *, impl=None):
+    """A @ W for sparse A (B, M) with W (M, D): dense result (B, D). impl: see above."""
+    impl = _pick(impl, ("scipy", "blas1", "einsum"), "sparse_matmul")
     B = rowptr.shape[0] - 1
+    if impl == "scipy":
+        A = _scipy_sparse().csr_array((values, cols, rowptr), shape=(B, W.shape[0]))
+        return numpy.asarray(A @ W, dtype=W.dtype)  # (B, D)
     out = numpy.empty((B, W.shape[1]), dtype=W.dtype)  # (B, D)
     ptr = rowptr.tolist()
-    for b in range(B):
-        s, e = ptr[b], ptr[b + 1]
-        numpy.dot(values[s:e], W[cols[s:e]], out=out[b])  # (n,) @ (n, D) -> (D,)
+    with _one_blas_thread(impl):
+        for b in range(B):
+            s, e = ptr[b], ptr[b + 1]
+            if impl == "einsum":
+                numpy.einsum("n,nd->d", values[s:e], W[cols[s:e]], out=out[b])
+            else:
+                numpy.dot(values[s:e], W[cols[s:e]], out=out[b])  # (n,) @ (n, D) -> (D,)
     return out
 
 
-def sampled_matmul(rowptr, cols, E, W):
+def sampled_matmul(rowptr, cols, E, W, *, impl=None):
     """(E @ W.T)[rows, cols] for E (B, D) and W (M, D): only the stored entries, (N,)."""
+    impl = _pick(impl, ("blas1", "einsum"), "sampled_matmul")
+    if impl == "scipy":
+        raise ValueError("sampled_matmul: SciPy has no sampled product; use 'blas1', 'einsum' or 'loop'")
     out = numpy.empty(cols.shape[0], dtype=W.dtype)  # (N,)
     ptr = rowptr.tolist()
-    for b in range(rowptr.shape[0] - 1):
-        s, e = ptr[b], ptr[b + 1]
-        numpy.dot(W[cols[s:e]], E[b], out=out[s:e])  # (n, D) @ (D,) -> (n,)
+    with _one_blas_thread(impl):
+        for b in range(rowptr.shape[0] - 1):
+            s, e = ptr[b], ptr[b + 1]
+            if impl == "einsum":
+                numpy.einsum("nd,d->n", W[cols[s:e]], E[b], out=out[s:e])
+            else:
+                numpy.dot(W[cols[s:e]], E[b], out=out[s:e])  # (n, D) @ (D,) -> (n,)
     return out
 
 
-def sparse_t_matmul(rows, cols, n_cols, pairs):
+def sparse_t_matmul(rows, cols, n_cols, pairs, *, impl=None):
     """[A_k.T @ E_k for (A_k values (N,), E_k (B, D_k)) in pairs], all A_k sharing one pattern.
 
     Each result is dense (M, D_k) with M = n_cols. The entries are regrouped by column
-    (latent) once, then each latent's rows of E_k are gathered and weighted by its values.
+    (latent) once: that is A.T in CSR form. Then each latent's rows of E_k are gathered and
+    weighted by its values (loops), or one compiled CSR product per pair (scipy).
     """
+    impl = _pick(impl, ("scipy", "blas1", "einsum"), "sparse_t_matmul")
     order = numpy.argsort(cols, kind="stable")  # (N,)
     rows_c = rows[order]  # (N,)
-    colptr = numpy.searchsorted(cols[order], numpy.arange(n_cols + 1)).tolist()  # (M + 1,)
+    colptr = numpy.searchsorted(cols[order], numpy.arange(n_cols + 1))  # (M + 1,)
     vals_c = [values[order] for values, _ in pairs]  # each (N,)
+    if impl == "scipy":
+        sparse = _scipy_sparse()
+        B = pairs[0][1].shape[0] if pairs else 0
+        return [numpy.asarray(sparse.csr_array((v, rows_c, colptr), shape=(n_cols, B)) @ E,
+                              dtype=E.dtype) for v, (_, E) in zip(vals_c, pairs)]  # each (M, D_k)
     outs = [numpy.empty((n_cols, E.shape[1]), dtype=E.dtype) for _, E in pairs]  # each (M, D_k)
-    for i in range(n_cols):
-        s, e = colptr[i], colptr[i + 1]
-        r = rows_c[s:e]
-        for v, (_, E), out in zip(vals_c, pairs, outs):
-            numpy.dot(v[s:e], E[r], out=out[i])  # (n,) @ (n, D_k) -> (D_k,)
+    ptr = colptr.tolist()
+    with _one_blas_thread(impl):
+        for i in range(n_cols):
+            s, e = ptr[i], ptr[i + 1]
+            r = rows_c[s:e]
+            for v, (_, E), out in zip(vals_c, pairs, outs):
+                if impl == "einsum":
+                    numpy.einsum("n,nd->d", v[s:e], E[r], out=out[i])
+                else:
+                    numpy.dot(v[s:e], E[r], out=out[i])  # (n,) @ (n, D_k) -> (D_k,)
     return outs
 
 

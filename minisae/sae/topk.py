@@ -12,7 +12,8 @@ Nd dead latents, Ka = k' = min(aux_k, Nd) kept per token among the dead ones.
     loss  = mean_b sum_d (x - xhat)^2 + alpha * mean_b sum_d (e - ehat)^2
 
 The AuxK term is zero when no latent is dead (dead_mask None or all False). TopK and ReLU pass
-gradient only through the kept entries; ties at the k-th value are broken by argpartition.
+gradient only through the kept entries; among entries tied at the k-th value the lowest
+columns are kept (`minisae.sae.common.top_k`, exact, without partitioning whole rows).
 The derivation, line by line, is docs/derivations/topk.md.
 
 `forward` + `backward` are the plain, dense reference. `forward_backward` and `loss_and_grads`
@@ -25,7 +26,7 @@ import numpy
 from minisae.sae.common import (as_input, check_params, column_sums, decode, fire_counts,
                                 geometric_median, init_dictionary, sampled_matmul, scalar,
                                 sparse_fire_counts, sparse_matmul, sparse_t_matmul,
-                                squared_error, squared_error_backward)
+                                squared_error, squared_error_backward, top_k)
 from minisae.xp import xp_of
 
 ARCHITECTURE = "topk"
@@ -59,11 +60,8 @@ def _check_k(k, n, what):
 
 def topk_rows(pi, k):
     """(idx, vals): column indices (B, K) and values (B, K) of the k largest entries of each row
-    of pi (B, M), in no particular order."""
-    xp = xp_of(pi)
-    M = pi.shape[1]
-    idx = xp.argpartition(pi, M - k, axis=1)[:, M - k:]  # (B, K)
-    return idx, xp.take_along_axis(pi, idx, axis=1)  # (B, K), (B, K)
+    of pi (B, M), ties to the lowest columns, columns ascending (`common.top_k`)."""
+    return top_k(pi, k)  # (B, K), (B, K)
 
 
 def _scatter_rows(values, idx, n_cols):

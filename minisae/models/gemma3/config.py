@@ -25,7 +25,6 @@ Keys a file leaves out take transformers' Gemma3TextConfig defaults (DEFAULTS be
 text_config relies on. With neither layer_types nor a pattern, every 6th layer is global (5, 11, ...).
 """
 
-import json
 import pathlib
 from dataclasses import dataclass
 
@@ -147,16 +146,14 @@ class Gemma3Config(Gemma2Config):
     @classmethod
     def from_file(cls, path):
         """Read a config.json file (or the config.json inside a folder)."""
+        from minisae.io.files import read_json  # size- and depth-limited, one-line errors
+
         path = pathlib.Path(path)
         if path.is_dir():
             path = path / "config.json"
-        try:
-            d = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise ConfigError(f"{path}: no such file (a Gemma 3 checkpoint folder needs config.json)") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ConfigError(f"{path}: not valid JSON ({e})") from None
-        return cls.from_dict(d, source=str(path))
+        if not path.is_file():
+            raise ConfigError(f"{path}: no such file (a Gemma 3 checkpoint folder needs config.json)")
+        return cls.from_dict(read_json(path, expect=None, error=ConfigError), source=str(path))
 
     def to_dict(self):
         """A text-only config.json-style dict (newer layout) that from_dict reads back unchanged."""
