@@ -87,6 +87,7 @@ def _model_args(p, *, required=False, text_help="text files (.txt: blank-line se
 def _load_model(a, xp):
     from minisae.models import load_model, load_tokenizer
 
+    _check_files_exist(getattr(a, "text", None) or [], "--text")  # before minutes of model loading
     model = load_model(a.model, xp=xp, revision=a.revision)  # Gemma 2 or Gemma 3, from config.json
     tokenizer = load_tokenizer(a.tokenizer or a.model)
     return model, tokenizer
@@ -368,6 +369,7 @@ def cmd_eval(a):
     from minisae.io.saefile import SAE
     from minisae.xp import get_xp
 
+    _check_files_exist(a.text or [], "--text")  # before the SAE (maybe from the Hub) and the model load
     if a.json and Path(a.json).exists() and not a.overwrite:
         raise OutputExistsError(f"{a.json}: exists; pass --overwrite to replace it")
     xp = get_xp(a.backend)
@@ -433,6 +435,8 @@ def cmd_compare(a):
         cfg.lr = {v: a.lr for v in cfg.lr}
     kw = {}
     check_output_dir(a.out, "compare report", is_own=is_compare_folder)
+    if a.eval_text and not a.model:
+        raise InputError("--eval-text scores delta LM loss and needs --model, --site and --text")
     if a.model:
         if not (a.site and a.text):
             raise InputError("--model needs --site and --text")
@@ -462,9 +466,11 @@ def cmd_compare(a):
 
 
 def cmd_cache(a):
-    from minisae.data.activations import cache_activations
+    from minisae.data.activations import cache_activations, is_cache_folder
+    from minisae.io.files import check_output_dir
     from minisae.xp import get_xp
 
+    check_output_dir(a.out, "activation cache", is_own=is_cache_folder)  # before the model is loaded
     model, tokenizer = _load_model(a, get_xp(a.backend))
     man = cache_activations(model, tokenizer, a.text, a.site, a.out, seq_len=a.seq_len, batch_size=a.batch_size,
                             max_tokens=a.max_tokens, shard_tokens=a.shard_tokens, resume=not a.no_resume, overwrite=a.overwrite,

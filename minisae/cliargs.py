@@ -51,8 +51,8 @@ def show_defaults(parser):
                 action.help = "(default: %(default)s)"
 
 
-# dest -> (kind, low, high, low inclusive); kind "int" or "float"; None bounds are open.
-# A list-valued option (the compare sweep) has each element checked.
+# dest (or (command, dest) where one command differs) -> (kind, low, high, low inclusive);
+# kind "int" or "float"; None bounds are open. A list-valued option (the sweep) has each element checked.
 RANGES = {
     "d_sae": ("int", 1, None, True), "k": ("int", 1, None, True), "aux_k": ("int", 1, None, True),
     "steps": ("int", 1, None, True), "tokens": ("int", 1, None, True), "batch_size": ("int", 1, None, True),
@@ -70,6 +70,7 @@ RANGES = {
     "max_freq": ("float", 0, 1, False), "noise_std": ("float", 0, None, True),
     "offset_norm": ("float", 0, None, True), "target_l0": ("float", 0, None, False),
     "threshold_init": ("float", 0, None, False), "freq_coeff": ("float", 0, None, True),
+    ("eval", "eval_tokens"): ("int", 1, None, True),  # train: 0 = no final evaluation
     "freq_target": ("float", 0, 1, True), "threshold_rate": ("float", 0, 1, False),
     "shards": ("int", 1, None, True), "accumulate": ("int", 1, None, True), "jumprelu": ("float", 0, None, True), "gated": ("float", 0, None, True),
     "targets": ("float", 0, None, False), "seeds": ("int", 1, None, True), "threshold_lr_mult": ("float", 0, None, False),
@@ -94,8 +95,10 @@ def _describe(kind, low, high, low_incl):
 
 def check_values(parser, a):
     """Raise InputError for the first option of namespace `a` outside its RANGES entry."""
-    names = _flag_names(parser, getattr(a, "command", None))
-    for dest, (kind, low, high, low_incl) in RANGES.items():
+    command = getattr(a, "command", None)
+    names = _flag_names(parser, command)
+    for dest in [d for d in RANGES if isinstance(d, str)]:
+        kind, low, high, low_incl = RANGES.get((command, dest), RANGES[dest])
         values = getattr(a, dest, None)
         if values is None or dest not in names:
             continue

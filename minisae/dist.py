@@ -34,11 +34,13 @@ import sys
 
 import numpy
 
+from minisae.errors import DependencyError, InputError, MinisaeError
+
 MPI_ENV = ("PMI_SIZE", "PMI_RANK", "OMPI_COMM_WORLD_SIZE", "MPI_LOCALNRANKS")
 
 
-class DistError(RuntimeError):
-    """A distributed run cannot start or go on (missing package, ranks that disagree)."""
+class DistError(MinisaeError, RuntimeError):
+    """A distributed run cannot go on (ranks that disagree)."""
 
 
 def ordered_sum(parts):
@@ -64,7 +66,7 @@ def world(backend="auto", *, deterministic=True):
     "mpi", or "nccl" (CuPy buffers; bootstrapped over MPI).
     """
     if backend not in ("auto", "single", "mpi", "nccl"):
-        raise ValueError(f"dist backend: expected 'auto', 'single', 'mpi' or 'nccl', found {backend!r}")
+        raise InputError(f"dist backend: expected 'auto', 'single', 'mpi' or 'nccl', found {backend!r}")
     if backend == "single" or (backend == "auto" and launched_by_mpiexec() == 1):
         return SingleProcess()
     mpi = MPIComm(_mpi4py().COMM_WORLD, deterministic=deterministic)
@@ -77,7 +79,7 @@ def _mpi4py():
     try:
         from mpi4py import MPI
     except ImportError as e:
-        raise DistError(f"this run was started by mpiexec (or asked for MPI) but mpi4py cannot be "
+        raise DependencyError(f"this run was started by mpiexec (or asked for MPI) but mpi4py cannot be "
                         f"imported ({e}); install the dist extra: pip install 'minisae[dist]'") from None
     return MPI
 
@@ -142,6 +144,34 @@ class Comm:
     def any(self, mask):
         """Elementwise OR over ranks of a boolean array."""
         return self.sum(mask.astype("int32")) > 0
+
+    def on_root(self, fn, root=0):
+        """fn() run on rank root alone; its (small, picklable) result, or the error it raised, is
+        broadcast, so every rank returns the result or raises the error: no rank is left waiting
+        in a collective for a rank that failed."""
+        result, error = None, None
+        if self.rank == root:
+            try:
+                result = fn()
+            except Exception as e:  # handed to every rank below
+                error = e
+        result, error = self.bcast_obj((result, error), root)
+        if error is not None:
+            raise error
+        return result
+
+    def together(self, fn):
+        """fn() run on every rank; if any rank raised, every rank raises (its own error, else the
+        first rank's), so no rank is left waiting for a rank that failed."""
+        result, error = None, None
+        try:
+            result = fn()
+        except Exception as e:  # compared with the other ranks' below
+            error = e
+        errors = [e for e in self.allgather_obj(error) if e is not None]
+        if errors:
+            raise error if error is not None else errors[0]
+        return result
 
     def check_same(self, value, what):
         """Raise DistError on every rank unless every rank passes an equal (JSON-able) value."""
@@ -271,7 +301,7 @@ class NCCLComm(Comm):
             cupy = get_xp("cupy")
             from cupy.cuda import nccl
         except (ImportError, RuntimeError) as e:
-            raise DistError(f"the nccl dist backend needs CuPy with NCCL ({e}); "
+            raise DependencyError(f"the nccl dist backend needs CuPy with NCCL ({e}); "
                             "install the gpu extra, or use the mpi backend on NumPy") from None
         self.cupy, self.nccl, self.mpi = cupy, nccl, mpi
         self.rank, self.size, self.deterministic = mpi.rank, mpi.size, deterministic

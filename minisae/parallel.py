@@ -2,26 +2,17 @@
 
     mpiexec -n 4 minisae train --arch topk --k 32 --d-sae 65536 --shards 2 --steps 1000 --out run/
 
-P = R * S processes form a grid; rank = r * S + s holds replica r's copy of shard s: the latents
-[lo_s, hi_s) (a contiguous slice of M), i.e. W_enc[:, lo:hi], W_dec[lo:hi], every per-latent
-vector, their Adam moments and dead-latent counters, plus b_dec (replicated). One step:
+P = R * S processes form a grid (minisae.sharded: the grid, the S-independent init and the
+sharded step); rank = r * S + s holds replica r's copy of shard s and its Adam moments and
+dead-latent counters. One step of `train_parallel`:
 
   1. replica r reads its rows of the step's batch (rows r*B/R ... (r+1)*B/R): its shard-0 rank
      reads them and broadcasts them to the replica's other shards;
-  2. each shard encodes with its own latents (TopK: local top-k, then an all-gather of the
-     S candidate lists picks the global top-k, as OpenAI did) and decodes a partial
-     reconstruction f_s @ W_dec_s; one sum over the shard group gives xhat (B, D);
-  3. the variant's own backward runs on the shard with the global error x - xhat; b_dec's
-     gradient gets its sum over shards; everything else is shard-local;
-  4. gradients are summed over the replica group in rank order (minisae.dist: bitwise the same
+  2. each of its `accumulate` micro-batches goes through `sharded.shard_forward_backward`
+     (the shard group's sums inside), and the micro-batches' gradients are added in order;
+  3. gradients are summed over the replica group in rank order (minisae.dist: bitwise the same
      as one process accumulating the R micro-batches in rank order), "fired" is OR-ed;
-  5. Adam and the unit-norm decoder constraint run locally (both are per latent).
-
-The parameters at init do not depend on S: the dictionary is drawn in chunks of INIT_CHUNK latents,
-chunk c from the generator seeded (seed, c) (`init_shard`). A sharded run therefore agrees with the
-unsharded one (S = 1) up to floating-point rounding (the sum over shards adds in another order;
-tests/test_dist.py holds it within float32 rounding, and 1e-12 in float64). It is not bitwise equal
-to `minisae.train.train`, whose init draws the whole dictionary from one generator.
+  4. Adam and the unit-norm decoder constraint run locally (both are per latent).
 
 Checkpoints (`save_sharded` / `load_sharded`): folder out_dir/checkpoint/ holds step-NNNNNNNN/
 shard-SSSSS.safetensors (one per shard, written by replica 0's ranks; replicas are bitwise
@@ -29,8 +20,8 @@ identical) and checkpoint.json, written last, atomically, naming the step folder
 folders are removed after it. Loading reads any latent range from the files that overlap it, so a
 run resumes on another S (resharding; `reshard` writes a converted copy).
 
-Legend: B tokens in the step's batch, b = B / R per replica, D d_in, M d_sae, m = hi - lo latents
-on this shard, K top-k, P ranks, R replicas, S shards.
+Legend: B tokens in the step's batch, b per micro-batch, D d_in, M d_sae, m = hi - lo latents on
+this shard, P ranks, R replicas, S shards, A micro-batches per rank.
 """
 
 import dataclasses
@@ -43,317 +34,16 @@ from pathlib import Path
 import numpy
 
 from minisae import dist, optim
-from minisae.errors import OutputExistsError
+from minisae.errors import InputError, OutputExistsError
 from minisae.io.files import check_output_dir, make_dir, write_atomic
 from minisae.io.safetensors_io import SafetensorsError, SafetensorsFile, save_file
 from minisae.sae import VARIANTS
-from minisae.sae.common import squared_error, squared_error_backward, unit_rows
-from minisae.sae.topk import _scatter_rows, topk_rows
-from minisae.xp import asarray, get_xp, to_numpy, xp_of
+from minisae.sharded import _sum_scalars, init_shard, latent_range, make_grid, shard_forward_backward
+from minisae.xp import asarray, get_xp, to_numpy
 
-INIT_CHUNK = 4096  # latents per init chunk (each drawn from its own seeded generator)
 CHECKPOINT_DIR = "checkpoint"
 MANIFEST_NAME = "checkpoint.json"
 MANIFEST_FORMAT = "minisae-sharded-checkpoint-1"
-
-
-# ----------------------------------------------------------------------------------------------
-# the grid
-
-
-@dataclasses.dataclass
-class Grid:
-    """This rank's place: replica r of R, shard s of S; `shard` spans the S ranks of replica r,
-    `replica` the R ranks holding shard s; latents [lo, hi) of M."""
-    world: object
-    shard: object
-    replica: object
-    r: int
-    R: int
-    s: int
-    S: int
-    lo: int
-    hi: int
-
-
-def latent_range(M, S, s):
-    """[lo, hi) of shard s: contiguous, sizes differing by at most one."""
-    return s * M // S, (s + 1) * M // S
-
-
-def make_grid(world, shards, d_sae):
-    P, S = world.size, int(shards)
-    if S < 1 or P % S != 0:
-        raise ValueError(f"shards: expected a divisor of the {P} processes, found {shards}")
-    if d_sae < S:
-        raise ValueError(f"shards: cannot split d_sae={d_sae} latents into {S} shards")
-    r, s = divmod(world.rank, S)
-    lo, hi = latent_range(d_sae, S, s)
-    return Grid(world, world.split(r, s), world.split(s, r), r, P // S, s, S, lo, hi)
-
-
-# ----------------------------------------------------------------------------------------------
-# initialisation, independent of S
-
-
-def init_dictionary_chunked(d_in, lo, hi, *, seed, dtype):
-    """Rows [lo, hi) of the (M, D) decoder: He-uniform then unit rows, chunk c of INIT_CHUNK rows
-    drawn by numpy.random.default_rng((seed, c)). Drawn in float64 one chunk at a time; (m, D)."""
-    bound = math.sqrt(6.0 / d_in)
-    out = numpy.empty((hi - lo, d_in), dtype=dtype)  # (m, D)
-    for c in range(lo // INIT_CHUNK, -(-hi // INIT_CHUNK)):
-        c_lo, c_hi = c * INIT_CHUNK, (c + 1) * INIT_CHUNK
-        rows = unit_rows(numpy.random.default_rng((seed, c)).uniform(-bound, bound, (INIT_CHUNK, d_in)))
-        a, b = max(lo, c_lo), min(hi, c_hi)
-        out[a - lo:b - lo] = rows[a - c_lo:b - c_lo]
-    return out
-
-
-def init_shard(cfg, d_in, lo, hi, xp, b_dec=None):
-    """Training-form parameters of latents [lo, hi): W_dec chunk-keyed, W_enc = W_dec^T, every
-    per-latent vector at its variant's init value (JumpReLU: threshold_init, threshold_param),
-    b_dec given or 0."""
-    from minisae.train import param_names
-
-    mod = VARIANTS[cfg.architecture]
-    kw = {}
-    if cfg.architecture == "jumprelu":
-        kw = dict(threshold_param=cfg.threshold_param, threshold_init=cfg.threshold_init or mod.THRESHOLD_INIT)
-    one = mod.init(d_in, 1, seed=0, dtype=cfg.dtype, **kw)  # the variant's init values, one latent
-    W_dec = init_dictionary_chunked(d_in, lo, hi, seed=cfg.seed, dtype=cfg.dtype)  # (m, D)
-    params = {}
-    for name in param_names(cfg):
-        if name == "W_dec":
-            params[name] = asarray(W_dec, xp)  # (m, D)
-        elif name == "W_enc":
-            params[name] = asarray(numpy.ascontiguousarray(W_dec.T), xp)  # (D, m)
-        elif name == "b_dec":
-            params[name] = asarray(numpy.zeros(d_in) if b_dec is None else b_dec, xp, cfg.dtype)  # (D,)
-        else:
-            params[name] = xp.full((hi - lo,), float(one[name][0]), dtype=cfg.dtype)  # (m,)
-    return params
-
-
-# ----------------------------------------------------------------------------------------------
-# one micro-batch on one shard: forward, the shard-group sums, the variant's backward
-
-
-def shard_forward_backward(arch, params, x, hyper, comm, lo=0, d_sae=None):
-    """(stats, grads, fired) of the variant's loss on x (b, D) with this shard's latents
-    [lo, lo + m) of d_sae (lo, d_sae: only BatchTopK needs them, for its global order and prefixes).
-
-    comm is the shard group (size S). stats: loss, mse, l0 (Python floats, over all latents;
-    BatchTopK adds min_kept); grads: this shard's gradients (b_dec's summed over shards);
-    fired: (m,) bool. With S = 1 this is the variant's own forward and backward, bit for bit."""
-    if arch == "topk":
-        return _topk(params, x, hyper, comm)
-    mod = VARIANTS[arch]
-    if arch == "batchtopk":
-        if comm.size > 1:
-            return _batchtopk(params, x, hyper, comm, lo, d_sae)
-        out, cache = mod.forward(params, x, **hyper)
-        stats = {k: float(to_numpy(out[k])) for k in ("loss", "mse", "l0", "min_kept")}
-        return stats, mod.backward(params, cache), (out["f"] != 0).any(axis=0)
-    if comm.size > 1 and hyper.get("penalty", "l0") != "l0":
-        raise ValueError(f"the {hyper['penalty']} penalty couples every latent of a token (its total L0); "
-                         "it cannot be split over latent shards: train it with --shards 1")
-    if comm.size > 1 and hyper.get("prefixes") is not None:
-        raise ValueError("a Matryoshka loss sums reconstructions from latent prefixes; it cannot be split "
-                         "over latent shards: train it with --shards 1")
-    out, cache = mod.forward(params, x, **hyper)
-    xp = xp_of(x)
-    b_dec = params["b_dec"]
-    parts = [out["xhat"]] + ([x - cache["err_frozen"]] if arch == "gated" else [])  # each (b, D)
-    if comm.size > 1:  # sum the partial reconstructions f_s @ W_dec_s over shards, b_dec once
-        summed = comm.sum(xp.stack(parts) - b_dec) + b_dec  # (1 or 2, b, D)
-        cache["err"] = x - summed[0]  # (b, D)
-        if arch == "gated":
-            cache["err_frozen"] = x - summed[1]  # (b, D)
-    grads = mod.backward(params, cache)
-    mse = float(to_numpy((cache["err"] ** 2).sum())) / x.shape[0]
-    # the penalties are sums over latents (JumpReLU: lambda L0 and the frequency penalty; Gated:
-    # lambda L1), so their shard parts add up
-    if arch == "jumprelu":
-        counts = [float(to_numpy(out["l0"])), float(to_numpy(out["loss"])) - float(to_numpy(out["mse"]))]
-    else:
-        counts = [float(to_numpy(out["l0"])), hyper["sparsity_coeff"] * float(to_numpy(out["l1"]))]
-    counts = _sum_scalars(comm, counts)
-    stats = {"mse": mse, "l0": counts[0]}
-    if arch == "jumprelu":
-        stats["loss"] = mse + counts[1] if comm.size > 1 else float(to_numpy(out["loss"]))
-    else:
-        aux = float(to_numpy((cache["err_frozen"] ** 2).sum())) / x.shape[0]
-        stats["loss"] = mse + counts[1] + aux
-    _fix_b_dec(grads, cache["err"], comm)
-    return stats, grads, (out["f"] != 0).any(axis=0)
-
-
-def _sum_scalars(comm, values):
-    if comm.size == 1:
-        return values
-    return [float(v) for v in comm.sum(numpy.asarray(values, dtype=numpy.float64))]
-
-
-def _fix_b_dec(grads, err, comm, dsum=None):
-    """b_dec's gradient from every shard: backward gave dxhat.sum(0) - u_s, u_s = W_enc_s @ (the
-    shard's summed pre-activation gradient); the full one is dxhat.sum(0) - sum_s u_s."""
-    if comm.size == 1:
-        return
-    if dsum is None:
-        dsum = squared_error_backward(err).sum(axis=0)  # (D,), the same on every shard
-    grads["b_dec"] = dsum - comm.sum(dsum - grads["b_dec"])  # (D,)
-
-
-def _global_topk(vals, k, comm):
-    """This shard's part of each row's k largest over all shards.
-
-    vals (b, m) are this shard's candidates. Returns idx (b, w) local columns, w = min(k, m),
-    and their values (b, w), set to -inf where the entry is not among the row's global top k.
-    Each shard sends its top w (padded to k with -inf) to all; every rank picks the same k."""
-    xp = xp_of(vals)
-    b, m = vals.shape
-    w = min(k, m)
-    if w > 0:
-        idx, v = topk_rows(vals, w)  # (b, w), (b, w)
-    else:  # no candidates here (no dead latent on this shard): still take part in the gather
-        idx, v = xp.zeros((b, 0), dtype=xp.int64), vals[:, :0]
-    if comm.size == 1:
-        return idx, v
-    padded = xp.full((b, k), -xp.inf, dtype=vals.dtype)  # (b, k)
-    padded[:, :w] = v
-    every = comm.allgather(padded)  # (S, b, k)
-    cat = every.transpose(1, 0, 2).reshape(b, comm.size * k)  # (b, S*k)
-    pos, _ = topk_rows(cat, k)  # (b, k) positions in cat
-    mine = (pos >= comm.rank * k) & (pos < comm.rank * k + w)  # (b, k)
-    keep = xp.zeros((b, w), dtype=bool)  # (b, w)
-    rows = xp.broadcast_to(xp.arange(b)[:, None], pos.shape)  # (b, k)
-    keep[rows[mine], pos[mine] - comm.rank * k] = True
-    return idx, xp.where(keep, v, -xp.inf)
-
-
-def _auxk_start(pi, dead_mask, aux_k, W_dec, comm):
-    """AuxK over shards, first half: the global top-k' of the dead latents per token and this
-    shard's partial reconstruction of the error from them (parts: [] when no latent is dead)."""
-    xp = xp_of(pi)
-    dead = xp.flatnonzero(dead_mask) if dead_mask is not None else xp.zeros((0,), dtype=xp.int64)
-    n_dead = int(_sum_scalars(comm, [float(dead.shape[0])])[0])
-    if n_dead == 0:
-        return {"n_dead": 0, "parts": []}
-    aux_idx, aux_vals = _global_topk(pi[:, dead], min(aux_k, n_dead), comm)  # (b, wa), (b, wa)
-    z_aux = _scatter_rows(xp.maximum(aux_vals, 0.0), aux_idx, dead.shape[0])  # (b, Nd_s)
-    return {"n_dead": n_dead, "dead": dead, "z_aux": z_aux, "aux_idx": aux_idx, "aux_vals": aux_vals,
-            "parts": [z_aux @ W_dec[dead]]}  # (b, Nd_s) @ (Nd_s, D) -> (b, D), no bias
-
-
-def _auxk_finish(auxk, err, summed):
-    """AuxK, second half: (aux, the AuxK cache topk.backward reads, None without local dead
-    latents) from the global error and the summed reconstruction of it."""
-    if auxk["n_dead"] == 0:
-        return 0.0, None
-    aux, err_aux = squared_error(err, summed[0])
-    if auxk["dead"].shape[0] == 0:
-        return aux, None
-    return aux, {**{k: auxk[k] for k in ("dead", "z_aux", "aux_idx", "aux_vals")}, "err_aux": err_aux}
-
-
-def _global_batch_topk_mask(pi, n_keep, comm, lo, d_sae):
-    """This shard's part (b, m) of batchtopk.batch_topk_mask over all shards' latents: the n_keep
-    largest entries of the whole (b, M) matrix, ties at the n_keep-th value kept in row-major order
-    of the global matrix. Each shard sends its n_keep largest values; all pick the same cut."""
-    xp = xp_of(pi)
-    flat = pi.reshape(-1)  # (b*m,)
-    size = flat.shape[0]
-    cand = xp.full((n_keep,), -xp.inf, dtype=pi.dtype)  # (N,)
-    w = min(n_keep, size)
-    if w > 0:
-        cand[:w] = xp.partition(flat, size - w)[size - w:]
-    every = comm.allgather(cand).reshape(-1)  # (S*N,)
-    v = xp.partition(every, every.shape[0] - n_keep)[every.shape[0] - n_keep]  # the N-th largest of all
-    keep = flat > v  # (b*m,)
-    short = n_keep - int(comm.sum(numpy.array([int(xp.count_nonzero(keep))], dtype=numpy.int64))[0])
-    if short > 0:  # ties at v: the first `short` in the global row-major order (row, global latent)
-        b, m = pi.shape
-        tied = xp.flatnonzero(flat == v)  # (t,)
-        keys = (tied // m) * d_sae + lo + tied % m  # (t,) global row-major positions
-        counts = comm.allgather(numpy.array([int(tied.shape[0])], dtype=numpy.int64))[:, 0]
-        padded = xp.full((int(counts.max()),), numpy.iinfo(numpy.int64).max, dtype=xp.int64)
-        padded[:tied.shape[0]] = keys
-        chosen = xp.sort(comm.allgather(padded).reshape(-1))[:short]  # (short,)
-        keep[tied[xp.isin(keys, chosen)]] = True
-    return keep.reshape(pi.shape)
-
-
-def _batchtopk(params, x, hyper, comm, lo, d_sae):
-    """BatchTopK (optionally Matryoshka) with AuxK over shards: the global batch selection of
-    `_global_batch_topk_mask`, one partial reconstruction per prefix summed over shards, then the
-    cache batchtopk.backward reads, with the prefixes cut to this shard's latents."""
-    from minisae.sae import batchtopk
-    from minisae.sae.common import check_prefixes, prefix_decoder_gradients
-
-    xp = xp_of(x)
-    W_enc, W_dec, b_dec = params["W_enc"], params["W_dec"], params["b_dec"]
-    b, m = x.shape[0], W_enc.shape[1]
-    n_keep = batchtopk.n_kept(hyper["k"], b, d_sae)
-    prefixes = check_prefixes(hyper.get("prefixes"), d_sae, "batchtopk")
-    local = [min(max(p, lo), lo + m) - lo for p in prefixes]  # each prefix cut to [lo, lo + m)
-    x_c = x - b_dec  # (b, D)
-    pi = x_c @ W_enc + params["b_enc"]  # (b, D) @ (D, m) -> (b, m)
-    passes = _global_batch_topk_mask(pi, n_keep, comm, lo, d_sae) & (pi > 0.0)  # (b, m)
-    z = xp.where(passes, pi, 0.0)  # (b, m)
-    parts, acc, start = [], xp.zeros_like(x), 0
-    for end in local:  # partial reconstruction of each prefix from this shard's latents
-        acc = acc + z[:, start:end] @ W_dec[start:end]  # (b, D)
-        parts.append(acc)
-        start = end
-    auxk = _auxk_start(pi, hyper.get("dead_mask"), int(hyper["aux_k"]), W_dec, comm)
-    summed = comm.sum(xp.stack(parts + auxk["parts"]))  # (P + 0 or 1, b, D)
-    errs = [x - (summed[j] + b_dec) for j in range(len(prefixes))]  # each (b, D)
-    total = sum(float(to_numpy((e * e).sum())) for e in errs) / b
-    mse = float(to_numpy((errs[-1] * errs[-1]).sum())) / b
-    aux, aux_cache = _auxk_finish(auxk, errs[-1], summed[len(prefixes):])
-    aux_coeff = float(hyper["aux_coeff"])
-    cache = {"x_c": x_c, "z": z, "passes": passes, "errs": errs, "prefixes": local, "aux_coeff": aux_coeff,
-             "aux": aux_cache}
-    grads = batchtopk.backward(params, cache)
-    _fix_b_dec(grads, None, comm, dsum=prefix_decoder_gradients(errs, prefixes)[0].sum(axis=0))
-    kept = z[passes]
-    low = float(to_numpy(kept.min())) if kept.size else math.inf
-    low = float(comm.allgather(numpy.array([low]))[:, 0].min())
-    l0 = _sum_scalars(comm, [float(to_numpy(xp.count_nonzero(z)))])[0] / b
-    stats = {"loss": total + aux_coeff * float(to_numpy(aux)), "mse": mse, "l0": l0,
-             "min_kept": low if math.isfinite(low) else math.nan}
-    return stats, grads, (z != 0).any(axis=0)
-
-
-def _topk(params, x, hyper, comm):
-    """TopK with AuxK over shards: the global top-k (and top-k' of the dead latents) chosen by
-    `_global_topk`, then the cache topk.backward reads, built from this shard's entries."""
-    from minisae.sae import topk
-
-    xp = xp_of(x)
-    k, aux_k, aux_coeff = int(hyper["k"]), int(hyper["aux_k"]), float(hyper["aux_coeff"])
-    dead_mask = hyper.get("dead_mask")
-    W_enc, W_dec, b_dec = params["W_enc"], params["W_dec"], params["b_dec"]
-    b, m = x.shape[0], W_enc.shape[1]
-    x_c = x - b_dec  # (b, D)
-    pi = x_c @ W_enc + params["b_enc"]  # (b, D) @ (D, m) -> (b, m)
-    idx, vals = _global_topk(pi, k, comm)  # (b, w), (b, w)
-    z = _scatter_rows(xp.maximum(vals, 0.0), idx, m)  # (b, m)
-    parts = [z @ W_dec]  # (b, D) partial reconstruction
-    auxk = _auxk_start(pi, dead_mask, aux_k, W_dec, comm)
-    parts += auxk["parts"]
-    summed = comm.sum(xp.stack(parts)) if comm.size > 1 else parts  # (1 or 2, b, D)
-    xhat = summed[0] + b_dec  # (b, D)
-    mse, err = squared_error(x, xhat)
-    aux, aux_cache = _auxk_finish(auxk, err, summed[1:])
-    cache = {"x_c": x_c, "z": z, "idx": idx, "vals": vals, "err": err, "aux_coeff": aux_coeff,
-             "aux": aux_cache}
-    grads = topk.backward(params, cache)
-    _fix_b_dec(grads, err, comm)
-    l0 = _sum_scalars(comm, [float(to_numpy(xp.count_nonzero(z)))])[0] / b
-    mse, aux = float(to_numpy(mse)), float(to_numpy(aux))
-    return {"loss": mse + aux_coeff * aux, "mse": mse, "l0": l0}, grads, (z != 0).any(axis=0)
-
 
 # ----------------------------------------------------------------------------------------------
 # sharded checkpoints
@@ -372,30 +62,34 @@ def save_sharded(ckdir, grid, state, cfg):
     it no longer names are removed."""
     ckdir = Path(ckdir)
     step_dir = f"step-{state['step']:08d}"
-    if grid.r == 0:
-        (ckdir / step_dir).mkdir(parents=True, exist_ok=True)
-        tensors = {"since_fired": to_numpy(state["since_fired"])}
-        for k, v in state["params"].items():
-            tensors[f"params.{k}"] = to_numpy(v)
-            tensors[f"adam_m.{k}"] = to_numpy(state["adam"]["m"][k])
-            tensors[f"adam_v.{k}"] = to_numpy(state["adam"]["v"][k])
-        info = {"format": MANIFEST_FORMAT, "lo": grid.lo, "hi": grid.hi, "step": state["step"]}
-        save_file(tensors, ckdir / step_dir / f"shard-{grid.s:05d}.safetensors",
-                  metadata={"minisae": json.dumps(info)})
-    grid.world.barrier()
-    if grid.world.rank == 0:
-        shards = [{"file": f"{step_dir}/shard-{s:05d}.safetensors", "lo": lo, "hi": hi}
-                  for s, (lo, hi) in enumerate(latent_range(cfg.d_sae, grid.S, s) for s in range(grid.S))]
-        manifest = {"format": MANIFEST_FORMAT, "step": state["step"], "adam_step": int(state["adam"]["step"]),
-                    "batchtopk_threshold": float(state.get("batchtopk_threshold", 0.0)),
-                    "threshold_updates": int(state.get("threshold_updates", 0)),
-                    "scale": state["scale"], "d_sae": cfg.d_sae, "d_in": int(state["params"]["b_dec"].shape[0]),
-                    "replicas": grid.R, "shards": shards, "config": dataclasses.asdict(cfg)}
-        _write_text_atomic(ckdir / MANIFEST_NAME, json.dumps(manifest, indent=1) + "\n")
-        for old in ckdir.glob("step-*"):
-            if old.name != step_dir:
-                shutil.rmtree(old, ignore_errors=True)
-    grid.world.barrier()
+    grid.world.together(lambda: _write_shard(ckdir, step_dir, grid, state) if grid.r == 0 else None)
+    grid.world.on_root(lambda: _write_manifest(ckdir, step_dir, grid, state, cfg))
+
+
+def _write_shard(ckdir, step_dir, grid, state):
+    make_dir(ckdir / step_dir)
+    tensors = {"since_fired": to_numpy(state["since_fired"])}
+    for k, v in state["params"].items():
+        tensors[f"params.{k}"] = to_numpy(v)
+        tensors[f"adam_m.{k}"] = to_numpy(state["adam"]["m"][k])
+        tensors[f"adam_v.{k}"] = to_numpy(state["adam"]["v"][k])
+    info = {"format": MANIFEST_FORMAT, "lo": grid.lo, "hi": grid.hi, "step": state["step"]}
+    save_file(tensors, ckdir / step_dir / f"shard-{grid.s:05d}.safetensors",
+              metadata={"minisae": json.dumps(info)})
+
+
+def _write_manifest(ckdir, step_dir, grid, state, cfg):
+    shards = [{"file": f"{step_dir}/shard-{s:05d}.safetensors", "lo": lo, "hi": hi}
+              for s, (lo, hi) in enumerate(latent_range(cfg.d_sae, grid.S, s) for s in range(grid.S))]
+    manifest = {"format": MANIFEST_FORMAT, "step": state["step"], "adam_step": int(state["adam"]["step"]),
+                "batchtopk_threshold": float(state.get("batchtopk_threshold", 0.0)),
+                "threshold_updates": int(state.get("threshold_updates", 0)),
+                "scale": state["scale"], "d_sae": cfg.d_sae, "d_in": int(state["params"]["b_dec"].shape[0]),
+                "replicas": grid.R, "shards": shards, "config": dataclasses.asdict(cfg)}
+    _write_text_atomic(ckdir / MANIFEST_NAME, json.dumps(manifest, indent=1) + "\n")
+    for old in ckdir.glob("step-*"):
+        if old.name != step_dir:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def read_manifest(ckdir):
@@ -470,7 +164,7 @@ def reshard(src_run, dst_run, shards):
     src, dst = Path(src_run) / CHECKPOINT_DIR, Path(dst_run) / CHECKPOINT_DIR
     man = read_manifest(src)
     if int(shards) < 1 or int(shards) > int(man["d_sae"]):
-        raise ValueError(f"shards: expected 1 ... {man['d_sae']} (d_sae), found {shards}")
+        raise InputError(f"shards: expected 1 ... {man['d_sae']} (d_sae), found {shards}")
     check_output_dir(dst_run, "train run", is_own=lambda d: False)  # new or empty only
     with SafetensorsFile(src / man["shards"][0]["file"]) as f:
         names = [k[len("params."):] for k in f.keys() if k.startswith("params.")]
@@ -519,16 +213,19 @@ def train_parallel(cfg, source, out_dir, *, shards=1, accumulate=1, comm=None, r
     cfg = cfg.resolved(int(source.d_in))
     xp = get_xp(cfg.backend)
     names = param_names(cfg)
+    world.check_same({"config": dataclasses.asdict(cfg), "shards": int(shards), "accumulate": int(accumulate),
+                      "d_in": int(source.d_in), "resume": bool(resume), "overwrite": bool(overwrite)},
+                     "the training arguments (every process must be started with the same command)")
     grid = make_grid(world, shards, cfg.d_sae)
     if grid.S > 1 and cfg.penalty != "l0":
-        raise ValueError(f"penalty {cfg.penalty!r} couples every latent of a token (its total L0); "
+        raise InputError(f"penalty {cfg.penalty!r} couples every latent of a token (its total L0); "
                          "it cannot be split over latent shards: train it with --shards 1")
     if cfg.uses_controller() or cfg.threshold_lr_mult != 1.0:
         raise ValueError("the λ controller (--target-l0 for Gated / JumpReLU) and --threshold-lr-mult run in "
                          "single-process training only for now: train without --shards/--accumulate/mpiexec")
     n_micro = grid.R * int(accumulate)
     if int(accumulate) < 1 or cfg.batch_size % n_micro:
-        raise ValueError(f"batch_size {cfg.batch_size} must split into {grid.R} replicas x "
+        raise InputError(f"batch_size {cfg.batch_size} must split into {grid.R} replicas x "
                          f"{accumulate} micro-batches (accumulate >= 1)")
     b, mine = cfg.batch_size // n_micro, cfg.batch_size // grid.R  # rows per micro-batch, per replica
     out_dir = Path(out_dir)
@@ -536,36 +233,41 @@ def train_parallel(cfg, source, out_dir, *, shards=1, accumulate=1, comm=None, r
     metrics_path = out_dir / "metrics.jsonl"
     lead = world.rank == 0
 
-    if lead:  # the output-folder rule (minisae.io.files): new, empty, or a run folder of ours
+    def look():  # the output-folder rule (minisae.io.files): new, empty, or a run folder of ours
         check_output_dir(out_dir, "train run", is_own=is_run_folder)
-    have = world.bcast_obj(((ckdir / MANIFEST_NAME).exists(), (out_dir / "sae").exists()) if lead else None)
+        return (ckdir / MANIFEST_NAME).exists(), (out_dir / "sae").exists()
+
+    have = world.on_root(look)
     if any(have) and not (resume and have[0]) and not overwrite:
         raise OutputExistsError(f"{out_dir} already holds a training run; resume it (--resume), start it "
                                 "over (--overwrite) or choose a new folder")
     have = have[0]
     if have and resume:
-        man, state = load_sharded(ckdir, grid.lo, grid.hi, xp, names=names)
+        man, state = world.together(lambda: load_sharded(ckdir, grid.lo, grid.hi, xp, names=names))
         _check_resume_config(ckdir / MANIFEST_NAME, man, cfg)
         if int(man["d_in"]) != source.d_in:
             raise CheckpointError(f"{ckdir}: trained on d_in={man['d_in']}, the source has {source.d_in}")
-        if lead:
-            _truncate_metrics(metrics_path, state["step"])
+        world.on_root(lambda: _truncate_metrics(metrics_path, state["step"]))
     else:
-        if lead:
+        def clear():  # a fresh run (overwrite: the old run's state and results go first)
             make_dir(out_dir)
             if ckdir.exists():
                 shutil.rmtree(ckdir)
             for old in (metrics_path, out_dir / "eval.json"):
                 if old.exists():
                     old.unlink()
+
+        world.on_root(clear)
         state = _fresh_state(cfg, source, grid, xp)
-    if lead:
+
+    def record():
         from minisae.train import _source_info
         info = {"train": dataclasses.asdict(cfg), "source": _source_info(source),
                 "grid": {"processes": world.size, "replicas": grid.R, "shards": grid.S,
                          "accumulate": int(accumulate), "backend": world.name}}
         _write_text_atomic(out_dir / "config.json", json.dumps(info, indent=2) + "\n")
-    world.barrier()
+
+    world.on_root(record)
 
     scale, params, adam, since_fired = state["scale"], state["params"], state["adam"], state["since_fired"]
     threshold = (state["batchtopk_threshold"], state["threshold_updates"])  # BatchTopK's running θ
@@ -640,8 +342,7 @@ def train_parallel(cfg, source, out_dir, *, shards=1, accumulate=1, comm=None, r
                 save_sharded(ckdir, grid, {"step": done, "scale": scale, "params": params, "adam": adam,
                                            "since_fired": since_fired, "batchtopk_threshold": threshold[0],
                                            "threshold_updates": threshold[1]}, cfg)
-                if lead:
-                    _append_jsonl(metrics_path, pending)
+                world.on_root(lambda: _append_jsonl(metrics_path, pending))
                 pending = []
             bar.update(1)
     finally:
@@ -655,13 +356,15 @@ def _fresh_state(cfg, source, grid, xp):
     """Initial state of this rank: C and TopK's b_dec from rank 0, the shard's parameters."""
     from minisae.train import estimate_scale
 
-    scale, b_dec = None, None
-    if grid.world.rank == 0:
+    def measure():
         scale, sample = estimate_scale(source, cfg.norm_sample_tokens)  # C, (N, D)
-        if cfg.architecture == "topk":  # b_dec = geometric median of the normalised sample
+        b_dec = None
+        if cfg.architecture in ("topk", "batchtopk"):  # b_dec = geometric median of the normalised sample
             from minisae.sae.common import geometric_median
             b_dec = to_numpy(geometric_median(asarray(sample / scale, numpy, cfg.dtype)))  # (D,)
-    scale, b_dec = grid.world.bcast_obj((scale, b_dec))
+        return scale, b_dec
+
+    scale, b_dec = grid.world.on_root(measure)
     params = init_shard(cfg, source.d_in, grid.lo, grid.hi, xp, b_dec=b_dec)
     return {"step": 0, "scale": scale, "params": params, "adam": optim.adam_init(params),
             "since_fired": xp.zeros(grid.hi - grid.lo, dtype=xp.int64),
@@ -714,18 +417,22 @@ def _finish(cfg, source, out_dir, ckdir, world, names, scale, batchtopk_threshol
     from minisae.io.saefile import SAE
     from minisae.train import TrainResult, _release_hyper, _sae_metadata
 
-    sae, summary, params_np = None, {}, None
-    if world.rank == 0:
+    done = {"sae": None, "summary": {}, "params": None}
+
+    def release():
         _, st = load_sharded(ckdir, 0, cfg.d_sae, numpy, names=names, params_only=True)
-        params_np = st["params"]
-        sae = SAE.from_training(cfg.architecture, params_np, scale=scale, hyper=_release_hyper(cfg, batchtopk_threshold),
-                                metadata=_sae_metadata(source))
+        done["params"] = st["params"]
+        done["sae"] = sae = SAE.from_training(cfg.architecture, st["params"], scale=scale,
+                                              hyper=_release_hyper(cfg, batchtopk_threshold),
+                                              metadata=_sae_metadata(source))
         sae.save(out_dir / "sae", overwrite=True)
         if cfg.eval_tokens > 0:
-            summary = evaluate_sae(sae, source, n_tokens=cfg.eval_tokens, batch_size=cfg.eval_batch_size)
-            _write_text_atomic(out_dir / "eval.json", json.dumps(summary, indent=2) + "\n")
-    world.barrier()
-    return TrainResult(sae=sae, params=params_np, scale=scale, steps=cfg.steps, summary=summary, out_dir=out_dir)
+            done["summary"] = evaluate_sae(sae, source, n_tokens=cfg.eval_tokens, batch_size=cfg.eval_batch_size)
+            _write_text_atomic(out_dir / "eval.json", json.dumps(done["summary"], indent=2) + "\n")
+
+    world.on_root(release)
+    return TrainResult(sae=done["sae"], params=done["params"], scale=scale, steps=cfg.steps,
+                       summary=done["summary"], out_dir=out_dir)
 
 
 def _append_jsonl(path, rows):

@@ -587,6 +587,7 @@ def train(cfg, source, out_dir, *, resume=False, overwrite=False, progress=True)
             optim.normalize_decoder_rows(params["W_dec"])
             if "threshold" in params:  # raw θ: kept >= 0 by projection (a θ < 0 would count π = 0 as active)
                 xp.maximum(params["threshold"], 0.0, out=params["threshold"])
+            del grads  # the next step's gradients need the room
             since_fired += cfg.batch_size  # (M,) tokens since each latent last fired ...
             since_fired *= out["fired"] == 0  # ... reset where it fired in this batch
             done = step + 1

@@ -15,7 +15,8 @@ from tolerances import SHARD32_ATOL, SHARD32_RTOL, SHARD64_RTOL, XP32_RTOL  # no
 
 from minisae import dist  # noqa: E402
 from minisae.data.synthetic import SyntheticActivations, SyntheticConfig
-from minisae.parallel import init_shard, latent_range, load_sharded, reshard, shard_forward_backward, train_parallel
+from minisae.parallel import load_sharded, reshard, train_parallel  # noqa: E402
+from minisae.sharded import init_shard, latent_range, shard_forward_backward  # noqa: E402
 from minisae.sae import VARIANTS
 from minisae.train import TrainConfig, hypers_at
 
@@ -64,6 +65,15 @@ def case_collectives(comm, tmp):
     assert numpy.array_equal(comm.any(numpy.array([r == 0, False, True])), [True, False, True])
     sub = comm.split(0, P - r)  # reversed order
     assert sub.size == P and sub.rank == P - 1 - r
+    # a failure on one rank reaches every rank (nobody is left waiting in a collective)
+    assert comm.on_root(lambda: {"answer": 42}) == {"answer": 42}
+    for run in (lambda: comm.on_root(lambda: 1 / 0), lambda: comm.together(lambda: [][comm.rank - 1] if r else 0)):
+        try:
+            run()
+        except (ZeroDivisionError, IndexError):
+            pass
+        else:
+            raise AssertionError(f"rank {r}: the error of another rank was not raised here")
     before = comm.sent_bytes
     comm.sum(numpy.zeros(1000, numpy.float32))
     assert comm.sent_bytes - before == 2 * (P - 1) * (1000 // P) * 4  # 2(P-1)/P of the array
@@ -111,7 +121,7 @@ def case_shard(comm, tmp):
     lo, hi = latent_range(M, comm.size, comm.rank)
     x = SOURCE.batch(0, 64).astype(numpy.float64)  # (B, D)
     # BatchTopK's selection over shards, ties included (values on a coarse grid: many equal)
-    from minisae.parallel import _global_batch_topk_mask
+    from minisae.sharded import _global_batch_topk_mask
     from minisae.sae.batchtopk import batch_topk_mask
     pi = numpy.round(numpy.random.default_rng(0).standard_normal((6, M)) * 2) / 2  # (6, M)
     for n_keep in (1, 7, 30, 6 * M):
@@ -119,7 +129,7 @@ def case_shard(comm, tmp):
         got = numpy.concatenate(_gather_var(comm, mine, 1), axis=1)
         assert numpy.array_equal(got, batch_topk_mask(pi, n_keep)), f"batch top-{n_keep} over shards"
     recipes = dict(freq_coeff=0.5, freq_target=0.05, threshold_param="raw")  # JumpReLU options
-    for arch, extra in [(a, {}) for a in ARCHS] + [("jumprelu", recipes)]:
+    for arch, extra in [(a, {}) for a in ARCHS] + [("jumprelu", recipes), ("jumprelu", dict(matryoshka=[10, 25]))]:
         cfg = config(arch, dtype="float64", **extra).resolved(D)
         full = init_shard(cfg, D, 0, M, numpy)
         part = init_shard(cfg, D, lo, hi, numpy)

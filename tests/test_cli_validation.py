@@ -71,6 +71,9 @@ def test_other_commands_check_values_before_loading_anything(tmp_path, capsys):
     assert "--seeds: expected an integer >= 1, found 0" in _error_line(capsys)
     assert main(["compare", "--quick", "--out", str(tmp_path / "cmp"), "--d-sae", "-5"]) == 2
     assert "--d-sae" in _error_line(capsys)
+    for cmd in (["cache", "--out", str(tmp_path / "c")], ["eval", "--sae", "x/y"]):  # texts checked before the model
+        assert main(cmd + ["--model", missing, "--site", "blocks.0.hook_resid_post", "--text", str(tmp_path / "t.txt")]) == 2
+        assert "--text" in _error_line(capsys)
     assert main(["eval", "--sae", "x", "--lm-batch-size", "0"]) == 2
     assert "--lm-batch-size" in _error_line(capsys)
     assert not (tmp_path / "c").exists() and not (tmp_path / "cmp").exists()

@@ -19,7 +19,7 @@ import numpy
 import pytest
 
 from minisae import dist
-from minisae.parallel import init_shard, latent_range, make_grid, shard_forward_backward
+from minisae.sharded import init_shard, latent_range, make_grid, shard_forward_backward
 from minisae.sae import VARIANTS
 from minisae.train import TrainConfig, hypers_at
 from minisae.xp import cupy_available
@@ -140,3 +140,13 @@ def test_parallel_trainer_follows_the_output_rule(tmp_path):
         train_parallel(cfg, source, tmp_path / "run", comm=dist.SingleProcess(), progress=False)
     again = train_parallel(cfg, source, tmp_path / "run", comm=dist.SingleProcess(), overwrite=True, progress=False)
     assert again.steps == 2 and (tmp_path / "run" / "sae").is_dir()
+
+
+def test_blocked_topk_is_the_plain_one(monkeypatch):
+    import minisae.sharded as sharded
+    from minisae.sae.topk import topk_rows
+
+    x = numpy.random.default_rng(0).standard_normal((100, 50)).astype(numpy.float32)
+    monkeypatch.setattr(sharded, "TOPK_BLOCK", 120)  # 2 rows per block
+    for got, want in zip(sharded._topk_rows_blocked(x, 5), topk_rows(x, 5)):
+        assert numpy.array_equal(got, want)

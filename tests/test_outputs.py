@@ -113,6 +113,8 @@ def test_compare_checks_eval_text_before_training(tmp_path, capsys):
     assert main(["compare", "--quick", "--out", str(out), "--no-progress", "--eval-text",
                  str(tmp_path / "missing.txt")] + gemma) == 2
     assert "--eval-text" in _error_line(capsys) and not out.exists()
+    assert main(["compare", "--quick", "--out", str(out), "--eval-text", gemma[-1]]) == 2  # no model to score with
+    assert "needs --model" in _error_line(capsys) and not out.exists()
 
 
 def test_convert_refuses_a_foreign_folder(foreign, tiny_sae, tmp_path, capsys):

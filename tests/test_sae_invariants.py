@@ -349,6 +349,11 @@ def test_sparse_kernels_equal_dense_products(B, M, D, seed, density):
             assert out1.dtype == out2.dtype == dtype and out1.shape == (M, D)
             numpy.testing.assert_allclose(out1, A.T @ E, **tol, err_msg=str(impl))
             numpy.testing.assert_allclose(out2, 2.0 * A.T @ E2, **tol, err_msg=str(impl))
+            out1, out2 = common.sparse_t_matmul(rows, cols, M, [(v, E_), (2 * v, E2_)], impl=impl,
+                                                transposed=(1,))  # E2.T @ A, C-ordered (D + 1, M)
+            assert out2.shape == (D + 1, M) and out2.flags.c_contiguous and out2.dtype == dtype
+            numpy.testing.assert_allclose(out1, A.T @ E, **tol, err_msg=str(impl))
+            numpy.testing.assert_allclose(out2, 2.0 * E2.T @ A, **tol, err_msg=str(impl))
     with pytest.raises(ValueError, match="impl must be one of"):
         common.sparse_matmul(rowptr, cols, vals, W, impl="fast")
     numpy.testing.assert_allclose(common.column_sums(cols, vals, M, "float64"), A.sum(0), **tol)

@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy
 
 from minisae.errors import FileFormatError, InputError, MinisaeError, OutputExistsError, storage_error
-from minisae.io.files import atomic_path, check_output_dir, make_dir, read_json, write_atomic
+from minisae.io.files import NPY_ERRORS, atomic_path, check_output_dir, make_dir, read_json, write_atomic
 from minisae.progress import progress_bar
 from minisae.xp import to_numpy
 
@@ -322,8 +322,10 @@ class ActivationStore:
             raise ActivationsError(f"shard {path} listed in the manifest does not exist")
         try:
             arr = numpy.load(path, mmap_mode="r", allow_pickle=False)
-        except (ValueError, OSError, EOFError) as e:
-            raise ActivationsError(f"shard {path}: unreadable or truncated ({e})") from None
+        except NPY_ERRORS as e:
+            if isinstance(e, MinisaeError):
+                raise
+            raise ActivationsError(f"shard {path}: unreadable or truncated ({type(e).__name__}: {e})") from None
         if arr.dtype != numpy.float32 or arr.shape != (count, self.d_in):
             raise ActivationsError(f"shard {path}: expected float32 ({count}, {self.d_in}), "
                                    f"found {arr.dtype} {arr.shape}")

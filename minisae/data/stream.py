@@ -32,6 +32,7 @@ from pathlib import Path
 
 import numpy
 
+from minisae.errors import InputError
 from minisae.data.activations import MANIFEST, ActivationsError, read_manifest
 from minisae.io.files import check_output_dir, make_dir, write_atomic
 from minisae.io.safetensors_io import bf16_bits_to_float32, float32_to_bf16_bits
@@ -52,7 +53,7 @@ class ShardStream:
         if man["dtype"] not in STORED:
             raise ActivationsError(f"{self.folder / MANIFEST}: expected dtype float32 or bfloat16, found {man['dtype']!r}")
         if int(buffer_tokens) < 1:
-            raise ValueError(f"buffer_tokens: expected a positive number of rows, found {buffer_tokens}")
+            raise InputError(f"buffer_tokens: expected a positive number of rows, found {buffer_tokens}")
         self.d_in, self.seed, self.buffer_tokens = int(man["d_in"]), int(seed), int(buffer_tokens)
         self.site, self.model = man["site"], man.get("model")
         self.files = [sh["file"] for sh in man["shards"]]
@@ -184,7 +185,7 @@ class ShardStream:
     def batch_slice(self, step, batch_size, start, stop):
         """batch(step, batch_size)[start:stop], reading only those rows (a replica's micro-batch)."""
         if not 0 <= start <= stop <= batch_size:
-            raise ValueError(f"batch_slice: expected 0 <= start <= stop <= {batch_size}, found {start}, {stop}")
+            raise InputError(f"batch_slice: expected 0 <= start <= stop <= {batch_size}, found {start}, {stop}")
         return self.rows_at(step * batch_size + start, step * batch_size + stop)
 
     def sample(self, n, *, offset=0):
@@ -214,7 +215,7 @@ def convert_cache(src, dst, dtype="bfloat16"):
     """Copy an activation cache with its shards stored as `dtype` ("bfloat16": round to nearest
     even, half the bytes; "float32"). One shard in memory at a time; dst must be new or empty."""
     if dtype not in STORED:
-        raise ValueError(f"dtype: expected one of {sorted(STORED)}, found {dtype!r}")
+        raise InputError(f"dtype: expected one of {sorted(STORED)}, found {dtype!r}")
     src, dst = Path(src), Path(dst)
     man = read_manifest(src)
     check_output_dir(dst, "activation cache", is_own=lambda d: False)

@@ -21,6 +21,7 @@ import contextlib
 import json
 import os
 import secrets
+import tokenize
 import zipfile
 from pathlib import Path
 
@@ -32,6 +33,12 @@ MAX_JSON_BYTES = 64 * 2**20  # a config, cfg, manifest or index file; real ones 
 MAX_JSON_DEPTH = 64          # real ones nest < 6 deep
 MAX_NPZ_RATIO = 100          # uncompressed / compressed size of a large .npz member (weights: about 1)
 NPZ_RATIO_FREE_BYTES = 2**24 # members smaller than this (16 MiB) may compress any amount
+
+
+# what numpy.load / numpy's .npy header parser raise on a corrupt file (the header is a Python
+# literal read with ast.literal_eval, so syntax and tokenizer errors too)
+NPY_ERRORS = (ValueError, OSError, EOFError, SyntaxError, TypeError, OverflowError, tokenize.TokenError,
+              zipfile.BadZipFile, zipfile.LargeZipFile, NotImplementedError)
 
 
 def temp_name(path):
@@ -167,7 +174,9 @@ def read_json(path, *, max_bytes=MAX_JSON_BYTES, max_depth=MAX_JSON_DEPTH, expec
         if size > max_bytes:
             raise error(f"{path}: {size} bytes, more than the {max_bytes}-byte limit for a JSON file here")
         with open(path, "rb") as fh:
-            raw = fh.read(max_bytes + 1)
+            raw = fh.read(size + 1)  # (not max_bytes + 1: read(n) allocates n bytes up front)
+        if len(raw) > max_bytes:
+            raise error(f"{path}: more than the {max_bytes}-byte limit for a JSON file here")
     except OSError as e:
         if isinstance(e, MinisaeError):
             raise
@@ -236,6 +245,6 @@ def _npy_header(fh, where):
             shape, fortran, dtype = numpy.lib.format.read_array_header_2_0(fh, max_header_size=10000)
         else:
             raise ValueError(f"unsupported .npy version {version}")
-    except (ValueError, EOFError, SyntaxError, TypeError, OverflowError) as e:
-        raise FileFormatError(f"{where}: not a readable .npy header ({e})") from None
+    except NPY_ERRORS as e:
+        raise FileFormatError(f"{where}: not a readable .npy header ({type(e).__name__}: {e})") from None
     return tuple(int(s) for s in shape), dtype, fh.tell()

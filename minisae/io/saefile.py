@@ -38,14 +38,13 @@ b_enc: b_enc' = C*b_enc - (C*b_dec) @ W_enc (Gemma Scope App. A).
 import json
 import math
 import re
-import zipfile
 from pathlib import Path
 
 import numpy
 
 from minisae.errors import FileFormatError, MissingInputError, OutputExistsError
 from minisae.io import gemmascope2
-from minisae.io.files import atomic_path, check_output_dir, make_dir, npz_members, read_json
+from minisae.io.files import NPY_ERRORS, atomic_path, check_output_dir, make_dir, npz_members, read_json
 from minisae.xp import asarray, to_numpy, xp_of
 
 CFG_FILENAME = "cfg.json"
@@ -577,7 +576,7 @@ def _load_gemma_scope(path, xp, dtype, ref):
                 params[name] = numpy.asarray(npz[key]).astype(dtype)
     except SAEFileError:
         raise
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+    except NPY_ERRORS as e:
         raise SAEFileError(f"{path}: not a readable Gemma Scope .npz archive ({type(e).__name__}: {e})") from e
     cfg = {"apply_b_dec_to_input": False, "metadata": _gemma_scope_metadata(ref)}
     if str(cfg["metadata"]["hook_name"] or "").endswith("hook_z"):

@@ -277,7 +277,7 @@ class SafetensorsFile:
         if missing:
             raise SafetensorsError(f"{where}: header entry lacks {', '.join(missing)}")
         dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
-        if dtype not in _STORED:
+        if not isinstance(dtype, str) or dtype not in _STORED:
             raise SafetensorsError(f"{where}: unknown dtype {dtype!r}; expected one of "
                                    f"{', '.join(_STORED)}")
         if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):

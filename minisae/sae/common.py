@@ -333,12 +333,15 @@ def sampled_matmul(rowptr, cols, E, W, *, impl=None):
     return out
 
 
-def sparse_t_matmul(rows, cols, n_cols, pairs, *, impl=None):
+def sparse_t_matmul(rows, cols, n_cols, pairs, *, impl=None, transposed=()):
     """[A_k.T @ E_k for (A_k values (N,), E_k (B, D_k)) in pairs], all A_k sharing one pattern.
 
-    Each result is dense (M, D_k) with M = n_cols. The entries are regrouped by column
-    (latent) once: that is A.T in CSR form. Then each latent's rows of E_k are gathered and
-    weighted by its values (loops), or one compiled CSR product per pair (scipy).
+    Each result is dense (M, D_k) with M = n_cols; for the pairs whose index is in `transposed`
+    it is E_k.T @ A_k instead, C-ordered (D_k, M) (e.g. an encoder gradient x.T @ dpre), written
+    block by block of latents so that no (M, D_k) intermediate and transposed copy are needed.
+    The entries are regrouped by column (latent) once: that is A.T in CSR form. Then each
+    latent's rows of E_k are gathered and weighted by its values (loops), or one compiled CSR
+    product per pair (scipy).
     """
     impl = _pick(impl, ("scipy", "blas1", "einsum"), "sparse_t_matmul")
     order = numpy.argsort(cols, kind="stable")  # (N,)
@@ -348,8 +351,18 @@ def sparse_t_matmul(rows, cols, n_cols, pairs, *, impl=None):
     if impl == "scipy":
         sparse = _scipy_sparse()
         B = pairs[0][1].shape[0] if pairs else 0
-        return [numpy.asarray(sparse.csr_array((v, rows_c, colptr), shape=(n_cols, B)) @ E,
-                              dtype=E.dtype) for v, (_, E) in zip(vals_c, pairs)]  # each (M, D_k)
+        outs = []
+        for j, (v, (_, E)) in enumerate(zip(vals_c, pairs)):
+            At = sparse.csr_array((v, rows_c, colptr), shape=(n_cols, B))  # (M, B) = A.T
+            if j not in transposed:
+                outs.append(numpy.asarray(At @ E, dtype=E.dtype))  # (M, D_k)
+                continue
+            out = numpy.empty((E.shape[1], n_cols), dtype=E.dtype)  # (D_k, M)
+            step = max(1, (1 << 18) // max(E.shape[1], 1))  # latents per block (~1 MB results)
+            for i in range(0, n_cols, step):
+                out[:, i:i + step] = (At[i:i + step] @ E).T  # (blk, D_k) written as (D_k, blk)
+            outs.append(out)
+        return outs
     outs = [numpy.empty((n_cols, E.shape[1]), dtype=E.dtype) for _, E in pairs]  # each (M, D_k)
     ptr = colptr.tolist()
     with _one_blas_thread(impl):
@@ -361,7 +374,7 @@ def sparse_t_matmul(rows, cols, n_cols, pairs, *, impl=None):
                     numpy.einsum("n,nd->d", v[s:e], E[r], out=out[i])
                 else:
                     numpy.dot(v[s:e], E[r], out=out[i])  # (n,) @ (n, D_k) -> (D_k,)
-    return outs
+    return [numpy.ascontiguousarray(o.T) if j in transposed else o for j, o in enumerate(outs)]
 
 
 def fire_counts(f):

@@ -166,7 +166,9 @@ def forward_backward(params, x, *, sparsity_coeff, path="auto", dense_f=True):
     if xp is numpy and path != "dense":
         gate = pre > -params["b_gate"]  # (B, M) pi_gate = pre + b_gate > 0, exactly
         if path == "sparse" or numpy.count_nonzero(gate) <= SPARSE_MAX_DENSITY * gate.size:
-            return _forward_backward_sparse(params, x, x_c, pre, gate, sparsity_coeff, dense_f)
+            dense = [pre, gate]  # handed over: the sparse path frees them after reading them
+            del pre, gate
+            return _forward_backward_sparse(params, x, x_c, dense, sparsity_coeff, dense_f)
     out, cache = _forward_from_pre(params, x, x_c, pre, sparsity_coeff)
     out["fired"] = fire_counts(out["f"])  # (M,)
     return out, backward(params, cache)
@@ -184,12 +186,17 @@ def loss_and_grads(params, x, *, sparsity_coeff, path="auto"):
 # ReLU(pi_gate) and every gradient to pi_gate and pi_mag are zero: only the N open entries count.
 
 
-def _forward_backward_sparse(params, x, x_c, pre, gate, sparsity_coeff, dense_f):
+def _forward_backward_sparse(params, x, x_c, dense, sparsity_coeff, dense_f):
+    """dense = [pre, gate], the only references to those (B, M) arrays: emptied once their
+    N open entries are read, so the rest runs without them (peak memory)."""
+    pre, gate = dense
+    dense.clear()
     W_enc, W_dec, b_dec = params["W_enc"], params["W_dec"], params["b_dec"]
     (B, M), dtype = pre.shape, x.dtype
     scale = numpy.exp(params["r_mag"])  # (M,)
     rows, cols, rowptr, flat = sparse_from_mask(gate)  # (N,) (N,) (B + 1,) (N,)
     pre_s = pre.ravel()[flat]  # (N,)
+    del pre, gate  # (B, M) each: not needed any more
     relu_gate_s = pre_s + params["b_gate"][cols]  # (N,) = pi_gate > 0 on open gates
     pi_mag_s = pre_s * scale[cols] + params["b_mag"][cols]  # (N,)
     f_s = numpy.maximum(pi_mag_s, 0.0)  # (N,)
@@ -205,9 +212,10 @@ def _forward_backward_sparse(params, x, x_c, pre, gate, sparsity_coeff, dense_f)
     dpi_gate_s = sampled_matmul(rowptr, cols, dxhat_frozen, W_dec)  # (N,)
     dpi_gate_s += sparsity_coeff / B
     dpre_s = dpi_mag_s * scale[cols] + dpi_gate_s  # (N,)
-    dW_dec, dW_enc_t = sparse_t_matmul(rows, cols, M, [(f_s, dxhat), (dpre_s, x_c)])  # (M, D) x2
+    dW_dec, dW_enc = sparse_t_matmul(rows, cols, M, [(f_s, dxhat), (dpre_s, x_c)],
+                                     transposed=(1,))  # (M, D), (D, M)
     db_dec = dxhat.sum(axis=0) - W_enc @ column_sums(cols, dpre_s, M, dtype)  # (D,)
-    grads = {"W_enc": numpy.ascontiguousarray(dW_enc_t.T),
+    grads = {"W_enc": dW_enc,
              "b_gate": column_sums(cols, dpi_gate_s, M, dtype),
              "r_mag": column_sums(cols, dpi_mag_s * pre_s, M, dtype) * scale,
              "b_mag": column_sums(cols, dpi_mag_s, M, dtype), "W_dec": dW_dec, "b_dec": db_dec}

@@ -305,7 +305,9 @@ def forward_backward(params, x, *, path="auto", dense_f=True, **hyper):
     if xp is numpy and path != "dense":
         stored = _stored_mask(pre, _theta(params, raw, xp), h.bandwidth)  # (B, M)
         if path == "sparse" or numpy.count_nonzero(stored) <= SPARSE_MAX_DENSITY * stored.size:
-            return _forward_backward_sparse(params, x, x_c, pre, stored, h, raw, dense_f)
+            dense = [pre, stored]  # handed over: the sparse path frees them after reading them
+            del pre, stored
+            return _forward_backward_sparse(params, x, x_c, dense, h, raw, dense_f)
     out, cache = _forward_from_pre(params, x, x_c, pre, h, raw)
     out["fired"] = fire_counts(out["f"])  # (M,)
     return out, backward(params, cache)
@@ -330,13 +332,18 @@ def _stored_mask(pre, theta, bandwidth):
     return pre > numpy.where(lo < 0.0, -numpy.inf, lo).astype(pre.dtype)  # (B, M)
 
 
-def _forward_backward_sparse(params, x, x_c, pre, stored, h, raw, dense_f):
+def _forward_backward_sparse(params, x, x_c, dense, h, raw, dense_f):
+    """dense = [pre, stored], the only references to those (B, M) arrays: emptied once their
+    N stored entries are read, so the backward runs without them (peak memory)."""
+    pre, stored = dense
+    dense.clear()
     W_enc, W_dec, b_dec = params["W_enc"], params["W_dec"], params["b_dec"]
     (B, M), dtype = pre.shape, x.dtype
     theta = _theta(params, raw, numpy)  # (M,)
     # forward, on the N stored entries (row-major): pi, a = H(pi - theta), f
     rows, cols, rowptr, flat = sparse_from_mask(stored)  # (N,) (N,) (B + 1,) (N,)
     pi_s = numpy.maximum(pre.ravel()[flat], 0.0)  # (N,)
+    del pre, stored  # (B, M) each: not needed any more
     theta_s = theta[cols]  # (N,)
     active_s = pi_s > theta_s  # (N,)
     f_s = pi_s * active_s  # (N,)
@@ -370,18 +377,18 @@ def _forward_backward_sparse(params, x, x_c, pre, stored, h, raw, dense_f):
     dtheta = dtheta_ste(column_sums(cols, df_s * window_s, M, dtype), window_da, theta, h.bandwidth)
     dpre_s = df_s * active_s  # (N,)
     if len(parts) == 1:
-        dW_dec, dW_enc_t = sparse_t_matmul(rows, cols, M, [(f_s, G[0]), (dpre_s, x_c)])  # (M, D) x2
+        dW_dec, dW_enc = sparse_t_matmul(rows, cols, M, [(f_s, G[0]), (dpre_s, x_c)],
+                                         transposed=(1,))  # (M, D), (D, M)
     else:
         dW_dec = numpy.empty_like(W_dec)  # (M, D)
         for (s, e, sel, rp), G_s in zip(parts, G):
             dW_dec[s:e] = sparse_t_matmul(rows[sel], cols[sel] - s, e - s, [(f_s[sel], G_s)])[0]
-        dW_enc_t = sparse_t_matmul(rows, cols, M, [(dpre_s, x_c)])[0]  # (M, D)
+        dW_enc = sparse_t_matmul(rows, cols, M, [(dpre_s, x_c)], transposed=(0,))[0]  # (D, M)
     db_enc = column_sums(cols, dpre_s, M, dtype)  # (M,)
     db_dec = G[0].sum(axis=0)  # (D,)
     if h.pre_enc_bias:
         db_dec = db_dec - W_enc @ db_enc  # (D, M) @ (M,) -> (D,)
-    grads = {"W_enc": numpy.ascontiguousarray(dW_enc_t.T), "b_enc": db_enc, "W_dec": dW_dec,
-             "b_dec": db_dec}
+    grads = {"W_enc": dW_enc, "b_enc": db_enc, "W_dec": dW_dec, "b_dec": db_dec}
     grads["threshold" if raw else "log_threshold"] = dtheta if raw else theta * dtheta
     out = {"loss": scalar(total + sparsity + freq, dtype, numpy), "mse": scalar(mse, dtype, numpy),
            "matryoshka": scalar(total - mse, dtype, numpy), "l0": scalar(l0_b.sum() / B, dtype, numpy),

@@ -230,20 +230,21 @@ def _forward_backward_sparse(params, x, *, k, aux_k, aux_coeff, dead_mask, dense
     aux, aux_cache = 0.0, None
     if dead.shape[0] > 0:
         aux, aux_cache = _auxk_forward(pi, err, W_dec, dead, aux_k)
+    del pi  # (B, M): the backward does not need it (peak memory)
     loss = scalar(mse + aux_coeff * aux, dtype, numpy)
     # backward, as in `backward`
     dxhat = squared_error_backward(err)  # (B, D)
     dpi_s = sampled_matmul(rowptr, cols, dxhat, W_dec) * (vals.ravel() > 0.0)  # (N,)
-    dW_dec, dW_enc_t = sparse_t_matmul(rows, cols, M, [(z_s, dxhat), (dpi_s, x_c)])  # (M, D) x2
+    dW_dec, dW_enc = sparse_t_matmul(rows, cols, M, [(z_s, dxhat), (dpi_s, x_c)],
+                                     transposed=(1,))  # (M, D), (D, M)
     db_enc = column_sums(cols, dpi_s, M, dtype)  # (M,)
     if aux_cache is not None:
         dW_dead, dpi_dead = _auxk_backward(aux_cache, W_dec, aux_coeff)  # (Nd, D), (B, Nd)
         dW_dec[dead] += dW_dead  # (Nd, D)
-        dW_enc_t[dead] += dpi_dead.T @ x_c  # (Nd, B) @ (B, D) -> (Nd, D)
+        dW_enc[:, dead] += x_c.T @ dpi_dead  # (D, B) @ (B, Nd) -> (D, Nd)
         db_enc[dead] += dpi_dead.sum(axis=0)  # (Nd,)
     db_dec = dxhat.sum(axis=0) - W_enc @ db_enc  # (D,)
-    grads = {"W_enc": numpy.ascontiguousarray(dW_enc_t.T), "b_enc": db_enc, "W_dec": dW_dec,
-             "b_dec": db_dec}
+    grads = {"W_enc": dW_enc, "b_enc": db_enc, "W_dec": dW_dec, "b_dec": db_dec}
     out = {"loss": loss, "mse": scalar(mse, dtype, numpy), "aux": scalar(aux, dtype, numpy),
            "l0": scalar(numpy.count_nonzero(z_s) / B, dtype, numpy), "xhat": xhat,
            "fired": sparse_fire_counts(cols, z_s, M)}
