@@ -150,3 +150,25 @@ def test_blocked_topk_is_the_plain_one(monkeypatch):
     monkeypatch.setattr(sharded, "TOPK_BLOCK", 120)  # 2 rows per block
     for got, want in zip(sharded._topk_rows_blocked(x, 5), topk_rows(x, 5)):
         assert numpy.array_equal(got, want)
+
+
+def test_cli_under_mpiexec(tmp_path):
+    """`mpiexec -n 2 minisae train --shards 2`: the run folder, its grid record; then a second
+    launch into the same folder fails on every rank with one error line, and nothing hangs."""
+    pytest.importorskip("mpi4py")
+    exe = _mpiexec()
+    if exe is None:
+        pytest.skip("mpiexec not found (install the dist extra: pip install 'minisae[dist]')")
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+           "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
+    cmd = [exe, "-n", "2", sys.executable, "-m", "mpi4py", "-m", "minisae.cli", "train", "--arch", "topk",
+           "--k", "4", "--d-sae", "32", "--steps", "4", "--batch-size", "64", "--shards", "2", "--d-in", "16",
+           "--eval-tokens", "256", "--out", str(tmp_path / "run"), "--no-progress"]
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    assert p.stdout.count("SAE written to") == 1  # rank 0 alone prints
+    info = __import__("json").loads((tmp_path / "run" / "config.json").read_text())
+    assert info["grid"] == {"processes": 2, "replicas": 1, "shards": 2, "accumulate": 1, "backend": "mpi"}
+    assert (tmp_path / "run" / "sae" / "cfg.json").is_file()
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert p.returncode != 0 and "already holds a training run" in p.stderr
