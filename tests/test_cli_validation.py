@@ -197,3 +197,20 @@ def test_documented_commands_are_valid(where, argv):
         cfg = TrainConfig(architecture=a.arch, d_sae=a.d_sae, sparsity_coeff=a.sparsity_coeff, k=a.k,
                           steps=a.steps, tokens=a.tokens, batch_size=a.batch_size)
         cfg.resolved(d_in=64)
+
+
+def test_memory_estimate_uses_the_device_memory_on_cupy():
+    """On CuPy the bound is the device's memory (a stand-in module here: no GPU needed)."""
+    from minisae.errors import ResourceError
+    from minisae.train import check_memory, memory_estimate
+
+    class FakeCupy:
+        class cuda:
+            class Device:
+                mem_info = (0, 2**30)  # (free, total): a 1 GiB device
+
+    cfg = TrainConfig("topk", d_sae=2**16, k=8, steps=1, batch_size=4096).resolved(d_in=64)
+    assert memory_estimate(cfg, 64) > 2**30
+    with pytest.raises(ResourceError, match="1.0 GiB of GPU memory"):
+        check_memory(cfg, 64, FakeCupy)
+    check_memory(TrainConfig("topk", d_sae=64, k=8, steps=1, batch_size=64).resolved(d_in=64), 64, FakeCupy)

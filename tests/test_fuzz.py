@@ -229,6 +229,20 @@ def _load_checkpoint(path):
     load_checkpoint(path, _train_cfg().resolved(8), numpy)
 
 
+def _make_tokenizer(folder):
+    from test_activations import make_tokenizer
+
+    make_tokenizer(folder)
+    return folder / "tokenizer.json"
+
+
+def _load_tokenizer(path):
+    from minisae.models import load_tokenizer
+
+    tok = load_tokenizer(path)
+    tok.encode("the cat sat on a mat .")
+
+
 FORMATS = [
     Format("safetensors", _make_safetensors, {"t.safetensors": "bytes"}, _load_safetensors),
     Format("safetensors-header", _make_safetensors, {"t.safetensors": "safetensors"}, _load_safetensors),
@@ -243,6 +257,7 @@ FORMATS = [
     Format("cache-manifest", _make_cache, {"manifest.json": "json", "shard_00001.npy": "bytes"}, _load_cache),
     Format("checkpoint", _make_checkpoint, {"checkpoint.safetensors": "bytes"}, _load_checkpoint),
     Format("checkpoint-header", _make_checkpoint, {"checkpoint.safetensors": "safetensors"}, _load_checkpoint),
+    Format("tokenizer", _make_tokenizer, {"tokenizer.json": "json"}, _load_tokenizer),
 ]
 
 

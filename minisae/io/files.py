@@ -21,6 +21,7 @@ import contextlib
 import json
 import os
 import secrets
+import shutil
 import tokenize
 import zipfile
 from pathlib import Path
@@ -72,8 +73,6 @@ def atomic_path(path, *, doing="write"):
 def _remove(tmp):
     try:
         if tmp.is_dir() and not tmp.is_symlink():
-            import shutil
-
             shutil.rmtree(tmp, ignore_errors=True)
         elif tmp.exists() or tmp.is_symlink():
             tmp.unlink()
