@@ -291,7 +291,8 @@ def train_parallel(cfg, source, out_dir, *, shards=1, accumulate=1, comm=None, r
                 parts.append(g)
                 fired = f if fired is None else fired | f
                 sums[:3] += (stats["loss"], stats["mse"], stats["l0"])
-                low = min(low, stats.get("min_kept", math.inf) if math.isfinite(stats.get("min_kept", math.nan)) else math.inf)
+                if math.isfinite(stats.get("min_kept", math.nan)):  # BatchTopK (NaN: nothing kept)
+                    low = min(low, stats["min_kept"])
             grads = parts[0] if len(parts) == 1 else {k: dist.ordered_sum([g[k] for g in parts]) for k in parts[0]}
             if grid.R > 1:  # the replicas' gradients, summed in rank order; fired OR-ed
                 grads = {k: grid.replica.sum(v) for k, v in grads.items()}
