@@ -109,9 +109,16 @@ def build_parser():
     p.add_argument("--sparsity-warmup-steps", type=int, default=10000, help="linear λ warm-up (default 10000)")
     p.add_argument("--decay-frac", type=float, default=0.0, help="linear lr decay over this final fraction")
     p.add_argument("--bandwidth", type=float, help="JumpReLU kernel bandwidth ε (default 0.001)")
-    p.add_argument("--penalty", choices=["l0", "quadratic"], default="l0",
+    p.add_argument("--penalty", choices=["l0", "quadratic", "tanh"], default="l0",
                    help="JumpReLU sparsity penalty per token: l0 = λ·L0 (the paper, default); quadratic = "
-                        "λ·(2/L0*)·(L0 − L0*)² around --target-l0 (Gemma Scope 2, Eq. 5)")
+                        "λ·(2/L0*)·(L0 − L0*)² around --target-l0 (Gemma Scope 2, Eq. 5); tanh = "
+                        "λ·Σ_i tanh(c·f_i·‖d_i‖) (SAELens' option, c = --tanh-scale)")
+    p.add_argument("--tanh-scale", type=float, default=4.0, help="c of the tanh penalty (default 4, SAELens')")
+    p.add_argument("--pre-act-coeff", type=float, default=0.0,
+                   help="JumpReLU (SAELens' option): coeff·Σ relu(θ − pre)·‖d‖ over dead latents (default 0 = off)")
+    p.add_argument("--ste-to-input", action="store_true",
+                   help="JumpReLU (SAELens' option): pass the threshold's straight-through gradient to the "
+                        "pre-activations too")
     p.add_argument("--target-l0", type=float, help="L0* of the quadratic penalty (latents per token)")
     p.add_argument("--threshold-param", choices=["log", "raw"], default="log",
                    help="JumpReLU: train log θ (log, the paper, default) or θ itself (raw, as SAELens ≥ 6.48)")
@@ -259,7 +266,8 @@ def cmd_train(a):
         architecture=a.arch, d_sae=a.d_sae, sparsity_coeff=a.sparsity_coeff, k=a.k, lr=a.lr,
         bandwidth=TrainConfig.bandwidth if a.bandwidth is None else a.bandwidth,
         penalty=a.penalty, target_l0=a.target_l0, threshold_param=a.threshold_param, threshold_init=a.threshold_init,
-        freq_coeff=a.freq_coeff, freq_target=a.freq_target, matryoshka=a.matryoshka,
+        freq_coeff=a.freq_coeff, freq_target=a.freq_target, matryoshka=a.matryoshka, tanh_scale=a.tanh_scale,
+        pre_act_coeff=a.pre_act_coeff, ste_to_input=a.ste_to_input,
         threshold_rate=a.threshold_rate,
         steps=a.steps, tokens=a.tokens, batch_size=a.batch_size, warmup_steps=a.warmup_steps,
         sparsity_warmup_steps=a.sparsity_warmup_steps, decay_frac=a.decay_frac, seed=a.seed, backend=a.backend,

@@ -74,10 +74,13 @@ class TrainConfig:
     bandwidth: float = 0.001              # JumpReLU: ε of the threshold pseudo-derivative
     threshold_init: float | None = None   # JumpReLU: θ at init; None = SPEC's 0.001 (see below)
     threshold_param: str = "log"          # JumpReLU: train log θ ("log", the paper) or θ itself ("raw", SAELens)
-    penalty: str = "l0"                   # JumpReLU: "l0" (the paper) | "quadratic" (Gemma Scope 2, needs target_l0)
+    penalty: str = "l0"                   # JumpReLU: "l0" (the paper) | "quadratic" (Gemma Scope 2, needs target_l0) | "tanh" (SAELens)
     target_l0: float | None = None        # L0* of the quadratic penalty: λ·(2/L0*)·(L0_b − L0*)² per token
     freq_coeff: float = 0.0               # JumpReLU: weight of minisae's frequency penalty (0 = off)
     freq_target: float = 0.1              # JumpReLU: firing fraction above which a latent is penalised
+    tanh_scale: float = 4.0               # JumpReLU penalty="tanh": λ·Σ_i tanh(c·f_i·‖d_i‖), c = tanh_scale
+    pre_act_coeff: float = 0.0            # JumpReLU (SAELens): coeff·Σ_dead relu(θ − pre)·‖d‖ on dead latents
+    ste_to_input: bool = False            # JumpReLU (SAELens): the θ pseudo-derivative also to π (negated)
     lr: float | None = None               # None = DEFAULT_LR / optim.topk_lr(d_sae)
     adam_beta1: float | None = None       # None = 0.0 (JumpReLU, Gated; SPEC §4) / 0.9 (TopK, Gao et al.)
     adam_beta2: float = 0.999
@@ -132,11 +135,14 @@ class TrainConfig:
             raise ValueError(f"threshold_init: expected a value > 0, found {c.threshold_init}")
         if c.threshold_param not in ("log", "raw"):
             raise ValueError(f"threshold_param: expected 'log' or 'raw', found {c.threshold_param!r}")
-        if c.penalty not in ("l0", "quadratic"):
-            raise ValueError(f"penalty: expected 'l0' or 'quadratic', found {c.penalty!r}")
-        if c.architecture != "jumprelu" and (c.penalty != "l0" or c.threshold_param != "log" or c.freq_coeff):
-            raise ValueError(f"penalty, threshold_param and freq_coeff are JumpReLU options; "
-                             f"found them set for {c.architecture!r}")
+        if c.penalty not in ("l0", "quadratic", "tanh"):
+            raise ValueError(f"penalty: expected 'l0', 'quadratic' or 'tanh', found {c.penalty!r}")
+        if c.architecture != "jumprelu" and (c.penalty != "l0" or c.threshold_param != "log" or c.freq_coeff
+                                             or c.pre_act_coeff or c.ste_to_input):
+            raise ValueError(f"penalty, threshold_param, freq_coeff, pre_act_coeff and ste_to_input are "
+                             f"JumpReLU options; found them set for {c.architecture!r}")
+        if not c.tanh_scale > 0 or not c.pre_act_coeff >= 0:
+            raise ValueError(f"tanh_scale > 0 and pre_act_coeff >= 0 expected, found {c.tanh_scale}, {c.pre_act_coeff}")
         if c.penalty == "quadratic" and not (c.target_l0 is not None and 0 < c.target_l0 <= c.d_sae):
             raise ValueError(f"target_l0: the quadratic penalty needs 0 < target_l0 <= d_sae={c.d_sae}, "
                              f"found {c.target_l0}")
@@ -254,6 +260,12 @@ def hypers_at(cfg, step, dead_mask=None):
             h.update(freq_coeff=cfg.freq_coeff, freq_target=cfg.freq_target)
         if cfg.matryoshka is not None:
             h["prefixes"] = tuple(cfg.matryoshka)
+        if cfg.penalty == "tanh":
+            h["tanh_scale"] = cfg.tanh_scale
+        if cfg.pre_act_coeff > 0:
+            h.update(pre_act_coeff=cfg.pre_act_coeff, dead_mask=dead_mask)
+        if cfg.ste_to_input:
+            h["ste_to_input"] = True
         return h
     return {"sparsity_coeff": coeff}
 

@@ -8,7 +8,10 @@ Three things are timed, interleaved, in one process:
   floor    the five dense float32 products of a dense SAE step on preallocated inputs and
            outputs (`matmul(..., out=...)`), nothing else: x @ W_enc (B,D)(D,M); f @ W_dec
            (B,M)(M,D); dxhat @ W_dec.T (B,D)(D,M); f.T @ dxhat (M,B)(B,D); x.T @ dpre (D,B)(B,M)
-  minisae  `minisae.sae.<variant>.loss_and_grads(params, x, **hyper)`, float32
+  minisae  `minisae.sae.<variant>.loss_and_grads(params, x, **hyper)`, float32; the 2025-26
+           losses as variants of their own: jumprelu_quadratic (raw theta, Gemma Scope 2's
+           quadratic L0 penalty, the frequency penalty), jumprelu_matryoshka, batchtopk and
+           batchtopk_matryoshka (prefixes M/16, M/4, M)
   torch    an independent autograd version of the loss (below, from SPEC sections 1-3: custom
            autograd.Functions for the JumpReLU / Heaviside pseudo-derivatives, torch.topk +
            scatter for TopK), forward + backward, float32, same threads, tensors made beforehand
@@ -25,6 +28,11 @@ density*M, 1% = ~82 at M=8192), sparsity_coeff 6e-4, bandwidth 0.001; gated: b_g
 --dead-frac (10%) of the latents marked dead. Thresholds sit in a gap of the batch's values,
 away from every kink (theta, theta +- eps/2; pi_gate = 0), so float32 rounding cannot flip a
 discrete choice between minisae and torch. The measured L0 (minisae's forward) is printed.
+
+The 2025-26 losses (docs/benchmarks.md; 15-40 minutes on 2 busy cores):
+    /work/refvenv/bin/python reference/bench_sae.py --batch 4096 --d-in 512 --d-sae 8192 \
+        --variants jumprelu,jumprelu_quadratic,jumprelu_matryoshka,topk,batchtopk,batchtopk_matryoshka \
+        --repeats 3 --warmup 1 --threads 2 --json /tmp/bench9.json
 
 Run (repository root; the issue's setting; 4-7 minutes on 2 cores):
     /work/venvs/ref/bin/python reference/bench_sae.py --batch 2048 --d-in 512 --d-sae 8192 \\
@@ -52,6 +60,10 @@ import tempfile
 import time
 
 
+KNOWN_VARIANTS = ("jumprelu", "gated", "topk", "jumprelu_quadratic", "jumprelu_matryoshka", "batchtopk",
+                  "batchtopk_matryoshka")
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--batch", type=int, default=2048, help="B, tokens per batch")
@@ -74,8 +86,8 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     for v in args.variants:
-        if v not in ("jumprelu", "gated", "topk"):
-            p.error(f"--variants: unknown variant {v!r}; expected jumprelu, gated or topk")
+        if v not in KNOWN_VARIANTS:
+            p.error(f"--variants: unknown variant {v!r}; expected one of {', '.join(KNOWN_VARIANTS)}")
     if args.repeats < 1 or args.warmup < 0 or args.pause < 0 or not 0.0 < args.density < 1.0:
         p.error(f"expected --repeats >= 1, --warmup >= 0, --pause >= 0 and --density in (0, 1), "
                 f"found {args.repeats}, {args.warmup}, {args.pause}, {args.density}")
@@ -179,6 +191,57 @@ def torch_topk(p, x, *, k, aux_k=512, aux_coeff=1.0 / 32, dead_idx=None):
     return loss, z
 
 
+def _prefix_sq_err(x, f, W_dec, b_dec, prefixes):
+    """(sum over Matryoshka prefixes of the squared error, the full reconstruction)."""
+    total = 0.0
+    for m in (prefixes or (f.shape[1],)):
+        xhat = f[:, :m] @ W_dec[:m] + b_dec                      # (B, D)
+        total = total + _sq_err(x, xhat)
+    return total, xhat
+
+
+def torch_jumprelu_recipe(p, x, *, sparsity_coeff, bandwidth=0.001, penalty="l0", target_l0=None,
+                          freq_coeff=0.0, freq_target=0.1, prefixes=None):
+    """Gemma Scope 2's quadratic L0 penalty, the frequency penalty, raw theta, Matryoshka."""
+    x_c = x - p["b_dec"]                                         # (B, D)
+    pi = torch.relu(x_c @ p["W_enc"] + p["b_enc"])               # (B, M)
+    theta = p["threshold"] if "threshold" in p else torch.exp(p["log_threshold"])  # (M,)
+    f = _JumpReLUFn.apply(pi, theta, bandwidth)                  # (B, M)
+    a = _StepFn.apply(pi, theta, bandwidth)                      # (B, M)
+    l0_b = a.sum(1)                                              # (B,)
+    if penalty == "quadratic":
+        pen = (sparsity_coeff * 2.0 / target_l0 * (l0_b - target_l0) ** 2).mean()
+    else:
+        pen = sparsity_coeff * l0_b.mean()
+    if freq_coeff:
+        pen = pen + freq_coeff * (torch.relu(a.mean(0) - freq_target) ** 2).sum()
+    rec, _ = _prefix_sq_err(x, f, p["W_dec"], p["b_dec"], prefixes)
+    return rec + pen, f
+
+
+def torch_batchtopk(p, x, *, k, aux_k=512, aux_coeff=1.0 / 32, dead_idx=None, prefixes=None):
+    pi = (x - p["b_dec"]) @ p["W_enc"] + p["b_enc"]              # (B, M)
+    vals, idx = torch.topk(pi.reshape(-1), int(k * x.shape[0]), sorted=False)  # the batch's B*k
+    z = torch.zeros_like(pi).reshape(-1).scatter(0, idx, torch.relu(vals)).reshape(pi.shape)
+    loss, xhat = _prefix_sq_err(x, z, p["W_dec"], p["b_dec"], prefixes)
+    if dead_idx is not None and dead_idx.numel() > 0:
+        e = (x - xhat).detach()                                  # (B, D) target, no gradient
+        pi_dead = pi[:, dead_idx]                                # (B, Nd)
+        dv, di = torch.topk(pi_dead, min(aux_k, dead_idx.numel()), dim=1, sorted=False)
+        z_aux = torch.zeros_like(pi_dead).scatter(1, di, torch.relu(dv))  # (B, Nd)
+        loss = loss + aux_coeff * _sq_err(e, z_aux @ p["W_dec"][dead_idx])
+    return loss, z
+
+
+TORCH_LOSSES = {"jumprelu": torch_jumprelu, "gated": torch_gated, "topk": torch_topk,
+                "jumprelu_quadratic": torch_jumprelu_recipe, "jumprelu_matryoshka": torch_jumprelu_recipe,
+                "batchtopk": torch_batchtopk, "batchtopk_matryoshka": torch_batchtopk}
+
+
+def matryoshka_prefixes(M):
+    return (M // 16, M // 4, M)
+
+
 # ----------------------------------------------------------------------------------------------
 # problems: minisae's init, then sparsified to the target density (all on the host, float32)
 
@@ -233,6 +296,24 @@ def make_problem(variant, module, B, D, M, *, density, dead_frac, seed):
         hyper = dict(sparsity_coeff=6e-4)
         note = (f"b_gate set so ~{n_keep}/{B} gates open per latent, no pi_gate within "
                 f"{margin:.1e} of 0")
+    elif variant == "jumprelu_quadratic":  # every 2025-26 JumpReLU option at once
+        params, x, hyper, note = make_problem("jumprelu", module, B, D, M, density=density,
+                                              dead_frac=dead_frac, seed=seed)
+        params["threshold"] = np.exp(params.pop("log_threshold")).astype(np.float32)  # raw theta
+        hyper.update(penalty="quadratic", target_l0=density * M, freq_coeff=1.0, freq_target=0.005)
+        note += "; raw theta, quadratic penalty (L0* = density*M), frequency penalty (tau 0.005)"
+    elif variant == "jumprelu_matryoshka":
+        params, x, hyper, note = make_problem("jumprelu", module, B, D, M, density=density,
+                                              dead_frac=dead_frac, seed=seed)
+        hyper["prefixes"] = matryoshka_prefixes(M)
+        note += f"; Matryoshka prefixes {hyper['prefixes']}"
+    elif variant in ("batchtopk", "batchtopk_matryoshka"):
+        params, x, hyper, note = make_problem("topk", module, B, D, M, density=density,
+                                              dead_frac=dead_frac, seed=seed)
+        note = "top B*k of the batch; " + note
+        if variant == "batchtopk_matryoshka":
+            hyper["prefixes"] = matryoshka_prefixes(M)
+            note += f"; Matryoshka prefixes {hyper['prefixes']}"
     elif variant == "topk":
         k = max(1, int(round(density * M)))
         n_dead = int(round(dead_frac * M))
@@ -311,7 +392,7 @@ def _rel_err(a, b):
 
 def setup_variant(variant, backend, args):
     try:
-        module = importlib.import_module(f"minisae.sae.{variant}")
+        module = importlib.import_module(f"minisae.sae.{variant.split('_')[0]}")
     except ImportError as e:
         raise RuntimeError(f"minisae.sae.{variant} does not import ({e}); is minisae installed "
                            "in this venv (pip install -e . --no-deps)?") from e
@@ -319,13 +400,13 @@ def setup_variant(variant, backend, args):
     params, x, hyper, note = make_problem(variant, module, B, D, M, density=args.density,
                                           dead_frac=args.dead_frac, seed=args.seed)
     ms_params, ms_x = {k: backend.to_xp(v) for k, v in params.items()}, backend.to_xp(x)
-    ms_hyper = {k: backend.to_xp(v) for k, v in hyper.items()}
+    ms_hyper = {k: (v if k == "prefixes" else backend.to_xp(v)) for k, v in hyper.items()}
     t_params = {k: backend.to_torch(v, grad=True) for k, v in params.items()}
     t_x = backend.to_torch(x)
     t_hyper = {k: v for k, v in hyper.items() if k != "dead_mask"}
-    if variant == "topk":
+    if "dead_mask" in hyper:
         t_hyper["dead_idx"] = backend.to_torch(np.flatnonzero(hyper["dead_mask"]))
-    t_loss_fn = {"jumprelu": torch_jumprelu, "gated": torch_gated, "topk": torch_topk}[variant]
+    t_loss_fn = TORCH_LOSSES[variant]
     names = list(params)
 
     def run_minisae():

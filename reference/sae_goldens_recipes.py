@@ -52,23 +52,69 @@ def recon(x, f, W_dec, b_dec, prefixes):
     return total, sq_err(x, xhat), xhat
 
 
+def _rect(u):
+    return ((u > -0.5) & (u < 0.5)).to(u.dtype)
+
+
+class JumpReLUToInput(torch.autograd.Function):
+    """y = z * H(z - theta); backward to z: H(z - theta) g + (theta/eps) K g (SAELens' STE to the
+    input); to theta: -(theta/eps) K g."""
+
+    @staticmethod
+    def forward(ctx, z, theta, eps):
+        ctx.save_for_backward(z, theta)
+        ctx.eps = eps
+        return z * (z > theta).to(z.dtype)
+
+    @staticmethod
+    def backward(ctx, g):
+        z, theta = ctx.saved_tensors
+        k = _rect((z - theta) / ctx.eps) * (theta / ctx.eps) * g
+        return (z > theta).to(z.dtype) * g + k, -k.sum(dim=0), None
+
+
+class StepToInput(torch.autograd.Function):
+    """y = H(z - theta); backward to z: (1/eps) K g; to theta: -(1/eps) K g."""
+
+    @staticmethod
+    def forward(ctx, z, theta, eps):
+        ctx.save_for_backward(z, theta)
+        ctx.eps = eps
+        return (z > theta).to(z.dtype)
+
+    @staticmethod
+    def backward(ctx, g):
+        z, theta = ctx.saved_tensors
+        k = _rect((z - theta) / ctx.eps) * g / ctx.eps
+        return k, -k.sum(dim=0), None
+
+
 def jumprelu_recipe_loss(p, x, *, sparsity_coeff, bandwidth, penalty, target_l0=None, freq_coeff=0.0,
-                         freq_target=0.1, prefixes=None):
+                         freq_target=0.1, prefixes=None, tanh_scale=4.0, pre_act_coeff=0.0, dead_mask=None,
+                         ste_to_input=False):
     xc = x - p["b_dec"]
     pre = xc @ p["W_enc"] + p["b_enc"]
     pi = torch.relu(pre)
     theta = p["threshold"] if "threshold" in p else torch.exp(p["log_threshold"])
-    f = JumpReLU.apply(pi, theta, bandwidth)
-    a = Step.apply(pi, theta, bandwidth)                              # (B, M) indicators
+    jump, step = (JumpReLUToInput, StepToInput) if ste_to_input else (JumpReLU, Step)
+    f = jump.apply(pi, theta, bandwidth)
+    a = step.apply(pi, theta, bandwidth)                              # (B, M) indicators
     l0_b = a.sum(dim=1)                                               # (B,)
+    norms = p["W_dec"].norm(dim=1)                                    # (M,)
     if penalty == "l0":
         sparsity = sparsity_coeff * l0_b.mean()
+    elif penalty == "tanh":
+        sparsity = sparsity_coeff * torch.tanh(tanh_scale * f * norms).sum(dim=1).mean()
     else:
         sparsity = (sparsity_coeff * (2.0 / target_l0) * (l0_b - target_l0) ** 2).mean()
     freq = freq_coeff * (torch.relu(a.mean(dim=0) - freq_target) ** 2).sum()
+    pre_act = torch.zeros((), dtype=x.dtype)
+    if pre_act_coeff:
+        dead = torch.as_tensor(dead_mask)
+        pre_act = pre_act_coeff * (torch.relu(theta - pre)[:, dead] * norms[dead]).sum(dim=1).mean()
     total, mse, xhat = recon(x, f, p["W_dec"], p["b_dec"], prefixes)
-    loss = total + sparsity + freq
-    terms = dict(mse=mse, matryoshka=total - mse, sparsity=sparsity, freq=freq, l0=l0_b.mean())
+    loss = total + sparsity + freq + pre_act
+    terms = dict(mse=mse, matryoshka=total - mse, sparsity=sparsity, freq=freq, l0=l0_b.mean(), pre_act=pre_act)
     return loss, terms, dict(pi=pi, f=f, xhat=xhat)
 
 
@@ -128,6 +174,8 @@ def _jumprelu_case(seed, *, bandwidth, raw, hyper, small_b=False):
         if hyper.get("freq_coeff", 0.0):
             p_i = (pi > theta).mean(axis=0)
             ok = ok and np.abs(p_i - hyper["freq_target"]).min() > margin and (p_i > hyper["freq_target"]).any()
+        if hyper.get("pre_act_coeff"):
+            ok = ok and np.abs(pre - theta).min() > margin
         if hyper.get("penalty") == "quadratic":
             l0_b = (pi > theta).sum(axis=1)
             ok = ok and (l0_b < hyper["target_l0"]).any() and (l0_b > hyper["target_l0"]).any()
@@ -137,6 +185,8 @@ def _jumprelu_case(seed, *, bandwidth, raw, hyper, small_b=False):
         raise RuntimeError(f"jumprelu recipe seed {seed}: no draw met the conditions")
     params = dict(W_enc=W_enc, b_enc=b_enc, W_dec=W_dec, b_dec=b_dec)
     params["threshold" if raw else "log_threshold"] = theta if raw else np.log(theta)
+    if hyper.get("pre_act_coeff"):
+        hyper["dead_mask"] = np.arange(M) % 3 == 0
     hyper = dict(sparsity_coeff=hyper.pop("sparsity_coeff"), bandwidth=bandwidth, **hyper)
     note = (f"raw={raw}, {hyper}; {int((np.abs(u) < bandwidth / 2).sum())} window entries; "
             f"L0 per token {int((pi > theta).sum(1).min())}..{int((pi > theta).sum(1).max())}")
@@ -219,6 +269,8 @@ def _self_check(case, loss_fn, out, params, hyper, h=1e-6):
     for n in names:
         if n in ("log_threshold", "threshold"):
             continue
+        if hyper.get("ste_to_input") and n != "W_dec":
+            continue  # the straight-through estimate reaches the encoder side: not a true gradient
         fd = np.zeros_like(params[n])
         for j in np.ndindex(params[n].shape):
             plus = {m: params[m].copy() for m in names}
@@ -257,6 +309,17 @@ def build():
                                                    hyper=dict(sparsity_coeff=0.1, penalty="quadratic",
                                                               target_l0=4.0, prefixes=np.array([6, 24]))),
     }
+    cases.update({  # SAELens' options
+        "tanh_preact_raw": _jumprelu_case(45, bandwidth=0.05, raw=True,
+                                          hyper=dict(sparsity_coeff=0.2, penalty="tanh", tanh_scale=2.0,
+                                                     pre_act_coeff=0.3)),
+        "tanh_ste_preact_log": _jumprelu_case(46, bandwidth=0.05, raw=False,
+                                              hyper=dict(sparsity_coeff=0.2, penalty="tanh", tanh_scale=4.0,
+                                                         pre_act_coeff=0.3, ste_to_input=True)),
+        "quadratic_ste_freq": _jumprelu_case(47, bandwidth=0.05, raw=True,
+                                             hyper=dict(sparsity_coeff=0.2, penalty="quadratic", target_l0=5.0,
+                                                        freq_coeff=1.0, freq_target=0.4, ste_to_input=True)),
+    })
     files["sae_jumprelu_recipes.npz"] = _collect(cases, jumprelu_recipe_loss)
     cases = {
         "no_dead": _batchtopk_case(51, k=4, aux_k=6, aux_coeff=1 / 32, n_dead=0),

@@ -15,7 +15,7 @@ from tolerances import F32_ATOL, F32_RTOL, GOLDEN64_ATOL, GOLDEN64_RTOL
 from minisae.sae import batchtopk, jumprelu
 from minisae.xp import asarray
 
-FILES = {"jumprelu": ("sae_jumprelu_recipes.npz", jumprelu, ("mse", "matryoshka", "sparsity", "freq", "l0")),
+FILES = {"jumprelu": ("sae_jumprelu_recipes.npz", jumprelu, ("mse", "matryoshka", "sparsity", "freq", "pre_act", "l0")),
          "batchtopk": ("sae_batchtopk.npz", batchtopk, ("mse", "matryoshka", "aux", "l0", "min_kept"))}
 
 
@@ -61,7 +61,9 @@ def _check(variant, case, xp, dtype, path):
 @pytest.mark.parametrize("variant, case", CASES)
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
 def test_recipe_goldens(variant, case, dtype, xp):
-    paths = ["dense", "sparse"] if xp is numpy else ["dense"]
+    hyper = golden_case(variant, case)[2]
+    saelens = hyper.get("penalty") == "tanh" or hyper.get("pre_act_coeff") or hyper.get("ste_to_input")
+    paths = ["dense", "auto" if saelens else "sparse"] if xp is numpy else ["dense"]  # SAELens': dense only
     for path in paths:
         _check(variant, case, xp, dtype, path)
 
@@ -78,6 +80,8 @@ def test_recipe_goldens_exercise_what_they_are_meant_to(variant, case):
         l0_b = (g["pi"] > theta).sum(axis=1)
         if hyper["penalty"] == "quadratic":  # tokens on both sides of the target
             assert (l0_b < hyper["target_l0"]).any() and (l0_b > hyper["target_l0"]).any()
+        if hyper.get("pre_act_coeff"):  # dead latents below their threshold: the loss acts
+            assert g["pre_act"] > 0
         if hyper.get("freq_coeff", 0.0):  # some latent above the frequency target
             assert ((g["pi"] > theta).mean(axis=0) > hyper["freq_target"]).any() and g["freq"] > 0
     else:

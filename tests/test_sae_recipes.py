@@ -289,3 +289,76 @@ def test_matryoshka_jumprelu_single_prefix_is_the_plain_loss(xp):
             numpy.testing.assert_array_equal(to_numpy(one[1][k]), to_numpy(plain[1][k]))
     with pytest.raises(ValueError, match="prefixes"):
         jumprelu.forward(params, x, prefixes=(4, 3), **hyper)
+
+
+# ----------------------------------------------------------------------------------------------
+# SAELens' options: tanh penalty, pre-activation loss on dead latents, STE to the input
+
+
+@HSETTINGS
+@given(shape=shapes, seed=seeds, lam=st.floats(0.0, 2.0), tanh=st.booleans(),
+       pre_act=st.sampled_from([0.0, 0.8]), ste=st.booleans(), raw=st.booleans(),
+       bandwidth=st.floats(0.05, 1.0), offsets_seed=seeds, dead_seed=seeds)
+def test_saelens_options_against_the_ramp_surrogate(xp, shape, seed, lam, tanh, pre_act, ste, raw,
+                                                    bandwidth, offsets_seed, dead_seed):
+    """Every step replaced by its ramp, displaced from the base point: in theta (the threshold's
+    pseudo-derivative) and, with ste_to_input, in pi (the straight-through gradient to the input).
+    The surrogate's true gradients, by finite differences, must equal backward's for every
+    parameter; the tanh and pre-activation terms are smooth and enter as they are."""
+    B, D, M = shape
+    rng = numpy.random.default_rng(seed)
+    p_host, x_host = problem("jumprelu", rng, B, D, M)
+    pre0 = jumprelu_pre(p_host, x_host, True)  # (B, M)
+    pi0 = numpy.maximum(pre0, 0.0)
+    off_rng = numpy.random.default_rng(offsets_seed)
+    near = pi0[off_rng.integers(0, B, M), numpy.arange(M)] + off_rng.uniform(-0.5, 0.5, M) * bandwidth
+    theta = numpy.where(near > 0.01, near, numpy.exp(p_host["log_threshold"]))  # (M,)
+    p_host["log_threshold"] = numpy.log(theta)
+    theta = numpy.exp(p_host["log_threshold"])
+    half = 0.5 * bandwidth
+    for edge in (theta - half, theta + half):
+        assume(numpy.all(numpy.abs(pi0 - edge) > KINK_MARGIN))
+    assume(numpy.all(numpy.abs(pre0) > KINK_MARGIN) and numpy.all(numpy.abs(pre0 - theta) > KINK_MARGIN))
+    dead = numpy.random.default_rng(dead_seed).random(M) < 0.5  # (M,)
+    if raw:
+        p_host = raw_params(p_host)
+    params, x = to_xp(p_host, xp), asarray(x_host, xp, "float64")
+    hyper = dict(sparsity_coeff=lam, bandwidth=bandwidth, penalty="tanh" if tanh else "l0", tanh_scale=1.7,
+                 pre_act_coeff=pre_act, dead_mask=asarray(dead, xp), ste_to_input=ste)
+    out, cache = jumprelu.forward(params, x, **hyper)
+    grads = jumprelu.backward(params, cache)
+    a0 = (pi0 > theta).astype(float)  # (B, M)
+
+    def ramp(u):
+        return numpy.clip(u / bandwidth + 0.5, 0.0, 1.0)
+
+    def surrogate(ps):
+        ps = {k: to_numpy(v) for k, v in ps.items()}
+        th = ps["threshold"] if raw else numpy.exp(ps["log_threshold"])  # (M,)
+        pre = (x_host - ps["b_dec"]) @ ps["W_enc"] + ps["b_enc"]  # (B, M)
+        pi = numpy.maximum(pre, 0.0)
+        # the step moved by the ramp in theta always, and in pi only with ste_to_input
+        pi_step = pi if ste else pi0
+        moved = ramp(pi_step - th) - ramp(pi0 - theta)  # (B, M), 0 at the base point
+        f = pi * a0 + theta * moved  # (B, M): the jump of height theta spread by the ramp
+        xhat = f @ ps["W_dec"] + ps["b_dec"]
+        norms = numpy.linalg.norm(ps["W_dec"], axis=1)  # (M,)
+        loss = ((x_host - xhat) ** 2).sum() / B
+        if tanh:
+            loss += lam * numpy.tanh(1.7 * f * norms).sum() / B
+        else:
+            loss += lam * (a0 + moved).sum() / B
+        if pre_act:
+            loss += pre_act * (numpy.maximum(th - pre, 0.0)[:, dead] * norms[dead]).sum() / B
+        return float(loss)
+
+    assert numpy.isclose(surrogate(params), float(out["loss"]), rtol=1e-12, atol=1e-12)
+    names = list(p_host)
+    fd_check(surrogate, params, grads, names, rng, f"tanh={tanh} pre_act={pre_act} ste={ste} raw={raw}")
+    if xp is numpy:  # auto falls back to the dense path; sparse is refused
+        _, g_auto = jumprelu.loss_and_grads(params, x, **hyper)
+        for k in names:
+            numpy.testing.assert_array_equal(g_auto[k], grads[k])
+        if tanh or pre_act or ste:
+            with pytest.raises(ValueError, match="dense path only"):
+                jumprelu.loss_and_grads(params, x, path="sparse", **hyper)

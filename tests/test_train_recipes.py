@@ -107,3 +107,15 @@ def test_jumprelu_matryoshka_trains_and_saves_a_jumprelu(tmp_path):
     assert json.loads((tmp_path / "config.json").read_text())["train"]["matryoshka"] == [4, 16, 32]
     with pytest.raises(ValueError, match="matryoshka"):
         TrainConfig("gated", sparsity_coeff=1.0, steps=1, matryoshka=[4]).resolved(4)
+
+
+def test_saelens_options_train(tmp_path):
+    cfg = tiny_config("jumprelu", steps=20, penalty="tanh", tanh_scale=2.0, pre_act_coeff=1e-3, ste_to_input=True,
+                      threshold_param="raw", threshold_init=0.05)
+    res = train(cfg, tiny_source(), tmp_path, progress=False)
+    assert res.sae.architecture == "jumprelu" and 0 < res.summary["fvu"] < 1
+    args = ["train", "--arch", "jumprelu", "--sparsity-coeff", "1e-2", "--penalty", "tanh", "--tanh-scale", "2",
+            "--pre-act-coeff", "1e-3", "--ste-to-input", "--out", str(tmp_path / "cli")] + TINY_TRAIN
+    assert main(args) == 0
+    saved = json.loads((tmp_path / "cli" / "config.json").read_text())["train"]
+    assert (saved["penalty"], saved["tanh_scale"], saved["pre_act_coeff"], saved["ste_to_input"]) == ("tanh", 2.0, 1e-3, True)

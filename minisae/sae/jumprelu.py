@@ -9,6 +9,11 @@ Dimensions: B tokens in the batch, D = d_in, M = d_sae latents, N stored entries
     xhat = f @ W_dec + b_dec
     loss = mean_b [ sum_d (x - xhat)^2 + P(L0_b) ] + F(latent frequencies)
 
+SAELens' options, named divergences from the paper (minisae/sae/penalties.py; dense path only):
+penalty="tanh" (lambda * sum_i tanh(c f_bi ||d_i||), c = tanh_scale, in place of P), pre_act_coeff
+(coeff * sum_{i dead} relu(theta_i - pre_bi) ||d_i|| on the latents of dead_mask) and ste_to_input
+(the threshold's pseudo-derivative also passed, negated, to pi, hence to the encoder).
+
 With Matryoshka prefixes m_1 < ... < m_S = M (option `prefixes`, Bussmann et al. 2025, arXiv
 2503.17547) the squared error is summed over the reconstructions from the nested prefixes,
 xhat_j = f[:, :m_j] @ W_dec[:m_j] + b_dec (docs/derivations/matryoshka.md).
@@ -42,12 +47,13 @@ from minisae.sae.common import (as_input, check_params, check_prefixes, column_s
                                 prefix_decoder_gradients, prefix_squared_error, sampled_matmul,
                                 scalar, segment_entries, segments, sparse_fire_counts,
                                 sparse_from_mask, sparse_matmul, sparse_t_matmul)
+from minisae.sae.penalties import frequency_penalty, pre_act_penalty, sparsity_penalty, tanh_penalty
 from minisae.xp import xp_of
 
 ARCHITECTURE = "jumprelu"
 PARAM_NAMES = ("W_enc", "b_enc", "W_dec", "b_dec", "log_threshold")  # the paper: log theta trained
 PARAM_NAMES_RAW = ("W_enc", "b_enc", "W_dec", "b_dec", "threshold")   # threshold_param="raw"
-PENALTIES = ("l0", "quadratic")
+PENALTIES = ("l0", "quadratic", "tanh")
 THRESHOLD_INIT = 0.001  # theta at init (Gemma Scope recipe)
 SPARSE_MAX_DENSITY = 0.025  # the sparse path is taken up to this fraction of B*M entries stored
 
@@ -103,6 +109,15 @@ class Hyper:
     freq_coeff: float = 0.0        # weight of the frequency penalty (0 = off)
     freq_target: float = 0.1       # firing fraction above which a latent is penalised
     prefixes: tuple | None = None  # Matryoshka prefix sizes m_1 < ... (M appended); None = plain
+    # SAELens' options (named divergences from the paper; the dense path only):
+    tanh_scale: float = 4.0        # c of penalty="tanh": lambda * sum_i tanh(c f_i ||d_i||)
+    pre_act_coeff: float = 0.0     # coeff * sum_{i dead} relu(theta_i - pre_i) ||d_i|| (0 = off)
+    dead_mask: object = None       # (M,) bool, the dead latents of the pre-activation loss
+    ste_to_input: bool = False     # also pass the threshold's pseudo-derivative to pi (negated)
+
+    @property
+    def saelens_options(self):
+        return self.penalty == "tanh" or self.pre_act_coeff > 0.0 or self.ste_to_input
 
     @classmethod
     def of(cls, **kw):
@@ -121,8 +136,15 @@ class Hyper:
         if not float(h.freq_coeff) >= 0.0 or not 0.0 <= float(h.freq_target) <= 1.0:
             raise ValueError(f"jumprelu: expected freq_coeff >= 0 and 0 <= freq_target <= 1, "
                              f"found {h.freq_coeff!r}, {h.freq_target!r}")
+        if not float(h.tanh_scale) > 0.0 or not float(h.pre_act_coeff) >= 0.0:
+            raise ValueError(f"jumprelu: expected tanh_scale > 0 and pre_act_coeff >= 0, "
+                             f"found {h.tanh_scale!r}, {h.pre_act_coeff!r}")
+        if float(h.pre_act_coeff) > 0.0 and h.dead_mask is None:
+            raise ValueError("jumprelu: pre_act_coeff > 0 needs dead_mask (the latents it revives)")
         return dataclasses.replace(
             h, sparsity_coeff=float(h.sparsity_coeff), bandwidth=float(h.bandwidth),
+            tanh_scale=float(h.tanh_scale), pre_act_coeff=float(h.pre_act_coeff),
+            ste_to_input=bool(h.ste_to_input),
             pre_enc_bias=bool(h.pre_enc_bias), freq_coeff=float(h.freq_coeff),
             freq_target=float(h.freq_target),
             target_l0=None if h.target_l0 is None else float(h.target_l0))
@@ -150,34 +172,6 @@ def encode(params, x, *, pre_enc_bias=True, **training_only):
 
 
 # ----------------------------------------------------------------------------------------------
-# the penalties: each returns its value and dL/da, the gradient in the indicators a_bi = H(pi - theta)
-# (to theta only, through the pseudo-derivative `dtheta_ste`)
-
-
-def sparsity_penalty(l0_b, h, xp):
-    """(value, da_b): value = mean_b P(L0_b) for the per-token counts l0_b (B,) and
-    da_b (B,) = dvalue/da_bi, the same for every latent i of token b.
-        l0:        P = lambda L0_b,                    dP/da_bi = lambda
-        quadratic: P = lambda (2/L0*) (L0_b - L0*)^2,  dP/da_bi = lambda (4/L0*) (L0_b - L0*)
-    (dL0_b/da_bi = 1; the 1/B of the batch mean is in da_b.)"""
-    B = l0_b.shape[0]
-    if h.penalty == "l0":
-        return h.sparsity_coeff * float(l0_b.sum()) / B, xp.full(B, h.sparsity_coeff / B, dtype=l0_b.dtype)
-    c = h.sparsity_coeff * 2.0 / h.target_l0
-    u = l0_b - h.target_l0  # (B,)
-    return c * float((u * u).sum()) / B, u * (2.0 * c / B)  # (B,)
-
-
-def frequency_penalty(count_i, h, B):
-    """(value, da_i): F = freq_coeff * sum_i max(p_i - freq_target, 0)^2 with p_i = count_i / B the
-    firing fraction of latent i (count_i = sum_b a_bi, (M,)), and da_i (M,) = dF/da_bi =
-    2 freq_coeff max(p_i - freq_target, 0) / B, the same for every token b. minisae's design."""
-    over = count_i * (1.0 / B) - h.freq_target  # (M,)
-    over *= over > 0.0
-    return h.freq_coeff * float((over * over).sum()), over * (2.0 * h.freq_coeff / B)  # (M,)
-
-
-# ----------------------------------------------------------------------------------------------
 # plain forward / backward
 
 
@@ -192,7 +186,15 @@ def forward(params, x, **hyper):
 
 def _forward_from_pre(params, x, x_c, pre, h, raw):
     xp = xp_of(x)
-    B, dtype = x.shape[0], x.dtype
+    (B, M), dtype = pre.shape, x.dtype
+    dead = None
+    if h.pre_act_coeff > 0.0:  # the dead latents' pre-activations, before the ReLU overwrites pre
+        dead_mask = xp.asarray(h.dead_mask)
+        if dead_mask.shape != (M,) or dead_mask.dtype != bool:
+            raise ValueError(f"jumprelu dead_mask: expected a bool array of shape ({M},), found "
+                             f"{dead_mask.dtype} {tuple(dead_mask.shape)}")
+        dead = xp.flatnonzero(dead_mask)  # (Nd,)
+        pre_dead = pre[:, dead]  # (B, Nd) a copy
     pi = xp.maximum(pre, 0.0, out=pre)  # (B, M) ReLU, in place
     theta = _theta(params, raw, xp)  # (M,)
     active = pi > theta  # (B, M) H(pi - theta), strict
@@ -205,13 +207,21 @@ def _forward_from_pre(params, x, x_c, pre, h, raw):
     freq, da_i = 0.0, None
     if h.freq_coeff > 0.0:
         freq, da_i = frequency_penalty(active.sum(axis=0, dtype=dtype), h, B)  # da_i (M,)
-    out = {"loss": scalar(total + sparsity + freq, dtype, xp), "mse": scalar(mse, dtype, xp),
-           "matryoshka": scalar(total - mse, dtype, xp), "l0": scalar(l0_b.sum() / B, dtype, xp),
-           "sparsity": scalar(sparsity, dtype, xp), "freq": scalar(freq, dtype, xp), "f": f,
-           "xhat": xhats[-1]}
     cache = {"x_c": x_c, "pi": pi, "theta": theta, "active": active, "f": f,
              "err": errs[-1], "errs_inner": errs[:-1],  # x - xhat; x - xhat_j of the inner prefixes
-             "da_b": da_b, "da_i": da_i, "hyper": h, "raw": raw}
+             "da_b": da_b, "da_i": da_i, "hyper": h, "raw": raw, "s_tanh": None, "pre_act": None}
+    pre_act = 0.0
+    if h.penalty == "tanh" or dead is not None:
+        cache["norms"] = norms = xp.sqrt((params["W_dec"] * params["W_dec"]).sum(axis=1))  # (M,)
+    if h.penalty == "tanh":
+        sparsity, cache["s_tanh"] = tanh_penalty(f, norms, h, B)  # s_tanh (B, M)
+    if dead is not None:
+        pre_act, *parts = pre_act_penalty(pre_dead, theta[dead], norms[dead], h.pre_act_coeff, B)
+        cache["pre_act"] = (dead, *parts)  # dpre (B, Nd), dtheta (Nd,), dnorm (Nd,)
+    out = {"loss": scalar(total + sparsity + freq + pre_act, dtype, xp), "mse": scalar(mse, dtype, xp),
+           "matryoshka": scalar(total - mse, dtype, xp), "l0": scalar(l0_b.sum() / B, dtype, xp),
+           "sparsity": scalar(sparsity, dtype, xp), "freq": scalar(freq, dtype, xp),
+           "pre_act": scalar(pre_act, dtype, xp), "f": f, "xhat": xhats[-1]}
     return out, cache
 
 
@@ -263,15 +273,33 @@ def backward(params, cache):
         dW_dec[s:e] = f[:, s:e].T @ G_s  # (m, B) @ (B, D) -> (m, D)
         df[:, s:e] = G_s @ W_dec[s:e].T  # (B, D) @ (D, m) -> (B, m)
     db_dec = G[0].sum(axis=0)  # (D,) b_dec is in every prefix
+    dnorm = None  # d loss / d ||d_i|| of the SAELens penalties
+    if cache["s_tanh"] is not None:  # forward was: sparsity = (lambda/B) sum tanh(c f ||d||)
+        df += cache["s_tanh"] * cache["norms"]  # (B, M)
+        dnorm = (cache["s_tanh"] * f).sum(axis=0)  # (M,)
     # forward was: f = pi * a, a = H(pi - theta), the penalties of a; the theta part
     window = kernel_window(pi, theta, h.bandwidth)  # (B, M)
     dtheta = dtheta_ste(xp.where(window, df, 0.0).sum(axis=0),  # (M,)
                         _window_da_sum(window, cache["da_b"], cache["da_i"], theta.dtype),  # (M,)
                         theta, h.bandwidth)
-    # ... and the pi part: d f/d pi = a; the penalties' steps pass nothing to pi
-    dpi = xp.multiply(df, active, out=df)  # (B, M)
-    # forward was: pi = ReLU(pre); where a = 1, pre = pi > theta > 0, so ReLU' = 1
-    dpre = dpi  # (B, M)
+    if h.ste_to_input:  # SAELens' option: each entry's theta pseudo-derivative, negated, to pi
+        da = cache["da_b"][:, None] + (0.0 if cache["da_i"] is None else cache["da_i"])  # (B, M)
+        ste = xp.where(window, theta * df + da, 0.0) * (1.0 / h.bandwidth)  # (B, M)
+        # forward was: pi = ReLU(pre): window entries with pre <= 0 (theta < eps/2) get nothing
+        dpre = (df * active + ste) * (pi > 0.0)  # (B, M)
+    else:
+        # ... and the pi part: d f/d pi = a; the penalties' steps pass nothing to pi
+        dpi = xp.multiply(df, active, out=df)  # (B, M)
+        # forward was: pi = ReLU(pre); where a = 1, pre = pi > theta > 0, so ReLU' = 1
+        dpre = dpi  # (B, M)
+    if cache["pre_act"] is not None:  # forward was: coeff/B sum_dead relu(theta - pre) ||d||
+        dead, dpre_dead, dtheta_dead, dnorm_dead = cache["pre_act"]
+        dpre[:, dead] += dpre_dead  # (B, Nd)
+        dtheta[dead] += dtheta_dead  # (Nd,) a true gradient
+        dnorm = xp.zeros_like(theta) if dnorm is None else dnorm
+        dnorm[dead] += dnorm_dead  # (Nd,)
+    if dnorm is not None:  # forward was: ||d_i|| = sqrt(sum_d W_dec[i, d]^2)
+        dW_dec += (dnorm / cache["norms"])[:, None] * W_dec  # (M, D)
     # forward was: pre = x_c @ W_enc + b_enc
     dW_enc = x_c.T @ dpre  # (D, B) @ (B, M) -> (D, M)
     db_enc = dpre.sum(axis=0)  # (M,)
@@ -301,8 +329,11 @@ def forward_backward(params, x, *, path="auto", dense_f=True, **hyper):
     if path == "sparse" and xp is not numpy:
         raise ValueError("jumprelu.forward_backward: path='sparse' runs on NumPy arrays only; "
                          f"found {xp.__name__} arrays (use 'auto' or 'dense')")
+    if path == "sparse" and h.saelens_options:
+        raise ValueError("jumprelu.forward_backward: the SAELens options (penalty='tanh', "
+                         "pre_act_coeff, ste_to_input) run on the dense path only")
     x_c, pre = _encoder_pre(params, x, h.pre_enc_bias)
-    if xp is numpy and path != "dense":
+    if xp is numpy and path != "dense" and not h.saelens_options:
         stored = _stored_mask(pre, _theta(params, raw, xp), h.bandwidth)  # (B, M)
         if path == "sparse" or numpy.count_nonzero(stored) <= SPARSE_MAX_DENSITY * stored.size:
             dense = [pre, stored]  # handed over: the sparse path frees them after reading them
@@ -393,7 +424,7 @@ def _forward_backward_sparse(params, x, x_c, dense, h, raw, dense_f):
     out = {"loss": scalar(total + sparsity + freq, dtype, numpy), "mse": scalar(mse, dtype, numpy),
            "matryoshka": scalar(total - mse, dtype, numpy), "l0": scalar(l0_b.sum() / B, dtype, numpy),
            "sparsity": scalar(sparsity, dtype, numpy), "freq": scalar(freq, dtype, numpy),
-           "xhat": xhats[-1],
+           "pre_act": scalar(0.0, dtype, numpy), "xhat": xhats[-1],
            "fired": sparse_fire_counts(cols, f_s, M)}
     if dense_f:
         out["f"] = numpy.zeros((B, M), dtype=dtype)  # (B, M)
