@@ -119,6 +119,14 @@ def make_source(cfg):
     return SynthSAEBench(preset_config(cfg.preset, **cfg.synthetic))
 
 
+def _preset_d_in(cfg):
+    if cfg.preset == "toy":
+        return int({**DEFAULT_SYNTHETIC, **cfg.synthetic}["d_in"])
+    from minisae.data.synthsaebench import preset_config
+
+    return int(preset_config(cfg.preset, **cfg.synthetic).d_in)
+
+
 def _check(cfg):
     bad = [v for v in cfg.variants if v not in VARIANT_NAMES]
     if bad or not cfg.variants:
@@ -147,6 +155,9 @@ def run_compare(cfg, out_dir, *, source=None, model=None, tokenizer=None, eval_t
         if not (force or resume):
             raise OutputExistsError(f"{out} already holds a comparison; pass --overwrite to start it over "
                                     "or --resume to finish an interrupted sweep")
+    for v, t, seed in [(v, t, 0) for v in cfg.variants for t in cfg.target_list()]:
+        # every setting checked (k <= d_sae, λ > 0, ...) before any data is made or SAE trains
+        cfg.train_config(v, t, seed).resolved(int(source.d_in) if source is not None else _preset_d_in(cfg))
     t_start = time.time()
     eval_source = source
     if source is None:

@@ -4,7 +4,7 @@
     encode, decode
 
 `forward_backward(params, x, **hyper) -> (out, grads)` is forward's out and backward's grads in
-one call; on NumPy, JumpReLU and TopK take a row-sparse path there when few latents fire.
+one call; on NumPy, JumpReLU, TopK and BatchTopK take a row-sparse path there when few latents fire.
 """
 
 from minisae.sae import batchtopk, gated, jumprelu, topk
