@@ -345,6 +345,8 @@ def cmd_eval(a):
     _check_files_exist(a.text or [], "--text")  # before the SAE (maybe from the Hub) and the model load
     if a.json and Path(a.json).exists() and not a.overwrite:
         raise OutputExistsError(f"{a.json}: exists; pass --overwrite to replace it")
+    if a.json and not Path(a.json).resolve().parent.is_dir():
+        raise MissingInputError(f"--json {a.json}: its folder does not exist")
     xp = get_xp(a.backend)
     sae = SAE.load(a.sae, xp=xp)
     if a.activations:

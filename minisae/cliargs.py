@@ -124,8 +124,16 @@ _ARCH_FLAGS = {
 }
 
 
+# option dest -> (its flag, the option it needs, that flag): given without it, it would be ignored
+_REQUIRES = {"holdout_tokens": ("--holdout-tokens", "activations", "--activations")}
+
+
 def check_arch_flags(a):
-    """Refuse options given on the command line that the chosen --arch would ignore."""
+    """Refuse options given on the command line that would be ignored: for the chosen --arch, or
+    without the option they work with (--holdout-tokens without --activations)."""
+    for dest, (flag, needs, needs_flag) in _REQUIRES.items():
+        if getattr(a, dest, None) and not getattr(a, needs, None) and hasattr(a, needs):
+            raise InputError(f"{flag} needs {needs_flag} (it would be ignored without it)")
     arch = getattr(a, "arch", None)
     if arch is None:
         return

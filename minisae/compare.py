@@ -109,7 +109,6 @@ def run_compare(cfg, out_dir, *, source=None, model=None, tokenizer=None, eval_t
         if not (force or resume):
             raise OutputExistsError(f"{out} already holds a comparison; pass --overwrite to start it over "
                                     "or --resume to finish an interrupted sweep")
-    make_dir(out)
     if source is None:
         from minisae.data.synthetic import SyntheticActivations, SyntheticConfig
 
@@ -118,6 +117,9 @@ def run_compare(cfg, out_dir, *, source=None, model=None, tokenizer=None, eval_t
     jobs = [(arch, i, s) for arch in ORDER for i, s in enumerate(cfg.sweep.get(arch, []))]
     if not jobs:
         raise ValueError("the sweep is empty: give at least one λ or k")
+    for arch, _, setting in jobs:  # every setting checked (k <= d_sae, λ >= 0, ...) before any SAE trains
+        cfg.train_config(arch, setting).resolved(int(source.d_in))
+    make_dir(out)
     spec = _source_spec(source)
     n_workers = cfg.jobs if cfg.jobs is not None else (min(2, os.cpu_count() or 1) if cfg.backend == "numpy" else 1)
     n_workers = max(1, min(n_workers, len(jobs))) if spec is not None else 1

@@ -38,6 +38,7 @@ def _train(tmp_path, *extra):
     (["--arch", "topk", "--k", "4", "--steps", "x"], "argument --steps: invalid int value: 'x'"),
     (["--arch", "topk", "--k", "4", "--d-in", "0"], "--d-in: expected an integer >= 1, found 0"),
     (["--arch", "topk", "--k", "4", "--max-freq", "2"], "--max-freq: expected a number in (0, 1]"),
+    (["--arch", "topk", "--k", "4", "--holdout-tokens", "5"], "--holdout-tokens needs --activations"),
 ])
 def test_bad_train_values_fail_at_once_in_one_line(tmp_path, capsys, extra, words):
     t0 = time.perf_counter()
@@ -69,6 +70,12 @@ def test_other_commands_check_values_before_loading_anything(tmp_path, capsys):
     assert "--topk: expected an integer >= 1, found 0" in _error_line(capsys)
     assert main(["compare", "--quick", "--out", str(tmp_path / "cmp"), "--d-sae", "-5"]) == 2
     assert "--d-sae" in _error_line(capsys)
+    t0 = time.perf_counter()  # every sweep setting is checked before the first SAE trains
+    assert main(["compare", "--quick", "--out", str(tmp_path / "cmp"), "--d-sae", "4", "--topk", "2", "10",
+                 "--no-progress"]) == 2
+    assert "k: TopK needs 0 < k <= d_sae=4, found 10" in _error_line(capsys) and time.perf_counter() - t0 < 5
+    assert main(["eval", "--sae", "x", "--json", str(tmp_path / "no" / "e.json")]) == 2
+    assert "its folder does not exist" in _error_line(capsys)
     for cmd in (["cache", "--out", str(tmp_path / "c")], ["eval", "--sae", "x/y"]):  # texts checked before the model
         assert main(cmd + ["--model", missing, "--site", "blocks.0.hook_resid_post", "--text", str(tmp_path / "t.txt")]) == 2
         assert "--text" in _error_line(capsys)
