@@ -73,6 +73,7 @@ RANGES = {
     ("eval", "eval_tokens"): ("int", 1, None, True),  # train: 0 = no final evaluation
     "freq_target": ("float", 0, 1, True), "threshold_rate": ("float", 0, 1, False),
     "shards": ("int", 1, None, True), "accumulate": ("int", 1, None, True), "jumprelu": ("float", 0, None, True), "gated": ("float", 0, None, True),
+    "targets": ("float", 0, None, False), "seeds": ("int", 1, None, True), "threshold_lr_mult": ("float", 0, None, False),
 }
 
 
@@ -119,13 +120,20 @@ _ARCH_FLAGS = {
     "aux_k": ("--aux-k", _uses_k),
     "aux_coeff": ("--aux-coeff", _uses_k),
     "bandwidth": ("--bandwidth", lambda arch: arch == "jumprelu"),
-    "target_l0": ("--target-l0", lambda arch: arch == "jumprelu"),
     "threshold_init": ("--threshold-init", lambda arch: arch == "jumprelu"),
 }
 
 
+# option dest -> (its flag, the option it needs, that flag): given without it, it would be ignored
+_REQUIRES = {"holdout_tokens": ("--holdout-tokens", "activations", "--activations")}
+
+
 def check_arch_flags(a):
-    """Refuse options given on the command line that the chosen --arch would ignore."""
+    """Refuse options given on the command line that would be ignored: for the chosen --arch, or
+    without the option they work with (--holdout-tokens without --activations)."""
+    for dest, (flag, needs, needs_flag) in _REQUIRES.items():
+        if getattr(a, dest, None) and not getattr(a, needs, None) and hasattr(a, needs):
+            raise InputError(f"{flag} needs {needs_flag} (it would be ignored without it)")
     arch = getattr(a, "arch", None)
     if arch is None:
         return
