@@ -9,7 +9,9 @@ renormalise each row; lr cosine-warmed from 0.1 * lr over 1,000 steps; the spars
 warmed linearly from 0 over 10,000 steps. TopK (Gao et al.): eps 6.25e-10, lr 2e-4 / sqrt(M / 2^14).
 """
 
+import concurrent.futures
 import math
+import os
 
 import numpy
 
@@ -86,7 +88,8 @@ def adam_update(params, grads, state, *, lr, betas=(0.0, 0.999), eps=1e-8, lr_mu
 
     On NumPy the parameter is walked in blocks of ADAM_BLOCK_ELEMENTS entries, each taken
     through all the steps below while it sits in the CPU cache: the dozen elementwise passes
-    then cost about one trip through memory instead of a dozen. (On a GPU: whole arrays.)
+    then cost about one trip through memory instead of a dozen; a large parameter is split over
+    ADAM_THREADS threads (each range on its own core). (On a GPU: whole arrays.)
 
     Not restricted to the latents that fired: Adam's second moment v decays on every entry
     each step (v <- b2 v), and with b1 > 0 (TopK) so does m and hence the update of every
@@ -107,29 +110,60 @@ def adam_update(params, grads, state, *, lr, betas=(0.0, 0.999), eps=1e-8, lr_mu
         flat = [a.reshape(-1) for a in (p, g, m, v)]  # views (a copy only for a strided g)
         if any(not a.flags.c_contiguous for a in (p, m, v)):
             raise ValueError(f"adam_update: params[{k!r}] and its moments must be contiguous arrays")
-        key = (min(step, n), str(p.dtype), xp.__name__)
-        if key not in scratch:
-            scratch[key] = xp.empty(min(step, n), dtype=p.dtype)
         param_step = _param_step(step_size, lr_mult, k)  # lr_mult: this parameter's factor
-        for s in range(0, n, step):
-            pb, gb, mb, vb = (a[s:s + step] for a in flat)
-            tmp = scratch[key][: pb.shape[0]]
-            if b1 == 0.0:  # m <- g (the recipe's beta1 = 0: one copy instead of three passes)
-                mb[...] = gb
-            else:  # m <- b1 m + (1 - b1) g
-                mb *= b1
-                xp.multiply(gb, 1.0 - b1, out=tmp)
-                mb += tmp
-            vb *= b2  # v <- b2 v + (1 - b2) g^2
-            xp.multiply(gb, gb, out=tmp)
-            tmp *= 1.0 - b2
-            vb += tmp
-            xp.sqrt(vb, out=tmp)  # tmp <- step_size * m / (sqrt(v) / sqrt_bc2 + eps)
-            tmp /= sqrt_bc2
-            tmp += eps
-            xp.divide(mb, tmp, out=tmp)
-            tmp *= param_step
-            pb -= tmp
+        consts = (b1, b2, sqrt_bc2, eps, param_step)
+        # on NumPy, large parameters are split into one contiguous range per thread: NumPy
+        # releases the GIL inside each operation, so the ranges run on separate cores
+        n_threads = min(ADAM_THREADS, -(-n // step)) if xp is numpy else 1
+        bounds = [(n * i // n_threads) // step * step for i in range(n_threads)] + [n]
+        tmps = []
+        for i in range(n_threads):
+            key = (i, min(step, n), str(p.dtype), xp.__name__)
+            if key not in scratch:
+                scratch[key] = xp.empty(min(step, n), dtype=p.dtype)
+            tmps.append(scratch[key])
+        if n_threads == 1:
+            _adam_range(flat, tmps[0], 0, n, step, consts, xp)
+        else:
+            jobs = [_pool().submit(_adam_range, flat, tmps[i], bounds[i], bounds[i + 1], step, consts, xp)
+                    for i in range(n_threads)]
+            for job in jobs:
+                job.result()
+
+
+ADAM_THREADS = min(4, os.cpu_count() or 1)  # threads `adam_update` splits a large parameter over
+_executor = []
+
+
+def _pool():
+    if not _executor:
+        _executor.append(concurrent.futures.ThreadPoolExecutor(ADAM_THREADS, "minisae-adam"))
+    return _executor[0]
+
+
+def _adam_range(flat, tmp, lo, hi, step, consts, xp):
+    """adam_update's arithmetic on entries lo:hi of the flat (p, g, m, v), block by block."""
+    b1, b2, sqrt_bc2, eps, param_step = consts
+    p, g, m, v = flat
+    for s in range(lo, hi, step):
+        e = min(s + step, hi)
+        pb, gb, mb, vb, t = p[s:e], g[s:e], m[s:e], v[s:e], tmp[: e - s]
+        if b1 == 0.0:  # m <- g (the recipe's beta1 = 0: one copy instead of three passes)
+            mb[...] = gb
+        else:  # m <- b1 m + (1 - b1) g
+            mb *= b1
+            xp.multiply(gb, 1.0 - b1, out=t)
+            mb += t
+        vb *= b2  # v <- b2 v + (1 - b2) g^2
+        xp.multiply(gb, gb, out=t)
+        t *= 1.0 - b2
+        vb += t
+        xp.sqrt(vb, out=t)  # t <- step_size * m / (sqrt(v) / sqrt_bc2 + eps)
+        t /= sqrt_bc2
+        t += eps
+        xp.divide(mb, t, out=t)
+        t *= param_step
+        pb -= t
 
 
 # ----------------------------------------------------------------------------------------------
