@@ -73,6 +73,7 @@ RANGES = {
     ("eval", "eval_tokens"): ("int", 1, None, True),  # train: 0 = no final evaluation
     "freq_target": ("float", 0, 1, True), "threshold_rate": ("float", 0, 1, False),
     "shards": ("int", 1, None, True), "accumulate": ("int", 1, None, True), "jumprelu": ("float", 0, None, True), "gated": ("float", 0, None, True),
+    "targets": ("float", 0, None, False), "seeds": ("int", 1, None, True), "threshold_lr_mult": ("float", 0, None, False),
 }
 
 
@@ -119,7 +120,6 @@ _ARCH_FLAGS = {
     "aux_k": ("--aux-k", _uses_k),
     "aux_coeff": ("--aux-coeff", _uses_k),
     "bandwidth": ("--bandwidth", lambda arch: arch == "jumprelu"),
-    "target_l0": ("--target-l0", lambda arch: arch == "jumprelu"),
     "threshold_init": ("--threshold-init", lambda arch: arch == "jumprelu"),
 }
 

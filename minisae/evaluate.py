@@ -18,8 +18,9 @@ import math
 
 import numpy
 
+from minisae.errors import DependencyError
 from minisae.progress import progress_bar
-from minisae.metrics import EvalAccumulator, feature_recovery
+from minisae.metrics import ClassificationAccumulator, EvalAccumulator, best_match, feature_recovery, mcc, uniqueness
 from minisae.xp import asarray, to_numpy
 
 
@@ -42,26 +43,46 @@ def evaluate_sae(sae, source, *, n_tokens=65536, batch_size=4096, true_direction
                  cosine_cutoff=0.9):
     """SPEC §5 metrics of `sae` on n_tokens held-out rows of `source`; a JSON-ready dict.
 
-    Keys: l0, fvu, mse, dead_frac, dense_frac, rel_recon_bias, n_tokens, firing_freq (list, per
-    latent), and mmcs / frac_recovered when true directions are known.
+    Keys: l0, fvu, explained_variance, mse, dead_frac, dense_frac, rel_recon_bias, shrinkage,
+    n_tokens, firing_freq (list, per latent), and mmcs / frac_recovered when true directions are
+    known. On a synthetic source that also returns its true codes (`eval_sample(n,
+    return_codes=True)`), the ground-truth metrics (minisae.metrics): precision, recall, f1,
+    uniqueness, and mcc when scipy is installed (None otherwise).
     """
     check_width(sae, source.d_in, "the activation source")
-    x_all = _eval_rows(source, n_tokens)  # (N, D)
+    dirs = true_directions if true_directions is not None else getattr(source, "directions", None)
+    codes_all = None
+    if dirs is not None and getattr(source, "eval_sample", None) is not None:
+        x_all, codes_all = source.eval_sample(n_tokens, return_codes=True)  # (N, D), (N, F)
+        x_all = numpy.asarray(x_all, dtype=numpy.float32)
+    else:
+        x_all = _eval_rows(source, n_tokens)  # (N, D)
     if not numpy.isfinite(x_all).all():
         raise ValueError("the evaluation activations hold NaN or inf values")
     xp = sae.xp
     acc = EvalAccumulator(sae.d_sae, xp)
+    W_dec = to_numpy(sae.params["W_dec"])  # (M, D)
+    cls = ClassificationAccumulator(best_match(W_dec, dirs)) if codes_all is not None else None
     for start in range(0, x_all.shape[0], batch_size):
         x = asarray(x_all[start:start + batch_size], xp)  # (b, D)
         f = sae.encode(x)  # (b, M)
         xhat = sae.decode(f)  # (b, D)
         acc.update(x, xhat, f)
+        if cls is not None:
+            cls.update(f, codes_all[start:start + batch_size])
     summary = {k: _py(v) for k, v in acc.summary().items()}
     summary["firing_freq"] = [float(v) for v in to_numpy(acc.firing_freq)]
-    dirs = true_directions if true_directions is not None else getattr(source, "directions", None)
     if dirs is not None:
-        rec = feature_recovery(numpy.asarray(to_numpy(dirs)), to_numpy(sae.params["W_dec"]), cutoff=cosine_cutoff)
+        dirs = numpy.asarray(to_numpy(dirs))
+        rec = feature_recovery(dirs, W_dec, cutoff=cosine_cutoff)
         summary.update({k: _py(v) for k, v in rec.items()})
+    if cls is not None:
+        summary.update(cls.summary())
+        summary["uniqueness"] = uniqueness(W_dec, dirs)
+        try:
+            summary["mcc"] = mcc(W_dec, dirs)
+        except DependencyError:  # scipy missing; compare asks for it up front
+            summary["mcc"] = None
     return summary
 
 

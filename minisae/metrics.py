@@ -13,10 +13,21 @@ Dimensions: B tokens, D = d_in, M = d_sae (latents), F planted features (synthet
   more than 10% of tokens.
 - Feature recovery (synthetic data): for each true direction, the best cosine similarity with
   any decoder row; mean max cosine similarity (MMCS) and the fraction above a cut-off.
+- Ground truth (SynthSAEBench's definitions, Chanin & Garriga-Alonso, arXiv 2602.14687; MCC as in
+  arXiv 2505.20254): explained variance EV = 1 - FVU; shrinkage = mean over tokens of
+  ||xhat|| / ||x||; MCC = mean |cos| over the one-to-one matching of decoder rows to true features
+  that maximises the total |cos| (Hungarian algorithm: scipy, the optional extra
+  `minisae[metrics]`); each latent's true feature = the argmax |cos|; per latent precision =
+  P(its feature fires | it fires), recall = P(it fires | its feature fires), F1 their harmonic
+  mean, each averaged over latents with an undefined value counting 0; uniqueness = distinct
+  argmax features / M.
 """
+
+import math
 
 import numpy
 
+from minisae.errors import DependencyError
 from minisae.xp import asarray, to_numpy, xp_of
 
 DENSE_FREQ = 0.1  # a latent active on more than this fraction of tokens is "dense"
@@ -85,6 +96,8 @@ class EvalAccumulator:
         self.nnz = xp.zeros((), dtype=xp.int64)  # sum over tokens of ||f||_0
         self.mean_x = None  # (D,) running mean over tokens
         self.m2_x = xp.zeros((), dtype=xp.float64)  # sum ||x - mean_x||^2 so far
+        self.sum_norm_ratio = xp.zeros((), dtype=xp.float64)  # sum ||xhat_b|| / ||x_b|| (x_b != 0)
+        self.n_ratio = xp.zeros((), dtype=xp.int64)
 
     def update(self, x, xhat, f):
         """Add a batch: x, xhat (..., D) and f (..., M) (leading dimensions are flattened)."""
@@ -104,6 +117,10 @@ class EvalAccumulator:
         self.sum_sq_err += xp.sum(diff * diff)
         self.sum_xhat_sq += xp.sum(xh64 * xh64)
         self.sum_xhat_dot_x += xp.sum(xh64 * x64)
+        norm_x = xp.sqrt(xp.sum(x64 * x64, axis=1))  # (B,)
+        ok = norm_x > 1e-6
+        self.sum_norm_ratio += xp.sum(xp.where(ok, xp.sqrt(xp.sum(xh64 * xh64, axis=1)) / xp.where(ok, norm_x, 1.0), 0.0))
+        self.n_ratio += xp.sum(ok, dtype=xp.int64)
         active = f != 0  # (B, M)
         self.fire_count += xp.sum(active, axis=0, dtype=xp.int64)  # (M,)
         self.nnz += xp.sum(active, dtype=xp.int64)
@@ -127,7 +144,8 @@ class EvalAccumulator:
         return count / self.n_tokens if self.n_tokens else count
 
     def summary(self):
-        """dict of Python floats: l0, fvu, mse, dead_frac, dense_frac, rel_recon_bias, n_tokens."""
+        """dict of Python floats: l0, fvu, explained_variance (1 - fvu), mse, dead_frac, dense_frac,
+        rel_recon_bias, shrinkage (mean ||xhat|| / ||x||), n_tokens."""
         if self.n_tokens == 0:
             raise ValueError("EvalAccumulator.summary: no tokens were added (call update first)")
         n = self.n_tokens
@@ -136,11 +154,13 @@ class EvalAccumulator:
         return {
             "l0": float(self.nnz) / n,
             "fvu": float(self.sum_sq_err) / m2 if m2 > 0 else float("nan"),
+            "explained_variance": 1.0 - float(self.sum_sq_err) / m2 if m2 > 0 else float("nan"),
             "mse": float(self.sum_sq_err) / n,
             "dead_frac": float(numpy.mean(freq == 0)),
             "dense_frac": float(numpy.mean(freq > DENSE_FREQ)),
             "rel_recon_bias": (float(self.sum_xhat_sq) / float(self.sum_xhat_dot_x)  # NaN for an all-zero xhat
                                if float(self.sum_xhat_dot_x) != 0 else float("nan")),
+            "shrinkage": float(self.sum_norm_ratio) / int(self.n_ratio) if int(self.n_ratio) else float("nan"),
             "n_tokens": n,
         }
 
@@ -167,3 +187,80 @@ def feature_recovery(true_dirs, W_dec, cutoff=0.9):
     fraction of true features whose best match reaches `cutoff`."""
     best = max_cosine_similarity(true_dirs, W_dec)  # (F,)
     return {"mmcs": float(best.mean()), "frac_recovered": float(numpy.mean(best >= cutoff))}
+
+
+# ---------------------------------------------------------------------------------------------
+# ground truth (SynthSAEBench)
+
+def abs_cosine(W_dec, true_dirs):
+    """|cos| between every decoder row (M, D) and every true feature (N, D): NumPy float64 (M, N).
+    Zero-norm rows count as cosine 0."""
+    W = numpy.asarray(to_numpy(W_dec), dtype=numpy.float64)  # (M, D)
+    T = numpy.asarray(to_numpy(true_dirs), dtype=numpy.float64)  # (N, D)
+    if W.ndim != 2 or T.ndim != 2 or W.shape[1] != T.shape[1]:
+        raise ValueError(f"expected W_dec (M, D) and true_dirs (N, D), found {W.shape} and {T.shape}")
+    W = W / numpy.maximum(numpy.linalg.norm(W, axis=1, keepdims=True), 1e-30)
+    T = T / numpy.maximum(numpy.linalg.norm(T, axis=1, keepdims=True), 1e-30)
+    return numpy.abs(W @ T.T)  # (M, N)
+
+
+def best_match(W_dec, true_dirs):
+    """Each latent's true feature: argmax over features of |cos|, int64 (M,)."""
+    return abs_cosine(W_dec, true_dirs).argmax(axis=1)
+
+
+def uniqueness(W_dec, true_dirs):
+    """Distinct best-matching true features / M (1 = every latent tracks its own feature)."""
+    match = best_match(W_dec, true_dirs)
+    return len(numpy.unique(match)) / match.size
+
+
+def mcc(W_dec, true_dirs):
+    """Mean |cos| over the one-to-one matching of decoder rows and true features with the
+    largest total |cos| (min(M, N) pairs; Hungarian algorithm via scipy, an optional extra)."""
+    try:
+        from scipy.optimize import linear_sum_assignment
+    except ImportError:
+        raise DependencyError("MCC needs scipy for the Hungarian matching: pip install 'minisae[metrics]'") from None
+    cos = abs_cosine(W_dec, true_dirs)  # (M, N)
+    rows, cols = linear_sum_assignment(cos, maximize=True)
+    return float(cos[rows, cols].mean())
+
+
+class ClassificationAccumulator:
+    """Per-latent precision / recall / F1 of each latent as a detector of its best-matching true
+    feature, over batches: update(f, codes) with latents f (B, M) and true codes (B, N)."""
+
+    def __init__(self, match):
+        self.match = numpy.asarray(match, dtype=numpy.int64)  # (M,) true feature of each latent
+        M = self.match.size
+        self.tp = numpy.zeros(M, dtype=numpy.int64)  # latent and feature both on
+        self.fp = numpy.zeros(M, dtype=numpy.int64)  # latent on, feature off
+        self.fn = numpy.zeros(M, dtype=numpy.int64)  # latent off, feature on
+
+    def update(self, f, codes):
+        fires = numpy.asarray(to_numpy(f)) != 0  # (B, M)
+        truth = numpy.asarray(to_numpy(codes))[:, self.match] > 0  # (B, M) matched feature on
+        if fires.shape != truth.shape:
+            raise ValueError(f"ClassificationAccumulator: latents {fires.shape} and codes do not fit")
+        self.tp += numpy.sum(fires & truth, axis=0)
+        self.fp += numpy.sum(fires & ~truth, axis=0)
+        self.fn += numpy.sum(~fires & truth, axis=0)
+
+    def summary(self):
+        """{"precision", "recall", "f1"}: means over latents, an undefined value counting 0."""
+        tp = self.tp.astype(numpy.float64)
+
+        def ratio(a, b):
+            return numpy.divide(a, b, out=numpy.zeros_like(a), where=b > 0)
+
+        precision = ratio(tp, tp + self.fp)  # (M,)
+        recall = ratio(tp, tp + self.fn)  # (M,)
+        f1 = ratio(2 * precision * recall, precision + recall)  # (M,)
+        return {"precision": float(precision.mean()), "recall": float(recall.mean()), "f1": float(f1.mean())}
+
+
+def expected_abs_cosine(d):
+    """E|cos| between two independent uniformly random directions in R^d:
+    Gamma(d/2) / (sqrt(pi) Gamma((d+1)/2))."""
+    return math.exp(math.lgamma(d / 2) - math.lgamma((d + 1) / 2)) / math.sqrt(math.pi)

@@ -36,6 +36,13 @@ def _adam_scalars(state, lr, betas, eps):
     return b1, b2, float(lr) / (1.0 - b1 ** t), math.sqrt(1.0 - b2 ** t), float(eps)
 
 
+def _param_step(step_size, lr_mult, name):
+    """The step size of parameter `name`: step_size, times lr_mult[name] when given."""
+    if lr_mult and name in lr_mult:
+        return step_size * float(lr_mult[name])
+    return step_size
+
+
 def _check_adam_args(params, grads, state):
     if set(grads) != set(params) or set(state["m"]) != set(params):
         raise ValueError(f"adam_update: expected grads and state for exactly {sorted(params)}, "
@@ -47,13 +54,16 @@ def _check_adam_args(params, grads, state):
                              f"found {g.dtype} {tuple(g.shape)}")
 
 
-def adam_update_plain(params, grads, state, *, lr, betas=(0.0, 0.999), eps=1e-8):
+def adam_update_plain(params, grads, state, *, lr, betas=(0.0, 0.999), eps=1e-8, lr_mult=None):
     """One bias-corrected Adam step (as torch.optim.Adam does it), written plainly; updates
     params and state in place but allocates temporaries. `adam_update` is the same arithmetic
     with none (a test holds the two bitwise equal):
 
         m <- b1 m + (1 - b1) g;   v <- b2 v + (1 - b2) g^2;   t <- t + 1
         p <- p - (lr / (1 - b1^t)) * m / (sqrt(v) / sqrt(1 - b2^t) + eps)
+
+    lr_mult: optional {name: factor}, a learning rate of factor * lr for that parameter (e.g.
+    JumpReLU's threshold, minisae train --threshold-lr-mult); the others keep lr exactly.
     """
     _check_adam_args(params, grads, state)
     b1, b2, step_size, sqrt_bc2, eps = _adam_scalars(state, lr, betas, eps)
@@ -63,13 +73,13 @@ def adam_update_plain(params, grads, state, *, lr, betas=(0.0, 0.999), eps=1e-8)
         xp = xp_of(p)
         m[...] = g if b1 == 0.0 else m * b1 + (1.0 - b1) * g  # b1 = 0: m is g (no 0 * m)
         v[...] = v * b2 + (1.0 - b2) * (g * g)
-        p -= step_size * (m / (xp.sqrt(v) / sqrt_bc2 + eps))
+        p -= _param_step(step_size, lr_mult, k) * (m / (xp.sqrt(v) / sqrt_bc2 + eps))
 
 
 ADAM_BLOCK_ELEMENTS = 1 << 15  # entries per block of `adam_update` on NumPy (stays in cache)
 
 
-def adam_update(params, grads, state, *, lr, betas=(0.0, 0.999), eps=1e-8):
+def adam_update(params, grads, state, *, lr, betas=(0.0, 0.999), eps=1e-8, lr_mult=None):
     """One bias-corrected Adam step, in place on params and state, with no temporaries: every
     operation writes into m, v, p or a small scratch buffer kept in the state (state["scratch"],
     never saved). Bitwise equal to `adam_update_plain` (the same operations in the same order).
@@ -100,6 +110,7 @@ def adam_update(params, grads, state, *, lr, betas=(0.0, 0.999), eps=1e-8):
         key = (min(step, n), str(p.dtype), xp.__name__)
         if key not in scratch:
             scratch[key] = xp.empty(min(step, n), dtype=p.dtype)
+        param_step = _param_step(step_size, lr_mult, k)  # lr_mult: this parameter's factor
         for s in range(0, n, step):
             pb, gb, mb, vb = (a[s:s + step] for a in flat)
             tmp = scratch[key][: pb.shape[0]]
@@ -117,7 +128,7 @@ def adam_update(params, grads, state, *, lr, betas=(0.0, 0.999), eps=1e-8):
             tmp /= sqrt_bc2
             tmp += eps
             xp.divide(mb, tmp, out=tmp)
-            tmp *= step_size
+            tmp *= param_step
             pb -= tmp
 
 

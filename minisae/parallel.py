@@ -220,6 +220,9 @@ def train_parallel(cfg, source, out_dir, *, shards=1, accumulate=1, comm=None, r
     if grid.S > 1 and cfg.penalty != "l0":
         raise InputError(f"penalty {cfg.penalty!r} couples every latent of a token (its total L0); "
                          "it cannot be split over latent shards: train it with --shards 1")
+    if cfg.uses_controller() or cfg.threshold_lr_mult != 1.0:
+        raise ValueError("the λ controller (--target-l0 for Gated / JumpReLU) and --threshold-lr-mult run in "
+                         "single-process training only for now: train without --shards/--accumulate/mpiexec")
     n_micro = grid.R * int(accumulate)
     if int(accumulate) < 1 or cfg.batch_size % n_micro:
         raise InputError(f"batch_size {cfg.batch_size} must split into {grid.R} replicas x "

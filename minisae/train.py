@@ -41,7 +41,7 @@ from pathlib import Path
 
 import numpy
 
-from minisae import optim
+from minisae import l0control, optim
 from minisae.errors import (FileFormatError, InputError, MinisaeError, OutputExistsError, ResourceError, TrainingError,
                             storage_error)
 from minisae.io.files import check_output_dir, make_dir, memory_limit_bytes, parse_json, read_json, write_atomic
@@ -57,6 +57,9 @@ CHECKPOINT_FORMAT = "minisae-checkpoint-1"
 # Default learning rates: JumpReLU per the Gemma Scope recipe (SPEC §4), Gated per its paper
 # (SPEC §2); TopK follows Gao et al., lr ∝ 1/√M (optim.topk_lr).
 DEFAULT_LR = {"jumprelu": 7e-5, "gated": 3e-4}
+# The λ controller's starting λ when target_l0 is given without a sparsity coefficient (on inputs
+# normalised to E‖x‖² = 1; the controller moves it by up to a factor e per 100 steps).
+START_COEFF = {"jumprelu": 1e-2, "gated": 0.1}
 
 
 class CheckpointError(FileFormatError):
@@ -103,6 +106,15 @@ class TrainConfig:
     eval_tokens: int = 65536              # held-out tokens for the final evaluation (0 = none)
     eval_batch_size: int = 4096
     prefetch: int = 1                     # batches made ahead in a background thread (0 = none)
+    threshold_lr_mult: float = 1.0        # JumpReLU: θ's learning rate = this × lr (1 = the paper's single lr)
+    controller_kp: float = l0control.DEFAULT_KP  # λ controller gains (with target_l0; minisae.l0control)
+    controller_ki: float = l0control.DEFAULT_KI
+
+    def uses_controller(self):
+        """True when target_l0 is met by the λ controller: Gated, and JumpReLU with the L0 (or tanh) penalty.
+        (TopK/BatchTopK meet it through k, JumpReLU's quadratic penalty through its own target.)"""
+        return self.target_l0 is not None and (
+            self.architecture == "gated" or (self.architecture == "jumprelu" and self.penalty in ("l0", "tanh")))
 
     def resolved(self, d_in):
         """A copy with every None default filled in for inputs of width d_in; checks values."""
@@ -110,6 +122,21 @@ class TrainConfig:
         check_values(c)
         if c.architecture not in VARIANTS:
             raise ValueError(f"architecture: expected one of {sorted(VARIANTS)}, found {c.architecture!r}")
+        if c.target_l0 is not None and not (isinstance(c.target_l0, (int, float)) and 0 < c.target_l0 <= c.d_sae):
+            raise ValueError(f"target_l0: expected 0 < target_l0 <= d_sae={c.d_sae}, found {c.target_l0!r}")
+        if c.target_l0 is not None and c.architecture in ("topk", "batchtopk"):
+            if c.k is None:
+                c.k = max(1, int(round(c.target_l0)))
+            elif c.k != round(c.target_l0):
+                raise ValueError(f"k={c.k} and target_l0={c.target_l0} disagree; give one of them")
+        if c.uses_controller() and c.sparsity_coeff is None:
+            c.sparsity_coeff = START_COEFF[c.architecture]
+        if c.uses_controller() and not c.sparsity_coeff > 0:
+            raise ValueError(f"sparsity_coeff: the λ controller starts from a value > 0, found {c.sparsity_coeff}")
+        if not (c.threshold_lr_mult > 0 and math.isfinite(c.threshold_lr_mult)):
+            raise ValueError(f"threshold_lr_mult: expected a value > 0, found {c.threshold_lr_mult!r}")
+        if c.threshold_lr_mult != 1.0 and c.architecture != "jumprelu":
+            raise ValueError(f"threshold_lr_mult is a JumpReLU option; found it set for {c.architecture!r}")
         if c.architecture in ("topk", "batchtopk"):
             if c.k is None or not 0 < c.k <= c.d_sae:
                 raise ValueError(f"k: TopK needs 0 < k <= d_sae={c.d_sae}, found {c.k}")
@@ -244,14 +271,16 @@ def param_names(cfg):
     return mod.PARAM_NAMES
 
 
-def hypers_at(cfg, step, dead_mask=None):
-    """The variant's forward/backward keyword arguments at `step` (sparsity warm-up applied)."""
+def hypers_at(cfg, step, dead_mask=None, coeff=None):
+    """The variant's forward/backward keyword arguments at `step` (sparsity warm-up applied to
+    `coeff`, the λ controller's value, or else cfg.sparsity_coeff)."""
     if cfg.architecture == "topk":
         return {"k": cfg.k, "aux_k": cfg.aux_k, "aux_coeff": cfg.aux_coeff, "dead_mask": dead_mask}
     if cfg.architecture == "batchtopk":
         return {"k": cfg.k, "aux_k": cfg.aux_k, "aux_coeff": cfg.aux_coeff, "dead_mask": dead_mask,
                 "prefixes": None if cfg.matryoshka is None else tuple(cfg.matryoshka)}
-    coeff = optim.sparsity_coeff_at(step, coeff=cfg.sparsity_coeff, warmup_steps=cfg.sparsity_warmup_steps)
+    coeff = optim.sparsity_coeff_at(step, coeff=cfg.sparsity_coeff if coeff is None else coeff,
+                                    warmup_steps=cfg.sparsity_warmup_steps)
     if cfg.architecture == "jumprelu":
         h = {"sparsity_coeff": coeff, "bandwidth": cfg.bandwidth, "penalty": cfg.penalty}
         if cfg.penalty == "quadratic":
@@ -340,6 +369,7 @@ def fresh_state(cfg, source, xp):
         "since_fired": xp.zeros(cfg.d_sae, dtype=xp.int64),  # (M,) tokens since each latent fired
         "batchtopk_threshold": 0.0,  # BatchTopK's running inference threshold (batchtopk.update_threshold)
         "threshold_updates": 0,      # ... and how many batches it has averaged
+        "controller": None,          # the λ controller's state (minisae.l0control), when target_l0 uses it
     }
 
 
@@ -358,6 +388,7 @@ def save_checkpoint(path, state, cfg):
         "scale": state["scale"],
         "batchtopk_threshold": float(state.get("batchtopk_threshold", 0.0)),
         "threshold_updates": int(state.get("threshold_updates", 0)),
+        "controller": state.get("controller"),
         "config": dataclasses.asdict(cfg),
     }
     # save_file writes a temp file, fsyncs and renames it; on a failure (a full disk: StorageError)
@@ -408,6 +439,7 @@ def load_checkpoint(path, cfg, xp):
         "since_fired": asarray(arrays["since_fired"], xp),
         "batchtopk_threshold": float(info.get("batchtopk_threshold", 0.0)),
         "threshold_updates": int(info.get("threshold_updates", 0)),
+        "controller": info.get("controller"),
     }
 
 
@@ -526,6 +558,14 @@ def train(cfg, source, out_dir, *, resume=False, overwrite=False, progress=True)
     scale, params, adam = state["scale"], state["params"], state["adam"]
     since_fired = state["since_fired"]
     threshold = (state["batchtopk_threshold"], state["threshold_updates"])  # BatchTopK's running θ
+    controller = None
+    if cfg.uses_controller():  # λ set every step from the batch L0 (minisae.l0control)
+        controller = l0control.L0Controller(cfg.target_l0, cfg.sparsity_coeff, kp=cfg.controller_kp,
+                                            ki=cfg.controller_ki, start_step=cfg.sparsity_warmup_steps,
+                                            state=state.get("controller"))
+    lr_mult = None
+    if cfg.architecture == "jumprelu" and cfg.threshold_lr_mult != 1.0:
+        lr_mult = {"log_threshold" if cfg.threshold_param == "log" else "threshold": cfg.threshold_lr_mult}
     min_kept = []  # 0-d smallest kept activations since the last fold into `threshold`
     last_good = state["step"] if ckpt.exists() and resume else None
     betas = (cfg.adam_beta1, cfg.adam_beta2)
@@ -542,17 +582,20 @@ def train(cfg, source, out_dir, *, resume=False, overwrite=False, progress=True)
             except _BadBatch as e:
                 raise TrainingError(f"step {step}: {e}; " + _kept(ckpt, last_good)) from None
             x = asarray(x, xp)  # (B, D) normalised: E‖x‖² = 1
-            hyper = hypers_at(cfg, step, since_fired >= cfg.dead_window_tokens)
+            hyper = hypers_at(cfg, step, since_fired >= cfg.dead_window_tokens,
+                              coeff=controller.coeff() if controller else None)
             # the variant's fastest exact path (row-sparse on NumPy when few latents fire); the
             # latents are never held as a dense (B, M) array: out["fired"] counts them per latent
             out, grads = mod.forward_backward(params, x, **hyper, path="auto", dense_f=False)
             losses.append(out["loss"])
+            if controller:  # one host read per step (a sync on CuPy): the next λ needs it
+                controller.update(step, float(to_numpy(out["l0"])))
             if cfg.architecture == "batchtopk":
                 min_kept.append(out["min_kept"])
             optim.remove_parallel_decoder_grad(params["W_dec"], grads["W_dec"], out=grads["W_dec"])
             lr = optim.lr_at(step, lr=cfg.lr, warmup_steps=cfg.warmup_steps,
                              total_steps=cfg.steps, decay_frac=cfg.decay_frac)
-            optim.adam_update(params, grads, adam, lr=lr, betas=betas, eps=cfg.adam_eps)
+            optim.adam_update(params, grads, adam, lr=lr, betas=betas, eps=cfg.adam_eps, lr_mult=lr_mult)
             optim.normalize_decoder_rows(params["W_dec"])
             if "threshold" in params:  # raw θ: kept >= 0 by projection (a θ < 0 would count π = 0 as active)
                 xp.maximum(params["threshold"], 0.0, out=params["threshold"])
@@ -580,7 +623,8 @@ def train(cfg, source, out_dir, *, resume=False, overwrite=False, progress=True)
                                         + _kept(ckpt, last_good) + "; try a lower learning rate")
                 save_checkpoint(ckpt, {"step": done, "scale": scale, "params": params, "adam": adam,
                                        "since_fired": since_fired, "batchtopk_threshold": threshold[0],
-                                       "threshold_updates": threshold[1]}, cfg)
+                                       "threshold_updates": threshold[1],
+                                       "controller": controller.state() if controller else None}, cfg)
                 last_good = done
                 _append_jsonl(metrics_path, pending)  # metrics only ever run up to the checkpoint
                 pending = []
@@ -592,12 +636,14 @@ def train(cfg, source, out_dir, *, resume=False, overwrite=False, progress=True)
         _append_jsonl(metrics_path, pending)  # after an error: the lines since the last checkpoint
 
     params_np = {k: to_numpy(v) for k, v in params.items()}
-    sae = SAE.from_training(cfg.architecture, params_np, scale=scale, hyper=_release_hyper(cfg, threshold[0]),
+    sae = SAE.from_training(cfg.architecture, params_np, scale=scale, hyper=_release_hyper(cfg, threshold[0], controller.coeff() if controller else None),
                             metadata=_sae_metadata(source))
     sae.save(out_dir / "sae", overwrite=True)
     summary = {}
     if cfg.eval_tokens > 0:
         summary = evaluate_sae(sae, source, n_tokens=cfg.eval_tokens, batch_size=cfg.eval_batch_size)
+        if controller:
+            summary["sparsity_coeff_final"] = controller.coeff()
         _write_text_atomic(out_dir / "eval.json", json.dumps(summary, indent=2) + "\n")
     return TrainResult(sae=sae, params=params_np, scale=scale, steps=cfg.steps, summary=summary, out_dir=out_dir)
 
@@ -657,14 +703,15 @@ def _log_row(cfg, done, out, x, lr, hyper, since_fired, loss, elapsed, threshold
     return row
 
 
-def _release_hyper(cfg, batchtopk_threshold=None):
+def _release_hyper(cfg, batchtopk_threshold=None, coeff=None):
     if cfg.architecture == "topk":
         return {"k": cfg.k}
     if cfg.architecture == "batchtopk":  # released as a JumpReLU with one global threshold
         return {"threshold": batchtopk_threshold}
+    coeff = cfg.sparsity_coeff if coeff is None else coeff  # the λ controller's last value
     if cfg.architecture == "jumprelu":
-        return {"bandwidth": cfg.bandwidth, "sparsity_coeff": cfg.sparsity_coeff}
-    return {"sparsity_coeff": cfg.sparsity_coeff}
+        return {"bandwidth": cfg.bandwidth, "sparsity_coeff": coeff}
+    return {"sparsity_coeff": coeff}
 
 
 def _sae_metadata(source):

@@ -1,7 +1,8 @@
 """Row-sparse product implementations side by side: which one the SAE sparse paths should use.
 
 For each shape (B tokens, D = d_in, M latents, a random pattern with `density` of B*M stored),
-times the three products of minisae/sae/common.py with every implementation available:
+times the three products of minisae/sae/common.py with every implementation available (and,
+in a second table, the top-k selection `common.top_k` against argpartition on whole rows):
 
   A @ W          sparse_matmul     (B, M) sparse times (M, D)         -> (B, D)
   (E @ W.T)[A]   sampled_matmul    only the stored entries of (B, M)  -> (N,)
@@ -93,6 +94,19 @@ def main(argv=None):
                      for i in impls]
             print(f"| {D} | {M} | {rows.shape[0]} | {product} | " + " | ".join(cells) + f" | {gemm:.0f} |",
                   flush=True)
+    print()
+    print("Top-k selection per row of a (B, M) float32 array (k = density * M), median ms:")
+    print("| B | M | k | argpartition (whole rows) | common.top_k | speed-up |")
+    print("|---|---|---|---:|---:|---:|")
+    for D, M in args.shapes:
+        a = numpy.random.default_rng(args.seed).standard_normal((args.batch, M), dtype=numpy.float32)
+        k = max(1, int(round(args.density * M)))
+        t_part, t_top = [], []
+        for r in range(args.repeats):
+            t_part.append(timed(lambda: numpy.argpartition(a, M - k, axis=1)))
+            t_top.append(timed(lambda: common.top_k(a, k)))
+        tp, tt = statistics.median(t_part) * 1e3, statistics.median(t_top) * 1e3
+        print(f"| {args.batch} | {M} | {k} | {tp:.0f} | {tt:.0f} | {tp / tt:.2f}x |", flush=True)
     print(f"# load average at the end {os.getloadavg()[0]:.2f}")
 
 

@@ -53,6 +53,27 @@ def test_train_eval_convert(tmp_path, capsys):
     assert "not empty" in _error_line(capsys)
 
 
+def test_train_target_l0_and_synthsaebench_preset(tmp_path, capsys):
+    # --target-l0 drives Gated's λ (the controller); TopK takes k from it; a SynthSAEBench preset
+    # run is evaluated with the ground-truth metrics, also by `minisae eval` from the run folder
+    run = tmp_path / "g"
+    assert main(["train", "--arch", "gated", "--target-l0", "4", "--log-every", "2", "--out", str(run)] + TINY_TRAIN) == 0
+    lambdas = {json.loads(line)["sparsity_coeff"] for line in (run / "metrics.jsonl").read_text().splitlines()}
+    assert len(lambdas) > 2
+    assert main(["train", "--arch", "topk", "--target-l0", "3", "--out", str(tmp_path / "t")] + TINY_TRAIN) == 0
+    assert json.loads((tmp_path / "t" / "config.json").read_text())["train"]["k"] == 3
+    tiny = ["--steps", "20", "--batch-size", "64", "--d-sae", "32", "--eval-tokens", "512", "--no-progress",
+            "--warmup-steps", "2", "--sparsity-warmup-steps", "2"]
+    ssb = tmp_path / "ssb"
+    assert main(["train", "--arch", "topk", "--k", "4", "--preset", "synthsaebench-cpu", "--out", str(ssb)] + tiny) == 0
+    ev = json.loads((ssb / "eval.json").read_text())
+    assert {"mcc", "f1", "precision", "recall", "uniqueness", "explained_variance", "shrinkage"} <= set(ev)
+    capsys.readouterr()
+    assert main(["train", "--arch", "topk", "--k", "4", "--preset", "synthsaebench-cpu", "--d-in", "8",
+                 "--out", str(tmp_path / "bad")] + tiny) == 2
+    assert "--d-in applies to --preset toy only" in _error_line(capsys)
+
+
 def test_user_errors_are_one_line_with_status_2(tmp_path, capsys):
     assert main(["eval", "--sae", str(tmp_path / "nope")]) == 2
     assert "nope" in _error_line(capsys)
@@ -77,19 +98,26 @@ def test_compare_quick_synthetic(tmp_path, capsys):
     assert main(["compare", "--quick", "--out", str(out), "--no-progress"]) == 0
     report = (out / "report.md").read_text()
     results = json.loads((out / "results.json").read_text())
-    for title in ("## JumpReLU", "## Gated", "## TopK", "## Verdict"):
-        assert title in report
-    assert "The paper's ordering" in report and "MMCS" in report
-    assert len(results["runs"]) == 6 and {r["architecture"] for r in results["runs"]} == {"jumprelu", "gated", "topk"}
-    for r in results["runs"]:
-        assert r["l0"] > 0 and 0 < r["fvu"] < 1.5 and 0 <= r["dead_frac"] <= 1 and "mmcs" in r
-        assert (out / r["run_dir"] / "sae" / "cfg.json").is_file()
-    assert results["verdict"]["fvu"]["holds"] in (True, False, None)
+    for title in ("## Verdict", "## Results", "Explained variance at matched L0", "MCC at matched L0",
+                  "F1 at matched L0", "arXiv 2407.14435", "Dead latents are not expected"):
+        assert title in report, title
+    runs = results["runs"]
+    assert len(runs) == 3 * 2 * 2  # 3 variants × 2 targets × 2 seeds
+    assert {(r["variant"], r["target"], r["seed"]) for r in runs} == {
+        (v, t, s) for v in ("jumprelu", "gated", "topk") for t in (2.0, 4.0) for s in (0, 1)}
+    for r in runs:
+        assert r["l0"] > 0 and 0 < r["explained_variance"] <= 1 and 0 <= r["mcc"] <= 1 and 0 <= r["f1"] <= 1
+        assert isinstance(r["pathological"], bool) and (out / r["run_dir"] / "sae" / "cfg.json").is_file()
+        if r["variant"] == "topk":
+            assert r["l0"] <= r["target"] + 1e-9 and r["setting"] == f"k={r['target']:g}"
+    summary = {(s["variant"], s["target"]): s for s in results["summary"]}
+    assert summary["topk", 4.0]["explained_variance"][1] is not None  # mean ± sd over two seeds
+    assert results["verdict"]["paper_claim"]["holds"] in (True, False, None)
+    assert (out / "data" / "manifest.json").is_file()  # the synthetic samples, as an activation cache
     try:
         import matplotlib  # noqa: F401  (the optional `plot` extra)
     except ImportError:
         assert not (out / "pareto.png").exists() and "matplotlib" in results["plot"]
-        assert "matplotlib" in (out / "report.md").read_text()
     else:
         assert (out / "pareto.png").is_file() and results["plot"] == "pareto.png"
     before = (out / "results.json").read_bytes()
@@ -100,7 +128,7 @@ def test_compare_quick_synthetic(tmp_path, capsys):
     # --resume finishes from the runs' checkpoints: the same numbers again
     assert main(["compare", "--quick", "--out", str(out), "--no-progress", "--resume"]) == 0
     again = json.loads((out / "results.json").read_text())
-    assert [r["fvu"] for r in again["runs"]] == [r["fvu"] for r in results["runs"]]
+    assert [r["explained_variance"] for r in again["runs"]] == [r["explained_variance"] for r in runs]
 
 
 def test_cache_and_compare_on_tiny_gemma2(tmp_path, capsys):
@@ -123,7 +151,7 @@ def test_cache_and_compare_on_tiny_gemma2(tmp_path, capsys):
         assert r["lm_tokens"] >= 256 and r["ce_zero"] > r["ce_clean"]
         assert r["delta_lm_loss"] == pytest.approx(r["ce_sae"] - r["ce_clean"])
     report = (out / "report.md").read_text()
-    assert "ΔLM loss" in report and "delta LM loss" in report
+    assert "ΔLM loss" in report and "Delta LM loss at matched L0" in report
     # an SAE of the wrong width for the site: one line, status 2
     capsys.readouterr()
     sae_dir = out / results["runs"][0]["run_dir"] / "sae"

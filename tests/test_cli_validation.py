@@ -66,14 +66,19 @@ def test_other_commands_check_values_before_loading_anything(tmp_path, capsys):
     assert main(["cache", "--model", missing, "--site", "blocks.0.hook_resid_post", "--text", "t.txt",
                  "--out", str(tmp_path / "c"), "--max-tokens", "0"]) == 2
     assert "--max-tokens" in _error_line(capsys)
-    assert main(["compare", "--quick", "--out", str(tmp_path / "cmp"), "--topk", "0"]) == 2
-    assert "--topk: expected an integer >= 1, found 0" in _error_line(capsys)
+    assert main(["compare", "--quick", "--out", str(tmp_path / "cmp"), "--targets", "4", "0"]) == 2
+    assert "--targets: expected a number > 0, found 0.0" in _error_line(capsys)
+    assert main(["compare", "--quick", "--out", str(tmp_path / "cmp"), "--seeds", "0"]) == 2
+    assert "--seeds: expected an integer >= 1, found 0" in _error_line(capsys)
     assert main(["compare", "--quick", "--out", str(tmp_path / "cmp"), "--d-sae", "-5"]) == 2
     assert "--d-sae" in _error_line(capsys)
     t0 = time.perf_counter()  # every sweep setting is checked before the first SAE trains
-    assert main(["compare", "--quick", "--out", str(tmp_path / "cmp"), "--d-sae", "4", "--topk", "2", "10",
+    assert main(["compare", "--quick", "--out", str(tmp_path / "cmp"), "--d-sae", "4", "--targets", "2", "10",
                  "--no-progress"]) == 2
-    assert "k: TopK needs 0 < k <= d_sae=4, found 10" in _error_line(capsys) and time.perf_counter() - t0 < 5
+    assert "targets in (0, d_sae=4]" in _error_line(capsys) and time.perf_counter() - t0 < 5
+    assert main(["compare", "--quick", "--out", str(tmp_path / "cmp"), "--variants", "jumprelu", "--lr", "0",
+                 "--no-progress"]) == 2
+    assert "--lr" in _error_line(capsys) and not (tmp_path / "cmp").exists()
     assert main(["eval", "--sae", "x", "--json", str(tmp_path / "no" / "e.json")]) == 2
     assert "its folder does not exist" in _error_line(capsys)
     for cmd in (["cache", "--out", str(tmp_path / "c")], ["eval", "--sae", "x/y"]):  # texts checked before the model
@@ -125,6 +130,8 @@ def test_help_shows_every_default_and_no_spec(cmd, capsys):
 
 
 def test_compare_help_states_the_true_defaults(capsys):
+    from minisae.compare import DEFAULT_TARGETS
+
     with pytest.raises(SystemExit):
         main(["compare", "--help"])
     text = " ".join(capsys.readouterr().out.split())
@@ -132,10 +139,12 @@ def test_compare_help_states_the_true_defaults(capsys):
     assert f"default {full.d_sae}; {quick.d_sae} with --quick" in text
     assert f"default {full.steps}; {quick.steps} with --quick" in text
     assert f"default {full.batch_size}; {quick.batch_size} with --quick" in text
-    for arch in ("jumprelu", "gated", "topk"):
-        sweep = " ".join(f"{v:g}" for v in full.sweep[arch])
-        qs = " ".join(f"{v:g}" for v in quick.sweep[arch])
-        assert f"default {sweep}; {qs} with --quick" in text, arch
+    assert f"default {full.seeds}; {quick.seeds} with --quick" in text
+    assert "default " + " ".join(full.variants) in text
+    cpu = " ".join(f"{t:g}" for t in DEFAULT_TARGETS[full.preset])
+    qt = " ".join(f"{t:g}" for t in quick.targets)
+    assert f"default {cpu} for {full.preset}" in text and f"{qt} with --quick" in text
+    assert f"lr of every variant (default {full.lr['jumprelu']:g}" in text.replace("learning rate", "lr")
     for flag, key in (("--n-features", "n_features"), ("--true-l0", "target_l0"), ("--max-freq", "max_freq"),
                       ("--noise-std", "noise_std"), ("--offset-norm", "offset_norm"), ("--d-in", "d_in")):
         assert re.search(rf"{flag} \S+ .*?\(default {DEFAULT_SYNTHETIC[key]:g}\)", text), flag

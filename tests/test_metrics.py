@@ -73,7 +73,8 @@ def test_accumulator_equals_one_shot(xp):
     for start, stop in [(0, 1), (1, 300), (300, 301), (301, 1000)]:  # uneven batches, incl. single tokens
         acc.update(asarray(x[start:stop], xp), asarray(xhat[start:stop], xp), asarray(f[start:stop], xp))
     s = acc.summary()
-    assert set(s) == {"l0", "fvu", "mse", "dead_frac", "dense_frac", "rel_recon_bias", "n_tokens"}
+    assert set(s) == {"l0", "fvu", "explained_variance", "mse", "dead_frac", "dense_frac", "rel_recon_bias",
+                      "shrinkage", "n_tokens"}
     x64, xh64 = x.astype(numpy.float64), xhat.astype(numpy.float64)
     expected_fvu = ((x64 - xh64) ** 2).sum() / ((x64 - x64.mean(axis=0)) ** 2).sum()
     assert s["n_tokens"] == N
@@ -153,3 +154,89 @@ def test_max_cosine_similarity_chunks(xp):
     assert isinstance(whole, numpy.ndarray) and to_numpy(whole).shape == (30,)
     with pytest.raises(ValueError, match=r"\(F, D\).*\(30, 6\) and \(50, 5\)"):
         max_cosine_similarity(true, asarray(W[:, :5], xp))
+
+
+# ---------------------------------------------------------------------------------------------
+# ground-truth metrics (SynthSAEBench): known answers
+
+def test_true_dictionary_permuted_and_rescaled_scores_one():
+    from minisae.metrics import ClassificationAccumulator, best_match, mcc, uniqueness
+
+    rng = numpy.random.default_rng(0)
+    T = rng.standard_normal((40, 16))  # (N, D) true features, not orthogonal
+    assert mcc(T, T) == pytest.approx(1.0) and uniqueness(T, T) == 1.0
+    perm = rng.permutation(40)
+    W = T[perm] * rng.choice([-3.0, 0.5, 2.0], size=(40, 1))  # permuted, rescaled, some flipped
+    assert mcc(W, T) == pytest.approx(1.0) and uniqueness(W, T) == 1.0
+    assert numpy.array_equal(best_match(W, T), perm)
+    codes = (rng.random((500, 40)) < 0.2) * rng.random((500, 40))  # (B, N) true activations
+    acc = ClassificationAccumulator(best_match(W, T))
+    acc.update(codes[:, perm] * 7.0, codes)  # latents = the permuted codes, rescaled
+    assert acc.summary() == {"precision": 1.0, "recall": 1.0, "f1": 1.0}
+
+
+def test_mcc_of_a_known_mixture_and_of_random_directions():
+    from minisae.metrics import expected_abs_cosine, mcc, uniqueness
+
+    # w_i = c e_i + sqrt(1 - c^2) e_{N+i}: |cos(w_i, e_j)| = c if i == j else 0, so MCC = c exactly
+    N, c = 8, 0.6
+    E = numpy.eye(2 * N)
+    T, W = E[:N], c * E[:N] + math.sqrt(1 - c * c) * E[N:]
+    assert mcc(W, T) == pytest.approx(c) and uniqueness(W, T) == 1.0
+    assert mcc(W[:3], T) == pytest.approx(c)  # fewer latents than features: mean over the 3 pairs
+    # one random latent against one random feature: E MCC = E|cos| = Γ(d/2) / (√π Γ((d+1)/2))
+    rng = numpy.random.default_rng(1)
+    d = 10
+    vals = [mcc(rng.standard_normal((1, d)), rng.standard_normal((1, d))) for _ in range(4000)]
+    assert numpy.mean(vals) == pytest.approx(expected_abs_cosine(d), abs=4 * numpy.std(vals) / math.sqrt(4000))
+    # many latents on one feature: uniqueness 1/M
+    assert uniqueness(numpy.eye(3)[[0]] + 0.01 * rng.standard_normal((5, 3)), numpy.eye(3)) == pytest.approx(0.2)
+
+
+def test_f1_of_a_random_detector_is_what_theory_says():
+    from minisae.metrics import ClassificationAccumulator
+
+    # a latent firing at random with rate r against a feature with rate p: precision p, recall r
+    rng = numpy.random.default_rng(2)
+    n, p, r = 200_000, 0.3, 0.1
+    codes = (rng.random((n, 1)) < p).astype(numpy.float64)
+    f = (rng.random((n, 1)) < r).astype(numpy.float64)
+    acc = ClassificationAccumulator(numpy.array([0]))
+    acc.update(f, codes)
+    s = acc.summary()
+    assert s["precision"] == pytest.approx(p, abs=0.01) and s["recall"] == pytest.approx(r, abs=0.01)
+    assert s["f1"] == pytest.approx(2 * p * r / (p + r), abs=0.01)
+    # a latent that never fires: precision and F1 undefined, counted 0
+    acc = ClassificationAccumulator(numpy.array([0]))
+    acc.update(numpy.zeros((10, 1)), numpy.ones((10, 1)))
+    assert acc.summary() == {"precision": 0.0, "recall": 0.0, "f1": 0.0}
+
+
+def test_mcc_without_scipy_is_a_one_line_error(monkeypatch):
+    import builtins
+
+    from minisae.errors import DependencyError
+    from minisae.metrics import mcc
+
+    real_import = builtins.__import__
+
+    def no_scipy(name, *a, **k):
+        if name.startswith("scipy"):
+            raise ImportError("no scipy")
+        return real_import(name, *a, **k)
+
+    monkeypatch.setattr(builtins, "__import__", no_scipy)
+    with pytest.raises(DependencyError, match=r"pip install 'minisae\[metrics\]'"):
+        mcc(numpy.eye(2), numpy.eye(2))
+
+
+def test_explained_variance_and_shrinkage():
+    from minisae.metrics import EvalAccumulator
+
+    rng = numpy.random.default_rng(3)
+    x = rng.standard_normal((300, 6)) + 2.0
+    acc = EvalAccumulator(4)
+    acc.update(x, 0.5 * x, numpy.ones((300, 4)))
+    s = acc.summary()
+    assert s["explained_variance"] == pytest.approx(1 - s["fvu"])
+    assert s["shrinkage"] == pytest.approx(0.5)  # every ||xhat|| / ||x|| = 0.5

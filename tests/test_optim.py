@@ -193,3 +193,22 @@ def test_topk_constants():
     assert optim.TOPK_ADAM_EPS == 6.25e-10
     assert optim.topk_lr(2**14) == pytest.approx(2e-4, rel=1e-15)
     assert optim.topk_lr(2**16) == pytest.approx(1e-4, rel=1e-15)  # lr proportional to 1/sqrt(M)
+
+
+def test_adam_lr_mult_scales_one_parameter_only():
+    # lr_mult={"t": 0.1}: "t" moves as with lr 0.1·lr, the others exactly as without it
+    rng = numpy.random.default_rng(5)
+    params = {"w": rng.standard_normal((4, 3)).astype(numpy.float32), "t": rng.standard_normal(3).astype(numpy.float32)}
+    grads = {k: rng.standard_normal(v.shape).astype(numpy.float32) for k, v in params.items()}
+    runs = {}
+    for name, kw in (("mult", {"lr": 1e-2, "lr_mult": {"t": 0.1}}), ("base", {"lr": 1e-2}), ("small", {"lr": 1e-3})):
+        for fn in (optim.adam_update, optim.adam_update_plain):
+            p = {k: v.copy() for k, v in params.items()}
+            st = optim.adam_init(p)
+            for _ in range(3):
+                fn(p, grads, st, **kw)
+            runs[name, fn.__name__] = p
+    for fn in ("adam_update", "adam_update_plain"):
+        assert numpy.array_equal(runs["mult", fn]["w"], runs["base", fn]["w"])
+        assert numpy.allclose(runs["mult", fn]["t"], runs["small", fn]["t"], rtol=0, atol=1e-7)
+    assert numpy.array_equal(runs["mult", "adam_update"]["t"], runs["mult", "adam_update_plain"]["t"])

@@ -228,3 +228,54 @@ def test_prefetch_and_plain_loop_train_identically(tmp_path):
 
     with pytest.raises(TrainingError, match=r"step 7: the source returned a batch of shape \(127, 16\).*step 6"):
         train(cfg, Short(tiny_source(), 0, ""), tmp_path / "c", progress=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# exact target L0: the λ controller (minisae.l0control), k from target_l0, θ's learning rate
+
+def test_l0_controller_reaches_its_target(tmp_path):
+    # a short Gated run on tiny data: the evaluated L0 ends within ±5 % of the target, and λ
+    # was moved (started at 0.1, the controller takes it to about 0.3)
+    cfg = tiny_config("gated", steps=800, lr=1e-2, target_l0=6.0, sparsity_coeff=None, sparsity_warmup_steps=50,
+                      checkpoint_every=800, log_every=50, eval_tokens=8192)
+    res = train(cfg, tiny_source(), tmp_path, progress=False)
+    assert res.summary["l0"] == pytest.approx(6.0, rel=0.05)
+    lambdas = [r["sparsity_coeff"] for r in _metrics(tmp_path / "metrics.jsonl")]
+    assert lambdas[0] < 0.1 and max(lambdas) > 0.2
+
+
+@pytest.mark.parametrize("arch", ["gated", "jumprelu"])
+def test_l0_controller_resumes_bitwise(tmp_path, arch):
+    cfg = tiny_config(arch, steps=30, checkpoint_every=10, log_every=3, target_l0=5.0, sparsity_warmup_steps=4,
+                      threshold_lr_mult=0.1 if arch == "jumprelu" else 1.0)
+    straight = train(cfg, tiny_source(), tmp_path / "a", progress=False)
+    with pytest.raises(Interrupt):
+        train(cfg, Faulty(tiny_source(), 25, "interrupt"), tmp_path / "b", progress=False)
+    resumed = train(cfg, tiny_source(), tmp_path / "b", resume=True, progress=False)
+    for k, v in straight.params.items():
+        assert numpy.array_equal(v, resumed.params[k]), f"{k} differs after resume"
+    rows = _metrics(tmp_path / "a" / "metrics.jsonl")
+    assert rows == _metrics(tmp_path / "b" / "metrics.jsonl")
+    assert len({r["sparsity_coeff"] for r in rows if r["step"] > 20}) > 1  # λ moved after the checkpoint
+
+
+def test_target_l0_sets_k_and_options_are_checked():
+    assert TrainConfig("topk", d_sae=32, target_l0=6.4, steps=1).resolved(16).k == 6
+    with pytest.raises(ValueError, match="disagree"):
+        TrainConfig("topk", d_sae=32, k=4, target_l0=6, steps=1).resolved(16)
+    with pytest.raises(ValueError, match="target_l0"):
+        TrainConfig("gated", d_sae=32, target_l0=0, steps=1).resolved(16)
+    with pytest.raises(ValueError, match="JumpReLU option"):
+        TrainConfig("gated", d_sae=32, sparsity_coeff=1.0, threshold_lr_mult=0.1, steps=1).resolved(16)
+    c = TrainConfig("gated", d_sae=32, target_l0=5, steps=1).resolved(16)
+    assert c.uses_controller() and c.sparsity_coeff > 0
+    assert not TrainConfig("jumprelu", d_sae=32, penalty="quadratic", target_l0=5, sparsity_coeff=1.0,
+                           steps=1).resolved(16).uses_controller()
+
+
+def test_threshold_lr_mult_slows_only_the_threshold(tmp_path):
+    base = tiny_config("jumprelu", steps=5, checkpoint_every=5, log_every=5, eval_tokens=0)
+    a = train(base, tiny_source(), tmp_path / "a", progress=False)
+    b = train(dataclasses.replace(base, threshold_lr_mult=0.0001), tiny_source(), tmp_path / "b", progress=False)
+    init = math.log(0.001)
+    assert numpy.abs(b.params["log_threshold"] - init).max() < 0.01 * numpy.abs(a.params["log_threshold"] - init).max()

@@ -192,10 +192,10 @@ class SyntheticActivations:
         x = numpy.concatenate(xs)[:n]  # (n, D)
         return (x, numpy.concatenate(cs)[:n]) if return_codes else x
 
-    def eval_sample(self, n):
+    def eval_sample(self, n, *, return_codes=False):
         """The evaluation set: sample(n, offset=1), apart from the default sample (offset 0) that
         training uses for its estimates (normalising constant, geometric median)."""
-        return self.sample(n, offset=1)
+        return self.sample(n, offset=1, return_codes=return_codes)
 
     def sae_metadata(self):
         """What a trained SAE's cfg.json metadata records about this source."""

@@ -252,6 +252,7 @@ class SynthSAEBench:
         self.parent = numpy.full(N, -1, dtype=numpy.int64)  # (N,) parent feature, -1 for none
         for parents, children in self.levels:
             self.parent[children] = parents[:, None]
+        self._free = numpy.flatnonzero(self.parent < 0)  # roots and independent features
         self.fire_probability = compensated_probabilities(self.base_probability, self.levels)  # (N,) q
         self.threshold = normal_quantile(1.0 - self.fire_probability).astype(numpy.float32)  # (N,)
 
@@ -299,44 +300,64 @@ class SynthSAEBench:
         return on
 
     def _codes(self, rng, n):
-        """True feature activations of n tokens: float32 (n, N), non-negative."""
+        """True feature activations of n tokens: a float32 (n, N), non-negative, and its non-zero
+        entries (rows, cols, vals). Only features that can survive are given magnitudes: a child
+        is a candidate when it fires and its parent is on, so the many firings the hierarchy
+        would zero (compensation pushes children's q near 1) cost nothing."""
         N, R = self.n_features, self.corr_factor.shape[1]
         z = rng.standard_normal((n, N), dtype=numpy.float32)  # (n, N) eta
         z *= self.corr_diag_sqrt
         if R:
             z += rng.standard_normal((n, R), dtype=numpy.float32) @ self.corr_factor.T  # (n, R) @ (R, N)
-        rows, cols = numpy.nonzero(z > self.threshold)  # firing (token, feature) pairs
-        mags = self.mag_mean[cols] + self.mag_std[cols] * rng.standard_normal(rows.size, dtype=numpy.float32)  # (nnz,)
+        fire = z > self.threshold  # (n, N) the copula's firing, before the hierarchy
         a = numpy.zeros((n, N), dtype=numpy.float32)  # (n, N)
-        a[rows, cols] = numpy.maximum(mags, 0.0)
+        rows, cols = numpy.nonzero(fire[:, self._free])  # roots and independent features
+        cols = self._free[cols]
+        vals = numpy.maximum(self._magnitudes(rng, cols), 0.0)  # (nnz,)
+        a[rows, cols] = vals
+        found = [(rows, cols, vals)]
         for parents, children in self.levels:
-            self._apply_level(rng, a, parents, children)
-        return a
+            found.append(self._apply_level(rng, a, fire, parents, children))
+        rows, cols, vals = (numpy.concatenate(v) for v in zip(*found))
+        keep = vals > 0
+        return a, (rows[keep], cols[keep], vals[keep])
 
-    def _apply_level(self, rng, a, parents, children):
-        """Mutual exclusion among each active parent's active children (one uniform winner),
-        then the children gated and scaled by a_parent / mu_parent; in place on a (n, N)."""
-        par = a[:, parents]  # (n, G)
-        ch = a[:, children]  # (n, G, b)
-        active = (ch > 0) & (par > 0)[:, :, None]  # (n, G, b)
+    def _magnitudes(self, rng, cols):
+        """mu_i + sigma_i xi for the features `cols` (before the ReLU): float32 (len(cols),)."""
+        return self.mag_mean[cols] + self.mag_std[cols] * rng.standard_normal(cols.size, dtype=numpy.float32)
+
+    def _apply_level(self, rng, a, fire, parents, children):
+        """One level of the hierarchy, in place on a (n, N): children that fire under an active
+        parent get a magnitude; among each parent's active children one, chosen uniformly, stays
+        (mutual exclusion); it is multiplied by a_parent / mu_parent. Returns its (rows, cols, vals)."""
+        par = a[:, parents]  # (n, G) 0 where the parent is off
+        cand = fire[:, children] & (par > 0)[:, :, None]  # (n, G, b)
+        tok, grp, sib = numpy.nonzero(cand)
+        mags = self._magnitudes(rng, children[grp, sib])  # (k,)
+        active = numpy.zeros_like(cand)  # (n, G, b) fired, parent on, magnitude > 0
+        active[tok, grp, sib] = mags > 0
         conflict = numpy.nonzero(active.sum(axis=2) > 1)  # (token, group) pairs with >1 active
         if conflict[0].size:
-            cand = active[conflict]  # (k, b)
-            score = numpy.where(cand, rng.random(cand.shape), -1.0)  # (k, b)
-            winner = score.argmax(axis=1)  # (k,)
-            keep = numpy.zeros_like(cand)
-            keep[numpy.arange(cand.shape[0]), winner] = True
+            c = active[conflict]  # (m, b)
+            score = numpy.where(c, rng.random(c.shape), -1.0)  # (m, b)
+            keep = numpy.zeros_like(c)
+            keep[numpy.arange(c.shape[0]), score.argmax(axis=1)] = True
             active[conflict] = keep
-        scale = par / self.mag_mean[parents]  # (n, G) 0 where the parent is off
-        a[:, children] = numpy.where(active, ch * scale[:, :, None], 0.0)
+        on = active[tok, grp, sib]  # (k,) the candidates that stay
+        tok, grp, sib, mags = tok[on], grp[on], sib[on], mags[on]
+        cols = children[grp, sib]
+        vals = mags * (par[tok, grp] / self.mag_mean[parents[grp]])  # scaled by a_parent / mu_parent
+        a[tok, cols] = vals
+        return tok, cols, vals
 
     def _draw(self, rng, n, return_codes):
         """n tokens from `rng`: x (n, D) float32 and, if asked, the codes (n, N) float32."""
         xs, codes = [], []
         for s in range(0, n, DRAW_ROWS):
-            a = self._codes(rng, min(DRAW_ROWS, n - s))  # (m, N)
-            rows, cols = numpy.nonzero(a)  # row-major: rows sorted
-            contrib = a[rows, cols][:, None] * self.directions[cols]  # (nnz, D)
+            a, (rows, cols, vals) = self._codes(rng, min(DRAW_ROWS, n - s))  # (m, N)
+            order = numpy.argsort(rows, kind="stable")
+            rows, cols, vals = rows[order], cols[order], vals[order]
+            contrib = vals[:, None] * self.directions[cols]  # (nnz, D)
             x = numpy.zeros((a.shape[0], self.d_in), dtype=numpy.float32)  # (m, D)
             if rows.size:
                 starts = numpy.flatnonzero(numpy.r_[True, rows[1:] != rows[:-1]])

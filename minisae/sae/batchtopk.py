@@ -246,7 +246,8 @@ def _forward_backward_sparse(params, x, *, k, aux_k, aux_coeff, dead_mask, prefi
     pi_s = pi.ravel()[flat]  # (N,)
     passes_s = pi_s > 0.0  # (N,)
     z_s = pi_s * passes_s  # (N,)
-    parts = [(s, e) + segment_entries(rows, cols, B, s, e) for s, e in segments(prefixes)]
+    parts = [(0, M, None, rowptr)] if len(prefixes) == 1 else \
+        [(s, e) + segment_entries(rows, cols, B, s, e) for s, e in segments(prefixes)]  # per segment
     if len(parts) == 1:  # plain loss: all entries at once
         xhats = [sparse_matmul(rowptr, cols, z_s, W_dec) + b_dec]  # (B, M) @ (M, D) -> (B, D)
     else:

@@ -378,7 +378,8 @@ def _forward_backward_sparse(params, x, x_c, dense, h, raw, dense_f):
     theta_s = theta[cols]  # (N,)
     active_s = pi_s > theta_s  # (N,)
     f_s = pi_s * active_s  # (N,)
-    parts = [(s, e) + segment_entries(rows, cols, B, s, e) for s, e in segments(h.prefixes)]
+    parts = [(0, M, None, rowptr)] if len(h.prefixes) == 1 else \
+        [(s, e) + segment_entries(rows, cols, B, s, e) for s, e in segments(h.prefixes)]  # per segment
     if len(parts) == 1:  # plain loss: all entries at once
         xhats = [sparse_matmul(rowptr, cols, f_s, W_dec) + b_dec]  # (B, M) @ (M, D) -> (B, D)
     else:

@@ -85,16 +85,18 @@ def attention_scores_to_probs(s, mask, scale, cap, xp):
 LINEAR_SWAP_MAX_TOKENS = 256  # up to this many tokens, linear() runs (W @ x.T).T (measured below)
 
 
-def linear(x, W):
-    """x @ W.T for x (N, in) and a weight W (out, in), C-ordered (N, out).
+def linear(x, W, *, c_order=True):
+    """x @ W.T for x (N, in) and a weight W (out, in): (N, out).
 
     The same product either way; for N <= LINEAR_SWAP_MAX_TOKENS it is computed as (W @ x.T).T,
     which OpenBLAS runs 1.4-2.3x faster for N = 16-128 with Gemma 2 2B's MLP weight (9216, 2304)
-    and no slower at 512 (docs/benchmarks.md); the transposed result is copied back to C order
-    (N * out entries, negligible beside the N * out * in product).
+    and no slower at 512 (docs/benchmarks.md). That result is a transposed (Fortran-ordered)
+    view; with c_order it is copied to C order (for the residual stream), otherwise left as is
+    for a caller that reshapes (which copies anyway) or only runs elementwise passes over it.
     """
     if x.shape[0] <= LINEAR_SWAP_MAX_TOKENS:
-        return _module_of(x).ascontiguousarray((W @ x.T).T)  # (out, in) @ (in, N) -> (N, out)
+        y = (W @ x.T).T  # (out, in) @ (in, N) -> (out, N), viewed as (N, out)
+        return _module_of(x).ascontiguousarray(y) if c_order else y
     return x @ W.T  # (N, in) @ (in, out) -> (N, out)
 
 
@@ -266,9 +268,9 @@ class Gemma2Model:
         xp, c, lw = self.xp, self.config, self.layers[layer]
         H, K, G, d = c.num_attention_heads, c.num_key_value_heads, c.n_groups, c.head_dim
         cos, sin, mask = self._position_tables(T, layer)
-        q = linear(x, lw["q"]).reshape(B, T, H, d)  # (N, D) @ (D, H*d) -> (B, T, H, d)  no bias
-        k = linear(x, lw["k"]).reshape(B, T, K, d)  # (B, T, K, d)
-        v = linear(x, lw["v"]).reshape(B, T, K, d)  # (B, T, K, d)
+        q = linear(x, lw["q"], c_order=False).reshape(B, T, H, d)  # (N, D) @ (D, H*d) -> (B, T, H, d)  no bias
+        k = linear(x, lw["k"], c_order=False).reshape(B, T, K, d)  # (B, T, K, d)
+        v = linear(x, lw["v"], c_order=False).reshape(B, T, K, d)  # (B, T, K, d)
         q, k = self._position_qk(q, k, lw, cos, sin)  # RoPE (Gemma 3: QK-norm first)
         # GQA without repeating k/v: query head h = kv*G + g reads kv head h // G. Stack the G
         # query heads of one kv head along the query axis so one matmul serves them all.
@@ -297,8 +299,8 @@ class Gemma2Model:
 
     def _mlp(self, x, lw):
         """down(gelu_tanh(gate(x)) * up(x)) on x (N, D) -> (N, D)."""
-        g = linear(x, lw["gate"])  # (N, D) @ (D, I) -> (N, I)
-        u = linear(x, lw["up"])  # (N, D) @ (D, I) -> (N, I)
+        g = linear(x, lw["gate"], c_order=False)  # (N, D) @ (D, I) -> (N, I)
+        u = linear(x, lw["up"], c_order=False)  # (N, D) @ (D, I) -> (N, I)
         g = gelu_tanh_(g, self.xp)  # hidden_activation gelu_pytorch_tanh (approximate="tanh")
         g *= u  # (N, I)  gated: act(gate) * up
         return linear(g, lw["down"])  # (N, I) @ (I, D) -> (N, D)
