@@ -250,8 +250,8 @@ def render_report(results):
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
     limit = max((r.get("dense_limit", 0.1) for r in rows), default=0.1)
-    why = ("" if limit <= 0.1 else f" (here {limit:.0%}: the data's most frequent true feature fires that often, "
-           "so a latent tracking it is not pathological)")
+    why = ("" if limit <= 0.1 else f" (here {limit:.0%}, 1.25 × the rate of the data's most frequent true feature: "
+           "a latent tracking that feature is not pathological)")
     lines.append(dead_latent_sentence(data, cfg["d_sae"]) + " A run is flagged pathological (⚠, drawn hollow) "
                  f"when more than half its latents are dead or any latent fires on more than 10 % of tokens{why}.\n")
     if str(data.get("config", {}).get("n_features", "")) == "16384" or cfg.get("preset") == "synthsaebench-16k":
