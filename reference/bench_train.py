@@ -186,6 +186,18 @@ def torch_loop(variant, params, hyper, source, args, steps):
     return statistics.median(times[1:])
 
 
+def print_row(v, m, args):
+    B = args.batch
+    row = (f"| {v} | {m['l0']:.1f} | {m['step'] * 1e3:.0f} | {m['loop'] * 1e3:.0f} | "
+           f"{m['loop'] / m['step']:.2f} | {m['step'] / m['floor']:.2f} | {B / m['loop']:.0f} |")
+    if args.torch:
+        row += f" {m['torch'] * 1e3:.0f} | {m['torch'] / m['loop']:.2f}x |"
+    if args.memory:
+        row += (f" {m['peak_bytes'] / 2 ** 20:.0f} | {m['bound_bytes'] / 2 ** 20:.0f} | "
+                f"{m['peak_bytes'] / m['bound_bytes']:.2f} |")
+    print(row, flush=True)
+
+
 def main(argv=None):
     args = parse_args(argv)
     if args.threads:
@@ -207,6 +219,11 @@ def main(argv=None):
           f"{os.cpu_count()} cores, numpy {np.__version__}, threads {args.threads}, load average "
           f"{os.getloadavg()[0]:.2f}; B={B} D={D} M={M}, {args.loop_steps} loop steps x {args.repeats} rounds")
     results = {}
+    print("| variant | L0 | step ms | loop ms/step | loop/step | step/floor | loop tokens/s |"
+          + (" torch loop ms | minisae vs torch |" if args.torch else "")
+          + (" peak MiB | bound MiB | peak/bound |" if args.memory else ""))
+    print("|---|---:|---:|---:|---:|---:|---:|" + ("---:|---:|" if args.torch else "")
+          + ("---:|---:|---:|" if args.memory else ""))
     for variant in args.variants:
         mod = VARIANTS[variant]
         params, hyper = make_state(variant, mod, pool, B, M, args.density, args.dead_frac)
@@ -234,20 +251,7 @@ def main(argv=None):
             P = sum(v.nbytes for v in params.values())
             med["peak_bytes"], med["bound_bytes"] = peak, 4 * P + B * M * 4 + B * D * 4
         results[variant] = {**med, "l0": l0}
-    print("| variant | L0 | step ms | loop ms/step | loop/step | step/floor | loop tokens/s |"
-          + (" torch loop ms | minisae vs torch |" if args.torch else "")
-          + (" peak MiB | bound MiB | peak/bound |" if args.memory else ""))
-    print("|---|---:|---:|---:|---:|---:|---:|" + ("---:|---:|" if args.torch else "")
-          + ("---:|---:|---:|" if args.memory else ""))
-    for v, m in results.items():
-        row = (f"| {v} | {m['l0']:.1f} | {m['step'] * 1e3:.0f} | {m['loop'] * 1e3:.0f} | "
-               f"{m['loop'] / m['step']:.2f} | {m['step'] / m['floor']:.2f} | {B / m['loop']:.0f} |")
-        if args.torch:
-            row += f" {m['torch'] * 1e3:.0f} | {m['torch'] / m['loop']:.2f}x |"
-        if args.memory:
-            row += (f" {m['peak_bytes'] / 2 ** 20:.0f} | {m['bound_bytes'] / 2 ** 20:.0f} | "
-                    f"{m['peak_bytes'] / m['bound_bytes']:.2f} |")
-        print(row)
+        print_row(variant, results[variant], args)
     print(f"# floor (one (B,D)@(D,M) GEMM) {statistics.median([m['floor'] for m in results.values()]) * 1e3:.0f} ms; "
           f"load average at the end {os.getloadavg()[0]:.2f}")
     if args.json:
