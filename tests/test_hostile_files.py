@@ -199,3 +199,19 @@ def test_shard_with_a_mangled_npy_header(tmp_path):
     (tmp_path / "manifest.json").write_text(json.dumps(man))
     with pytest.raises(ActivationsError, match="shard_00000.npy: unreadable or truncated"):
         ActivationStore(tmp_path)
+
+
+def test_tokenizer_whose_unk_token_is_not_in_the_vocabulary(tmp_path):
+    """The `tokenizers` library panics (a BaseException) on such a file; minisae reports the file
+    (found by tests/test_fuzz.py)."""
+    from test_activations import make_tokenizer
+
+    from minisae.models import load_tokenizer
+    from minisae.models.gemma2.tokenizer import TokenizerError
+
+    make_tokenizer(tmp_path)
+    tok = json.loads((tmp_path / "tokenizer.json").read_text())
+    tok["model"]["unk_token"] = "<not-in-vocab>"
+    (tmp_path / "tokenizer.json").write_text(json.dumps(tok))
+    with pytest.raises(TokenizerError, match="tokenizer.json"):
+        load_tokenizer(tmp_path / "tokenizer.json")

@@ -26,6 +26,22 @@ class TokenizerError(FileFormatError):
     """A tokenizer.json that cannot be read, or text the tokenizer cannot take."""
 
 
+def _is_panic(e):
+    # a Rust panic inside `tokenizers` (e.g. an unk_token missing from the vocabulary) arrives as
+    # pyo3's PanicException, a BaseException: caught by name, never KeyboardInterrupt and the like
+    return type(e).__name__ == "PanicException"
+
+
+def _guarded(fn, *args, path=None, **kw):
+    """fn(*args, **kw), with a panic of the `tokenizers` library turned into a TokenizerError."""
+    try:
+        return fn(*args, **kw)
+    except BaseException as e:
+        if not _is_panic(e):
+            raise
+        raise TokenizerError(f"{path}: the tokenizer failed ({e}); the tokenizer.json is broken") from None
+
+
 class Gemma2Tokenizer:
     """Wraps a `tokenizers.Tokenizer`; ids are Python ints, batches NumPy arrays."""
 
@@ -48,7 +64,7 @@ class Gemma2Tokenizer:
         """Token ids of `text`, with exactly one BOS at the front."""
         if not isinstance(text, str):
             raise TypeError(f"encode expects a str, found {type(text).__name__}")
-        return self._with_one_bos(self.tokenizer.encode(text, add_special_tokens=True).ids)
+        return self._with_one_bos(_guarded(self.tokenizer.encode, text, add_special_tokens=True, path=self.path).ids)
 
     def encode_batch(self, texts, *, max_length=None, truncate=True, pad_to_max_length=False):
         """Encode texts to right-padded arrays: ids (B, T) int64 with PAD after each sequence, and
@@ -62,7 +78,7 @@ class Gemma2Tokenizer:
             raise TypeError("encode_batch expects a list of str")
         if max_length is not None and max_length < 1:
             raise ValueError(f"max_length must be at least 1 (room for BOS), found {max_length}")
-        encodings = self.tokenizer.encode_batch(list(texts), add_special_tokens=True)
+        encodings = _guarded(self.tokenizer.encode_batch, list(texts), add_special_tokens=True, path=self.path)
         seqs = [self._with_one_bos(e.ids) for e in encodings]
         if max_length is not None:
             too_long = [(i, len(s)) for i, s in enumerate(seqs) if len(s) > max_length]
@@ -103,7 +119,10 @@ def load_tokenizer(path_or_repo_id, *, revision=None):
         path = resolve_file(path_or_repo_id, "tokenizer.json", revision=revision)
     try:
         tokenizer = Tokenizer.from_file(str(path))
-    except Exception as e:  # tokenizers raises a bare Exception for malformed files
+        tokenizer.encode("a probe, 1 2 3.", add_special_tokens=True)  # a broken vocabulary fails here, not later
+    except BaseException as e:  # tokenizers raises a bare Exception for malformed files, a panic for some
+        if not (isinstance(e, Exception) or _is_panic(e)):
+            raise
         raise TokenizerError(f"{path}: not a valid tokenizer.json for the `tokenizers` library "
                              f"({e})") from None
     return Gemma2Tokenizer(tokenizer, Path(path))
