@@ -68,9 +68,9 @@ class CompareConfig:
     sparsity_warmup_steps: int = 300      # linear λ warm-up (the controller starts after it)
     decay_frac: float = 0.1               # linear lr decay over the last 10% of steps
     dead_window_tokens: int = 200_000     # TopK AuxK / dead statistics window
-    threshold_init: float | None = 0.1    # JumpReLU θ at init (SPEC's 0.001 needs the published run length)
+    threshold_init: float | None = 0.1    # JumpReLU θ at init (Gemma Scope's 0.001 needs a long run)
     threshold_lr_mult: float = 1.0        # JumpReLU θ learning rate × this (1 = the paper's single lr)
-    bandwidth: float = 0.001              # JumpReLU kernel bandwidth ε (SPEC)
+    bandwidth: float = 0.001              # JumpReLU kernel bandwidth ε (Gemma Scope's)
     cache_tokens: int = 1 << 19           # synthetic data generated once (longer runs re-read it, reshuffled)
     backend: str = "numpy"
     dtype: str = "float32"

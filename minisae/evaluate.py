@@ -1,4 +1,5 @@
-"""Evaluation of a release SAE (minisae.io.saefile.SAE) by the metrics of SPEC §5.
+"""Evaluation of a release SAE (minisae.io.saefile.SAE) by the usual metrics: L0, FVU, dead/dense
+fractions, shrinkage, and the LM loss with the SAE spliced in.
 
     summary = evaluate_sae(sae, source)                      # L0, FVU, dead/dense, γ, firing freq
     lm = evaluate_lm(sae, model, tokenizer, ["val.jsonl"], "blocks.12.hook_resid_post")
@@ -41,7 +42,8 @@ def check_width(sae, width, where):
 
 def evaluate_sae(sae, source, *, n_tokens=65536, batch_size=4096, true_directions=None,
                  cosine_cutoff=0.9):
-    """SPEC §5 metrics of `sae` on n_tokens held-out rows of `source`; a JSON-ready dict.
+    """Reconstruction and sparsity metrics of `sae` on n_tokens held-out rows of `source`; a
+    JSON-ready dict.
 
     Keys: l0, fvu, explained_variance, mse, dead_frac, dense_frac, rel_recon_bias, shrinkage,
     n_tokens, firing_freq (list, per latent), and mmcs / frac_recovered when true directions are
@@ -118,7 +120,7 @@ def transcoder_sites(sae, model, site, site_out=None):
 
 def evaluate_lm(sae, model, tokenizer, text_paths, site, *, seq_len=1024, batch_size=2,
                 max_tokens=8192, text_field="text", progress=False, site_out=None):
-    """Delta LM loss and loss recovered of `sae` spliced into `model` at `site` (SPEC §5).
+    """Delta LM loss and loss recovered of `sae` spliced into `model` at `site`.
 
     Returns {"ce_clean", "ce_sae", "ce_zero", "delta_lm_loss", "loss_recovered", "lm_tokens"}; losses
     are token-weighted means over the batches read until max_tokens scored tokens.

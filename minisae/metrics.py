@@ -1,4 +1,5 @@
-"""Evaluation metrics for SAEs (SPEC §5), on NumPy or CuPy arrays, accumulated in float64.
+"""Evaluation metrics for SAEs (L0, FVU, shrinkage, firing, feature recovery), on NumPy or CuPy
+arrays, accumulated in float64.
 
 Dimensions: B tokens, D = d_in, M = d_sae (latents), F planted features (synthetic data).
 

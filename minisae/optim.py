@@ -3,10 +3,11 @@
 Dimensions: M = d_sae latents, D = d_in. Params and grads are dicts of arrays with the same keys
 (NumPy or CuPy, any float dtype); every update is in place and keeps the dtype.
 
-Recipe (Gemma Scope, SPEC section 4): Adam with (beta1, beta2) = (0, 0.999), eps 1e-8; before
-the step remove from dW_dec the component parallel to each decoder row, after the step
-renormalise each row; lr cosine-warmed from 0.1 * lr over 1,000 steps; the sparsity coefficient
-warmed linearly from 0 over 10,000 steps. TopK (Gao et al.): eps 6.25e-10, lr 2e-4 / sqrt(M / 2^14).
+Recipe (Gemma Scope: Lieberum et al. 2024, arXiv 2408.05147, App. A): Adam with (beta1, beta2)
+= (0, 0.999), eps 1e-8; before the step remove from dW_dec the component parallel to each decoder
+row, after the step renormalise each row; lr cosine-warmed from 0.1 * lr over 1,000 steps; the
+sparsity coefficient warmed linearly from 0 over 10,000 steps. TopK (Gao et al., arXiv 2406.04093):
+eps 6.25e-10, lr 2e-4 / sqrt(M / 2^14).
 """
 
 import concurrent.futures

@@ -1,4 +1,5 @@
-"""Training loop for the three SAE variants: the Gemma Scope recipe (SPEC §4), checkpoints, resume.
+"""Training loop for the three SAE variants: the Gemma Scope recipe (arXiv 2408.05147),
+checkpoints, resume.
 
     from minisae.data.synthetic import SyntheticActivations, SyntheticConfig
     from minisae.train import TrainConfig, train
@@ -54,8 +55,9 @@ from minisae.xp import asarray, get_xp, to_numpy
 CHECKPOINT_NAME = "checkpoint.safetensors"
 CHECKPOINT_FORMAT = "minisae-checkpoint-1"
 
-# Default learning rates: JumpReLU per the Gemma Scope recipe (SPEC §4), Gated per its paper
-# (SPEC §2); TopK follows Gao et al., lr ∝ 1/√M (optim.topk_lr).
+# Default learning rates: JumpReLU per the Gemma Scope recipe (Lieberum et al. 2024,
+# arXiv 2408.05147, App. A), Gated per its paper (Rajamanoharan et al. 2024, arXiv 2404.16014);
+# TopK follows Gao et al. (arXiv 2406.04093), lr ∝ 1/√M (optim.topk_lr).
 DEFAULT_LR = {"jumprelu": 7e-5, "gated": 3e-4}
 # The λ controller's starting λ when target_l0 is given without a sparsity coefficient (on inputs
 # normalised to E‖x‖² = 1; the controller moves it by up to a factor e per 100 steps).
@@ -75,7 +77,7 @@ class TrainConfig:
     threshold_rate: float = 0.01          # BatchTopK: averaging rate of the running inference threshold
     matryoshka: tuple | None = None       # BatchTopK, JumpReLU: nested prefix sizes m_1 < m_2 < ... (≤ d_sae)
     bandwidth: float = 0.001              # JumpReLU: ε of the threshold pseudo-derivative
-    threshold_init: float | None = None   # JumpReLU: θ at init; None = SPEC's 0.001 (see below)
+    threshold_init: float | None = None   # JumpReLU: θ at init; None = 0.001, Gemma Scope's (see below)
     threshold_param: str = "log"          # JumpReLU: train log θ ("log", the paper) or θ itself ("raw", SAELens)
     penalty: str = "l0"                   # JumpReLU: "l0" (the paper) | "quadratic" (Gemma Scope 2, needs target_l0) | "tanh" (SAELens)
     target_l0: float | None = None        # L0* of the quadratic penalty: λ·(2/L0*)·(L0_b − L0*)² per token
@@ -85,7 +87,7 @@ class TrainConfig:
     pre_act_coeff: float = 0.0            # JumpReLU (SAELens): coeff·Σ_dead relu(θ − pre)·‖d‖ on dead latents
     ste_to_input: bool = False            # JumpReLU (SAELens): the θ pseudo-derivative also to π (negated)
     lr: float | None = None               # None = DEFAULT_LR / optim.topk_lr(d_sae)
-    adam_beta1: float | None = None       # None = 0.0 (JumpReLU, Gated; SPEC §4) / 0.9 (TopK, Gao et al.)
+    adam_beta1: float | None = None       # None = 0.0 (JumpReLU, Gated: Gemma Scope) / 0.9 (TopK, Gao)
     adam_beta2: float = 0.999
     adam_eps: float | None = None         # None = 1e-8 / optim.TOPK_ADAM_EPS (TopK)
     steps: int | None = None              # optimiser steps; or give tokens
@@ -345,7 +347,7 @@ def estimate_scale(source, max_tokens, *, rel_se=SCALE_REL_SE, first=SCALE_FIRST
 
 
 def fresh_state(cfg, source, xp):
-    """Initial training state: parameters (SPEC init), Adam, counters, C."""
+    """Initial training state: parameters (each variant's published init), Adam, counters, C."""
     mod = VARIANTS[cfg.architecture]
     scale, sample = estimate_scale(source, cfg.norm_sample_tokens)  # C, (N, D)
     if cfg.architecture == "jumprelu":

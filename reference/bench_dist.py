@@ -11,8 +11,9 @@ Cases (TopK, k = 32, float32, synthetic data, no AuxK):
   shard       latent shards S = P, M fixed (strong scaling over latents)
   memory      one step at M = 131,072, S = 1 vs S = 2: peak resident memory per rank
 
-Each case runs `mpiexec -n P python -m mpi4py reference/bench_dist.py --worker SPEC`; the worker
-trains a few warm-up steps and then the timed ones (the step time is read off metrics.jsonl).
+Each case runs `mpiexec -n P python -m mpi4py reference/bench_dist.py --worker CASE_JSON` (the
+case's sizes as a JSON object); the worker trains a few warm-up steps and then the timed ones (the
+step time is read off metrics.jsonl).
 Needs the dist extra (mpi4py, mpich). Processes share the machine's cores: on a 2-core machine
 P = 2 is the ceiling, and the timings move with whatever else runs; compare rows of one run.
 """

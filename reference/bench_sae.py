@@ -12,9 +12,10 @@ Three things are timed, interleaved, in one process:
            losses as variants of their own: jumprelu_quadratic (raw theta, Gemma Scope 2's
            quadratic L0 penalty, the frequency penalty), jumprelu_matryoshka, batchtopk and
            batchtopk_matryoshka (prefixes M/16, M/4, M)
-  torch    an independent autograd version of the loss (below, from SPEC sections 1-3: custom
-           autograd.Functions for the JumpReLU / Heaviside pseudo-derivatives, torch.topk +
-           scatter for TopK), forward + backward, float32, same threads, tensors made beforehand
+  torch    an independent autograd version of the loss (below, from the papers: arXiv 2407.14435,
+           2404.16014, 2406.04093; custom autograd.Functions for the JumpReLU / Heaviside
+           pseudo-derivatives, torch.topk + scatter for TopK), forward + backward, float32, same
+           threads, tensors made beforehand
 
 Each round times every variant's three in a rotated order, sleeping --pause seconds before each
 call (so the other library's spinning worker threads are idle); the table shows medians over
@@ -107,7 +108,8 @@ import torch  # noqa: E402
 
 
 # ----------------------------------------------------------------------------------------------
-# PyTorch autograd versions of the three losses (SPEC section 1-3), independent of minisae
+# PyTorch autograd versions of the three losses (JumpReLU arXiv 2407.14435, Gated 2404.16014,
+# TopK 2406.04093), independent of minisae
 
 def _rect(u):
     """Rectangle kernel K(u): 1 on the open interval (-1/2, 1/2), else 0."""

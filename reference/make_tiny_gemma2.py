@@ -31,10 +31,10 @@ Golden keys (float32 unless noted):
   `a * 0.5 + 0.25` (SPLICE_SCALE, SPLICE_SHIFT) -- tests Gemma2Model.forward(ids, splice=...);
   "meta": a JSON string (transformers/torch versions, seeds, soft-cap statistics, command).
 
-Sites follow SPEC §6: resid_post is the decoder layer's output (a forward hook; for the last
-layer HF's hidden_states[-1] already has the final norm applied, so hooks are used for all layers
-and checked against hidden_states[L+1] for the others); hook_z is the input of o_proj (a
-forward pre-hook); hook_mlp_out is the output of post_feedforward_layernorm.
+Sites use the SAELens / TransformerLens names that Gemma Scope uses: resid_post is the decoder
+layer's output (a forward hook; for the last layer HF's hidden_states[-1] already has the final norm
+applied, so hooks are used for all layers and checked against hidden_states[L+1] for the others);
+hook_z is the input of o_proj (a forward pre-hook); hook_mlp_out is the output of post_feedforward_layernorm.
 
 The files are committed; rerun only to regenerate them (deterministic seeds), from the repo root:
 

@@ -1,10 +1,13 @@
-"""Independent PyTorch goldens for the three SAE losses of minisae (SPEC §1-3).
+"""Independent PyTorch goldens for the three SAE losses of minisae.
+
+Sources: JumpReLU, Rajamanoharan et al. 2024 (arXiv 2407.14435); Gated, Rajamanoharan et al.
+2024 (arXiv 2404.16014); TopK with AuxK, Gao et al. 2024 (arXiv 2406.04093).
 
 What this is
     A second implementation of the JumpReLU, Gated and TopK (with AuxK) training losses, written
-    from the specification alone (not from minisae/sae/*.py), in float64 PyTorch. True gradients
+    from the papers' equations alone (not from minisae/sae/*.py), in float64 PyTorch. True gradients
     come from autograd; the places where the forward has no useful derivative are written as
-    `torch.autograd.Function` subclasses whose backward is the pseudo-derivative the SPEC asks for:
+    `torch.autograd.Function` subclasses whose backward is the pseudo-derivative the papers prescribe:
 
       - JumpReLU: the jump z * H(z - theta) and the L0 step H(z - theta) pass their *true*
         derivative to z (H(z - theta) and 0) and the rectangle-kernel KDE pseudo-derivative to
@@ -25,7 +28,7 @@ What it writes
         <case>__hyper_<name>       ()  / (M,) every hyper-parameter (dead_mask is a bool (M,))
         <case>__<intermediate>     ...        pre-activations, f, xhat, ... (see each builder)
         <case>__loss, __mse, ...   ()         the loss and its (unscaled) terms
-        <case>__grad_<param>       ...        d loss / d param (pseudo-gradients where SPEC says)
+        <case>__grad_<param>       ...        d loss / d param (pseudo-gradients where noted above)
 
     Inputs are arranged to keep every kink at a safe distance (|pre| at ReLUs, |pi - theta| and
     the kernel edges |pi - theta| = eps/2, top-k gaps), so that a float32 run of the same math
@@ -40,7 +43,9 @@ What it writes
 
 Self-check before anything is written (`_self_check`): central differences for every true
 gradient (of the loss with its stop-gradient quantities held at the base point), and the
-JumpReLU theta pseudo-gradient against the closed form of SPEC §1.
+JumpReLU theta pseudo-gradient against its closed form (arXiv 2407.14435):
+    dL/dtheta_i = (1/(B eps)) sum_b [2 theta_i d_i.(x_b - xhat_b) - lambda] K((pi_bi - theta_i)/eps),
+    dL/dlog theta_i = theta_i dL/dtheta_i   (d_i = row i of W_dec, K the rectangle kernel).
 
 Rerun (from the repository root; deterministic, overwrites the three files atomically):
     /work/venvs/ref/bin/python reference/sae_goldens.py            # or any python with torch
@@ -122,7 +127,7 @@ def sq_err(a, b):
 
 
 # ----------------------------------------------------------------------------------------------
-# the three losses, from SPEC §1-3
+# the three losses, from the papers (arXiv 2407.14435, 2404.16014, 2406.04093)
 
 def jumprelu_loss(p, x, *, sparsity_coeff, bandwidth, pre_enc_bias):
     xc = x - p["b_dec"] if pre_enc_bias else x                       # (B, D)
@@ -376,7 +381,7 @@ def _collect(cases, loss_fn, names):
 
 def _self_check(case, loss_fn, out, params, hyper, names, h=1e-6):
     """Before anything is written: central differences for every true gradient, and for
-    JumpReLU the theta pseudo-gradient against the closed form of SPEC §1."""
+    JumpReLU the theta pseudo-gradient against its closed form (module docstring)."""
     tx = torch.tensor(out["x"], dtype=DT)
     extra = {}
     if loss_fn is not jumprelu_loss:  # hold the stop-gradient quantities at the base point
@@ -408,7 +413,7 @@ def _self_check(case, loss_fn, out, params, hyper, names, h=1e-6):
         kern = (np.abs((pi - theta) / eps) < 0.5).astype(float)      # (B, M)
         dtheta = ((2 * theta * dr - lam) * kern).sum(0) / (pi.shape[0] * eps)
         if not np.allclose(theta * dtheta, out["grad_log_threshold"], rtol=1e-12, atol=1e-12):
-            raise AssertionError(f"{case}: theta pseudo-gradient disagrees with SPEC's formula")
+            raise AssertionError(f"{case}: theta pseudo-gradient disagrees with the closed form")
         if np.count_nonzero(out["grad_log_threshold"]) < 6:
             raise AssertionError(f"{case}: too few latents with a non-zero theta pseudo-gradient")
 

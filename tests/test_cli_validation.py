@@ -1,6 +1,7 @@
 """Every class of bad command line ends, before any work, in one line on stderr with exit status 2;
---help shows every default and cites no SPEC; and every `minisae ...` command in README.md and docs/
-parses, passes the same checks, and (for train) resolves to a complete training config."""
+--help shows every default and never cites "SPEC" (a document the repository does not hold); and
+every `minisae ...` command in README.md and docs/ parses, passes the same checks, and (for train)
+resolves to a complete training config."""
 
 import re
 import shlex

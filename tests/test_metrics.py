@@ -1,6 +1,6 @@
-"""minisae.metrics: known-answer checks (FVU especially: SPEC §5 says SAELens got it wrong
-twice), streaming accumulation equal to one-shot computation, dead/dense counting, and feature
-recovery."""
+"""minisae.metrics: known-answer checks (FVU especially: SAELens has computed it wrong twice, so it
+is checked on cases with a known answer), streaming accumulation equal to one-shot computation,
+dead/dense counting, and feature recovery."""
 
 import math
 

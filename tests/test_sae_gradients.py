@@ -1,5 +1,6 @@
 """Hand-written SAE gradients against central finite differences (float64), and the JumpReLU
-threshold pseudo-derivative against the ramp identity of SPEC section 1.
+threshold pseudo-derivative against the ramp identity (below; the pseudo-derivative is
+that of Rajamanoharan et al. 2024, arXiv 2407.14435).
 
 Hypothesis draws the shapes (B <= 6, D <= 6, M <= 8), a seed for the values, and the
 coefficients. Kinks are excluded with `assume(...)` margins (KINK_MARGIN, far above the change
@@ -119,7 +120,7 @@ def test_jumprelu_true_gradients(xp, shape, seed, lam, pre_enc_bias, bandwidth):
        bandwidth=st.floats(0.05, 1.0), offsets_seed=seeds)
 def test_jumprelu_threshold_pseudo_derivative_ramp_identity(xp, shape, seed, lam, pre_enc_bias,
                                                              bandwidth, offsets_seed):
-    """SPEC section 1: replace H(pi - theta) by the ramp R = clip((pi - theta)/eps + 1/2, 0, 1),
+    """The ramp identity: replace H(pi - theta) by the ramp R = clip((pi - theta)/eps + 1/2, 0, 1),
     whose true theta-derivative is exactly -(1/eps) K((pi - theta)/eps). In the L0 term the step
     becomes R itself; in the JumpReLU term the jump at pi = theta has height theta, spread by
     the ramp: f(theta') = f + theta * (R(theta') - R(theta)), d f / d theta' = -(theta/eps) K.

@@ -51,7 +51,7 @@ def inputs(n=64, seed=1, dtype=numpy.float32):
 
 
 def reference_encode(arch, p, x, cfg):
-    """The SPEC §7 / SAELens inference written out plainly in float64 (brute-force TopK)."""
+    """The Gemma Scope / SAELens inference written out plainly in float64 (brute-force TopK)."""
     p = {k: to_numpy(v).astype(numpy.float64) for k, v in p.items()}
     x_c = x.astype(numpy.float64) - (p["b_dec"] if cfg["apply_b_dec_to_input"] else 0.0)
     if arch == "jumprelu":
@@ -116,7 +116,7 @@ def test_topk_rescale_by_decoder_norm(xp):
 
 
 def test_gated_equals_jumprelu_on_magnitude_path():
-    """SPEC §2: f = JumpReLU_theta(pi_mag) with theta = b_mag - exp(r_mag) * b_gate (theta >= 0)."""
+    """Gated (arXiv 2404.16014): f = JumpReLU_theta(pi_mag) with theta = b_mag - exp(r_mag) * b_gate (theta >= 0)."""
     p = release_params("gated", dtype=numpy.float64)
     p["b_gate"], p["b_mag"] = -numpy.abs(p["b_gate"]), numpy.abs(p["b_mag"]) + 0.01  # makes theta > 0
     theta = p["b_mag"] - numpy.exp(p["r_mag"]) * p["b_gate"]
@@ -156,7 +156,7 @@ def training_params(arch, seed, dtype):
 
 
 def training_forward(arch, p, x, hyper):
-    """The training-time forward of SPEC §1-3 in float64: (f, xhat, kink margin)."""
+    """The training-time forward of JumpReLU, Gated and TopK in float64: (f, xhat, kink margin)."""
     p = {k: v.astype(numpy.float64) for k, v in p.items()}
     pre_enc = arch != "jumprelu" or hyper.get("pre_enc_bias", True)
     x_c = x - p["b_dec"] if pre_enc else x

@@ -12,7 +12,8 @@ lines are separated by blank lines, and a book becomes one document per paragrap
 Each document is tokenized with BOS first and cut into sequences of at most T tokens, each starting
 with BOS (later pieces of a long document get a BOS of their own). A batch of sequences is padded
 on the right with PAD (causal attention: padding never changes earlier positions), run to the site,
-and only positions holding a real token are kept: BOS, EOS and PAD positions are dropped (SPEC §4).
+and only positions holding a real token are kept: BOS, EOS and PAD positions are dropped (as in
+Gemma Scope's training data: Lieberum et al. 2024, arXiv 2408.05147).
 
 On disk (folder out_dir):
     manifest.json       {"format", "model", "site", "layer", "d_in", "dtype": "float32", "count",

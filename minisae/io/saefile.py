@@ -1,4 +1,4 @@
-"""The SAE object used at inference time, and its two file formats (SPEC §7).
+"""The SAE object used at inference time, and its file formats (SAELens, Gemma Scope 1 and 2).
 
 Dimensions: B tokens, D = d_in, M = d_sae (latents), K = k (TopK).
 
@@ -9,8 +9,9 @@ Release-form parameters (what the files hold; `SAE.from_training` folds training
 
 Inference (x_c = x - b_dec when cfg["apply_b_dec_to_input"], else x):
     jumprelu: pre = x_c @ W_enc + b_enc;  f = pre * H(pre - threshold) * H(pre)
-              (SAELens: ReLU, then the threshold mask; the same as SPEC's pre * H(pre - threshold)
-              for every threshold >= 0, which is all a trained SAE can have)
+              (SAELens: ReLU, then the threshold mask; the same as Gemma Scope's
+              pre * H(pre - threshold) for every threshold >= 0, which is all a trained SAE
+              can have)
     topk:     pre = x_c @ W_enc + b_enc (times ||W_dec rows|| if rescale_acts_by_decoder_norm);
               keep the K largest per row, ReLU on the kept values, zero elsewhere
     gated:    f = H(x_c @ W_enc + b_gate) * ReLU(x_c @ (W_enc * exp(r_mag)) + b_mag)
@@ -26,11 +27,12 @@ Formats:
 - Gemma Scope params.npz: W_enc, W_dec, b_enc, b_dec, threshold, float32, pre-encoder bias folded
   into b_enc (inference subtracts no b_dec). Read with allow_pickle=False.
 
-Folding (SPEC §4), from training (input x = x_raw / C, pre-encoder bias) to release form: every
-bias and the threshold are multiplied by C; W_enc, W_dec and r_mag are kept; apply_b_dec_to_input
-= the training option pre_enc_bias (True for gated and topk). Each pre-activation is then C times
-the training one, so f_release = C * f_train and xhat_raw = C * xhat_train exactly, float rounding
-apart, for all three variants (a positive scale changes neither TopK's choice nor a Heaviside).
+Folding (Gemma Scope, arXiv 2408.05147, App. A), from training (input x = x_raw / C, pre-encoder
+bias) to release form: every bias and the threshold are multiplied by C; W_enc, W_dec and r_mag are
+kept; apply_b_dec_to_input = the training option pre_enc_bias (True for gated and topk). Each
+pre-activation is then C times the training one, so f_release = C * f_train and xhat_raw =
+C * xhat_train exactly, float rounding apart, for all three variants (a positive scale changes
+neither TopK's choice nor a Heaviside).
 A Gemma Scope file has no apply_b_dec_to_input flag, so `save_gemma_scope` also folds b_dec into
 b_enc: b_enc' = C*b_enc - (C*b_dec) @ W_enc (Gemma Scope App. A).
 """

@@ -1,6 +1,6 @@
 """Gemma 2 hyper-parameters, read from a Hugging Face `config.json` of either generation.
 
-Two generations of config.json exist on the Hub and in the wild (SPEC §6, "config.json drift"):
+Two generations of config.json exist on the Hub and in the wild:
 
     older (transformers 4.42-4.4x)          newer (transformers 5)
     "rope_theta": 10000.0                   "rope_parameters": {"rope_type": "default", "rope_theta": ...}

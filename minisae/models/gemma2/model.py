@@ -1,7 +1,7 @@
 """The Gemma 2 forward pass in NumPy / CuPy, one block top to bottom, with SAE sites.
 
-Matches transformers' eager Gemma2ForCausalLM in float32 (SPEC §6; docs/gemma2.md names the source
-of every quirk). Dimension legend:
+Matches transformers' eager Gemma2ForCausalLM (models/gemma2/modeling_gemma2.py) in float32
+(docs/gemma2.md names the source of every quirk). Dimension legend:
 
     B batch rows          T tokens per row        N = B*T tokens
     D hidden_size         I intermediate_size     V vocab_size

@@ -2,7 +2,8 @@
 
 A checkpoint is a folder with `config.json` and either one `model.safetensors` or shards listed in
 `model.safetensors.index.json` (`{"weight_map": {tensor name: shard file}}`), as written by
-transformers' `save_pretrained` and stored on the Hub. Tensor names (SPEC §6):
+transformers' `save_pretrained` and stored on the Hub. Tensor names (those of transformers'
+modeling_gemma2.py):
 
     model.embed_tokens.weight                          (V, D)
     model.layers.N.input_layernorm.weight              (D,)      and likewise

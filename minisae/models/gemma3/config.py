@@ -48,7 +48,7 @@ _REQUIRED = ("hidden_size", "intermediate_size", "num_hidden_layers")
 class Gemma3Config(Gemma2Config):
     """Gemma2Config's fields (rope_theta is the global layers' base) plus local RoPE and scaling.
 
-    Sizes (SPEC-free summary of the released configs): 270M D 640, I 2048, 18 layers, 4 heads / 1 kv;
+    Sizes (from the released config.json files): 270M D 640, I 2048, 18 layers, 4 heads / 1 kv;
     1B D 1152, I 6912, 26 layers, 4 / 1; 4B D 2560, I 10240, 34 layers, 8 / 4; head_dim 256 for all
     three; V 262,144 (270M, 1B) or 262,208 (4B+). No soft-caps.
     """
