@@ -107,7 +107,43 @@ def power_law_frequencies(n_features, exponent, max_freq, target_l0):
     return numpy.minimum(max_freq, hi * base)  # (F,)
 
 
-class SyntheticActivations:
+class SeededSource:
+    """The streams every synthetic source shares, given its `cfg.seed` and its `_draw(rng, n,
+    return_codes)`: training batches and held-out samples, each a pure function of the seed and
+    its index, drawn from independent NumPy generator streams (so resumed runs see the same data)."""
+
+    def batch(self, index, batch_size, *, return_codes=False):
+        """Training batch number `index`: float32 (batch_size, D), a pure function of
+        (seed, index, batch_size). With return_codes=True also the true codes
+        (batch_size, number of true features)."""
+        if index < 0 or batch_size < 1:
+            raise ValueError(f"batch: expected index >= 0 and batch_size >= 1, found {index}, {batch_size}")
+        rng = numpy.random.default_rng([int(self.cfg.seed), _STREAM_TRAIN, int(index)])
+        x, codes = self._draw(rng, int(batch_size), return_codes)
+        return (x, codes) if return_codes else x
+
+    def sample(self, n, *, offset=0, return_codes=False):
+        """n held-out tokens (never equal to training batches): float32 (n, D). Different
+        `offset`s give independent samples (e.g. one for the normalising constant, one for
+        evaluation); sample(n, offset=o) is a prefix of sample(m, offset=o) for n <= m."""
+        if n < 1 or offset < 0:
+            raise ValueError(f"sample: expected n >= 1 and offset >= 0, found {n}, {offset}")
+        xs, cs = [], []
+        for chunk in range(-(-int(n) // SAMPLE_CHUNK)):
+            rng = numpy.random.default_rng([int(self.cfg.seed), _STREAM_HELD_OUT, int(offset), chunk])
+            x, codes = self._draw(rng, SAMPLE_CHUNK, return_codes)
+            xs.append(x)
+            cs.append(codes)
+        x = numpy.concatenate(xs)[:n]  # (n, D)
+        return (x, numpy.concatenate(cs)[:n]) if return_codes else x
+
+    def eval_sample(self, n, *, return_codes=False):
+        """The evaluation set: sample(n, offset=1), apart from the default sample (offset 0) that
+        training uses for its estimates (normalising constant, geometric median)."""
+        return self.sample(n, offset=1, return_codes=return_codes)
+
+
+class SyntheticActivations(SeededSource):
     """A seeded source of planted-dictionary activations (see the module docstring)."""
 
     def __init__(self, cfg=None, **overrides):
@@ -167,35 +203,6 @@ class SyntheticActivations:
         if cfg.noise_std > 0.0:
             x += (cfg.noise_std * rng.standard_normal((n, self.d_in))).astype(numpy.float32)
         return x.astype(numpy.float32, copy=False), (codes if return_codes else None)
-
-    def batch(self, index, batch_size, *, return_codes=False):
-        """Training batch number `index`: float32 (batch_size, D), a pure function of
-        (seed, index, batch_size). With return_codes=True also the true codes (batch_size, F)."""
-        if index < 0 or batch_size < 1:
-            raise ValueError(f"batch: expected index >= 0 and batch_size >= 1, found {index}, {batch_size}")
-        rng = numpy.random.default_rng([int(self.cfg.seed), _STREAM_TRAIN, int(index)])
-        x, codes = self._draw(rng, int(batch_size), return_codes)
-        return (x, codes) if return_codes else x
-
-    def sample(self, n, *, offset=0, return_codes=False):
-        """n held-out tokens (never equal to training batches): float32 (n, D). Different
-        `offset`s give independent samples (e.g. one for the normalising constant, one for
-        evaluation); sample(n, offset=o) is a prefix of sample(m, offset=o) for n <= m."""
-        if n < 1 or offset < 0:
-            raise ValueError(f"sample: expected n >= 1 and offset >= 0, found {n}, {offset}")
-        xs, cs = [], []
-        for chunk in range(-(-int(n) // SAMPLE_CHUNK)):
-            rng = numpy.random.default_rng([int(self.cfg.seed), _STREAM_HELD_OUT, int(offset), chunk])
-            x, codes = self._draw(rng, SAMPLE_CHUNK, return_codes)
-            xs.append(x)
-            cs.append(codes)
-        x = numpy.concatenate(xs)[:n]  # (n, D)
-        return (x, numpy.concatenate(cs)[:n]) if return_codes else x
-
-    def eval_sample(self, n, *, return_codes=False):
-        """The evaluation set: sample(n, offset=1), apart from the default sample (offset 0) that
-        training uses for its estimates (normalising constant, geometric median)."""
-        return self.sample(n, offset=1, return_codes=return_codes)
 
     def sae_metadata(self):
         """What a trained SAE's cfg.json metadata records about this source."""

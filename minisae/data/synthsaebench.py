@@ -52,10 +52,9 @@ from dataclasses import asdict, dataclass
 
 import numpy
 
-_STREAM_TRAIN = 1
-_STREAM_HELD_OUT = 2
+from minisae.data.synthetic import SeededSource
+
 _STREAM_DICTIONARY, _STREAM_BIAS, _STREAM_COPULA, _STREAM_MAGNITUDE = 10, 11, 12, 13
-SAMPLE_CHUNK = 4096  # rows per independent stream chunk in `sample`
 DRAW_ROWS = 1024  # rows drawn at once inside a batch: bounds the (rows, N) temporaries
 
 
@@ -222,7 +221,7 @@ def orthogonalize(dirs, *, steps, lr, chunk=1024, betas=(0.9, 0.999), eps=1e-8):
 
 # ---------------------------------------------------------------------------------------------
 
-class SynthSAEBench:
+class SynthSAEBench(SeededSource):
     """A seeded SynthSAEBench source (see the module docstring); a training source for
     minisae.train (d_in, batch, sample, eval_sample) whose true features are `directions`."""
 
@@ -367,33 +366,6 @@ class SynthSAEBench:
                 codes.append(a)
         x = numpy.concatenate(xs) if len(xs) > 1 else xs[0]
         return x, (numpy.concatenate(codes) if len(codes) > 1 else codes[0]) if return_codes else None
-
-    def batch(self, index, batch_size, *, return_codes=False):
-        """Training batch number `index`: float32 (batch_size, D), a pure function of
-        (seed, index, batch_size). With return_codes=True also the true codes (batch_size, N)."""
-        if index < 0 or batch_size < 1:
-            raise ValueError(f"batch: expected index >= 0 and batch_size >= 1, found {index}, {batch_size}")
-        rng = numpy.random.default_rng([int(self.cfg.seed), _STREAM_TRAIN, int(index)])
-        x, codes = self._draw(rng, int(batch_size), return_codes)
-        return (x, codes) if return_codes else x
-
-    def sample(self, n, *, offset=0, return_codes=False):
-        """n held-out tokens (never equal to training batches): float32 (n, D); different
-        offsets are independent; sample(n, offset=o) is a prefix of sample(m, offset=o), n <= m."""
-        if n < 1 or offset < 0:
-            raise ValueError(f"sample: expected n >= 1 and offset >= 0, found {n}, {offset}")
-        xs, cs = [], []
-        for chunk in range(-(-int(n) // SAMPLE_CHUNK)):
-            rng = numpy.random.default_rng([int(self.cfg.seed), _STREAM_HELD_OUT, int(offset), chunk])
-            x, codes = self._draw(rng, SAMPLE_CHUNK, return_codes)
-            xs.append(x)
-            cs.append(codes)
-        x = numpy.concatenate(xs)[:n]  # (n, D)
-        return (x, numpy.concatenate(cs)[:n]) if return_codes else x
-
-    def eval_sample(self, n, *, return_codes=False):
-        """The evaluation set: sample(n, offset=1), apart from training's estimates (offset 0)."""
-        return self.sample(n, offset=1, return_codes=return_codes)
 
     def describe(self):
         return {"type": "synthsaebench", "config": self.cfg.to_dict(), "expected_l0": round(self.expected_l0, 4)}
