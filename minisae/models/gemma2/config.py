@@ -54,6 +54,7 @@ def check_sizes(d, source):
 
 @dataclass(frozen=True)
 class Gemma2Config:
+    GENERATION = "Gemma 2"  # a class attribute, not a field: names the model family in errors
     vocab_size: int  # V: rows of model.embed_tokens.weight (256000 for every Gemma 2)
     hidden_size: int  # D: residual-stream width (2304 / 3584 / 4608 for 2b / 9b / 27b)
     intermediate_size: int  # I: MLP hidden width (9216 / 14336 / 36864)
@@ -216,7 +217,7 @@ class Gemma2Config:
         if path.is_dir():
             path = path / "config.json"
         if not path.is_file():
-            raise ConfigError(f"{path}: no such file (a Gemma 2 checkpoint folder needs config.json)")
+            raise ConfigError(f"{path}: no such file (a {cls.GENERATION} checkpoint folder needs config.json)")
         d = read_json(path, error=ConfigError, expect=None)  # size and nesting limits
         return cls.from_dict(d, source=str(path))
 

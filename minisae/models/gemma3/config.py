@@ -25,7 +25,6 @@ Keys a file leaves out take transformers' Gemma3TextConfig defaults (DEFAULTS be
 text_config relies on. With neither layer_types nor a pattern, every 6th layer is global (5, 11, ...).
 """
 
-import pathlib
 from dataclasses import dataclass
 
 from minisae.models.gemma2.config import FULL, SLIDING, ConfigError, Gemma2Config, _is_number, check_sizes
@@ -52,6 +51,8 @@ class Gemma3Config(Gemma2Config):
     1B D 1152, I 6912, 26 layers, 4 / 1; 4B D 2560, I 10240, 34 layers, 8 / 4; head_dim 256 for all
     three; V 262,144 (270M, 1B) or 262,208 (4B+). No soft-caps.
     """
+
+    GENERATION = "Gemma 3"  # a class attribute, not a field: names the model family in errors
 
     attn_logit_softcapping: float | None = None  # Gemma 3 drops Gemma 2's soft-caps (QK-norm instead)
     final_logit_softcapping: float | None = None
@@ -142,18 +143,6 @@ class Gemma3Config(Gemma2Config):
             )
         except ConfigError as e:
             raise ConfigError(f"{source}: {e}") from None
-
-    @classmethod
-    def from_file(cls, path):
-        """Read a config.json file (or the config.json inside a folder)."""
-        from minisae.io.files import read_json  # size- and depth-limited, one-line errors
-
-        path = pathlib.Path(path)
-        if path.is_dir():
-            path = path / "config.json"
-        if not path.is_file():
-            raise ConfigError(f"{path}: no such file (a Gemma 3 checkpoint folder needs config.json)")
-        return cls.from_dict(read_json(path, expect=None, error=ConfigError), source=str(path))
 
     def to_dict(self):
         """A text-only config.json-style dict (newer layout) that from_dict reads back unchanged."""
