@@ -147,8 +147,5 @@ def _truncate_metrics(path, step):
                 keep.append(line)
         except (ValueError, KeyError, TypeError):
             continue  # a line cut short by the interruption
-    _write_text_atomic(path, "".join(s + "\n" for s in keep))
+    write_atomic(path, "".join(s + "\n" for s in keep))
 
-
-def _write_text_atomic(path, text):
-    write_atomic(path, text)

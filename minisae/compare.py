@@ -215,8 +215,8 @@ def run_compare(cfg, out_dir, *, source=None, model=None, tokenizer=None, eval_t
     }
     results["summary"], results["verdict"] = verdicts(rows, cfg.variants, cfg.target_list())
     results["plot"] = pareto_plot(results, out / "pareto.png")
-    _write_atomic(out / "results.json", json.dumps(results, indent=2, default=_json_default) + "\n")
-    _write_atomic(out / "report.md", render_report(results))
+    write_atomic(out / "results.json", json.dumps(results, indent=2, default=_json_default) + "\n")
+    write_atomic(out / "report.md", render_report(results))
     return results
 
 
@@ -337,9 +337,6 @@ def _run_in_workers(specs, args, n_workers, finish):
             else:
                 os.environ[k] = v
 
-
-def _write_atomic(path, text):
-    write_atomic(path, text)
 
 
 _COMPARE_NAMES = {"runs", "data", "activations", "report.md", "results.json", "pareto.png"}

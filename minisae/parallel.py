@@ -86,7 +86,7 @@ def _write_manifest(ckdir, step_dir, grid, state, cfg):
                 "threshold_updates": int(state.get("threshold_updates", 0)),
                 "scale": state["scale"], "d_sae": cfg.d_sae, "d_in": int(state["params"]["b_dec"].shape[0]),
                 "replicas": grid.R, "shards": shards, "config": dataclasses.asdict(cfg)}
-    _write_text_atomic(ckdir / MANIFEST_NAME, json.dumps(manifest, indent=1) + "\n")
+    write_atomic(ckdir / MANIFEST_NAME, json.dumps(manifest, indent=1) + "\n")
     for old in ckdir.glob("step-*"):
         if old.name != step_dir:
             shutil.rmtree(old, ignore_errors=True)
@@ -182,15 +182,12 @@ def reshard(src_run, dst_run, shards):
         info = {"format": MANIFEST_FORMAT, "lo": lo, "hi": hi, "step": man["step"]}
         save_file(tensors, dst / step_dir / f"shard-{s:05d}.safetensors", metadata={"minisae": json.dumps(info)})
         out.append({"file": f"{step_dir}/shard-{s:05d}.safetensors", "lo": lo, "hi": hi})
-    _write_text_atomic(dst / MANIFEST_NAME, json.dumps({**man, "shards": out}, indent=1) + "\n")
+    write_atomic(dst / MANIFEST_NAME, json.dumps({**man, "shards": out}, indent=1) + "\n")
     for name in ("config.json", "metrics.jsonl"):  # the run's record, so the copy resumes as a run
         if (Path(src_run) / name).exists():
             write_atomic(Path(dst_run) / name, (Path(src_run) / name).read_bytes())
     return dst
 
-
-def _write_text_atomic(path, text):
-    write_atomic(path, text)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -266,7 +263,7 @@ def train_parallel(cfg, source, out_dir, *, shards=1, accumulate=1, comm=None, r
         info = {"train": dataclasses.asdict(cfg), "source": _source_info(source),
                 "grid": {"processes": world.size, "replicas": grid.R, "shards": grid.S,
                          "accumulate": int(accumulate), "backend": world.name}}
-        _write_text_atomic(out_dir / "config.json", json.dumps(info, indent=2) + "\n")
+        write_atomic(out_dir / "config.json", json.dumps(info, indent=2) + "\n")
 
     world.on_root(record)
 
@@ -430,7 +427,7 @@ def _finish(cfg, source, out_dir, ckdir, world, names, scale, batchtopk_threshol
         sae.save(out_dir / "sae", overwrite=True)
         if cfg.eval_tokens > 0:
             done["summary"] = evaluate_sae(sae, source, n_tokens=cfg.eval_tokens, batch_size=cfg.eval_batch_size)
-            _write_text_atomic(out_dir / "eval.json", json.dumps(done["summary"], indent=2) + "\n")
+            write_atomic(out_dir / "eval.json", json.dumps(done["summary"], indent=2) + "\n")
 
     world.on_root(release)
     return TrainResult(sae=done["sae"], params=done["params"], scale=scale, steps=cfg.steps,

@@ -49,9 +49,9 @@ from minisae import l0control, optim
 # re-exported: minisae.train keeps every name it had
 from minisae.checkpoint import (CHECKPOINT_FORMAT, CHECKPOINT_NAME, _RESUME_FREE, CheckpointError,  # noqa: F401
                                 _append_jsonl, _check_checkpoint_info, _check_resume_config, _truncate_metrics,
-                                _write_text_atomic, load_checkpoint, save_checkpoint)
+                                load_checkpoint, save_checkpoint)
 from minisae.errors import MinisaeError, OutputExistsError, ResourceError, TrainingError
-from minisae.io.files import check_output_dir, make_dir, memory_limit_bytes, read_json
+from minisae.io.files import check_output_dir, make_dir, memory_limit_bytes, read_json, write_atomic
 from minisae.prefetch import Prefetcher
 from minisae.progress import progress_bar
 from minisae.sae import VARIANTS
@@ -251,7 +251,7 @@ def train(cfg, source, out_dir, *, resume=False, overwrite=False, progress=True)
         for old in (ckpt, metrics_path, out_dir / "eval.json"):
             if old.exists():
                 old.unlink()
-    _write_text_atomic(out_dir / "config.json", json.dumps(
+    write_atomic(out_dir / "config.json", json.dumps(
         {"train": dataclasses.asdict(cfg), "source": _source_info(source)}, indent=2) + "\n")
 
     scale, params, adam = state["scale"], state["params"], state["adam"]
@@ -287,7 +287,7 @@ def train(cfg, source, out_dir, *, resume=False, overwrite=False, progress=True)
             # latents are never held as a dense (B, M) array: out["fired"] counts them per latent
             out, grads = mod.forward_backward(params, x, **hyper, path="auto", dense_f=False)
             losses.append(out["loss"])
-            if controller:  # one host read per step (a sync on CuPy): the next λ needs it
+            if controller and step >= controller.start_step:  # a host read (a CuPy sync): the next λ needs it
                 controller.update(step, float(to_numpy(out["l0"])))
             if cfg.architecture == "batchtopk":
                 min_kept.append(out["min_kept"])
@@ -305,7 +305,7 @@ def train(cfg, source, out_dir, *, resume=False, overwrite=False, progress=True)
 
             log_now = done % cfg.log_every == 0 or done == cfg.steps
             checkpoint_now = done % cfg.checkpoint_every == 0 or done == cfg.steps
-            if log_now or checkpoint_now:  # the only host reads of a step; on NumPy they are free
+            if log_now or checkpoint_now:  # the loss's host reads (the controller's L0 is the other)
                 loss = _check_losses(xp, losses, done - len(losses), ckpt, last_good)
                 losses = []
                 for m in min_kept:  # in step order: the same θ as updating at every step
@@ -343,7 +343,7 @@ def train(cfg, source, out_dir, *, resume=False, overwrite=False, progress=True)
         summary = evaluate_sae(sae, source, n_tokens=cfg.eval_tokens, batch_size=cfg.eval_batch_size)
         if controller:
             summary["sparsity_coeff_final"] = controller.coeff()
-        _write_text_atomic(out_dir / "eval.json", json.dumps(summary, indent=2) + "\n")
+        write_atomic(out_dir / "eval.json", json.dumps(summary, indent=2) + "\n")
     return TrainResult(sae=sae, params=params_np, scale=scale, steps=cfg.steps, summary=summary, out_dir=out_dir)
 
 
