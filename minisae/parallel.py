@@ -93,7 +93,7 @@ def _write_manifest(ckdir, step_dir, grid, state, cfg):
 
 
 def read_manifest(ckdir):
-    from minisae.train import CheckpointError
+    from minisae.checkpoint import CheckpointError
 
     path = Path(ckdir) / MANIFEST_NAME
     try:
@@ -111,7 +111,7 @@ def load_sharded(ckdir, lo, hi, xp, *, names, params_only=False):
     per-latent tensor is put together from the shard files that overlap [lo, hi). params_only:
     leave out Adam's moments (a third of the memory; for the release SAE)."""
     prefixes = ("params",) if params_only else ("params", "adam_m", "adam_v")
-    from minisae.train import CheckpointError
+    from minisae.checkpoint import CheckpointError
 
     ckdir = Path(ckdir)
     man = read_manifest(ckdir)
@@ -206,8 +206,9 @@ def train_parallel(cfg, source, out_dir, *, shards=1, accumulate=1, comm=None, r
     accumulate: micro-batches per rank per step (gradients summed in order): one process with
     accumulate=R ends bitwise equal to R ranks with accumulate=1 (tests/test_dist.py).
     Returns minisae.train.TrainResult on rank 0 (on other ranks its sae, summary are None, {})."""
-    from minisae.train import (CheckpointError, TrainingError, _check_resume_config, hypers_at, is_run_folder,
-                               param_names)
+    from minisae.checkpoint import CheckpointError, _check_resume_config
+    from minisae.train import TrainingError, hypers_at, is_run_folder
+    from minisae.trainconfig import param_names
 
     world = dist.world() if comm is None else comm
     cfg = cfg.resolved(int(source.d_in))
@@ -443,7 +444,7 @@ def _append_jsonl(path, rows):
 
 
 def _truncate_metrics(path, step):
-    from minisae.train import _truncate_metrics as truncate
+    from minisae.checkpoint import _truncate_metrics as truncate
     truncate(path, step)
 
 

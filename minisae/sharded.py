@@ -94,7 +94,7 @@ def init_shard(cfg, d_in, lo, hi, xp, b_dec=None):
     """Training-form parameters of latents [lo, hi): W_dec chunk-keyed, W_enc = W_dec^T, every
     per-latent vector at its variant's init value (JumpReLU: threshold_init, threshold_param),
     b_dec given or 0."""
-    from minisae.train import param_names
+    from minisae.trainconfig import param_names
 
     mod = VARIANTS[cfg.architecture]
     kw = {}

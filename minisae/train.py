@@ -31,6 +31,9 @@ Files in out_dir: config.json, checkpoint.safetensors (atomic, replaced every ch
 steps; never written with non-finite values), metrics.jsonl (one JSON object per log step),
 sae/ (the release SAE, SAELens folder format, C and the pre-encoder bias folded in), eval.json.
 
+The config (TrainConfig, its defaults and checks) lives in minisae.trainconfig, the checkpoint
+files and metrics.jsonl handling in minisae.checkpoint; both are re-exported here.
+
 Legend: B tokens in a batch, D d_in, M d_sae (latents).
 """
 
@@ -43,187 +46,18 @@ from pathlib import Path
 import numpy
 
 from minisae import l0control, optim
-from minisae.errors import (FileFormatError, InputError, MinisaeError, OutputExistsError, ResourceError, TrainingError,
-                            storage_error)
-from minisae.io.files import check_output_dir, make_dir, memory_limit_bytes, parse_json, read_json, write_atomic
+# re-exported: minisae.train keeps every name it had
+from minisae.checkpoint import (CHECKPOINT_FORMAT, CHECKPOINT_NAME, _RESUME_FREE, CheckpointError,  # noqa: F401
+                                _append_jsonl, _check_checkpoint_info, _check_resume_config, _truncate_metrics,
+                                _write_text_atomic, load_checkpoint, save_checkpoint)
+from minisae.errors import MinisaeError, OutputExistsError, ResourceError, TrainingError
+from minisae.io.files import check_output_dir, make_dir, memory_limit_bytes, read_json
 from minisae.prefetch import Prefetcher
 from minisae.progress import progress_bar
 from minisae.sae import VARIANTS
-from minisae.io.safetensors_io import SafetensorsError, SafetensorsFile, save_file
+from minisae.trainconfig import (_RANGES, DEFAULT_LR, START_COEFF, TrainConfig, check_values,  # noqa: F401
+                                 param_names)
 from minisae.xp import asarray, get_xp, to_numpy
-
-CHECKPOINT_NAME = "checkpoint.safetensors"
-CHECKPOINT_FORMAT = "minisae-checkpoint-1"
-
-# Default learning rates: JumpReLU per the Gemma Scope recipe (Lieberum et al. 2024,
-# arXiv 2408.05147, App. A), Gated per its paper (Rajamanoharan et al. 2024, arXiv 2404.16014);
-# TopK follows Gao et al. (arXiv 2406.04093), lr ∝ 1/√M (optim.topk_lr).
-DEFAULT_LR = {"jumprelu": 7e-5, "gated": 3e-4}
-# The λ controller's starting λ when target_l0 is given without a sparsity coefficient (on inputs
-# normalised to E‖x‖² = 1; the controller moves it by up to a factor e per 100 steps).
-START_COEFF = {"jumprelu": 1e-2, "gated": 0.1}
-
-
-class CheckpointError(FileFormatError):
-    """A checkpoint is missing, unreadable, truncated or does not fit the config."""
-
-
-@dataclasses.dataclass
-class TrainConfig:
-    architecture: str = "jumprelu"        # "jumprelu" | "gated" | "topk" | "batchtopk"
-    d_sae: int = 1024                     # M, number of latents
-    sparsity_coeff: float | None = None   # λ (JumpReLU: L0 weight, Gated: L1 weight)
-    k: int | None = None                  # TopK: latents kept per token (BatchTopK: on average, B·k per batch)
-    threshold_rate: float = 0.01          # BatchTopK: averaging rate of the running inference threshold
-    matryoshka: tuple | None = None       # BatchTopK, JumpReLU: nested prefix sizes m_1 < m_2 < ... (≤ d_sae)
-    bandwidth: float = 0.001              # JumpReLU: ε of the threshold pseudo-derivative
-    threshold_init: float | None = None   # JumpReLU: θ at init; None = 0.001, Gemma Scope's (see below)
-    threshold_param: str = "log"          # JumpReLU: train log θ ("log", the paper) or θ itself ("raw", SAELens)
-    penalty: str = "l0"                   # JumpReLU: "l0" (the paper) | "quadratic" (Gemma Scope 2, needs target_l0) | "tanh" (SAELens)
-    target_l0: float | None = None        # L0* of the quadratic penalty: λ·(2/L0*)·(L0_b − L0*)² per token
-    freq_coeff: float = 0.0               # JumpReLU: weight of minisae's frequency penalty (0 = off)
-    freq_target: float = 0.1              # JumpReLU: firing fraction above which a latent is penalised
-    tanh_scale: float = 4.0               # JumpReLU penalty="tanh": λ·Σ_i tanh(c·f_i·‖d_i‖), c = tanh_scale
-    pre_act_coeff: float = 0.0            # JumpReLU (SAELens): coeff·Σ_dead relu(θ − pre)·‖d‖ on dead latents
-    ste_to_input: bool = False            # JumpReLU (SAELens): the θ pseudo-derivative also to π (negated)
-    lr: float | None = None               # None = DEFAULT_LR / optim.topk_lr(d_sae)
-    adam_beta1: float | None = None       # None = 0.0 (JumpReLU, Gated: Gemma Scope) / 0.9 (TopK, Gao)
-    adam_beta2: float = 0.999
-    adam_eps: float | None = None         # None = 1e-8 / optim.TOPK_ADAM_EPS (TopK)
-    steps: int | None = None              # optimiser steps; or give tokens
-    tokens: int | None = None             # training tokens (steps = ceil(tokens / batch_size))
-    batch_size: int = 4096                # B
-    warmup_steps: int = 1000              # cosine lr warm-up from 0.1·lr
-    sparsity_warmup_steps: int = 10000    # linear λ warm-up from 0 (JumpReLU, Gated)
-    decay_frac: float = 0.0               # linear lr decay to 0 over this last fraction of steps
-    seed: int = 0                         # parameter init (data order belongs to the source)
-    backend: str = "numpy"                # "numpy" | "cupy"
-    dtype: str = "float32"                # parameter and compute dtype
-    dead_window_tokens: int = 10_000_000  # a latent silent this many tokens is dead (AuxK, stats)
-    aux_k: int | None = None              # TopK AuxK k'; None = min(512, D // 2)
-    aux_coeff: float = 1 / 32             # TopK AuxK weight α
-    norm_sample_tokens: int = 65536       # most tokens sampled for C (and TopK's geometric median)
-    checkpoint_every: int = 1000          # steps between checkpoints (plus one at the end)
-    log_every: int = 50                   # steps between metrics.jsonl lines / progress updates
-    eval_tokens: int = 65536              # held-out tokens for the final evaluation (0 = none)
-    eval_batch_size: int = 4096
-    prefetch: int = 1                     # batches made ahead in a background thread (0 = none)
-    threshold_lr_mult: float = 1.0        # JumpReLU: θ's learning rate = this × lr (1 = the paper's single lr)
-    controller_kp: float = l0control.DEFAULT_KP  # λ controller gains (with target_l0; minisae.l0control)
-    controller_ki: float = l0control.DEFAULT_KI
-
-    def uses_controller(self):
-        """True when target_l0 is met by the λ controller: Gated, and JumpReLU with the L0 (or tanh) penalty.
-        (TopK/BatchTopK meet it through k, JumpReLU's quadratic penalty through its own target.)"""
-        return self.target_l0 is not None and (
-            self.architecture == "gated" or (self.architecture == "jumprelu" and self.penalty in ("l0", "tanh")))
-
-    def resolved(self, d_in):
-        """A copy with every None default filled in for inputs of width d_in; checks values."""
-        c = dataclasses.replace(self)
-        check_values(c)
-        if c.architecture not in VARIANTS:
-            raise ValueError(f"architecture: expected one of {sorted(VARIANTS)}, found {c.architecture!r}")
-        if c.target_l0 is not None and not (isinstance(c.target_l0, (int, float)) and 0 < c.target_l0 <= c.d_sae):
-            raise ValueError(f"target_l0: expected 0 < target_l0 <= d_sae={c.d_sae}, found {c.target_l0!r}")
-        if c.target_l0 is not None and c.architecture in ("topk", "batchtopk"):
-            if c.k is None:
-                c.k = max(1, int(round(c.target_l0)))
-            elif c.k != round(c.target_l0):
-                raise ValueError(f"k={c.k} and target_l0={c.target_l0} disagree; give one of them")
-        if c.uses_controller() and c.sparsity_coeff is None:
-            c.sparsity_coeff = START_COEFF[c.architecture]
-        if c.uses_controller() and not c.sparsity_coeff > 0:
-            raise ValueError(f"sparsity_coeff: the λ controller starts from a value > 0, found {c.sparsity_coeff}")
-        if not (c.threshold_lr_mult > 0 and math.isfinite(c.threshold_lr_mult)):
-            raise ValueError(f"threshold_lr_mult: expected a value > 0, found {c.threshold_lr_mult!r}")
-        if c.threshold_lr_mult != 1.0 and c.architecture != "jumprelu":
-            raise ValueError(f"threshold_lr_mult is a JumpReLU option; found it set for {c.architecture!r}")
-        if c.architecture in ("topk", "batchtopk"):
-            if c.k is None or not 0 < c.k <= c.d_sae:
-                raise ValueError(f"k: TopK needs 0 < k <= d_sae={c.d_sae}, found {c.k}")
-        elif c.sparsity_coeff is None or not c.sparsity_coeff >= 0:
-            raise ValueError(f"sparsity_coeff: {c.architecture} needs a value >= 0, found {c.sparsity_coeff}")
-        if c.lr is None:
-            c.lr = optim.topk_lr(c.d_sae) if c.architecture in ("topk", "batchtopk") else DEFAULT_LR[c.architecture]
-        if c.adam_beta1 is None:
-            c.adam_beta1 = 0.9 if c.architecture in ("topk", "batchtopk") else 0.0
-        if c.adam_eps is None:
-            c.adam_eps = optim.TOPK_ADAM_EPS if c.architecture in ("topk", "batchtopk") else 1e-8
-        if c.aux_k is None:
-            c.aux_k = max(1, min(512, d_in // 2))
-        if c.steps is None:
-            if c.tokens is None:
-                raise ValueError("give steps or tokens (how long to train)")
-            c.steps = -(-c.tokens // c.batch_size)
-        c.tokens = c.steps * c.batch_size
-        for name in ("d_sae", "steps", "batch_size", "checkpoint_every", "log_every"):
-            if getattr(c, name) < 1:
-                raise ValueError(f"{name}: expected a positive integer, found {getattr(c, name)}")
-        if c.threshold_init is not None and not c.threshold_init > 0:
-            raise ValueError(f"threshold_init: expected a value > 0, found {c.threshold_init}")
-        if c.threshold_param not in ("log", "raw"):
-            raise ValueError(f"threshold_param: expected 'log' or 'raw', found {c.threshold_param!r}")
-        if c.penalty not in ("l0", "quadratic", "tanh"):
-            raise ValueError(f"penalty: expected 'l0', 'quadratic' or 'tanh', found {c.penalty!r}")
-        if c.architecture != "jumprelu" and (c.penalty != "l0" or c.threshold_param != "log" or c.freq_coeff
-                                             or c.pre_act_coeff or c.ste_to_input):
-            raise ValueError(f"penalty, threshold_param, freq_coeff, pre_act_coeff and ste_to_input are "
-                             f"JumpReLU options; found them set for {c.architecture!r}")
-        if not c.tanh_scale > 0 or not c.pre_act_coeff >= 0:
-            raise ValueError(f"tanh_scale > 0 and pre_act_coeff >= 0 expected, found {c.tanh_scale}, {c.pre_act_coeff}")
-        if c.penalty == "quadratic" and not (c.target_l0 is not None and 0 < c.target_l0 <= c.d_sae):
-            raise ValueError(f"target_l0: the quadratic penalty needs 0 < target_l0 <= d_sae={c.d_sae}, "
-                             f"found {c.target_l0}")
-        if c.matryoshka is not None:
-            if c.architecture not in ("jumprelu", "batchtopk"):
-                raise ValueError(f"matryoshka: a BatchTopK or JumpReLU option, found it set for {c.architecture!r}")
-            from minisae.sae.common import check_prefixes
-
-            c.matryoshka = list(check_prefixes(c.matryoshka, c.d_sae, "matryoshka"))
-        if not 0 < c.threshold_rate <= 1:
-            raise ValueError(f"threshold_rate: expected a value in (0, 1], found {c.threshold_rate}")
-        if not c.freq_coeff >= 0 or not 0 <= c.freq_target <= 1:
-            raise ValueError(f"freq_coeff >= 0 and 0 <= freq_target <= 1 expected, found {c.freq_coeff}, {c.freq_target}")
-        if c.dtype not in ("float32", "float64"):
-            raise ValueError(f"dtype: expected 'float32' or 'float64', found {c.dtype!r}")
-        if int(c.prefetch) != c.prefetch or c.prefetch < 0:
-            raise ValueError(f"prefetch: expected an integer >= 0, found {c.prefetch!r}")
-        return c
-
-
-# field -> (low, high, low inclusive, integer); checked whenever the value is not None
-_RANGES = {
-    "d_sae": (1, None, True, True), "k": (1, None, True, True), "steps": (1, None, True, True),
-    "tokens": (1, None, True, True), "batch_size": (1, None, True, True), "warmup_steps": (0, None, True, True),
-    "sparsity_warmup_steps": (0, None, True, True), "dead_window_tokens": (1, None, True, True),
-    "aux_k": (1, None, True, True), "norm_sample_tokens": (1, None, True, True),
-    "checkpoint_every": (1, None, True, True), "log_every": (1, None, True, True),
-    "eval_tokens": (0, None, True, True), "eval_batch_size": (1, None, True, True), "seed": (0, None, True, True),
-    "lr": (0, None, False, False), "sparsity_coeff": (0, None, True, False), "bandwidth": (0, None, False, False),
-    "adam_beta1": (0, 1, True, False), "adam_beta2": (0, 1, True, False), "adam_eps": (0, None, False, False),
-    "decay_frac": (0, 1, True, False), "aux_coeff": (0, None, True, False),
-}
-
-
-def check_values(cfg):
-    """InputError for the first TrainConfig field of the wrong type or out of range, and for
-    k / sparsity_coeff given to a variant that does not take it (it would be silently ignored)."""
-    for name, (low, high, low_incl, integer) in _RANGES.items():
-        v = getattr(cfg, name, None)
-        if v is None:
-            continue
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or (integer and int(v) != v) or not math.isfinite(v):
-            raise InputError(f"{name}: expected {'an integer' if integer else 'a finite number'}, found {v!r}")
-        if not (v >= low if low_incl else v > low) or (high is not None and v > high):
-            bound = f"in [{low}, {high}]" if high is not None else f"{'>=' if low_incl else '>'} {low}"
-            raise InputError(f"{name}: expected a value {bound}, found {v!r}")
-    arch = str(cfg.architecture)
-    if "topk" in arch and cfg.sparsity_coeff is not None:
-        raise InputError(f"sparsity_coeff: {arch} keeps the k largest latents and takes no sparsity "
-                         f"coefficient; found sparsity_coeff={cfg.sparsity_coeff} (give k instead)")
-    if "topk" not in arch and cfg.k is not None:
-        raise InputError(f"k: only TopK variants take k; {arch} takes sparsity_coeff (found k={cfg.k})")
 
 
 def memory_estimate(cfg, d_in):
@@ -258,19 +92,6 @@ class TrainResult:
     steps: int
     summary: dict          # final evaluation (minisae.evaluate.evaluate_sae), {} if eval_tokens = 0
     out_dir: Path
-
-
-# Config fields a resumed run may change without changing its result.
-_RESUME_FREE = {"checkpoint_every", "log_every", "backend", "eval_tokens", "eval_batch_size",
-                "prefetch"}
-
-
-def param_names(cfg):
-    """The trained parameters' names (JumpReLU's depend on threshold_param)."""
-    mod = VARIANTS[cfg.architecture]
-    if cfg.architecture == "jumprelu":
-        return mod.param_names(cfg.threshold_param)
-    return mod.PARAM_NAMES
 
 
 def hypers_at(cfg, step, dead_mask=None, coeff=None):
@@ -375,132 +196,8 @@ def fresh_state(cfg, source, xp):
     }
 
 
-def save_checkpoint(path, state, cfg):
-    """Write the whole training state to one safetensors file, atomically (temp, fsync, replace)."""
-    path = Path(path)
-    tensors = {"since_fired": to_numpy(state["since_fired"])}
-    for k, v in state["params"].items():
-        tensors[f"params.{k}"] = to_numpy(v)
-        tensors[f"adam_m.{k}"] = to_numpy(state["adam"]["m"][k])
-        tensors[f"adam_v.{k}"] = to_numpy(state["adam"]["v"][k])
-    info = {
-        "format": CHECKPOINT_FORMAT,
-        "step": state["step"],
-        "adam_step": int(state["adam"]["step"]),
-        "scale": state["scale"],
-        "batchtopk_threshold": float(state.get("batchtopk_threshold", 0.0)),
-        "threshold_updates": int(state.get("threshold_updates", 0)),
-        "controller": state.get("controller"),
-        "config": dataclasses.asdict(cfg),
-    }
-    # save_file writes a temp file, fsyncs and renames it; on a failure (a full disk: StorageError)
-    # the temp file is removed and the previous checkpoint is left as it was
-    save_file(tensors, path, metadata={"minisae": json.dumps(info)})
-
-
-def load_checkpoint(path, cfg, xp):
-    """Read a checkpoint written by save_checkpoint; every name, shape and the config are checked."""
-    path = Path(path)
-    try:
-        with SafetensorsFile(path) as f:
-            info = parse_json((f.metadata or {}).get("minisae", "null") or "null", f"{path}: metadata",
-                              error=CheckpointError)
-            if not isinstance(info, dict) or info.get("format") != CHECKPOINT_FORMAT:
-                raise CheckpointError(f"{path}: not a minisae training checkpoint (no {CHECKPOINT_FORMAT!r} metadata)")
-            _check_checkpoint_info(path, info)
-            arrays = {name: numpy.array(f.get(name)) for name in f.keys()}
-    except (SafetensorsError, OSError) as e:
-        raise CheckpointError(
-            f"{path}: cannot read the checkpoint ({e}); it may be truncated or corrupt. It was left "
-            "untouched: restore it, or move it away to start training over"
-        ) from None
-    _check_resume_config(path, info, cfg)
-    params, m, v = {}, {}, {}
-    for k in param_names(cfg):
-        for store, prefix in ((params, "params"), (m, "adam_m"), (v, "adam_v")):
-            name = f"{prefix}.{k}"
-            if name not in arrays:
-                raise CheckpointError(f"{path}: tensor {name!r} is missing")
-            store[k] = asarray(arrays[name], xp)
-    if "since_fired" not in arrays or arrays["since_fired"].shape != (cfg.d_sae,):
-        raise CheckpointError(f"{path}: tensor 'since_fired' missing or not of shape ({cfg.d_sae},)")
-    for k, a in params.items():
-        if numpy.dtype(str(a.dtype)).kind != "f" or m[k].shape != a.shape or v[k].shape != a.shape:
-            raise CheckpointError(f"{path}: params.{k} ({a.dtype} {tuple(a.shape)}) and its Adam moments "
-                                  f"({tuple(m[k].shape)}, {tuple(v[k].shape)}) must be floating point of one shape")
-    if tuple(params["W_enc"].shape)[1:] != (cfg.d_sae,):
-        raise CheckpointError(f"{path}: params.W_enc has shape {tuple(params['W_enc'].shape)}, expected (d_in, {cfg.d_sae})")
-    for k, a in params.items():
-        if not bool(xp.isfinite(a).all()):
-            raise CheckpointError(f"{path}: params.{k} holds non-finite values")
-    return {
-        "step": int(info["step"]),
-        "scale": float(info["scale"]),
-        "params": params,
-        "adam": {"step": int(info["adam_step"]), "m": m, "v": v},
-        "since_fired": asarray(arrays["since_fired"], xp),
-        "batchtopk_threshold": float(info.get("batchtopk_threshold", 0.0)),
-        "threshold_updates": int(info.get("threshold_updates", 0)),
-        "controller": info.get("controller"),
-    }
-
-
-def _check_checkpoint_info(path, info):
-    """The checkpoint metadata's fields have the types save_checkpoint writes."""
-    def count(v):
-        return isinstance(v, int) and not isinstance(v, bool) and v >= 0
-
-    ok = (isinstance(info.get("config"), dict) and count(info.get("step")) and count(info.get("adam_step"))
-          and isinstance(info.get("scale"), (int, float)) and not isinstance(info.get("scale"), bool)
-          and math.isfinite(info["scale"]) and info["scale"] > 0)
-    if not ok:
-        raise CheckpointError(f"{path}: corrupt checkpoint metadata (expected config, step, adam_step and a "
-                              "positive scale); it was left untouched: restore it, or move it away to start over")
-
-
-def _check_resume_config(path, info, cfg):
-    saved, now = info["config"], dataclasses.asdict(cfg)
-    free = set(_RESUME_FREE)
-    if cfg.decay_frac == 0 and saved.get("decay_frac", 0) == 0:
-        free |= {"steps", "tokens"}  # without decay the schedule does not depend on the length
-    diff = [f"{k}: checkpoint {saved.get(k)!r}, now {now[k]!r}" for k in now if k not in free and saved.get(k) != now[k]]
-    if diff:
-        raise CheckpointError(f"{path}: cannot resume, the config differs from the checkpoint's: " + "; ".join(diff))
-    if int(info["step"]) > cfg.steps:
-        raise CheckpointError(f"{path}: the checkpoint is at step {info['step']}, past steps={cfg.steps}")
-
-
 def _params_finite(params, xp):
     return all(bool(xp.isfinite(a).all()) for a in params.values())
-
-
-def _append_jsonl(path, rows):
-    if not rows:
-        return
-    try:
-        with open(path, "a") as fh:
-            for row in rows:
-                fh.write(json.dumps(row) + "\n")
-    except OSError as e:
-        raise storage_error(e, path) from e
-
-
-def _truncate_metrics(path, step):
-    """On resume, drop metric lines logged after the checkpoint (they will be logged again)."""
-    if not path.exists():
-        return
-    keep = []
-    for line in path.read_text().splitlines():
-        try:
-            if json.loads(line)["step"] <= step:
-                keep.append(line)
-        except (ValueError, KeyError, TypeError):
-            continue  # a line cut short by the interruption
-    _write_text_atomic(path, "".join(s + "\n" for s in keep))
-
-
-def _write_text_atomic(path, text):
-    write_atomic(path, text)
 
 
 def is_run_folder(folder):

@@ -35,9 +35,10 @@ from minisae.errors import InputError
 from minisae.sae import topk
 from minisae.sae.common import (as_input, check_params, check_prefixes, column_sums, decode,
                                 fire_counts, prefix_decode, prefix_decoder_gradients,
-                                prefix_squared_error, sampled_matmul, scalar, segment_entries,
-                                segments, sparse_fire_counts, sparse_from_mask, sparse_matmul,
-                                sparse_t_matmul)
+                                prefix_squared_error, sampled_matmul, scalar, segments,
+                                sparse_fire_counts, sparse_from_mask, sparse_prefix_decode,
+                                sparse_prefix_decoder_grad, sparse_prefix_parts,
+                                sparse_prefix_sampled, sparse_t_matmul)
 from minisae.sae.topk import _auxk_backward, _auxk_forward, _dead_indices  # AuxK exactly as TopK
 from minisae.xp import xp_of
 
@@ -246,15 +247,8 @@ def _forward_backward_sparse(params, x, *, k, aux_k, aux_coeff, dead_mask, prefi
     pi_s = pi.ravel()[flat]  # (N,)
     passes_s = pi_s > 0.0  # (N,)
     z_s = pi_s * passes_s  # (N,)
-    parts = [(0, M, None, rowptr)] if len(prefixes) == 1 else \
-        [(s, e) + segment_entries(rows, cols, B, s, e) for s, e in segments(prefixes)]  # per segment
-    if len(parts) == 1:  # plain loss: all entries at once
-        xhats = [sparse_matmul(rowptr, cols, z_s, W_dec) + b_dec]  # (B, M) @ (M, D) -> (B, D)
-    else:
-        xhats, acc = [], b_dec
-        for s, e, sel, rp in parts:
-            acc = acc + sparse_matmul(rp, cols[sel], z_s[sel], W_dec)  # (B, D)
-            xhats.append(acc)
+    parts = sparse_prefix_parts(rows, cols, rowptr, B, M, prefixes)  # per segment
+    xhats = sparse_prefix_decode(parts, cols, z_s, W_dec, b_dec)  # S x (B, D)
     total, errs = prefix_squared_error(x, xhats)
     mse = float(((errs[-1] * errs[-1]).sum()) / B)
     aux, aux_cache = 0.0, None
@@ -266,12 +260,8 @@ def _forward_backward_sparse(params, x, *, k, aux_k, aux_coeff, dead_mask, prefi
         dpi_s = sampled_matmul(rowptr, cols, G[0], W_dec) * passes_s  # (N,)
         dW_dec, dW_enc_t = sparse_t_matmul(rows, cols, M, [(z_s, G[0]), (dpi_s, x_c)])  # (M, D) x2
     else:
-        dpi_s = numpy.empty_like(z_s)  # (N,)
-        dW_dec = numpy.empty_like(W_dec)  # (M, D)
-        for (s, e, sel, rp), G_s in zip(parts, G):
-            dpi_s[sel] = sampled_matmul(rp, cols[sel], G_s, W_dec)  # (n,)
-            dW_dec[s:e] = sparse_t_matmul(rows[sel], cols[sel] - s, e - s, [(z_s[sel], G_s)])[0]
-        dpi_s *= passes_s
+        dpi_s = sparse_prefix_sampled(parts, cols, G, W_dec) * passes_s  # (N,)
+        dW_dec = sparse_prefix_decoder_grad(parts, rows, cols, z_s, G, W_dec)  # (M, D)
         dW_enc_t = sparse_t_matmul(rows, cols, M, [(dpi_s, x_c)])[0]  # (M, D)
     db_enc = column_sums(cols, dpi_s, M, dtype)  # (M,)
     if aux_cache is not None:

@@ -458,3 +458,43 @@ def segment_entries(rows, cols, n_rows, start, end):
     among the N entries and the row pointer of that sub-matrix."""
     sel = numpy.flatnonzero((cols >= start) & (cols < end))  # (n,)
     return sel, numpy.searchsorted(rows[sel], numpy.arange(n_rows + 1))  # (n,), (B + 1,)
+
+
+# --- Matryoshka prefixes on the row-sparse path ---------------------------------------------------
+# `parts` lists, per segment of latents first added by a prefix, (start, end, sel, rowptr): the
+# stored entries of that segment (sel None = all of them, when there is a single prefix).
+
+def sparse_prefix_parts(rows, cols, rowptr, n_rows, n_latents, prefixes):
+    """The per-segment views of the stored entries: [(start, end, sel, rowptr)]."""
+    if len(prefixes) == 1:
+        return [(0, n_latents, None, rowptr)]
+    return [(s, e) + segment_entries(rows, cols, n_rows, s, e) for s, e in segments(prefixes)]
+
+
+def sparse_prefix_decode(parts, cols, values, W_dec, b_dec):
+    """[xhat_1, ..., xhat_S], each (B, D): prefix_decode for the stored entries `values` (N,)."""
+    if len(parts) == 1:  # plain loss: all entries at once
+        return [sparse_matmul(parts[0][3], cols, values, W_dec) + b_dec]  # (B, M) @ (M, D) -> (B, D)
+    xhats, acc = [], b_dec
+    for s, e, sel, rp in parts:
+        acc = acc + sparse_matmul(rp, cols[sel], values[sel], W_dec)  # (B, D)
+        xhats.append(acc)
+    return xhats
+
+
+def sparse_prefix_sampled(parts, cols, G, W_dec):
+    """(N,): (G_s @ W_dec.T)[rows, cols] for each stored entry, G_s the gradient reaching its segment."""
+    if len(parts) == 1:
+        return sampled_matmul(parts[0][3], cols, G[0], W_dec)  # (N,)
+    out = numpy.empty(cols.shape[0], dtype=W_dec.dtype)  # (N,)
+    for (s, e, sel, rp), G_s in zip(parts, G):
+        out[sel] = sampled_matmul(rp, cols[sel], G_s, W_dec)  # (n,)
+    return out
+
+
+def sparse_prefix_decoder_grad(parts, rows, cols, values, G, W_dec):
+    """(M, D): d loss / d W_dec, row block s:e from its segment's entries and G_s."""
+    dW_dec = numpy.empty_like(W_dec)  # (M, D)
+    for (s, e, sel, rp), G_s in zip(parts, G):
+        dW_dec[s:e] = sparse_t_matmul(rows[sel], cols[sel] - s, e - s, [(values[sel], G_s)])[0]
+    return dW_dec

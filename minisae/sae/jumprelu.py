@@ -44,9 +44,10 @@ import numpy
 
 from minisae.sae.common import (as_input, check_params, check_prefixes, column_sums, decode,
                                 fire_counts, init_dictionary, prefix_decode,
-                                prefix_decoder_gradients, prefix_squared_error, sampled_matmul,
-                                scalar, segment_entries, segments, sparse_fire_counts,
-                                sparse_from_mask, sparse_matmul, sparse_t_matmul)
+                                prefix_decoder_gradients, prefix_squared_error, scalar, segments,
+                                sparse_fire_counts, sparse_from_mask, sparse_prefix_decode,
+                                sparse_prefix_decoder_grad, sparse_prefix_parts,
+                                sparse_prefix_sampled, sparse_t_matmul)
 from minisae.sae.penalties import frequency_penalty, pre_act_penalty, sparsity_penalty, tanh_penalty
 from minisae.xp import xp_of
 
@@ -378,15 +379,8 @@ def _forward_backward_sparse(params, x, x_c, dense, h, raw, dense_f):
     theta_s = theta[cols]  # (N,)
     active_s = pi_s > theta_s  # (N,)
     f_s = pi_s * active_s  # (N,)
-    parts = [(0, M, None, rowptr)] if len(h.prefixes) == 1 else \
-        [(s, e) + segment_entries(rows, cols, B, s, e) for s, e in segments(h.prefixes)]  # per segment
-    if len(parts) == 1:  # plain loss: all entries at once
-        xhats = [sparse_matmul(rowptr, cols, f_s, W_dec) + b_dec]  # (B, M) @ (M, D) -> (B, D)
-    else:
-        xhats, acc = [], b_dec
-        for s, e, sel, rp in parts:
-            acc = acc + sparse_matmul(rp, cols[sel], f_s[sel], W_dec)  # (B, D)
-            xhats.append(acc)
+    parts = sparse_prefix_parts(rows, cols, rowptr, B, M, h.prefixes)  # per segment
+    xhats = sparse_prefix_decode(parts, cols, f_s, W_dec, b_dec)  # S x (B, D)
     total, errs = prefix_squared_error(x, xhats)
     mse = float((errs[-1] * errs[-1]).sum()) / B
     l0_b = numpy.bincount(rows[active_s], minlength=B).astype(dtype)  # (B,)
@@ -396,12 +390,7 @@ def _forward_backward_sparse(params, x, x_c, dense, h, raw, dense_f):
         freq, da_i = frequency_penalty(column_sums(cols, active_s, M, dtype), h, B)  # (M,)
     # backward, as in `backward`; entries outside the stored set have df * a = 0 and K = 0
     G = prefix_decoder_gradients(errs, h.prefixes)  # S x (B, D)
-    if len(parts) == 1:
-        df_s = sampled_matmul(rowptr, cols, G[0], W_dec)  # (N,) = (G @ W_dec.T)[rows, cols]
-    else:
-        df_s = numpy.empty_like(f_s)  # (N,)
-        for (s, e, sel, rp), G_s in zip(parts, G):
-            df_s[sel] = sampled_matmul(rp, cols[sel], G_s, W_dec)  # (n,)
+    df_s = sparse_prefix_sampled(parts, cols, G, W_dec)  # (N,) = (G @ W_dec.T)[rows, cols]
     window_s = kernel_window(pi_s, theta_s, h.bandwidth)  # (N,)
     window_da = column_sums(cols, numpy.where(window_s, da_b[rows], 0.0), M, dtype)  # (M,)
     if da_i is not None:
@@ -412,9 +401,7 @@ def _forward_backward_sparse(params, x, x_c, dense, h, raw, dense_f):
         dW_dec, dW_enc = sparse_t_matmul(rows, cols, M, [(f_s, G[0]), (dpre_s, x_c)],
                                          transposed=(1,))  # (M, D), (D, M)
     else:
-        dW_dec = numpy.empty_like(W_dec)  # (M, D)
-        for (s, e, sel, rp), G_s in zip(parts, G):
-            dW_dec[s:e] = sparse_t_matmul(rows[sel], cols[sel] - s, e - s, [(f_s[sel], G_s)])[0]
+        dW_dec = sparse_prefix_decoder_grad(parts, rows, cols, f_s, G, W_dec)  # (M, D)
         dW_enc = sparse_t_matmul(rows, cols, M, [(dpre_s, x_c)], transposed=(0,))[0]  # (D, M)
     db_enc = column_sums(cols, dpre_s, M, dtype)  # (M,)
     db_dec = G[0].sum(axis=0)  # (D,)
