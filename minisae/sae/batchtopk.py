@@ -38,7 +38,7 @@ from minisae.sae.common import (as_input, check_params, check_prefixes, column_s
                                 prefix_squared_error, sampled_matmul, scalar, segments,
                                 sparse_fire_counts, sparse_from_mask, sparse_prefix_decode,
                                 sparse_prefix_decoder_grad, sparse_prefix_parts,
-                                sparse_prefix_sampled, sparse_t_matmul)
+                                sparse_prefix_sampled, sparse_t_matmul, top_k)
 from minisae.sae.topk import _auxk_backward, _auxk_forward, _dead_indices  # AuxK exactly as TopK
 from minisae.xp import xp_of
 
@@ -76,10 +76,10 @@ def batch_topk_mask(pi, n_keep):
     size = flat.shape[0]
     if n_keep >= size:
         return xp.ones(pi.shape, dtype=bool)
-    v = xp.partition(flat, size - n_keep)[size - n_keep]  # the n_keep-th largest value
-    keep = flat > v  # (B*M,) strictly above it: fewer than n_keep
-    short = n_keep - int(xp.count_nonzero(keep))
-    keep[xp.flatnonzero(flat == v)[:short]] = True  # ties, first in row-major order
+    # top_k's rule on the flattened batch as one row: ties go to the lowest flat index (row-major)
+    idx, _ = top_k(flat[None, :], n_keep)  # (1, N)
+    keep = xp.zeros(size, dtype=bool)  # (B*M,)
+    keep[idx[0]] = True
     return keep.reshape(pi.shape)  # (B, M)
 
 

@@ -140,7 +140,7 @@ def geometric_median(x, *, iters=100, tol=1e-7, xp=None):
 
 
 # ----------------------------------------------------------------------------------------------
-# top-k selection per row (TopK, AuxK; BatchTopK can use select_top_k on a flattened batch)
+# top-k selection per row (TopK, AuxK; BatchTopK runs top_k on its flattened batch)
 #
 # The rule, exactly: row b keeps the k entries with the largest values; among entries equal to
 # the k-th largest value, those with the lowest column index. `top_k_plain` says it in one line
