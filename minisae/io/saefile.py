@@ -22,10 +22,10 @@ on their input site and decode to another site, D_out wide: W_dec (M, D_out), b_
 b_dec subtracted from the input; a skip transcoder adds x @ W_skipᵀ, W_skip (D_out, D_in).
 
 Formats:
-- SAELens folder: cfg.json + sae_weights.safetensors (through minisae.io.safetensors_io; no torch).
+- SAELens folder: cfg.json + sae_weights.safetensors (read by minisae.io.saelens, through minisae.io.safetensors_io; no torch).
 - Gemma Scope 2 folder: params.safetensors + config.json (minisae.io.gemmascope2).
 - Gemma Scope params.npz: W_enc, W_dec, b_enc, b_dec, threshold, float32, pre-encoder bias folded
-  into b_enc (inference subtracts no b_dec). Read with allow_pickle=False.
+  into b_enc (inference subtracts no b_dec). Read with allow_pickle=False (minisae.io.gemmascope).
 
 Folding (Gemma Scope, arXiv 2408.05147, App. A), from training (input x = x_raw / C, pre-encoder
 bias) to release form: every bias and the threshold are multiplied by C; W_enc, W_dec and r_mag are
@@ -39,14 +39,13 @@ b_enc: b_enc' = C*b_enc - (C*b_dec) @ W_enc (Gemma Scope App. A).
 
 import json
 import math
-import re
 from pathlib import Path
 
 import numpy
 
 from minisae.errors import FileFormatError, MissingInputError, OutputExistsError
-from minisae.io import gemmascope2
-from minisae.io.files import NPY_ERRORS, atomic_path, check_output_dir, make_dir, npz_members, read_json
+from minisae.io import gemmascope, gemmascope2, saelens
+from minisae.io.files import atomic_path, check_output_dir, make_dir
 from minisae.xp import asarray, to_numpy, xp_of
 
 CFG_FILENAME = "cfg.json"
@@ -355,22 +354,7 @@ class SAE:
         """Write a Gemma Scope params.npz (JumpReLU only; float32; b_dec folded into b_enc when
         the SAE subtracts it from its input). `path`: the .npz file, or a folder to hold
         params.npz. Atomic; refuses to overwrite unless overwrite=True. Returns the file's Path."""
-        if self.architecture != "jumprelu":
-            raise ValueError(f"save_gemma_scope: the Gemma Scope format holds JumpReLU SAEs only, "
-                             f"this is {self.architecture!r}")
-        path = Path(path)
-        if path.suffix != ".npz":
-            check_output_dir(path, "SAE", is_own=_is_sae_folder, flag="output folder")
-            path = path / GEMMA_SCOPE_FILENAME
-        if path.is_dir() or (path.exists() and not overwrite):
-            raise OutputExistsError(f"{path}: exists; pass overwrite=True (--overwrite) to replace it")
-        p = {n: to_numpy(v).astype(numpy.float64) for n, v in self.params.items()}
-        b_enc = p["b_enc"] - p["b_dec"] @ p["W_enc"] if self.cfg["apply_b_dec_to_input"] else p["b_enc"]  # (M,)
-        arrays = {"W_enc": p["W_enc"], "W_dec": p["W_dec"], "b_enc": b_enc, "b_dec": p["b_dec"],
-                  "threshold": p["threshold"]}
-        make_dir(path.parent)
-        _atomic_write(path, lambda fh: numpy.savez(fh, **{n: a.astype(numpy.float32) for n, a in arrays.items()}))
-        return path
+        return gemmascope.save(self, path, overwrite=overwrite)
 
     def save_gemma_scope_2(self, folder, *, overwrite=False):
         """Write a Gemma Scope 2 folder (params.safetensors + config.json; JumpReLU SAEs and
@@ -395,9 +379,9 @@ class SAE:
         local = Path(ref).expanduser()
         if local.is_dir():
             if (local / CFG_FILENAME).exists() or (local / WEIGHTS_FILENAME).exists():
-                return _load_saelens(local / CFG_FILENAME, local / WEIGHTS_FILENAME, xp, dtype, str(local))
+                return saelens.load(local / CFG_FILENAME, local / WEIGHTS_FILENAME, xp, dtype, str(local))
             if (local / GEMMA_SCOPE_FILENAME).exists():
-                return _load_gemma_scope(local / GEMMA_SCOPE_FILENAME, xp, dtype, ref)
+                return gemmascope.load(local / GEMMA_SCOPE_FILENAME, xp, dtype, ref)
             if (local / gemmascope2.PARAMS_FILENAME).exists():
                 return gemmascope2.load(local, xp=xp, dtype=dtype, source=ref)
             raise MissingInputError(f"{local}: no SAE here; expected {CFG_FILENAME} + {WEIGHTS_FILENAME} "
@@ -406,9 +390,9 @@ class SAE:
         if local.exists():
             if local.name in (CFG_FILENAME, WEIGHTS_FILENAME):
                 folder = local.parent
-                return _load_saelens(folder / CFG_FILENAME, folder / WEIGHTS_FILENAME, xp, dtype, str(folder))
+                return saelens.load(folder / CFG_FILENAME, folder / WEIGHTS_FILENAME, xp, dtype, str(folder))
             if local.suffix == ".npz":
-                return _load_gemma_scope(local, xp, dtype, ref)
+                return gemmascope.load(local, xp, dtype, ref)
             if local.name == gemmascope2.PARAMS_FILENAME:
                 return gemmascope2.load(local.parent, xp=xp, dtype=dtype, source=ref)
             raise SAEFileError(f"{local}: not an SAE file; expected a SAELens folder or a Gemma Scope .npz")
@@ -428,11 +412,11 @@ class SAE:
                                     params_path=params_path, config_path=config_path)
         if sub.endswith(".npz") or "gemma-scope" in parts[1].lower():
             filename = sub if sub.endswith(".npz") else "/".join(parts[2:] + [GEMMA_SCOPE_FILENAME])
-            return _load_gemma_scope(Path(hub.resolve_file(repo_id, filename, revision=revision)), xp, dtype, ref)
+            return gemmascope.load(Path(hub.resolve_file(repo_id, filename, revision=revision)), xp, dtype, ref)
         prefix = f"{sub}/" if sub else ""
         cfg_path = Path(hub.resolve_file(repo_id, prefix + CFG_FILENAME, revision=revision))
         weights_path = Path(hub.resolve_file(repo_id, prefix + WEIGHTS_FILENAME, revision=revision))
-        return _load_saelens(cfg_path, weights_path, xp, dtype, ref)
+        return saelens.load(cfg_path, weights_path, xp, dtype, ref)
 
 
 # ------------------------------------------------------------------------------------------
@@ -460,127 +444,3 @@ def _is_sae_folder(folder):
 
 def _atomic_write_bytes(path, data):
     _atomic_write(path, lambda fh: fh.write(data))
-
-
-# SAELens < 6 kept these at the top level of cfg.json instead of under "metadata"
-_OLD_METADATA_KEYS = ("model_name", "hook_name", "hook_head_index", "context_size", "prepend_bos")
-_CFG_KEYS = ("d_in", "d_sae", "d_out", "device", "apply_b_dec_to_input", "normalize_activations", "reshape_activations",
-             "k", "rescale_acts_by_decoder_norm")
-
-
-def _load_saelens(cfg_path, weights_path, xp, dtype, source):
-    from minisae.io.safetensors_io import SafetensorsFile
-
-    for path in (cfg_path, weights_path):
-        if not path.exists():
-            raise FileNotFoundError(f"{source}: missing {path.name} (a SAELens folder holds {CFG_FILENAME} "
-                                    f"and {WEIGHTS_FILENAME})")
-    cfg = read_json(cfg_path, error=SAEFileError)  # size and nesting limits; a JSON object
-    architecture = cfg.get("architecture")
-    if architecture is None:
-        raise SAEFileError(f"{cfg_path}: no 'architecture' key (a SAELens < 6 'standard' SAE?); "
-                           f"expected one of {ARCHITECTURES}")
-    _check_architecture(architecture, str(cfg_path))
-    for key in ("d_in", "d_sae") + (("d_out",) if architecture in TRANSCODERS else ()):
-        v = cfg.get(key)
-        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-            raise SAEFileError(f"{cfg_path}: expected a positive integer {key!r}, found {v!r:.80}")
-    if not isinstance(cfg.get("metadata") or {}, dict):
-        raise SAEFileError(f"{cfg_path}: 'metadata' must be a JSON object, found {type(cfg['metadata']).__name__}")
-    cfg_out = {k: cfg[k] for k in _CFG_KEYS if k in cfg}
-    cfg_out["architecture"] = architecture
-    cfg_out["metadata"] = dict(cfg.get("metadata") or {k: cfg[k] for k in _OLD_METADATA_KEYS if k in cfg})
-
-    with SafetensorsFile(weights_path) as st:
-        names = set(st.keys())
-        for name in sorted(names):  # from the header, before any tensor is read
-            info = st.tensors[name]
-            if info.dtype not in ("F16", "BF16", "F32", "F64"):
-                raise SAEFileError(f"{weights_path}: tensor {name}: expected a floating-point dtype, found {info.dtype}")
-        params = {}
-        if architecture == "jumprelu" and "threshold" not in names and "log_threshold" in names:
-            names.discard("log_threshold")  # older SAELens JumpReLU files store log(theta)
-            params["threshold"] = numpy.exp(st.get("log_threshold", dtype=numpy.float64))
-        for name in names:
-            params[name] = numpy.array(st.get(name), dtype=dtype)  # a copy, off the memory map
-    missing = [n for n in RELEASE_PARAMS[architecture] if n not in params]
-    if missing:
-        raise SAEFileError(f"{weights_path}: {architecture} SAE is missing tensor(s) {missing}; found {sorted(params)}")
-    order = RELEASE_PARAMS[architecture] + tuple(sorted(set(params) - set(RELEASE_PARAMS[architecture])))
-    for name in order:  # W_enc first: a cfg d_in / d_sae mismatch is reported on it
-        expected = _expected_shape(name, cfg["d_in"], cfg["d_sae"], cfg.get("d_out"))
-        if tuple(params[name].shape) != expected:
-            raise SAEFileError(f"{weights_path}: tensor {name}: expected shape {expected} (cfg d_in={cfg['d_in']}, "
-                               f"d_sae={cfg['d_sae']}), found {tuple(params[name].shape)}")
-    params = {n: a.astype(dtype, copy=False) for n, a in params.items()}
-    return SAE(architecture, params, cfg_out, xp=xp, source=str(weights_path))
-
-
-_GEMMA_SCOPE_NAMES = {"W_enc": ("W_enc", "w_enc"), "W_dec": ("W_dec", "w_dec"), "b_enc": ("b_enc",),
-                      "b_dec": ("b_dec",), "threshold": ("threshold",)}
-_GEMMA_SCOPE_MODELS = {"2b": "gemma-2-2b", "9b": "gemma-2-9b", "27b": "gemma-2-27b"}
-_GEMMA_SCOPE_HOOKS = {"res": "blocks.{L}.hook_resid_post", "mlp": "blocks.{L}.hook_mlp_out",
-                      "att": "blocks.{L}.attn.hook_z"}
-
-
-def _gemma_scope_metadata(ref):
-    """Model and hook names read off a Gemma Scope reference such as
-    google/gemma-scope-2b-pt-res/layer_20/width_16k/average_l0_71/params.npz."""
-    meta = {"model_name": None, "hook_name": None}
-    repo = re.search(r"gemma-scope-(2b|9b|27b)-pt-(res|mlp|att)", ref)
-    layer = re.search(r"layer_(\d+)", ref)
-    if repo:  # Gemma Scope was trained on 1024-token sequences starting with BOS
-        meta.update(model_name=_GEMMA_SCOPE_MODELS[repo.group(1)], context_size=1024, prepend_bos=True)
-        if layer:
-            meta["hook_name"] = _GEMMA_SCOPE_HOOKS[repo.group(2)].format(L=int(layer.group(1)))
-    return meta
-
-
-def _check_npz_members(path, names, expected_shapes):
-    """Before anything is decompressed: the archive's declared sizes and .npy headers are sane
-    (minisae.io.files.npz_members: no zip bombs, no header claiming more than the member holds),
-    and each array in `names` ({ours: (aliases...)}) is floating point with the shape that
-    expected_shapes(d_in, d_sae) gives, d_in and d_sae read off W_enc."""
-    try:
-        members = npz_members(path)
-    except FileFormatError as e:
-        raise SAEFileError(str(e).replace("not a readable .npz", "not a readable Gemma Scope .npz")) from None
-    shapes = {}
-    for name, aliases in names.items():
-        key = next((a for a in aliases if a in members), None)
-        if key is None:
-            continue  # reported by the loader, with the names found
-        shape, dt = members[key]
-        if dt.kind != "f":
-            raise SAEFileError(f"{path}: array {key!r}: expected a floating-point dtype, found {dt}")
-        shapes[name] = shape
-    if len(shapes.get("W_enc", ())) != 2:
-        if "W_enc" in shapes:
-            raise SAEFileError(f"{path}: array W_enc: expected shape (d_in, d_sae), found {shapes['W_enc']}")
-        return
-    d_in, d_sae = shapes["W_enc"]
-    for name, shape in shapes.items():
-        want = expected_shapes(name, d_in, d_sae)
-        if shape != want:
-            raise SAEFileError(f"{path}: W_enc has shape {(d_in, d_sae)} (d_in, d_sae), so array {name} should "
-                               f"have shape {want}, found {shape}")
-
-
-def _load_gemma_scope(path, xp, dtype, ref):
-    _check_npz_members(path, _GEMMA_SCOPE_NAMES, _expected_shape)
-    try:
-        with numpy.load(path, allow_pickle=False) as npz:
-            found, params = list(npz.files), {}
-            for name, aliases in _GEMMA_SCOPE_NAMES.items():
-                key = next((a for a in aliases if a in found), None)
-                if key is None:
-                    raise SAEFileError(f"{path}: missing array {name!r} (Gemma Scope params.npz); found {found}")
-                params[name] = numpy.asarray(npz[key]).astype(dtype)
-    except SAEFileError:
-        raise
-    except NPY_ERRORS as e:
-        raise SAEFileError(f"{path}: not a readable Gemma Scope .npz archive ({type(e).__name__}: {e})") from e
-    cfg = {"apply_b_dec_to_input": False, "metadata": _gemma_scope_metadata(ref)}
-    if str(cfg["metadata"]["hook_name"] or "").endswith("hook_z"):
-        cfg["reshape_activations"] = "hook_z"
-    return SAE("jumprelu", params, cfg, xp=xp, source=str(path))
