@@ -1,7 +1,7 @@
 """Row-sparse product implementations side by side: which one the SAE sparse paths should use.
 
 For each shape (B tokens, D = d_in, M latents, a random pattern with `density` of B*M stored),
-times the three products of minisae/sae/common.py with every implementation available (and,
+times the three products of minisae/sae/sparse.py with every implementation available (and,
 in a second table, the top-k selection `common.top_k` against argpartition on whole rows):
 
   A @ W          sparse_matmul     (B, M) sparse times (M, D)         -> (B, D)
@@ -29,7 +29,7 @@ import time
 import numpy
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from minisae.sae import common  # noqa: E402
+from minisae.sae import common, sparse  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -39,15 +39,15 @@ def parse_args(argv=None):
     p.add_argument("--batch", type=int, default=2048, help="B (default %(default)s)")
     p.add_argument("--density", type=float, default=0.01, help="stored fraction (default %(default)s)")
     p.add_argument("--repeats", type=int, default=3, help="timed rounds (default %(default)s)")
-    p.add_argument("--impls", default=",".join(common.SPARSE_IMPLS),
+    p.add_argument("--impls", default=",".join(sparse.SPARSE_IMPLS),
                    help="implementations to time (default %(default)s)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     args.shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",") if s]
     args.impls = [s for s in args.impls.split(",") if s]
     for impl in args.impls:
-        if impl not in common.SPARSE_IMPLS:
-            p.error(f"--impls: unknown {impl!r}; expected some of {common.SPARSE_IMPLS}")
+        if impl not in sparse.SPARSE_IMPLS:
+            p.error(f"--impls: unknown {impl!r}; expected some of {sparse.SPARSE_IMPLS}")
     return args
 
 
@@ -59,8 +59,8 @@ def timed(fn):
 
 def main(argv=None):
     args = parse_args(argv)
-    impls = [i for i in args.impls if i != "scipy" or common._scipy_sparse() is not None]
-    impls = [i for i in impls if i != "blas1" or common._blas_controller() is not None]
+    impls = [i for i in args.impls if i != "scipy" or sparse._scipy_sparse() is not None]
+    impls = [i for i in impls if i != "blas1" or sparse._blas_controller() is not None]
     print(f"# {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%dT%H:%MZ} {platform.processor() or platform.machine()}, "
           f"{os.cpu_count()} cores, numpy {numpy.__version__}, load average {os.getloadavg()[0]:.2f}; "
           f"B={args.batch}, density {args.density}, median of {args.repeats}")
@@ -69,7 +69,7 @@ def main(argv=None):
     for D, M in args.shapes:
         rng = numpy.random.default_rng(args.seed)
         mask = rng.random((args.batch, M), dtype=numpy.float32) < args.density  # (B, M)
-        rows, cols, rowptr, _ = common.sparse_from_mask(mask)
+        rows, cols, rowptr, _ = sparse.sparse_from_mask(mask)
         del mask
         vals = rng.standard_normal(rows.shape[0], dtype=numpy.float32)  # (N,)
         W = rng.standard_normal((M, D), dtype=numpy.float32)  # (M, D)
@@ -77,10 +77,10 @@ def main(argv=None):
         Wt = numpy.ascontiguousarray(W.T)  # (D, M)
         jobs = {}
         for impl in impls:
-            jobs[("A @ W", impl)] = lambda impl=impl: common.sparse_matmul(rowptr, cols, vals, W, impl=impl)
+            jobs[("A @ W", impl)] = lambda impl=impl: sparse.sparse_matmul(rowptr, cols, vals, W, impl=impl)
             if impl != "scipy":
-                jobs[("(E @ W.T)[A]", impl)] = lambda impl=impl: common.sampled_matmul(rowptr, cols, E, W, impl=impl)
-            jobs[("A.T @ E (x2)", impl)] = lambda impl=impl: common.sparse_t_matmul(
+                jobs[("(E @ W.T)[A]", impl)] = lambda impl=impl: sparse.sampled_matmul(rowptr, cols, E, W, impl=impl)
+            jobs[("A.T @ E (x2)", impl)] = lambda impl=impl: sparse.sparse_t_matmul(
                 rows, cols, M, [(vals, E), (vals, E)], impl=impl)
         jobs[("gemm", "-")] = lambda: E @ Wt
         times = {k: [] for k in jobs}

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
-from minisae.sae import VARIANTS, common, gated, get_variant, jumprelu, topk
+from minisae.sae import VARIANTS, common, gated, get_variant, jumprelu, sparse, topk
 from minisae.xp import asarray, cupy_available, get_xp, to_numpy
 from test_sae_gradients import HSETTINGS, KINK_MARGIN, problem, seeds, shapes, to_xp
 from tolerances import F32_ATOL, F32_RTOL, GOLDEN64_ATOL, XP32_RTOL, XP64_RTOL
@@ -330,46 +330,46 @@ def test_sparse_kernels_equal_dense_products(B, M, D, seed, density):
     A = numpy.where(mask, rng.standard_normal((B, M)), 0.0)  # (B, M)
     W, E = rng.standard_normal((M, D)), rng.standard_normal((B, D))  # (M, D), (B, D)
     E2 = rng.standard_normal((B, D + 1))  # (B, D + 1)
-    rows, cols, rowptr, flat = common.sparse_from_mask(mask)
+    rows, cols, rowptr, flat = sparse.sparse_from_mask(mask)
     numpy.testing.assert_array_equal(flat, numpy.flatnonzero(mask))
     vals = A.ravel()[flat]  # (N,)
     tol = dict(rtol=XP64_RTOL, atol=GOLDEN64_ATOL)
     for dtype in ("float64", "float32"):  # every implementation, against the dense products
         v, W_, E_, E2_ = (a.astype(dtype) for a in (vals, W, E, E2))
         tol = dict(rtol=XP64_RTOL, atol=GOLDEN64_ATOL) if dtype == "float64" else dict(rtol=1e-5, atol=1e-5)
-        for impl in (None,) + common.SPARSE_IMPLS:
-            mm = common.sparse_matmul(rowptr, cols, v, W_, impl=impl)
+        for impl in (None,) + sparse.SPARSE_IMPLS:
+            mm = sparse.sparse_matmul(rowptr, cols, v, W_, impl=impl)
             assert mm.dtype == dtype and mm.shape == (B, D)
             numpy.testing.assert_allclose(mm, A @ W, **tol, err_msg=str(impl))
             if impl != "scipy":
-                sm = common.sampled_matmul(rowptr, cols, E_, W_, impl=impl)
+                sm = sparse.sampled_matmul(rowptr, cols, E_, W_, impl=impl)
                 assert sm.dtype == dtype
                 numpy.testing.assert_allclose(sm, (E @ W.T)[rows, cols], **tol, err_msg=str(impl))
-            out1, out2 = common.sparse_t_matmul(rows, cols, M, [(v, E_), (2 * v, E2_)], impl=impl)
+            out1, out2 = sparse.sparse_t_matmul(rows, cols, M, [(v, E_), (2 * v, E2_)], impl=impl)
             assert out1.dtype == out2.dtype == dtype and out1.shape == (M, D)
             numpy.testing.assert_allclose(out1, A.T @ E, **tol, err_msg=str(impl))
             numpy.testing.assert_allclose(out2, 2.0 * A.T @ E2, **tol, err_msg=str(impl))
-            out1, out2 = common.sparse_t_matmul(rows, cols, M, [(v, E_), (2 * v, E2_)], impl=impl,
+            out1, out2 = sparse.sparse_t_matmul(rows, cols, M, [(v, E_), (2 * v, E2_)], impl=impl,
                                                 transposed=(1,))  # E2.T @ A, C-ordered (D + 1, M)
             assert out2.shape == (D + 1, M) and out2.flags.c_contiguous and out2.dtype == dtype
             numpy.testing.assert_allclose(out1, A.T @ E, **tol, err_msg=str(impl))
             numpy.testing.assert_allclose(out2, 2.0 * E2.T @ A, **tol, err_msg=str(impl))
     with pytest.raises(ValueError, match="impl must be one of"):
-        common.sparse_matmul(rowptr, cols, vals, W, impl="fast")
-    numpy.testing.assert_allclose(common.column_sums(cols, vals, M, "float64"), A.sum(0), **tol)
+        sparse.sparse_matmul(rowptr, cols, vals, W, impl="fast")
+    numpy.testing.assert_allclose(sparse.column_sums(cols, vals, M, "float64"), A.sum(0), **tol)
 
 
 def test_sparse_products_fall_back_to_numpy_without_optional_packages(monkeypatch):
     """Without SciPy and threadpoolctl the products choose the NumPy-only einsum loops, and
     asking for a missing one says what to install."""
-    monkeypatch.setattr(common, "_optional", {"scipy": None, "threadpoolctl": None})
-    assert common._pick(None, ("scipy", "blas1", "einsum"), "f") == "einsum"
+    monkeypatch.setattr(sparse, "_optional", {"scipy": None, "threadpoolctl": None})
+    assert sparse._pick(None, ("scipy", "blas1", "einsum"), "f") == "einsum"
     mask = numpy.eye(3, 4, dtype=bool)
-    rows, cols, rowptr, _ = common.sparse_from_mask(mask)
+    rows, cols, rowptr, _ = sparse.sparse_from_mask(mask)
     W = numpy.arange(8.0).reshape(4, 2)
-    numpy.testing.assert_array_equal(common.sparse_matmul(rowptr, cols, numpy.ones(3), W), W[:3])
+    numpy.testing.assert_array_equal(sparse.sparse_matmul(rowptr, cols, numpy.ones(3), W), W[:3])
     with pytest.raises(ValueError, match=r"impl='scipy' needs SciPy \(pip install 'minisae\[fast\]'\)"):
-        common.sparse_matmul(rowptr, cols, numpy.ones(3), W, impl="scipy")
+        sparse.sparse_matmul(rowptr, cols, numpy.ones(3), W, impl="scipy")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -33,12 +33,12 @@ import numpy
 
 from minisae.errors import InputError
 from minisae.sae import topk
-from minisae.sae.common import (as_input, check_params, check_prefixes, column_sums, decode,
-                                fire_counts, prefix_decode, prefix_decoder_gradients,
-                                prefix_squared_error, sampled_matmul, scalar, segments,
-                                sparse_fire_counts, sparse_from_mask, sparse_prefix_decode,
-                                sparse_prefix_decoder_grad, sparse_prefix_parts,
-                                sparse_prefix_sampled, sparse_t_matmul, top_k)
+from minisae.sae.common import (as_input, check_params, check_prefixes, decode, fire_counts,
+                                prefix_decode, prefix_decoder_gradients, prefix_squared_error,
+                                scalar, segments, sparse_prefix_decode, sparse_prefix_decoder_grad,
+                                sparse_prefix_parts, sparse_prefix_sampled, top_k)
+from minisae.sae.sparse import (column_sums, sampled_matmul, sparse_fire_counts, sparse_from_mask,
+                                sparse_t_matmul)
 from minisae.sae.topk import _auxk_backward, _auxk_forward, _dead_indices  # AuxK exactly as TopK
 from minisae.xp import xp_of
 

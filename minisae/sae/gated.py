@@ -24,10 +24,10 @@ run the same math on a row-sparse path on NumPy when few gates are open
 
 import numpy
 
-from minisae.sae.common import (as_input, check_params, column_sums, decode, fire_counts,
-                                init_dictionary, sampled_matmul, scalar, sparse_fire_counts,
-                                sparse_from_mask, sparse_matmul, sparse_t_matmul, squared_error,
-                                squared_error_backward)
+from minisae.sae.common import (as_input, check_params, decode, fire_counts, init_dictionary,
+                                scalar, squared_error, squared_error_backward)
+from minisae.sae.sparse import (column_sums, sampled_matmul, sparse_fire_counts, sparse_from_mask,
+                                sparse_matmul, sparse_t_matmul)
 from minisae.xp import xp_of
 
 ARCHITECTURE = "gated"

@@ -42,13 +42,13 @@ import math
 
 import numpy
 
-from minisae.sae.common import (as_input, check_params, check_prefixes, column_sums, decode,
-                                fire_counts, init_dictionary, prefix_decode,
-                                prefix_decoder_gradients, prefix_squared_error, scalar, segments,
-                                sparse_fire_counts, sparse_from_mask, sparse_prefix_decode,
+from minisae.sae.common import (as_input, check_params, check_prefixes, decode, fire_counts,
+                                init_dictionary, prefix_decode, prefix_decoder_gradients,
+                                prefix_squared_error, scalar, segments, sparse_prefix_decode,
                                 sparse_prefix_decoder_grad, sparse_prefix_parts,
-                                sparse_prefix_sampled, sparse_t_matmul)
+                                sparse_prefix_sampled)
 from minisae.sae.penalties import frequency_penalty, pre_act_penalty, sparsity_penalty, tanh_penalty
+from minisae.sae.sparse import column_sums, sparse_fire_counts, sparse_from_mask, sparse_t_matmul
 from minisae.xp import xp_of
 
 ARCHITECTURE = "jumprelu"

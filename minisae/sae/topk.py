@@ -23,10 +23,11 @@ run the same math on a row-sparse path on NumPy when k is a small fraction of M
 
 import numpy
 
-from minisae.sae.common import (as_input, check_params, column_sums, decode, fire_counts,
-                                geometric_median, init_dictionary, sampled_matmul, scalar,
-                                sparse_fire_counts, sparse_matmul, sparse_t_matmul,
-                                squared_error, squared_error_backward, top_k)
+from minisae.sae.common import (as_input, check_params, decode, fire_counts, geometric_median,
+                                init_dictionary, scalar, squared_error, squared_error_backward,
+                                top_k)
+from minisae.sae.sparse import (column_sums, sampled_matmul, sparse_fire_counts, sparse_matmul,
+                                sparse_t_matmul)
 from minisae.xp import xp_of
 
 ARCHITECTURE = "topk"
