@@ -5,6 +5,7 @@ geometric median, and NumPy vs CuPy.
 """
 
 import math
+from unittest import mock
 
 import numpy
 import pytest
@@ -323,8 +324,16 @@ def test_gated_sparse_path_equals_plain(B, D, M, seed, density, lam):
 
 @HSETTINGS
 @given(B=st.integers(1, 12), M=st.integers(1, 20), D=st.integers(1, 6), seed=seeds,
-       density=st.floats(0.0, 1.0))
-def test_sparse_kernels_equal_dense_products(B, M, D, seed, density):
+       density=st.floats(0.0, 1.0), threads=st.sampled_from([1, 3]))
+def test_sparse_kernels_equal_dense_products(B, M, D, seed, density, threads):
+    """Every implementation equals the dense products, on one thread and split into pieces on
+    three (pieces of any size here, so that tiny matrices are split too)."""
+    with mock.patch.object(sparse, "sparse_threads", lambda: threads), \
+            mock.patch.object(sparse, "MIN_PIECE_ENTRIES", 1):
+        _check_sparse_kernels(B, M, D, seed, density)
+
+
+def _check_sparse_kernels(B, M, D, seed, density):
     rng = numpy.random.default_rng(seed)
     mask = rng.random((B, M)) < density  # (B, M), empty rows and columns included
     A = numpy.where(mask, rng.standard_normal((B, M)), 0.0)  # (B, M)

@@ -26,8 +26,8 @@ import numpy
 
 from minisae.sae.common import (as_input, check_params, decode, fire_counts, init_dictionary,
                                 scalar, squared_error, squared_error_backward)
-from minisae.sae.sparse import (column_sums, sampled_matmul, sparse_fire_counts, sparse_from_mask,
-                                sparse_matmul, sparse_t_matmul)
+from minisae.sae.sparse import (column_sums, entries_above, in_background, sampled_matmul,
+                                sparse_fire_counts, sparse_matmul, sparse_t_matmul)
 from minisae.xp import xp_of
 
 ARCHITECTURE = "gated"
@@ -164,11 +164,11 @@ def forward_backward(params, x, *, sparsity_coeff, path="auto", dense_f=True):
                          f"found {xp.__name__} arrays (use 'auto' or 'dense')")
     x_c, pre = _shared_product(params, x)
     if xp is numpy and path != "dense":
-        gate = pre > -params["b_gate"]  # (B, M) pi_gate = pre + b_gate > 0, exactly
-        if path == "sparse" or numpy.count_nonzero(gate) <= SPARSE_MAX_DENSITY * gate.size:
-            dense = [pre, gate]  # handed over: the sparse path frees them after reading them
-            del pre, gate
-            return _forward_backward_sparse(params, x, x_c, dense, sparsity_coeff, dense_f)
+        limit = None if path == "sparse" else int(SPARSE_MAX_DENSITY * pre.size)
+        gate = entries_above(pre, -params["b_gate"], limit)  # pi_gate = pre + b_gate > 0, exactly
+        if gate is not None:  # None: too many open for the sparse path
+            del pre  # (B, M): the sparse path needs only the open gates' entries
+            return _forward_backward_sparse(params, x, x_c, gate, sparsity_coeff, dense_f)
     out, cache = _forward_from_pre(params, x, x_c, pre, sparsity_coeff)
     out["fired"] = fire_counts(out["f"])  # (M,)
     return out, backward(params, cache)
@@ -186,17 +186,12 @@ def loss_and_grads(params, x, *, sparsity_coeff, path="auto"):
 # ReLU(pi_gate) and every gradient to pi_gate and pi_mag are zero: only the N open entries count.
 
 
-def _forward_backward_sparse(params, x, x_c, dense, sparsity_coeff, dense_f):
-    """dense = [pre, gate], the only references to those (B, M) arrays: emptied once their
-    N open entries are read, so the rest runs without them (peak memory)."""
-    pre, gate = dense
-    dense.clear()
+def _forward_backward_sparse(params, x, x_c, gate, sparsity_coeff, dense_f):
+    """gate = entries_above(pre, -b_gate): the N open gates of the batch, row-major."""
     W_enc, W_dec, b_dec = params["W_enc"], params["W_dec"], params["b_dec"]
-    (B, M), dtype = pre.shape, x.dtype
+    (B, M), dtype = (x.shape[0], W_enc.shape[1]), x.dtype
     scale = numpy.exp(params["r_mag"])  # (M,)
-    rows, cols, rowptr, flat = sparse_from_mask(gate)  # (N,) (N,) (B + 1,) (N,)
-    pre_s = pre.ravel()[flat]  # (N,)
-    del pre, gate  # (B, M) each: not needed any more
+    rows, cols, rowptr, flat, pre_s = gate  # (N,) (N,) (B + 1,) (N,) (N,)
     relu_gate_s = pre_s + params["b_gate"][cols]  # (N,) = pi_gate > 0 on open gates
     pi_mag_s = pre_s * scale[cols] + params["b_mag"][cols]  # (N,)
     f_s = numpy.maximum(pi_mag_s, 0.0)  # (N,)
@@ -207,18 +202,20 @@ def _forward_backward_sparse(params, x, x_c, dense, sparsity_coeff, dense_f):
     aux, err_frozen = squared_error(x, xhat_frozen)
     # backward, as in `backward`
     dxhat = squared_error_backward(err)  # (B, D)
-    dpi_mag_s = sampled_matmul(rowptr, cols, dxhat, W_dec) * (pi_mag_s > 0.0)  # (N,)
     dxhat_frozen = squared_error_backward(err_frozen)  # (B, D)
-    dpi_gate_s = sampled_matmul(rowptr, cols, dxhat_frozen, W_dec)  # (N,)
+    # dW_dec needs only f and dxhat: computed on another thread while the sampled products run here
+    dW_dec = in_background(sparse_t_matmul, rows, cols, M, [(f_s, dxhat)])  # [(M, D)]
+    df_s, dpi_gate_s = sampled_matmul(rowptr, cols, [dxhat, dxhat_frozen], W_dec)  # 2 x (N,)
+    dpi_mag_s = df_s * (pi_mag_s > 0.0)  # (N,)
     dpi_gate_s += sparsity_coeff / B
     dpre_s = dpi_mag_s * scale[cols] + dpi_gate_s  # (N,)
-    dW_dec, dW_enc = sparse_t_matmul(rows, cols, M, [(f_s, dxhat), (dpre_s, x_c)],
-                                     transposed=(1,))  # (M, D), (D, M)
+    dW_enc = sparse_t_matmul(rows, cols, M, [(dpre_s, x_c)], transposed=(0,))[0]  # (D, M)
     db_dec = dxhat.sum(axis=0) - W_enc @ column_sums(cols, dpre_s, M, dtype)  # (D,)
     grads = {"W_enc": dW_enc,
              "b_gate": column_sums(cols, dpi_gate_s, M, dtype),
              "r_mag": column_sums(cols, dpi_mag_s * pre_s, M, dtype) * scale,
-             "b_mag": column_sums(cols, dpi_mag_s, M, dtype), "W_dec": dW_dec, "b_dec": db_dec}
+             "b_mag": column_sums(cols, dpi_mag_s, M, dtype), "W_dec": dW_dec.result()[0],
+             "b_dec": db_dec}
     out = {"loss": scalar(mse + sparsity_coeff * l1 + aux, dtype, numpy),
            "mse": scalar(mse, dtype, numpy), "l1": scalar(l1, dtype, numpy),
            "aux": scalar(aux, dtype, numpy),

@@ -48,7 +48,8 @@ from minisae.sae.common import (as_input, check_params, check_prefixes, decode, 
                                 sparse_prefix_decoder_grad, sparse_prefix_parts,
                                 sparse_prefix_sampled)
 from minisae.sae.penalties import frequency_penalty, pre_act_penalty, sparsity_penalty, tanh_penalty
-from minisae.sae.sparse import column_sums, sparse_fire_counts, sparse_from_mask, sparse_t_matmul
+from minisae.sae.sparse import (column_sums, entries_above, in_background, sparse_fire_counts,
+                                sparse_t_matmul)
 from minisae.xp import xp_of
 
 ARCHITECTURE = "jumprelu"
@@ -335,11 +336,12 @@ def forward_backward(params, x, *, path="auto", dense_f=True, **hyper):
                          "pre_act_coeff, ste_to_input) run on the dense path only")
     x_c, pre = _encoder_pre(params, x, h.pre_enc_bias)
     if xp is numpy and path != "dense" and not h.saelens_options:
-        stored = _stored_mask(pre, _theta(params, raw, xp), h.bandwidth)  # (B, M)
-        if path == "sparse" or numpy.count_nonzero(stored) <= SPARSE_MAX_DENSITY * stored.size:
-            dense = [pre, stored]  # handed over: the sparse path frees them after reading them
-            del pre, stored
-            return _forward_backward_sparse(params, x, x_c, dense, h, raw, dense_f)
+        limit = None if path == "sparse" else int(SPARSE_MAX_DENSITY * pre.size)
+        stored = entries_above(pre, _stored_from(_theta(params, raw, xp), h.bandwidth, pre.dtype),
+                               limit)  # None: too many for the sparse path
+        if stored is not None:
+            del pre  # (B, M): the sparse path needs only the stored entries
+            return _forward_backward_sparse(params, x, x_c, stored, h, raw, dense_f)
     out, cache = _forward_from_pre(params, x, x_c, pre, h, raw)
     out["fired"] = fire_counts(out["f"])  # (M,)
     return out, backward(params, cache)
@@ -357,25 +359,22 @@ def loss_and_grads(params, x, *, path="auto", **hyper):
 # sparse path (NumPy): the same math, touching only the entries that are active or in the window
 
 
-def _stored_mask(pre, theta, bandwidth):
-    """(B, M) True where pi = ReLU(pre) is active or in the kernel window, i.e. pi > theta - eps/2.
-    Where theta - eps/2 >= 0 that is pre > theta - eps/2; where it is < 0, every entry."""
+def _stored_from(theta, bandwidth, dtype):
+    """lo (M,): the stored entries are those with pre > lo, where pi = ReLU(pre) is active or in
+    the kernel window, i.e. pi > theta - eps/2. Where theta - eps/2 >= 0 that is
+    pre > theta - eps/2; where it is < 0, every entry (lo = -inf)."""
     lo = theta - 0.5 * bandwidth  # (M,)
-    return pre > numpy.where(lo < 0.0, -numpy.inf, lo).astype(pre.dtype)  # (B, M)
+    return numpy.where(lo < 0.0, -numpy.inf, lo).astype(dtype)  # (M,)
 
 
-def _forward_backward_sparse(params, x, x_c, dense, h, raw, dense_f):
-    """dense = [pre, stored], the only references to those (B, M) arrays: emptied once their
-    N stored entries are read, so the backward runs without them (peak memory)."""
-    pre, stored = dense
-    dense.clear()
+def _forward_backward_sparse(params, x, x_c, stored, h, raw, dense_f):
+    """stored = entries_above(pre, lo): the N stored entries of the batch, row-major."""
     W_enc, W_dec, b_dec = params["W_enc"], params["W_dec"], params["b_dec"]
-    (B, M), dtype = pre.shape, x.dtype
+    (B, M), dtype = (x.shape[0], W_enc.shape[1]), x.dtype
     theta = _theta(params, raw, numpy)  # (M,)
     # forward, on the N stored entries (row-major): pi, a = H(pi - theta), f
-    rows, cols, rowptr, flat = sparse_from_mask(stored)  # (N,) (N,) (B + 1,) (N,)
-    pi_s = numpy.maximum(pre.ravel()[flat], 0.0)  # (N,)
-    del pre, stored  # (B, M) each: not needed any more
+    rows, cols, rowptr, flat, pre_s = stored  # (N,) (N,) (B + 1,) (N,) (N,)
+    pi_s = numpy.maximum(pre_s, 0.0)  # (N,)
     theta_s = theta[cols]  # (N,)
     active_s = pi_s > theta_s  # (N,)
     f_s = pi_s * active_s  # (N,)
@@ -390,6 +389,8 @@ def _forward_backward_sparse(params, x, x_c, dense, h, raw, dense_f):
         freq, da_i = frequency_penalty(column_sums(cols, active_s, M, dtype), h, B)  # (M,)
     # backward, as in `backward`; entries outside the stored set have df * a = 0 and K = 0
     G = prefix_decoder_gradients(errs, h.prefixes)  # S x (B, D)
+    # dW_dec needs only f and G: computed on another thread while the sampled product runs here
+    dW_dec = in_background(sparse_prefix_decoder_grad, parts, rows, cols, f_s, G, W_dec)  # (M, D)
     df_s = sparse_prefix_sampled(parts, cols, G, W_dec)  # (N,) = (G @ W_dec.T)[rows, cols]
     window_s = kernel_window(pi_s, theta_s, h.bandwidth)  # (N,)
     window_da = column_sums(cols, numpy.where(window_s, da_b[rows], 0.0), M, dtype)  # (M,)
@@ -397,17 +398,12 @@ def _forward_backward_sparse(params, x, x_c, dense, h, raw, dense_f):
         window_da += da_i * column_sums(cols, window_s, M, dtype)  # (M,)
     dtheta = dtheta_ste(column_sums(cols, df_s * window_s, M, dtype), window_da, theta, h.bandwidth)
     dpre_s = df_s * active_s  # (N,)
-    if len(parts) == 1:
-        dW_dec, dW_enc = sparse_t_matmul(rows, cols, M, [(f_s, G[0]), (dpre_s, x_c)],
-                                         transposed=(1,))  # (M, D), (D, M)
-    else:
-        dW_dec = sparse_prefix_decoder_grad(parts, rows, cols, f_s, G, W_dec)  # (M, D)
-        dW_enc = sparse_t_matmul(rows, cols, M, [(dpre_s, x_c)], transposed=(0,))[0]  # (D, M)
+    dW_enc = sparse_t_matmul(rows, cols, M, [(dpre_s, x_c)], transposed=(0,))[0]  # (D, M)
     db_enc = column_sums(cols, dpre_s, M, dtype)  # (M,)
     db_dec = G[0].sum(axis=0)  # (D,)
     if h.pre_enc_bias:
         db_dec = db_dec - W_enc @ db_enc  # (D, M) @ (M,) -> (D,)
-    grads = {"W_enc": dW_enc, "b_enc": db_enc, "W_dec": dW_dec, "b_dec": db_dec}
+    grads = {"W_enc": dW_enc, "b_enc": db_enc, "W_dec": dW_dec.result(), "b_dec": db_dec}
     grads["threshold" if raw else "log_threshold"] = dtheta if raw else theta * dtheta
     out = {"loss": scalar(total + sparsity + freq, dtype, numpy), "mse": scalar(mse, dtype, numpy),
            "matryoshka": scalar(total - mse, dtype, numpy), "l0": scalar(l0_b.sum() / B, dtype, numpy),

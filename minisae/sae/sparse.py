@@ -10,6 +10,9 @@ sparse (B, M) matrix. NumPy arrays only (CuPy runs the dense path).
 """
 
 import contextlib
+import math
+import os
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy
 
@@ -90,40 +93,194 @@ def sparse_from_mask(mask):
     return rows, cols, rowptr, flat
 
 
+def entries_above(a, lo, max_entries=None):
+    """(rows, cols, rowptr, flat, values): the entries of a (B, M) with a > lo (M,), row-major,
+    as sparse_from_mask(a > lo) returns them, and a's values there; None when there are more
+    than max_entries (the pieces after that stop early). One pass over a, on the threads in
+    pieces of rows, without building the (B, M) mask: a[b, i] > lo[i] is exact."""
+    B, M = a.shape
+    n_pieces = 1 if B * M < 4 * MIN_PIECE_ENTRIES else sparse_threads() * PIECES_PER_THREAD
+    bounds = sorted(set(numpy.linspace(0, B, n_pieces + 1).round().astype(int).tolist()))
+    limit = math.inf if max_entries is None else max_entries
+    found, counts = {}, {}
+
+    def piece(r0, r1):
+        if sum(counts.values()) > limit:  # already too many: the caller goes dense
+            return
+        blk = a[r0:r1]  # (R, M) view
+        above = blk > lo  # (R, M)
+        counts[r0] = int(numpy.count_nonzero(above))
+        if sum(counts.values()) <= limit:
+            flat = numpy.flatnonzero(above)  # (n,) within the block
+            found[r0] = (flat + r0 * M, blk.ravel()[flat])
+
+    _run(piece, bounds, sparse_threads())
+    if len(found) < len(bounds) - 1 or sum(counts.values()) > limit:
+        return None
+    flat = numpy.concatenate([found[r0][0] for r0 in bounds[:-1]])  # (N,)
+    rows, cols = numpy.divmod(flat, M)  # (N,), (N,)
+    rowptr = numpy.zeros(B + 1, dtype=numpy.int64)  # (B + 1,)
+    numpy.cumsum(numpy.bincount(rows, minlength=B), out=rowptr[1:])
+    return rows, cols, rowptr, flat, numpy.concatenate([found[r0][1] for r0 in bounds[:-1]])
+
+
+# ----------------------------------------------------------------------------------------------
+# threads. The compiled CSR products, NumPy's gathers and BLAS release the GIL, so a product can
+# split its rows (or latents) into pieces holding about equal numbers of entries and run them on
+# a few threads, each piece writing its own rows of the result. A product is a handful of such
+# pieces (never one task per row), so a busy core delays one piece, not every row. How many
+# threads: as many as NumPy's BLAS uses (threadpoolctl), so a process held to one BLAS thread
+# (OPENBLAS_NUM_THREADS=1, as compare's workers are, or threadpool_limits) runs these on one too.
+# "loop", the plain version, always runs on the calling thread.
+
+PIECES_PER_THREAD = 4  # more pieces than threads, so a thread slowed by another process does less
+MIN_PIECE_ENTRIES = 8192  # fewer stored entries than this per piece are not worth a task
+_pool = {"threads": 0, "executor": None, "background": None}
+
+
+def sparse_threads():
+    """Threads the products use: NumPy's BLAS thread count, or 1 without threadpoolctl."""
+    ctl = _blas_controller()
+    if ctl is None:
+        return 1
+    counts = [lib.num_threads for lib in ctl.select(user_api="blas").lib_controllers]
+    return max(1, min(max(counts, default=1), os.cpu_count() or 1))
+
+
+def _reset_pool():
+    _pool.update(threads=0, executor=None, background=None)  # a forked child has no threads
+
+
+os.register_at_fork(after_in_child=_reset_pool)
+
+
+def _split(ptr, impl):
+    """(bounds, threads): piece boundaries [0 = p_0 < ... < p_P = len(ptr) - 1] over the rows of
+    pointer array `ptr`, each piece holding about the same number of entries (one piece when
+    single-threaded), and the threads to run them on.
+    Call it before BLAS is held to one thread (that would read as one thread here)."""
+    n = len(ptr) - 1
+    threads = 1 if impl == "loop" else sparse_threads()
+    pieces = min(threads * PIECES_PER_THREAD, int(ptr[-1]) // MIN_PIECE_ENTRIES) if threads > 1 else 1
+    if pieces <= 1 or n <= 1:
+        return [0, n], 1
+    cuts = numpy.searchsorted(ptr, numpy.arange(1, pieces) * (int(ptr[-1]) / pieces))  # (P - 1,)
+    return sorted(set([0, n] + cuts.tolist())), threads
+
+
+def _run(fn, bounds, threads):
+    """fn(lo, hi) for each piece [bounds[i], bounds[i + 1]): on the calling thread when there is
+    one piece, else on a pool of `threads` (the calling thread waits; the first error is raised)."""
+    if len(bounds) <= 2:
+        fn(bounds[0], bounds[-1])
+        return
+    if _pool["threads"] != threads:  # first use, or the BLAS thread count changed
+        if _pool["executor"] is not None:
+            _pool["executor"].shutdown(wait=False)
+        _pool.update(threads=threads,
+                     executor=ThreadPoolExecutor(threads, thread_name_prefix="minisae-sparse"))
+    tasks = [_pool["executor"].submit(fn, lo, hi) for lo, hi in zip(bounds[:-1], bounds[1:])]
+    for task in tasks:
+        task.result()
+
+
+def in_background(fn, *args, **kwargs):
+    """Start fn(*args, **kwargs) on a thread of its own and return a future (call .result());
+    with one thread (see sparse_threads) it runs now, on the calling thread. The products it
+    calls still use the pool, whose threads never wait on anything, so this cannot deadlock.
+    Used to overlap two products of one step that do not depend on each other."""
+    if sparse_threads() == 1:
+        done = Future()
+        done.set_result(fn(*args, **kwargs))
+        return done
+    if _pool.get("background") is None:
+        _pool["background"] = ThreadPoolExecutor(1, thread_name_prefix="minisae-background")
+    return _pool["background"].submit(fn, *args, **kwargs)
+
+
+def _csr(values, indices, ptr, lo, hi, n_cols):
+    """The rows lo:hi of the CSR matrix (values, indices, ptr) as a scipy csr_array (views)."""
+    s, e = int(ptr[lo]), int(ptr[hi])
+    return _scipy_sparse().csr_array((values[s:e], indices[s:e], ptr[lo:hi + 1] - s),
+                                     shape=(hi - lo, n_cols))
+
+
+def _gather_rows(W, idx, buf, impl):
+    """W[idx] (n, D), written into the front of buf without a new allocation (not for "loop")."""
+    if impl == "loop":
+        return W[idx]
+    out = buf[:idx.shape[0]]
+    W.take(idx, axis=0, out=out, mode="clip")  # idx is in range; "clip" skips a buffered copy
+    return out
+
+
+def by_column(rows, cols, n_rows, n_cols):
+    """(order, rows_c, colptr): the N row-major entries regrouped by column, rows ascending in
+    each (a stable sort by column): entry order[j] is the j-th, rows_c = rows[order], and column
+    i's entries are order[colptr[i]:colptr[i+1]]. SciPy's CSR-to-CSC conversion (a counting
+    sort, O(N + M)) when installed, else numpy.argsort."""
+    sp = _scipy_sparse()
+    if sp is None or cols.shape[0] == 0:
+        order = numpy.argsort(cols, kind="stable")  # (N,)
+        return order, rows[order], numpy.searchsorted(cols[order], numpy.arange(n_cols + 1))
+    rowptr = numpy.zeros(n_rows + 1, dtype=numpy.int64)  # (B + 1,)
+    numpy.cumsum(numpy.bincount(rows, minlength=n_rows), out=rowptr[1:])
+    ids = sp.csr_array((numpy.arange(cols.shape[0], dtype=numpy.int64), cols, rowptr),
+                       shape=(n_rows, n_cols)).tocsc()  # data: the entries' positions
+    return ids.data, ids.indices, ids.indptr
+
+
 def sparse_matmul(rowptr, cols, values, W, *, impl=None):
     """A @ W for sparse A (B, M) with W (M, D): dense result (B, D). impl: see above."""
     impl = _pick(impl, ("scipy", "blas1", "einsum"), "sparse_matmul")
-    B = rowptr.shape[0] - 1
-    if impl == "scipy":
-        A = _scipy_sparse().csr_array((values, cols, rowptr), shape=(B, W.shape[0]))
-        return numpy.asarray(A @ W, dtype=W.dtype)  # (B, D)
-    out = numpy.empty((B, W.shape[1]), dtype=W.dtype)  # (B, D)
+    B, (M, D) = rowptr.shape[0] - 1, W.shape
+    out = numpy.empty((B, D), dtype=W.dtype)  # (B, D)
     ptr = rowptr.tolist()
-    with _one_blas_thread(impl):
-        for b in range(B):
+
+    def piece(lo, hi):
+        if impl == "scipy":
+            out[lo:hi] = _csr(values, cols, rowptr, lo, hi, M) @ W  # (hi - lo, D)
+            return
+        buf = numpy.empty((max(ptr[b + 1] - ptr[b] for b in range(lo, hi)), D), dtype=W.dtype)
+        for b in range(lo, hi):
             s, e = ptr[b], ptr[b + 1]
+            Wb = _gather_rows(W, cols[s:e], buf, impl)  # (n, D) the rows of the latents in row b
             if impl == "einsum":
-                numpy.einsum("n,nd->d", values[s:e], W[cols[s:e]], out=out[b])
+                numpy.einsum("n,nd->d", values[s:e], Wb, out=out[b])
             else:
-                numpy.dot(values[s:e], W[cols[s:e]], out=out[b])  # (n,) @ (n, D) -> (D,)
+                numpy.dot(values[s:e], Wb, out=out[b])  # (n,) @ (n, D) -> (D,)
+
+    bounds, threads = _split(rowptr, impl)
+    with _one_blas_thread(impl):
+        _run(piece, bounds, threads)
     return out
 
 
 def sampled_matmul(rowptr, cols, E, W, *, impl=None):
-    """(E @ W.T)[rows, cols] for E (B, D) and W (M, D): only the stored entries, (N,)."""
+    """(E @ W.T)[rows, cols] for E (B, D) and W (M, D): only the stored entries, (N,).
+    E may be a list of K such matrices: then a list of K results, each W row gathered once."""
     impl = _pick(impl, ("blas1", "einsum"), "sampled_matmul")
     if impl == "scipy":
         raise ValueError("sampled_matmul: SciPy has no sampled product; use 'blas1', 'einsum' or 'loop'")
-    out = numpy.empty(cols.shape[0], dtype=W.dtype)  # (N,)
+    several = isinstance(E, (list, tuple))
+    Es = numpy.stack(E, axis=1) if several else E[:, None, :]  # (B, K, D)
+    out = numpy.empty((cols.shape[0], Es.shape[1]), dtype=W.dtype)  # (N, K)
     ptr = rowptr.tolist()
-    with _one_blas_thread(impl):
-        for b in range(rowptr.shape[0] - 1):
+
+    def piece(lo, hi):
+        buf = numpy.empty((max(ptr[b + 1] - ptr[b] for b in range(lo, hi)), W.shape[1]), dtype=W.dtype)
+        for b in range(lo, hi):
             s, e = ptr[b], ptr[b + 1]
+            Wb = _gather_rows(W, cols[s:e], buf, impl)  # (n, D) the rows of the latents in row b
             if impl == "einsum":
-                numpy.einsum("nd,d->n", W[cols[s:e]], E[b], out=out[s:e])
+                numpy.einsum("nd,kd->nk", Wb, Es[b], out=out[s:e])
             else:
-                numpy.dot(W[cols[s:e]], E[b], out=out[s:e])  # (n, D) @ (D,) -> (n,)
-    return out
+                numpy.dot(Wb, Es[b].T, out=out[s:e])  # (n, D) @ (D, K) -> (n, K)
+
+    bounds, threads = _split(rowptr, impl)
+    with _one_blas_thread(impl):
+        _run(piece, bounds, threads)
+    return [out[:, j].copy() for j in range(out.shape[1])] if several else out[:, 0].copy()
 
 
 def sparse_t_matmul(rows, cols, n_cols, pairs, *, impl=None, transposed=()):
@@ -134,39 +291,44 @@ def sparse_t_matmul(rows, cols, n_cols, pairs, *, impl=None, transposed=()):
     block by block of latents so that no (M, D_k) intermediate and transposed copy are needed.
     The entries are regrouped by column (latent) once: that is A.T in CSR form. Then each
     latent's rows of E_k are gathered and weighted by its values (loops), or one compiled CSR
-    product per pair (scipy).
+    product per pair and piece of latents (scipy).
     """
     impl = _pick(impl, ("scipy", "blas1", "einsum"), "sparse_t_matmul")
-    order = numpy.argsort(cols, kind="stable")  # (N,)
-    rows_c = rows[order]  # (N,)
-    colptr = numpy.searchsorted(cols[order], numpy.arange(n_cols + 1))  # (M + 1,)
+    B = pairs[0][1].shape[0] if pairs else int(rows.max(initial=-1)) + 1
+    order, rows_c, colptr = by_column(rows, cols, B, n_cols)  # (N,) (N,) (M + 1,)
     vals_c = [values[order] for values, _ in pairs]  # each (N,)
-    if impl == "scipy":
-        sparse = _scipy_sparse()
-        B = pairs[0][1].shape[0] if pairs else 0
-        outs = []
-        for j, (v, (_, E)) in enumerate(zip(vals_c, pairs)):
-            At = sparse.csr_array((v, rows_c, colptr), shape=(n_cols, B))  # (M, B) = A.T
-            if j not in transposed:
-                outs.append(numpy.asarray(At @ E, dtype=E.dtype))  # (M, D_k)
-                continue
-            out = numpy.empty((E.shape[1], n_cols), dtype=E.dtype)  # (D_k, M)
-            step = max(1, (1 << 18) // max(E.shape[1], 1))  # latents per block (~1 MB results)
-            for i in range(0, n_cols, step):
-                out[:, i:i + step] = (At[i:i + step] @ E).T  # (blk, D_k) written as (D_k, blk)
-            outs.append(out)
-        return outs
-    outs = [numpy.empty((n_cols, E.shape[1]), dtype=E.dtype) for _, E in pairs]  # each (M, D_k)
+    flip = transposed if impl == "scipy" else ()  # the loops write (M, D_k) and transpose after
+    outs = [numpy.empty((E.shape[1], n_cols) if j in flip else (n_cols, E.shape[1]), dtype=E.dtype)
+            for j, (_, E) in enumerate(pairs)]  # (D_k, M) or (M, D_k)
     ptr = colptr.tolist()
-    with _one_blas_thread(impl):
-        for i in range(n_cols):
+
+    def piece_scipy(lo, hi):
+        for j, (v, (_, E), out) in enumerate(zip(vals_c, pairs, outs)):
+            if j not in transposed:
+                out[lo:hi] = _csr(v, rows_c, colptr, lo, hi, B) @ E  # (hi - lo, D_k)
+                continue
+            step = max(1, (1 << 18) // max(E.shape[1], 1))  # latents per block (~1 MB results)
+            for i in range(lo, hi, step):
+                out[:, i:min(i + step, hi)] = (_csr(v, rows_c, colptr, i, min(i + step, hi), B) @ E).T
+
+    def piece_loop(lo, hi):
+        width = max([ptr[i + 1] - ptr[i] for i in range(lo, hi)] + [0])
+        bufs = [numpy.empty((width, E.shape[1]), dtype=E.dtype) for _, E in pairs]
+        for i in range(lo, hi):
             s, e = ptr[i], ptr[i + 1]
             r = rows_c[s:e]
-            for v, (_, E), out in zip(vals_c, pairs, outs):
+            for v, (_, E), out, buf in zip(vals_c, pairs, outs, bufs):
+                Er = _gather_rows(E, r, buf, impl)  # (n, D_k) the tokens latent i fired on
                 if impl == "einsum":
-                    numpy.einsum("n,nd->d", v[s:e], E[r], out=out[i])
+                    numpy.einsum("n,nd->d", v[s:e], Er, out=out[i])
                 else:
-                    numpy.dot(v[s:e], E[r], out=out[i])  # (n,) @ (n, D_k) -> (D_k,)
+                    numpy.dot(v[s:e], Er, out=out[i])  # (n,) @ (n, D_k) -> (D_k,)
+
+    bounds, threads = _split(colptr, impl)
+    with _one_blas_thread(impl):
+        _run(piece_scipy if impl == "scipy" else piece_loop, bounds, threads)
+    if impl == "scipy":
+        return outs
     return [numpy.ascontiguousarray(o.T) if j in transposed else o for j, o in enumerate(outs)]
 
 
