@@ -157,8 +157,7 @@ def forward(params, x, *, k, aux_k=512, aux_coeff=1.0 / 32, dead_mask=None, pref
     passes = kept & (pi > 0.0)  # (B, M) kept and through the ReLU
     z = xp.where(passes, pi, 0.0)  # (B, M)
     xhats = prefix_decode(z, params["W_dec"], params["b_dec"], prefixes)  # S x (B, D)
-    total, errs = prefix_squared_error(x, xhats)
-    mse = float(((errs[-1] * errs[-1]).sum()) / B)  # the full SAE's
+    total, mse, errs = prefix_squared_error(x, xhats)  # mse: the full SAE's
     cache = {"x_c": x_c, "z": z, "passes": passes, "errs": errs, "prefixes": prefixes,
              "aux_coeff": aux_coeff, "aux": None}
     aux = 0.0
@@ -249,8 +248,7 @@ def _forward_backward_sparse(params, x, *, k, aux_k, aux_coeff, dead_mask, prefi
     z_s = pi_s * passes_s  # (N,)
     parts = sparse_prefix_parts(rows, cols, rowptr, B, M, prefixes)  # per segment
     xhats = sparse_prefix_decode(parts, cols, z_s, W_dec, b_dec)  # S x (B, D)
-    total, errs = prefix_squared_error(x, xhats)
-    mse = float(((errs[-1] * errs[-1]).sum()) / B)
+    total, mse, errs = prefix_squared_error(x, xhats)  # mse: the full SAE's
     aux, aux_cache = 0.0, None
     if dead.shape[0] > 0:
         aux, aux_cache = _auxk_forward(pi, errs[-1], W_dec, dead, aux_k)
