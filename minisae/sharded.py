@@ -345,8 +345,7 @@ def _batchtopk(params, x, hyper, comm, lo, d_sae):
              "aux": aux_cache}
     grads = batchtopk.backward(params, cache)
     _fix_b_dec(grads, None, comm, dsum=prefix_decoder_gradients(errs, prefixes)[0].sum(axis=0))
-    kept = z[passes]
-    low = float(to_numpy(kept.min())) if kept.size else math.inf
+    low = float(to_numpy(xp.where(passes, z, math.inf).min())) if z.size else math.inf  # inf: none kept
     low = float(comm.allgather(numpy.array([low]))[:, 0].min())
     l0 = _sum_scalars(comm, [float(to_numpy(xp.count_nonzero(z)))])[0] / b
     stats = {"loss": total + aux_coeff * float(to_numpy(aux)), "mse": mse, "l0": l0,
