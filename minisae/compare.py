@@ -268,7 +268,9 @@ def _evaluate_run(out, cfg, job, secs, eval_source, model, tokenizer, eval_texts
 
 
 def _final_lambda(run):
-    """The λ a run ended with (the controller's last value; metrics.jsonl's last line)."""
+    """The λ a run ended with: the one used at its last step (metrics.jsonl's last line; runs log
+    their last step). The saved SAE keeps no λ (cfg.json has none), and the controller state in the
+    checkpoint gives the λ for the step after the last, one update further."""
     lines = (run / "metrics.jsonl").read_text().splitlines()
     return float(json.loads(lines[-1]).get("sparsity_coeff")) if lines else None
 

@@ -281,7 +281,7 @@ def train_parallel(cfg, source, out_dir, *, shards=1, accumulate=1, comm=None, r
             if grid.S > 1:
                 X = grid.shard.broadcast(numpy.empty((mine, source.d_in), numpy.float32) if X is None
                                          else numpy.ascontiguousarray(X, dtype=numpy.float32), root=0)
-            hyper = hypers_at(cfg, step, since_fired >= cfg.dead_window_tokens)
+            hyper = hypers_at(cfg, step, since_fired >= cfg.dead_window_tokens if cfg.uses_dead_mask() else None)
             # sums: loss, mse, l0 over the micro-batches, and 1 where a batch held NaN or inf
             fired, sums, parts = None, numpy.array([0.0, 0.0, 0.0, float(not numpy.isfinite(X).all())]), []
             low = math.inf  # BatchTopK: the smallest kept activation of the step's micro-batches

@@ -192,9 +192,10 @@ def _jumprelu_matryoshka(params, x, hyper, comm, lo, d_sae):
     cache["hyper"] = dataclasses.replace(cache["hyper"], prefixes=local)
     grads = jumprelu.backward(params, cache)
     _fix_b_dec(grads, None, comm, dsum=prefix_decoder_gradients(errs, prefixes)[0].sum(axis=0))
-    total = sum(float(to_numpy((e * e).sum())) for e in errs) / b
+    sq = [float(to_numpy((e * e).sum())) for e in errs]  # sum_bd (x - xhat_j)^2 per prefix
+    total = sum(sq) / b
     counts = _sum_scalars(comm, [float(to_numpy(out["l0"])), float(to_numpy(out["loss"])) - float(to_numpy(out["mse"]))])
-    stats = {"loss": total + counts[1], "mse": float(to_numpy((errs[-1] ** 2).sum())) / b, "l0": counts[0]}
+    stats = {"loss": total + counts[1], "mse": sq[-1] / b, "l0": counts[0]}
     return stats, grads, (f != 0).any(axis=0)
 
 
@@ -336,16 +337,15 @@ def _batchtopk(params, x, hyper, comm, lo, d_sae):
     auxk = _auxk_start(pi, hyper.get("dead_mask"), int(hyper["aux_k"]), W_dec, comm)
     summed = comm.sum(xp.stack(parts + auxk["parts"]))  # (P + 0 or 1, b, D)
     errs = [x - (summed[j] + b_dec) for j in range(len(prefixes))]  # each (b, D)
-    total = sum(float(to_numpy((e * e).sum())) for e in errs) / b
-    mse = float(to_numpy((errs[-1] * errs[-1]).sum())) / b
+    sq = [float(to_numpy((e * e).sum())) for e in errs]  # sum_bd (x - xhat_j)^2 per prefix
+    total, mse = sum(sq) / b, sq[-1] / b
     aux, aux_cache = _auxk_finish(auxk, errs[-1], summed[len(prefixes):])
     aux_coeff = float(hyper["aux_coeff"])
     cache = {"x_c": x_c, "z": z, "passes": passes, "errs": errs, "prefixes": local, "aux_coeff": aux_coeff,
              "aux": aux_cache}
     grads = batchtopk.backward(params, cache)
     _fix_b_dec(grads, None, comm, dsum=prefix_decoder_gradients(errs, prefixes)[0].sum(axis=0))
-    kept = z[passes]
-    low = float(to_numpy(kept.min())) if kept.size else math.inf
+    low = float(to_numpy(xp.where(passes, z, math.inf).min())) if z.size else math.inf  # inf: none kept
     low = float(comm.allgather(numpy.array([low]))[:, 0].min())
     l0 = _sum_scalars(comm, [float(to_numpy(xp.count_nonzero(z)))])[0] / b
     stats = {"loss": total + aux_coeff * float(to_numpy(aux)), "mse": mse, "l0": l0,

@@ -281,8 +281,8 @@ def train(cfg, source, out_dir, *, resume=False, overwrite=False, progress=True)
             except _BadBatch as e:
                 raise TrainingError(f"step {step}: {e}; " + _kept(ckpt, last_good)) from None
             x = asarray(x, xp)  # (B, D) normalised: E‖x‖² = 1
-            hyper = hypers_at(cfg, step, since_fired >= cfg.dead_window_tokens,
-                              coeff=controller.coeff() if controller else None)
+            dead = since_fired >= cfg.dead_window_tokens if cfg.uses_dead_mask() else None  # (M,)
+            hyper = hypers_at(cfg, step, dead, coeff=controller.coeff() if controller else None)
             # the variant's fastest exact path (row-sparse on NumPy when few latents fire); the
             # latents are never held as a dense (B, M) array: out["fired"] counts them per latent
             out, grads = mod.forward_backward(params, x, **hyper, path="auto", dense_f=False)

@@ -69,6 +69,12 @@ class TrainConfig:
         return self.target_l0 is not None and (
             self.architecture == "gated" or (self.architecture == "jumprelu" and self.penalty in ("l0", "tanh")))
 
+    def uses_dead_mask(self):
+        """True when the loss reads which latents are dead (none fired for dead_window_tokens):
+        TopK and BatchTopK (the AuxK loss), JumpReLU with the pre-activation penalty."""
+        return self.architecture in ("topk", "batchtopk") or (self.architecture == "jumprelu"
+                                                                and self.pre_act_coeff > 0)
+
     def resolved(self, d_in):
         """A copy with every None default filled in for inputs of width d_in; checks values."""
         c = dataclasses.replace(self)

@@ -221,14 +221,16 @@ print(json.dumps(out))
 """
 
 
-def run_in_subprocess(calls, *, home, endpoint, offline=False):
-    """Run resolve_* calls in a fresh interpreter configured only through the environment."""
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("HF_", "HUGGINGFACE_")) and "proxy" not in k.lower()}
+def run_in_subprocess(calls, *, home, endpoint, offline=False, env=None):
+    """Run resolve_* calls in a fresh interpreter configured only through the environment
+    (plus the variables in `env`)."""
+    extra, env = env or {}, {k: v for k, v in os.environ.items()
+                             if not k.startswith(("HF_", "HUGGINGFACE_")) and "proxy" not in k.lower()}
     env.update(HF_HOME=str(home), HF_ENDPOINT=endpoint, HF_HUB_DISABLE_TELEMETRY="1",
                HF_HUB_DISABLE_PROGRESS_BARS="1", NO_PROXY="127.0.0.1,localhost")
     if offline:
         env["HF_HUB_OFFLINE"] = "1"
+    env.update(extra)
     done = subprocess.run([sys.executable, "-c", RUNNER, json.dumps(calls)], env=env,
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
@@ -315,7 +317,43 @@ def test_unreachable_hub(tmp_path):
     with socket.socket() as s:  # a port nothing listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    (result,) = run_in_subprocess([("resolve_dir", ["org/model"], {})], home=tmp_path,
-                                  endpoint=f"http://127.0.0.1:{port}")
-    assert "Hub repo 'org/model'" in result["error"]
-    assert "hf download org/model" in result["error"] and "network" in result["error"]
+    results = run_in_subprocess([("resolve_dir", ["org/model"], {}),
+                                 ("resolve_file", ["org/model", "config.json"], {})],
+                                home=tmp_path, endpoint=f"http://127.0.0.1:{port}")
+    for result in results:
+        assert "Hub repo 'org/model'" in result["error"]
+        assert "hf download org/model" in result["error"] and "network" in result["error"]
+    assert "file 'config.json'" in results[1]["error"]
+
+
+
+def test_silent_hub_is_asked_once(tmp_path):
+    """A Hub that accepts connections and never answers: hf_hub_download alone would ask again 6
+    times with backoff and a 60 s timeout each (minutes) for a file not in the cache; resolve_file
+    fails after its one request times out (HF_HUB_ETAG_TIMEOUT), naming the file and repo."""
+    import socket
+
+    held = []  # the accepted connections, kept open and unanswered
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(16)
+
+    def hold_every_connection():
+        while True:
+            try:
+                held.append(server.accept()[0])
+            except OSError:  # the server socket was closed: the test is over
+                return
+
+    threading.Thread(target=hold_every_connection, daemon=True).start()
+    try:
+        (result,) = run_in_subprocess([("resolve_file", ["org/model", "config.json"], {})], home=tmp_path,
+                                      endpoint=f"http://127.0.0.1:{server.getsockname()[1]}",
+                                      env={"HF_HUB_ETAG_TIMEOUT": "1"})
+    finally:
+        server.close()
+        for conn in held:
+            conn.close()
+    assert len(held) == 1
+    assert "file 'config.json' of Hub repo 'org/model'" in result["error"]
+    assert "could not be reached" in result["error"] and "hf download org/model" in result["error"]

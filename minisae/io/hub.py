@@ -13,7 +13,10 @@ Rules, in order:
    `runs/jr/sea` for `runs/jr/sae`) but does not exist is an error; the Hub is not asked.
 3. Otherwise the first two `/`-separated parts are a Hub repo id (`org/name`) and the rest, if
    any, a folder or file inside the repo. huggingface_hub downloads into (or reads from) its
-   cache and honours HF_TOKEN, HF_HOME / HF_HUB_CACHE, HF_ENDPOINT and HF_HUB_OFFLINE.
+   cache and honours HF_TOKEN, HF_HOME / HF_HUB_CACHE, HF_ENDPOINT, HF_HUB_ETAG_TIMEOUT and
+   HF_HUB_OFFLINE (set it to never ask the Hub). A file not in the cache is asked for once
+   before the download, so a Hub that cannot be reached fails at once, not after the library's
+   retries (about 23 s).
 Every failure is a `HubError` naming the repo (and file) and saying what to do.
 """
 
@@ -201,6 +204,32 @@ def resolve_file(path_or_repo_id, filename=None, *, revision=None):
     import huggingface_hub
 
     try:
+        _ask_once_if_uncached(repo_id, in_repo, revision)
         return Path(huggingface_hub.hf_hub_download(repo_id, in_repo, revision=revision))
     except _catchable() as e:
         raise _hub_error(e, repo_id, revision, in_repo) from e
+
+
+def _ask_once_if_uncached(repo_id, filename, revision):
+    """Fail at once when the Hub cannot be reached and the file is not cached.
+
+    hf_hub_download, for a file missing from the cache whose metadata request failed to connect
+    or timed out, asks 6 more times with backoff (1, 2, 4, 8, 8 s waits: about 23 s, or minutes
+    with its 60 s retry timeout) before giving up. So ask once first, without retries, with
+    huggingface_hub's own metadata request (HF_HUB_ETAG_TIMEOUT honoured), and let a connection
+    or timeout error through. An HTTP answer, even an error, is left to hf_hub_download to ask
+    again and report (it retries 429 and 5xx, as it should). Skipped offline (HF_HUB_OFFLINE:
+    nothing is asked) and for a cached file (the library then falls back to it without retrying).
+    """
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    if constants.is_offline_mode():
+        return
+    if isinstance(huggingface_hub.try_to_load_from_cache(repo_id, filename, revision=revision), str):
+        return
+    url = huggingface_hub.hf_hub_url(repo_id, filename, revision=revision)
+    try:
+        huggingface_hub.get_hf_file_metadata(url, timeout=constants.HF_HUB_ETAG_TIMEOUT)
+    except _hf("HfHubHTTPError"):
+        pass  # the Hub answered

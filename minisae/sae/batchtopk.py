@@ -91,10 +91,14 @@ def _check_hyper(params, x, k, aux_k, aux_coeff, dead_mask, prefixes):
             _dead_indices(dead_mask, M, xp_of(x)), check_prefixes(prefixes, M, ARCHITECTURE))
 
 
-def _min_kept(z_kept, xp, dtype):
-    """The smallest kept positive activation (0-d; NaN when none is positive)."""
-    pos = z_kept[z_kept > 0.0]
-    return scalar(pos.min() if pos.size else math.nan, dtype, xp)
+def _min_kept(z, n_pos, xp, dtype):
+    """The smallest kept positive activation: the smallest positive entry of z (z >= 0, its n_pos
+    non-zero entries are the kept ones through the ReLU); 0-d, NaN when n_pos is 0. No boolean-mask
+    gather (on CuPy that waits for the device to learn the result's size)."""
+    if z.size == 0:
+        return scalar(math.nan, dtype, xp)
+    low = xp.where(z > 0.0, z, math.inf).min()  # 0-d
+    return scalar(xp.where(n_pos > 0, low, math.nan), dtype, xp)
 
 
 def encode(params, x, *, k=None, threshold=None, aux_k=None, aux_coeff=None, dead_mask=None,
@@ -157,17 +161,17 @@ def forward(params, x, *, k, aux_k=512, aux_coeff=1.0 / 32, dead_mask=None, pref
     passes = kept & (pi > 0.0)  # (B, M) kept and through the ReLU
     z = xp.where(passes, pi, 0.0)  # (B, M)
     xhats = prefix_decode(z, params["W_dec"], params["b_dec"], prefixes)  # S x (B, D)
-    total, errs = prefix_squared_error(x, xhats)
-    mse = float(((errs[-1] * errs[-1]).sum()) / B)  # the full SAE's
+    total, mse, errs = prefix_squared_error(x, xhats)  # mse: the full SAE's
     cache = {"x_c": x_c, "z": z, "passes": passes, "errs": errs, "prefixes": prefixes,
              "aux_coeff": aux_coeff, "aux": None}
     aux = 0.0
     if dead.shape[0] > 0:
         aux, cache["aux"] = _auxk_forward(pi, errs[-1], params["W_dec"], dead, aux_k)
+    n_pos = xp.count_nonzero(z)  # kept entries through the ReLU
     out = {"loss": scalar(total + aux_coeff * aux, dtype, xp), "mse": scalar(mse, dtype, xp),
            "matryoshka": scalar(total - mse, dtype, xp), "aux": scalar(aux, dtype, xp),
-           "l0": scalar(xp.count_nonzero(z) / B, dtype, xp),
-           "min_kept": _min_kept(z[passes], xp, dtype), "f": z, "xhat": xhats[-1]}
+           "l0": scalar(n_pos / B, dtype, xp), "min_kept": _min_kept(z, n_pos, xp, dtype),
+           "f": z, "xhat": xhats[-1]}
     return out, cache
 
 
@@ -249,8 +253,7 @@ def _forward_backward_sparse(params, x, *, k, aux_k, aux_coeff, dead_mask, prefi
     z_s = pi_s * passes_s  # (N,)
     parts = sparse_prefix_parts(rows, cols, rowptr, B, M, prefixes)  # per segment
     xhats = sparse_prefix_decode(parts, cols, z_s, W_dec, b_dec)  # S x (B, D)
-    total, errs = prefix_squared_error(x, xhats)
-    mse = float(((errs[-1] * errs[-1]).sum()) / B)
+    total, mse, errs = prefix_squared_error(x, xhats)  # mse: the full SAE's
     aux, aux_cache = 0.0, None
     if dead.shape[0] > 0:
         aux, aux_cache = _auxk_forward(pi, errs[-1], W_dec, dead, aux_k)
@@ -272,10 +275,11 @@ def _forward_backward_sparse(params, x, *, k, aux_k, aux_coeff, dead_mask, prefi
     db_dec = G[0].sum(axis=0) - W_enc @ db_enc  # (D,)
     grads = {"W_enc": numpy.ascontiguousarray(dW_enc_t.T), "b_enc": db_enc, "W_dec": dW_dec,
              "b_dec": db_dec}
+    n_pos = numpy.count_nonzero(z_s)  # kept entries through the ReLU
     out = {"loss": scalar(total + aux_coeff * aux, dtype, numpy), "mse": scalar(mse, dtype, numpy),
            "matryoshka": scalar(total - mse, dtype, numpy), "aux": scalar(aux, dtype, numpy),
-           "l0": scalar(numpy.count_nonzero(z_s) / B, dtype, numpy),
-           "min_kept": _min_kept(z_s, numpy, dtype), "xhat": xhats[-1],
+           "l0": scalar(n_pos / B, dtype, numpy), "min_kept": _min_kept(z_s, n_pos, numpy, dtype),
+           "xhat": xhats[-1],
            "fired": sparse_fire_counts(cols, z_s, M)}
     if dense_f:
         out["f"] = numpy.zeros((B, M), dtype=dtype)  # (B, M)

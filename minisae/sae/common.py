@@ -263,12 +263,13 @@ def prefix_decode(f, W_dec, b_dec, prefixes):
 
 
 def prefix_squared_error(x, xhats):
-    """(mse, errs): mse = sum_j mean_b ||x_b - xhat_j,b||^2 and errs [x - xhat_j]."""
+    """(total, mse, errs): total = sum_j mse_j with mse_j = mean_b ||x_b - xhat_j,b||^2, mse = mse_S
+    (the full SAE's, the last prefix) and errs [x - xhat_j]."""
     total, errs = 0.0, []
     for xhat in xhats:
         mse, err = squared_error(x, xhat)
         total, errs = total + mse, errs + [err]
-    return total, errs
+    return total, mse, errs
 
 
 def prefix_decoder_gradients(errs, prefixes):

@@ -202,8 +202,7 @@ def _forward_from_pre(params, x, x_c, pre, h, raw):
     active = pi > theta  # (B, M) H(pi - theta), strict
     f = pi * active  # (B, M)
     xhats = prefix_decode(f, params["W_dec"], params["b_dec"], h.prefixes)  # S x (B, D)
-    total, errs = prefix_squared_error(x, xhats)  # sum over prefixes; errs[-1] = x - xhat
-    mse = float((errs[-1] * errs[-1]).sum()) / B  # the full SAE's
+    total, mse, errs = prefix_squared_error(x, xhats)  # sum over prefixes; the full SAE's; x - xhat_j
     l0_b = active.sum(axis=1, dtype=dtype)  # (B,) L0 of each token
     sparsity, da_b = sparsity_penalty(l0_b, h, xp)  # da_b (B,)
     freq, da_i = 0.0, None
@@ -380,8 +379,7 @@ def _forward_backward_sparse(params, x, x_c, stored, h, raw, dense_f):
     f_s = pi_s * active_s  # (N,)
     parts = sparse_prefix_parts(rows, cols, rowptr, B, M, h.prefixes)  # per segment
     xhats = sparse_prefix_decode(parts, cols, f_s, W_dec, b_dec)  # S x (B, D)
-    total, errs = prefix_squared_error(x, xhats)
-    mse = float((errs[-1] * errs[-1]).sum()) / B
+    total, mse, errs = prefix_squared_error(x, xhats)  # mse: the full SAE's
     l0_b = numpy.bincount(rows[active_s], minlength=B).astype(dtype)  # (B,)
     sparsity, da_b = sparsity_penalty(l0_b, h, numpy)  # (B,)
     freq, da_i = 0.0, None
