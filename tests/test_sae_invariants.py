@@ -342,6 +342,20 @@ def _check_sparse_kernels(B, M, D, seed, density):
     rows, cols, rowptr, flat = sparse.sparse_from_mask(mask)
     numpy.testing.assert_array_equal(flat, numpy.flatnonzero(mask))
     vals = A.ravel()[flat]  # (N,)
+    # entries_above: the same entries as the mask, with the values, from a threshold per column
+    lo = rng.standard_normal(M)  # (M,)
+    above = A > lo  # (B, M)
+    got = sparse.entries_above(A, lo)
+    for g, want in zip(got, sparse.sparse_from_mask(above) + (A[above],)):
+        numpy.testing.assert_array_equal(g, want)
+    n_above = int(above.sum())
+    assert (sparse.entries_above(A, lo, max_entries=n_above) is None) is False
+    assert n_above == 0 or sparse.entries_above(A, lo, max_entries=n_above - 1) is None
+    # by_column: a stable sort of the entries by column
+    order, rows_c, colptr = sparse.by_column(rows, cols, B, M)
+    numpy.testing.assert_array_equal(order, numpy.argsort(cols, kind="stable"))
+    numpy.testing.assert_array_equal(rows_c, rows[order])
+    numpy.testing.assert_array_equal(colptr, numpy.searchsorted(cols[order], numpy.arange(M + 1)))
     tol = dict(rtol=XP64_RTOL, atol=GOLDEN64_ATOL)
     for dtype in ("float64", "float32"):  # every implementation, against the dense products
         v, W_, E_, E2_ = (a.astype(dtype) for a in (vals, W, E, E2))
@@ -354,6 +368,9 @@ def _check_sparse_kernels(B, M, D, seed, density):
                 sm = sparse.sampled_matmul(rowptr, cols, E_, W_, impl=impl)
                 assert sm.dtype == dtype
                 numpy.testing.assert_allclose(sm, (E @ W.T)[rows, cols], **tol, err_msg=str(impl))
+                sm1, sm2 = sparse.sampled_matmul(rowptr, cols, [E_, 2 * E_], W_, impl=impl)
+                numpy.testing.assert_allclose(sm1, sm, **tol, err_msg=str(impl))  # one result per E
+                numpy.testing.assert_allclose(sm2, 2 * (E @ W.T)[rows, cols], **tol, err_msg=str(impl))
             out1, out2 = sparse.sparse_t_matmul(rows, cols, M, [(v, E_), (2 * v, E2_)], impl=impl)
             assert out1.dtype == out2.dtype == dtype and out1.shape == (M, D)
             numpy.testing.assert_allclose(out1, A.T @ E, **tol, err_msg=str(impl))

@@ -12,6 +12,7 @@ sparse (B, M) matrix. NumPy arrays only (CuPy runs the dense path).
 import contextlib
 import math
 import os
+import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy
@@ -25,12 +26,13 @@ import numpy
 #   "loop"    the plain version: a Python loop over rows (or latents) handing each row to BLAS
 #             (numpy.dot). Readable, but from D ~ 2000 OpenBLAS wakes a second thread for every
 #             call, and on a busy machine every call then waits for it: 3-8x slower at D = 2304.
-#   "blas1"   the same loop with BLAS held to one thread (threadpoolctl, optional)
-#   "einsum"  the same loop with numpy.einsum, which never calls BLAS: NumPy only, one thread
-#   "scipy"   a compiled CSR product (scipy.sparse, optional), one thread, no Python loop
+#   "blas1"   the same loop with each BLAS call held to one thread (threadpoolctl, optional)
+#   "einsum"  the same loop with numpy.einsum, which never calls BLAS: NumPy only
+#   "scipy"   a compiled CSR product (scipy.sparse, optional), no Python loop
+# All but "loop" split the work into pieces run on a few threads (below, "threads").
 # Measured (reference/bench_sparse.py, docs/benchmarks.md): scipy is fastest for A @ W and A.T @ E;
 # for the sampled product (no scipy equivalent) the one-thread BLAS loop, then einsum.
-# Tests hold every implementation equal to the dense products.
+# Tests hold every implementation, on one thread and on several, equal to the dense products.
 
 SPARSE_IMPLS = ("loop", "blas1", "einsum", "scipy")
 _optional = {}
@@ -84,6 +86,100 @@ def _one_blas_thread(impl):
     return contextlib.nullcontext()
 
 
+# ----------------------------------------------------------------------------------------------
+# threads. The compiled CSR products, NumPy's gathers and BLAS release the GIL, so a product can
+# split its rows (or latents) into pieces holding about equal numbers of entries and run them on
+# a few threads, each piece writing its own rows of the result. A product is a handful of such
+# pieces (never one task per row), so a busy core delays one piece, not every row. How many
+# threads: as many as NumPy's BLAS uses (threadpoolctl), so a process held to one BLAS thread
+# (OPENBLAS_NUM_THREADS=1, as compare's workers are, or threadpool_limits) runs these on one too.
+# "loop", the plain version, always runs on the calling thread.
+
+PIECES_PER_THREAD = 4  # more pieces than threads, so a thread slowed by another process does less
+MIN_PIECE_ENTRIES = 8192  # fewer stored entries than this per piece are not worth a task
+_pools = {}  # thread count (or "background", one thread) -> ThreadPoolExecutor
+_pool_lock = threading.Lock()
+
+
+def sparse_threads():
+    """Threads the products use: NumPy's BLAS thread count, or 1 without threadpoolctl."""
+    ctl = _blas_controller()
+    if ctl is None:
+        return 1
+    counts = [lib.num_threads for lib in ctl.select(user_api="blas").lib_controllers]
+    return max(1, min(max(counts, default=1), os.cpu_count() or 1))
+
+
+def _forget_pools():
+    _pools.clear()  # a forked child has none of its parent's threads
+
+
+os.register_at_fork(after_in_child=_forget_pools)
+
+
+def _split(ptr, impl):
+    """(bounds, threads): piece boundaries [0 = p_0 < ... < p_P = len(ptr) - 1] over the rows of
+    pointer array `ptr`, each piece holding about the same number of entries (one piece when
+    single-threaded), and the threads to run them on.
+    Call it before BLAS is held to one thread (that would read as one thread here)."""
+    n = len(ptr) - 1
+    threads = 1 if impl == "loop" else sparse_threads()
+    pieces = min(threads * PIECES_PER_THREAD, int(ptr[-1]) // MIN_PIECE_ENTRIES) if threads > 1 else 1
+    if pieces <= 1 or n <= 1:
+        return [0, n], 1
+    cuts = numpy.searchsorted(ptr, numpy.arange(1, pieces) * (int(ptr[-1]) / pieces))  # (P - 1,)
+    return sorted(set([0, n] + cuts.tolist())), threads
+
+
+def _executor(threads):
+    """The pool of `threads` threads, or of one for "background" (made on first use, kept)."""
+    with _pool_lock:
+        if threads not in _pools:
+            workers = 1 if threads == "background" else threads
+            _pools[threads] = ThreadPoolExecutor(workers, thread_name_prefix=f"minisae-{threads}")
+        return _pools[threads]
+
+
+def _run(fn, bounds, threads):
+    """fn(lo, hi) for each piece [bounds[i], bounds[i + 1]): on the calling thread when there is
+    one piece, else on a pool of `threads` (the calling thread waits; the first error is raised)."""
+    if len(bounds) <= 2:
+        fn(bounds[0], bounds[-1])
+        return
+    pool = _executor(threads)
+    tasks = [pool.submit(fn, lo, hi) for lo, hi in zip(bounds[:-1], bounds[1:])]
+    for task in tasks:
+        task.result()
+
+
+def in_background(fn, *args, **kwargs):
+    """Start fn(*args, **kwargs) on a thread of its own and return a future (call .result());
+    with one thread (see sparse_threads) it runs now, on the calling thread. Used to overlap two
+    products of one step that do not depend on each other. The products it calls may use the
+    pools; a pool's threads never wait on anything, so this cannot deadlock."""
+    if sparse_threads() == 1:
+        done = Future()
+        done.set_result(fn(*args, **kwargs))
+        return done
+    return _executor("background").submit(fn, *args, **kwargs)
+
+
+def _csr(values, indices, ptr, lo, hi, n_cols):
+    """The rows lo:hi of the CSR matrix (values, indices, ptr) as a scipy csr_array (views)."""
+    s, e = int(ptr[lo]), int(ptr[hi])
+    return _scipy_sparse().csr_array((values[s:e], indices[s:e], ptr[lo:hi + 1] - s),
+                                     shape=(hi - lo, n_cols))
+
+
+def _gather_rows(W, idx, buf, impl):
+    """W[idx] (n, D), written into the front of buf without a new allocation (not for "loop")."""
+    if impl == "loop":
+        return W[idx]
+    out = buf[:idx.shape[0]]
+    W.take(idx, axis=0, out=out, mode="clip")  # idx is in range; "clip" skips a buffered copy
+    return out
+
+
 def sparse_from_mask(mask):
     """(rows, cols, rowptr) of the True entries of a (B, M) boolean mask, row-major."""
     B, M = mask.shape
@@ -122,96 +218,6 @@ def entries_above(a, lo, max_entries=None):
     rowptr = numpy.zeros(B + 1, dtype=numpy.int64)  # (B + 1,)
     numpy.cumsum(numpy.bincount(rows, minlength=B), out=rowptr[1:])
     return rows, cols, rowptr, flat, numpy.concatenate([found[r0][1] for r0 in bounds[:-1]])
-
-
-# ----------------------------------------------------------------------------------------------
-# threads. The compiled CSR products, NumPy's gathers and BLAS release the GIL, so a product can
-# split its rows (or latents) into pieces holding about equal numbers of entries and run them on
-# a few threads, each piece writing its own rows of the result. A product is a handful of such
-# pieces (never one task per row), so a busy core delays one piece, not every row. How many
-# threads: as many as NumPy's BLAS uses (threadpoolctl), so a process held to one BLAS thread
-# (OPENBLAS_NUM_THREADS=1, as compare's workers are, or threadpool_limits) runs these on one too.
-# "loop", the plain version, always runs on the calling thread.
-
-PIECES_PER_THREAD = 4  # more pieces than threads, so a thread slowed by another process does less
-MIN_PIECE_ENTRIES = 8192  # fewer stored entries than this per piece are not worth a task
-_pool = {"threads": 0, "executor": None, "background": None}
-
-
-def sparse_threads():
-    """Threads the products use: NumPy's BLAS thread count, or 1 without threadpoolctl."""
-    ctl = _blas_controller()
-    if ctl is None:
-        return 1
-    counts = [lib.num_threads for lib in ctl.select(user_api="blas").lib_controllers]
-    return max(1, min(max(counts, default=1), os.cpu_count() or 1))
-
-
-def _reset_pool():
-    _pool.update(threads=0, executor=None, background=None)  # a forked child has no threads
-
-
-os.register_at_fork(after_in_child=_reset_pool)
-
-
-def _split(ptr, impl):
-    """(bounds, threads): piece boundaries [0 = p_0 < ... < p_P = len(ptr) - 1] over the rows of
-    pointer array `ptr`, each piece holding about the same number of entries (one piece when
-    single-threaded), and the threads to run them on.
-    Call it before BLAS is held to one thread (that would read as one thread here)."""
-    n = len(ptr) - 1
-    threads = 1 if impl == "loop" else sparse_threads()
-    pieces = min(threads * PIECES_PER_THREAD, int(ptr[-1]) // MIN_PIECE_ENTRIES) if threads > 1 else 1
-    if pieces <= 1 or n <= 1:
-        return [0, n], 1
-    cuts = numpy.searchsorted(ptr, numpy.arange(1, pieces) * (int(ptr[-1]) / pieces))  # (P - 1,)
-    return sorted(set([0, n] + cuts.tolist())), threads
-
-
-def _run(fn, bounds, threads):
-    """fn(lo, hi) for each piece [bounds[i], bounds[i + 1]): on the calling thread when there is
-    one piece, else on a pool of `threads` (the calling thread waits; the first error is raised)."""
-    if len(bounds) <= 2:
-        fn(bounds[0], bounds[-1])
-        return
-    if _pool["threads"] != threads:  # first use, or the BLAS thread count changed
-        if _pool["executor"] is not None:
-            _pool["executor"].shutdown(wait=False)
-        _pool.update(threads=threads,
-                     executor=ThreadPoolExecutor(threads, thread_name_prefix="minisae-sparse"))
-    tasks = [_pool["executor"].submit(fn, lo, hi) for lo, hi in zip(bounds[:-1], bounds[1:])]
-    for task in tasks:
-        task.result()
-
-
-def in_background(fn, *args, **kwargs):
-    """Start fn(*args, **kwargs) on a thread of its own and return a future (call .result());
-    with one thread (see sparse_threads) it runs now, on the calling thread. The products it
-    calls still use the pool, whose threads never wait on anything, so this cannot deadlock.
-    Used to overlap two products of one step that do not depend on each other."""
-    if sparse_threads() == 1:
-        done = Future()
-        done.set_result(fn(*args, **kwargs))
-        return done
-    if _pool.get("background") is None:
-        _pool["background"] = ThreadPoolExecutor(1, thread_name_prefix="minisae-background")
-    return _pool["background"].submit(fn, *args, **kwargs)
-
-
-def _csr(values, indices, ptr, lo, hi, n_cols):
-    """The rows lo:hi of the CSR matrix (values, indices, ptr) as a scipy csr_array (views)."""
-    s, e = int(ptr[lo]), int(ptr[hi])
-    return _scipy_sparse().csr_array((values[s:e], indices[s:e], ptr[lo:hi + 1] - s),
-                                     shape=(hi - lo, n_cols))
-
-
-def _gather_rows(W, idx, buf, impl):
-    """W[idx] (n, D), written into the front of buf without a new allocation (not for "loop")."""
-    if impl == "loop":
-        return W[idx]
-    out = buf[:idx.shape[0]]
-    W.take(idx, axis=0, out=out, mode="clip")  # idx is in range; "clip" skips a buffered copy
-    return out
 
 
 def by_column(rows, cols, n_rows, n_cols):
