@@ -21,6 +21,12 @@ Tokens/s = B*T / median wall time of --repeats timed calls after one warm-up cal
 writes the last position's logits (forward) or the captured activations (capture); the parent
 prints the max relative difference between the two sides, so the table compares like with like.
 
+--gemm-limit adds two rows per measurement: the same call's matrix products alone (projections,
+attention scores and values, the unembedding for forward) on random arrays, with numpy's BLAS
+(minisae's) and with torch's (transformers'). No implementation on that BLAS runs the call faster
+than its row, so the rows show how far each side is from its own limit, and how much faster one
+side could possibly be than the other.
+
 Run from the repo root with the reference venv (torch + transformers; minisae importable there,
 e.g. `pip install -e . --no-deps`):
 
@@ -201,9 +207,54 @@ def worker_transformers(a):
     return times, faults, load_s, rss_loaded, dev_peak, keep
 
 
+def worker_gemm(a):
+    """The GEMM-only limit: the time of the matrix products alone that the call must do (the
+    decoder layers up to the captured one, or all of them plus the unembedding), on random
+    arrays of the same shapes, with numpy (OpenBLAS: minisae's BLAS) or torch (MKL:
+    transformers'). Each linear product is timed as x @ W.T and as (W @ x.T).T and the faster
+    one counts, so no implementation on that BLAS could beat the sum by choosing a layout."""
+    cfg = MODELS[a.model][0]
+    D, I, H, K, hd = (cfg[k] for k in ("hidden_size", "intermediate_size", "num_attention_heads",
+                                       "num_key_value_heads", "head_dim"))
+    B, T = a.batch, a.seq
+    layers = a.layer + 1 if a.mode == "capture" else a.layers
+    rng = np.random.default_rng(0)
+    linears = [(H * hd, D), (K * hd, D), (K * hd, D), (D, H * hd), (I, D), (I, D), (D, I)]  # q k v o gate up down
+    if a.mode == "forward":
+        linears_last = [(cfg["vocab_size"], D)]  # the unembedding
+    else:
+        linears_last = []
+    if a.worker == "gemm-torch":
+        import torch
+
+        torch.set_num_threads(a.threads)
+        arr = lambda shape: torch.from_numpy(rng.standard_normal(shape, dtype=np.float32))  # noqa: E731
+        ctx = torch.inference_mode
+    else:
+        import contextlib
+
+        arr = lambda shape: rng.standard_normal(shape, dtype=np.float32)  # noqa: E731
+        ctx = contextlib.nullcontext
+    shapes = linears * layers + linears_last
+    total = 0.0
+    with ctx():
+        for (out, inp) in sorted(set(shapes)):
+            x, W = arr((B * T, inp)), arr((out, inp))
+            best = min(min(time_calls(lambda: x @ W.T, a.repeats)[0]),
+                       min(time_calls(lambda: (W @ x.T).T, a.repeats)[0]))
+            total += best * shapes.count((out, inp))
+            del x, W
+        q, k = arr((B, H, T, hd)), arr((B, H, hd, T))
+        total += layers * min(time_calls(lambda: q @ k, a.repeats)[0])  # scores
+        p_, v = arr((B, H, T, T)), arr((B, H, T, hd))
+        total += layers * min(time_calls(lambda: p_ @ v, a.repeats)[0])  # probabilities @ values
+    return [total], 0, 0.0, rss_now_mib(), None, None
+
+
 def worker(a):
-    times, faults, load_s, rss_loaded, dev_peak, keep = (worker_minisae if a.worker == "minisae" else worker_transformers)(a)
-    np.save(a.result + ".npy", keep)
+    work = {"minisae": worker_minisae, "transformers": worker_transformers}.get(a.worker, worker_gemm)
+    times, faults, load_s, rss_loaded, dev_peak, keep = work(a)
+    np.save(a.result + ".npy", keep if keep is not None else np.zeros(0))
     res = dict(times=times, major_faults=faults, load_s=load_s, rss_loaded_mib=rss_loaded, peak_rss_mib=peak_rss_mib(),
                peak_device_mib=dev_peak)
     with open(a.result + ".json", "w") as f:
@@ -263,7 +314,10 @@ def main(argv=None):
     p.add_argument("--modes", nargs="+", choices=["forward", "capture"], default=["forward", "capture"])
     p.add_argument("--ckpt", help="reuse a checkpoint folder instead of writing a temporary one")
     # worker-only arguments
-    p.add_argument("--worker", choices=["minisae", "transformers"], help=argparse.SUPPRESS)
+    p.add_argument("--gemm-limit", action="store_true",
+                   help="also time the matrix products alone (numpy and torch): the GEMM-only limit")
+    p.add_argument("--worker", choices=["minisae", "transformers", "gemm-numpy", "gemm-torch"],
+                   help=argparse.SUPPRESS)
     p.add_argument("--mode", choices=["forward", "capture"], help=argparse.SUPPRESS)
     p.add_argument("--layer", type=int, help=argparse.SUPPRESS)
     p.add_argument("--result", help=argparse.SUPPRESS)
@@ -293,10 +347,11 @@ def main(argv=None):
         rows = []
         for batch, seq in zip(a.batch, seqs):
             for mode in a.modes:
-                r = {side: run_one(a, ckpt, side, mode, batch, seq, scratch) for side in ("minisae", "transformers")}
+                sides = ("minisae", "transformers") + (("gemm-numpy", "gemm-torch") if a.gemm_limit else ())
+                r = {side: run_one(a, ckpt, side, mode, batch, seq, scratch) for side in sides}
                 ref = r["transformers"]["out"].astype(np.float64)
                 rel = float(np.max(np.abs(r["minisae"]["out"] - ref)) / max(np.max(np.abs(ref)), 1e-30))
-                for side in ("minisae", "transformers"):
+                for side in sides:
                     med = statistics.median(r[side]["times"])
                     mem = r[side]["peak_device_mib"] if a.backend == "cupy" else r[side]["peak_rss_mib"]
                     rows.append((mode, batch, seq, side, batch * seq / med, med, mem, r[side]["rss_loaded_mib"],
@@ -322,6 +377,9 @@ def main(argv=None):
         "",
         "- load avg: the machine's 1-minute load average around that run (max of before/after); above the "
         "thread count, other processes competed for the CPUs and the timings are pessimistic.",
+        "- gemm-numpy / gemm-torch (--gemm-limit): the matrix products of the same call alone, on random "
+        "arrays, with numpy's BLAS (minisae's) and torch's (transformers'), the faster layout of each "
+        "linear product: the GEMM-only limit of each side (only its time and tokens/s columns mean anything).",
         "- major faults: pages read from disk during the timed calls (evicted memory-mapped weights); "
         "non-zero means that row timed the disk too.",
         "- RSS after load is small when a side memory-maps the weights lazily; the peak includes the mapped "

@@ -32,7 +32,7 @@ from minisae.xp import xp_of
 
 ARCHITECTURE = "gated"
 PARAM_NAMES = ("W_enc", "b_gate", "r_mag", "b_mag", "W_dec", "b_dec")
-SPARSE_MAX_DENSITY = 0.05  # the sparse path is taken up to this fraction of B*M gates open
+SPARSE_MAX_DENSITY = 0.06  # the sparse path is taken up to this fraction of B*M gates open
 
 __all__ = ["ARCHITECTURE", "PARAM_NAMES", "init", "encode", "decode", "forward", "backward",
            "forward_backward", "loss_and_grads"]

@@ -57,7 +57,7 @@ PARAM_NAMES = ("W_enc", "b_enc", "W_dec", "b_dec", "log_threshold")  # the paper
 PARAM_NAMES_RAW = ("W_enc", "b_enc", "W_dec", "b_dec", "threshold")   # threshold_param="raw"
 PENALTIES = ("l0", "quadratic", "tanh")
 THRESHOLD_INIT = 0.001  # theta at init (Gemma Scope recipe)
-SPARSE_MAX_DENSITY = 0.025  # the sparse path is taken up to this fraction of B*M entries stored
+SPARSE_MAX_DENSITY = 0.06  # the sparse path is taken up to this fraction of B*M entries stored
 
 __all__ = ["ARCHITECTURE", "PARAM_NAMES", "PARAM_NAMES_RAW", "PENALTIES", "Hyper", "param_names",
            "init", "encode", "decode", "forward", "backward", "forward_backward", "loss_and_grads",
