@@ -171,6 +171,11 @@ def _csr(values, indices, ptr, lo, hi, n_cols):
                                      shape=(hi - lo, n_cols))
 
 
+def _widest(ptr, lo, hi):
+    """The most entries any of the rows lo:hi of pointer array ptr (a Python list) holds."""
+    return max([ptr[b + 1] - ptr[b] for b in range(lo, hi)] + [0])
+
+
 def _gather_rows(W, idx, buf, impl):
     """W[idx] (n, D), written into the front of buf without a new allocation (not for "loop")."""
     if impl == "loop":
@@ -196,7 +201,7 @@ def entries_above(a, lo, max_entries=None):
     pieces of rows, without building the (B, M) mask: a[b, i] > lo[i] is exact."""
     B, M = a.shape
     n_pieces = 1 if B * M < 4 * MIN_PIECE_ENTRIES else sparse_threads() * PIECES_PER_THREAD
-    bounds = sorted(set(numpy.linspace(0, B, n_pieces + 1).round().astype(int).tolist()))
+    bounds = sorted(set(numpy.linspace(0, B, n_pieces + 1).round().astype(int).tolist())) if B else [0, 0]
     limit = math.inf if max_entries is None else max_entries
     found, counts = {}, {}
 
@@ -247,7 +252,7 @@ def sparse_matmul(rowptr, cols, values, W, *, impl=None):
         if impl == "scipy":
             out[lo:hi] = _csr(values, cols, rowptr, lo, hi, M) @ W  # (hi - lo, D)
             return
-        buf = numpy.empty((max(ptr[b + 1] - ptr[b] for b in range(lo, hi)), D), dtype=W.dtype)
+        buf = numpy.empty((_widest(ptr, lo, hi), D), dtype=W.dtype)  # one row's W rows
         for b in range(lo, hi):
             s, e = ptr[b], ptr[b + 1]
             Wb = _gather_rows(W, cols[s:e], buf, impl)  # (n, D) the rows of the latents in row b
@@ -270,16 +275,19 @@ def sampled_matmul(rowptr, cols, E, W, *, impl=None):
         raise ValueError("sampled_matmul: SciPy has no sampled product; use 'blas1', 'einsum' or 'loop'")
     several = isinstance(E, (list, tuple))
     Es = numpy.stack(E, axis=1) if several else E[:, None, :]  # (B, K, D)
-    out = numpy.empty((cols.shape[0], Es.shape[1]), dtype=W.dtype)  # (N, K)
+    K = Es.shape[1]
+    out = numpy.empty((cols.shape[0], K), dtype=W.dtype)  # (N, K)
     ptr = rowptr.tolist()
 
     def piece(lo, hi):
-        buf = numpy.empty((max(ptr[b + 1] - ptr[b] for b in range(lo, hi)), W.shape[1]), dtype=W.dtype)
+        buf = numpy.empty((_widest(ptr, lo, hi), W.shape[1]), dtype=W.dtype)  # one row's W rows
         for b in range(lo, hi):
             s, e = ptr[b], ptr[b + 1]
             Wb = _gather_rows(W, cols[s:e], buf, impl)  # (n, D) the rows of the latents in row b
             if impl == "einsum":
                 numpy.einsum("nd,kd->nk", Wb, Es[b], out=out[s:e])
+            elif K == 1:
+                numpy.dot(Wb, Es[b, 0], out=out[s:e, 0])  # (n, D) @ (D,) -> (n,)
             else:
                 numpy.dot(Wb, Es[b].T, out=out[s:e])  # (n, D) @ (D, K) -> (n, K)
 
@@ -318,8 +326,7 @@ def sparse_t_matmul(rows, cols, n_cols, pairs, *, impl=None, transposed=()):
                 out[:, i:min(i + step, hi)] = (_csr(v, rows_c, colptr, i, min(i + step, hi), B) @ E).T
 
     def piece_loop(lo, hi):
-        width = max([ptr[i + 1] - ptr[i] for i in range(lo, hi)] + [0])
-        bufs = [numpy.empty((width, E.shape[1]), dtype=E.dtype) for _, E in pairs]
+        bufs = [numpy.empty((_widest(ptr, lo, hi), E.shape[1]), dtype=E.dtype) for _, E in pairs]
         for i in range(lo, hi):
             s, e = ptr[i], ptr[i + 1]
             r = rows_c[s:e]
