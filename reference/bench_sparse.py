@@ -29,6 +29,7 @@ import time
 import numpy
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from minisae import threads  # noqa: E402
 from minisae.sae import common, sparse  # noqa: E402
 
 
@@ -60,7 +61,7 @@ def timed(fn):
 def main(argv=None):
     args = parse_args(argv)
     impls = [i for i in args.impls if i != "scipy" or sparse._scipy_sparse() is not None]
-    impls = [i for i in impls if i != "blas1" or sparse._blas_controller() is not None]
+    impls = [i for i in impls if i != "blas1" or threads.blas_controller() is not None]
     print(f"# {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%dT%H:%MZ} {platform.processor() or platform.machine()}, "
           f"{os.cpu_count()} cores, numpy {numpy.__version__}, load average {os.getloadavg()[0]:.2f}; "
           f"B={args.batch}, density {args.density}, median of {args.repeats}")

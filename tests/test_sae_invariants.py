@@ -12,6 +12,7 @@ import pytest
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
+from minisae import threads
 from minisae.sae import VARIANTS, common, gated, get_variant, jumprelu, sparse, topk
 from minisae.xp import asarray, cupy_available, get_xp, to_numpy
 from test_sae_gradients import HSETTINGS, KINK_MARGIN, problem, seeds, shapes, to_xp
@@ -324,11 +325,11 @@ def test_gated_sparse_path_equals_plain(B, D, M, seed, density, lam):
 
 @HSETTINGS
 @given(B=st.integers(1, 12), M=st.integers(1, 20), D=st.integers(1, 6), seed=seeds,
-       density=st.floats(0.0, 1.0), threads=st.sampled_from([1, 3]))
-def test_sparse_kernels_equal_dense_products(B, M, D, seed, density, threads):
+       density=st.floats(0.0, 1.0), n_threads=st.sampled_from([1, 3]))
+def test_sparse_kernels_equal_dense_products(B, M, D, seed, density, n_threads):
     """Every implementation equals the dense products, on one thread and split into pieces on
     three (pieces of any size here, so that tiny matrices are split too)."""
-    with mock.patch.object(sparse, "sparse_threads", lambda: threads), \
+    with mock.patch.object(threads, "threads", lambda: n_threads), \
             mock.patch.object(sparse, "MIN_PIECE_ENTRIES", 1):
         _check_sparse_kernels(B, M, D, seed, density)
 
@@ -388,7 +389,8 @@ def _check_sparse_kernels(B, M, D, seed, density):
 def test_sparse_products_fall_back_to_numpy_without_optional_packages(monkeypatch):
     """Without SciPy and threadpoolctl the products choose the NumPy-only einsum loops, and
     asking for a missing one says what to install."""
-    monkeypatch.setattr(sparse, "_optional", {"scipy": None, "threadpoolctl": None})
+    monkeypatch.setattr(sparse, "_optional", {"scipy": None})
+    monkeypatch.setattr(threads, "_optional", {"threadpoolctl": None})
     assert sparse._pick(None, ("scipy", "blas1", "einsum"), "f") == "einsum"
     mask = numpy.eye(3, 4, dtype=bool)
     rows, cols, rowptr, _ = sparse.sparse_from_mask(mask)

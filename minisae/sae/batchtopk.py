@@ -37,9 +37,9 @@ from minisae.sae.common import (as_input, check_params, check_prefixes, decode, 
                                 prefix_decode, prefix_decoder_gradients, prefix_squared_error,
                                 scalar, segments, sparse_prefix_decode, sparse_prefix_decoder_grad,
                                 sparse_prefix_parts, sparse_prefix_sampled, top_k)
-from minisae.sae.sparse import (column_sums, in_background, sparse_fire_counts, sparse_from_mask,
-                                sparse_t_matmul)
+from minisae.sae.sparse import column_sums, sparse_fire_counts, sparse_from_mask, sparse_t_matmul
 from minisae.sae.topk import _auxk_backward, _auxk_forward, _dead_indices  # AuxK exactly as TopK
+from minisae.threads import in_background
 from minisae.xp import xp_of
 
 ARCHITECTURE = "batchtopk"

@@ -26,8 +26,9 @@ import numpy
 
 from minisae.sae.common import (as_input, check_params, decode, fire_counts, init_dictionary,
                                 scalar, squared_error, squared_error_backward)
-from minisae.sae.sparse import (column_sums, entries_above, in_background, sampled_matmul,
-                                sparse_fire_counts, sparse_matmul, sparse_t_matmul)
+from minisae.sae.sparse import (column_sums, entries_above, sampled_matmul, sparse_fire_counts,
+                                sparse_matmul, sparse_t_matmul)
+from minisae.threads import in_background
 from minisae.xp import xp_of
 
 ARCHITECTURE = "gated"

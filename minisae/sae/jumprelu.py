@@ -48,8 +48,8 @@ from minisae.sae.common import (as_input, check_params, check_prefixes, decode, 
                                 sparse_prefix_decoder_grad, sparse_prefix_parts,
                                 sparse_prefix_sampled)
 from minisae.sae.penalties import frequency_penalty, pre_act_penalty, sparsity_penalty, tanh_penalty
-from minisae.sae.sparse import (column_sums, entries_above, in_background, sparse_fire_counts,
-                                sparse_t_matmul)
+from minisae.sae.sparse import column_sums, entries_above, sparse_fire_counts, sparse_t_matmul
+from minisae.threads import in_background
 from minisae.xp import xp_of
 
 ARCHITECTURE = "jumprelu"

@@ -11,11 +11,10 @@ sparse (B, M) matrix. NumPy arrays only (CuPy runs the dense path).
 
 import contextlib
 import math
-import os
-import threading
-from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy
+
+from minisae import threads
 
 # ----------------------------------------------------------------------------------------------
 # row-sparse products (NumPy fast path). A sparse (B, M) matrix is held as its N stored entries
@@ -29,12 +28,13 @@ import numpy
 #   "blas1"   the same loop with each BLAS call held to one thread (threadpoolctl, optional)
 #   "einsum"  the same loop with numpy.einsum, which never calls BLAS: NumPy only
 #   "scipy"   a compiled CSR product (scipy.sparse, optional), no Python loop
-# All but "loop" split the work into pieces run on a few threads (below, "threads").
+# All but "loop" split the work into pieces run on a few threads (`minisae/threads.py`).
 # Measured (reference/bench_sparse.py, docs/benchmarks.md): scipy is fastest for A @ W and A.T @ E;
 # for the sampled product (no scipy equivalent) the one-thread BLAS loop, then einsum.
 # Tests hold every implementation, on one thread and on several, equal to the dense products.
 
 SPARSE_IMPLS = ("loop", "blas1", "einsum", "scipy")
+MIN_PIECE_ENTRIES = 8192  # fewer stored entries than this per piece are not worth a task
 _optional = {}
 
 
@@ -49,24 +49,13 @@ def _scipy_sparse():
     return _optional["scipy"]
 
 
-def _blas_controller():
-    """A threadpoolctl controller for NumPy's BLAS, or None without threadpoolctl."""
-    if "threadpoolctl" not in _optional:
-        try:
-            from threadpoolctl import ThreadpoolController
-            _optional["threadpoolctl"] = ThreadpoolController()
-        except ImportError:
-            _optional["threadpoolctl"] = None
-    return _optional["threadpoolctl"]
-
-
 def _pick(impl, choices, what):
     """The implementation to run: `impl` if given (checked), else the first available of choices."""
     if impl is None:
         for name in choices:
             if name == "scipy" and _scipy_sparse() is None:
                 continue
-            if name == "blas1" and _blas_controller() is None:
+            if name == "blas1" and threads.blas_controller() is None:
                 continue
             return name
         return "loop"
@@ -74,7 +63,7 @@ def _pick(impl, choices, what):
         raise ValueError(f"{what}: impl must be one of {SPARSE_IMPLS} or None, found {impl!r}")
     if impl == "scipy" and _scipy_sparse() is None:
         raise ValueError(f"{what}: impl='scipy' needs SciPy (pip install 'minisae[fast]')")
-    if impl == "blas1" and _blas_controller() is None:
+    if impl == "blas1" and threads.blas_controller() is None:
         raise ValueError(f"{what}: impl='blas1' needs threadpoolctl (pip install 'minisae[fast]')")
     return impl
 
@@ -82,86 +71,21 @@ def _pick(impl, choices, what):
 def _one_blas_thread(impl):
     """Context holding NumPy's BLAS to one thread for impl 'blas1'; does nothing otherwise."""
     if impl == "blas1":
-        return _blas_controller().limit(limits=1, user_api="blas")
+        return threads.blas_controller().limit(limits=1, user_api="blas")
     return contextlib.nullcontext()
 
 
-# ----------------------------------------------------------------------------------------------
-# threads. The compiled CSR products, NumPy's gathers and BLAS release the GIL, so a product can
-# split its rows (or latents) into pieces holding about equal numbers of entries and run them on
-# a few threads, each piece writing its own rows of the result. A product is a handful of such
-# pieces (never one task per row), so a busy core delays one piece, not every row. How many
-# threads: as many as NumPy's BLAS uses (threadpoolctl), so a process held to one BLAS thread
-# (OPENBLAS_NUM_THREADS=1, as compare's workers are, or threadpool_limits) runs these on one too.
-# "loop", the plain version, always runs on the calling thread.
-
-PIECES_PER_THREAD = 4  # more pieces than threads, so a thread slowed by another process does less
-MIN_PIECE_ENTRIES = 8192  # fewer stored entries than this per piece are not worth a task
-_pools = {}  # thread count (or "background", one thread) -> ThreadPoolExecutor
-_pool_lock = threading.Lock()
-
-
-def sparse_threads():
-    """Threads the products use: NumPy's BLAS thread count, or 1 without threadpoolctl."""
-    ctl = _blas_controller()
-    if ctl is None:
-        return 1
-    counts = [lib.num_threads for lib in ctl.select(user_api="blas").lib_controllers]
-    return max(1, min(max(counts, default=1), os.cpu_count() or 1))
-
-
-def _forget_pools():
-    _pools.clear()  # a forked child has none of its parent's threads
-
-
-os.register_at_fork(after_in_child=_forget_pools)
-
-
 def _split(ptr, impl):
-    """(bounds, threads): piece boundaries [0 = p_0 < ... < p_P = len(ptr) - 1] over the rows of
-    pointer array `ptr`, each piece holding about the same number of entries (one piece when
-    single-threaded), and the threads to run them on.
-    Call it before BLAS is held to one thread (that would read as one thread here)."""
+    """(bounds, n_threads): pieces [0 = p_0 < ... < p_P = len(ptr) - 1] of the rows of pointer
+    array ptr holding about equal numbers of entries (one piece when single-threaded, and always
+    for "loop"), and the threads to run them on. Call it before BLAS is held to one thread."""
     n = len(ptr) - 1
-    threads = 1 if impl == "loop" else sparse_threads()
-    pieces = min(threads * PIECES_PER_THREAD, int(ptr[-1]) // MIN_PIECE_ENTRIES) if threads > 1 else 1
-    if pieces <= 1 or n <= 1:
+    n_threads = 1 if impl == "loop" else threads.threads()
+    bounds = threads.even_pieces(int(ptr[-1]), n_threads, MIN_PIECE_ENTRIES)  # in entries
+    if len(bounds) <= 2 or n <= 1:
         return [0, n], 1
-    cuts = numpy.searchsorted(ptr, numpy.arange(1, pieces) * (int(ptr[-1]) / pieces))  # (P - 1,)
-    return sorted(set([0, n] + cuts.tolist())), threads
-
-
-def _executor(threads):
-    """The pool of `threads` threads, or of one for "background" (made on first use, kept)."""
-    with _pool_lock:
-        if threads not in _pools:
-            workers = 1 if threads == "background" else threads
-            _pools[threads] = ThreadPoolExecutor(workers, thread_name_prefix=f"minisae-{threads}")
-        return _pools[threads]
-
-
-def _run(fn, bounds, threads):
-    """fn(lo, hi) for each piece [bounds[i], bounds[i + 1]): on the calling thread when there is
-    one piece, else on a pool of `threads` (the calling thread waits; the first error is raised)."""
-    if len(bounds) <= 2:
-        fn(bounds[0], bounds[-1])
-        return
-    pool = _executor(threads)
-    tasks = [pool.submit(fn, lo, hi) for lo, hi in zip(bounds[:-1], bounds[1:])]
-    for task in tasks:
-        task.result()
-
-
-def in_background(fn, *args, **kwargs):
-    """Start fn(*args, **kwargs) on a thread of its own and return a future (call .result());
-    with one thread (see sparse_threads) it runs now, on the calling thread. Used to overlap two
-    products of one step that do not depend on each other. The products it calls may use the
-    pools; a pool's threads never wait on anything, so this cannot deadlock."""
-    if sparse_threads() == 1:
-        done = Future()
-        done.set_result(fn(*args, **kwargs))
-        return done
-    return _executor("background").submit(fn, *args, **kwargs)
+    rows = numpy.searchsorted(ptr, bounds[1:-1])  # (P - 1,) the first row at or after each cut
+    return sorted(set([0, n] + rows.tolist())), n_threads
 
 
 def _csr(values, indices, ptr, lo, hi, n_cols):
@@ -200,29 +124,31 @@ def entries_above(a, lo, max_entries=None):
     than max_entries (the pieces after that stop early). One pass over a, on the threads in
     pieces of rows, without building the (B, M) mask: a[b, i] > lo[i] is exact."""
     B, M = a.shape
-    n_pieces = 1 if B * M < 4 * MIN_PIECE_ENTRIES else sparse_threads() * PIECES_PER_THREAD
-    bounds = sorted(set(numpy.linspace(0, B, n_pieces + 1).round().astype(int).tolist())) if B else [0, 0]
+    n_threads = threads.threads()
+    bounds = threads.even_pieces(B, n_threads, max(1, 4 * MIN_PIECE_ENTRIES // max(M, 1)))  # rows
     limit = math.inf if max_entries is None else max_entries
-    found, counts = {}, {}
+    starts = bounds[:-1]
+    found, counts = [None] * len(starts), [0] * len(starts)  # per piece (fixed-size lists)
 
     def piece(r0, r1):
-        if sum(counts.values()) > limit:  # already too many: the caller goes dense
+        if sum(counts) > limit:  # already too many: the caller goes dense
             return
+        i = starts.index(r0)
         blk = a[r0:r1]  # (R, M) view
         above = blk > lo  # (R, M)
-        counts[r0] = int(numpy.count_nonzero(above))
-        if sum(counts.values()) <= limit:
+        counts[i] = int(numpy.count_nonzero(above))
+        if sum(counts) <= limit:
             flat = numpy.flatnonzero(above)  # (n,) within the block
-            found[r0] = (flat + r0 * M, blk.ravel()[flat])
+            found[i] = (flat + r0 * M, blk.ravel()[flat])
 
-    _run(piece, bounds, sparse_threads())
-    if len(found) < len(bounds) - 1 or sum(counts.values()) > limit:
+    threads.run(piece, bounds, n_threads)
+    if any(f is None for f in found) or sum(counts) > limit:
         return None
-    flat = numpy.concatenate([found[r0][0] for r0 in bounds[:-1]])  # (N,)
+    flat = numpy.concatenate([f for f, _ in found])  # (N,)
     rows, cols = numpy.divmod(flat, M)  # (N,), (N,)
     rowptr = numpy.zeros(B + 1, dtype=numpy.int64)  # (B + 1,)
     numpy.cumsum(numpy.bincount(rows, minlength=B), out=rowptr[1:])
-    return rows, cols, rowptr, flat, numpy.concatenate([found[r0][1] for r0 in bounds[:-1]])
+    return rows, cols, rowptr, flat, numpy.concatenate([v for _, v in found])
 
 
 def by_column(rows, cols, n_rows, n_cols):
@@ -261,9 +187,9 @@ def sparse_matmul(rowptr, cols, values, W, *, impl=None):
             else:
                 numpy.dot(values[s:e], Wb, out=out[b])  # (n,) @ (n, D) -> (D,)
 
-    bounds, threads = _split(rowptr, impl)
+    bounds, n_threads = _split(rowptr, impl)
     with _one_blas_thread(impl):
-        _run(piece, bounds, threads)
+        threads.run(piece, bounds, n_threads)
     return out
 
 
@@ -291,9 +217,9 @@ def sampled_matmul(rowptr, cols, E, W, *, impl=None):
             else:
                 numpy.dot(Wb, Es[b].T, out=out[s:e])  # (n, D) @ (D, K) -> (n, K)
 
-    bounds, threads = _split(rowptr, impl)
+    bounds, n_threads = _split(rowptr, impl)
     with _one_blas_thread(impl):
-        _run(piece, bounds, threads)
+        threads.run(piece, bounds, n_threads)
     return [out[:, j].copy() for j in range(out.shape[1])] if several else out[:, 0].copy()
 
 
@@ -337,9 +263,9 @@ def sparse_t_matmul(rows, cols, n_cols, pairs, *, impl=None, transposed=()):
                 else:
                     numpy.dot(v[s:e], Er, out=out[i])  # (n,) @ (n, D_k) -> (D_k,)
 
-    bounds, threads = _split(colptr, impl)
+    bounds, n_threads = _split(colptr, impl)
     with _one_blas_thread(impl):
-        _run(piece_scipy if impl == "scipy" else piece_loop, bounds, threads)
+        threads.run(piece_scipy if impl == "scipy" else piece_loop, bounds, n_threads)
     if impl == "scipy":
         return outs
     return [numpy.ascontiguousarray(o.T) if j in transposed else o for j, o in enumerate(outs)]
