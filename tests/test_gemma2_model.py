@@ -514,3 +514,22 @@ def test_linear_layouts_agree(cfg, weights, monkeypatch):
     swapped = Gemma2Model(cfg, weights).forward(ids)
     monkeypatch.setattr(gm, "LINEAR_SWAP_MAX_TOKENS", 0)
     close(Gemma2Model(cfg, weights).forward(ids), swapped, F32_RTOL, F32_ATOL, "logits")
+
+
+@pytest.mark.parametrize("order", ["C", "F"])
+@pytest.mark.parametrize("n_threads", [1, 3])
+def test_fused_gelu_times_up_is_bitwise_the_plain_passes(order, n_threads, monkeypatch):
+    """gelu_tanh_times_ (blocks of the flat array, split over threads) gives exactly
+    gelu_tanh_(g) * u, for C- and Fortran-ordered operands (linear() returns either)."""
+    from minisae import threads
+    from minisae.models.gemma2 import model
+
+    monkeypatch.setattr(model, "GELU_BLOCK", 7)  # many blocks, a ragged last one
+    monkeypatch.setattr(threads, "threads", lambda: n_threads)
+    rng = numpy.random.default_rng(0)
+    g = numpy.asarray(rng.standard_normal((37, 11), dtype=numpy.float32) * 4, order=order)
+    u = numpy.asarray(rng.standard_normal((37, 11), dtype=numpy.float32), order=order)
+    want = model.gelu_tanh_(g.copy(order="K"), numpy) * u
+    got = model.gelu_tanh_times_(g, u, numpy)
+    assert got is g
+    numpy.testing.assert_array_equal(got, want)

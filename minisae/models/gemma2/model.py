@@ -23,6 +23,7 @@ import math
 
 import numpy
 
+from minisae import threads
 from minisae.xp import asarray, get_xp, xp_of
 
 from ..sites import SITE_KINDS, parse_site
@@ -100,9 +101,10 @@ def linear(x, W, *, c_order=True):
     return x @ W.T  # (N, in) @ (in, out) -> (N, out)
 
 
-def gelu_tanh_(x, xp):
-    """In place: 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))), GELU's tanh form (gelu_pytorch_tanh)."""
-    inner = x * x  # (N, I)
+def gelu_tanh_(x, xp, scratch=None):
+    """In place: 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))), GELU's tanh form (gelu_pytorch_tanh).
+    scratch: an array shaped like x for the intermediate (default: a new one)."""
+    inner = xp.multiply(x, x, out=scratch)  # (N, I)
     inner *= x  # x^3
     inner *= 0.044715
     inner += x
@@ -112,6 +114,32 @@ def gelu_tanh_(x, xp):
     x *= inner
     x *= 0.5
     return x
+
+
+GELU_BLOCK = 1 << 15  # elements per block of the fused pass (128 KiB of float32: stays in cache)
+
+
+def gelu_tanh_times_(g, u, xp):
+    """In place g = gelu_tanh(g) * u: the gated MLP's act(gate) * up, the same numbers as
+    gelu_tanh_(g, xp); g *= u. On NumPy, with g and u laid out alike, the nine elementwise
+    passes run block by block over cache-sized blocks (one trip through memory instead of nine)
+    and the blocks are split over threads (minisae.threads)."""
+    if xp is not numpy or g.strides != u.strides or not (g.flags.c_contiguous or g.flags.f_contiguous):
+        gelu_tanh_(g, xp)
+        g *= u
+        return g
+    gf, uf = g.ravel(order="K"), u.ravel(order="K")  # (N*I,) views in memory order, alike
+
+    def piece(lo, hi):
+        scratch = numpy.empty(min(GELU_BLOCK, hi - lo), dtype=g.dtype)  # (block,)
+        for s in range(lo, hi, GELU_BLOCK):
+            e = min(s + GELU_BLOCK, hi)
+            gelu_tanh_(gf[s:e], numpy, scratch[:e - s])
+            gf[s:e] *= uf[s:e]
+
+    n = threads.threads()
+    threads.run(piece, threads.even_pieces(gf.shape[0], n, GELU_BLOCK), n)
+    return g
 
 
 class Gemma2Model:
@@ -301,8 +329,7 @@ class Gemma2Model:
         """down(gelu_tanh(gate(x)) * up(x)) on x (N, D) -> (N, D)."""
         g = linear(x, lw["gate"], c_order=False)  # (N, D) @ (D, I) -> (N, I)
         u = linear(x, lw["up"], c_order=False)  # (N, D) @ (D, I) -> (N, I)
-        g = gelu_tanh_(g, self.xp)  # hidden_activation gelu_pytorch_tanh (approximate="tanh")
-        g *= u  # (N, I)  gated: act(gate) * up
+        g = gelu_tanh_times_(g, u, self.xp)  # (N, I) gated: act(gate) * up, act gelu_pytorch_tanh
         return linear(g, lw["down"])  # (N, I) @ (I, D) -> (N, D)
 
     def _logits(self, h):
@@ -432,4 +459,4 @@ def _module_of(a):
 
 
 __all__ = ["Gemma2Model", "cross_entropy", "parse_site", "SITE_KINDS", "rms_norm", "rope_tables",
-           "apply_rope", "gelu_tanh_"]
+           "apply_rope", "gelu_tanh_", "gelu_tanh_times_"]
