@@ -524,7 +524,7 @@ def test_fused_gelu_times_up_is_bitwise_the_plain_passes(order, n_threads, monke
     from minisae import threads
     from minisae.models.gemma2 import model
 
-    monkeypatch.setattr(model, "GELU_BLOCK", 7)  # many blocks, a ragged last one
+    monkeypatch.setattr(model, "PASS_BLOCK", 7)  # many blocks, a ragged last one
     monkeypatch.setattr(threads, "threads", lambda: n_threads)
     rng = numpy.random.default_rng(0)
     g = numpy.asarray(rng.standard_normal((37, 11), dtype=numpy.float32) * 4, order=order)
@@ -533,3 +533,21 @@ def test_fused_gelu_times_up_is_bitwise_the_plain_passes(order, n_threads, monke
     got = model.gelu_tanh_times_(g, u, numpy)
     assert got is g
     numpy.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("cap", [None, 50.0])
+@pytest.mark.parametrize("n_threads", [1, 3])
+def test_blocked_attention_softmax_is_bitwise_the_whole_array(cap, n_threads, monkeypatch):
+    """attention_scores_to_probs in blocks of query rows (never crossing a head), split over
+    threads, gives exactly the passes over the whole (b, K, G, T, T) array."""
+    from minisae import threads
+    from minisae.models.gemma2 import model
+
+    monkeypatch.setattr(model, "PASS_BLOCK", 5 * 6)  # 5 rows of T = 6 per block
+    monkeypatch.setattr(threads, "threads", lambda: n_threads)
+    rng = numpy.random.default_rng(1)
+    s = rng.standard_normal((2, 2, 3, 6, 6), dtype=numpy.float32) * 30  # (b, K, G, T, T)
+    mask = numpy.where(numpy.tril(numpy.ones((6, 6), dtype=bool)), 0.0,
+                       numpy.finfo(numpy.float32).min).astype(numpy.float32)  # (T, T)
+    want = model._scores_to_probs(s.copy(), mask, 0.0625, cap, numpy)
+    numpy.testing.assert_array_equal(model.attention_scores_to_probs(s, mask, 0.0625, cap, numpy), want)

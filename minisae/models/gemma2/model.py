@@ -37,6 +37,9 @@ _LOSS_ROWS = 256  # Gemma2Model.loss makes logits for this many tokens at a time
 
 # ---- the pieces of a block, in the order they run -------------------------------------------------
 
+PASS_BLOCK = 1 << 15  # elements per block of a blocked elementwise pass (128 KiB of float32: in cache)
+
+
 def rms_norm(x, w1, eps):
     """x * rsqrt(mean(x^2) + eps) * (1 + w); `w1` is (1 + w), precomputed once per weight."""
     xp = _module_of(x)
@@ -70,7 +73,30 @@ def apply_rope(x, cos, sin):
 
 
 def attention_scores_to_probs(s, mask, scale, cap, xp):
-    """In place on s (b, K, G, T, T): scale, soft-cap, mask, float32 softmax over keys."""
+    """In place on s (b, K, G, T, T): scale, soft-cap, mask, float32 softmax over keys. On NumPy
+    the passes run over blocks of query rows that stay in cache, split over threads (every row
+    is done exactly as the whole array would be: the same numbers)."""
+    if xp is not numpy or not s.flags.c_contiguous:
+        return _scores_to_probs(s, mask, scale, cap, xp)
+    T = s.shape[-1]
+    rows = s.reshape(-1, T)  # (R, T) view: row r is query position r % T of one head
+    per_block = max(1, PASS_BLOCK // max(T, 1))
+
+    def piece(lo, hi):
+        r0 = lo
+        while r0 < hi:
+            r1 = min(r0 + per_block, hi, (r0 // T + 1) * T)  # a block never crosses a head
+            q0 = r0 % T
+            _scores_to_probs(rows[r0:r1], mask[q0:q0 + r1 - r0], scale, cap, numpy)
+            r0 = r1
+
+    n = threads.threads()
+    threads.run(piece, threads.even_pieces(rows.shape[0], n, per_block), n)
+    return s
+
+
+def _scores_to_probs(s, mask, scale, cap, xp):
+    """attention_scores_to_probs on one array (mask broadcast against s's last two axes)."""
     s *= scale  # matmul(q, kᵀ) * scaling, scaling = query_pre_attn_scalar ** -0.5 (not head_dim)
     if cap is not None:
         s /= cap  # attention soft-cap c * tanh(s / c), c = attn_logit_softcapping ...
@@ -116,9 +142,6 @@ def gelu_tanh_(x, xp, scratch=None):
     return x
 
 
-GELU_BLOCK = 1 << 15  # elements per block of the fused pass (128 KiB of float32: stays in cache)
-
-
 def gelu_tanh_times_(g, u, xp):
     """In place g = gelu_tanh(g) * u: the gated MLP's act(gate) * up, the same numbers as
     gelu_tanh_(g, xp); g *= u. On NumPy, with g and u laid out alike, the nine elementwise
@@ -131,14 +154,14 @@ def gelu_tanh_times_(g, u, xp):
     gf, uf = g.ravel(order="K"), u.ravel(order="K")  # (N*I,) views in memory order, alike
 
     def piece(lo, hi):
-        scratch = numpy.empty(min(GELU_BLOCK, hi - lo), dtype=g.dtype)  # (block,)
-        for s in range(lo, hi, GELU_BLOCK):
-            e = min(s + GELU_BLOCK, hi)
+        scratch = numpy.empty(min(PASS_BLOCK, hi - lo), dtype=g.dtype)  # (block,)
+        for s in range(lo, hi, PASS_BLOCK):
+            e = min(s + PASS_BLOCK, hi)
             gelu_tanh_(gf[s:e], numpy, scratch[:e - s])
             gf[s:e] *= uf[s:e]
 
     n = threads.threads()
-    threads.run(piece, threads.even_pieces(gf.shape[0], n, GELU_BLOCK), n)
+    threads.run(piece, threads.even_pieces(gf.shape[0], n, PASS_BLOCK), n)
     return g
 
 
