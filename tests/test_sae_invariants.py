@@ -495,10 +495,17 @@ def test_top_k_equals_the_plain_rule_with_ties(B, M, seed, data):
     assert idx.shape == (B, k) and (k == M or 0 not in idx[0])
 
 
-def test_top_k_large_rows_take_the_sampled_path():
+@pytest.mark.parametrize("n_threads", [1, 3])
+def test_top_k_large_rows_take_the_sampled_path(n_threads, monkeypatch):
+    """The sampled path, on one thread and with the rows split over three (pieces of 3 rows)."""
+    monkeypatch.setattr(threads, "threads", lambda: n_threads)
+    monkeypatch.setattr(common, "TOPK_PIECE_ENTRIES", 3 * 4096)
     rng = numpy.random.default_rng(3)
     a = rng.standard_normal((40, 4096)).astype("float32")
     a[:, 100] = a[:, 7]  # a tie that can sit at the k-th place
     a[5] = numpy.round(a[5])  # a row full of ties
-    for k in (1, 16, 64):
-        numpy.testing.assert_array_equal(common.top_k(a, k)[0], common.top_k_plain(a, k)[0])
+    for k in (1, 16, 64, 1024):  # 1024: too large for the sample, each piece on its whole rows
+        idx, vals = common.top_k(a, k)
+        ref_idx, ref_vals = common.top_k_plain(a, k)
+        numpy.testing.assert_array_equal(idx, ref_idx)
+        numpy.testing.assert_array_equal(vals, ref_vals)

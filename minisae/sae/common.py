@@ -14,6 +14,7 @@ import math
 
 import numpy
 
+from minisae import threads
 from minisae.sae.sparse import sampled_matmul, sparse_matmul, sparse_t_matmul
 from minisae.xp import xp_of
 
@@ -148,6 +149,7 @@ def geometric_median(x, *, iters=100, tol=1e-7, xp=None):
 # (a stable sort); `top_k` gives the same answer without sorting or partitioning whole rows.
 
 TOPK_SAMPLE_STRIDE = 8  # top_k estimates each row's threshold from every 8th column
+TOPK_PIECE_ENTRIES = 1 << 20  # top_k splits rows over threads in pieces of at least this many entries
 
 
 def top_k_plain(a, k):
@@ -186,6 +188,27 @@ def top_k(a, k):
     k = int(k)
     if not 1 <= k <= M:
         raise ValueError(f"top_k: expected 1 <= k <= M = {M}, found {k}")
+    if xp is not numpy or B == 0:
+        return _top_k_rows(a, k)
+    # rows are independent: pieces of rows on the threads (minisae.threads), the same numbers
+    n = threads.threads()
+    bounds = threads.even_pieces(B, n, max(1, TOPK_PIECE_ENTRIES // max(M, 1)))
+    if len(bounds) <= 2:
+        return _top_k_rows(a, k)
+    idx = numpy.empty((B, k), dtype=numpy.int64)  # (B, K)
+    vals = numpy.empty((B, k), dtype=a.dtype)  # (B, K)
+
+    def piece(r0, r1):
+        idx[r0:r1], vals[r0:r1] = _top_k_rows(a[r0:r1], k)
+
+    threads.run(piece, bounds, n)
+    return idx, vals
+
+
+def _top_k_rows(a, k):
+    """top_k on one block of rows (the algorithm above)."""
+    xp = xp_of(a)
+    B, M = a.shape
     if xp is not numpy or M < 4 * TOPK_SAMPLE_STRIDE * k or B == 0:
         full = xp.where(xp.isnan(a), -xp.inf, a)  # (B, M)
         return _select_in_candidates(full, xp.broadcast_to(xp.arange(M), (B, M)), k)
