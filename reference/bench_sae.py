@@ -81,6 +81,9 @@ def parse_args(argv=None):
     p.add_argument("--pause", type=float, default=0.2,
                    help="seconds slept before each timed call (lets idle thread pools settle)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--path", choices=("auto", "sparse", "dense"), default="auto",
+                   help="minisae's path: auto (sparse when few latents fire), or forced (where "
+                        "the sparse path stops paying)")
     p.add_argument("--profile", action="store_true",
                    help="also split minisae into forward/backward and cProfile one call")
     p.add_argument("--json", default=None, metavar="PATH", help="write all timings here")
@@ -412,7 +415,7 @@ def setup_variant(variant, backend, args):
     names = list(params)
 
     def run_minisae():
-        return module.loss_and_grads(ms_params, ms_x, **ms_hyper)
+        return module.loss_and_grads(ms_params, ms_x, **ms_hyper, path=args.path)
 
     def run_torch():
         loss, f = t_loss_fn(t_params, t_x, **t_hyper)
@@ -531,7 +534,7 @@ def main(args):
     print(f"- numpy {info['numpy']} ({info['numpy_blas']}), BLAS threads "
           f"{info['numpy_blas_threads']}; torch {info['torch']}, threads {info['torch_threads']}")
     print(f"- B={B}, D={D}, M={M}; median of {args.repeats} interleaved rounds after "
-          f"{args.warmup} warm-up, {args.pause:g} s pause before each call")
+          f"{args.warmup} warm-up, {args.pause:g} s pause before each call; minisae path={args.path}")
     for name, v in variants.items():
         worst = max(v["check"].values())
         print(f"- {name}: {v['note']}; measured L0 = {v['l0']:.1f} ({100 * v['l0'] / M:.2f}% of M;"
