@@ -88,6 +88,21 @@ def _split(ptr, impl):
     return sorted(set([0, n] + rows.tolist())), n_threads
 
 
+def _run_pieces(piece, ptr, impl):
+    """piece(lo, hi) over the rows of pointer array ptr, split for the threads (see _split)."""
+    bounds, n_threads = _split(ptr, impl)
+    with _one_blas_thread(impl):
+        threads.run(piece, bounds, n_threads)
+
+
+def _weighted_sum(v, rows, out, impl):
+    """out = v @ rows for v (n,) and rows (n, D): BLAS, or numpy.einsum for impl "einsum"."""
+    if impl == "einsum":
+        numpy.einsum("n,nd->d", v, rows, out=out)
+    else:
+        numpy.dot(v, rows, out=out)
+
+
 def _csr(values, indices, ptr, lo, hi, n_cols):
     """The rows lo:hi of the CSR matrix (values, indices, ptr) as a scipy csr_array (views)."""
     s, e = int(ptr[lo]), int(ptr[hi])
@@ -182,14 +197,9 @@ def sparse_matmul(rowptr, cols, values, W, *, impl=None):
         for b in range(lo, hi):
             s, e = ptr[b], ptr[b + 1]
             Wb = _gather_rows(W, cols[s:e], buf, impl)  # (n, D) the rows of the latents in row b
-            if impl == "einsum":
-                numpy.einsum("n,nd->d", values[s:e], Wb, out=out[b])
-            else:
-                numpy.dot(values[s:e], Wb, out=out[b])  # (n,) @ (n, D) -> (D,)
+            _weighted_sum(values[s:e], Wb, out[b], impl)  # (n,) @ (n, D) -> (D,)
 
-    bounds, n_threads = _split(rowptr, impl)
-    with _one_blas_thread(impl):
-        threads.run(piece, bounds, n_threads)
+    _run_pieces(piece, rowptr, impl)
     return out
 
 
@@ -217,9 +227,7 @@ def sampled_matmul(rowptr, cols, E, W, *, impl=None):
             else:
                 numpy.dot(Wb, Es[b].T, out=out[s:e])  # (n, D) @ (D, K) -> (n, K)
 
-    bounds, n_threads = _split(rowptr, impl)
-    with _one_blas_thread(impl):
-        threads.run(piece, bounds, n_threads)
+    _run_pieces(piece, rowptr, impl)
     return [out[:, j].copy() for j in range(out.shape[1])] if several else out[:, 0].copy()
 
 
@@ -258,14 +266,9 @@ def sparse_t_matmul(rows, cols, n_cols, pairs, *, impl=None, transposed=()):
             r = rows_c[s:e]
             for v, (_, E), out, buf in zip(vals_c, pairs, outs, bufs):
                 Er = _gather_rows(E, r, buf, impl)  # (n, D_k) the tokens latent i fired on
-                if impl == "einsum":
-                    numpy.einsum("n,nd->d", v[s:e], Er, out=out[i])
-                else:
-                    numpy.dot(v[s:e], Er, out=out[i])  # (n,) @ (n, D_k) -> (D_k,)
+                _weighted_sum(v[s:e], Er, out[i], impl)  # (n,) @ (n, D_k) -> (D_k,)
 
-    bounds, n_threads = _split(colptr, impl)
-    with _one_blas_thread(impl):
-        threads.run(piece_scipy if impl == "scipy" else piece_loop, bounds, n_threads)
+    _run_pieces(piece_scipy if impl == "scipy" else piece_loop, colptr, impl)
     if impl == "scipy":
         return outs
     return [numpy.ascontiguousarray(o.T) if j in transposed else o for j, o in enumerate(outs)]
