@@ -10,12 +10,11 @@ sparsity coefficient warmed linearly from 0 over 10,000 steps. TopK (Gao et al.,
 eps 6.25e-10, lr 2e-4 / sqrt(M / 2^14).
 """
 
-import concurrent.futures
 import math
-import os
 
 import numpy
 
+from minisae import threads
 from minisae.xp import xp_of
 
 TOPK_ADAM_EPS = 6.25e-10
@@ -90,7 +89,7 @@ def adam_update(params, grads, state, *, lr, betas=(0.0, 0.999), eps=1e-8, lr_mu
     On NumPy the parameter is walked in blocks of ADAM_BLOCK_ELEMENTS entries, each taken
     through all the steps below while it sits in the CPU cache: the dozen elementwise passes
     then cost about one trip through memory instead of a dozen; a large parameter is split over
-    ADAM_THREADS threads (each range on its own core). (On a GPU: whole arrays.)
+    as many threads as NumPy's BLAS uses (minisae.threads). (On a GPU: whole arrays.)
 
     Not restricted to the latents that fired: Adam's second moment v decays on every entry
     each step (v <- b2 v), and with b1 > 0 (TopK) so does m and hence the update of every
@@ -113,33 +112,20 @@ def adam_update(params, grads, state, *, lr, betas=(0.0, 0.999), eps=1e-8, lr_mu
             raise ValueError(f"adam_update: params[{k!r}] and its moments must be contiguous arrays")
         param_step = _param_step(step_size, lr_mult, k)  # lr_mult: this parameter's factor
         consts = (b1, b2, sqrt_bc2, eps, param_step)
-        # on NumPy, large parameters are split into one contiguous range per thread: NumPy
-        # releases the GIL inside each operation, so the ranges run on separate cores
-        n_threads = min(ADAM_THREADS, -(-n // step)) if xp is numpy else 1
-        bounds = [(n * i // n_threads) // step * step for i in range(n_threads)] + [n]
+        if n == 0:
+            continue
+        # on NumPy, large parameters are split into one contiguous range per thread (as many as
+        # BLAS uses, minisae.threads): NumPy releases the GIL inside each operation
+        n_threads = min(threads.threads(), -(-n // step)) if xp is numpy else 1
+        bounds = sorted(set([(n * i // n_threads) // step * step for i in range(n_threads)] + [n]))
         tmps = []
-        for i in range(n_threads):
+        for i in range(len(bounds) - 1):
             key = (i, min(step, n), str(p.dtype), xp.__name__)
             if key not in scratch:
                 scratch[key] = xp.empty(min(step, n), dtype=p.dtype)
             tmps.append(scratch[key])
-        if n_threads == 1:
-            _adam_range(flat, tmps[0], 0, n, step, consts, xp)
-        else:
-            jobs = [_pool().submit(_adam_range, flat, tmps[i], bounds[i], bounds[i + 1], step, consts, xp)
-                    for i in range(n_threads)]
-            for job in jobs:
-                job.result()
-
-
-ADAM_THREADS = min(4, os.cpu_count() or 1)  # threads `adam_update` splits a large parameter over
-_executor = []
-
-
-def _pool():
-    if not _executor:
-        _executor.append(concurrent.futures.ThreadPoolExecutor(ADAM_THREADS, "minisae-adam"))
-    return _executor[0]
+        threads.run(lambda lo, hi: _adam_range(flat, tmps[bounds.index(lo)], lo, hi, step, consts, xp),
+                    bounds, n_threads)
 
 
 def _adam_range(flat, tmp, lo, hi, step, consts, xp):
