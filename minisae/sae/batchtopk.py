@@ -37,7 +37,8 @@ from minisae.sae.common import (as_input, check_params, check_prefixes, decode, 
                                 prefix_decode, prefix_decoder_gradients, prefix_squared_error,
                                 scalar, segments, sparse_prefix_decode, sparse_prefix_decoder_grad,
                                 sparse_prefix_parts, sparse_prefix_sampled, top_k)
-from minisae.sae.sparse import column_sums, sparse_fire_counts, sparse_from_mask, sparse_t_matmul
+from minisae.sae.sparse import (by_column, column_sums, sparse_fire_counts, sparse_from_mask,
+                                sparse_t_matmul)
 from minisae.sae.topk import _auxk_backward, _auxk_forward, _dead_indices  # AuxK exactly as TopK
 from minisae.threads import in_background
 from minisae.xp import xp_of
@@ -260,9 +261,10 @@ def _forward_backward_sparse(params, x, *, k, aux_k, aux_coeff, dead_mask, prefi
     # backward, as in `backward`
     G = prefix_decoder_gradients(errs, prefixes)  # S x (B, D)
     # dW_dec needs only z and G: computed on another thread while the sampled product runs here
-    dW_dec = in_background(sparse_prefix_decoder_grad, parts, rows, cols, z_s, G, W_dec)  # (M, D)
+    grouped = by_column(rows, cols, B, M)  # the entries by latent, for both transposed products
+    dW_dec = in_background(sparse_prefix_decoder_grad, parts, rows, cols, z_s, G, W_dec, grouped)  # (M, D)
     dpi_s = sparse_prefix_sampled(parts, cols, G, W_dec) * passes_s  # (N,)
-    dW_enc_t = sparse_t_matmul(rows, cols, M, [(dpi_s, x_c)])[0]  # (M, D)
+    dW_enc_t = sparse_t_matmul(rows, cols, M, [(dpi_s, x_c)], grouped=grouped)[0]  # (M, D)
     dW_dec = dW_dec.result()  # (M, D)
     db_enc = column_sums(cols, dpi_s, M, dtype)  # (M,)
     if aux_cache is not None:

@@ -350,10 +350,11 @@ def sparse_prefix_sampled(parts, cols, G, W_dec):
     return out
 
 
-def sparse_prefix_decoder_grad(parts, rows, cols, values, G, W_dec):
-    """(M, D): d loss / d W_dec, row block s:e from its segment's entries and G_s."""
+def sparse_prefix_decoder_grad(parts, rows, cols, values, G, W_dec, grouped=None):
+    """(M, D): d loss / d W_dec, row block s:e from its segment's entries and G_s. grouped:
+    by_column of all the entries (used by the plain loss, whose one segment is all of them)."""
     if len(parts) == 1:  # plain loss: all entries at once
-        return sparse_t_matmul(rows, cols, W_dec.shape[0], [(values, G[0])])[0]  # (M, D)
+        return sparse_t_matmul(rows, cols, W_dec.shape[0], [(values, G[0])], grouped=grouped)[0]  # (M, D)
     dW_dec = numpy.empty_like(W_dec)  # (M, D)
     for (s, e, sel, rp), G_s in zip(parts, G):
         dW_dec[s:e] = sparse_t_matmul(rows[sel], cols[sel] - s, e - s, [(values[sel], G_s)])[0]

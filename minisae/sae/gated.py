@@ -26,8 +26,8 @@ import numpy
 
 from minisae.sae.common import (as_input, check_params, decode, fire_counts, init_dictionary,
                                 scalar, squared_error, squared_error_backward)
-from minisae.sae.sparse import (column_sums, entries_above, sampled_matmul, sparse_fire_counts,
-                                sparse_matmul, sparse_t_matmul)
+from minisae.sae.sparse import (by_column, column_sums, entries_above, sampled_matmul,
+                                sparse_fire_counts, sparse_matmul, sparse_t_matmul)
 from minisae.threads import in_background
 from minisae.xp import xp_of
 
@@ -205,12 +205,13 @@ def _forward_backward_sparse(params, x, x_c, gate, sparsity_coeff, dense_f):
     dxhat = squared_error_backward(err)  # (B, D)
     dxhat_frozen = squared_error_backward(err_frozen)  # (B, D)
     # dW_dec needs only f and dxhat: computed on another thread while the sampled products run here
-    dW_dec = in_background(sparse_t_matmul, rows, cols, M, [(f_s, dxhat)])  # [(M, D)]
+    grouped = by_column(rows, cols, B, M)  # the entries by latent, for both transposed products
+    dW_dec = in_background(sparse_t_matmul, rows, cols, M, [(f_s, dxhat)], grouped=grouped)  # [(M, D)]
     df_s, dpi_gate_s = sampled_matmul(rowptr, cols, [dxhat, dxhat_frozen], W_dec)  # 2 x (N,)
     dpi_mag_s = df_s * (pi_mag_s > 0.0)  # (N,)
     dpi_gate_s += sparsity_coeff / B
     dpre_s = dpi_mag_s * scale[cols] + dpi_gate_s  # (N,)
-    dW_enc = sparse_t_matmul(rows, cols, M, [(dpre_s, x_c)], transposed=(0,))[0]  # (D, M)
+    dW_enc = sparse_t_matmul(rows, cols, M, [(dpre_s, x_c)], transposed=(0,), grouped=grouped)[0]  # (D, M)
     db_dec = dxhat.sum(axis=0) - W_enc @ column_sums(cols, dpre_s, M, dtype)  # (D,)
     grads = {"W_enc": dW_enc,
              "b_gate": column_sums(cols, dpi_gate_s, M, dtype),

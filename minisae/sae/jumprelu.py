@@ -48,7 +48,8 @@ from minisae.sae.common import (as_input, check_params, check_prefixes, decode, 
                                 sparse_prefix_decoder_grad, sparse_prefix_parts,
                                 sparse_prefix_sampled)
 from minisae.sae.penalties import frequency_penalty, pre_act_penalty, sparsity_penalty, tanh_penalty
-from minisae.sae.sparse import column_sums, entries_above, sparse_fire_counts, sparse_t_matmul
+from minisae.sae.sparse import (by_column, column_sums, entries_above, sparse_fire_counts,
+                                sparse_t_matmul)
 from minisae.threads import in_background
 from minisae.xp import xp_of
 
@@ -388,7 +389,8 @@ def _forward_backward_sparse(params, x, x_c, stored, h, raw, dense_f):
     # backward, as in `backward`; entries outside the stored set have df * a = 0 and K = 0
     G = prefix_decoder_gradients(errs, h.prefixes)  # S x (B, D)
     # dW_dec needs only f and G: computed on another thread while the sampled product runs here
-    dW_dec = in_background(sparse_prefix_decoder_grad, parts, rows, cols, f_s, G, W_dec)  # (M, D)
+    grouped = by_column(rows, cols, B, M)  # the entries by latent, for both transposed products
+    dW_dec = in_background(sparse_prefix_decoder_grad, parts, rows, cols, f_s, G, W_dec, grouped)  # (M, D)
     df_s = sparse_prefix_sampled(parts, cols, G, W_dec)  # (N,) = (G @ W_dec.T)[rows, cols]
     window_s = kernel_window(pi_s, theta_s, h.bandwidth)  # (N,)
     window_da = column_sums(cols, numpy.where(window_s, da_b[rows], 0.0), M, dtype)  # (M,)
@@ -396,7 +398,7 @@ def _forward_backward_sparse(params, x, x_c, stored, h, raw, dense_f):
         window_da += da_i * column_sums(cols, window_s, M, dtype)  # (M,)
     dtheta = dtheta_ste(column_sums(cols, df_s * window_s, M, dtype), window_da, theta, h.bandwidth)
     dpre_s = df_s * active_s  # (N,)
-    dW_enc = sparse_t_matmul(rows, cols, M, [(dpre_s, x_c)], transposed=(0,))[0]  # (D, M)
+    dW_enc = sparse_t_matmul(rows, cols, M, [(dpre_s, x_c)], transposed=(0,), grouped=grouped)[0]  # (D, M)
     db_enc = column_sums(cols, dpre_s, M, dtype)  # (M,)
     db_dec = G[0].sum(axis=0)  # (D,)
     if h.pre_enc_bias:

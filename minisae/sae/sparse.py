@@ -228,10 +228,10 @@ def sampled_matmul(rowptr, cols, E, W, *, impl=None):
                 numpy.dot(Wb, Es[b].T, out=out[s:e])  # (n, D) @ (D, K) -> (n, K)
 
     _run_pieces(piece, rowptr, impl)
-    return [out[:, j].copy() for j in range(out.shape[1])] if several else out[:, 0].copy()
+    return [out[:, j].copy() for j in range(K)] if several else out[:, 0]  # (N,) each, contiguous
 
 
-def sparse_t_matmul(rows, cols, n_cols, pairs, *, impl=None, transposed=()):
+def sparse_t_matmul(rows, cols, n_cols, pairs, *, impl=None, transposed=(), grouped=None):
     """[A_k.T @ E_k for (A_k values (N,), E_k (B, D_k)) in pairs], all A_k sharing one pattern.
 
     Each result is dense (M, D_k) with M = n_cols; for the pairs whose index is in `transposed`
@@ -239,11 +239,14 @@ def sparse_t_matmul(rows, cols, n_cols, pairs, *, impl=None, transposed=()):
     block by block of latents so that no (M, D_k) intermediate and transposed copy are needed.
     The entries are regrouped by column (latent) once: that is A.T in CSR form. Then each
     latent's rows of E_k are gathered and weighted by its values (loops), or one compiled CSR
-    product per pair and piece of latents (scipy).
+    product per pair and piece of latents (scipy). grouped: by_column's result for these
+    entries, when the caller regrouped them already (two calls on one pattern).
     """
     impl = _pick(impl, ("scipy", "blas1", "einsum"), "sparse_t_matmul")
-    B = pairs[0][1].shape[0] if pairs else int(rows.max(initial=-1)) + 1
-    order, rows_c, colptr = by_column(rows, cols, B, n_cols)  # (N,) (N,) (M + 1,)
+    if not pairs:
+        return []
+    B = pairs[0][1].shape[0]
+    order, rows_c, colptr = grouped or by_column(rows, cols, B, n_cols)  # (N,) (N,) (M + 1,)
     vals_c = [values[order] for values, _ in pairs]  # each (N,)
     flip = transposed if impl == "scipy" else ()  # the loops write (M, D_k) and transpose after
     outs = [numpy.empty((E.shape[1], n_cols) if j in flip else (n_cols, E.shape[1]), dtype=E.dtype)

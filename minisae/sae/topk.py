@@ -26,8 +26,8 @@ import numpy
 from minisae.sae.common import (as_input, check_params, decode, fire_counts, geometric_median,
                                 init_dictionary, scalar, squared_error, squared_error_backward,
                                 top_k)
-from minisae.sae.sparse import (column_sums, sampled_matmul, sparse_fire_counts, sparse_matmul,
-                                sparse_t_matmul)
+from minisae.sae.sparse import (by_column, column_sums, sampled_matmul, sparse_fire_counts,
+                                sparse_matmul, sparse_t_matmul)
 from minisae.threads import in_background
 from minisae.xp import xp_of
 
@@ -237,9 +237,10 @@ def _forward_backward_sparse(params, x, *, k, aux_k, aux_coeff, dead_mask, dense
     # backward, as in `backward`
     dxhat = squared_error_backward(err)  # (B, D)
     # dW_dec needs only z and dxhat: computed on another thread while the sampled product runs here
-    dW_dec = in_background(sparse_t_matmul, rows, cols, M, [(z_s, dxhat)])  # [(M, D)]
+    grouped = by_column(rows, cols, B, M)  # the entries by latent, for both transposed products
+    dW_dec = in_background(sparse_t_matmul, rows, cols, M, [(z_s, dxhat)], grouped=grouped)  # [(M, D)]
     dpi_s = sampled_matmul(rowptr, cols, dxhat, W_dec) * (vals.ravel() > 0.0)  # (N,)
-    dW_enc = sparse_t_matmul(rows, cols, M, [(dpi_s, x_c)], transposed=(0,))[0]  # (D, M)
+    dW_enc = sparse_t_matmul(rows, cols, M, [(dpi_s, x_c)], transposed=(0,), grouped=grouped)[0]  # (D, M)
     dW_dec = dW_dec.result()[0]  # (M, D)
     db_enc = column_sums(cols, dpi_s, M, dtype)  # (M,)
     if aux_cache is not None:
