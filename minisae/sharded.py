@@ -270,7 +270,7 @@ def _auxk_start(pi, dead_mask, aux_k, W_dec, comm):
         return {"n_dead": 0, "parts": []}
     aux_idx, aux_vals = _global_topk(pi[:, dead], min(aux_k, n_dead), comm)  # (b, wa), (b, wa)
     z_aux = _scatter_rows(xp.maximum(aux_vals, 0.0), aux_idx, dead.shape[0])  # (b, Nd_s)
-    return {"n_dead": n_dead, "dead": dead, "z_aux": z_aux, "aux_idx": aux_idx, "aux_vals": aux_vals,
+    return {"n_dead": n_dead, "dead": dead, "z_aux": z_aux,
             "parts": [z_aux @ W_dec[dead]]}  # (b, Nd_s) @ (Nd_s, D) -> (b, D), no bias
 
 
@@ -282,7 +282,7 @@ def _auxk_finish(auxk, err, summed):
     aux, err_aux = squared_error(err, summed[0])
     if auxk["dead"].shape[0] == 0:
         return aux, None
-    return aux, {**{k: auxk[k] for k in ("dead", "z_aux", "aux_idx", "aux_vals")}, "err_aux": err_aux}
+    return aux, {**{k: auxk[k] for k in ("dead", "z_aux")}, "err_aux": err_aux}
 
 
 def _global_batch_topk_mask(pi, n_keep, comm, lo, d_sae):

@@ -39,7 +39,7 @@ from minisae.sae.common import (as_input, check_params, check_prefixes, decode, 
                                 sparse_prefix_parts, sparse_prefix_sampled, top_k)
 from minisae.sae.sparse import (by_column, column_sums, sparse_fire_counts, sparse_from_mask,
                                 sparse_t_matmul)
-from minisae.sae.topk import _auxk_backward, _auxk_forward, _dead_indices  # AuxK exactly as TopK
+from minisae.sae.topk import _auxk_backward, _auxk_forward, _auxk_step, _dead_indices  # AuxK as TopK
 from minisae.threads import in_background
 from minisae.xp import xp_of
 
@@ -234,8 +234,8 @@ def loss_and_grads(params, x, *, k, aux_k=512, aux_coeff=1.0 / 32, dead_mask=Non
 
 
 # ----------------------------------------------------------------------------------------------
-# sparse path (NumPy): z held as its N kept entries (row-major); the AuxK part stays dense over
-# the (few) dead columns; with Matryoshka prefixes each segment's entries are handled in turn
+# sparse path (NumPy): z held as its N kept entries (row-major); AuxK as on TopK's sparse path
+# (topk._auxk_step); with Matryoshka prefixes each segment's entries are handled in turn
 
 
 def _forward_backward_sparse(params, x, *, k, aux_k, aux_coeff, dead_mask, prefixes, dense_f):
@@ -255,9 +255,9 @@ def _forward_backward_sparse(params, x, *, k, aux_k, aux_coeff, dead_mask, prefi
     parts = sparse_prefix_parts(rows, cols, rowptr, B, M, prefixes)  # per segment
     xhats = sparse_prefix_decode(parts, cols, z_s, W_dec, b_dec)  # S x (B, D)
     total, mse, errs = prefix_squared_error(x, xhats)  # mse: the full SAE's
-    aux, aux_cache = 0.0, None
+    aux, aux_grads = 0.0, None
     if dead.shape[0] > 0:
-        aux, aux_cache = _auxk_forward(pi, errs[-1], W_dec, dead, aux_k)
+        aux, aux_grads = _auxk_step(pi, errs[-1], W_dec, x_c, dead, aux_k, aux_coeff)
     # backward, as in `backward`
     G = prefix_decoder_gradients(errs, prefixes)  # S x (B, D)
     # dW_dec needs only z and G: computed on another thread while the sampled product runs here
@@ -267,11 +267,11 @@ def _forward_backward_sparse(params, x, *, k, aux_k, aux_coeff, dead_mask, prefi
     dW_enc_t = sparse_t_matmul(rows, cols, M, [(dpi_s, x_c)], grouped=grouped)[0]  # (M, D)
     dW_dec = dW_dec.result()  # (M, D)
     db_enc = column_sums(cols, dpi_s, M, dtype)  # (M,)
-    if aux_cache is not None:
-        dW_dead, dpi_dead = _auxk_backward(aux_cache, W_dec, aux_coeff)  # (Nd, D), (B, Nd)
-        dW_dec[dead] += dW_dead  # (Nd, D)
-        dW_enc_t[dead] += dpi_dead.T @ x_c  # (Nd, B) @ (B, D) -> (Nd, D)
-        db_enc[dead] += dpi_dead.sum(axis=0)  # (Nd,)
+    if aux_grads is not None:  # forward was: loss = total + alpha * aux
+        latents, dW_aux, dW_enc_aux, db_aux = aux_grads  # (U,), (U, D), (U, D), (U,)
+        dW_dec[latents] += dW_aux  # (U, D)
+        dW_enc_t[latents] += dW_enc_aux  # (U, D)
+        db_enc[latents] += db_aux  # (U,)
     db_dec = G[0].sum(axis=0) - W_enc @ db_enc  # (D,)
     grads = {"W_enc": numpy.ascontiguousarray(dW_enc_t.T), "b_enc": db_enc, "W_dec": dW_dec,
              "b_dec": db_dec}

@@ -168,8 +168,12 @@ def _select_in_candidates(vals, cols, k):
     kth = xp.partition(vals, C - k, axis=1)[:, C - k: C - k + 1]  # (R, 1) the k-th largest
     above = vals > kth  # (R, C)
     tied = vals == kth  # (R, C)
-    need = k - above.sum(axis=1, keepdims=True)  # (R, 1) how many ties to keep, >= 1
-    keep = above | (tied & (xp.cumsum(tied, axis=1) <= need))  # lowest columns among the ties
+    keep = above | tied  # (R, C) right for every row whose ties all fit
+    need = k - xp.count_nonzero(above, axis=1)  # (R,) how many ties to keep, >= 1
+    crowded = xp.flatnonzero(xp.count_nonzero(tied, axis=1) > need)  # rows with ties to drop
+    if crowded.size:  # keep the lowest columns among their ties
+        t = tied[crowded]  # (R', C)
+        keep[crowded] = above[crowded] | (t & (xp.cumsum(t, axis=1) <= need[crowded, None]))
     return cols[keep].reshape(-1, k), vals[keep].reshape(-1, k)  # row-major: k per row
 
 

@@ -102,31 +102,52 @@ def _check_hyper(params, k, aux_k, aux_coeff, dead_mask, xp):
     return _check_k(k, M, "k"), int(aux_k), float(aux_coeff), _dead_indices(dead_mask, M, xp)
 
 
-def _auxk_forward(pi, err, W_dec, dead, aux_k):
+def relu_top_k(a, k):
+    """(B, M): ReLU of the top-k entries of each row of a (B, M) (`topk_rows`' rule) at their
+    columns, zeros elsewhere; NaN counts as -inf. The same as scattering max(vals, 0) at idx.
+
+    A row with at most k positive entries keeps all of them, and its other kept entries are
+    <= 0, so its result is max(a, 0) whatever the ties: no selection is needed. Only rows with
+    more than k positive entries are selected. (AuxK's dead latents are rarely positive.)"""
+    xp = xp_of(a)
+    positive = a > 0.0  # (B, M); NaN is not positive
+    out = xp.where(positive, a, a.dtype.type(0))  # (B, M)
+    crowded = xp.flatnonzero(xp.count_nonzero(positive, axis=1) > k)  # (R,) rows to select in
+    if crowded.size:
+        idx, vals = topk_rows(a[crowded], k)  # (R, K), (R, K)
+        out[crowded] = _scatter_rows(xp.maximum(vals, 0.0), idx, a.shape[1])
+    return out
+
+
+def _auxk_latents(pi, dead, aux_k):
+    """z_aux (B, Nd) = ReLU(TopK_k'(pi[:, dead])), k' = min(aux_k, #dead)."""
+    pi_dead = xp_of(pi).take(pi, dead, axis=1)  # (B, Nd) = pi[:, dead], C-ordered (faster than
+    # pi[:, dead], whose result is laid out by columns)
+    return relu_top_k(pi_dead, min(aux_k, dead.shape[0]))  # (B, Nd)
+
+
+def _auxk_forward(pi, err, W_dec, dead, aux_k, z_aux=None):
     """AuxK: the top-k' of the dead latents reconstruct the (constant) residual err = x - xhat.
-    Returns aux = mean_b sum_d (err - ehat)^2 and the cache `_auxk_backward` needs."""
-    xp = xp_of(pi)
-    k_aux = min(aux_k, dead.shape[0])  # k' = min(aux_k, #dead)
-    aux_idx, aux_vals = topk_rows(pi[:, dead], k_aux)  # (B, Ka), (B, Ka) into the dead list
-    z_aux = _scatter_rows(xp.maximum(aux_vals, 0.0), aux_idx, dead.shape[0])  # (B, Nd)
+    Returns aux = mean_b sum_d (err - ehat)^2 and the cache `_auxk_backward` needs. z_aux:
+    `_auxk_latents`' result when the caller has it already."""
+    z_aux = _auxk_latents(pi, dead, aux_k) if z_aux is None else z_aux  # (B, Nd)
     ehat = z_aux @ W_dec[dead]  # (B, Nd) @ (Nd, D) -> (B, D), no bias
     aux, err_aux = squared_error(err, ehat)
-    return aux, {"dead": dead, "z_aux": z_aux, "aux_idx": aux_idx, "aux_vals": aux_vals,
-                 "err_aux": err_aux}
+    return aux, {"dead": dead, "z_aux": z_aux, "err_aux": err_aux}
 
 
 def _auxk_backward(aux_cache, W_dec, aux_coeff):
     """(dW_dec rows of the dead latents (Nd, D), dpi on the dead columns (B, Nd)) of
     alpha * aux; the target err is a constant (stop-gradient), so xhat gets nothing."""
     xp = xp_of(W_dec)
-    dead, z_aux, aux_idx = aux_cache["dead"], aux_cache["z_aux"], aux_cache["aux_idx"]
+    dead, z_aux = aux_cache["dead"], aux_cache["z_aux"]
     # forward was: aux = sum_bd (err - ehat)^2 / B, ehat = z_aux @ W_dec[dead]
     dehat = squared_error_backward(aux_cache["err_aux"], aux_coeff)  # (B, D)
     dW_dead = z_aux.T @ dehat  # (Nd, B) @ (B, D) -> (Nd, D)
     dz_aux = dehat @ W_dec[dead].T  # (B, D) @ (D, Nd) -> (B, Nd)
-    # forward was: z_aux = ReLU(TopK_k'(pi[:, dead])); kept positive entries only
-    daux = xp.take_along_axis(dz_aux, aux_idx, axis=1) * (aux_cache["aux_vals"] > 0.0)  # (B, Ka)
-    return dW_dead, _scatter_rows(daux, aux_idx, dead.shape[0])  # (Nd, D), (B, Nd)
+    # forward was: z_aux = ReLU(TopK_k'(pi[:, dead])); only the kept positive entries, which
+    # are exactly the entries where z_aux > 0, pass gradient
+    return dW_dead, xp.where(z_aux > 0.0, dz_aux, dz_aux.dtype.type(0))  # (Nd, D), (B, Nd)
 
 
 def forward(params, x, *, k, aux_k=512, aux_coeff=1.0 / 32, dead_mask=None):
@@ -210,8 +231,38 @@ def loss_and_grads(params, x, *, k, aux_k=512, aux_coeff=1.0 / 32, dead_mask=Non
 
 
 # ----------------------------------------------------------------------------------------------
-# sparse path (NumPy): the same math with z held as its k kept entries per row; the AuxK part
-# stays dense over the (few) dead columns
+# sparse path (NumPy): the same math with z held as its k kept entries per row; AuxK's z_aux
+# held as its entries too when it has few (dead latents are rarely positive)
+
+
+def _auxk_step(pi, err, W_dec, x_c, dead, aux_k, aux_coeff):
+    """AuxK's loss and gradients on the sparse path (NumPy): (aux, (latents (U,), dW_dec rows
+    (U, D), dW_enc rows (U, D) = its columns transposed, db_enc (U,))) to add at those latents.
+    The same math as `_auxk_forward` + `_auxk_backward`. z_aux has an entry only where a kept
+    dead latent is positive; with at most SPARSE_MAX_DENSITY * B * Nd of them they are held as
+    entries and only the latents that have one (U of them) get gradient rows; else it is dense."""
+    B, Nd = pi.shape[0], dead.shape[0]
+    z_aux = _auxk_latents(pi, dead, aux_k)  # (B, Nd)
+    if numpy.count_nonzero(z_aux) > SPARSE_MAX_DENSITY * B * Nd:  # dense products, dead columns
+        aux, cache = _auxk_forward(pi, err, W_dec, dead, aux_k, z_aux=z_aux)
+        dW_dead, dpi_dead = _auxk_backward(cache, W_dec, aux_coeff)  # (Nd, D), (B, Nd)
+        return aux, (dead, dW_dead, dpi_dead.T @ x_c, dpi_dead.sum(axis=0))
+    flat = numpy.flatnonzero(z_aux)  # (Na,) row-major
+    rows, j = numpy.divmod(flat, Nd)  # (Na,) token, position in the dead list
+    used, col = numpy.unique(j, return_inverse=True)  # (U,) positions that occur; (Na,) into used
+    latents = dead[used]  # (U,) global latent indices, ascending
+    vals = z_aux.ravel()[flat]  # (Na,) all > 0
+    rowptr = numpy.zeros(B + 1, dtype=numpy.int64)  # (B + 1,)
+    numpy.cumsum(numpy.bincount(rows, minlength=B), out=rowptr[1:])
+    ehat = sparse_matmul(rowptr, latents[col], vals, W_dec)  # (B, Nd) @ (Nd, D) -> (B, D), no bias
+    aux, err_aux = squared_error(err, ehat)
+    # backward, as in `_auxk_backward`: every stored entry is a kept positive one
+    dehat = squared_error_backward(err_aux, aux_coeff)  # (B, D)
+    grouped = by_column(rows, col, B, used.shape[0])
+    daux = sampled_matmul(rowptr, latents[col], dehat, W_dec)  # (Na,) = (dehat @ W_dec[dead].T) there
+    dW_dead, dW_enc_rows = sparse_t_matmul(rows, col, used.shape[0], [(vals, dehat), (daux, x_c)],
+                                           grouped=grouped)  # (U, D) each
+    return aux, (latents, dW_dead, dW_enc_rows, column_sums(col, daux, used.shape[0], pi.dtype))
 
 
 def _forward_backward_sparse(params, x, *, k, aux_k, aux_coeff, dead_mask, dense_f):
@@ -229,9 +280,9 @@ def _forward_backward_sparse(params, x, *, k, aux_k, aux_coeff, dead_mask, dense
     z_s = numpy.maximum(vals, 0.0).ravel()  # (N,)
     xhat = sparse_matmul(rowptr, cols, z_s, W_dec) + b_dec  # (B, M) @ (M, D) -> (B, D)
     mse, err = squared_error(x, xhat)
-    aux, aux_cache = 0.0, None
+    aux, aux_grads = 0.0, None
     if dead.shape[0] > 0:
-        aux, aux_cache = _auxk_forward(pi, err, W_dec, dead, aux_k)
+        aux, aux_grads = _auxk_step(pi, err, W_dec, x_c, dead, aux_k, aux_coeff)
     del pi  # (B, M): the backward does not need it (peak memory)
     loss = scalar(mse + aux_coeff * aux, dtype, numpy)
     # backward, as in `backward`
@@ -243,11 +294,11 @@ def _forward_backward_sparse(params, x, *, k, aux_k, aux_coeff, dead_mask, dense
     dW_enc = sparse_t_matmul(rows, cols, M, [(dpi_s, x_c)], transposed=(0,), grouped=grouped)[0]  # (D, M)
     dW_dec = dW_dec.result()[0]  # (M, D)
     db_enc = column_sums(cols, dpi_s, M, dtype)  # (M,)
-    if aux_cache is not None:
-        dW_dead, dpi_dead = _auxk_backward(aux_cache, W_dec, aux_coeff)  # (Nd, D), (B, Nd)
-        dW_dec[dead] += dW_dead  # (Nd, D)
-        dW_enc[:, dead] += x_c.T @ dpi_dead  # (D, B) @ (B, Nd) -> (D, Nd)
-        db_enc[dead] += dpi_dead.sum(axis=0)  # (Nd,)
+    if aux_grads is not None:  # forward was: loss = mse + alpha * aux
+        latents, dW_aux, dW_enc_aux, db_aux = aux_grads  # (U,), (U, D), (U, D), (U,)
+        dW_dec[latents] += dW_aux  # (U, D)
+        dW_enc[:, latents] += dW_enc_aux.T  # (D, U)
+        db_enc[latents] += db_aux  # (U,)
     db_dec = dxhat.sum(axis=0) - W_enc @ db_enc  # (D,)
     grads = {"W_enc": dW_enc, "b_enc": db_enc, "W_dec": dW_dec, "b_dec": db_dec}
     out = {"loss": loss, "mse": scalar(mse, dtype, numpy), "aux": scalar(aux, dtype, numpy),
