@@ -81,10 +81,18 @@ def adam_update_plain(params, grads, state, *, lr, betas=(0.0, 0.999), eps=1e-8,
 ADAM_BLOCK_ELEMENTS = 1 << 15  # entries per block of `adam_update` on NumPy (stays in cache)
 
 
-def adam_update(params, grads, state, *, lr, betas=(0.0, 0.999), eps=1e-8, lr_mult=None):
+def adam_update(params, grads, state, *, lr, betas=(0.0, 0.999), eps=1e-8, lr_mult=None,
+                unit_rows=None):
     """One bias-corrected Adam step, in place on params and state, with no temporaries: every
     operation writes into m, v, p or a small scratch buffer kept in the state (state["scratch"],
     never saved). Bitwise equal to `adam_update_plain` (the same operations in the same order).
+
+    unit_rows: the name of a 2-D parameter whose rows are held at unit norm (the decoder,
+    "W_dec"). Its gradient first loses, per row, the component along the row
+    (`remove_parallel_decoder_grad`, in place on grads[unit_rows]), and after the step each row
+    is renormalised (`normalize_decoder_rows`): bitwise what calling those two around this
+    function gives, but on NumPy each block of rows goes through all three while it sits in the
+    cache (one trip through memory instead of three), split over the threads.
 
     On NumPy the parameter is walked in blocks of ADAM_BLOCK_ELEMENTS entries, each taken
     through all the steps below while it sits in the CPU cache: the dozen elementwise passes
@@ -99,6 +107,8 @@ def adam_update(params, grads, state, *, lr, betas=(0.0, 0.999), eps=1e-8, lr_mu
     gathers and scatters; it is not done.
     """
     _check_adam_args(params, grads, state)
+    if unit_rows is not None and (unit_rows not in params or params[unit_rows].ndim != 2):
+        raise ValueError(f"adam_update: unit_rows must name a 2-D parameter, found {unit_rows!r}")
     b1, b2, step_size, sqrt_bc2, eps = _adam_scalars(state, lr, betas, eps)
     state["step"] += 1
     scratch = state.setdefault("scratch", {})
@@ -106,11 +116,16 @@ def adam_update(params, grads, state, *, lr, betas=(0.0, 0.999), eps=1e-8, lr_mu
         g, m, v = grads[k], state["m"][k], state["v"][k]
         xp = xp_of(p)
         n = p.size
+        param_step = _param_step(step_size, lr_mult, k)  # lr_mult: this parameter's factor
+        if k == unit_rows and xp is numpy:
+            _unit_rows_step(p, g, m, v, (b1, b2, sqrt_bc2, eps, param_step), scratch)
+            continue
+        if k == unit_rows:  # on a GPU: whole arrays, one pass after another
+            remove_parallel_decoder_grad(p, g, out=g)
         step = ADAM_BLOCK_ELEMENTS if xp is numpy else max(n, 1)
         flat = [a.reshape(-1) for a in (p, g, m, v)]  # views (a copy only for a strided g)
         if any(not a.flags.c_contiguous for a in (p, m, v)):
             raise ValueError(f"adam_update: params[{k!r}] and its moments must be contiguous arrays")
-        param_step = _param_step(step_size, lr_mult, k)  # lr_mult: this parameter's factor
         consts = (b1, b2, sqrt_bc2, eps, param_step)
         if n == 0:
             continue
@@ -126,6 +141,8 @@ def adam_update(params, grads, state, *, lr, betas=(0.0, 0.999), eps=1e-8, lr_mu
             tmps.append(scratch[key])
         threads.run(lambda lo, hi: _adam_range(flat, tmps[bounds.index(lo)], lo, hi, step, consts, xp),
                     bounds, n_threads)
+        if k == unit_rows:
+            normalize_decoder_rows(p)
 
 
 def _adam_range(flat, tmp, lo, hi, step, consts, xp):
@@ -151,6 +168,37 @@ def _adam_range(flat, tmp, lo, hi, step, consts, xp):
         xp.divide(mb, t, out=t)
         t *= param_step
         pb -= t
+
+
+def _unit_rows_step(p, g, m, v, consts, scratch):
+    """adam_update's step for its unit_rows parameter p (M, D) on NumPy: per block of rows, the
+    gradient projection, Adam, and the renormalisation, on the threads by ranges of rows."""
+    if any(not a.flags.c_contiguous for a in (p, g, m, v)):
+        raise ValueError("adam_update: the unit_rows parameter, its gradient and moments must be "
+                         "contiguous arrays")
+    M, D = p.shape
+    rows = _row_blocks(p)[0].stop if M else 1  # rows per block (about ROW_BLOCK_ELEMENTS entries)
+    n_threads = min(threads.threads(), -(-M // rows)) if M else 1
+    bounds = sorted(set([(M * i // n_threads) // rows * rows for i in range(n_threads)] + [M]))
+    tmps = []
+    for i in range(len(bounds) - 1):
+        key = ("rows", i, rows, D, str(p.dtype))
+        if key not in scratch:
+            scratch[key] = numpy.empty((rows, D), dtype=p.dtype)
+        tmps.append(scratch[key])
+
+    def run_range(lo, hi):
+        tmp = tmps[bounds.index(lo)]
+        for r in range(lo, hi, rows):
+            blk = slice(r, min(r + rows, hi))
+            t = tmp[: blk.stop - blk.start]  # (rows, D)
+            remove_parallel_decoder_grad(p[blk], g[blk], out=g[blk], tmp=t)
+            flat = [a[blk].reshape(-1) for a in (p, g, m, v)]  # views: the block's rows are contiguous
+            _adam_range(flat, t.reshape(-1), 0, flat[0].shape[0], flat[0].shape[0], consts, numpy)
+            normalize_decoder_rows(p[blk], tmp=t)
+
+    if M:
+        threads.run(run_range, bounds, n_threads)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -188,14 +236,16 @@ def _row_blocks(a):
     return [slice(i, min(i + step, M)) for i in range(0, M, step)]
 
 
-def remove_parallel_decoder_grad(W_dec, dW_dec, *, out=None):
+def remove_parallel_decoder_grad(W_dec, dW_dec, *, out=None, tmp=None):
     """`remove_parallel_decoder_grad_plain`, written into `out` (may be dW_dec itself; a new
-    array when None) block by block, with one small scratch block and no (M, D) temporary."""
+    array when None) block by block, with one small scratch block and no (M, D) temporary.
+    tmp: a scratch block to use (at least a block's rows, D columns)."""
     xp = xp_of(W_dec)
     out = xp.empty_like(dW_dec) if out is None else out
     tiny = numpy.finfo(W_dec.dtype).tiny
     blocks = _row_blocks(W_dec)
-    tmp = xp.empty_like(W_dec[blocks[0]]) if blocks else None  # (rows, D)
+    if tmp is None:
+        tmp = xp.empty_like(W_dec[blocks[0]]) if blocks else None  # (rows, D)
     for blk in blocks:
         W, dW, t = W_dec[blk], dW_dec[blk], tmp[: blk.stop - blk.start]
         sq_norms = xp.multiply(W, W, out=t).sum(axis=1, keepdims=True)  # (rows, 1)
@@ -206,12 +256,14 @@ def remove_parallel_decoder_grad(W_dec, dW_dec, *, out=None):
     return out
 
 
-def normalize_decoder_rows(W_dec):
-    """`normalize_decoder_rows_plain`, block by block with one small scratch block."""
+def normalize_decoder_rows(W_dec, *, tmp=None):
+    """`normalize_decoder_rows_plain`, block by block with one small scratch block (tmp: one
+    to use, at least a block's rows, D columns)."""
     xp = xp_of(W_dec)
     tiny = numpy.finfo(W_dec.dtype).tiny
     blocks = _row_blocks(W_dec)
-    tmp = xp.empty_like(W_dec[blocks[0]]) if blocks else None  # (rows, D)
+    if tmp is None:
+        tmp = xp.empty_like(W_dec[blocks[0]]) if blocks else None  # (rows, D)
     for blk in blocks:
         W, t = W_dec[blk], tmp[: blk.stop - blk.start]
         norms = xp.multiply(W, W, out=t).sum(axis=1, keepdims=True)  # (rows, 1)

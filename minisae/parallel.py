@@ -313,11 +313,12 @@ def train_parallel(cfg, source, out_dir, *, shards=1, accumulate=1, comm=None, r
             loss, mse, l0 = (float(v) / n_micro for v in sums[:3])
             if not math.isfinite(loss):
                 raise TrainingError(f"step {step}: the loss is {loss}; try a lower learning rate")
-            optim.remove_parallel_decoder_grad(params["W_dec"], grads["W_dec"], out=grads["W_dec"])
             lr = optim.lr_at(step, lr=cfg.lr, warmup_steps=cfg.warmup_steps, total_steps=cfg.steps,
                              decay_frac=cfg.decay_frac)
-            optim.adam_update(params, grads, adam, lr=lr, betas=betas, eps=cfg.adam_eps)
-            optim.normalize_decoder_rows(params["W_dec"])
+            # Adam with the decoder's rows held at unit norm: dW_dec loses its component along each
+            # row first, each row is renormalised after (fused, one pass over W_dec)
+            optim.adam_update(params, grads, adam, lr=lr, betas=betas, eps=cfg.adam_eps,
+                              unit_rows="W_dec")
             if "threshold" in params:  # raw θ (JumpReLU option): kept >= 0, as minisae.train does
                 xp.maximum(params["threshold"], 0.0, out=params["threshold"])
             since_fired = xp.where(fired, 0, since_fired + cfg.batch_size)  # (m,)

@@ -291,11 +291,12 @@ def train(cfg, source, out_dir, *, resume=False, overwrite=False, progress=True)
                 controller.update(step, float(to_numpy(out["l0"])))
             if cfg.architecture == "batchtopk":
                 min_kept.append(out["min_kept"])
-            optim.remove_parallel_decoder_grad(params["W_dec"], grads["W_dec"], out=grads["W_dec"])
             lr = optim.lr_at(step, lr=cfg.lr, warmup_steps=cfg.warmup_steps,
                              total_steps=cfg.steps, decay_frac=cfg.decay_frac)
-            optim.adam_update(params, grads, adam, lr=lr, betas=betas, eps=cfg.adam_eps, lr_mult=lr_mult)
-            optim.normalize_decoder_rows(params["W_dec"])
+            # Adam with the decoder's rows held at unit norm: dW_dec loses its component along each
+            # row first, each row is renormalised after (fused, one pass over W_dec)
+            optim.adam_update(params, grads, adam, lr=lr, betas=betas, eps=cfg.adam_eps, lr_mult=lr_mult,
+                              unit_rows="W_dec")
             if "threshold" in params:  # raw θ: kept >= 0 by projection (a θ < 0 would count π = 0 as active)
                 xp.maximum(params["threshold"], 0.0, out=params["threshold"])
             del grads  # the next step's gradients need the room

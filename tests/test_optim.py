@@ -118,16 +118,19 @@ def test_projection_matches_hand_example(xp):
        block=st.integers(1, 64), b1=st.sampled_from([0.0, 0.9]))
 def test_in_place_versions_equal_plain_ones_bitwise(xp, M, D, seed, dtype, block, b1, monkeypatch):
     """adam_update, remove_parallel_decoder_grad and normalize_decoder_rows (in place, blocked,
-    no temporaries) give bit for bit what their plain versions give, over several steps."""
+    no temporaries), and the three fused (adam_update's unit_rows), give bit for bit what their
+    plain versions give, over several steps."""
     monkeypatch.setattr(optim, "ROW_BLOCK_ELEMENTS", block)  # blocks of a few rows, uneven at the end
     monkeypatch.setattr(optim, "ADAM_BLOCK_ELEMENTS", block)
     monkeypatch.setattr(threads, "threads", lambda: 3)  # large parameters split over 3 ranges
     rng = numpy.random.default_rng(seed)
     start = {"W_dec": rng.standard_normal((M, D)), "b": rng.standard_normal(D)}
     start["W_dec"][0] = 0.0  # a zero row stays zero
-    fast = {k: asarray(v, xp, dtype) for k, v in start.items()}
-    plain = {k: asarray(v, xp, dtype) for k, v in start.items()}
-    s_fast, s_plain = optim.adam_init(fast), optim.adam_init(plain)
+    # three separate copies (asarray alone returns `start`'s own arrays when the dtype matches)
+    fast = {k: asarray(v.copy(), xp, dtype) for k, v in start.items()}
+    plain = {k: asarray(v.copy(), xp, dtype) for k, v in start.items()}
+    fused = {k: asarray(v.copy(), xp, dtype) for k, v in start.items()}  # adam_update(unit_rows="W_dec")
+    s_fast, s_plain, s_fused = optim.adam_init(fast), optim.adam_init(plain), optim.adam_init(fused)
     for _ in range(3):
         g = {k: asarray(rng.standard_normal(v.shape) * 10.0 ** rng.integers(-3, 2), xp, dtype)
              for k, v in start.items()}
@@ -140,12 +143,18 @@ def test_in_place_versions_equal_plain_ones_bitwise(xp, M, D, seed, dtype, block
         optim.adam_update_plain(plain, g_plain, s_plain, lr=1e-2, betas=(b1, 0.999), eps=1e-8)
         optim.normalize_decoder_rows(fast["W_dec"])
         optim.normalize_decoder_rows_plain(plain["W_dec"])
+        g_fused = {k: v.copy() for k, v in g.items()}
+        optim.adam_update(fused, g_fused, s_fused, lr=1e-2, betas=(b1, 0.999), eps=1e-8, unit_rows="W_dec")
+        numpy.testing.assert_array_equal(to_numpy(g_fused["W_dec"]), to_numpy(g_plain["W_dec"]))
         for k in start:
-            for a, b in ((fast[k], plain[k]), (s_fast["m"][k], s_plain["m"][k]),
-                         (s_fast["v"][k], s_plain["v"][k])):
-                assert a.dtype == dtype
-                numpy.testing.assert_array_equal(to_numpy(a), to_numpy(b), err_msg=k)
-    assert s_fast["step"] == s_plain["step"] == 3
+            for other, s_other in ((fast, s_fast), (fused, s_fused)):
+                for a, b in ((other[k], plain[k]), (s_other["m"][k], s_plain["m"][k]),
+                             (s_other["v"][k], s_plain["v"][k])):
+                    assert a.dtype == dtype
+                    numpy.testing.assert_array_equal(to_numpy(a), to_numpy(b), err_msg=k)
+    assert s_fast["step"] == s_plain["step"] == s_fused["step"] == 3
+    with pytest.raises(ValueError, match="unit_rows"):
+        optim.adam_update(fused, g_fused, s_fused, lr=1e-2, unit_rows="b")
 
 
 # ----------------------------------------------------------------------------------------------
