@@ -277,6 +277,32 @@ def _kink_free_threshold(s, n_keep, offsets=(0.0,)):
     return best_t, float(best_d.min())
 
 
+def _tie_free_tokens(x, params, ks, rng, rounds=20):
+    """Redraw the tokens (rows of x, in place) where a top-k choice sits on a near-tie, until none
+    does: the k-th and (k+1)-th largest pre-activation of the row within `safe` of each other, or
+    a kept one within `safe` of ReLU's kink at 0, for each (columns, k) in ks. float32 rounding
+    differs between NumPy's and torch's products (~1e-7 here), so at such a token the two would
+    keep different latents and their gradients could not be compared. Returns (x, margin)."""
+    B, D = x.shape
+    for _ in range(rounds):
+        pi = (x - params["b_dec"]) @ params["W_enc"] + params["b_enc"]    # (B, M)
+        safe = 1e-5 * float(np.abs(pi).max())
+        bad, margin = np.zeros(B, dtype=bool), np.inf
+        for cols, k in ks:
+            a = pi if cols is None else pi[:, cols]                         # (B, m)
+            if k >= a.shape[1]:
+                continue
+            top2 = -np.partition(-a, (k - 1, k), axis=1)[:, k - 1:k + 1]   # (B, 2) k-th, (k+1)-th
+            near_zero = np.abs(np.where(a >= top2[:, :1], a, np.inf)).min(axis=1)  # (B,)
+            gap = np.minimum(top2[:, 0] - top2[:, 1], near_zero)            # (B,)
+            bad |= gap < safe
+            margin = min(margin, float(gap[gap >= safe].min(initial=np.inf)))
+        if not bad.any():
+            return x, margin
+        x[bad] = (rng.standard_normal((int(bad.sum()), D), dtype=np.float32) / np.sqrt(D))
+    raise RuntimeError(f"could not draw {B} tokens without near-ties at the top-k in {rounds} rounds")
+
+
 def make_problem(variant, module, B, D, M, *, density, dead_frac, seed):
     """(params, x, hyper, note) with float32 NumPy arrays; hyper's arrays are NumPy too."""
     rng = np.random.default_rng([seed, 1])
@@ -325,7 +351,9 @@ def make_problem(variant, module, B, D, M, *, density, dead_frac, seed):
         dead_mask = np.zeros(M, dtype=bool)
         dead_mask[rng.permutation(M)[:n_dead]] = True
         hyper = dict(k=k, aux_k=512, aux_coeff=1.0 / 32, dead_mask=dead_mask)
-        note = f"k={k}, aux_k=512, {n_dead} of {M} latents marked dead"
+        x, margin = _tie_free_tokens(x, params, [(None, k), (np.flatnonzero(dead_mask), 512)], rng)
+        note = (f"k={k}, aux_k=512, {n_dead} of {M} latents marked dead; tokens drawn with no "
+                f"near-tie at the k-th place (margin {margin:.1e})")
     else:
         raise ValueError(f"unknown variant {variant!r}")
     return params, x, hyper, note
