@@ -5,7 +5,18 @@
     loss, grads = jumprelu.loss_and_grads(params, x, sparsity_coeff=6e-4)
 """
 
+import os
+
 __version__ = "0.1.0"
+
+# After each parallel product, OpenBLAS's worker threads spin for 2^28 cycles (about 0.1 s)
+# before they sleep. On a machine with few cores they then hold a core that minisae's threaded
+# passes (minisae.threads: the sparse products right after the encoder's product) need: the
+# JumpReLU step at d_in 512, 8192 latents took 10-25 % longer (docs/benchmarks.md). 2^16 cycles
+# (tens of microseconds) still covers back-to-back products. OpenBLAS reads this when it loads,
+# so it applies when minisae is imported before NumPy (as the `minisae` command does); a value
+# the user set is kept.
+os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "16")
 
 
 def __getattr__(name):

@@ -51,7 +51,9 @@ import sys
 import tempfile
 import time
 
-import numpy as np
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
+import minisae  # noqa: E402,F401  first: its OpenBLAS setting applies only before NumPy loads
+import numpy as np  # noqa: E402
 
 GEMMA2_2B = dict(
     vocab_size=256000, hidden_size=2304, intermediate_size=9216, num_attention_heads=8,

@@ -104,6 +104,7 @@ if ARGS is not None and ARGS.threads is not None:
     for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ[var] = str(ARGS.threads)
 
+import minisae  # noqa: E402,F401  first: its OpenBLAS setting applies only before NumPy loads
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 

@@ -26,9 +26,9 @@ import statistics
 import sys
 import time
 
-import numpy
-
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import minisae  # noqa: E402,F401  first: its OpenBLAS setting applies only before NumPy loads
+import numpy  # noqa: E402
 from minisae import threads  # noqa: E402
 from minisae.sae import common, sparse  # noqa: E402
 

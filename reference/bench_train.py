@@ -38,10 +38,10 @@ import time
 import tracemalloc
 from pathlib import Path
 
-import numpy as np
-
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+import minisae  # noqa: E402,F401  first: its OpenBLAS setting applies only before NumPy loads
+import numpy as np  # noqa: E402
 
 
 def parse_args(argv=None):

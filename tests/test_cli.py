@@ -24,6 +24,22 @@ def _error_line(capsys):
     return err
 
 
+def test_import_sets_the_openblas_spin_before_numpy_loads():
+    """`import minisae` loads no NumPy and sets OpenBLAS's idle spin short (read when OpenBLAS
+    loads, so it must come first), keeping a value the user set."""
+    import os
+    import subprocess
+    import sys
+
+    code = "import os, sys, minisae; print(os.environ['OPENBLAS_THREAD_TIMEOUT'], 'numpy' in sys.modules)"
+    env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_THREAD_TIMEOUT"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["16", "False"]
+    out = subprocess.run([sys.executable, "-c", code], env=dict(env, OPENBLAS_THREAD_TIMEOUT="28"),
+                         capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["28", "False"]
+
+
 @pytest.mark.parametrize("cmd", [None] + SUBCOMMANDS)
 def test_help(cmd, capsys):
     with pytest.raises(SystemExit) as e:
