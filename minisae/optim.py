@@ -131,14 +131,8 @@ def adam_update(params, grads, state, *, lr, betas=(0.0, 0.999), eps=1e-8, lr_mu
             continue
         # on NumPy, large parameters are split into one contiguous range per thread (as many as
         # BLAS uses, minisae.threads): NumPy releases the GIL inside each operation
-        n_threads = min(threads.threads(), -(-n // step)) if xp is numpy else 1
-        bounds = sorted(set([(n * i // n_threads) // step * step for i in range(n_threads)] + [n]))
-        tmps = []
-        for i in range(len(bounds) - 1):
-            key = (i, min(step, n), str(p.dtype), xp.__name__)
-            if key not in scratch:
-                scratch[key] = xp.empty(min(step, n), dtype=p.dtype)
-            tmps.append(scratch[key])
+        bounds, n_threads = _thread_ranges(n, step if xp is numpy else n)
+        tmps = _scratch_blocks(scratch, len(bounds) - 1, (min(step, n),), p.dtype, xp)
         threads.run(lambda lo, hi: _adam_range(flat, tmps[bounds.index(lo)], lo, hi, step, consts, xp),
                     bounds, n_threads)
         if k == unit_rows:
@@ -170,6 +164,24 @@ def _adam_range(flat, tmp, lo, hi, step, consts, xp):
         pb -= t
 
 
+def _thread_ranges(n, step):
+    """(bounds, n_threads): n items in one range per thread (as many as BLAS uses, at most one
+    per block of `step`), each starting at a multiple of step; [0, n] on a single thread."""
+    n_threads = min(threads.threads(), -(-n // step)) if n and step else 1
+    return sorted(set([(n * i // n_threads) // step * step for i in range(n_threads)] + [n])), n_threads
+
+
+def _scratch_blocks(scratch, count, shape, dtype, xp):
+    """`count` scratch arrays of `shape`, one per thread range, kept in `scratch` across steps."""
+    out = []
+    for i in range(count):
+        key = (i, shape, str(dtype), xp.__name__)
+        if key not in scratch:
+            scratch[key] = xp.empty(shape, dtype=dtype)
+        out.append(scratch[key])
+    return out
+
+
 def _unit_rows_step(p, g, m, v, consts, scratch):
     """adam_update's step for its unit_rows parameter p (M, D) on NumPy: per block of rows, the
     gradient projection, Adam, and the renormalisation, on the threads by ranges of rows."""
@@ -178,14 +190,8 @@ def _unit_rows_step(p, g, m, v, consts, scratch):
                          "contiguous arrays")
     M, D = p.shape
     rows = _row_blocks(p)[0].stop if M else 1  # rows per block (about ROW_BLOCK_ELEMENTS entries)
-    n_threads = min(threads.threads(), -(-M // rows)) if M else 1
-    bounds = sorted(set([(M * i // n_threads) // rows * rows for i in range(n_threads)] + [M]))
-    tmps = []
-    for i in range(len(bounds) - 1):
-        key = ("rows", i, rows, D, str(p.dtype))
-        if key not in scratch:
-            scratch[key] = numpy.empty((rows, D), dtype=p.dtype)
-        tmps.append(scratch[key])
+    bounds, n_threads = _thread_ranges(M, rows)
+    tmps = _scratch_blocks(scratch, len(bounds) - 1, (rows, D), p.dtype, numpy)
 
     def run_range(lo, hi):
         tmp = tmps[bounds.index(lo)]
