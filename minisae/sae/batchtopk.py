@@ -39,7 +39,8 @@ from minisae.sae.common import (as_input, check_params, check_prefixes, decode, 
                                 sparse_prefix_parts, sparse_prefix_sampled, top_k)
 from minisae.sae.sparse import (by_column, column_sums, sparse_fire_counts, sparse_from_mask,
                                 sparse_t_matmul)
-from minisae.sae.topk import _auxk_backward, _auxk_forward, _auxk_step, _dead_indices  # AuxK as TopK
+from minisae.sae.topk import (_auxk_backward, _auxk_forward, _auxk_latents, _auxk_step,  # AuxK as TopK
+                              _dead_indices)
 from minisae.threads import in_background
 from minisae.xp import xp_of
 
@@ -167,7 +168,7 @@ def forward(params, x, *, k, aux_k=512, aux_coeff=1.0 / 32, dead_mask=None, pref
              "aux_coeff": aux_coeff, "aux": None}
     aux = 0.0
     if dead.shape[0] > 0:
-        aux, cache["aux"] = _auxk_forward(pi, errs[-1], params["W_dec"], dead, aux_k)
+        aux, cache["aux"] = _auxk_forward(_auxk_latents(pi, dead, aux_k), errs[-1], params["W_dec"], dead)
     n_pos = xp.count_nonzero(z)  # kept entries through the ReLU
     out = {"loss": scalar(total + aux_coeff * aux, dtype, xp), "mse": scalar(mse, dtype, xp),
            "matryoshka": scalar(total - mse, dtype, xp), "aux": scalar(aux, dtype, xp),

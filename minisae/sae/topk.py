@@ -27,7 +27,7 @@ from minisae.sae.common import (as_input, check_params, decode, fire_counts, geo
                                 init_dictionary, scalar, squared_error, squared_error_backward,
                                 top_k)
 from minisae.sae.sparse import (by_column, column_sums, sampled_matmul, sparse_fire_counts,
-                                sparse_matmul, sparse_t_matmul)
+                                sparse_from_mask, sparse_matmul, sparse_t_matmul)
 from minisae.threads import in_background
 from minisae.xp import xp_of
 
@@ -126,11 +126,10 @@ def _auxk_latents(pi, dead, aux_k):
     return relu_top_k(pi_dead, min(aux_k, dead.shape[0]))  # (B, Nd)
 
 
-def _auxk_forward(pi, err, W_dec, dead, aux_k, z_aux=None):
-    """AuxK: the top-k' of the dead latents reconstruct the (constant) residual err = x - xhat.
-    Returns aux = mean_b sum_d (err - ehat)^2 and the cache `_auxk_backward` needs. z_aux:
-    `_auxk_latents`' result when the caller has it already."""
-    z_aux = _auxk_latents(pi, dead, aux_k) if z_aux is None else z_aux  # (B, Nd)
+def _auxk_forward(z_aux, err, W_dec, dead):
+    """AuxK: z_aux (B, Nd) = `_auxk_latents`, the top-k' of the dead latents, reconstruct the
+    (constant) residual err = x - xhat. Returns aux = mean_b sum_d (err - ehat)^2 and the cache
+    `_auxk_backward` needs."""
     ehat = z_aux @ W_dec[dead]  # (B, Nd) @ (Nd, D) -> (B, D), no bias
     aux, err_aux = squared_error(err, ehat)
     return aux, {"dead": dead, "z_aux": z_aux, "err_aux": err_aux}
@@ -167,7 +166,7 @@ def forward(params, x, *, k, aux_k=512, aux_coeff=1.0 / 32, dead_mask=None):
              "aux": None}
     aux = 0.0  # zero when no latent is dead
     if dead.shape[0] > 0:
-        aux, cache["aux"] = _auxk_forward(pi, err, params["W_dec"], dead, aux_k)
+        aux, cache["aux"] = _auxk_forward(_auxk_latents(pi, dead, aux_k), err, params["W_dec"], dead)
     out = {"loss": scalar(mse + aux_coeff * aux, dtype, xp), "mse": scalar(mse, dtype, xp),
            "aux": scalar(aux, dtype, xp), "l0": scalar(xp.count_nonzero(z) / B, dtype, xp),
            "f": z, "xhat": xhat}
@@ -244,16 +243,13 @@ def _auxk_step(pi, err, W_dec, x_c, dead, aux_k, aux_coeff):
     B, Nd = pi.shape[0], dead.shape[0]
     z_aux = _auxk_latents(pi, dead, aux_k)  # (B, Nd)
     if numpy.count_nonzero(z_aux) > SPARSE_MAX_DENSITY * B * Nd:  # dense products, dead columns
-        aux, cache = _auxk_forward(pi, err, W_dec, dead, aux_k, z_aux=z_aux)
+        aux, cache = _auxk_forward(z_aux, err, W_dec, dead)
         dW_dead, dpi_dead = _auxk_backward(cache, W_dec, aux_coeff)  # (Nd, D), (B, Nd)
         return aux, (dead, dW_dead, dpi_dead.T @ x_c, dpi_dead.sum(axis=0))
-    flat = numpy.flatnonzero(z_aux)  # (Na,) row-major
-    rows, j = numpy.divmod(flat, Nd)  # (Na,) token, position in the dead list
+    rows, j, rowptr, flat = sparse_from_mask(z_aux > 0.0)  # (Na,) token, position in the dead list
     used, col = numpy.unique(j, return_inverse=True)  # (U,) positions that occur; (Na,) into used
     latents = dead[used]  # (U,) global latent indices, ascending
     vals = z_aux.ravel()[flat]  # (Na,) all > 0
-    rowptr = numpy.zeros(B + 1, dtype=numpy.int64)  # (B + 1,)
-    numpy.cumsum(numpy.bincount(rows, minlength=B), out=rowptr[1:])
     ehat = sparse_matmul(rowptr, latents[col], vals, W_dec)  # (B, Nd) @ (Nd, D) -> (B, D), no bias
     aux, err_aux = squared_error(err, ehat)
     # backward, as in `_auxk_backward`: every stored entry is a kept positive one
