@@ -37,8 +37,8 @@ F = 4  # bytes per float32
 def worker(spec):
     from minisae import dist
     from minisae.data.synthetic import SyntheticActivations, SyntheticConfig
-    from minisae.parallel import train_parallel
-    from minisae.train import TrainConfig
+    from minisae.dist.parallel import train_parallel
+    from minisae.training.train import TrainConfig
 
     world = dist.world("mpi")
     source = SyntheticActivations(SyntheticConfig(d_in=spec["D"], n_features=4 * spec["D"], target_l0=8.0))

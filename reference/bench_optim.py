@@ -43,7 +43,9 @@ if ARGS is not None and ARGS.threads is not None:
 import minisae  # noqa: E402,F401  first: its OpenBLAS setting applies only before NumPy loads
 import numpy as np  # noqa: E402
 
-from minisae import optim, threads  # noqa: E402
+from minisae import threads  # noqa: E402
+
+from minisae.training import optim
 from minisae.sae.common import unit_rows  # noqa: E402
 
 

@@ -1,11 +1,11 @@
-"""Training-loop speed and memory: `minisae.train` per step vs the step function it calls, vs the
+"""Training-loop speed and memory: `minisae.training.train` per step vs the step function it calls, vs the
 1-GEMM floor, vs a PyTorch training loop of the same recipe; peak memory vs the lower bound.
 
 For each variant at one shape (B tokens, D = d_in, M latents, L0 about `density` of M):
 
   step     `forward_backward(params, x, path="auto", dense_f=False)` alone: what
            reference/bench_sae.py times (its loss_and_grads is this call)
-  loop     `minisae.train.train` (what `minisae train` runs): batches from an in-memory pool of
+  loop     `minisae.training.train.train` (what `minisae train` runs): batches from an in-memory pool of
            activations (like a cached store), the recipe's projection, Adam, renormalisation,
            dead-latent counters, logging; per-step time read from metrics.jsonl (log_every=1)
            between its 3rd and last step, so start-up and the final save are not counted
@@ -109,7 +109,7 @@ def make_state(variant, mod, pool, B, M, density, dead_frac, seed=0):
 
 
 def train_config(variant, hyper, args, steps, lr=1e-7):
-    from minisae.train import TrainConfig
+    from minisae.training.train import TrainConfig
 
     extra = {"k": hyper["k"], "aux_k": hyper["aux_k"]} if variant == "topk" else \
         {"sparsity_coeff": hyper["sparsity_coeff"]}
@@ -119,9 +119,9 @@ def train_config(variant, hyper, args, steps, lr=1e-7):
 
 
 def run_loop(variant, mod, params, hyper, source, args, steps, *, memory=False):
-    """Per-step seconds of minisae.train.train over `steps` steps, resumed from these params."""
-    from minisae import optim
-    from minisae.train import CHECKPOINT_NAME, save_checkpoint, train
+    """Per-step seconds of minisae.training.train.train over `steps` steps, resumed from these params."""
+    from minisae.training import optim
+    from minisae.training.train import CHECKPOINT_NAME, save_checkpoint, train
 
     cfg = train_config(variant, hyper, args, steps).resolved(source.d_in)
     since = np.zeros(args.d_sae, dtype=np.int64)

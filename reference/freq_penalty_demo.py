@@ -5,7 +5,7 @@ The frequency penalty (minisae's own design, docs/derivations/jumprelu_recipes.m
 and trains theta only, through the same straight-through pseudo-derivative as the L0 penalty.
 This script trains the same JumpReLU SAE (same data, seed, lambda, steps) with mu = 0 and with
 mu > 0 and prints, for each, the evaluation on held-out tokens: the fraction of dense latents
-(firing on more than 10% of tokens, minisae.metrics.DENSE_FREQ), the highest firing frequency,
+(firing on more than 10% of tokens, minisae.eval.metrics.DENSE_FREQ), the highest firing frequency,
 dead latents, L0 and FVU. Only minisae is needed (no torch).
 
 Run (repository root; one to three minutes per row on 2 shared cores):
@@ -21,7 +21,7 @@ import time
 import numpy
 
 from minisae.data.synthetic import SyntheticActivations, SyntheticConfig
-from minisae.train import TrainConfig, train
+from minisae.training.train import TrainConfig, train
 
 
 def main():

@@ -15,10 +15,10 @@ from tolerances import SHARD32_ATOL, SHARD32_RTOL, SHARD64_RTOL, XP32_RTOL  # no
 
 from minisae import dist  # noqa: E402
 from minisae.data.synthetic import SyntheticActivations, SyntheticConfig
-from minisae.parallel import load_sharded, reshard, train_parallel  # noqa: E402
-from minisae.sharded import init_shard, latent_range, shard_forward_backward  # noqa: E402
+from minisae.dist.parallel import load_sharded, reshard, train_parallel  # noqa: E402
+from minisae.dist.sharded import init_shard, latent_range, shard_forward_backward  # noqa: E402
 from minisae.sae import VARIANTS
-from minisae.train import TrainConfig, hypers_at
+from minisae.training.train import TrainConfig, hypers_at
 
 SOURCE = SyntheticActivations(SyntheticConfig(d_in=16, n_features=64, target_l0=2.0))
 ARCHS = {
@@ -121,7 +121,7 @@ def case_shard(comm, tmp):
     lo, hi = latent_range(M, comm.size, comm.rank)
     x = SOURCE.batch(0, 64).astype(numpy.float64)  # (B, D)
     # BatchTopK's selection over shards, ties included (values on a coarse grid: many equal)
-    from minisae.sharded import _global_batch_topk_mask
+    from minisae.dist.sharded import _global_batch_topk_mask
     from minisae.sae.batchtopk import batch_topk_mask
     pi = numpy.round(numpy.random.default_rng(0).standard_normal((6, M)) * 2) / 2  # (6, M)
     for n_keep in (1, 7, 30, 6 * M):

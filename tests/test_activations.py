@@ -14,7 +14,7 @@ from tolerances import GEMMA_ATOL, GEMMA_RTOL
 from minisae.models import gemma2
 from minisae.data.activations import (ActivationsError, ActivationStore, cache_activations, iter_documents,
                                  iter_sequences)
-from minisae.evaluate import evaluate_lm, evaluate_sae
+from minisae.eval.evaluate import evaluate_lm, evaluate_sae
 from minisae.io.saefile import SAE
 
 TINY = Path(__file__).parent / "data" / "gemma2" / "tiny_f32"

@@ -12,9 +12,9 @@ import pytest
 from test_cli import TINY_TRAIN, _error_line
 
 from minisae.cli import build_parser, main
-from minisae.cliargs import check_arch_flags, check_values
-from minisae.compare import DEFAULT_SYNTHETIC, CompareConfig, quick_config
-from minisae.train import TrainConfig
+from minisae.cli.args import check_arch_flags, check_values
+from minisae.eval.compare import DEFAULT_SYNTHETIC, CompareConfig, quick_config
+from minisae.training.train import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 SUBCOMMANDS = ["train", "eval", "compare", "cache", "convert"]
@@ -131,7 +131,7 @@ def test_help_shows_every_default_and_no_spec(cmd, capsys):
 
 
 def test_compare_help_states_the_true_defaults(capsys):
-    from minisae.compare import DEFAULT_TARGETS
+    from minisae.eval.compare import DEFAULT_TARGETS
 
     with pytest.raises(SystemExit):
         main(["compare", "--help"])
@@ -213,7 +213,7 @@ def test_documented_commands_are_valid(where, argv):
 def test_memory_estimate_uses_the_device_memory_on_cupy():
     """On CuPy the bound is the device's memory (a stand-in module here: no GPU needed)."""
     from minisae.errors import ResourceError
-    from minisae.train import check_memory, memory_estimate
+    from minisae.training.train import check_memory, memory_estimate
 
     class FakeCupy:
         class cuda:

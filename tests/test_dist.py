@@ -1,4 +1,4 @@
-"""Distributed training (minisae.dist, minisae.parallel): in-process checks of the pieces, and the
+"""Distributed training (minisae.dist, minisae.dist.parallel): in-process checks of the pieces, and the
 multi-process claims under real `mpiexec` (tests/mpi_worker.py; skipped without mpi4py/mpiexec):
 
 - collectives: the sum is the rank-ordered sum, bitwise the same on every rank; traffic counted;
@@ -19,9 +19,9 @@ import numpy
 import pytest
 
 from minisae import dist
-from minisae.sharded import init_shard, latent_range, make_grid, shard_forward_backward
+from minisae.dist.sharded import init_shard, latent_range, make_grid, shard_forward_backward
 from minisae.sae import VARIANTS
-from minisae.train import TrainConfig, hypers_at
+from minisae.training.train import TrainConfig, hypers_at
 from minisae.xp import cupy_available
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -127,7 +127,7 @@ def test_init_does_not_depend_on_the_shards():
 def test_parallel_trainer_follows_the_output_rule(tmp_path):
     from minisae.data.synthetic import SyntheticActivations, SyntheticConfig
     from minisae.errors import OutputExistsError
-    from minisae.parallel import train_parallel
+    from minisae.dist.parallel import train_parallel
 
     source = SyntheticActivations(SyntheticConfig(d_in=8, n_features=32, target_l0=1.0))
     cfg = TrainConfig("topk", k=2, d_sae=16, steps=2, batch_size=32, eval_tokens=0)
@@ -143,7 +143,7 @@ def test_parallel_trainer_follows_the_output_rule(tmp_path):
 
 
 def test_blocked_topk_is_the_plain_one(monkeypatch):
-    import minisae.sharded as sharded
+    import minisae.dist.sharded as sharded
     from minisae.sae.topk import topk_rows
 
     x = numpy.random.default_rng(0).standard_normal((100, 50)).astype(numpy.float32)

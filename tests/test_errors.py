@@ -7,7 +7,8 @@ import errno
 import pytest
 
 import minisae
-from minisae import cli, errors
+from minisae import errors
+from minisae.cli import commands as cli
 from minisae.data.activations import ActivationsError
 from minisae.io.hub import HubError
 from minisae.io.saefile import SAEFileError
@@ -15,7 +16,7 @@ from minisae.io.safetensors_io import SafetensorsError
 from minisae.models.gemma2.config import ConfigError
 from minisae.models.gemma2.tokenizer import TokenizerError
 from minisae.models.gemma2.weights import CheckpointError as ModelCheckpointError
-from minisae.train import CheckpointError, TrainingError
+from minisae.training.train import CheckpointError, TrainingError
 from minisae.xp import cupy_available, get_xp
 
 

@@ -202,7 +202,7 @@ _CKPT = {}
 
 
 def _train_cfg():
-    from minisae.train import TrainConfig
+    from minisae.training.train import TrainConfig
 
     return TrainConfig("topk", d_sae=16, k=3, steps=4, batch_size=32, warmup_steps=1, eval_tokens=0,
                        checkpoint_every=2, log_every=2)
@@ -210,7 +210,7 @@ def _train_cfg():
 
 def _make_checkpoint(folder):
     from minisae.data.synthetic import SyntheticActivations, SyntheticConfig
-    from minisae.train import train
+    from minisae.training.train import train
 
     if "bytes" not in _CKPT:
         run = folder / "run0"
@@ -224,7 +224,7 @@ def _make_checkpoint(folder):
 
 
 def _load_checkpoint(path):
-    from minisae.train import load_checkpoint
+    from minisae.training.train import load_checkpoint
 
     load_checkpoint(path, _train_cfg().resolved(8), numpy)
 

@@ -9,7 +9,7 @@ from test_activations import make_tokenizer, write_texts
 from tolerances import F32_ATOL, F32_RTOL
 
 from minisae.cli import main
-from minisae.evaluate import evaluate_lm
+from minisae.eval.evaluate import evaluate_lm
 from minisae.io.saefile import SAE
 from minisae.models import load_model
 from test_gemma3_parity import DATA

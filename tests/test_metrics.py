@@ -1,4 +1,4 @@
-"""minisae.metrics: known-answer checks (FVU especially: SAELens has computed it wrong twice, so it
+"""minisae.eval.metrics: known-answer checks (FVU especially: SAELens has computed it wrong twice, so it
 is checked on cases with a known answer), streaming accumulation equal to one-shot computation,
 dead/dense counting, and feature recovery."""
 
@@ -8,7 +8,7 @@ import numpy
 import pytest
 from tolerances import GOLDEN64_ATOL, GOLDEN64_RTOL
 
-from minisae.metrics import (
+from minisae.eval.metrics import (
     EvalAccumulator,
     feature_recovery,
     fvu,
@@ -160,7 +160,7 @@ def test_max_cosine_similarity_chunks(xp):
 # ground-truth metrics (SynthSAEBench): known answers
 
 def test_true_dictionary_permuted_and_rescaled_scores_one():
-    from minisae.metrics import ClassificationAccumulator, best_match, mcc, uniqueness
+    from minisae.eval.metrics import ClassificationAccumulator, best_match, mcc, uniqueness
 
     rng = numpy.random.default_rng(0)
     T = rng.standard_normal((40, 16))  # (N, D) true features, not orthogonal
@@ -176,7 +176,7 @@ def test_true_dictionary_permuted_and_rescaled_scores_one():
 
 
 def test_mcc_of_a_known_mixture_and_of_random_directions():
-    from minisae.metrics import expected_abs_cosine, mcc, uniqueness
+    from minisae.eval.metrics import expected_abs_cosine, mcc, uniqueness
 
     # w_i = c e_i + sqrt(1 - c^2) e_{N+i}: |cos(w_i, e_j)| = c if i == j else 0, so MCC = c exactly
     N, c = 8, 0.6
@@ -194,7 +194,7 @@ def test_mcc_of_a_known_mixture_and_of_random_directions():
 
 
 def test_f1_of_a_random_detector_is_what_theory_says():
-    from minisae.metrics import ClassificationAccumulator
+    from minisae.eval.metrics import ClassificationAccumulator
 
     # a latent firing at random with rate r against a feature with rate p: precision p, recall r
     rng = numpy.random.default_rng(2)
@@ -216,7 +216,7 @@ def test_mcc_without_scipy_is_a_one_line_error(monkeypatch):
     import builtins
 
     from minisae.errors import DependencyError
-    from minisae.metrics import mcc
+    from minisae.eval.metrics import mcc
 
     real_import = builtins.__import__
 
@@ -231,7 +231,7 @@ def test_mcc_without_scipy_is_a_one_line_error(monkeypatch):
 
 
 def test_explained_variance_and_shrinkage():
-    from minisae.metrics import EvalAccumulator
+    from minisae.eval.metrics import EvalAccumulator
 
     rng = numpy.random.default_rng(3)
     x = rng.standard_normal((300, 6)) + 2.0

@@ -1,4 +1,4 @@
-"""minisae.optim against hand computations: Adam steps, the decoder-gradient projection and
+"""minisae.training.optim against hand computations: Adam steps, the decoder-gradient projection and
 row renormalisation, and the learning-rate and sparsity-coefficient schedules."""
 
 import math
@@ -8,7 +8,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from minisae import optim, threads
+from minisae import threads
+
+from minisae.training import optim
 from minisae.xp import asarray, to_numpy
 from test_sae_gradients import HSETTINGS, seeds
 from tolerances import F32_ATOL, F32_RTOL, GOLDEN64_ATOL, XP64_RTOL

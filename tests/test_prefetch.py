@@ -1,4 +1,4 @@
-"""minisae.prefetch: items in order and equal to a plain loop, the producer's errors raised at
+"""minisae.training.prefetch: items in order and equal to a plain loop, the producer's errors raised at
 the consumer with their type and message, and the worker stopped on close (also mid-run)."""
 
 import threading
@@ -7,7 +7,7 @@ import time
 import numpy
 import pytest
 
-from minisae.prefetch import Prefetcher
+from minisae.training.prefetch import Prefetcher
 
 
 def test_items_are_those_of_a_plain_loop_in_order():

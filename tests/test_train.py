@@ -13,7 +13,7 @@ from tolerances import F32_ATOL, F32_RTOL
 from minisae.sae import VARIANTS
 from minisae.io.saefile import SAE
 from minisae.data.synthetic import SyntheticActivations, SyntheticConfig
-from minisae.train import (CheckpointError, TrainConfig, TrainingError, estimate_scale,
+from minisae.training.train import (CheckpointError, TrainConfig, TrainingError, estimate_scale,
                            load_checkpoint, train)
 
 SETTING = {"jumprelu": {"sparsity_coeff": 1e-2}, "gated": {"sparsity_coeff": 3e-2}, "topk": {"k": 4}}
@@ -231,7 +231,7 @@ def test_prefetch_and_plain_loop_train_identically(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
-# exact target L0: the λ controller (minisae.l0control), k from target_l0, θ's learning rate
+# exact target L0: the λ controller (minisae.training.l0control), k from target_l0, θ's learning rate
 
 def test_l0_controller_reaches_its_target(tmp_path):
     # a short Gated run on tiny data: the evaluated L0 ends within ±5 % of the target, and λ

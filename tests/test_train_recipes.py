@@ -11,7 +11,7 @@ from tolerances import F32_ATOL, F32_RTOL
 from minisae.cli import main
 from minisae.io.saefile import SAE
 from minisae.sae import batchtopk, jumprelu
-from minisae.train import TrainConfig, load_checkpoint, train
+from minisae.training.train import TrainConfig, load_checkpoint, train
 from test_cli import TINY_TRAIN
 from test_train import Faulty, Interrupt, _metrics, tiny_config, tiny_source
 

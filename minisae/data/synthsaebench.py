@@ -223,7 +223,7 @@ def orthogonalize(dirs, *, steps, lr, chunk=1024, betas=(0.9, 0.999), eps=1e-8):
 
 class SynthSAEBench(SeededSource):
     """A seeded SynthSAEBench source (see the module docstring); a training source for
-    minisae.train (d_in, batch, sample, eval_sample) whose true features are `directions`."""
+    minisae.training.train (d_in, batch, sample, eval_sample) whose true features are `directions`."""
 
     def __init__(self, cfg=None, **overrides):
         """`cfg`: a SynthSAEBenchConfig, a dict of its fields or a preset name; keyword

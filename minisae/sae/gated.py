@@ -13,7 +13,7 @@ Dimensions: B tokens in the batch, D = d_in, M = d_sae latents.
 
 sg = stop-gradient: the auxiliary term trains the encoder side only. The Heaviside gate passes no
 gradient, so b_gate learns from the L1 and auxiliary terms only. Decoder rows are kept at unit
-norm by the optimiser (minisae.optim), so the L1 term carries no norm weight.
+norm by the optimiser (minisae.training.optim), so the L1 term carries no norm weight.
 Both pre-activations share one product: x_c @ (W_enc * s) = (x_c @ W_enc) * s, s = exp(r_mag).
 The derivation, line by line, is docs/derivations/gated.md.
 

@@ -1,7 +1,7 @@
 """Training checkpoints and the run folder's text files: save_checkpoint / load_checkpoint (one
 safetensors file holding everything the next step reads, written atomically), the check that a
 resumed run's config matches its checkpoint's, and metrics.jsonl appends and truncation on resume.
-minisae.train uses them and re-exports every name here.
+minisae.training.train uses them and re-exports every name here.
 """
 
 import dataclasses
@@ -14,7 +14,7 @@ import numpy
 from minisae.errors import FileFormatError, storage_error
 from minisae.io.files import parse_json, write_atomic
 from minisae.io.safetensors_io import SafetensorsError, SafetensorsFile, save_file
-from minisae.trainconfig import param_names
+from minisae.training.config import param_names
 from minisae.xp import asarray, to_numpy
 
 CHECKPOINT_NAME = "checkpoint.safetensors"

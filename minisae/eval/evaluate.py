@@ -21,7 +21,7 @@ import numpy
 
 from minisae.errors import DependencyError
 from minisae.progress import progress_bar
-from minisae.metrics import ClassificationAccumulator, EvalAccumulator, best_match, feature_recovery, mcc, uniqueness
+from minisae.eval.metrics import ClassificationAccumulator, EvalAccumulator, best_match, feature_recovery, mcc, uniqueness
 from minisae.xp import asarray, to_numpy
 
 
@@ -48,7 +48,7 @@ def evaluate_sae(sae, source, *, n_tokens=65536, batch_size=4096, true_direction
     Keys: l0, fvu, explained_variance, mse, dead_frac, dense_frac, rel_recon_bias, shrinkage,
     n_tokens, firing_freq (list, per latent), and mmcs / frac_recovered when true directions are
     known. On a synthetic source that also returns its true codes (`eval_sample(n,
-    return_codes=True)`), the ground-truth metrics (minisae.metrics): precision, recall, f1,
+    return_codes=True)`), the ground-truth metrics (minisae.eval.metrics): precision, recall, f1,
     uniqueness, and mcc when scipy is installed (None otherwise).
     """
     check_width(sae, source.d_in, "the activation source")
@@ -129,7 +129,7 @@ def evaluate_lm(sae, model, tokenizer, text_paths, site, *, seq_len=1024, batch_
     MLP's output for a Gemma Scope 2 transcoder reading the MLP's input): its prediction (skip term
     included) replaces the model's activations at site_out, and site_out is what gets zero-ablated.
     The clean pass also measures the prediction against the real output on every non-BOS real
-    token, adding the keys of minisae.metrics.EvalAccumulator (fvu: the FVU of the MLP output, l0,
+    token, adding the keys of minisae.eval.metrics.EvalAccumulator (fvu: the FVU of the MLP output, l0,
     mse, dead_frac, dense_frac, rel_recon_bias, n_tokens).
     """
     from minisae.data.activations import iter_batches

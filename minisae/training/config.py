@@ -1,12 +1,12 @@
 """The training configuration: TrainConfig (one field per `minisae train` flag), its defaults
 (the Gemma Scope recipe, arXiv 2408.05147; TopK per Gao et al., arXiv 2406.04093) and its checks.
-minisae.train runs it and re-exports every name here.
+minisae.training.train runs it and re-exports every name here.
 """
 
 import dataclasses
 import math
 
-from minisae import l0control, optim
+from minisae.training import l0control, optim
 from minisae.errors import InputError
 from minisae.sae import VARIANTS
 
@@ -60,7 +60,7 @@ class TrainConfig:
     eval_batch_size: int = 4096
     prefetch: int = 1                     # batches made ahead in a background thread (0 = none)
     threshold_lr_mult: float = 1.0        # JumpReLU: θ's learning rate = this × lr (1 = the paper's single lr)
-    controller_kp: float = l0control.DEFAULT_KP  # λ controller gains (with target_l0; minisae.l0control)
+    controller_kp: float = l0control.DEFAULT_KP  # λ controller gains (with target_l0; minisae.training.l0control)
     controller_ki: float = l0control.DEFAULT_KI
 
     def uses_controller(self):

@@ -9,15 +9,15 @@
 Errors (minisae.MinisaeError: missing or corrupt files, bad arguments, an SAE that does not fit
 the site, a full or read-only disk) end with one line on stderr and exit status 2; a training run
 that diverges exits with 1; --debug shows the traceback instead. The flags are built in
-minisae.cliparser and checked in minisae.cliargs.
+minisae.cli.parser and checked in minisae.cli.args.
 """
 
 import json
 import sys
 from pathlib import Path
 
-from minisae.cliargs import check_arch_flags, check_values
-from minisae.cliparser import build_parser
+from minisae.cli.args import check_arch_flags, check_values
+from minisae.cli.parser import build_parser
 from minisae.errors import InputError, MissingInputError, OutputExistsError
 
 EXIT_USER_ERROR, EXIT_FAILED, EXIT_INTERRUPTED = 2, 1, 130
@@ -41,7 +41,7 @@ def _synthetic_dict(a, base):
 
 
 def _synthetic_from(a):
-    from minisae.compare import DEFAULT_SYNTHETIC
+    from minisae.eval.compare import DEFAULT_SYNTHETIC
     from minisae.data.synthetic import SyntheticActivations, SyntheticConfig
 
     preset = getattr(a, "preset", None) or "toy"
@@ -67,7 +67,7 @@ def _load_model(a, xp):
 # ---------------------------------------------------------------------------------------------
 
 def cmd_train(a):
-    from minisae.train import TrainConfig, train
+    from minisae.training.train import TrainConfig, train
 
     if a.shuffle_buffer is not None:
         from minisae.data.stream import ShardStream
@@ -92,7 +92,7 @@ def cmd_train(a):
         checkpoint_every=a.checkpoint_every, log_every=a.log_every, eval_tokens=a.eval_tokens)
     if a.shards > 1 or a.accumulate > 1 or a.dist_backend != "auto" or _launched_by_mpiexec():
         from minisae import dist
-        from minisae.parallel import train_parallel
+        from minisae.dist.parallel import train_parallel
 
         backend = a.dist_backend
         if backend == "auto" and a.backend == "cupy" and dist.launched_by_mpiexec() > 1:
@@ -161,7 +161,7 @@ def _run_source(sae_path):
 
 
 def cmd_eval(a):
-    from minisae.evaluate import evaluate
+    from minisae.eval.evaluate import evaluate
     from minisae.io.saefile import SAE
     from minisae.xp import get_xp
 
@@ -201,7 +201,7 @@ def cmd_eval(a):
 
 
 def cmd_compare(a):
-    from minisae.compare import CompareConfig, is_compare_folder, quick_config, run_compare
+    from minisae.eval.compare import CompareConfig, is_compare_folder, quick_config, run_compare
     from minisae.io.files import check_output_dir
     from minisae.xp import get_xp
 

@@ -1,6 +1,6 @@
 """Latent sharding: the grid of processes, an initialisation that does not depend on the number
 of shards, and one SAE step over S latent shards (docs/scale.md). The training loop is
-minisae.parallel.
+minisae.dist.parallel.
 
 P = R * S processes form a grid; rank = r * S + s holds replica r's copy of shard s: the latents
 [lo_s, hi_s) (a contiguous slice of M), i.e. W_enc[:, lo:hi], W_dec[lo:hi], every per-latent
@@ -94,7 +94,7 @@ def init_shard(cfg, d_in, lo, hi, xp, b_dec=None):
     """Training-form parameters of latents [lo, hi): W_dec chunk-keyed, W_enc = W_dec^T, every
     per-latent vector at its variant's init value (JumpReLU: threshold_init, threshold_param),
     b_dec given or 0."""
-    from minisae.trainconfig import param_names
+    from minisae.training.config import param_names
 
     mod = VARIANTS[cfg.architecture]
     kw = {}

@@ -2,7 +2,7 @@
 checkpoints, resume.
 
     from minisae.data.synthetic import SyntheticActivations, SyntheticConfig
-    from minisae.train import TrainConfig, train
+    from minisae.training.train import TrainConfig, train
     source = SyntheticActivations(SyntheticConfig(d_in=64, n_features=512))
     result = train(TrainConfig("jumprelu", d_sae=1024, sparsity_coeff=3e-3, steps=2000,
                                batch_size=1024), source, "runs/jr")
@@ -11,7 +11,7 @@ checkpoints, resume.
 One step: x = x_raw / C (C set once so that E‖x‖² = 1) → the variant's `forward_backward` (its
 hand-written backward; row-sparse on NumPy when few latents fire, the latents never held as a
 dense (B, M) array) → the decoder gradient's component along each decoder row removed → Adam →
-decoder rows renormalised; the last three in place (minisae.optim). The learning rate follows a cosine warm-up, the sparsity coefficient a linear one.
+decoder rows renormalised; the last three in place (minisae.training.optim). The learning rate follows a cosine warm-up, the sparsity coefficient a linear one.
 
 A data source is any object with
     d_in                          width of the activations
@@ -19,7 +19,7 @@ A data source is any object with
                                   a pure function of step (so a resumed run sees the same data)
     sample(n)                     (n, d_in) float32 NumPy: a fixed sample to estimate C and TopK's b_dec
 minisae.data.synthetic.SyntheticActivations and minisae.data.activations.ActivationStore are two.
-`batch` is called from a background thread, one step ahead of the training step (minisae.prefetch;
+`batch` is called from a background thread, one step ahead of the training step (minisae.training.prefetch;
 TrainConfig.prefetch = 0 calls it in the loop instead); nothing else calls the source meanwhile.
 
 Resume guarantee: a checkpoint holds everything the next step reads (parameters, Adam moments and
@@ -31,8 +31,8 @@ Files in out_dir: config.json, checkpoint.safetensors (atomic, replaced every ch
 steps; never written with non-finite values), metrics.jsonl (one JSON object per log step),
 sae/ (the release SAE, SAELens folder format, C and the pre-encoder bias folded in), eval.json.
 
-The config (TrainConfig, its defaults and checks) lives in minisae.trainconfig, the checkpoint
-files and metrics.jsonl handling in minisae.checkpoint; both are re-exported here.
+The config (TrainConfig, its defaults and checks) lives in minisae.training.config, the checkpoint
+files and metrics.jsonl handling in minisae.training.checkpoint; both are re-exported here.
 
 Legend: B tokens in a batch, D d_in, M d_sae (latents).
 """
@@ -45,17 +45,17 @@ from pathlib import Path
 
 import numpy
 
-from minisae import l0control, optim
-# re-exported: minisae.train keeps every name it had
-from minisae.checkpoint import (CHECKPOINT_FORMAT, CHECKPOINT_NAME, _RESUME_FREE, CheckpointError,  # noqa: F401
+from minisae.training import l0control, optim
+# re-exported: minisae.training.train keeps every name it had
+from minisae.training.checkpoint import (CHECKPOINT_FORMAT, CHECKPOINT_NAME, _RESUME_FREE, CheckpointError,  # noqa: F401
                                 _append_jsonl, _check_checkpoint_info, _check_resume_config, _truncate_metrics,
                                 load_checkpoint, save_checkpoint)
 from minisae.errors import MinisaeError, OutputExistsError, ResourceError, TrainingError
 from minisae.io.files import check_output_dir, make_dir, memory_limit_bytes, read_json, write_atomic
-from minisae.prefetch import Prefetcher
+from minisae.training.prefetch import Prefetcher
 from minisae.progress import progress_bar
 from minisae.sae import VARIANTS
-from minisae.trainconfig import (_RANGES, DEFAULT_LR, START_COEFF, TrainConfig, check_values,  # noqa: F401
+from minisae.training.config import (_RANGES, DEFAULT_LR, START_COEFF, TrainConfig, check_values,  # noqa: F401
                                  param_names)
 from minisae.xp import asarray, get_xp, to_numpy
 
@@ -90,7 +90,7 @@ class TrainResult:
     params: dict           # training-form parameters (NumPy), on inputs x_raw / scale
     scale: float           # C
     steps: int
-    summary: dict          # final evaluation (minisae.evaluate.evaluate_sae), {} if eval_tokens = 0
+    summary: dict          # final evaluation (minisae.eval.evaluate.evaluate_sae), {} if eval_tokens = 0
     out_dir: Path
 
 
@@ -192,7 +192,7 @@ def fresh_state(cfg, source, xp):
         "since_fired": xp.zeros(cfg.d_sae, dtype=xp.int64),  # (M,) tokens since each latent fired
         "batchtopk_threshold": 0.0,  # BatchTopK's running inference threshold (batchtopk.update_threshold)
         "threshold_updates": 0,      # ... and how many batches it has averaged
-        "controller": None,          # the λ controller's state (minisae.l0control), when target_l0 uses it
+        "controller": None,          # the λ controller's state (minisae.training.l0control), when target_l0 uses it
     }
 
 
@@ -225,7 +225,7 @@ def train(cfg, source, out_dir, *, resume=False, overwrite=False, progress=True)
     resume=False refuses a folder that already holds a checkpoint unless overwrite=True.
     Raises TrainingError (non-finite values; the last good checkpoint stays) and CheckpointError.
     """
-    from minisae.evaluate import evaluate_sae
+    from minisae.eval.evaluate import evaluate_sae
     from minisae.io.saefile import SAE
 
     cfg = cfg.resolved(int(source.d_in))
@@ -258,7 +258,7 @@ def train(cfg, source, out_dir, *, resume=False, overwrite=False, progress=True)
     since_fired = state["since_fired"]
     threshold = (state["batchtopk_threshold"], state["threshold_updates"])  # BatchTopK's running θ
     controller = None
-    if cfg.uses_controller():  # λ set every step from the batch L0 (minisae.l0control)
+    if cfg.uses_controller():  # λ set every step from the batch L0 (minisae.training.l0control)
         controller = l0control.L0Controller(cfg.target_l0, cfg.sparsity_coeff, kp=cfg.controller_kp,
                                             ki=cfg.controller_ki, start_step=cfg.sparsity_warmup_steps,
                                             state=state.get("controller"))

@@ -2,7 +2,7 @@
 
     mpiexec -n 4 minisae train --arch topk --k 32 --d-sae 65536 --shards 2 --steps 1000 --out run/
 
-P = R * S processes form a grid (minisae.sharded: the grid, the S-independent init and the
+P = R * S processes form a grid (minisae.dist.sharded: the grid, the S-independent init and the
 sharded step); rank = r * S + s holds replica r's copy of shard s and its Adam moments and
 dead-latent counters. One step of `train_parallel`:
 
@@ -33,12 +33,14 @@ from pathlib import Path
 
 import numpy
 
-from minisae import dist, optim
+from minisae import dist
+
+from minisae.training import optim
 from minisae.errors import InputError, OutputExistsError
 from minisae.io.files import check_output_dir, make_dir, write_atomic
 from minisae.io.safetensors_io import SafetensorsError, SafetensorsFile, save_file
 from minisae.sae import VARIANTS
-from minisae.sharded import _sum_scalars, init_shard, latent_range, make_grid, shard_forward_backward
+from minisae.dist.sharded import _sum_scalars, init_shard, latent_range, make_grid, shard_forward_backward
 from minisae.xp import asarray, get_xp, to_numpy
 
 CHECKPOINT_DIR = "checkpoint"
@@ -93,7 +95,7 @@ def _write_manifest(ckdir, step_dir, grid, state, cfg):
 
 
 def read_manifest(ckdir):
-    from minisae.checkpoint import CheckpointError
+    from minisae.training.checkpoint import CheckpointError
 
     path = Path(ckdir) / MANIFEST_NAME
     try:
@@ -111,7 +113,7 @@ def load_sharded(ckdir, lo, hi, xp, *, names, params_only=False):
     per-latent tensor is put together from the shard files that overlap [lo, hi). params_only:
     leave out Adam's moments (a third of the memory; for the release SAE)."""
     prefixes = ("params",) if params_only else ("params", "adam_m", "adam_v")
-    from minisae.checkpoint import CheckpointError
+    from minisae.training.checkpoint import CheckpointError
 
     ckdir = Path(ckdir)
     man = read_manifest(ckdir)
@@ -196,16 +198,16 @@ def reshard(src_run, dst_run, shards):
 
 def train_parallel(cfg, source, out_dir, *, shards=1, accumulate=1, comm=None, resume=False,
                    overwrite=False, progress=True):
-    """minisae.train.train on a grid of R x S processes (comm: the world, default dist.world()).
+    """minisae.training.train.train on a grid of R x S processes (comm: the world, default dist.world()).
 
     Every rank calls it with the same arguments; rank 0 alone writes config.json, metrics.jsonl,
     the manifest, sae/ and eval.json (all atomically), replica 0's ranks the shard files.
     accumulate: micro-batches per rank per step (gradients summed in order): one process with
     accumulate=R ends bitwise equal to R ranks with accumulate=1 (tests/test_dist.py).
-    Returns minisae.train.TrainResult on rank 0 (on other ranks its sae, summary are None, {})."""
-    from minisae.checkpoint import CheckpointError, _check_resume_config
-    from minisae.train import TrainingError, hypers_at, is_run_folder
-    from minisae.trainconfig import param_names
+    Returns minisae.training.train.TrainResult on rank 0 (on other ranks its sae, summary are None, {})."""
+    from minisae.training.checkpoint import CheckpointError, _check_resume_config
+    from minisae.training.train import TrainingError, hypers_at, is_run_folder
+    from minisae.training.config import param_names
 
     world = dist.world() if comm is None else comm
     cfg = cfg.resolved(int(source.d_in))
@@ -259,7 +261,7 @@ def train_parallel(cfg, source, out_dir, *, shards=1, accumulate=1, comm=None, r
         state = _fresh_state(cfg, source, grid, xp)
 
     def record():
-        from minisae.train import _source_info
+        from minisae.training.train import _source_info
         info = {"train": dataclasses.asdict(cfg), "source": _source_info(source),
                 "grid": {"processes": world.size, "replicas": grid.R, "shards": grid.S,
                          "accumulate": int(accumulate), "backend": world.name}}
@@ -319,7 +321,7 @@ def train_parallel(cfg, source, out_dir, *, shards=1, accumulate=1, comm=None, r
             # row first, each row is renormalised after (fused, one pass over W_dec)
             optim.adam_update(params, grads, adam, lr=lr, betas=betas, eps=cfg.adam_eps,
                               unit_rows="W_dec")
-            if "threshold" in params:  # raw θ (JumpReLU option): kept >= 0, as minisae.train does
+            if "threshold" in params:  # raw θ (JumpReLU option): kept >= 0, as minisae.training.train does
                 xp.maximum(params["threshold"], 0.0, out=params["threshold"])
             since_fired = xp.where(fired, 0, since_fired + cfg.batch_size)  # (m,)
             done = step + 1
@@ -354,7 +356,7 @@ def train_parallel(cfg, source, out_dir, *, shards=1, accumulate=1, comm=None, r
 
 def _fresh_state(cfg, source, grid, xp):
     """Initial state of this rank: C and TopK's b_dec from rank 0, the shard's parameters."""
-    from minisae.train import estimate_scale
+    from minisae.training.train import estimate_scale
 
     def measure():
         scale, sample = estimate_scale(source, cfg.norm_sample_tokens)  # C, (N, D)
@@ -387,7 +389,7 @@ def _replica_rows(source, step, batch_size, start, stop):
 
 
 def _shape_error(step, found, expected):
-    from minisae.train import TrainingError
+    from minisae.training.train import TrainingError
 
     return TrainingError(f"step {step}: the source returned a batch of shape {found}, expected {expected}")
 
@@ -413,9 +415,9 @@ def _finite(params, xp):
 
 def _finish(cfg, source, out_dir, ckdir, world, names, scale, batchtopk_threshold):
     """Rank 0 puts the whole SAE together from the final checkpoint, saves and evaluates it."""
-    from minisae.evaluate import evaluate_sae
+    from minisae.eval.evaluate import evaluate_sae
     from minisae.io.saefile import SAE
-    from minisae.train import TrainResult, _release_hyper, _sae_metadata
+    from minisae.training.train import TrainResult, _release_hyper, _sae_metadata
 
     done = {"sae": None, "summary": {}, "params": None}
 
@@ -442,7 +444,7 @@ def _append_jsonl(path, rows):
 
 
 def _truncate_metrics(path, step):
-    from minisae.checkpoint import _truncate_metrics as truncate
+    from minisae.training.checkpoint import _truncate_metrics as truncate
     truncate(path, step)
 
 

@@ -8,10 +8,10 @@ a hierarchy, and known true features, so feature quality (MCC, F1) is measured b
 reconstruction. Every variant (JumpReLU, Gated and TopK by default; BatchTopK and Matryoshka
 BatchTopK with --variants) trains at each target L0 with each seed on the same activations:
 TopK/BatchTopK through k, JumpReLU (the paper's L0 penalty) and Gated through the λ controller
-(minisae.l0control). Each number in the report is a mean ± standard deviation over seeds (the SAE's
+(minisae.training.l0control). Each number in the report is a mean ± standard deviation over seeds (the SAE's
 initialisation and the data order change with the seed; the data-generating model does not).
 
-The verdict (minisae.compare_report) is made at matched L0: each run's explained variance (and MCC,
+The verdict (minisae.eval.report) is made at matched L0: each run's explained variance (and MCC,
 F1) is read off its own seed's curve through the three targets at the exact target L0 (linear in
 log L0), which corrects the small misses of the controller; a difference between two variants
 smaller than their combined spread sqrt(sd_a² + sd_b²) is "no measurable difference".
@@ -21,7 +21,7 @@ The synthetic training data is generated once into out/data/ (an activation cach
 generated once in this process, and every SAE is evaluated on it here after training.
 
 out/ holds report.md, results.json, pareto.png (matplotlib, optional: `pip install 'minisae[plot]'`),
-data/ and runs/<variant>-L0<target>-s<seed>/ (each a full training folder, see minisae.train).
+data/ and runs/<variant>-L0<target>-s<seed>/ (each a full training folder, see minisae.training.train).
 """
 
 import dataclasses
@@ -36,7 +36,7 @@ import numpy
 from minisae.errors import DependencyError, InputError, OutputExistsError
 from minisae.io.files import check_output_dir, is_temp_name, make_dir, write_atomic
 from minisae.progress import progress_bar
-from minisae.train import TrainConfig, train
+from minisae.training.train import TrainConfig, train
 
 VARIANT_NAMES = {"jumprelu": "JumpReLU", "gated": "Gated", "topk": "TopK", "batchtopk": "BatchTopK",
                  "matryoshka": "Matryoshka"}
@@ -146,7 +146,7 @@ def run_compare(cfg, out_dir, *, source=None, model=None, tokenizer=None, eval_t
     BLAS (on small matrices one BLAS thread per process beats threads fighting over the cores);
     workers are spawned, so a script calling this with jobs > 1 needs the `if __name__ ==
     "__main__":` guard."""
-    from minisae.compare_report import pareto_plot, render_report, verdicts
+    from minisae.eval.report import pareto_plot, render_report, verdicts
     from minisae.data.activations import ActivationStore
 
     _check(cfg)
@@ -241,7 +241,7 @@ class _FixedEval:
 
 
 def _evaluate_run(out, cfg, job, secs, eval_source, model, tokenizer, eval_texts, site, progress):
-    from minisae.evaluate import evaluate_lm, evaluate_sae
+    from minisae.eval.evaluate import evaluate_lm, evaluate_sae
     from minisae.io.saefile import SAE
 
     variant, target, seed = job

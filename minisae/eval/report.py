@@ -1,4 +1,4 @@
-"""The verdict, report.md and pareto.png of `minisae compare` (minisae.compare runs the SAEs).
+"""The verdict, report.md and pareto.png of `minisae compare` (minisae.eval.compare runs the SAEs).
 
 Matched L0. Every (variant, seed) has one run per target L0; a metric is read at each exact
 target by linear interpolation in log L0 along that seed's own runs (a target outside the L0s the
@@ -215,7 +215,7 @@ def render_report(results):
                      + (" (the paper's single learning rate)" if cfg["threshold_lr_mult"] == 1 else
                         " (minisae's --threshold-lr-mult; the paper uses one learning rate)"))
     lines.append("- L0: TopK/BatchTopK k = target; JumpReLU and Gated λ set every step by a PI controller on "
-                 "log λ (minisae.l0control); λ shown is each run's final value")
+                 "log λ (minisae.training.l0control); λ shown is each run's final value")
     lines.append(f"- Evaluation: {cfg['eval_tokens']} held-out tokens per SAE")
     lines.append(f"- Wall time: {results['wall_seconds']:.0f} s\n")
     lines.append("## Verdict\n")

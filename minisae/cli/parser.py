@@ -1,6 +1,6 @@
 """The `minisae` command's argument parser: every subcommand's flags, their help and defaults.
 
-    parser = build_parser()          # minisae.cli.main parses with it, then checks (minisae.cliargs)
+    parser = build_parser()          # minisae.cli.main parses with it, then checks (minisae.cli.args)
 
 Flag groups shared by several subcommands (synthetic data, the Gemma model and its site, backend
 and progress) are added by the helpers below, so they read the same in every --help.
@@ -8,7 +8,7 @@ and progress) are added by the helpers below, so they read the same in every --h
 
 import argparse
 
-from minisae.cliargs import OneLineParser, show_defaults
+from minisae.cli.args import OneLineParser, show_defaults
 
 
 def _synthetic_args(p):
