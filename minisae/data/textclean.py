@@ -28,10 +28,13 @@ def paragraphs(text):
     return out
 
 
+_LETTERS = re.compile(r"[^\W\d_]+")  # runs of letters (str.isalpha, but whole runs at a time)
+
+
 def letter_fraction(text):
-    """Letters / non-space characters of `text` (0.0 for text without any): prose is about 0.8."""
-    chars = [c for c in text if not c.isspace()]
-    return sum(c.isalpha() for c in chars) / len(chars) if chars else 0.0
+    """Letters / non-space characters of `text` (0.0 for text without any): prose is about 0.95."""
+    non_space = len("".join(text.split()))
+    return (len(text) - len(_LETTERS.sub("", text))) / non_space if non_space else 0.0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -46,18 +49,17 @@ def letter_fraction(text):
 _AUDIENCE_NOTE = re.compile(r"\s*\[(?:laughter|applause|inaudible|see app note\.?)\]", re.IGNORECASE)
 _CORRECTION = re.compile(r"\[([^\[\];]*); White House correction\]")
 _NOTE_PARAGRAPH = re.compile(r"\[[^\[\]]*\]")
-_SPEAKER = re.compile(r"^The President\.\s+")
+_SPEAKER = re.compile(r"^(?:The President\.\s+)+")
 
 
 def sotu_to_prose(raw):
     """One address's text without the transcribers' notes; paragraphs separated by blank lines."""
     kept = []
     for para in paragraphs(raw):
-        if _NOTE_PARAGRAPH.fullmatch(para):
-            continue  # "[As delivered in person before a joint session]"
         para = _CORRECTION.sub(r"\1", _AUDIENCE_NOTE.sub("", para))
-        para = _SPEAKER.sub("", para).strip()
-        if para:
+        para = "\n".join(ln.strip() for ln in para.split("\n") if ln.strip())
+        para = _SPEAKER.sub("", para)
+        if para and not _NOTE_PARAGRAPH.fullmatch(para):  # "[As delivered in person before ...]"
             kept.append(para)
     return "\n\n".join(kept)
 
