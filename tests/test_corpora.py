@@ -20,6 +20,7 @@ from minisae.data.corpora import (CORPORA, CorpusError, CorpusNotInstalledError,
                                   iter_corpus, split_of, write_corpus)
 from minisae.data.textclean import letter_fraction, rest_to_prose, sotu_to_prose
 from minisae.errors import InputError, MinisaeError, OutputExistsError
+from tolerances import CHARS_PER_TOKEN_RTOL
 
 # ---------------------------------------------------------------------------------------------
 # cleaning: State of the Union transcripts
@@ -339,4 +340,4 @@ def test_real_corpus_exact_gemma3_token_count(real):
     tokens = sum(len(e.ids) for e in tok.encode_batch(train, add_special_tokens=False))
     chars = sum(map(len, train))
     assert tokens >= 1_000_000
-    assert abs(chars / tokens - CORPORA[name].chars_per_token) < 0.05 * CORPORA[name].chars_per_token
+    assert abs(chars / tokens - CORPORA[name].chars_per_token) < CHARS_PER_TOKEN_RTOL * CORPORA[name].chars_per_token
