@@ -22,9 +22,9 @@ import pytest
 from gguf_tiny import FOLDERS, VARIANTS, write_golden_gguf, write_gguf
 from tolerances import GEMMA_ATOL, GEMMA_RTOL
 
-from minisae.models import gemma2, gemma3, load_model, load_tokenizer
-from minisae.models.gguf import config_from_gguf, gguf_name, hf_name
 from minisae.io.gguf import GGUFFile
+from minisae.models import gemma2, gemma3, load_model, load_tokenizer
+from minisae.models.gguf import FILLED, config_from_gguf, gguf_name, hf_name
 
 gguf = pytest.importorskip("gguf", reason="the gguf package (pip install minisae[gguf]) is not installed")
 
@@ -239,3 +239,30 @@ def test_real_logits_norms_and_loss_match_transformers(real):
     assert close(norms, arrays["resid_norms"]) <= 1
     loss, n = gemma2.cross_entropy(logits[None], ids, exclude_ids=())
     assert n == ids.shape[1] - 1 and loss == pytest.approx(float(arrays["loss"]), rel=1e-5)
+
+
+# ---- planted bugs: each would pass unnoticed if the goldens could not see it ------------------------
+
+def _no_norm_shift(monkeypatch):
+    from minisae.io.gguf import GGUFFile as F
+
+    read = F.read
+    monkeypatch.setattr(F, "read", lambda self, name: read(self, name) + (1.0 if name.endswith("norm.weight") else 0.0))
+
+
+PLANTED = {
+    "norms left at 1 + w": _no_norm_shift,
+    "query_pre_attn_scalar = head_dim": lambda mp: [mp.setitem(FILLED[a], "query_pre_attn_scalar", 6) for a in FILLED],
+    "local RoPE base = global": lambda mp: mp.setitem(FILLED["gemma3"], "rope_local_base_freq", 1_000_000.0),
+    "every layer global": lambda mp: mp.setitem(FILLED["gemma3"], "sliding_window_pattern", 1),
+}
+
+
+@pytest.mark.parametrize("bug", list(PLANTED))
+def test_planted_bugs_break_parity(tmp_path, monkeypatch, bug):
+    arrays, _ = golden("tiny_gemma3")
+    path = tmp_path / "tiny.gguf"
+    write_golden_gguf("gemma3", "f32", path)
+    PLANTED[bug](monkeypatch)
+    logits = load_model(path).forward(arrays["ids"])
+    assert close(logits, arrays["logits.f32"]) > 1, bug

@@ -26,9 +26,10 @@ Dequantisation is delegated to the `gguf` package (llama.cpp's own Python code, 
 optional dependency: `pip install minisae[gguf]`); tests/test_gguf_hostile.py checks its Q8_0,
 Q5_0, Q4_K and Q6_K against plain per-block decoders. Any type it dequantises is read; F32 tensors
 are memory-mapped views (no copy). The header is read here, not with gguf.GGUFReader: that reader
-builds NumPy views of every metadata item (10.9 s for the 262,144-token vocabulary of Gemma 3
-270M, against 0.3 s here), and this one checks every count and length against the file size
-before it loops or allocates, so a small hostile file cannot ask for large memory or work.
+builds NumPy views of every metadata item (10-50 s for the 262,144-token vocabulary of Gemma 3
+270M on a shared 2-core machine, against 0.15-0.4 s here) and can be kept busy for minutes by a
+100-byte file claiming a 2^40-element array; this one checks every count and length against the
+file size before it loops or allocates, so a small hostile file cannot ask for large memory or work.
 
 Dimension legend: none; tensors keep the shapes their headers give (reversed, as above).
 """
