@@ -88,7 +88,8 @@ def gguf_quants():
 
 
 def is_gguf(path):
-    """True for a regular file named *.gguf or starting with the GGUF magic (read only if regular)."""
+    """True for a path named *.gguf, whatever it is (GGUFFile then says what is wrong with a missing
+    file or a FIFO), or a regular file that starts with the GGUF magic (read only if regular)."""
     path = Path(path)
     if path.suffix.lower() == ".gguf":
         return True

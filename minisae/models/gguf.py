@@ -33,6 +33,9 @@ The 27B models are the exception llama.cpp knows and transformers does not: thei
 scaled by (D / H)^-1/2 (Gemma 2 27B: 144, Gemma 3 27B: 168), not 256^-1/2 (llama-model.cpp,
 LLM_ARCH_GEMMA2 / GEMMA3: `type == LLM_TYPE_27B ? 1/sqrt(n_embd/n_head) : ...`). minisae follows
 transformers here, so a 27B GGUF runs as transformers runs it.
+
+Dimension legend as in minisae.models.gemma2.model: V vocab_size, D hidden_size, I intermediate_size,
+H query heads, K key/value heads, d head_dim.
 """
 
 import re
@@ -65,7 +68,9 @@ CONFIG_KEYS = {
 REQUIRED = ("block_count", "embedding_length", "feed_forward_length", "attention.head_count",
             "attention.head_count_kv", "attention.key_length")
 
-# values no GGUF stores: transformers' config defaults (configuration_gemma2.py, configuration_gemma3.py)
+# The config before the file's keys are laid over it: transformers' config defaults
+# (configuration_gemma2.py, configuration_gemma3.py). query_pre_attn_scalar, the layer pattern, the local
+# RoPE base, Gemma 3's soft-caps and the activation no GGUF can store; the rest stand for keys a file omits.
 FILLED = {
     "gemma2": {"model_type": "gemma2", "query_pre_attn_scalar": 256, "attn_logit_softcapping": 50.0,
                "final_logit_softcapping": 30.0, "rope_theta": 10_000.0, "sliding_window": 4096,
@@ -195,7 +200,7 @@ def load_weights(f: GGUFFile, config, expected, *, xp=numpy, dtype="float32"):
     check_tensors(f, expected)
     weights = {}
     for name in f.tensors:
-        w = f.read(name)  # float32, the HF shape
+        w = f.read(name)  # float32 in the HF shape: (V, D) embedding, (H*d, D) q, (D, I) down, (D,) norms, ...
         if name.endswith("norm.weight"):
             w = w - 1.0  # the converter stored 1 + w (float32, as transformers' `weights - 1`)
         weights[hf_name(name)] = asarray(w, xp, dtype)

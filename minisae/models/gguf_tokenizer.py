@@ -30,6 +30,8 @@ transformers (5.25, integrations/gguf/gguf_tokenizer_mapping.py: `gemma_tokenize
 
 tests/test_gguf.py checks the ids against transformers' GGUF tokenizer on tricky texts (goldens from
 reference/gguf_goldens.py); minisae's Gemma2Tokenizer wrapper then keeps exactly one BOS in front.
+
+Dimension legend: V tokens in the vocabulary (no arrays here; batches come from Gemma2Tokenizer).
 """
 
 from minisae.errors import FileFormatError
