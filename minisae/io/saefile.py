@@ -8,13 +8,16 @@ Release-form parameters (what the files hold; `SAE.from_training` folds training
     gated:    W_enc (D,M), b_gate (M,), r_mag (M,), b_mag (M,), W_dec (M,D), b_dec (D,)
 
 Inference (x_c = x - b_dec when cfg["apply_b_dec_to_input"], else x):
-    jumprelu: pre = x_c @ W_enc + b_enc;  f = pre * H(pre - threshold) * H(pre)
+    jumprelu: pi = ReLU(x_c @ W_enc + b_enc);  f = pi * H(pi - threshold)
               (SAELens: ReLU, then the threshold mask; the same as Gemma Scope's
               pre * H(pre - threshold) for every threshold >= 0, which is all a trained SAE
               can have)
     topk:     pre = x_c @ W_enc + b_enc (times ||W_dec rows|| if rescale_acts_by_decoder_norm);
-              keep the K largest per row, ReLU on the kept values, zero elsewhere
+              keep the K largest per row (ties: the lowest latents, as in training), ReLU on
+              the kept values, zero elsewhere
     gated:    f = H(x_c @ W_enc + b_gate) * ReLU(x_c @ (W_enc * exp(r_mag)) + b_mag)
+Each encoder runs the same array operations as the training module's `encode`
+(minisae.sae.<variant>), so a released SAE encodes bit for bit as the trained one did.
     all:      xhat = f @ W_dec + b_dec   (f / ||W_dec rows|| first for rescaled TopK)
 
 Transcoders (jumprelu_transcoder, jumprelu_skip_transcoder; Gemma Scope 2) encode like jumprelu
@@ -46,6 +49,7 @@ import numpy
 from minisae.errors import FileFormatError, MissingInputError, OutputExistsError
 from minisae.io import gemmascope, gemmascope2, saelens
 from minisae.io.files import atomic_path, check_output_dir, make_dir
+from minisae.sae.common import top_k
 from minisae.xp import asarray, to_numpy, xp_of
 
 CFG_FILENAME = "cfg.json"
@@ -99,9 +103,12 @@ def _check_tensor(source, name, a):
 
 
 def _encode_jumprelu(p, x_c, cfg):
-    pre = x_c @ p["W_enc"] + p["b_enc"]  # (B, D) @ (D, M) -> (B, M)
-    active = (pre > p["threshold"]) & (pre > 0)  # (B, M)
-    return pre * active.astype(pre.dtype)  # (B, M)
+    # the same operations as minisae.sae.jumprelu.encode, so the same bits (ties pi == theta included)
+    xp = xp_of(x_c)
+    pre = x_c @ p["W_enc"]  # (B, D) @ (D, M) -> (B, M)
+    pre += p["b_enc"]  # (B, M)
+    pi = xp.maximum(pre, 0.0)  # (B, M) ReLU
+    return pi * (pi > p["threshold"])  # (B, M) H(pi - threshold), strict
 
 
 def _decoder_norms(p):
@@ -109,27 +116,25 @@ def _decoder_norms(p):
 
 
 def _encode_topk(p, x_c, cfg):
+    # the selection training uses (minisae.sae.common.top_k): ties go to the lowest latents
     xp = xp_of(x_c)
     pre = x_c @ p["W_enc"] + p["b_enc"]  # (B, D) @ (D, M) -> (B, M)
     if cfg.get("rescale_acts_by_decoder_norm", False):
         pre = pre * _decoder_norms(p)  # (B, M) * (M,)
-    B, M = pre.shape
-    k = int(cfg["k"])
-    if k >= M:
-        return xp.maximum(pre, 0)  # (B, M): every latent kept
-    top = xp.argpartition(pre, M - k, axis=1)[:, M - k :]  # (B, K) indices of the k largest
-    rows = xp.arange(B)[:, None]  # (B, 1)
+    idx, vals = top_k(pre, int(cfg["k"]))  # (B, K), (B, K): the k largest, ties to the lowest columns
     f = xp.zeros_like(pre)  # (B, M)
-    f[rows, top] = xp.maximum(pre[rows, top], 0)  # (B, K): ReLU on the kept values
+    f[xp.arange(pre.shape[0])[:, None], idx] = xp.maximum(vals, 0.0)  # (B, K): ReLU on the kept values
     return f
 
 
 def _encode_gated(p, x_c, cfg):
+    # the same operations as minisae.sae.gated.encode: one product shared by both pre-activations,
+    # x_c @ (W_enc * exp(r_mag)) = (x_c @ W_enc) * exp(r_mag)
     xp = xp_of(x_c)
-    pi_gate = x_c @ p["W_enc"] + p["b_gate"]  # (B, D) @ (D, M) -> (B, M)
-    W_mag = p["W_enc"] * xp.exp(p["r_mag"])  # (D, M) * (M,): weight sharing
-    pi_mag = x_c @ W_mag + p["b_mag"]  # (B, M)
-    return (pi_gate > 0).astype(x_c.dtype) * xp.maximum(pi_mag, 0)  # (B, M)
+    pre = x_c @ p["W_enc"]  # (B, D) @ (D, M) -> (B, M)
+    pi_gate = pre + p["b_gate"]  # (B, M)
+    pi_mag = pre * xp.exp(p["r_mag"]) + p["b_mag"]  # (B, M)
+    return (pi_gate > 0.0) * xp.maximum(pi_mag, 0.0)  # (B, M)
 
 
 _ENCODERS = {"jumprelu": _encode_jumprelu, "topk": _encode_topk, "gated": _encode_gated,

@@ -111,8 +111,9 @@ def encode(params, x, *, k=None, threshold=None, aux_k=None, aux_coeff=None, dea
     x = as_input(params, x, ARCHITECTURE)
     xp = xp_of(x)
     pi = (x - params["b_dec"]) @ params["W_enc"] + params["b_enc"]  # (B, D) @ (D, M) -> (B, M)
-    if threshold is not None:
-        return pi * ((pi > float(threshold)) & (pi > 0.0))  # (B, M)
+    if threshold is not None:  # the inference JumpReLU, as jumprelu.encode computes it
+        pi = xp.maximum(pi, 0.0)  # (B, M)
+        return pi * (pi > pi.dtype.type(threshold))  # (B, M)
     if k is None:
         raise InputError("batchtopk.encode: give k (training selection) or threshold (inference)")
     kept = batch_topk_mask(pi, n_kept(k, x.shape[0], pi.shape[1]))  # (B, M)
