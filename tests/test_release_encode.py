@@ -104,3 +104,15 @@ def test_topk_ties_keep_the_lowest_latents_in_the_released_sae(tmp_path):
     assert numpy.flatnonzero(f_train[0]).tolist() == [0, 1, 2]
     sae = SAE.load(SAE.from_training("topk", params, scale=1.0, hyper={"k": 3}).save(tmp_path / "sae"))
     assert numpy.flatnonzero(sae.encode(x)[0]).tolist() == [0, 1, 2]
+
+
+@pytest.mark.parametrize("module, options", [(jumprelu, {"pre_enc_bias": True}), (gated, {}),
+                                             (topk, {"k": K}), (batchtopk, {"threshold": 0.5})])
+@pytest.mark.parametrize("option", ["sparsity_coef", "sparsity_coeff", "aux_k", "prefixes"])
+def test_encode_refuses_an_option_it_does_not_use_naming_it(module, options, option):
+    """encode takes only what inference uses: a training option or a typo is an error, not ignored."""
+    params = module.init(D, M)
+    x = numpy.zeros((2, D), numpy.float32)
+    module.encode(params, x, **options)  # the options it does take
+    with pytest.raises(TypeError, match=option):
+        module.encode(params, x, **options, **{option: 1})

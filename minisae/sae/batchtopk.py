@@ -103,8 +103,7 @@ def _min_kept(z, n_pos, xp, dtype):
     return scalar(xp.where(n_pos > 0, low, math.nan), dtype, xp)
 
 
-def encode(params, x, *, k=None, threshold=None, aux_k=None, aux_coeff=None, dead_mask=None,
-           prefixes=None):
+def encode(params, x, *, k=None, threshold=None):
     """f (B, M): with `threshold` the inference JumpReLU, pi * H(pi - threshold) * H(pi);
     without it the training selection (BatchTopK over this batch, needs k)."""
     check_params(params, PARAM_NAMES, ARCHITECTURE)

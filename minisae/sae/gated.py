@@ -66,8 +66,8 @@ def _encoder(params, pre):
     return scale, pi_gate, pi_mag
 
 
-def encode(params, x, *, sparsity_coeff=None):
-    """f (B, M) for inputs x (B, D). sparsity_coeff is accepted and unused."""
+def encode(params, x):
+    """f (B, M) for inputs x (B, D)."""
     check_params(params, PARAM_NAMES, ARCHITECTURE)
     x = as_input(params, x, ARCHITECTURE)
     _, pi_gate, pi_mag = _encoder(params, _shared_product(params, x)[1])

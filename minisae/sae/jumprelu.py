@@ -165,8 +165,8 @@ def _encoder_pre(params, x, pre_enc_bias):
     return x_c, pre
 
 
-def encode(params, x, *, pre_enc_bias=True, **training_only):
-    """f (B, M) for inputs x (B, D). The loss options (sparsity_coeff, ...) are accepted, unused."""
+def encode(params, x, *, pre_enc_bias=True):
+    """f (B, M) for inputs x (B, D)."""
     x, raw = _check(params, x)
     xp = xp_of(x)
     _, pre = _encoder_pre(params, x, pre_enc_bias)

@@ -84,8 +84,8 @@ def _dead_indices(dead_mask, M, xp):
     return xp.flatnonzero(dead_mask)  # (Nd,)
 
 
-def encode(params, x, *, k, aux_k=None, aux_coeff=None, dead_mask=None):
-    """z (B, M) for inputs x (B, D). aux_k, aux_coeff and dead_mask are accepted and unused."""
+def encode(params, x, *, k):
+    """z (B, M) for inputs x (B, D)."""
     check_params(params, PARAM_NAMES, ARCHITECTURE)
     x = as_input(params, x, ARCHITECTURE)
     xp = xp_of(x)
