@@ -19,15 +19,17 @@ output-folder rule (minisae.io.files) when saving. The object itself, its shapes
 and `SAE.from_training` are minisae.io.sae's; the names below are re-exported from there.
 """
 
+import contextlib
 import os
+import re
 import shutil
 from pathlib import Path
 
 import numpy
 
-from minisae.errors import MissingInputError, OutputExistsError
+from minisae.errors import MinisaeError, MissingInputError, OutputExistsError, storage_error
 from minisae.io import gemmascope, gemmascope2, hub, sae, saelens
-from minisae.io.files import atomic_path, check_output_dir, make_dir, temp_name
+from minisae.io.files import atomic_path, check_output_dir, is_temp_name, make_dir, temp_name
 from minisae.io.sae import (ARCHITECTURES, RELEASE_PARAMS, SAELENS_FORMAT_VERSION, TRAINING_PARAMS,  # noqa: F401
                             TRANSCODERS, SAEFileError, expected_shape)
 
@@ -47,21 +49,24 @@ class SAE(sae.SAE):
 
     def save(self, folder, *, overwrite=False):
         """Write a SAELens folder (cfg.json + sae_weights.safetensors); returns it as a Path.
-        A new or empty folder is written as a temporary sibling and renamed into place (all or
-        nothing). An existing SAE folder (one holding cfg.json, sae_weights.safetensors or
-        params.npz) is refused unless overwrite=True, which replaces just those two files, each
-        atomically; any other non-empty folder is always refused (minisae.io.files)."""
+        The folder is written whole as a temporary sibling and swapped into place (a kill leaves
+        the old SAE or the new one). An existing SAE folder (one holding any format's files) is
+        refused unless overwrite=True, which replaces its SAE files, whatever their format, and
+        keeps its other files; any other non-empty folder is always refused (minisae.io.files)."""
         return _save_folder(self, folder, saelens.write, overwrite, "its SAE files")
 
     def save_gemma_scope(self, path, *, overwrite=False):
         """Write a Gemma Scope params.npz (JumpReLU only; float32; b_dec folded into b_enc when
-        the SAE subtracts it from its input). `path`: the .npz file, or a folder to hold
-        params.npz. Atomic; refuses to overwrite unless overwrite=True. Returns the file's Path."""
+        the SAE subtracts it from its input). `path`: the .npz file (replaced atomically), or a
+        folder to hold params.npz (replaced as one unit, as `save` does). Refuses to overwrite
+        unless overwrite=True. Returns the file's Path."""
         gemmascope.check_writable(self)
         path = Path(path)
         if path.suffix != ".npz":
-            check_output_dir(path, "SAE", is_own=is_sae_folder, flag="output folder")
-            path = path / GEMMA_SCOPE_FILENAME
+            folder = _save_folder(self, path, lambda obj, new: gemmascope.write(obj, new / GEMMA_SCOPE_FILENAME),
+                                  overwrite, f"its {GEMMA_SCOPE_FILENAME}")
+            return folder / GEMMA_SCOPE_FILENAME
+        _recover(path, clean=True)  # a temporary left by a killed save of this file
         if path.is_dir() or (path.exists() and not overwrite):
             raise OutputExistsError(f"{path}: exists; pass overwrite=True (--overwrite) to replace it")
         make_dir(path.parent)
@@ -91,7 +96,13 @@ class SAE(sae.SAE):
             raise ValueError(f"SAE.load: expected a floating-point dtype, found {dtype}")
         ref = str(path_or_hub_ref)
         local = Path(ref).expanduser()
+        if not local.exists() and local.parent.is_dir():
+            _recover(local, clean=False)  # a save killed between its two renames
         if local.is_dir():
+            found = formats_in(local)
+            if len(found) > 1:
+                raise SAEFileError(f"{local}: holds two SAE formats, {' and '.join(found)}; minisae writes one "
+                                   "per folder: remove one, or load one of the files by its path")
             if (local / CFG_FILENAME).exists() or (local / WEIGHTS_FILENAME).exists():
                 return saelens.load(local / CFG_FILENAME, local / WEIGHTS_FILENAME, xp, dtype, str(local), cls)
             if (local / GEMMA_SCOPE_FILENAME).exists():
@@ -144,27 +155,125 @@ def is_sae_folder(folder):
     return gemmascope2.is_config(folder / gemmascope2.CONFIG_FILENAME)
 
 
-def _save_folder(obj, folder, write, overwrite, what):
-    """Write SAE `obj` into `folder` with write(obj, folder); returns the folder as a Path."""
+def formats_in(folder):
+    """The SAE formats whose files `folder` holds, e.g. ["SAELens"]; more than one is refused on load."""
     folder = Path(folder)
+    found = []
+    for name, files in (("SAELens", saelens.FILES), ("Gemma Scope", gemmascope.FILES),
+                        ("Gemma Scope 2", (gemmascope2.PARAMS_FILENAME,))):
+        have = [f for f in files if (folder / f).is_file()]
+        if have:
+            found.append(f"{name} ({', '.join(have)})")
+    if not any(f.startswith("Gemma Scope 2") for f in found) and gemmascope2.is_config(folder / gemmascope2.CONFIG_FILENAME):
+        found.append(f"Gemma Scope 2 ({gemmascope2.CONFIG_FILENAME})")
+    return found
+
+
+def _is_sae_file(folder, name):
+    """True for a name a format writes into an SAE folder (a model's config.json is not one)."""
+    if name == gemmascope2.CONFIG_FILENAME:
+        return gemmascope2.is_config(folder / name)
+    return name in saelens.FILES + gemmascope.FILES + gemmascope2.FILES
+
+
+# A folder is replaced as one unit: the new SAE is written whole in a hidden sibling
+# (.NAME.XXXXXXXX.tmp), then two renames swap it in: NAME -> .NAME.XXXXXXXX.replaced.tmp, the
+# sibling -> NAME; the replaced folder is removed last. A kill leaves NAME holding the old SAE or
+# the new one, whole, except between the two renames, where NAME is missing and the old SAE is
+# whole in its .replaced.tmp sibling: `_recover` renames it back (on load and on save), and a save
+# removes the leftovers of an interrupted one (recognised by their names).
+_REPLACED = "replaced.tmp"
+
+
+def _leftovers(target):
+    """(temporaries, replaced folders) beside `target` left by an interrupted save, newest first."""
+    target = Path(target)
+    pattern = re.compile(rf"^\.{re.escape(target.name)}\.[0-9a-f]{{8}}\.(replaced\.)?tmp$")
+    try:
+        found = [p for p in target.parent.iterdir() if pattern.match(p.name)]
+    except OSError:
+        return [], []
+    found.sort(key=lambda p: p.lstat().st_mtime_ns, reverse=True)
+    return ([p for p in found if not p.name.endswith(_REPLACED)], [p for p in found if p.name.endswith(_REPLACED)])
+
+
+def _recover(target, *, clean):
+    """Undo a replacement interrupted between its two renames (`target` missing, the old SAE in a
+    .replaced.tmp sibling): rename the old SAE back. clean=True also removes the other leftovers."""
+    target = Path(target)
+    temporaries, replaced = _leftovers(target)
+    if replaced and not os.path.lexists(target):
+        try:
+            os.rename(replaced[0], target)
+        except OSError as e:
+            raise storage_error(e, target, f"restore the SAE folder from {replaced[0].name} to") from e
+        replaced = replaced[1:]
+    if clean:
+        for p in temporaries + replaced:
+            _remove(p)
+
+
+def _remove(path):
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(OSError):
+            path.unlink()
+
+
+def _save_folder(obj, folder, write, overwrite, what):
+    """Write SAE `obj` into `folder` with write(obj, new_folder), as one unit; returns the folder.
+    Files in the folder that are no SAE format's (notes, say) are kept: hard-linked (else copied)
+    into the new folder before it is swapped in."""
+    folder = Path(folder)
+    _recover(folder, clean=True)
     state = check_output_dir(folder, "SAE", is_own=is_sae_folder, flag="output folder")
     if state == "own" and not overwrite:
         raise OutputExistsError(f"{folder}: folder exists and is not empty (an SAE folder); "
                                 f"pass overwrite=True (--overwrite) to replace {what}")
     make_dir(folder.parent)
-    if state == "own":  # the files replaced one at a time
-        tmp = temp_name(folder)
-        try:
-            tmp.mkdir()
-            write(obj, tmp)
-            for f in sorted(tmp.iterdir()):
-                os.replace(f, folder / f.name)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-        return folder
-    with atomic_path(folder) as tmp:
+    tmp = temp_name(folder)
+    try:
         tmp.mkdir()
         write(obj, tmp)
-        if folder.is_dir():
-            folder.rmdir()  # empty, checked above
+        if state == "own":
+            _carry_other_files(folder, tmp)
+        if state == "new":
+            os.rename(tmp, folder)
+        else:
+            old = folder.with_name(f"{tmp.name[:-len('tmp')]}{_REPLACED}")
+            os.rename(folder, old)
+            try:
+                os.rename(tmp, folder)
+            except BaseException:
+                os.rename(old, folder)  # put the old SAE back
+                raise
+            _remove(old)
+    except OSError as e:
+        if isinstance(e, MinisaeError):
+            raise
+        raise storage_error(e, folder) from e
+    finally:
+        _remove(tmp)
     return folder
+
+
+def _carry_other_files(folder, new):
+    """Hard-link (or copy) into `new` what `folder` holds besides SAE files and temporaries."""
+    for p in sorted(folder.iterdir()):
+        if _is_sae_file(folder, p.name) or is_temp_name(p.name):
+            continue
+        if os.path.lexists(new / p.name):
+            raise OutputExistsError(f"{folder}: its {p.name} is not minisae's and the new SAE files need that "
+                                    "name; choose another output folder")
+        if p.is_dir() and not p.is_symlink():
+            shutil.copytree(p, new / p.name, symlinks=True, copy_function=_link_or_copy)
+        else:
+            _link_or_copy(p, new / p.name)
+
+
+def _link_or_copy(src, dst):
+    try:
+        os.link(src, dst, follow_symlinks=False)
+    except OSError:
+        shutil.copy2(src, dst, follow_symlinks=False)
