@@ -103,7 +103,8 @@ def test_jumprelu_output_is_zero_where_pi_at_or_below_theta(xp, shape, seed, pre
     params, x = to_xp(p_host, xp), asarray(x_host, xp, "float64")
     f = to_numpy(jumprelu.encode(params, x, pre_enc_bias=pre_enc_bias))  # (B, M)
     out, _ = jumprelu.forward(params, x, sparsity_coeff=0.1, pre_enc_bias=pre_enc_bias)
-    pi_m = numpy.maximum(to_numpy(jumprelu._encoder_pre(params, x, pre_enc_bias)[1]), 0.0)
+    x_c = x - params["b_dec"] if pre_enc_bias else x
+    pi_m = numpy.maximum(to_numpy(x_c @ params["W_enc"] + params["b_enc"]), 0.0)  # (B, M)
     theta = numpy.exp(to_numpy(params["log_threshold"]))  # (M,)
     assert numpy.all(f[pi_m <= theta] == 0.0)
     numpy.testing.assert_array_equal(f[pi_m > theta], pi_m[pi_m > theta])
