@@ -13,7 +13,7 @@ from hypothesis import assume, given
 from hypothesis import strategies as st
 
 from minisae import threads
-from minisae.sae import VARIANTS, common, gated, get_variant, jumprelu, sparse, topk
+from minisae.sae import VARIANTS, auxk, common, gated, get_variant, jumprelu, sparse, topk
 from minisae.xp import asarray, cupy_available, get_xp, to_numpy
 from test_sae_gradients import HSETTINGS, KINK_MARGIN, problem, seeds, shapes, to_xp
 from tolerances import F32_ATOL, F32_RTOL, GOLDEN64_ATOL, XP32_RTOL, XP64_RTOL
@@ -310,7 +310,7 @@ def test_topk_sparse_path_equals_plain(B, D, M, seed, data, aux_coeff):
     rng = numpy.random.default_rng(seed)
     p, x = problem("topk", rng, B, D, M)
     dead = rng.random(M) < data.draw(st.floats(0.0, 1.0), label="dead fraction")
-    # dead latents pushed negative: few AuxK entries, held sparse (topk._auxk_step); none at 50
+    # dead latents pushed negative: few AuxK entries, held sparse (auxk.sparse_step); none at 50
     p["b_enc"][dead] -= data.draw(st.sampled_from([0.0, 2.0, 50.0]), label="dead latents' shift")
     hyper = dict(k=k, aux_k=aux_k, aux_coeff=aux_coeff, dead_mask=dead)
     assert_paths_agree(topk, p, x, hyper)
@@ -502,7 +502,7 @@ def test_top_k_equals_the_plain_rule_with_ties(B, M, seed, data):
 @HSETTINGS
 @given(B=st.integers(1, 30), M=st.integers(1, 300), seed=seeds, data=st.data())
 def test_relu_top_k_equals_relu_of_the_selected_entries(B, M, seed, data):
-    """topk.relu_top_k (AuxK's z_aux: rows with at most k positive entries skip the selection)
+    """auxk.relu_top_k (AuxK's z_aux: rows with at most k positive entries skip the selection)
     equals ReLU of common.top_k's entries scattered into zeros, with ties, zeros and NaN."""
     k = data.draw(st.integers(1, M), label="k")
     rng = numpy.random.default_rng(seed)
@@ -515,7 +515,7 @@ def test_relu_top_k_equals_relu_of_the_selected_entries(B, M, seed, data):
         idx, vals = common.top_k(x, k)  # NaN counts as -inf there, so it is never a kept positive
         ref = numpy.zeros_like(x)
         numpy.put_along_axis(ref, idx, numpy.maximum(numpy.nan_to_num(vals, nan=-numpy.inf), 0.0), axis=1)
-        got = topk.relu_top_k(x, k)
+        got = auxk.relu_top_k(x, k)
         numpy.testing.assert_array_equal(got, ref)
         assert got.dtype == dtype and got.flags.c_contiguous
 

@@ -33,7 +33,8 @@ import numpy
 from minisae.errors import InputError
 from minisae.sae import VARIANTS
 from minisae.sae.common import squared_error, squared_error_backward, unit_rows
-from minisae.sae.topk import _scatter_rows, topk_rows
+from minisae.sae.common import scatter_rows as _scatter_rows
+from minisae.sae.topk import topk_rows
 from minisae.xp import asarray, to_numpy, xp_of
 
 INIT_CHUNK = 4096  # latents per init chunk (each drawn from its own seeded generator)

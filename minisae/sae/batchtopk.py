@@ -14,7 +14,7 @@ Ties: when several entries equal the N-th largest value, they are kept in row-ma
 tokens first, then lower latent index) until exactly N are kept. Gradient flows only through the
 kept entries with pi > 0 (ReLU and selection are locally constant elsewhere). AuxK is TopK's,
 computed per token on the dead latents against the full reconstruction's residual
-(`minisae.sae.topk`).
+(`minisae.sae.auxk`).
 
 Inference: BatchTopK's output depends on the other tokens of the batch, so a trained SAE is used
 as a JumpReLU with one global threshold theta for every latent: f = pi * H(pi - theta) * H(pi).
@@ -32,15 +32,13 @@ import numbers
 import numpy
 
 from minisae.errors import InputError
-from minisae.sae import topk
+from minisae.sae import auxk, topk
 from minisae.sae.common import (as_input, check_params, check_prefixes, decode, fire_counts,
                                 prefix_decode, prefix_decoder_gradients, prefix_squared_error,
                                 scalar, segments, sparse_prefix_decode, sparse_prefix_decoder_grad,
                                 sparse_prefix_parts, sparse_prefix_sampled, top_k)
 from minisae.sae.sparse import (by_column, column_sums, sparse_fire_counts, sparse_from_mask,
                                 sparse_t_matmul)
-from minisae.sae.topk import (_auxk_backward, _auxk_forward, _auxk_latents, _auxk_step,  # AuxK as TopK
-                              _dead_indices)
 from minisae.threads import in_background
 from minisae.xp import xp_of
 
@@ -90,7 +88,7 @@ def _check_hyper(params, x, k, aux_k, aux_coeff, dead_mask, prefixes):
     if int(aux_k) != aux_k or int(aux_k) < 1:
         raise InputError(f"batchtopk: expected aux_k an integer >= 1, found {aux_k!r}")
     return (n_kept(k, x.shape[0], M), int(aux_k), float(aux_coeff),
-            _dead_indices(dead_mask, M, xp_of(x)), check_prefixes(prefixes, M, ARCHITECTURE))
+            auxk.dead_indices(dead_mask, M, xp_of(x)), check_prefixes(prefixes, M, ARCHITECTURE))
 
 
 def _min_kept(z, n_pos, xp, dtype):
@@ -168,7 +166,7 @@ def forward(params, x, *, k, aux_k=512, aux_coeff=1.0 / 32, dead_mask=None, pref
              "aux_coeff": aux_coeff, "aux": None}
     aux = 0.0
     if dead.shape[0] > 0:
-        aux, cache["aux"] = _auxk_forward(_auxk_latents(pi, dead, aux_k), errs[-1], params["W_dec"], dead)
+        aux, cache["aux"] = auxk.forward(auxk.select(pi, dead, aux_k), errs[-1], params["W_dec"], dead)
     n_pos = xp.count_nonzero(z)  # kept entries through the ReLU
     out = {"loss": scalar(total + aux_coeff * aux, dtype, xp), "mse": scalar(mse, dtype, xp),
            "matryoshka": scalar(total - mse, dtype, xp), "aux": scalar(aux, dtype, xp),
@@ -195,7 +193,7 @@ def backward(params, cache):
     dpi = xp.where(passes, dz, 0.0)  # (B, M)
     if cache["aux"] is not None:  # forward was: loss = ... + alpha * aux
         dead = cache["aux"]["dead"]  # (Nd,)
-        dW_dead, dpi_dead = _auxk_backward(cache["aux"], W_dec, cache["aux_coeff"])
+        dW_dead, dpi_dead = auxk.backward(cache["aux"], W_dec, cache["aux_coeff"])
         dW_dec[dead] += dW_dead  # (Nd, D)
         dpi[:, dead] += dpi_dead  # (B, Nd)
     # forward was: pi = x_c @ W_enc + b_enc, x_c = x - b_dec
@@ -236,7 +234,7 @@ def loss_and_grads(params, x, *, k, aux_k=512, aux_coeff=1.0 / 32, dead_mask=Non
 
 # ----------------------------------------------------------------------------------------------
 # sparse path (NumPy): z held as its N kept entries (row-major); AuxK as on TopK's sparse path
-# (topk._auxk_step); with Matryoshka prefixes each segment's entries are handled in turn
+# (auxk.sparse_step); with Matryoshka prefixes each segment's entries are handled in turn
 
 
 def _forward_backward_sparse(params, x, *, k, aux_k, aux_coeff, dead_mask, prefixes, dense_f):
@@ -258,7 +256,7 @@ def _forward_backward_sparse(params, x, *, k, aux_k, aux_coeff, dead_mask, prefi
     total, mse, errs = prefix_squared_error(x, xhats)  # mse: the full SAE's
     aux, aux_grads = 0.0, None
     if dead.shape[0] > 0:
-        aux, aux_grads = _auxk_step(pi, errs[-1], W_dec, x_c, dead, aux_k, aux_coeff)
+        aux, aux_grads = auxk.sparse_step(pi, errs[-1], W_dec, x_c, dead, aux_k, aux_coeff)
     # backward, as in `backward`
     G = prefix_decoder_gradients(errs, prefixes)  # S x (B, D)
     # dW_dec needs only z and G: computed on another thread while the sampled product runs here

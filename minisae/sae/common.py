@@ -209,6 +209,14 @@ def top_k(a, k):
     return idx, vals
 
 
+def scatter_rows(values, idx, n_cols):
+    """Dense (B, n_cols) with values (B, K) at columns idx (B, K) of each row, zeros elsewhere."""
+    xp = xp_of(values)
+    out = xp.zeros((values.shape[0], n_cols), dtype=values.dtype)  # (B, n_cols)
+    out[xp.arange(values.shape[0])[:, None], idx] = values
+    return out
+
+
 def _top_k_rows(a, k):
     """top_k on one block of rows (the algorithm above)."""
     xp = xp_of(a)
