@@ -18,23 +18,19 @@ The derivation, line by line, is docs/derivations/topk.md.
 
 `forward` + `backward` are the plain, dense reference. `forward_backward` and `loss_and_grads`
 run the same math on a row-sparse path on NumPy when k is a small fraction of M
-(`_forward_backward_sparse`, at the bottom); a test holds the two equal.
+(minisae/sae/topk_fast.py); a test holds the two equal.
 """
 
 import numpy
 
-from minisae.sae import auxk
+from minisae.sae import auxk, topk_fast
 from minisae.sae.common import (as_input, check_params, decode, fire_counts, geometric_median,
                                 init_dictionary, scalar, scatter_rows, squared_error,
                                 squared_error_backward, top_k)
-from minisae.sae.sparse import (by_column, column_sums, sampled_matmul, sparse_fire_counts,
-                                sparse_matmul, sparse_t_matmul)
-from minisae.threads import in_background
 from minisae.xp import xp_of
 
 ARCHITECTURE = "topk"
 PARAM_NAMES = ("W_enc", "b_enc", "W_dec", "b_dec")
-SPARSE_MAX_DENSITY = 0.04  # the sparse path is taken when k <= this fraction of M
 
 __all__ = ["ARCHITECTURE", "PARAM_NAMES", "init", "encode", "decode", "forward", "backward",
            "forward_backward", "loss_and_grads", "topk_rows"]
@@ -140,7 +136,8 @@ def forward_backward(params, x, *, k, aux_k=512, aux_coeff=1.0 / 32, dead_mask=N
                      path="auto", dense_f=True):
     """(out, grads): forward's out and backward's grads in one call. path: "dense" (forward
     then backward), "sparse" (NumPy only), or "auto": sparse on NumPy when k <=
-    SPARSE_MAX_DENSITY * M. The sparse path builds the dense out["f"] only when dense_f.
+    topk_fast.SPARSE_MAX_DENSITY * M (topk_fast). The sparse path builds the dense out["f"] only
+    when dense_f.
     out also has "fired" (M,) int64: on how many of the batch's tokens each latent fired."""
     if path not in ("auto", "dense", "sparse"):
         raise ValueError(f"topk.forward_backward: path must be 'auto', 'dense' or 'sparse', "
@@ -151,8 +148,11 @@ def forward_backward(params, x, *, k, aux_k=512, aux_coeff=1.0 / 32, dead_mask=N
         raise ValueError("topk.forward_backward: path='sparse' runs on NumPy arrays only; "
                          f"found {xp.__name__} arrays (use 'auto' or 'dense')")
     M = params["W_enc"].shape[1]
-    if xp is numpy and (path == "sparse" or (path == "auto" and k <= SPARSE_MAX_DENSITY * M)):
-        return _forward_backward_sparse(params, x, dense_f=dense_f, **hyper)
+    if xp is numpy and (path == "sparse" or (path == "auto" and k <= topk_fast.SPARSE_MAX_DENSITY * M)):
+        check_params(params, PARAM_NAMES, ARCHITECTURE)
+        x = as_input(params, x, ARCHITECTURE)
+        return topk_fast.forward_backward(params, x, *_check_hyper(params, k, aux_k, aux_coeff, dead_mask, numpy),
+                                          dense_f=dense_f)
     out, cache = forward(params, x, **hyper)
     out["fired"] = fire_counts(out["f"])  # (M,)
     return out, backward(params, cache)
@@ -163,52 +163,3 @@ def loss_and_grads(params, x, *, k, aux_k=512, aux_coeff=1.0 / 32, dead_mask=Non
     out, grads = forward_backward(params, x, k=k, aux_k=aux_k, aux_coeff=aux_coeff,
                                   dead_mask=dead_mask, path=path, dense_f=False)
     return out["loss"], grads
-
-
-# ----------------------------------------------------------------------------------------------
-# sparse path (NumPy): the same math with z held as its k kept entries per row; AuxK's z_aux
-# held as its entries too when it has few (dead latents are rarely positive)
-
-
-def _forward_backward_sparse(params, x, *, k, aux_k, aux_coeff, dead_mask, dense_f):
-    check_params(params, PARAM_NAMES, ARCHITECTURE)
-    x = as_input(params, x, ARCHITECTURE)
-    k, aux_k, aux_coeff, dead = _check_hyper(params, k, aux_k, aux_coeff, dead_mask, numpy)
-    W_enc, W_dec, b_dec = params["W_enc"], params["W_dec"], params["b_dec"]
-    (B, D), M, dtype = x.shape, W_enc.shape[1], x.dtype
-    x_c = x - b_dec  # (B, D)
-    pi = x_c @ W_enc  # (B, D) @ (D, M) -> (B, M)
-    pi += params["b_enc"]  # (B, M)
-    idx, vals = topk_rows(pi, k)  # (B, K), (B, K)
-    rows = numpy.repeat(numpy.arange(B), k)  # (N,) with N = B * K, row-major
-    cols, rowptr = idx.ravel(), numpy.arange(B + 1) * k  # (N,), (B + 1,)
-    z_s = numpy.maximum(vals, 0.0).ravel()  # (N,)
-    xhat = sparse_matmul(rowptr, cols, z_s, W_dec) + b_dec  # (B, M) @ (M, D) -> (B, D)
-    mse, err = squared_error(x, xhat)
-    aux, aux_grads = 0.0, None
-    if dead.shape[0] > 0:
-        aux, aux_grads = auxk.sparse_step(pi, err, W_dec, x_c, dead, aux_k, aux_coeff)
-    del pi  # (B, M): the backward does not need it (peak memory)
-    loss = scalar(mse + aux_coeff * aux, dtype, numpy)
-    # backward, as in `backward`
-    dxhat = squared_error_backward(err)  # (B, D)
-    # dW_dec needs only z and dxhat: computed on another thread while the sampled product runs here
-    grouped = by_column(rows, cols, B, M)  # the entries by latent, for both transposed products
-    dW_dec = in_background(sparse_t_matmul, rows, cols, M, [(z_s, dxhat)], grouped=grouped)  # [(M, D)]
-    dpi_s = sampled_matmul(rowptr, cols, dxhat, W_dec) * (vals.ravel() > 0.0)  # (N,)
-    dW_enc = sparse_t_matmul(rows, cols, M, [(dpi_s, x_c)], transposed=(0,), grouped=grouped)[0]  # (D, M)
-    dW_dec = dW_dec.result()[0]  # (M, D)
-    db_enc = column_sums(cols, dpi_s, M, dtype)  # (M,)
-    if aux_grads is not None:  # forward was: loss = mse + alpha * aux
-        latents, dW_aux, dW_enc_aux, db_aux = aux_grads  # (U,), (U, D), (U, D), (U,)
-        dW_dec[latents] += dW_aux  # (U, D)
-        dW_enc[:, latents] += dW_enc_aux.T  # (D, U)
-        db_enc[latents] += db_aux  # (U,)
-    db_dec = dxhat.sum(axis=0) - W_enc @ db_enc  # (D,)
-    grads = {"W_enc": dW_enc, "b_enc": db_enc, "W_dec": dW_dec, "b_dec": db_dec}
-    out = {"loss": loss, "mse": scalar(mse, dtype, numpy), "aux": scalar(aux, dtype, numpy),
-           "l0": scalar(numpy.count_nonzero(z_s) / B, dtype, numpy), "xhat": xhat,
-           "fired": sparse_fire_counts(cols, z_s, M)}
-    if dense_f:
-        out["f"] = scatter_rows(numpy.maximum(vals, 0.0), idx, M)  # (B, M)
-    return out, grads
