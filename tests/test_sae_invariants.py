@@ -15,7 +15,8 @@ from hypothesis import strategies as st
 from minisae import threads
 from minisae.sae import VARIANTS, auxk, common, gated, get_variant, jumprelu, sparse, topk
 from minisae.xp import asarray, cupy_available, get_xp, to_numpy
-from test_sae_gradients import HSETTINGS, KINK_MARGIN, problem, seeds, shapes, to_xp
+from helpers import HSETTINGS, assert_close, problem, seeds, shapes, to_xp
+from tolerances import KINK_MARGIN
 from tolerances import F32_ATOL, F32_RTOL, GOLDEN64_ATOL, XP32_RTOL, XP64_RTOL
 
 HYPER = {"jumprelu": dict(sparsity_coeff=0.7, bandwidth=0.3),
@@ -31,11 +32,6 @@ def hyper_for(variant, M, xp, dead_host=None):
         if dead_host is not None:
             h["dead_mask"] = asarray(dead_host, xp)
     return h
-
-
-def assert_close(a, b, rtol, atol, what):
-    a, b = to_numpy(a), to_numpy(b)
-    numpy.testing.assert_allclose(a, b, rtol=rtol, atol=atol, err_msg=what)
 
 
 # ----------------------------------------------------------------------------------------------
