@@ -96,8 +96,9 @@ class SAE(sae.SAE):
             raise ValueError(f"SAE.load: expected a floating-point dtype, found {dtype}")
         ref = str(path_or_hub_ref)
         local = Path(ref).expanduser()
-        if not local.exists() and local.parent.is_dir():
-            _recover(local, clean=False)  # a save killed between its two renames
+        for folder in (local, local.parent):  # the SAE folder, or the folder of the file named
+            if not folder.exists() and folder.parent.is_dir():
+                _recover(folder, clean=False)  # a save killed between its two renames
         if local.is_dir():
             found = formats_in(local)
             if len(found) > 1:
