@@ -12,8 +12,8 @@ from hypothesis import strategies as st
 
 from minisae.sae import batchtopk, common, jumprelu
 from minisae.xp import asarray, to_numpy
-from helpers import HSETTINGS, fd_check, host, problem, seeds, shapes, to_xp
-from test_sae_invariants import assert_close, assert_paths_agree
+from helpers import HSETTINGS, assert_close, fd_check, host, problem, seeds, shapes, to_xp
+from test_sae_invariants import assert_paths_agree
 from tolerances import GOLDEN64_ATOL, KINK_MARGIN, XP64_RTOL
 
 
