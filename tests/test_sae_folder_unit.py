@@ -4,6 +4,7 @@ next save removes what the killed one left; a folder holding two formats is refu
 converting a folder to another format replaces the format that loads."""
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -143,3 +144,28 @@ def test_convert_overwrite_to_another_format_replaces_the_one_that_loads(tmp_pat
     assert main(["convert", str(src_a), str(folder), "--overwrite"]) == 0  # and back: minisae wrote it
     assert formats_in(folder) == ["SAELens (cfg.json, sae_weights.safetensors)"] and which(folder, a, b) == "a"
     assert (folder / "notes.txt").read_text() == "kept" and hidden_beside(folder) == []
+
+
+def test_a_symlinked_sae_folder_stays_a_link_to_the_replaced_folder(tmp_path):
+    a, b = make_sae("jumprelu", seed=0), make_sae("jumprelu", seed=1)
+    real = a.save(tmp_path / "real")
+    (tmp_path / "link").symlink_to(real, target_is_directory=True)
+    assert b.save(tmp_path / "link", overwrite=True) == tmp_path / "link"
+    assert (tmp_path / "link").is_symlink() and which(real, a, b) == "b" and which(tmp_path / "link", a, b) == "b"
+
+
+def test_a_fifo_named_config_json_does_not_block_loading(tmp_path):
+    folder = make_sae("jumprelu").save(tmp_path / "sae")
+    os.mkfifo(folder / "config.json")
+
+    def blocked(*_):
+        raise AssertionError("blocked on the FIFO")
+
+    old = signal.signal(signal.SIGALRM, blocked)
+    signal.alarm(20)  # opening a FIFO for reading waits for a writer: fail instead of hanging
+    try:
+        assert formats_in(folder) == ["SAELens (cfg.json, sae_weights.safetensors)"]
+        SAE.load(folder)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)

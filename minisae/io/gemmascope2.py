@@ -196,8 +196,10 @@ def write(sae, folder):
 
 def is_config(path):
     """True when `path` is a Gemma Scope 2 config.json (it names architecture jump_relu); a model's
-    config.json is not one."""
+    config.json is not one. Only a regular file is read (a FIFO would block)."""
     try:
+        if not Path(path).is_file():
+            return False
         return read_json(path, max_bytes=MAX_CONFIG_BYTES).get("architecture") == ARCHITECTURE
     except (FileFormatError, OSError):
         return False

@@ -225,8 +225,11 @@ def _remove(path):
 def _save_folder(obj, folder, write, overwrite, what):
     """Write SAE `obj` into `folder` with write(obj, new_folder), as one unit; returns the folder.
     Files in the folder that are no SAE format's (notes, say) are kept: hard-linked (else copied)
-    into the new folder before it is swapped in."""
-    folder = Path(folder)
+    into the new folder before it is swapped in. A symbolic link to a folder stays a link: the
+    folder it points to is the one replaced."""
+    given = folder = Path(folder)
+    if folder.is_symlink() and folder.is_dir():
+        folder = folder.resolve()
     _recover(folder, clean=True)
     state = check_output_dir(folder, "SAE", is_own=is_sae_folder, flag="output folder")
     if state == "own" and not overwrite:
@@ -256,7 +259,7 @@ def _save_folder(obj, folder, write, overwrite, what):
         raise storage_error(e, folder) from e
     finally:
         _remove(tmp)
-    return folder
+    return given
 
 
 def _carry_other_files(folder, new):
