@@ -18,15 +18,15 @@ Both pre-activations share one product: x_c @ (W_enc * s) = (x_c @ W_enc) * s, s
 The derivation, line by line, is docs/derivations/gated.md.
 
 `forward` + `backward` are the plain, dense reference, read top to bottom. `forward_backward` and
-`loss_and_grads` run the same math through minisae/sae/gated_fast.py on NumPy (a row-sparse path
+`loss_and_grads` run the same math through minisae/sae/gated_fast.py (on NumPy a row-sparse path
 when few gates are open, else the dense one reusing its buffers); tests hold them equal.
 """
 
 import numpy
 
 from minisae.sae import gated_fast
-from minisae.sae.common import (as_input, check_params, decode, fire_counts, init_dictionary,
-                                scalar, squared_error, squared_error_backward)
+from minisae.sae.common import (as_input, check_params, decode, init_dictionary, scalar, squared_error,
+                                squared_error_backward)
 from minisae.xp import xp_of
 
 ARCHITECTURE = "gated"
@@ -138,11 +138,10 @@ def backward(params, cache):
 
 
 def forward_backward(params, x, *, sparsity_coeff, path="auto", dense_f=True):
-    """(out, grads): forward's out and backward's grads in one call. path: "dense" (forward
-    then backward), "sparse" (NumPy only), or "auto": on NumPy, gated_fast (sparse when at most
-    gated_fast.SPARSE_MAX_DENSITY of the batch's gates are open, else dense); elsewhere forward
-    then backward. The sparse path builds the dense out["f"] (one (B, M) scatter) only when
-    dense_f is true. out also has "fired" (M,) int64: on how many of the batch's tokens each
+    """(out, grads): forward's out and backward's grads in one call, through gated_fast. path:
+    "dense", "sparse" (NumPy only), or "auto": sparse on NumPy when at most
+    gated_fast.SPARSE_MAX_DENSITY of the batch's gates are open, else dense. The sparse path
+    builds the dense out["f"] (one (B, M) scatter) only when dense_f is true. out also has "fired" (M,) int64: on how many of the batch's tokens each
     latent fired."""
     if path not in ("auto", "dense", "sparse"):
         raise ValueError(f"gated.forward_backward: path must be 'auto', 'dense' or 'sparse', "
@@ -153,12 +152,7 @@ def forward_backward(params, x, *, sparsity_coeff, path="auto", dense_f=True):
     if path == "sparse" and xp is not numpy:
         raise ValueError("gated.forward_backward: path='sparse' runs on NumPy arrays only; "
                          f"found {xp.__name__} arrays (use 'auto' or 'dense')")
-    if xp is numpy and path != "dense":
-        return gated_fast.forward_backward(params, x, check_hyper(sparsity_coeff), sparse_only=path == "sparse",
-                                           dense_f=dense_f)
-    out, cache = forward(params, x, sparsity_coeff=sparsity_coeff)
-    out["fired"] = fire_counts(out["f"])  # (M,)
-    return out, backward(params, cache)
+    return gated_fast.forward_backward(params, x, check_hyper(sparsity_coeff), path=path, dense_f=dense_f)
 
 
 def loss_and_grads(params, x, *, sparsity_coeff, path="auto"):

@@ -1,4 +1,4 @@
-"""The Gated SAE's fast paths (NumPy): the same math as minisae/sae/gated.py's `forward` +
+"""The Gated SAE's fast paths: the same math as minisae/sae/gated.py's `forward` +
 `backward`, which stay the readable reference; tests hold these equal to them
 (tests/test_sae_invariants.py: sparse ≡ plain; tests/test_fast_paths.py: fast dense ≡ plain, bitwise).
 
@@ -8,7 +8,7 @@ Dimensions: B tokens, D = d_in, M = d_sae latents, N open gates.
 - the row-sparse path, when at most SPARSE_MAX_DENSITY of the B*M gates are open
   (pi_gate = pre + b_gate > 0): forward and backward touch only those N entries
   (minisae.sae.sparse's products; dW_dec on a second thread, minisae.threads);
-- else the dense path on that same pre, reusing its (B, M) buffers in place.
+- else (and always on CuPy) the dense path on that same pre, reusing its (B, M) buffers in place.
 """
 
 import numpy
@@ -17,16 +17,19 @@ from minisae.sae.common import fire_counts, scalar, squared_error, squared_error
 from minisae.sae.sparse import (by_column, column_sums, entries_above, sampled_matmul,
                                 sparse_fire_counts, sparse_matmul, sparse_t_matmul)
 from minisae.threads import in_background
+from minisae.xp import xp_of
 
 SPARSE_MAX_DENSITY = 0.06  # the sparse path is taken up to this fraction of B*M gates open
 
 
-def forward_backward(params, x, sparsity_coeff, *, sparse_only, dense_f):
-    """(out, grads) of gated.forward / backward for checked NumPy x (B, D) and lambda
-    `sparsity_coeff`; sparse_only: the sparse path whatever the density."""
+def forward_backward(params, x, sparsity_coeff, *, path, dense_f):
+    """(out, grads) of gated.forward / backward for checked x (B, D) and lambda `sparsity_coeff`.
+    path: "dense", "sparse" (NumPy only) or "auto" (sparse on NumPy when few gates are open)."""
     x_c = x - params["b_dec"]  # (B, D)
     pre = x_c @ params["W_enc"]  # (B, D) @ (D, M) -> (B, M)
-    limit = None if sparse_only else int(SPARSE_MAX_DENSITY * pre.size)
+    if path == "dense" or xp_of(x) is not numpy:
+        return _dense(params, x, x_c, pre, sparsity_coeff)
+    limit = None if path == "sparse" else int(SPARSE_MAX_DENSITY * pre.size)
     gate = entries_above(pre, -params["b_gate"], limit)  # pi_gate = pre + b_gate > 0, exactly
     if gate is not None:  # None: too many open for the sparse path
         del pre  # (B, M): the sparse path needs only the open gates' entries
@@ -40,16 +43,17 @@ def forward_backward(params, x, sparsity_coeff, *, sparse_only, dense_f):
 
 
 def _dense(params, x, x_c, pre, sparsity_coeff):
+    xp = xp_of(x)
     W_enc, W_dec, b_dec = params["W_enc"], params["W_dec"], params["b_dec"]
     B, dtype = x.shape[0], x.dtype
-    scale = numpy.exp(params["r_mag"])  # (M,)
+    scale = xp.exp(params["r_mag"])  # (M,)
     pi_gate = pre + params["b_gate"]  # (B, M)
     pi_mag = pre * scale + params["b_mag"]  # (B, M)
     gate = pi_gate > 0.0  # (B, M)
-    f = gate * numpy.maximum(pi_mag, 0.0)  # (B, M)
+    f = gate * xp.maximum(pi_mag, 0.0)  # (B, M)
     xhat = f @ W_dec + b_dec  # (B, D)
     mse, err = squared_error(x, xhat)
-    relu_gate = numpy.maximum(pi_gate, 0.0)  # (B, M)
+    relu_gate = xp.maximum(pi_gate, 0.0)  # (B, M)
     l1 = relu_gate.sum() / B
     xhat_frozen = relu_gate @ W_dec + b_dec  # (B, D)
     aux, err_frozen = squared_error(x, xhat_frozen)
@@ -58,24 +62,24 @@ def _dense(params, x, x_c, pre, sparsity_coeff):
     dW_dec = f.T @ dxhat  # (M, D)
     db_dec = dxhat.sum(axis=0)  # (D,)
     df = dxhat @ W_dec.T  # (B, M)
-    dpi_mag = numpy.multiply(df, gate & (pi_mag > 0.0), out=df)  # (B, M) in place
+    dpi_mag = xp.multiply(df, gate & (pi_mag > 0.0), out=df)  # (B, M) in place
     dxhat_frozen = squared_error_backward(err_frozen)  # (B, D)
     drelu_gate = dxhat_frozen @ W_dec.T  # (B, M)
     drelu_gate += sparsity_coeff / B  # (B, M)
-    dpi_gate = numpy.multiply(drelu_gate, gate, out=drelu_gate)  # (B, M) in place
+    dpi_gate = xp.multiply(drelu_gate, gate, out=drelu_gate)  # (B, M) in place
     db_gate = dpi_gate.sum(axis=0)  # (M,)
     db_mag = dpi_mag.sum(axis=0)  # (M,)
     dr_mag = (dpi_mag * pre).sum(axis=0) * scale  # (M,)
-    dpre = numpy.multiply(dpi_mag, scale, out=dpi_mag)  # (B, M) in place
+    dpre = xp.multiply(dpi_mag, scale, out=dpi_mag)  # (B, M) in place
     dpre += dpi_gate  # (B, M)
     dW_enc = x_c.T @ dpre  # (D, M)
     db_dec = db_dec - W_enc @ dpre.sum(axis=0)  # (D,)
     grads = {"W_enc": dW_enc, "b_gate": db_gate, "r_mag": dr_mag, "b_mag": db_mag,
              "W_dec": dW_dec, "b_dec": db_dec}
-    out = {"loss": scalar(mse + sparsity_coeff * l1 + aux, dtype, numpy),
-           "mse": scalar(mse, dtype, numpy), "l1": scalar(l1, dtype, numpy),
-           "aux": scalar(aux, dtype, numpy),
-           "l0": scalar(numpy.count_nonzero(f) / B, dtype, numpy), "f": f, "xhat": xhat,
+    out = {"loss": scalar(mse + sparsity_coeff * l1 + aux, dtype, xp),
+           "mse": scalar(mse, dtype, xp), "l1": scalar(l1, dtype, xp),
+           "aux": scalar(aux, dtype, xp),
+           "l0": scalar(xp.count_nonzero(f) / B, dtype, xp), "f": f, "xhat": xhat,
            "fired": fire_counts(f)}
     return out, grads
 

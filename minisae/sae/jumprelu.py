@@ -33,9 +33,9 @@ penalties train theta only. Derivations: docs/derivations/jumprelu.md (the paper
 docs/derivations/jumprelu_recipes.md (quadratic, frequency, raw theta).
 
 `forward` + `backward` are the plain, dense reference, read top to bottom. `forward_backward` and
-`loss_and_grads` run the same math through minisae/sae/jumprelu_fast.py on NumPy (a row-sparse
-path when few latents fire, else the dense one sharing the encoder's product); tests hold the
-fast paths equal to these.
+`loss_and_grads` run the same math through minisae/sae/jumprelu_fast.py (on NumPy a row-sparse
+path when few latents fire, else the dense one sharing the encoder's product and reusing its
+buffers); tests hold the fast paths equal to these.
 """
 
 import dataclasses
@@ -277,11 +277,11 @@ def backward(params, cache):
 
 
 def forward_backward(params, x, *, path="auto", dense_f=True, **hyper):
-    """(out, grads): forward's out and backward's grads in one call. path: "dense" (forward
-    then backward), "sparse" (NumPy only), or "auto": on NumPy, jumprelu_fast (sparse when at
-    most jumprelu_fast.SPARSE_MAX_DENSITY of the batch's entries are active or in the kernel
-    window, else dense); elsewhere forward then backward. The sparse path builds the dense
-    out["f"] (one (B, M) scatter) only when dense_f is true.
+    """(out, grads): forward's out and backward's grads in one call, through jumprelu_fast (the
+    SAELens options: forward then backward). path: "dense", "sparse" (NumPy only), or "auto":
+    sparse on NumPy when at most jumprelu_fast.SPARSE_MAX_DENSITY of the batch's entries are
+    active or in the kernel window, else dense. The sparse path builds the dense out["f"] (one
+    (B, M) scatter) only when dense_f is true.
     out also has "fired" (M,) int64: on how many of the batch's tokens each latent fired."""
     if path not in ("auto", "dense", "sparse"):
         raise ValueError(f"jumprelu.forward_backward: path must be 'auto', 'dense' or 'sparse', "
@@ -295,9 +295,9 @@ def forward_backward(params, x, *, path="auto", dense_f=True, **hyper):
     if path == "sparse" and h.saelens_options:
         raise ValueError("jumprelu.forward_backward: the SAELens options (penalty='tanh', "
                          "pre_act_coeff, ste_to_input) run on the dense path only")
-    if xp is numpy and path != "dense" and not h.saelens_options:
-        return jumprelu_fast.forward_backward(params, x, h, theta_of(params, raw, xp), raw,
-                                              sparse_only=path == "sparse", dense_f=dense_f)
+    if not h.saelens_options:
+        return jumprelu_fast.forward_backward(params, x, h, theta_of(params, raw, xp), raw, path=path,
+                                              dense_f=dense_f)
     out, cache = forward(params, x, **hyper)
     out["fired"] = fire_counts(out["f"])  # (M,)
     return out, backward(params, cache)

@@ -1,4 +1,4 @@
-"""JumpReLU's fast paths (NumPy): the same math as minisae/sae/jumprelu.py's `forward` +
+"""JumpReLU's fast paths: the same math as minisae/sae/jumprelu.py's `forward` +
 `backward`, which stay the readable reference; tests hold these equal to them
 (tests/test_sae_invariants.py, test_sae_recipes.py: sparse ≡ plain; fast dense ≡ plain, bitwise).
 
@@ -8,7 +8,8 @@ Dimensions: B tokens, D = d_in, M = d_sae latents, N stored entries.
 - the row-sparse path, when at most SPARSE_MAX_DENSITY of the B*M entries are active or in the
   kernel window (pi > theta - eps/2): forward and backward touch only those N entries
   (minisae.sae.sparse's products; dW_dec on a second thread, minisae.threads);
-- else the dense path on that same pre, with the backward's df reused in place for dpre.
+- else (and always on CuPy) the dense path on that same pre, with the backward's df reused in
+  place for dpre.
 The SAELens options (penalty="tanh", pre_act_coeff, ste_to_input) are not here:
 jumprelu.forward_backward runs them through the plain path.
 """
@@ -24,18 +25,22 @@ from minisae.sae.penalties import (dtheta_ste, frequency_penalty, kernel_da_sum,
 from minisae.sae.sparse import (by_column, column_sums, entries_above, sparse_fire_counts,
                                 sparse_t_matmul)
 from minisae.threads import in_background
+from minisae.xp import xp_of
 
 SPARSE_MAX_DENSITY = 0.06  # the sparse path is taken up to this fraction of B*M entries stored
 
 
-def forward_backward(params, x, h, theta, raw, *, sparse_only, dense_f):
-    """(out, grads) of jumprelu.forward / backward for checked NumPy x (B, D) and options h
+def forward_backward(params, x, h, theta, raw, *, path, dense_f):
+    """(out, grads) of jumprelu.forward / backward for checked x (B, D) and options h
     (jumprelu.Hyper, without the SAELens options); theta (M,) the threshold, raw True when the
-    params hold `threshold` itself. sparse_only: the sparse path whatever the density."""
+    params hold `threshold` itself. path: "dense", "sparse" (NumPy only) or "auto" (sparse on
+    NumPy when few entries are stored)."""
     x_c = x - params["b_dec"] if h.pre_enc_bias else x  # (B, D)
     pre = x_c @ params["W_enc"]  # (B, D) @ (D, M) -> (B, M)
     pre += params["b_enc"]  # (B, M)
-    limit = None if sparse_only else int(SPARSE_MAX_DENSITY * pre.size)
+    if path == "dense" or xp_of(x) is not numpy:
+        return _dense(params, x, x_c, pre, h, theta, raw)
+    limit = None if path == "sparse" else int(SPARSE_MAX_DENSITY * pre.size)
     stored = entries_above(pre, _stored_from(theta, h.bandwidth, pre.dtype), limit)  # None: too many
     if stored is not None:
         del pre  # (B, M): the sparse path needs only the stored entries
@@ -49,40 +54,41 @@ def forward_backward(params, x, h, theta, raw, *, sparse_only, dense_f):
 
 
 def _dense(params, x, x_c, pre, h, theta, raw):
+    xp = xp_of(x)
     W_enc, W_dec = params["W_enc"], params["W_dec"]
     (B, M), dtype = pre.shape, x.dtype
-    pi = numpy.maximum(pre, 0.0, out=pre)  # (B, M) ReLU, in place
+    pi = xp.maximum(pre, 0.0, out=pre)  # (B, M) ReLU, in place
     active = pi > theta  # (B, M)
     f = pi * active  # (B, M)
     xhats = prefix_decode(f, W_dec, params["b_dec"], h.prefixes)  # S x (B, D)
     total, mse, errs = prefix_squared_error(x, xhats)
     l0_b = active.sum(axis=1, dtype=dtype)  # (B,)
-    sparsity, da_b = sparsity_penalty(l0_b, h, numpy)  # (B,)
+    sparsity, da_b = sparsity_penalty(l0_b, h, xp)  # (B,)
     freq, da_i = 0.0, None
     if h.freq_coeff > 0.0:
         freq, da_i = frequency_penalty(active.sum(axis=0, dtype=dtype), h, B)  # (M,)
     # backward, as in jumprelu.backward
     G = prefix_decoder_gradients(errs, h.prefixes)  # S x (B, D)
-    dW_dec = numpy.empty_like(W_dec)  # (M, D)
-    df = numpy.empty_like(f)  # (B, M)
+    dW_dec = xp.empty_like(W_dec)  # (M, D)
+    df = xp.empty_like(f)  # (B, M)
     for (s, e), G_s in zip(segments(h.prefixes), G):
         dW_dec[s:e] = f[:, s:e].T @ G_s  # (m, B) @ (B, D) -> (m, D)
         df[:, s:e] = G_s @ W_dec[s:e].T  # (B, D) @ (D, m) -> (B, m)
     db_dec = G[0].sum(axis=0)  # (D,)
     window = kernel_window(pi, theta, h.bandwidth)  # (B, M)
-    dtheta = dtheta_ste(numpy.where(window, df, 0.0).sum(axis=0), kernel_da_sum(window, da_b, da_i, theta.dtype),
+    dtheta = dtheta_ste(xp.where(window, df, 0.0).sum(axis=0), kernel_da_sum(window, da_b, da_i, theta.dtype),
                         theta, h.bandwidth)  # (M,)
-    dpre = numpy.multiply(df, active, out=df)  # (B, M) in place
+    dpre = xp.multiply(df, active, out=df)  # (B, M) in place
     dW_enc = x_c.T @ dpre  # (D, B) @ (B, M) -> (D, M)
     db_enc = dpre.sum(axis=0)  # (M,)
     if h.pre_enc_bias:
         db_dec = db_dec - W_enc @ db_enc  # (D, M) @ (M,) -> (D,)
     grads = {"W_enc": dW_enc, "b_enc": db_enc, "W_dec": dW_dec, "b_dec": db_dec}
     grads["threshold" if raw else "log_threshold"] = dtheta if raw else theta * dtheta
-    out = {"loss": scalar(total + sparsity + freq, dtype, numpy), "mse": scalar(mse, dtype, numpy),
-           "matryoshka": scalar(total - mse, dtype, numpy), "l0": scalar(l0_b.sum() / B, dtype, numpy),
-           "sparsity": scalar(sparsity, dtype, numpy), "freq": scalar(freq, dtype, numpy),
-           "pre_act": scalar(0.0, dtype, numpy), "f": f, "xhat": xhats[-1], "fired": fire_counts(f)}
+    out = {"loss": scalar(total + sparsity + freq, dtype, xp), "mse": scalar(mse, dtype, xp),
+           "matryoshka": scalar(total - mse, dtype, xp), "l0": scalar(l0_b.sum() / B, dtype, xp),
+           "sparsity": scalar(sparsity, dtype, xp), "freq": scalar(freq, dtype, xp),
+           "pre_act": scalar(0.0, dtype, xp), "f": f, "xhat": xhats[-1], "fired": fire_counts(f)}
     return out, grads
 
 
