@@ -111,7 +111,8 @@ def test_splice(name, xp):
         site = key.removeprefix("splice.")
         got = m.forward(ids, splice={site: lambda a: a * scale + shift})
         assert_close(got, g[key],
-                     GEMMA_RTOL, GEMMA_ATOL, f"{name} forward with {site} spliced to a*{scale}+{shift}", dtype=numpy.float32)
+                     GEMMA_RTOL, GEMMA_ATOL, f"{name} forward with {site} spliced to a*{scale}+{shift}",
+                     dtype=numpy.float32)
     identity = m.forward(ids, splice={s: (lambda a: a) for s in sites_of(g)})
     assert_close(identity, g["logits"],
                  GEMMA_RTOL, GEMMA_ATOL, f"{name} forward with identity splices at every site", dtype=numpy.float32)

@@ -90,8 +90,8 @@ def test_three_ranks_equal_one_process_accumulating_three_micro_batches(tmp_path
     one = subprocess.run([sys.executable] + train + ["--accumulate", "3", "--out", str(tmp_path / "one")],
                          env=env, capture_output=True, text=True, timeout=300)
     assert one.returncode == 0, one.stderr[-2000:]
-    three = subprocess.run([exe, "-n", "3", sys.executable, "-m", "mpi4py"] + train + ["--out", str(tmp_path / "three")],
-                           env=env, capture_output=True, text=True, timeout=300)
+    three = subprocess.run([exe, "-n", "3", sys.executable, "-m", "mpi4py"] + train
+                           + ["--out", str(tmp_path / "three")], env=env, capture_output=True, text=True, timeout=300)
     assert three.returncode == 0, three.stdout[-2000:] + three.stderr[-2000:]
     weights = [(tmp_path / run / "sae" / "sae_weights.safetensors").read_bytes() for run in ("one", "three")]
     assert weights[0] == weights[1]

@@ -165,7 +165,8 @@ def formats_in(folder):
         have = [f for f in files if (folder / f).is_file()]
         if have:
             found.append(f"{name} ({', '.join(have)})")
-    if not any(f.startswith("Gemma Scope 2") for f in found) and gemmascope2.is_config(folder / gemmascope2.CONFIG_FILENAME):
+    gs2_config = gemmascope2.is_config(folder / gemmascope2.CONFIG_FILENAME)
+    if gs2_config and not any(f.startswith("Gemma Scope 2") for f in found):
         found.append(f"Gemma Scope 2 ({gemmascope2.CONFIG_FILENAME})")
     return found
 

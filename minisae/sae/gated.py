@@ -141,8 +141,8 @@ def forward_backward(params, x, *, sparsity_coeff, path="auto", dense_f=True):
     """(out, grads): forward's out and backward's grads in one call, through gated_fast. path:
     "dense", "sparse" (NumPy only), or "auto": sparse on NumPy when at most
     gated_fast.SPARSE_MAX_DENSITY of the batch's gates are open, else dense. The sparse path
-    builds the dense out["f"] (one (B, M) scatter) only when dense_f is true. out also has "fired" (M,) int64: on how many of the batch's tokens each
-    latent fired."""
+    builds the dense out["f"] (one (B, M) scatter) only when dense_f is true. out also has
+    "fired" (M,) int64: on how many of the batch's tokens each latent fired."""
     if path not in ("auto", "dense", "sparse"):
         raise ValueError(f"gated.forward_backward: path must be 'auto', 'dense' or 'sparse', "
                          f"found {path!r}")

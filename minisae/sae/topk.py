@@ -13,7 +13,8 @@ Nd dead latents, Ka = k' = min(aux_k, Nd) kept per token among the dead ones.
 
 The AuxK term (minisae/sae/auxk.py, shared with BatchTopK) is zero when no latent is dead
 (dead_mask None or all False). TopK and ReLU pass gradient only through the kept entries; among
-entries tied at the k-th value the lowest columns are kept (`minisae.sae.common.top_k`, exact, without partitioning whole rows).
+entries tied at the k-th value the lowest columns are kept (`minisae.sae.common.top_k`, exact,
+without partitioning whole rows).
 The derivation, line by line, is docs/derivations/topk.md.
 
 `forward` + `backward` are the plain, dense reference. `forward_backward` and `loss_and_grads`
