@@ -26,7 +26,6 @@ data/ and runs/<variant>-L0<target>-s<seed>/ (each a full training folder, see m
 
 import dataclasses
 import json
-import math
 import os
 import time
 from pathlib import Path
@@ -360,10 +359,3 @@ def _json_default(o):
 
 def _bar(enabled, total):
     return progress_bar(total, enabled=bool(enabled), desc="compare", unit="SAE", position=0)
-
-
-def fmt_pm(mean, sd, spec="{:.3f}"):
-    """'mean ± sd' (sd omitted for a single seed)."""
-    if mean is None or (isinstance(mean, float) and math.isnan(mean)):
-        return "–"
-    return spec.format(mean) + ("" if sd is None else " ± " + spec.format(sd))

@@ -30,7 +30,7 @@ class HubError(MinisaeError, RuntimeError):
     """A path or Hub reference that cannot be resolved; the message says how to fix it."""
 
 
-def _looks_like_path(s):
+def looks_like_path(s):
     # "runs/jr/sae" where ./runs exists is a mistyped local path, not the Hub repo "runs/jr"
     first = s.split("/", 1)[0]
     return (os.path.isabs(s) or s.startswith((".", "~")) or "\\" in s or s.endswith("/")
@@ -150,7 +150,7 @@ def resolve_dir(path_or_repo_id, *, revision=None, allow_patterns=None):
         if not local.is_dir():
             raise HubError(f"{s!r} is a file; expected a folder")
         return local
-    if _looks_like_path(s):
+    if looks_like_path(s):
         raise HubError(f"local folder {s!r} does not exist")
     repo_id, sub = _split_ref(s)
     _check_repo_id(repo_id, s)
@@ -192,7 +192,7 @@ def resolve_file(path_or_repo_id, filename=None, *, revision=None):
         if not path.is_file():
             raise HubError(f"local folder {s!r} has no file {filename!r}")
         return path
-    if _looks_like_path(s):
+    if looks_like_path(s):
         raise HubError(f"local path {s!r} does not exist")
     repo_id, sub = _split_ref(s)
     if filename is None and sub is None:
