@@ -56,11 +56,16 @@ def _synthetic_from(a):
 
 
 def _load_model(a, xp):
+    from minisae.io.hub import HubError
     from minisae.models import load_model, load_tokenizer
 
     _check_files_exist(getattr(a, "text", None) or [], "--text")  # before minutes of model loading
+    try:  # the tokenizer first: a missing one is found in a second, not after the model's load
+        tokenizer = load_tokenizer(a.tokenizer or a.model)
+    except HubError as e:  # e.g. a local checkpoint without tokenizer.json
+        raise HubError(f"{e}; give one with --tokenizer (a tokenizer.json file, a folder holding it, "
+                                "or a Hub repo)" if not a.tokenizer else str(e)) from None
     model = load_model(a.model, xp=xp, revision=a.revision)  # Gemma 2 or Gemma 3, from config.json
-    tokenizer = load_tokenizer(a.tokenizer or a.model)
     return model, tokenizer
 
 

@@ -99,14 +99,14 @@ def save(sae, path, *, overwrite=False):
     from minisae.io.saefile import GEMMA_SCOPE_FILENAME, _atomic_write, _is_sae_folder
 
     if sae.architecture != "jumprelu":
-        raise ValueError(f"save_gemma_scope: the Gemma Scope format holds JumpReLU SAEs only, "
-                         f"this is {sae.architecture!r}")
+        raise ValueError(f"the Gemma Scope format (params.npz) holds JumpReLU SAEs only, this is a "
+                         f"{sae.architecture} SAE: write a SAELens folder instead (--to saelens)")
     path = Path(path)
     if path.suffix != ".npz":
         check_output_dir(path, "SAE", is_own=_is_sae_folder, flag="output folder")
         path = path / GEMMA_SCOPE_FILENAME
     if path.is_dir() or (path.exists() and not overwrite):
-        raise OutputExistsError(f"{path}: exists; pass overwrite=True (--overwrite) to replace it")
+        raise OutputExistsError(f"{path}: exists; pass --overwrite to replace it")
     p = {n: to_numpy(v).astype(numpy.float64) for n, v in sae.params.items()}
     b_enc = p["b_enc"] - p["b_dec"] @ p["W_enc"] if sae.cfg["apply_b_dec_to_input"] else p["b_enc"]  # (M,)
     arrays = {"W_enc": p["W_enc"], "W_dec": p["W_dec"], "b_enc": b_enc, "b_dec": p["b_dec"],

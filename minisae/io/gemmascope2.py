@@ -194,8 +194,8 @@ def save(sae, folder, *, overwrite=False):
     folder = Path(folder)
     state = check_output_dir(folder, "SAE", is_own=_is_sae_folder, flag="output folder")
     if state == "own" and not overwrite:
-        raise OutputExistsError(f"{folder}: folder exists and is not empty (an SAE folder); pass overwrite=True "
-                                "(--overwrite) to replace its Gemma Scope 2 files")
+        raise OutputExistsError(f"{folder}: folder exists and is not empty (an SAE folder); pass --overwrite "
+                                "to replace its Gemma Scope 2 files")
     if state == "own":
         save_file(tensors, folder / PARAMS_FILENAME)
         write_atomic(folder / CONFIG_FILENAME, text)

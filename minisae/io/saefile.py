@@ -334,7 +334,7 @@ class SAE:
         non_empty = state == "own"
         if non_empty and not overwrite:
             raise OutputExistsError(f"{folder}: folder exists and is not empty (an SAE folder); "
-                                    "pass overwrite=True (--overwrite) to replace its SAE files")
+                                    "pass --overwrite to replace its SAE files")
         tensors = {n: numpy.ascontiguousarray(to_numpy(self.params[n])) for n in RELEASE_PARAMS[self.architecture]}
         cfg_text = json.dumps(self.cfg, indent=2, default=_json_default) + "\n"
         if non_empty:
