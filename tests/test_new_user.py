@@ -134,3 +134,146 @@ def test_version_flag_prints_the_package_version(capsys):
         main(["--version"])
     assert e.value.code == 0
     assert capsys.readouterr().out.strip() == f"minisae {minisae.__version__}"
+
+
+# --- 3, 4, 7, 8: the compare report and plot -------------------------------------------------
+# The default compare's table (docs/pipeline.md): (variant, target) -> (L0, EV, MCC, F1, setting);
+# each seed is placed around it, with the densest latent's rate of the runs that flipped the old
+# flag (0.43-0.59 around the old 0.5 cut).
+DEFAULT_RUN = {
+    ("jumprelu", 5): (5.10, 0.752, 0.646, 0.559, "λ=0.01"), ("jumprelu", 8): (9.12, 0.795, 0.676, 0.560, "λ=0.008"),
+    ("jumprelu", 12): (13.59, 0.822, 0.655, 0.452, "λ=0.0085"), ("gated", 5): (5.07, 0.752, 0.659, 0.575, "λ=0.33"),
+    ("gated", 8): (8.17, 0.798, 0.720, 0.625, "λ=0.22"), ("gated", 12): (12.38, 0.830, 0.738, 0.565, "λ=0.156"),
+    ("topk", 5): (4.99, 0.727, 0.578, 0.382, "k=5"), ("topk", 8): (8.00, 0.775, 0.644, 0.505, "k=8"),
+    ("topk", 12): (12.00, 0.810, 0.696, 0.571, "k=12"),
+}
+
+
+def _default_results(seeds=3, densest=(0.43, 0.51, 0.59), dead=0.1):
+    import dataclasses
+
+    from minisae.eval.compare import CompareConfig
+    from minisae.eval.report import dense_limit, is_pathological, verdicts
+
+    cfg = dataclasses.asdict(CompareConfig(seeds=seeds))
+    rows = []
+    for (v, t), (l0, ev, mcc, f1, setting) in DEFAULT_RUN.items():
+        for seed in range(seeds):
+            w = (seed - (seeds - 1) / 2) * 0.002
+            row = {"variant": v, "target": float(t), "seed": seed, "setting": setting, "l0": l0 * (1 + w),
+                   "explained_variance": ev + w, "mcc": mcc + w, "f1": f1 - w, "precision": 0.5, "recall": 0.6,
+                   "uniqueness": 0.9, "fvu": 1 - ev, "dead_frac": dead, "dense_frac": 0.02,
+                   "max_firing_freq": densest[seed % len(densest)], "shrinkage": 0.87, "train_seconds": 20.0,
+                   "dense_limit": dense_limit(0.4), "top_feature_rate": 0.4}
+            row["pathological"] = is_pathological(row)
+            rows.append(row)
+    results = {"config": cfg, "data": {"type": "synthsaebench", "n_features": 2048, "d_in": 96}, "runs": rows,
+               "wall_seconds": 320.0, "plot": "pareto.png"}
+    results["summary"], results["verdict"] = verdicts(rows, cfg["variants"], [5.0, 8.0, 12.0])
+    return results
+
+
+def test_densest_latents_around_half_the_tokens_flag_no_run_and_the_report_says_the_rates():
+    from minisae.eval.report import render_report
+
+    results = _default_results()
+    assert not any(r["pathological"] for r in results["runs"])
+    text = render_report(results)
+    assert "more than 80% of the evaluation tokens (twice the 40% of the data's most frequent true feature" in text
+    assert "Here the densest latent of each run fired on 43%–59% of tokens; 0 of 27 runs are flagged." in text
+    assert "(here 50 %)" not in text and "⚠" not in text.split("## Results")[1].split("\n\n")[1]
+
+
+def test_a_point_is_hollow_only_when_most_of_its_seeds_are_flagged():
+    pytest.importorskip("matplotlib")
+    from minisae.eval.report import mostly_pathological, pareto_figure
+
+    results = _default_results(densest=(0.3, 0.3, 0.95))  # one seed of three past the 80 % limit
+    assert all(s["pathological"] == 1 for s in results["summary"])
+    assert not any(mostly_pathological(s) for s in results["summary"])
+    fig = pareto_figure(results)
+    points = [ln for ax in fig.axes for ln in ax.lines if ln.get_marker() in tuple("osD^v")]
+    assert len(points) == 27  # 9 per panel
+    hollow = [ln for ln in points if ln.get_markerfacecolor() == "none"]
+    assert hollow == []
+    labels = [t.get_text() for t in fig.axes[0].texts]
+    assert "5: λ=0.01 ⚠1/3" in labels  # the count is shown beside the point instead
+    results = _default_results(densest=(0.95, 0.95, 0.3))
+    assert all(mostly_pathological(s) for s in results["summary"])
+    fig = pareto_figure(results)
+    assert all(ln.get_markerfacecolor() == "none" for ax in fig.axes for ln in ax.lines
+               if ln.get_marker() in tuple("osD^v"))
+
+
+def test_the_verdict_names_each_variant_once_and_numbers_that_differ():
+    from minisae.eval.report import _difference_text, render_report
+
+    text = render_report(_default_results())
+    claim = text.split("## Verdict")[1].split("\n\n")[1]
+    assert "measurably below Gated at L0 = 8 and 12." in claim, claim
+    assert claim.count("Gated") == 2  # the claim's own "Gated and TopK", then once in the finding
+    assert "combined spread 0.000" not in text
+    assert _difference_text(0.0153, 0.0148, tie=False) == "difference 0.0153 > combined spread 0.0148"
+    assert _difference_text(0.0104, 0.0003, tie=False) == "difference 0.0104 > combined spread 0.0003"
+    assert _difference_text(0.0004, 0.0, tie=False).endswith("one seed each, so no spread to weigh it against")
+    for line in text.splitlines():  # the two numbers never read the same
+        m = re.search(r"difference ([+-]?[\d.]+) > combined spread ([\d.]+)", line)
+        assert not m or m.group(1).lstrip("+-") != m.group(2), line
+
+
+def test_plot_labels_overlap_neither_each_other_nor_a_marker_and_the_plot_says_its_l0_is_raw():
+    pytest.importorskip("matplotlib")
+    import matplotlib.pyplot as plt
+
+    from minisae.eval.report import RAW_L0_NOTE, pareto_figure
+
+    fig = pareto_figure(_default_results())
+    try:
+        renderer = fig.canvas.get_renderer()
+        assert RAW_L0_NOTE in [t.get_text() for t in fig.texts] and "matched L0" in RAW_L0_NOTE
+        for ax in fig.axes:
+            assert "raw" in ax.get_xlabel()
+            boxes = [t.get_window_extent(renderer) for t in ax.texts]
+            assert len(boxes) == 9
+            for i, a in enumerate(boxes):
+                for b in boxes[i + 1:]:
+                    assert not a.overlaps(b), (ax.get_ylabel(), a, b)
+            markers = [ax.transData.transform(xy) for ln in ax.lines if ln.get_marker() in tuple("osD^v")
+                       for xy in ln.get_xydata()]
+            assert len(markers) == 9
+            for box in boxes:
+                for cx, cy in markers:
+                    assert not (box.x0 < cx < box.x1 and box.y0 < cy < box.y1), (ax.get_ylabel(), box, cx, cy)
+    finally:
+        plt.close(fig)
+
+
+def test_resuming_a_finished_sweep_keeps_its_wall_time_and_says_it_resumed():
+    from minisae.eval.report import render_report
+
+    results = _default_results()
+    results.update(calls=[{"seconds": 320.0, "resumed": False}, {"seconds": 13.0, "resumed": True}],
+                   wall_seconds=333.0, train_seconds=612.0)
+    text = render_report(results)
+    assert ("- Wall time: 333 s over 2 calls (320 s, then 13 s resumed with --resume); the runs' recorded "
+            "training times sum to 612 s") in text
+    results.update(calls=[{"seconds": 200.0, "resumed": True}], wall_seconds=200.0)
+    assert "200 s resumed with --resume; the interrupted call before it is not counted" in render_report(results)
+
+
+def test_compare_resume_of_a_finished_sweep_adds_its_time_to_the_first(tmp_path):
+    from minisae.eval.compare import quick_config, run_compare
+
+    cfg = quick_config()
+    cfg.variants, cfg.targets, cfg.jobs = ["topk"], [2.0, 4.0], 1
+    first = run_compare(cfg, tmp_path / "cmp", progress=False)
+    again = run_compare(cfg, tmp_path / "cmp", resume=True, progress=False)
+    assert [c["resumed"] for c in again["calls"]] == [False, True]
+    assert again["calls"][0]["seconds"] == first["wall_seconds"]
+    assert again["wall_seconds"] == round(first["wall_seconds"] + again["calls"][1]["seconds"], 1)
+    # the runs trained no step in the second call: their recorded times are the first call's
+    for a, b in zip(first["runs"], again["runs"]):
+        assert b["train_seconds"] >= a["train_seconds"] > 0
+    report = (tmp_path / "cmp" / "report.md").read_text()
+    assert f"- Wall time: {again['wall_seconds']:.0f} s over 2 calls ({first['wall_seconds']:.0f} s, then " in report
+    assert "resumed with --resume" in report
