@@ -277,3 +277,47 @@ def test_compare_resume_of_a_finished_sweep_adds_its_time_to_the_first(tmp_path)
     report = (tmp_path / "cmp" / "report.md").read_text()
     assert f"- Wall time: {again['wall_seconds']:.0f} s over 2 calls ({first['wall_seconds']:.0f} s, then " in report
     assert "resumed with --resume" in report
+
+
+# --- 11. eval says what it evaluated, warns when asked for more tokens than exist, scores MCC / F1 --
+
+SMALL_RUN = ["--d-sae", "32", "--steps", "20", "--batch-size", "128", "--warmup-steps", "2", "--lr", "3e-3",
+             "--eval-tokens", "256", "--no-progress"]
+
+
+def test_eval_of_a_synthetic_run_says_fresh_held_out_tokens_and_scores_mcc_and_f1(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", "--out", str(run), "--arch", "topk", "--k", "3", "--d-in", "16", "--n-features", "32",
+                 "--true-l0", "3", "--max-freq", "0.2", *SMALL_RUN]) == 0
+    capsys.readouterr()
+    assert main(["eval", "--sae", str(run / "sae"), "--eval-tokens", "512", "--no-progress"]) == 0
+    out, err = capsys.readouterr()
+    note, summary = out.strip().splitlines()
+    assert note.startswith("evaluated on 512 fresh tokens of SyntheticActivations (the run's own data, ")
+    assert "held out (never drawn for training); ground truth known: MCC and F1 scored" in note
+    assert re.search(r"\bmcc=[\d.]+ .*\bf1=[\d.]+", summary), summary
+    assert err == ""
+
+
+def test_eval_on_a_cache_without_held_out_tokens_says_so_and_warns_of_too_few_tokens(tmp_path, capsys):
+    from minisae.data.synthsaebench import SynthSAEBench, write_cache
+
+    write_cache(SynthSAEBench(n_features=256, d_in=16, n_roots=2, corr_rank=4, ortho_steps=5, ortho_lr=1e-2),
+                tmp_path / "acts", 1000, batch_size=100)
+    run = tmp_path / "run"
+    assert main(["train", "--out", str(run), "--arch", "topk", "--k", "3", "--activations", str(tmp_path / "acts"),
+                 *SMALL_RUN]) == 0
+    capsys.readouterr()
+    assert main(["eval", "--sae", str(run / "sae"), "--no-progress"]) == 0  # --eval-tokens 65536 by default
+    out, err = capsys.readouterr()
+    note = out.strip().splitlines()[0]
+    assert note.startswith(f"evaluated on 1000 training tokens of the activation cache {tmp_path / 'acts'}")
+    assert "so an SAE trained on it is scored on tokens it saw (train with --holdout-tokens" in note
+    assert err.strip() == (f"minisae eval: warning: --eval-tokens 65536 is more than the 1000 training tokens of "
+                           f"{tmp_path / 'acts'}; evaluating on those 1000")
+    assert main(["train", "--out", str(tmp_path / "run2"), "--arch", "topk", "--k", "3", "--activations",
+                 str(tmp_path / "acts"), "--holdout-tokens", "200", *SMALL_RUN]) == 0
+    capsys.readouterr()
+    assert main(["eval", "--sae", str(tmp_path / "run2" / "sae"), "--eval-tokens", "100", "--no-progress"]) == 0
+    out, err = capsys.readouterr()
+    assert out.startswith(f"evaluated on 100 held-out tokens of the activation cache {tmp_path / 'acts'}") and err == ""
