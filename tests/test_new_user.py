@@ -321,3 +321,24 @@ def test_eval_on_a_cache_without_held_out_tokens_says_so_and_warns_of_too_few_to
     assert main(["eval", "--sae", str(tmp_path / "run2" / "sae"), "--eval-tokens", "100", "--no-progress"]) == 0
     out, err = capsys.readouterr()
     assert out.startswith(f"evaluated on 100 held-out tokens of the activation cache {tmp_path / 'acts'}") and err == ""
+
+
+# --- 6. timing claims: none in --help, every one in README.md dated ------------------------------
+
+TIME_CLAIM = re.compile(r"\b\d[\d,.]*\s*(?:s|min|minutes?|seconds?|hours?)\b(?!\w)|about a minute|\(seconds\)")
+
+
+@pytest.mark.parametrize("command", [[], ["train"], ["eval"], ["compare"], ["cache"], ["convert"]])
+def test_help_makes_no_timing_claim(command):
+    text = _help(*command)
+    assert text and not TIME_CLAIM.search(text), TIME_CLAIM.search(text)
+
+
+def test_every_timing_claim_of_the_readme_is_dated():
+    text = (ROOT / "README.md").read_text()
+    prose = re.sub(r"```.*?```", "", text, flags=re.S)  # code blocks make no claims
+    for paragraph in prose.split("\n\n"):
+        for m in TIME_CLAIM.finditer(paragraph):
+            if paragraph[m.start() - 1] == "~":  # OpenBLAS's spin, 2^28 cycles: a constant, not a measurement
+                continue
+            assert re.search(r"20\d\d-\d\d-\d\d", paragraph), (m.group(0), paragraph[:200])

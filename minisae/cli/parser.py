@@ -151,11 +151,11 @@ def build_parser():
                        "pareto.png into --out: explained variance and, on synthetic data, feature quality (MCC, "
                        "F1) at matched L0, mean ± sd over seeds, and a verdict on the JumpReLU paper's claim. "
                        "Data: SynthSAEBench at CPU size by default (--preset), or a Gemma 2 / Gemma 3 model, site "
-                       "and text. The default run takes about 10 minutes on 2 idle CPU cores.")
+                       "and text. Run times, measured and dated: docs/benchmarks.md and docs/pipeline.md.")
     p.add_argument("--out", required=True, help="report folder")
     p.add_argument("--overwrite", action="store_true", help="start over in an --out that holds a comparison")
     p.add_argument("--resume", action="store_true", help="finish an interrupted sweep (runs resume from checkpoints)")
-    p.add_argument("--quick", action="store_true", help="a tiny comparison for smoke tests (seconds)")
+    p.add_argument("--quick", action="store_true", help="a tiny comparison for smoke tests (12 SAEs of 32 latents, 250 steps each)")
     p.add_argument("--variants", nargs="+", choices=["jumprelu", "gated", "topk", "batchtopk", "matryoshka"],
                    help="SAE variants (default jumprelu gated topk: the paper's three; matryoshka = Matryoshka "
                         "BatchTopK)")
