@@ -325,7 +325,7 @@ def test_eval_on_a_cache_without_held_out_tokens_says_so_and_warns_of_too_few_to
 
 # --- 6. timing claims: none in --help, every one in README.md dated ------------------------------
 
-TIME_CLAIM = re.compile(r"\b\d[\d,.]*\s*(?:s|min|minutes?|seconds?|hours?)\b(?!\w)|about a minute|\(seconds\)")
+TIME_CLAIM = re.compile(r"\b\d[\d,.]*\s*(?:s|min|minutes?|seconds?|hours?)\b(?!\w)|about a minute|\(seconds\)", re.I)
 
 
 @pytest.mark.parametrize("command", [[], ["train"], ["eval"], ["compare"], ["cache"], ["convert"]])
