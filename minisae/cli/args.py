@@ -174,3 +174,16 @@ def check_required(a):
     elif a.sparsity_coeff is None and (a.target_l0 is None or (a.arch == "jumprelu" and a.penalty == "quadratic")):
         raise InputError(f"--lambda (--sparsity-coeff) is required for --arch {a.arch}: the sparsity "
                          "coefficient λ, e.g. --lambda 6e-4 (or give --target-l0, which sets λ as it trains)")
+    warn_short_run(a)
+
+
+def warn_short_run(a):
+    """One line on stderr when `minisae train` would end inside its warm-ups (the learning rate's,
+    and for λ-penalised variants λ's): the SAE written would be far from trained, silently."""
+    steps = a.steps if a.steps is not None else -(-a.tokens // a.batch_size)
+    inside = [f"the learning rate's ({a.warmup_steps} steps, --warmup-steps)"] if steps < a.warmup_steps else []
+    if not _uses_k(a.arch) and steps < a.sparsity_warmup_steps:
+        inside.append(f"λ's ({a.sparsity_warmup_steps} steps, --sparsity-warmup-steps)")
+    if inside:
+        sys.stderr.write(f"minisae train: warning: {steps} steps end inside the warm-up of {' and '.join(inside)}: "
+                         "the SAE will be far from trained; shorten the warm-ups or train longer\n")
