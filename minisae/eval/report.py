@@ -10,6 +10,11 @@ Measurable difference. Over seeds each (variant, target) has a mean and a standa
 and B differ measurably when |mean_A − mean_B| > sqrt(sd_A² + sd_B²), their combined spread;
 anything smaller is reported as "no measurable difference", never as a win.
 
+Pathological runs. A run is flagged when more than half its latents are dead or its densest latent
+fires on more tokens than dense_limit (10 %, or twice the rate of the data's most frequent true
+feature where that is higher); a (variant, target) shows "⚠ k/n" and is drawn hollow only when
+most of its seeds are flagged, so that one seed near the limit does not change the picture.
+
 The paper's claim (Rajamanoharan et al., arXiv 2407.14435): JumpReLU SAEs reach reconstruction
 fidelity at least as good as Gated and TopK SAEs at the same sparsity. Here: JumpReLU's explained
 variance is not measurably below Gated's or TopK's at any target L0. Feature quality (MCC, F1;
