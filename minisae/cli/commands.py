@@ -63,8 +63,9 @@ def _load_model(a, xp):
     try:  # the tokenizer first: a missing one is found in a second, not after the model's load
         tokenizer = load_tokenizer(a.tokenizer or a.model)
     except HubError as e:  # e.g. a local checkpoint without tokenizer.json
-        raise HubError(f"{e}; give one with --tokenizer (a tokenizer.json file, a folder holding it, "
-                                "or a Hub repo)" if not a.tokenizer else str(e)) from None
+        if a.tokenizer:
+            raise
+        raise HubError(f"{e}; give one with --tokenizer (a tokenizer.json file, a folder holding it, or a Hub repo)") from None
     model = load_model(a.model, xp=xp, revision=a.revision)  # Gemma 2 or Gemma 3, from config.json
     return model, tokenizer
 
@@ -202,8 +203,9 @@ def cmd_eval(a):
         where = None if a.activations or a.synthetic else f"the run's own data, {Path(a.sae).parent / 'config.json'}"
         _say_what_is_evaluated(*describe_eval_data(source, a.eval_tokens, where=where))
     if model is not None:
+        short = out["lm_tokens"] < a.lm_tokens
         _say_what_is_evaluated(f"delta LM loss on {out['lm_tokens']} scored tokens of {', '.join(a.text)}",
-                               f"--lm-tokens {a.lm_tokens} is more than the texts hold" if out["lm_tokens"] < a.lm_tokens else None)
+                               f"--lm-tokens {a.lm_tokens} is more than the texts hold" if short else None)
     print(_summary_line(out))
     if a.json:
         from minisae.io.files import write_atomic
