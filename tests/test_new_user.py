@@ -356,3 +356,26 @@ def test_a_train_run_shorter_than_its_warm_ups_is_warned_about_in_one_line(capsy
     a = build_parser().parse_args(["train", "--out", "x", "--arch", "topk", "--k", "4", "--steps", "2000"])
     check_required(a)  # past the learning-rate warm-up; TopK has no λ
     assert capsys.readouterr().err == ""
+
+
+def test_eval_on_a_model_says_how_many_tokens_it_scored_and_warns_when_the_texts_are_short(tmp_path, capsys):
+    from test_activations import SITE, make_tokenizer, write_texts
+    from test_cli import TINY
+
+    make_tokenizer(tmp_path)
+    texts = [str(p) for p in write_texts(tmp_path, n_docs=2)]
+    _tiny_sae_of_width(64).save(tmp_path / "sae")
+    assert main(["eval", "--sae", str(tmp_path / "sae"), "--model", str(TINY), "--tokenizer", str(tmp_path),
+                 "--site", SITE, "--text", *texts, "--seq-len", "32", "--lm-tokens", "100000", "--no-progress"]) == 0
+    out, err = capsys.readouterr()
+    note = out.strip().splitlines()[0]
+    assert re.fullmatch(rf"delta LM loss on \d+ scored tokens of {re.escape(', '.join(texts))}", note), note
+    assert err == "minisae eval: warning: --lm-tokens 100000 is more than the texts hold\n"
+
+
+def _tiny_sae_of_width(d_in):
+    from minisae.io.saefile import SAE
+    from minisae.sae import jumprelu
+
+    params = {k: numpy.asarray(v) for k, v in jumprelu.init(d_in, 128, seed=0).items()}
+    return SAE.from_training("jumprelu", params, scale=1.0, hyper={"sparsity_coeff": 1e-3, "bandwidth": 1e-3})
