@@ -57,7 +57,8 @@ def build_parser():
                    help="SAE variant (default jumprelu); batchtopk keeps the top B·k pre-activations of the "
                         "whole batch and is saved as a JumpReLU with one global threshold")
     p.add_argument("--d-sae", type=int, default=1024, help="latents M (default 1024)")
-    p.add_argument("--sparsity-coeff", "--lambda", dest="sparsity_coeff", type=float, help="sparsity coefficient λ; required for jumprelu and gated unless --target-l0 is given (then the "
+    p.add_argument("--sparsity-coeff", "--lambda", dest="sparsity_coeff", type=float, metavar="LAMBDA",
+                   help="sparsity coefficient λ; required for jumprelu and gated unless --target-l0 is given (then the "
                    "λ controller starts here, default 0.01 JumpReLU, 0.1 Gated)")
     p.add_argument("--k", type=int, help="latents kept per token (topk; batchtopk: on average); required for them unless --target-l0 "
                    "is given (k = round(L0*))")
