@@ -388,3 +388,16 @@ def _tiny_sae_of_width(d_in):
 
     params = {k: numpy.asarray(v) for k, v in jumprelu.init(d_in, 128, seed=0).items()}
     return SAE.from_training("jumprelu", params, scale=1.0, hyper={"sparsity_coeff": 1e-3, "bandwidth": 1e-3})
+
+
+# --- what else the walk found ----------------------------------------------------------------
+
+def test_no_file_of_the_package_is_git_ignored():
+    """A fresh clone holds every module: .gitignore's dist/ once matched minisae/dist/ and left its
+    __init__.py out (`minisae train` then failed with an ImportError)."""
+    if not (ROOT / ".git").exists():
+        pytest.skip("not a git checkout")
+    files = [str(p.relative_to(ROOT)) for p in (ROOT / "minisae").rglob("*.py")]
+    assert all((p.parent / "__init__.py").is_file() for p in (ROOT / "minisae").rglob("*.py"))
+    run = subprocess.run(["git", "check-ignore", "--no-index", *files], cwd=ROOT, capture_output=True, text=True)
+    assert run.stdout == "", f"git-ignored: {run.stdout}"
