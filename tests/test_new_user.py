@@ -225,6 +225,7 @@ def test_the_verdict_names_each_variant_once_and_numbers_that_differ():
     assert _difference_text(0.0153, 0.0148, tie=False) == "difference 0.0153 > combined spread 0.0148"
     assert _difference_text(0.0104, 0.0003, tie=False) == "difference 0.0104 > combined spread 0.0003"
     assert _difference_text(0.0004, 0.0, tie=False).endswith("one seed each, so no spread to weigh it against")
+    assert _difference_text(0.0004, 0.003, tie=True) == "difference +0.0004, combined spread 0.0030"
     for line in text.splitlines():  # the two numbers never read the same
         m = re.search(r"difference ([+-]?[\d.]+) > combined spread ([\d.]+)", line)
         assert not m or m.group(1).lstrip("+-") != m.group(2), line

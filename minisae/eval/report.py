@@ -151,10 +151,11 @@ def _metric_verdict(summary, metric, variants, targets):
 
 def _difference_text(diff, spread, tie):
     """'difference 0.0153 > combined spread 0.0148': as many decimals (3 to 6) as it takes for the
-    two numbers to read differently and a spread above 0 not to read 0; a spread of exactly 0 (one
+    two numbers to read differently and neither to read 0 unless it is; a spread of exactly 0 (one
     seed each: no sd) is said in words."""
     d = 3
-    while d < 6 and (round(abs(diff), d) == round(spread, d) or round(spread, d) == 0 < spread):
+    while d < 6 and (round(abs(diff), d) == round(spread, d) or round(spread, d) == 0 < spread
+                     or round(abs(diff), d) == 0 < abs(diff)):
         d += 1
     shown = f"{diff:+.{d}f}" if tie else f"{abs(diff):.{d}f}"
     if spread == 0:
