@@ -94,7 +94,7 @@ def test_user_errors_are_one_line_with_status_2(tmp_path, capsys):
     assert main(["eval", "--sae", str(tmp_path / "nope")]) == 2
     assert "nope" in _error_line(capsys)
     assert main(["train", "--arch", "topk", "--out", str(tmp_path / "r")] + TINY_TRAIN) == 2
-    assert "k: TopK needs" in _error_line(capsys)
+    assert "--k is required for --arch topk" in _error_line(capsys)
     run = tmp_path / "run"
     assert main(["train", "--arch", "topk", "--k", "3", "--out", str(run)] + TINY_TRAIN) == 0
     capsys.readouterr()

@@ -99,7 +99,7 @@ def test_jumprelu_with_b_dec_subtracted_is_folded(tmp_path):
 
 def test_what_cannot_be_converted_says_so(tmp_path):
     transcoder = SAE.load(GOLDEN / "released" / "transcoder_all/layer_3_width_48_l0_small")
-    with pytest.raises(ValueError, match="Gemma Scope format holds JumpReLU SAEs only.*jumprelu_transcoder"):
+    with pytest.raises(ValueError, match=r"Gemma Scope format \(params.npz\) holds JumpReLU SAEs only.*jumprelu_transcoder"):
         transcoder.save_gemma_scope(tmp_path / "p.npz")
     rng = numpy.random.default_rng(1)
     topk = SAE("topk", {"W_enc": rng.standard_normal((4, 6)), "W_dec": rng.standard_normal((6, 4)),

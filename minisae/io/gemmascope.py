@@ -95,8 +95,8 @@ def load(path, xp, dtype, ref, cls=SAE):
 def check_writable(sae):
     """Refuse an SAE the format cannot hold (it holds JumpReLU SAEs only)."""
     if sae.architecture != "jumprelu":
-        raise InputError(f"save_gemma_scope: the Gemma Scope format holds JumpReLU SAEs only, "
-                         f"this is {sae.architecture!r}")
+        raise InputError(f"the Gemma Scope format (params.npz) holds JumpReLU SAEs only, this is a "
+                         f"{sae.architecture} SAE: write a SAELens folder instead (--to saelens)")
 
 
 def write(sae, path):

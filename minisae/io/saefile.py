@@ -68,7 +68,7 @@ class SAE(sae.SAE):
             return folder / GEMMA_SCOPE_FILENAME
         _recover(path, clean=True)  # a temporary left by a killed save of this file
         if path.is_dir() or (path.exists() and not overwrite):
-            raise OutputExistsError(f"{path}: exists; pass overwrite=True (--overwrite) to replace it")
+            raise OutputExistsError(f"{path}: exists; pass --overwrite to replace it")
         make_dir(path.parent)
         with atomic_path(path) as tmp:
             gemmascope.write(self, tmp)
@@ -235,7 +235,7 @@ def _save_folder(obj, folder, write, overwrite, what):
     state = check_output_dir(folder, "SAE", is_own=is_sae_folder, flag="output folder")
     if state == "own" and not overwrite:
         raise OutputExistsError(f"{folder}: folder exists and is not empty (an SAE folder); "
-                                f"pass overwrite=True (--overwrite) to replace {what}")
+                                f"pass --overwrite to replace {what}")
     make_dir(folder.parent)
     tmp = temp_name(folder)
     try:
