@@ -37,10 +37,12 @@ from minisae import dist
 
 from minisae.training import optim
 from minisae.errors import InputError, OutputExistsError
-from minisae.io.files import check_output_dir, make_dir, write_atomic
+from minisae.io.files import FolderLock, check_output_dir, make_dir, write_atomic
 from minisae.io.safetensors_io import SafetensorsError, SafetensorsFile, save_file
 from minisae.sae import VARIANTS
 from minisae.dist.sharded import _sum_scalars, init_shard, latent_range, make_grid, shard_forward_backward
+from minisae.training.checkpoint import (_append_jsonl, _truncate_metrics, clear_results, clear_run, kill_point,
+                                         other_format_error)
 from minisae.xp import asarray, get_xp, to_numpy
 
 CHECKPOINT_DIR = "checkpoint"
@@ -204,9 +206,10 @@ def train_parallel(cfg, source, out_dir, *, shards=1, accumulate=1, comm=None, r
     the manifest, sae/ and eval.json (all atomically), replica 0's ranks the shard files.
     accumulate: micro-batches per rank per step (gradients summed in order): one process with
     accumulate=R ends bitwise equal to R ranks with accumulate=1 (tests/test_dist.py).
-    Returns minisae.training.train.TrainResult on rank 0 (on other ranks its sae, summary are None, {})."""
-    from minisae.training.checkpoint import CheckpointError, _check_resume_config
-    from minisae.training.train import TrainingError, hypers_at, is_run_folder
+    Returns minisae.training.train.TrainResult on rank 0 (on other ranks its sae, summary are None, {}).
+    Rank 0 holds the run folder's lock (minisae.io.files.FolderLock) from the first look at the
+    folder to the end."""
+    from minisae.training.train import is_run_folder
     from minisae.training.config import param_names
 
     world = dist.world() if comm is None else comm
@@ -230,13 +233,33 @@ def train_parallel(cfg, source, out_dir, *, shards=1, accumulate=1, comm=None, r
     b, mine = cfg.batch_size // n_micro, cfg.batch_size // grid.R  # rows per micro-batch, per replica
     out_dir = Path(out_dir)
     ckdir = out_dir / CHECKPOINT_DIR
-    metrics_path = out_dir / "metrics.jsonl"
-    lead = world.rank == 0
+    lock = []  # rank 0's FolderLock: one writer per run folder
 
     def look():  # the output-folder rule (minisae.io.files): new, empty, or a run folder of ours
         check_output_dir(out_dir, "train run", is_own=is_run_folder)
+        make_dir(out_dir)
+        lock.append(FolderLock(out_dir, what="training run"))
+        other = None if overwrite else other_format_error(out_dir, "parallel")
+        if other is not None:  # never restarted from step 0 in silence
+            raise other
         return (ckdir / MANIFEST_NAME).exists(), (out_dir / "sae").exists()
 
+    try:
+        return _train_parallel_locked(cfg, source, out_dir, world, grid, xp, names, look, accumulate,
+                                      n_micro, b, mine, resume, overwrite, progress)
+    finally:
+        for held in lock:
+            held.release()
+
+
+def _train_parallel_locked(cfg, source, out_dir, world, grid, xp, names, look, accumulate, n_micro, b, mine,
+                           resume, overwrite, progress):
+    from minisae.training.checkpoint import CheckpointError, _check_resume_config
+    from minisae.training.train import TrainingError, hypers_at
+
+    ckdir = out_dir / CHECKPOINT_DIR
+    metrics_path = out_dir / "metrics.jsonl"
+    lead = world.rank == 0
     have = world.on_root(look)
     if any(have) and not (resume and have[0]) and not overwrite:
         raise OutputExistsError(f"{out_dir} already holds a training run; resume it (--resume), start it "
@@ -247,17 +270,9 @@ def train_parallel(cfg, source, out_dir, *, shards=1, accumulate=1, comm=None, r
         _check_resume_config(ckdir / MANIFEST_NAME, man, cfg)
         if int(man["d_in"]) != source.d_in:
             raise CheckpointError(f"{ckdir}: trained on d_in={man['d_in']}, the source has {source.d_in}")
-        world.on_root(lambda: _truncate_metrics(metrics_path, state["step"]))
-    else:
-        def clear():  # a fresh run (overwrite: the old run's state and results go first)
-            make_dir(out_dir)
-            if ckdir.exists():
-                shutil.rmtree(ckdir)
-            for old in (metrics_path, out_dir / "eval.json"):
-                if old.exists():
-                    old.unlink()
-
-        world.on_root(clear)
+        world.on_root(lambda: (clear_results(out_dir), _truncate_metrics(metrics_path, state["step"])))
+    else:  # a fresh run (overwrite: the old run's results, state and record go first, config.json last)
+        world.on_root(lambda: clear_run(out_dir))
         state = _fresh_state(cfg, source, grid, xp)
 
     def record():
@@ -341,11 +356,15 @@ def train_parallel(cfg, source, out_dir, *, shards=1, accumulate=1, comm=None, r
                 if bad:
                     raise TrainingError(f"step {step}: the parameters became NaN or inf; the last good "
                                         f"checkpoint is kept in {ckdir}; try a lower learning rate")
+                # the step's metrics lines reach the disk first, its checkpoint after: a kill between
+                # leaves lines past the checkpoint, which a resume cuts and writes again
+                world.on_root(lambda: _append_jsonl(metrics_path, pending, durable=True))
+                pending = []
+                kill_point("metrics", done)
                 save_sharded(ckdir, grid, {"step": done, "scale": scale, "params": params, "adam": adam,
                                            "since_fired": since_fired, "batchtopk_threshold": threshold[0],
                                            "threshold_updates": threshold[1]}, cfg)
-                world.on_root(lambda: _append_jsonl(metrics_path, pending))
-                pending = []
+                kill_point("checkpoint", done)
             bar.update(1)
     finally:
         bar.close()
@@ -435,17 +454,6 @@ def _finish(cfg, source, out_dir, ckdir, world, names, scale, batchtopk_threshol
     world.on_root(release)
     return TrainResult(sae=done["sae"], params=done["params"], scale=scale, steps=cfg.steps,
                        summary=done["summary"], out_dir=out_dir)
-
-
-def _append_jsonl(path, rows):
-    with open(path, "a") as fh:
-        for row in rows:
-            fh.write(json.dumps(row) + "\n")
-
-
-def _truncate_metrics(path, step):
-    from minisae.training.checkpoint import _truncate_metrics as truncate
-    truncate(path, step)
 
 
 def _bar(cfg, initial, enabled):

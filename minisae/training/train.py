@@ -29,7 +29,14 @@ bitwise equal to those of an uninterrupted run (tests/test_train.py proves it).
 
 Files in out_dir: config.json, checkpoint.safetensors (atomic, replaced every checkpoint_every
 steps; never written with non-finite values), metrics.jsonl (one JSON object per log step),
-sae/ (the release SAE, SAELens folder format, C and the pre-encoder bias folded in), eval.json.
+sae/ (the release SAE, SAELens folder format, C and the pre-encoder bias folded in), eval.json,
+.minisae.lock (held while a process writes the folder; a second writer is refused).
+
+The run folder changes as a unit: a step's metrics lines are on disk (fsync) before its checkpoint
+is written, and a resume cuts metrics.jsonl back to the checkpoint's step, so a kill at any point
+leaves the log equal to an uninterrupted run's after the resume; a resume or a fresh start removes
+sae/ and eval.json first, and --overwrite removes the old checkpoint and log before the new
+config.json is written, so no folder holds one run's SAE beside another run's config.
 
 The config (TrainConfig, its defaults and checks) lives in minisae.training.config, the checkpoint
 files and metrics.jsonl handling in minisae.training.checkpoint; both are re-exported here.
@@ -49,9 +56,10 @@ from minisae.training import l0control, optim
 # re-exported: minisae.training.train keeps every name it had
 from minisae.training.checkpoint import (CHECKPOINT_FORMAT, CHECKPOINT_NAME, _RESUME_FREE, CheckpointError,  # noqa: F401
                                 _append_jsonl, _check_checkpoint_info, _check_resume_config, _truncate_metrics,
-                                load_checkpoint, save_checkpoint)
+                                clear_results, clear_run, kill_point, load_checkpoint, other_format_error,
+                                save_checkpoint)
 from minisae.errors import MinisaeError, OutputExistsError, ResourceError, TrainingError
-from minisae.io.files import check_output_dir, make_dir, memory_limit_bytes, read_json, write_atomic
+from minisae.io.files import FolderLock, check_output_dir, make_dir, memory_limit_bytes, read_json, write_atomic
 from minisae.training.prefetch import Prefetcher
 from minisae.progress import progress_bar
 from minisae.sae import VARIANTS
@@ -223,34 +231,41 @@ def train(cfg, source, out_dir, *, resume=False, overwrite=False, progress=True)
 
     resume=True continues from out_dir/checkpoint.safetensors (or starts afresh if there is none);
     resume=False refuses a folder that already holds a checkpoint unless overwrite=True.
-    Raises TrainingError (non-finite values; the last good checkpoint stays) and CheckpointError.
+    Raises TrainingError (non-finite values; the last good checkpoint stays) and CheckpointError;
+    OutputExistsError while another process writes out_dir (a lock, minisae.io.files.FolderLock).
     """
-    from minisae.eval.evaluate import evaluate_sae
-    from minisae.io.saefile import SAE
-
     cfg = cfg.resolved(int(source.d_in))
     xp = get_xp(cfg.backend)
     check_memory(cfg, int(source.d_in), xp)
-    mod = VARIANTS[cfg.architecture]
     out_dir = Path(out_dir)
     check_output_dir(out_dir, "train run", is_own=is_run_folder)
+    make_dir(out_dir)
+    with FolderLock(out_dir, what="training run"):  # one writer; the kernel drops it if this process dies
+        return _train_locked(cfg, source, out_dir, xp, resume, overwrite, progress)
+
+
+def _train_locked(cfg, source, out_dir, xp, resume, overwrite, progress):
+    from minisae.eval.evaluate import evaluate_sae
+    from minisae.io.saefile import SAE
+
+    mod = VARIANTS[cfg.architecture]
     ckpt = out_dir / CHECKPOINT_NAME
     metrics_path = out_dir / "metrics.jsonl"
-
+    other = None if overwrite else other_format_error(out_dir, "one")
+    if other is not None:  # never restarted from step 0 in silence
+        raise other
     if ckpt.exists() and resume:
         state = load_checkpoint(ckpt, cfg, xp)
         if int(state["params"]["W_enc"].shape[0]) != source.d_in:
             raise CheckpointError(f"{ckpt}: trained on d_in={state['params']['W_enc'].shape[0]}, the source has {source.d_in}")
+        clear_results(out_dir)  # the run goes on: its old sae/ and eval.json are no longer its results
         _truncate_metrics(metrics_path, state["step"])
     elif (ckpt.exists() or (out_dir / "sae").exists()) and not overwrite:
         raise OutputExistsError(f"{out_dir} already holds a training run; resume it (--resume), start it over "
                                 "(--overwrite) or choose a new folder")
-    else:  # a fresh run (overwrite=True: the old run's state and results go first)
+    else:  # a fresh run (overwrite=True: the old run's results, state and record go first, config.json last)
         state = fresh_state(cfg, source, xp)
-        make_dir(out_dir)
-        for old in (ckpt, metrics_path, out_dir / "eval.json"):
-            if old.exists():
-                old.unlink()
+        clear_run(out_dir)
     write_atomic(out_dir / "config.json", json.dumps(
         {"train": dataclasses.asdict(cfg), "source": _source_info(source)}, indent=2) + "\n")
 
@@ -321,13 +336,17 @@ def train(cfg, source, out_dir, *, resume=False, overwrite=False, progress=True)
                 if not _params_finite(params, xp):
                     raise TrainingError(f"step {step}: the parameters became NaN or inf; "
                                         + _kept(ckpt, last_good) + "; try a lower learning rate")
+                # the step's metrics lines reach the disk first, its checkpoint after: a kill between
+                # leaves lines past the checkpoint, which a resume cuts and writes again
+                _append_jsonl(metrics_path, pending, durable=True)
+                pending = []
+                kill_point("metrics", done)
                 save_checkpoint(ckpt, {"step": done, "scale": scale, "params": params, "adam": adam,
                                        "since_fired": since_fired, "batchtopk_threshold": threshold[0],
                                        "threshold_updates": threshold[1],
                                        "controller": controller.state() if controller else None}, cfg)
                 last_good = done
-                _append_jsonl(metrics_path, pending)  # metrics only ever run up to the checkpoint
-                pending = []
+                kill_point("checkpoint", done)
             bar.update(1)
     finally:
         if batches:
