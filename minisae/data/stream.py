@@ -50,7 +50,7 @@ class ShardStream:
     def __init__(self, folder, *, seed=0, buffer_tokens=1_000_000, holdout_shards=0, prefetch=True):
         self.folder = Path(folder)
         self.manifest = man = read_manifest(self.folder)
-        if man["dtype"] not in STORED:
+        if not isinstance(man["dtype"], str) or man["dtype"] not in STORED:
             raise ActivationsError(f"{self.folder / MANIFEST}: expected dtype float32 or bfloat16, found {man['dtype']!r}")
         if int(buffer_tokens) < 1:
             raise InputError(f"buffer_tokens: expected a positive number of rows, found {buffer_tokens}")
@@ -60,6 +60,8 @@ class ShardStream:
         self.counts = numpy.array([int(sh["count"]) for sh in man["shards"]], dtype=numpy.int64)  # (S,)
         if int(self.counts.sum()) != int(man["count"]):
             raise ActivationsError(f"{self.folder / MANIFEST}: count {man['count']} but its shards list {self.counts.sum()} rows")
+        if not self.files:
+            raise ActivationsError(f"{self.folder / MANIFEST}: the cache holds no shards (no activations to train on)")
         if not 0 <= int(holdout_shards) < len(self.files):
             raise ActivationsError(f"{self.folder}: holdout_shards must be in [0, {len(self.files)}), found {holdout_shards}")
         order = numpy.random.default_rng((self.seed, 0x5EED)).permutation(len(self.files))

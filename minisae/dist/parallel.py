@@ -36,8 +36,8 @@ import numpy
 from minisae import dist
 
 from minisae.training import optim
-from minisae.errors import InputError, OutputExistsError
-from minisae.io.files import FolderLock, check_output_dir, make_dir, write_atomic
+from minisae.errors import FileFormatError, InputError, OutputExistsError
+from minisae.io.files import FolderLock, check_output_dir, check_regular_file, make_dir, write_atomic
 from minisae.io.safetensors_io import SafetensorsError, SafetensorsFile, save_file
 from minisae.sae import VARIANTS
 from minisae.dist.sharded import _sum_scalars, init_shard, latent_range, make_grid, shard_forward_backward
@@ -96,27 +96,117 @@ def _write_manifest(ckdir, step_dir, grid, state, cfg):
             shutil.rmtree(old, ignore_errors=True)
 
 
+def _count(v, least=0):
+    return isinstance(v, int) and not isinstance(v, bool) and v >= least
+
+
+def _number(v):
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _corrupt(path, what):
+    from minisae.training.checkpoint import CheckpointError
+
+    return CheckpointError(f"{path}: {what}; the checkpoint was left untouched: restore it, or move it away "
+                           "to start over")
+
+
 def read_manifest(ckdir):
+    """The sharded checkpoint's manifest, read with the JSON limits of every minisae JSON file
+    (minisae.io.files.read_json: size, depth, a regular file) and checked field by field: counts
+    are non-negative integers, C a positive finite number, the shard list tiles [0, d_sae) with
+    one entry per latent range, each file a relative path inside the checkpoint folder. A wrong
+    manifest is one CheckpointError line naming the field."""
+    from minisae.io.files import read_json
     from minisae.training.checkpoint import CheckpointError
 
     path = Path(ckdir) / MANIFEST_NAME
-    try:
-        man = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{path}: cannot read the sharded checkpoint manifest ({e})") from None
-    need = ("format", "step", "adam_step", "scale", "d_sae", "d_in", "shards", "config")
-    if not isinstance(man, dict) or man.get("format") != MANIFEST_FORMAT or any(k not in man for k in need):
-        raise CheckpointError(f"{path}: not a {MANIFEST_FORMAT} manifest (expected keys {need})")
+    man = read_json(path, error=CheckpointError)
+    if man.get("format") != MANIFEST_FORMAT:
+        raise CheckpointError(f"{path}: not a {MANIFEST_FORMAT} manifest (format {man.get('format')!r:.60})")
+    checks = (("step", _count(man.get("step"))), ("adam_step", _count(man.get("adam_step"))),
+              ("d_sae", _count(man.get("d_sae"), 1)), ("d_in", _count(man.get("d_in"), 1)),
+              ("scale", _number(man.get("scale")) and math.isfinite(man["scale"]) and man["scale"] > 0),
+              ("replicas", _count(man.get("replicas", 1), 1)),
+              ("threshold_updates", _count(man.get("threshold_updates", 0))),
+              ("batchtopk_threshold", _number(man.get("batchtopk_threshold", 0.0))),
+              ("config", isinstance(man.get("config"), dict)
+               and man["config"].get("d_sae") == man.get("d_sae")
+               and man["config"].get("dtype") in ("float32", "float64")),
+              ("shards", isinstance(man.get("shards"), list) and 0 < len(man["shards"]) <= max(1, man.get("d_sae", 1))
+               if _count(man.get("d_sae"), 1) else False))
+    for field, ok in checks:
+        if not ok:
+            want = {"scale": "a positive finite number", "config": "an object whose d_sae and dtype "
+                    "(float32 or float64) match", "shards": "a non-empty list of at most d_sae entries",
+                    "batchtopk_threshold": "a number"}.get(field, "a non-negative integer")
+            raise _corrupt(path, f"{field} must be {want}, found {man.get(field)!r:.60}")
+    expected, seen = 0, set()
+    for i, sh in enumerate(man["shards"]):
+        if not (isinstance(sh, dict) and isinstance(sh.get("file"), str) and _count(sh.get("lo"))
+                and _count(sh.get("hi"))):
+            raise _corrupt(path, f"shards[{i}] must be an object with a string file and integer lo, hi; found {sh!r:.80}")
+        parts = Path(sh["file"]).parts
+        if (not parts or Path(sh["file"]).is_absolute() or ".." in parts or "\\" in sh["file"]
+                or len(parts) != 2 or not parts[0].startswith("step-")):
+            raise _corrupt(path, f"shards[{i}].file {sh['file']!r:.80} is not step-NNNNNNNN/<shard file> inside the checkpoint folder")
+        if sh["file"] in seen:
+            raise _corrupt(path, f"shards[{i}].file {sh['file']!r:.80} is listed twice")
+        seen.add(sh["file"])
+        if sh["lo"] != expected or sh["hi"] <= sh["lo"]:
+            raise _corrupt(path, f"shards[{i}] covers latents [{sh['lo']}, {sh['hi']}), expected to start at "
+                                 f"{expected} and be non-empty (the shards must tile [0, d_sae) in order)")
+        expected = sh["hi"]
+    if expected != man["d_sae"]:
+        raise _corrupt(path, f"the shards cover latents [0, {expected}), not [0, {man['d_sae']}) (d_sae)")
     return man
+
+
+_SAFETENSORS_DTYPE = {"float32": "F32", "float64": "F64"}
+
+
+def _check_shard(f, path, sh, man, names, prefixes):
+    """One shard file against its manifest entry, from its header alone (nothing is read): its own
+    record (format, lo, hi, step) equals the entry's, every tensor has the run's dtype and this
+    shard's shape. Refuses before anything reaches a collective."""
+    from minisae.io.files import parse_json
+    from minisae.training.checkpoint import CheckpointError
+
+    own = parse_json((f.metadata or {}).get("minisae", "null") or "null", f"{path}: metadata", error=CheckpointError)
+    if not isinstance(own, dict) or own.get("format") != MANIFEST_FORMAT:
+        raise _corrupt(path, f"not a shard of a {MANIFEST_FORMAT} checkpoint (no such metadata)")
+    for key in ("lo", "hi", "step"):
+        want = man["step"] if key == "step" else sh[key]
+        if own.get(key) != want or not _count(own.get(key)):
+            raise _corrupt(path, f"the shard says {key} = {own.get(key)!r:.40}, its manifest entry {want}")
+    m, d_in, dtype = sh["hi"] - sh["lo"], man["d_in"], _SAFETENSORS_DTYPE[man["config"]["dtype"]]
+    shapes = {"since_fired": ((m,), "I64")}
+    for prefix in prefixes:
+        for k in names:
+            shape = {"W_enc": (d_in, m), "W_dec": (m, d_in), "b_dec": (d_in,)}.get(k, (m,))
+            shapes[f"{prefix}.{k}"] = (shape, dtype)
+    for name, (shape, dt) in shapes.items():
+        t = f.tensors.get(name)
+        if t is None:
+            raise CheckpointError(f"{path}: tensor {name!r} is missing")
+        if t.dtype != dt or tuple(t.shape) != shape:
+            raise _corrupt(path, f"tensor {name!r} is {t.dtype} {list(t.shape)}, expected {dt} {list(shape)} "
+                                 f"(latents [{sh['lo']}, {sh['hi']}) of a {man['config']['dtype']} run)")
 
 
 def load_sharded(ckdir, lo, hi, xp, *, names, params_only=False):
     """(manifest, state) of latents [lo, hi) from a sharded checkpoint written with any S: each
     per-latent tensor is put together from the shard files that overlap [lo, hi). params_only:
-    leave out Adam's moments (a third of the memory; for the release SAE)."""
-    prefixes = ("params",) if params_only else ("params", "adam_m", "adam_v")
+    leave out Adam's moments (a third of the memory; for the release SAE).
+
+    Every shard it reads is checked first (a regular file; its header's own lo, hi, step, every
+    tensor's dtype and shape against the manifest), and the parameters must be finite: a bad shard
+    is one CheckpointError, raised before the caller's next collective (callers run it inside
+    comm.together, so every rank raises it)."""
+    from minisae.io.files import check_regular_file
     from minisae.training.checkpoint import CheckpointError
 
+    prefixes = ("params",) if params_only else ("params", "adam_m", "adam_v")
     ckdir = Path(ckdir)
     man = read_manifest(ckdir)
     pieces = {}  # tensor name -> list of slices
@@ -125,13 +215,13 @@ def load_sharded(ckdir, lo, hi, xp, *, names, params_only=False):
         if a >= b and not (sh is man["shards"][0]):
             continue
         path = ckdir / sh["file"]
+        check_regular_file(path, error=CheckpointError)  # a FIFO would block the open
         try:
             with SafetensorsFile(path) as f:
+                _check_shard(f, path, sh, man, names, prefixes)
                 for prefix in prefixes:
                     for k in names:
                         name = f"{prefix}.{k}"
-                        if name not in f:
-                            raise CheckpointError(f"{path}: tensor {name!r} is missing")
                         arr, axis = f.get(name), _latent_axis(k)
                         if axis is None:
                             pieces.setdefault(name, [numpy.array(arr)])
@@ -142,6 +232,8 @@ def load_sharded(ckdir, lo, hi, xp, *, names, params_only=False):
                 if a < b:
                     pieces.setdefault("since_fired", []).append(numpy.array(f.get("since_fired")[a - sh["lo"]:b - sh["lo"]]))
         except (SafetensorsError, OSError) as e:
+            if isinstance(e, CheckpointError):
+                raise
             raise CheckpointError(f"{path}: cannot read the checkpoint shard ({e}); it may be truncated "
                                   "or corrupt") from None
     state = {"params": {}, "adam": {"step": int(man["adam_step"]), "m": {}, "v": {}}}
@@ -153,6 +245,9 @@ def load_sharded(ckdir, lo, hi, xp, *, names, params_only=False):
             arr = pieces[f"{prefix}.{k}"][0] if axis is None else numpy.concatenate(pieces[f"{prefix}.{k}"], axis=axis)
             if axis is not None and arr.shape[axis] != hi - lo:
                 raise CheckpointError(f"{ckdir}: the shards cover {arr.shape[axis]} of latents [{lo}, {hi})")
+            if prefix == "params" and not numpy.isfinite(arr).all():
+                raise _corrupt(ckdir / MANIFEST_NAME, f"params.{k} holds NaN or inf values (a corrupt checkpoint, "
+                                                      "not a divergence: training never writes them)")
             store[k] = asarray(arr, xp)
     state["since_fired"] = asarray(numpy.concatenate(pieces["since_fired"]), xp)
     state["step"], state["scale"] = int(man["step"]), float(man["scale"])
@@ -170,6 +265,7 @@ def reshard(src_run, dst_run, shards):
     if int(shards) < 1 or int(shards) > int(man["d_sae"]):
         raise InputError(f"shards: expected 1 ... {man['d_sae']} (d_sae), found {shards}")
     check_output_dir(dst_run, "train run", is_own=lambda d: False)  # new or empty only
+    check_regular_file(src / man["shards"][0]["file"], error=FileFormatError)
     with SafetensorsFile(src / man["shards"][0]["file"]) as f:
         names = [k[len("params."):] for k in f.keys() if k.startswith("params.")]
     step_dir = f"step-{man['step']:08d}"
