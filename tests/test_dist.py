@@ -172,3 +172,58 @@ def test_cli_under_mpiexec(tmp_path):
     assert (tmp_path / "run" / "sae" / "cfg.json").is_file()
     p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
     assert p.returncode != 0 and "already holds a training run" in p.stderr
+
+
+def _mpi_cli(args, tmp_path, n=2, runner=("-m", "mpi4py")):
+    pytest.importorskip("mpi4py")
+    exe = _mpiexec()
+    if exe is None:
+        pytest.skip("mpiexec not found (install the dist extra: pip install 'minisae[dist]')")
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+           "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
+    try:
+        return subprocess.run([exe, "-n", str(n), sys.executable, *runner, "-m", "minisae.cli"] + args, env=env,
+                              capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    except subprocess.TimeoutExpired as e:
+        pytest.fail(f"mpiexec -n {n} minisae {' '.join(args)}: no result after 120 s (a hang?)\n{e.stderr}")
+
+
+MPI_RUN = ["train", "--arch", "topk", "--k", "4", "--d-sae", "32", "--steps", "4", "--batch-size", "64", "--d-in", "16",
+           "--checkpoint-every", "2", "--eval-tokens", "0", "--no-progress"]
+
+
+@pytest.mark.parametrize("runner", [("-m", "mpi4py"), ()], ids=["python -m mpi4py", "python"])
+def test_errors_under_mpiexec_are_one_line_and_exit_2(tmp_path, runner):
+    """docs/pipeline.md's promise under mpiexec: an argument error, a refused folder, a corrupt
+    checkpoint shard and a folder another process writes are each one line (rank 0 speaks for
+    every rank) and exit status 2 — never one line per rank, never an MPI crash."""
+    import json
+
+    from minisae.io.files import FolderLock
+    from minisae.io.safetensors_io import SafetensorsFile, save_file
+
+    run = tmp_path / "run"
+    cases = {"argument": ["train", "--arch", "topk", "--no-such-flag"],
+             "value": MPI_RUN + ["--d-sae", "0", "--out", str(run)]}
+    for what, args in cases.items():
+        p = _mpi_cli(args, tmp_path, runner=runner)
+        assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1, (what, p.returncode, p.stderr)
+    p = _mpi_cli(MPI_RUN + ["--shards", "2", "--out", str(run)], tmp_path, runner=runner)
+    assert p.returncode == 0, p.stderr[-3000:]
+    p = _mpi_cli(MPI_RUN + ["--shards", "2", "--out", str(run)], tmp_path, runner=runner)  # no --resume
+    assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1 and "--resume" in p.stderr, p.stderr
+    with FolderLock(run):
+        p = _mpi_cli(MPI_RUN + ["--shards", "2", "--out", str(run), "--resume"], tmp_path, runner=runner)
+    assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1 and f"pid {os.getpid()}" in p.stderr, p.stderr
+    # shard 1 cut to half its latents: was "Message from rank 1 and tag 7 truncated" (MPICH, rc 142)
+    man = json.loads((run / "checkpoint" / "checkpoint.json").read_text())
+    shard = run / "checkpoint" / man["shards"][1]["file"]
+    with SafetensorsFile(shard) as f:
+        tensors = {k: numpy.array(f.get(k)) for k in f.keys()}
+        meta = dict(f.metadata)
+    tensors = {k: (v[..., :8] if k.endswith("W_enc") else v[:8] if v.shape[0] == 16 else v) for k, v in tensors.items()}
+    shard.unlink()
+    save_file(tensors, shard, metadata=meta)
+    p = _mpi_cli(MPI_RUN + ["--shards", "2", "--out", str(run), "--resume", "--steps", "6"], tmp_path, runner=runner)
+    assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1 and "latents [16, 32)" in p.stderr, p.stderr
+    assert "truncated" not in p.stderr

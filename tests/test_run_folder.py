@@ -138,3 +138,13 @@ def test_each_trainer_refuses_the_others_checkpoint_by_name_instead_of_restartin
     after = folder_bytes(run)
     after.pop(LOCK_NAME), before.pop(LOCK_NAME)
     assert after == before  # nothing started over
+
+
+def test_a_compare_worker_that_dies_is_one_line_naming_resume():
+    """A worker killed under `minisae compare` (the OOM killer, say) was a BrokenProcessPool traceback."""
+    from minisae.errors import ResourceError
+    from minisae.eval.compare import _run_in_workers
+
+    with pytest.raises(ResourceError, match="rerun the same command with --resume") as e:
+        _run_in_workers([3], [()], 1, lambda j, r: None, job=os._exit)  # the worker ends at once, status 3
+    assert "\n" not in str(e.value)

@@ -312,21 +312,22 @@ def train_parallel(cfg, source, out_dir, *, shards=1, accumulate=1, comm=None, r
     cfg = cfg.resolved(int(source.d_in))
     xp = get_xp(cfg.backend)
     names = param_names(cfg)
-    world.check_same({"config": dataclasses.asdict(cfg), "shards": int(shards), "accumulate": int(accumulate),
-                      "d_in": int(source.d_in), "resume": bool(resume), "overwrite": bool(overwrite)},
-                     "the training arguments (every process must be started with the same command)")
-    grid = make_grid(world, shards, cfg.d_sae)
-    if grid.S > 1 and cfg.penalty != "l0":
-        raise InputError(f"penalty {cfg.penalty!r} couples every latent of a token (its total L0); "
-                         "it cannot be split over latent shards: train it with --shards 1")
-    if cfg.uses_controller() or cfg.threshold_lr_mult != 1.0:
-        raise ValueError("the λ controller (--target-l0 for Gated / JumpReLU) and --threshold-lr-mult run in "
-                         "single-process training only for now: train without --shards/--accumulate/mpiexec")
-    n_micro = grid.R * int(accumulate)
-    if int(accumulate) < 1 or cfg.batch_size % n_micro:
-        raise InputError(f"batch_size {cfg.batch_size} must split into {grid.R} replicas x "
-                         f"{accumulate} micro-batches (accumulate >= 1)")
-    b, mine = cfg.batch_size // n_micro, cfg.batch_size // grid.R  # rows per micro-batch, per replica
+    with dist.agreed():  # the same arguments on every rank (checked first): an error here is every rank's
+        world.check_same({"config": dataclasses.asdict(cfg), "shards": int(shards), "accumulate": int(accumulate),
+                          "d_in": int(source.d_in), "resume": bool(resume), "overwrite": bool(overwrite)},
+                         "the training arguments (every process must be started with the same command)")
+        grid = make_grid(world, shards, cfg.d_sae)
+        if grid.S > 1 and cfg.penalty != "l0":
+            raise InputError(f"penalty {cfg.penalty!r} couples every latent of a token (its total L0); "
+                             "it cannot be split over latent shards: train it with --shards 1")
+        if cfg.uses_controller() or cfg.threshold_lr_mult != 1.0:
+            raise ValueError("the λ controller (--target-l0 for Gated / JumpReLU) and --threshold-lr-mult run in "
+                             "single-process training only for now: train without --shards/--accumulate/mpiexec")
+        n_micro = grid.R * int(accumulate)
+        if int(accumulate) < 1 or cfg.batch_size % n_micro:
+            raise InputError(f"batch_size {cfg.batch_size} must split into {grid.R} replicas x "
+                             f"{accumulate} micro-batches (accumulate >= 1)")
+        b, mine = cfg.batch_size // n_micro, cfg.batch_size // grid.R  # rows per micro-batch, per replica
     out_dir = Path(out_dir)
     ckdir = out_dir / CHECKPOINT_DIR
     lock = []  # rank 0's FolderLock: one writer per run folder
@@ -356,29 +357,32 @@ def _train_parallel_locked(cfg, source, out_dir, world, grid, xp, names, look, a
     ckdir = out_dir / CHECKPOINT_DIR
     metrics_path = out_dir / "metrics.jsonl"
     lead = world.rank == 0
-    have = world.on_root(look)
-    if any(have) and not (resume and have[0]) and not overwrite:
-        raise OutputExistsError(f"{out_dir} already holds a training run; resume it (--resume), start it "
-                                "over (--overwrite) or choose a new folder")
-    have = have[0]
-    if have and resume:
-        man, state = world.together(lambda: load_sharded(ckdir, grid.lo, grid.hi, xp, names=names))
-        _check_resume_config(ckdir / MANIFEST_NAME, man, cfg)
-        if int(man["d_in"]) != source.d_in:
-            raise CheckpointError(f"{ckdir}: trained on d_in={man['d_in']}, the source has {source.d_in}")
-        world.on_root(lambda: (clear_results(out_dir), _truncate_metrics(metrics_path, state["step"])))
-    else:  # a fresh run (overwrite: the old run's results, state and record go first, config.json last)
-        world.on_root(lambda: clear_run(out_dir))
+    with dist.agreed():  # each check below reads what every rank holds alike: its error is every rank's
+        have = world.on_root(look)
+        if any(have) and not (resume and have[0]) and not overwrite:
+            raise OutputExistsError(f"{out_dir} already holds a training run; resume it (--resume), start it "
+                                    "over (--overwrite) or choose a new folder")
+        have = have[0]
+        if have and resume:
+            man, state = world.together(lambda: load_sharded(ckdir, grid.lo, grid.hi, xp, names=names))
+            _check_resume_config(ckdir / MANIFEST_NAME, man, cfg)
+            if int(man["d_in"]) != source.d_in:
+                raise CheckpointError(f"{ckdir}: trained on d_in={man['d_in']}, the source has {source.d_in}")
+            world.on_root(lambda: (clear_results(out_dir), _truncate_metrics(metrics_path, state["step"])))
+        else:  # a fresh run (overwrite: the old run's results, state and record go first, config.json last)
+            world.on_root(lambda: clear_run(out_dir))
+            state = None
+
+        def record():
+            from minisae.training.train import _source_info
+            info = {"train": dataclasses.asdict(cfg), "source": _source_info(source),
+                    "grid": {"processes": world.size, "replicas": grid.R, "shards": grid.S,
+                             "accumulate": int(accumulate), "backend": world.name}}
+            write_atomic(out_dir / "config.json", json.dumps(info, indent=2) + "\n")
+
+        world.on_root(record)
+    if state is None:  # (outside: an error of one rank alone here is not every rank's)
         state = _fresh_state(cfg, source, grid, xp)
-
-    def record():
-        from minisae.training.train import _source_info
-        info = {"train": dataclasses.asdict(cfg), "source": _source_info(source),
-                "grid": {"processes": world.size, "replicas": grid.R, "shards": grid.S,
-                         "accumulate": int(accumulate), "backend": world.name}}
-        write_atomic(out_dir / "config.json", json.dumps(info, indent=2) + "\n")
-
-    world.on_root(record)
 
     scale, params, adam, since_fired = state["scale"], state["params"], state["adam"], state["since_fired"]
     threshold = (state["batchtopk_threshold"], state["threshold_updates"])  # BatchTopK's running θ
@@ -417,15 +421,15 @@ def _train_parallel_locked(cfg, source, out_dir, world, grid, xp, names, look, a
                     low = float(grid.replica.allgather(numpy.array([low]))[:, 0].min())
                 threshold = VARIANTS["batchtopk"].update_threshold(
                     *threshold, low if math.isfinite(low) else math.nan, cfg.threshold_rate)
-            if sums[3] > 0:  # every rank sees it after the sum, so every rank stops here
-                raise TrainingError(f"step {step}: the activation batch holds NaN or inf values; the last good "
-                                    f"checkpoint is kept in {ckdir}")
+            if sums[3] > 0:  # every rank sees it after the sum, so every rank stops here (and says so once)
+                raise dist.on_every_rank(TrainingError(f"step {step}: the activation batch holds NaN or inf values; the last good "
+                                    f"checkpoint is kept in {ckdir}"))
             if n_micro > 1:
                 for v in grads.values():
                     v *= 1.0 / n_micro
             loss, mse, l0 = (float(v) / n_micro for v in sums[:3])
             if not math.isfinite(loss):
-                raise TrainingError(f"step {step}: the loss is {loss}; try a lower learning rate")
+                raise dist.on_every_rank(TrainingError(f"step {step}: the loss is {loss}; try a lower learning rate"))
             lr = optim.lr_at(step, lr=cfg.lr, warmup_steps=cfg.warmup_steps, total_steps=cfg.steps,
                              decay_frac=cfg.decay_frac)
             # Adam with the decoder's rows held at unit norm: dW_dec loses its component along each
@@ -450,8 +454,8 @@ def _train_parallel_locked(cfg, source, out_dir, world, grid, xp, names, look, a
             if done % cfg.checkpoint_every == 0 or done == cfg.steps:
                 bad = world.sum(numpy.array([0 if _finite(params, xp) else 1], dtype=numpy.int64))[0]
                 if bad:
-                    raise TrainingError(f"step {step}: the parameters became NaN or inf; the last good "
-                                        f"checkpoint is kept in {ckdir}; try a lower learning rate")
+                    raise dist.on_every_rank(TrainingError(f"step {step}: the parameters became NaN or inf; the last good "
+                                        f"checkpoint is kept in {ckdir}; try a lower learning rate"))
                 # the step's metrics lines reach the disk first, its checkpoint after: a kill between
                 # leaves lines past the checkpoint, which a resume cuts and writes again
                 world.on_root(lambda: _append_jsonl(metrics_path, pending, durable=True))
