@@ -25,6 +25,7 @@ from minisae.training.train import TrainConfig, hypers_at
 from minisae.xp import cupy_available
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))  # mpi_worker's source and configs
 
 
 def _mpiexec():
@@ -227,3 +228,40 @@ def test_errors_under_mpiexec_are_one_line_and_exit_2(tmp_path, runner):
     p = _mpi_cli(MPI_RUN + ["--shards", "2", "--out", str(run), "--resume", "--steps", "6"], tmp_path, runner=runner)
     assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1 and "latents [16, 32)" in p.stderr, p.stderr
     assert "truncated" not in p.stderr
+
+
+ONE_BY_ONE = [("jumprelu", {}), ("gated", {}), ("topk", {}), ("batchtopk", {}),
+              ("gated", dict(target_l0=3.0)), ("jumprelu", dict(target_l0=3.0, threshold_lr_mult=0.1)),
+              ("jumprelu", dict(penalty="quadratic", target_l0=3.0)), ("jumprelu", dict(penalty="tanh")),
+              ("jumprelu", dict(freq_coeff=0.5, freq_target=0.05, threshold_param="raw")),
+              ("jumprelu", dict(matryoshka=[10, 25])), ("topk", dict(matryoshka=None, dtype="float64"))]
+
+
+@pytest.mark.parametrize("arch,extra", ONE_BY_ONE, ids=[f"{a}{'-' + '-'.join(e) if e else ''}" for a, e in ONE_BY_ONE])
+def test_one_process_is_the_parallel_trainer_on_the_1x1_grid_bitwise(tmp_path, arch, extra):
+    """minisae.training.train.train and minisae.dist.parallel.train_parallel on dist.SingleProcess
+    (R = S = 1) end with the same parameters, the same metrics.jsonl rows (but the wall time) and
+    the same sae/ files, bit for bit: one step function (the variant's own forward_backward), one
+    update, one log row (BatchTopK's threshold included), the λ controller and the threshold's
+    learning-rate multiplier in both."""
+    import json
+
+    from minisae.dist.parallel import train_parallel
+    from minisae.training.train import train
+    from mpi_worker import SOURCE, config
+
+    cfg = config(arch, steps=8, log_every=1, **extra)
+    a = train(cfg, SOURCE, tmp_path / "one", progress=False)
+    b = train_parallel(cfg, SOURCE, tmp_path / "grid", comm=dist.SingleProcess(), progress=False)
+    for k in a.params:
+        assert numpy.array_equal(a.params[k], b.params[k]), k
+
+    def rows(run):
+        out = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        return [{k: v for k, v in r.items() if k != "elapsed_s"} for r in out]
+
+    assert rows(tmp_path / "one") == rows(tmp_path / "grid")
+    files = sorted(p.name for p in (tmp_path / "one" / "sae").iterdir())
+    assert files == sorted(p.name for p in (tmp_path / "grid" / "sae").iterdir())
+    for name in files:
+        assert (tmp_path / "one" / "sae" / name).read_bytes() == (tmp_path / "grid" / "sae" / name).read_bytes(), name

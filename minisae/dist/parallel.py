@@ -89,7 +89,8 @@ def _write_manifest(ckdir, step_dir, grid, state, cfg):
                 "batchtopk_threshold": float(state.get("batchtopk_threshold", 0.0)),
                 "threshold_updates": int(state.get("threshold_updates", 0)),
                 "scale": state["scale"], "d_sae": cfg.d_sae, "d_in": int(state["params"]["b_dec"].shape[0]),
-                "replicas": grid.R, "shards": shards, "config": dataclasses.asdict(cfg)}
+                "replicas": grid.R, "shards": shards, "config": dataclasses.asdict(cfg),
+                "controller": state.get("controller")}
     write_atomic(ckdir / MANIFEST_NAME, json.dumps(manifest, indent=1) + "\n")
     for old in ckdir.glob("step-*"):
         if old.name != step_dir:
@@ -130,6 +131,7 @@ def read_manifest(ckdir):
               ("replicas", _count(man.get("replicas", 1), 1)),
               ("threshold_updates", _count(man.get("threshold_updates", 0))),
               ("batchtopk_threshold", _number(man.get("batchtopk_threshold", 0.0))),
+              ("controller", man.get("controller") is None or isinstance(man["controller"], dict)),
               ("config", isinstance(man.get("config"), dict)
                and man["config"].get("d_sae") == man.get("d_sae")
                and man["config"].get("dtype") in ("float32", "float64")),
@@ -139,7 +141,7 @@ def read_manifest(ckdir):
         if not ok:
             want = {"scale": "a positive finite number", "config": "an object whose d_sae and dtype "
                     "(float32 or float64) match", "shards": "a non-empty list of at most d_sae entries",
-                    "batchtopk_threshold": "a number"}.get(field, "a non-negative integer")
+                    "batchtopk_threshold": "a number", "controller": "null or an object"}.get(field, "a non-negative integer")
             raise _corrupt(path, f"{field} must be {want}, found {man.get(field)!r:.60}")
     expected, seen = 0, set()
     for i, sh in enumerate(man["shards"]):
@@ -253,6 +255,7 @@ def load_sharded(ckdir, lo, hi, xp, *, names, params_only=False):
     state["step"], state["scale"] = int(man["step"]), float(man["scale"])
     state["batchtopk_threshold"] = float(man.get("batchtopk_threshold", 0.0))
     state["threshold_updates"] = int(man.get("threshold_updates", 0))
+    state["controller"] = man.get("controller")
     return man, state
 
 
@@ -320,9 +323,6 @@ def train_parallel(cfg, source, out_dir, *, shards=1, accumulate=1, comm=None, r
         if grid.S > 1 and cfg.penalty != "l0":
             raise InputError(f"penalty {cfg.penalty!r} couples every latent of a token (its total L0); "
                              "it cannot be split over latent shards: train it with --shards 1")
-        if cfg.uses_controller() or cfg.threshold_lr_mult != 1.0:
-            raise ValueError("the λ controller (--target-l0 for Gated / JumpReLU) and --threshold-lr-mult run in "
-                             "single-process training only for now: train without --shards/--accumulate/mpiexec")
         n_micro = grid.R * int(accumulate)
         if int(accumulate) < 1 or cfg.batch_size % n_micro:
             raise InputError(f"batch_size {cfg.batch_size} must split into {grid.R} replicas x "
@@ -352,7 +352,8 @@ def train_parallel(cfg, source, out_dir, *, shards=1, accumulate=1, comm=None, r
 def _train_parallel_locked(cfg, source, out_dir, world, grid, xp, names, look, accumulate, n_micro, b, mine,
                            resume, overwrite, progress):
     from minisae.training.checkpoint import CheckpointError, _check_resume_config
-    from minisae.training.train import TrainingError, hypers_at
+    from minisae.training.train import (TrainingError, centred_sum_of_squares, hypers_at, log_row,
+                                        lr_multipliers, make_controller)
 
     ckdir = out_dir / CHECKPOINT_DIR
     metrics_path = out_dir / "metrics.jsonl"
@@ -386,6 +387,8 @@ def _train_parallel_locked(cfg, source, out_dir, world, grid, xp, names, look, a
 
     scale, params, adam, since_fired = state["scale"], state["params"], state["adam"], state["since_fired"]
     threshold = (state["batchtopk_threshold"], state["threshold_updates"])  # BatchTopK's running θ
+    controller = make_controller(cfg, state)  # λ from the whole batch's L0: the same on every rank
+    lr_mult = lr_multipliers(cfg)
     betas = (cfg.adam_beta1, cfg.adam_beta2)
     bar = _bar(cfg, state["step"], progress and lead)
     pending, t0 = [], time.time()
@@ -398,7 +401,8 @@ def _train_parallel_locked(cfg, source, out_dir, world, grid, xp, names, look, a
             if grid.S > 1:
                 X = grid.shard.broadcast(numpy.empty((mine, source.d_in), numpy.float32) if X is None
                                          else numpy.ascontiguousarray(X, dtype=numpy.float32), root=0)
-            hyper = hypers_at(cfg, step, since_fired >= cfg.dead_window_tokens if cfg.uses_dead_mask() else None)
+            hyper = hypers_at(cfg, step, since_fired >= cfg.dead_window_tokens if cfg.uses_dead_mask() else None,
+                              coeff=controller.coeff() if controller else None)
             # sums: loss, mse, l0 over the micro-batches, and 1 where a batch held NaN or inf
             fired, sums, parts = None, numpy.array([0.0, 0.0, 0.0, float(not numpy.isfinite(X).all())]), []
             low = math.inf  # BatchTopK: the smallest kept activation of the step's micro-batches
@@ -430,24 +434,27 @@ def _train_parallel_locked(cfg, source, out_dir, world, grid, xp, names, look, a
             loss, mse, l0 = (float(v) / n_micro for v in sums[:3])
             if not math.isfinite(loss):
                 raise dist.on_every_rank(TrainingError(f"step {step}: the loss is {loss}; try a lower learning rate"))
+            if controller and step >= controller.start_step:
+                controller.update(step, l0)
             lr = optim.lr_at(step, lr=cfg.lr, warmup_steps=cfg.warmup_steps, total_steps=cfg.steps,
                              decay_frac=cfg.decay_frac)
             # Adam with the decoder's rows held at unit norm: dW_dec loses its component along each
             # row first, each row is renormalised after (fused, one pass over W_dec)
-            optim.adam_update(params, grads, adam, lr=lr, betas=betas, eps=cfg.adam_eps,
+            optim.adam_update(params, grads, adam, lr=lr, betas=betas, eps=cfg.adam_eps, lr_mult=lr_mult,
                               unit_rows="W_dec")
             if "threshold" in params:  # raw θ (JumpReLU option): kept >= 0, as minisae.training.train does
                 xp.maximum(params["threshold"], 0.0, out=params["threshold"])
             since_fired = xp.where(fired, 0, since_fired + cfg.batch_size)  # (m,)
             done = step + 1
             if done % cfg.log_every == 0 or done == cfg.steps:  # collective: every rank takes part
-                fvu_denom = _centred_sum_of_squares(X / scale, grid.replica, cfg.batch_size)
+                if grid.R == 1:  # the whole batch is here: the one-process formula
+                    fvu_denom = centred_sum_of_squares(asarray(X, xp, cfg.dtype) / scale)
+                else:
+                    fvu_denom = _centred_sum_of_squares(X / scale, grid.replica, cfg.batch_size)
                 dead = _sum_dead(grid, since_fired >= cfg.dead_window_tokens)
-                row = {"step": done, "tokens": done * cfg.batch_size, "loss": loss, "mse": mse, "l0": l0,
-                       "fvu": mse * cfg.batch_size / fvu_denom if fvu_denom > 0 else float("nan"), "lr": lr,
-                       "dead_frac": dead / cfg.d_sae, "elapsed_s": round(time.time() - t0, 3)}
-                if "sparsity_coeff" in hyper:
-                    row["sparsity_coeff"] = hyper["sparsity_coeff"]
+                row = log_row(cfg, done, loss=loss, mse=mse, l0=l0, fvu_denom=fvu_denom, batch_rows=cfg.batch_size,
+                              lr=lr, hyper=hyper, dead_frac=dead / cfg.d_sae, elapsed=time.time() - t0,
+                              threshold=threshold[0])
                 if lead:
                     pending.append(row)
                     bar.set_postfix(loss=f"{loss:.4g}", L0=f"{l0:.1f}")
@@ -463,14 +470,16 @@ def _train_parallel_locked(cfg, source, out_dir, world, grid, xp, names, look, a
                 kill_point("metrics", done)
                 save_sharded(ckdir, grid, {"step": done, "scale": scale, "params": params, "adam": adam,
                                            "since_fired": since_fired, "batchtopk_threshold": threshold[0],
-                                           "threshold_updates": threshold[1]}, cfg)
+                                           "threshold_updates": threshold[1],
+                                           "controller": controller.state() if controller else None}, cfg)
                 kill_point("checkpoint", done)
             bar.update(1)
     finally:
         bar.close()
         if lead:
             _append_jsonl(metrics_path, pending)
-    return _finish(cfg, source, out_dir, ckdir, world, names, scale, threshold[0])
+    return _finish(cfg, source, out_dir, ckdir, world, names, scale, threshold[0],
+                   controller.coeff() if controller else None)
 
 
 def _fresh_state(cfg, source, grid, xp):
@@ -532,7 +541,7 @@ def _finite(params, xp):
     return all(bool(xp.isfinite(a).all()) for a in params.values())
 
 
-def _finish(cfg, source, out_dir, ckdir, world, names, scale, batchtopk_threshold):
+def _finish(cfg, source, out_dir, ckdir, world, names, scale, batchtopk_threshold, coeff=None):
     """Rank 0 puts the whole SAE together from the final checkpoint, saves and evaluates it."""
     from minisae.eval.evaluate import evaluate_sae
     from minisae.io.saefile import SAE
@@ -544,11 +553,13 @@ def _finish(cfg, source, out_dir, ckdir, world, names, scale, batchtopk_threshol
         _, st = load_sharded(ckdir, 0, cfg.d_sae, numpy, names=names, params_only=True)
         done["params"] = st["params"]
         done["sae"] = sae = SAE.from_training(cfg.architecture, st["params"], scale=scale,
-                                              hyper=_release_hyper(cfg, batchtopk_threshold),
+                                              hyper=_release_hyper(cfg, batchtopk_threshold, coeff),
                                               metadata=_sae_metadata(source))
         sae.save(out_dir / "sae", overwrite=True)
         if cfg.eval_tokens > 0:
             done["summary"] = evaluate_sae(sae, source, n_tokens=cfg.eval_tokens, batch_size=cfg.eval_batch_size)
+            if coeff is not None:
+                done["summary"]["sparsity_coeff_final"] = coeff
             write_atomic(out_dir / "eval.json", json.dumps(done["summary"], indent=2) + "\n")
 
     world.on_root(release)

@@ -272,14 +272,8 @@ def _train_locked(cfg, source, out_dir, xp, resume, overwrite, progress):
     scale, params, adam = state["scale"], state["params"], state["adam"]
     since_fired = state["since_fired"]
     threshold = (state["batchtopk_threshold"], state["threshold_updates"])  # BatchTopK's running θ
-    controller = None
-    if cfg.uses_controller():  # λ set every step from the batch L0 (minisae.training.l0control)
-        controller = l0control.L0Controller(cfg.target_l0, cfg.sparsity_coeff, kp=cfg.controller_kp,
-                                            ki=cfg.controller_ki, start_step=cfg.sparsity_warmup_steps,
-                                            state=state.get("controller"))
-    lr_mult = None
-    if cfg.architecture == "jumprelu" and cfg.threshold_lr_mult != 1.0:
-        lr_mult = {"log_threshold" if cfg.threshold_param == "log" else "threshold": cfg.threshold_lr_mult}
+    controller = make_controller(cfg, state)
+    lr_mult = lr_multipliers(cfg)
     min_kept = []  # 0-d smallest kept activations since the last fold into `threshold`
     last_good = state["step"] if ckpt.exists() and resume else None
     betas = (cfg.adam_beta1, cfg.adam_beta2)
@@ -367,6 +361,52 @@ def _train_locked(cfg, source, out_dir, xp, resume, overwrite, progress):
     return TrainResult(sae=sae, params=params_np, scale=scale, steps=cfg.steps, summary=summary, out_dir=out_dir)
 
 
+# the pieces both trainers (this one and minisae.dist.parallel) share
+
+
+def make_controller(cfg, state):
+    """The λ controller (minisae.training.l0control) where target_l0 uses it, resumed from the
+    state's "controller" entry; else None. Both trainers call it, then, every step after the
+    warm-up, controller.update(step, l0 of the whole batch) and hypers_at(..., coeff=controller.coeff())."""
+    if not cfg.uses_controller():
+        return None
+    return l0control.L0Controller(cfg.target_l0, cfg.sparsity_coeff, kp=cfg.controller_kp, ki=cfg.controller_ki,
+                                  start_step=cfg.sparsity_warmup_steps, state=state.get("controller"))
+
+
+def lr_multipliers(cfg):
+    """Adam's per-parameter learning-rate multipliers (JumpReLU's --threshold-lr-mult), or None."""
+    if cfg.architecture == "jumprelu" and cfg.threshold_lr_mult != 1.0:
+        return {"log_threshold" if cfg.threshold_param == "log" else "threshold": cfg.threshold_lr_mult}
+    return None
+
+
+def log_row(cfg, done, *, loss, mse, l0, fvu_denom, batch_rows, lr, hyper, dead_frac, elapsed, threshold=None):
+    """One metrics.jsonl row (both trainers write this one): fvu = mse·B / Σ_b ‖x_b − x̄‖² on the step's batch."""
+    row = {
+        "step": done,
+        "tokens": done * cfg.batch_size,
+        "loss": loss,
+        "mse": mse,
+        "l0": l0,
+        "fvu": mse * batch_rows / fvu_denom if fvu_denom > 0 else float("nan"),
+        "lr": lr,
+        "dead_frac": dead_frac,
+        "elapsed_s": round(elapsed, 3),
+    }
+    if "sparsity_coeff" in hyper:
+        row["sparsity_coeff"] = hyper["sparsity_coeff"]
+    if cfg.architecture == "batchtopk":
+        row["threshold"] = threshold
+    return row
+
+
+def centred_sum_of_squares(x):
+    """Σ_b ‖x_b − x̄‖² of a batch x (B, D), in its own dtype, as a Python float."""
+    xc = x - x.mean(axis=0)  # (B, D) centred over tokens
+    return float(to_numpy((xc * xc).sum()))
+
+
 class _BadBatch(Exception):
     """A batch the source returned cannot be trained on (wrong shape, NaN or inf)."""
 
@@ -401,25 +441,10 @@ def _kept(ckpt, last_good):
 
 
 def _log_row(cfg, done, out, x, lr, hyper, since_fired, loss, elapsed, threshold=None):
-    xp_x = x - x.mean(axis=0)  # (B, D) centred over tokens
-    denom = float(to_numpy((xp_x * xp_x).sum()))
-    mse = float(to_numpy(out["mse"]))
-    row = {
-        "step": done,
-        "tokens": done * cfg.batch_size,
-        "loss": loss,
-        "mse": mse,
-        "l0": float(to_numpy(out["l0"])),
-        "fvu": mse * x.shape[0] / denom if denom > 0 else float("nan"),
-        "lr": lr,
-        "dead_frac": float(to_numpy((since_fired >= cfg.dead_window_tokens).mean())),
-        "elapsed_s": round(elapsed, 3),
-    }
-    if "sparsity_coeff" in hyper:
-        row["sparsity_coeff"] = hyper["sparsity_coeff"]
-    if cfg.architecture == "batchtopk":
-        row["threshold"] = threshold
-    return row
+    dead = int(to_numpy((since_fired >= cfg.dead_window_tokens).sum()))
+    return log_row(cfg, done, loss=loss, mse=float(to_numpy(out["mse"])), l0=float(to_numpy(out["l0"])),
+                   fvu_denom=centred_sum_of_squares(x), batch_rows=x.shape[0], lr=lr, hyper=hyper,
+                   dead_frac=dead / cfg.d_sae, elapsed=elapsed, threshold=threshold)
 
 
 def _release_hyper(cfg, batchtopk_threshold=None, coeff=None):
