@@ -6,7 +6,7 @@
 - a second writer into a folder being written is refused with one line naming the holder; a
   holder killed with -9 holds nothing;
 - a killed --overwrite never leaves the old sae/ beside the new config.json;
-- each trainer refuses the other's checkpoint by name instead of starting over from step 0.
+- a checkpoint of the earlier one-file format is resumed, never started over from step 0.
 
 The kills use the test hook MINISAE_TEST_KILL="<point>:<step>" (minisae.training.checkpoint.kill_point).
 """
@@ -124,20 +124,26 @@ def test_a_killed_overwrite_never_leaves_the_old_sae_beside_the_new_config(tmp_p
     assert e.returncode == 2 and len(e.stderr.strip().splitlines()) == 1
 
 
-@pytest.mark.parametrize("first,second", [("parallel trainer", "one process"), ("one process", "parallel trainer")])
-def test_each_trainer_refuses_the_others_checkpoint_by_name_instead_of_restarting(tmp_path, capsys, first, second):
-    run = tmp_path / "run"
-    p = cli(["train", "--out", str(run)] + RUN + TRAINERS[first], kill="checkpoint:6")
+def test_a_checkpoint_of_the_earlier_one_file_format_is_resumed_not_restarted(tmp_path):
+    """Folders written before the one loop hold checkpoint.safetensors: a resume reads it (one
+    process or the parallel trainer), and replaces it with checkpoint/ at its first checkpoint."""
+    import shutil
+
+    from minisae.training.train import TrainConfig, read_state, save_checkpoint
+
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    assert main(["train", "--out", str(ref)] + RUN) == 0
+    p = cli(["train", "--out", str(run)] + RUN, kill="checkpoint:6")
     assert p.returncode == -signal.SIGKILL
-    before = folder_bytes(run)
-    name = "checkpoint/checkpoint.json" if first == "parallel trainer" else "checkpoint.safetensors"
-    for resume in (["--resume"], []):
-        assert main(["train", "--out", str(run)] + RUN + TRAINERS[second] + resume) == 2
-        err = capsys.readouterr().err.strip().splitlines()
-        assert len(err) == 1 and name in err[0], err
-    after = folder_bytes(run)
-    after.pop(LOCK_NAME), before.pop(LOCK_NAME)
-    assert after == before  # nothing started over
+    cfg = TrainConfig(**json.loads((run / "config.json").read_text())["train"])
+    save_checkpoint(run / "checkpoint.safetensors", read_state(run, cfg), cfg)  # the step-6 state, old format
+    shutil.rmtree(run / "checkpoint")
+    copy = Path(shutil.copytree(run, tmp_path / "copy"))
+    assert main(["train", "--out", str(run), "--resume"] + RUN) == 0
+    assert metrics(run) == metrics(ref) and folder_bytes(run / "sae") == folder_bytes(ref / "sae")
+    assert not (run / "checkpoint.safetensors").exists() and (run / "checkpoint" / "checkpoint.json").exists()
+    assert main(["train", "--out", str(copy), "--resume", "--accumulate", "2"] + RUN) == 0  # the parallel trainer
+    assert [r["step"] for r in metrics(copy)] == list(range(1, 13)) and metrics(copy)[:6] == metrics(ref)[:6]
 
 
 def test_a_compare_worker_that_dies_is_one_line_naming_resume():

@@ -14,7 +14,7 @@ from minisae.sae import VARIANTS
 from minisae.io.saefile import SAE
 from minisae.data.synthetic import SyntheticActivations, SyntheticConfig
 from minisae.training.train import (CheckpointError, TrainConfig, TrainingError, estimate_scale,
-                           load_checkpoint, train)
+                           load_checkpoint, read_state, train)
 
 SETTING = {"jumprelu": {"sparsity_coeff": 1e-2}, "gated": {"sparsity_coeff": 3e-2}, "topk": {"k": 4}}
 
@@ -66,7 +66,7 @@ def _metrics(path):
 def test_train_end_to_end(tmp_path, arch):
     source = tiny_source()
     res = train(tiny_config(arch), source, tmp_path, progress=False)
-    for name in ("config.json", "checkpoint.safetensors", "metrics.jsonl", "eval.json",
+    for name in ("config.json", "checkpoint/checkpoint.json", "metrics.jsonl", "eval.json",
                  "sae/cfg.json", "sae/sae_weights.safetensors"):
         assert (tmp_path / name).is_file(), name
     rows = _metrics(tmp_path / "metrics.jsonl")
@@ -100,7 +100,7 @@ def test_resume_is_bitwise_identical(tmp_path, arch):
     straight = train(cfg, tiny_source(), tmp_path / "a", progress=False)
     with pytest.raises(Interrupt):  # killed between checkpoints: steps 20..24 are lost and redone
         train(cfg, Faulty(tiny_source(), 25, "interrupt"), tmp_path / "b", progress=False)
-    state = load_checkpoint(tmp_path / "b" / "checkpoint.safetensors", cfg.resolved(16), numpy)
+    state = read_state(tmp_path / "b", cfg.resolved(16))
     assert state["step"] == 20
     resumed = train(cfg, tiny_source(), tmp_path / "b", resume=True, progress=False)
     for k, v in straight.params.items():
@@ -116,7 +116,7 @@ def test_nan_activations_stop_with_clear_error_and_keep_checkpoint(tmp_path):
     cfg = tiny_config("jumprelu", steps=30, checkpoint_every=10)
     with pytest.raises(TrainingError, match=r"step 15: .*NaN.*last good checkpoint \(step 10\)"):
         train(cfg, Faulty(tiny_source(), 15, "nan"), tmp_path, progress=False)
-    state = load_checkpoint(tmp_path / "checkpoint.safetensors", cfg.resolved(16), numpy)
+    state = read_state(tmp_path, cfg.resolved(16))
     assert state["step"] == 10
     assert all(numpy.isfinite(v).all() for v in state["params"].values())
     assert not (tmp_path / "sae").exists()
@@ -137,7 +137,7 @@ def test_divergence_names_the_step(tmp_path):
 def test_truncated_checkpoint_is_a_clear_error_and_left_alone(tmp_path):
     cfg = tiny_config("topk", steps=10, checkpoint_every=5)
     train(cfg, tiny_source(), tmp_path, progress=False)
-    ckpt = tmp_path / "checkpoint.safetensors"
+    ckpt = next((tmp_path / "checkpoint").glob("step-*/shard-00000.safetensors"))
     data = ckpt.read_bytes()
     ckpt.write_bytes(data[: len(data) // 2])
     with pytest.raises(CheckpointError, match="truncated or corrupt"):

@@ -34,7 +34,7 @@ import numpy
 
 from minisae.errors import InputError
 from minisae.data.activations import MANIFEST, ActivationsError, read_manifest
-from minisae.io.files import check_output_dir, make_dir, write_atomic
+from minisae.io.files import check_output_dir, check_regular_file, make_dir, write_atomic
 from minisae.io.safetensors_io import bf16_bits_to_float32, float32_to_bf16_bits
 
 STORED = {"float32": numpy.float32, "bfloat16": numpy.uint16}  # manifest dtype -> .npy dtype
@@ -106,6 +106,7 @@ class ShardStream:
 
     def _read_shard(self, s):
         path = self.folder / self.files[s]
+        check_regular_file(path, error=ActivationsError)  # a FIFO would block the open
         try:
             arr = numpy.load(path, allow_pickle=False)
         except (ValueError, OSError, EOFError) as e:

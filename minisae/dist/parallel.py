@@ -30,6 +30,7 @@ import math
 import shutil
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy
 
@@ -41,11 +42,11 @@ from minisae.io.files import FolderLock, check_output_dir, check_regular_file, m
 from minisae.io.safetensors_io import SafetensorsError, SafetensorsFile, save_file
 from minisae.sae import VARIANTS
 from minisae.dist.sharded import _sum_scalars, init_shard, latent_range, make_grid, shard_forward_backward
-from minisae.training.checkpoint import (_append_jsonl, _truncate_metrics, clear_results, clear_run, kill_point,
-                                         other_format_error)
+from minisae.training.checkpoint import _append_jsonl, _truncate_metrics, clear_results, clear_run, kill_point
 from minisae.xp import asarray, get_xp, to_numpy
 
 CHECKPOINT_DIR = "checkpoint"
+LEGACY_CHECKPOINT = "checkpoint.safetensors"  # the one-file checkpoint of earlier one-process runs: read, not written
 MANIFEST_NAME = "checkpoint.json"
 MANIFEST_FORMAT = "minisae-sharded-checkpoint-1"
 
@@ -299,7 +300,8 @@ def reshard(src_run, dst_run, shards):
 
 def train_parallel(cfg, source, out_dir, *, shards=1, accumulate=1, comm=None, resume=False,
                    overwrite=False, progress=True):
-    """minisae.training.train.train on a grid of R x S processes (comm: the world, default dist.world()).
+    """The training loop of minisae (`minisae.training.train.train` is this on dist.SingleProcess,
+    the 1 x 1 grid) on a grid of R x S processes (comm: the world, default dist.world()).
 
     Every rank calls it with the same arguments; rank 0 alone writes config.json, metrics.jsonl,
     the manifest, sae/ and eval.json (all atomically), replica 0's ranks the shard files.
@@ -308,7 +310,7 @@ def train_parallel(cfg, source, out_dir, *, shards=1, accumulate=1, comm=None, r
     Returns minisae.training.train.TrainResult on rank 0 (on other ranks its sae, summary are None, {}).
     Rank 0 holds the run folder's lock (minisae.io.files.FolderLock) from the first look at the
     folder to the end."""
-    from minisae.training.train import is_run_folder
+    from minisae.training.train import check_memory, is_run_folder
     from minisae.training.config import param_names
 
     world = dist.world() if comm is None else comm
@@ -328,6 +330,8 @@ def train_parallel(cfg, source, out_dir, *, shards=1, accumulate=1, comm=None, r
             raise InputError(f"batch_size {cfg.batch_size} must split into {grid.R} replicas x "
                              f"{accumulate} micro-batches (accumulate >= 1)")
         b, mine = cfg.batch_size // n_micro, cfg.batch_size // grid.R  # rows per micro-batch, per replica
+        # this rank's share: its latents, its micro-batch
+        check_memory(SimpleNamespace(dtype=cfg.dtype, d_sae=grid.hi - grid.lo, batch_size=b), int(source.d_in), xp)
     out_dir = Path(out_dir)
     ckdir = out_dir / CHECKPOINT_DIR
     lock = []  # rank 0's FolderLock: one writer per run folder
@@ -336,22 +340,50 @@ def train_parallel(cfg, source, out_dir, *, shards=1, accumulate=1, comm=None, r
         check_output_dir(out_dir, "train run", is_own=is_run_folder)
         make_dir(out_dir)
         lock.append(FolderLock(out_dir, what="training run"))
-        other = None if overwrite else other_format_error(out_dir, "parallel")
-        if other is not None:  # never restarted from step 0 in silence
-            raise other
-        return (ckdir / MANIFEST_NAME).exists(), (out_dir / "sae").exists()
+        return ((ckdir / MANIFEST_NAME).exists(), (out_dir / LEGACY_CHECKPOINT).exists(),
+                (out_dir / "sae").exists())
 
     try:
-        return _train_parallel_locked(cfg, source, out_dir, world, grid, xp, names, look, accumulate,
-                                      n_micro, b, mine, resume, overwrite, progress)
+        return _train_locked(cfg, source, out_dir, world, grid, xp, names, look, int(accumulate),
+                             n_micro, b, mine, resume, overwrite, progress)
     finally:
         for held in lock:
             held.release()
 
 
-def _train_parallel_locked(cfg, source, out_dir, world, grid, xp, names, look, accumulate, n_micro, b, mine,
-                           resume, overwrite, progress):
-    from minisae.training.checkpoint import CheckpointError, _check_resume_config
+def _resume_state(cfg, source, out_dir, world, grid, xp, names, legacy):
+    """The state of this rank's latents from the run's checkpoint: the sharded one, or else (legacy)
+    the one-file checkpoint.safetensors earlier one-process runs wrote, cut to [lo, hi)."""
+    from minisae.training.checkpoint import CheckpointError, _check_resume_config, load_checkpoint
+
+    ckdir = out_dir / CHECKPOINT_DIR
+    if not legacy:
+        def load():  # the config first: a mismatch is named as such, not as the shards that do not fit it
+            _check_resume_config(ckdir / MANIFEST_NAME, read_manifest(ckdir), cfg)
+            return load_sharded(ckdir, grid.lo, grid.hi, xp, names=names)
+
+        man, state = world.together(load)
+        d_in, where = int(man["d_in"]), ckdir
+    else:  # every rank reads the one file and keeps its latents
+        path = out_dir / LEGACY_CHECKPOINT
+        state = world.together(lambda: load_checkpoint(path, cfg, numpy))
+        d_in, where = int(state["params"]["W_enc"].shape[0]), path
+        cut = {k: (v if k == "b_dec" else v[:, grid.lo:grid.hi] if k == "W_enc" else v[grid.lo:grid.hi])
+               for k, v in state["params"].items()}
+        for store in ("m", "v"):
+            state["adam"][store] = {k: asarray(v if k == "b_dec" else v[:, grid.lo:grid.hi] if k == "W_enc"
+                                               else v[grid.lo:grid.hi], xp)
+                                    for k, v in state["adam"][store].items()}
+        state["params"] = {k: asarray(v, xp) for k, v in cut.items()}
+        state["since_fired"] = asarray(state["since_fired"][grid.lo:grid.hi], xp)
+    if d_in != source.d_in:
+        raise CheckpointError(f"{where}: trained on d_in={d_in}, the source has {source.d_in}")
+    return state
+
+
+def _train_locked(cfg, source, out_dir, world, grid, xp, names, look, accumulate, n_micro, b, mine,
+                  resume, overwrite, progress):
+    from minisae.training.prefetch import Prefetcher
     from minisae.training.train import (TrainingError, centred_sum_of_squares, hypers_at, log_row,
                                         lr_multipliers, make_controller)
 
@@ -359,26 +391,23 @@ def _train_parallel_locked(cfg, source, out_dir, world, grid, xp, names, look, a
     metrics_path = out_dir / "metrics.jsonl"
     lead = world.rank == 0
     with dist.agreed():  # each check below reads what every rank holds alike: its error is every rank's
-        have = world.on_root(look)
-        if any(have) and not (resume and have[0]) and not overwrite:
+        have, legacy, done_sae = world.on_root(look)
+        if (have or legacy or done_sae) and not (resume and (have or legacy)) and not overwrite:
             raise OutputExistsError(f"{out_dir} already holds a training run; resume it (--resume), start it "
                                     "over (--overwrite) or choose a new folder")
-        have = have[0]
-        if have and resume:
-            man, state = world.together(lambda: load_sharded(ckdir, grid.lo, grid.hi, xp, names=names))
-            _check_resume_config(ckdir / MANIFEST_NAME, man, cfg)
-            if int(man["d_in"]) != source.d_in:
-                raise CheckpointError(f"{ckdir}: trained on d_in={man['d_in']}, the source has {source.d_in}")
+        state = None
+        if (have or legacy) and resume:
+            state = _resume_state(cfg, source, out_dir, world, grid, xp, names, legacy=not have)
             world.on_root(lambda: (clear_results(out_dir), _truncate_metrics(metrics_path, state["step"])))
         else:  # a fresh run (overwrite: the old run's results, state and record go first, config.json last)
             world.on_root(lambda: clear_run(out_dir))
-            state = None
+            legacy = False
 
         def record():
             from minisae.training.train import _source_info
             info = {"train": dataclasses.asdict(cfg), "source": _source_info(source),
                     "grid": {"processes": world.size, "replicas": grid.R, "shards": grid.S,
-                             "accumulate": int(accumulate), "backend": world.name}}
+                             "accumulate": accumulate, "backend": world.name}}
             write_atomic(out_dir / "config.json", json.dumps(info, indent=2) + "\n")
 
         world.on_root(record)
@@ -390,79 +419,125 @@ def _train_parallel_locked(cfg, source, out_dir, world, grid, xp, names, look, a
     controller = make_controller(cfg, state)  # λ from the whole batch's L0: the same on every rank
     lr_mult = lr_multipliers(cfg)
     betas = (cfg.adam_beta1, cfg.adam_beta2)
+    mod = VARIANTS[cfg.architecture]
+    # one process (the 1 x 1 grid, one micro-batch): the variant's own step, its numbers read back to
+    # the host only at log and checkpoint steps (on CuPy a read is a sync); else the sharded step
+    alone = world.size == 1 and grid.S == 1 and n_micro == 1
+    last_good = state["step"] if (have or legacy) and resume else None
     bar = _bar(cfg, state["step"], progress and lead)
     pending, t0 = [], time.time()
+    losses, min_kept = [], []  # (alone) 0-d losses and BatchTopK's smallest kept values since the last read
+
+    def rows(i):  # shard 0 of each replica: its rows of batch i, normalised (x_raw / C, cfg.dtype)
+        X = _replica_rows(source, i, cfg.batch_size, grid.r * mine, (grid.r + 1) * mine)  # (A*b, D)
+        return numpy.divide(X, scale, dtype=cfg.dtype)  # (A*b, D) a fresh array
+
+    # shard 0's rows are made one step ahead in a background thread (cfg.prefetch = 0: in the loop)
+    batches = Prefetcher(rows, state["step"], cfg.steps, depth=cfg.prefetch) \
+        if cfg.prefetch > 0 and grid.s == 0 else None
     try:
         for step in range(state["step"], cfg.steps):
-            # shard 0 of each replica reads the replica's rows and broadcasts them to the other shards
-            X = None
-            if grid.s == 0:
-                X = _replica_rows(source, step, cfg.batch_size, grid.r * mine, (grid.r + 1) * mine)  # (A*b, D)
-            if grid.S > 1:
-                X = grid.shard.broadcast(numpy.empty((mine, source.d_in), numpy.float32) if X is None
-                                         else numpy.ascontiguousarray(X, dtype=numpy.float32), root=0)
-            hyper = hypers_at(cfg, step, since_fired >= cfg.dead_window_tokens if cfg.uses_dead_mask() else None,
-                              coeff=controller.coeff() if controller else None)
-            # sums: loss, mse, l0 over the micro-batches, and 1 where a batch held NaN or inf
-            fired, sums, parts = None, numpy.array([0.0, 0.0, 0.0, float(not numpy.isfinite(X).all())]), []
-            low = math.inf  # BatchTopK: the smallest kept activation of the step's micro-batches
-            for j in range(int(accumulate)):
-                x = asarray(X[j * b:(j + 1) * b], xp, cfg.dtype) / scale  # (b, D)
-                stats, g, f = shard_forward_backward(cfg.architecture, params, x, hyper, grid.shard,
-                                                     grid.lo, cfg.d_sae)
-                parts.append(g)
-                fired = f if fired is None else fired | f
-                sums[:3] += (stats["loss"], stats["mse"], stats["l0"])
-                if math.isfinite(stats.get("min_kept", math.nan)):  # BatchTopK (NaN: nothing kept)
-                    low = min(low, stats["min_kept"])
-            grads = parts[0] if len(parts) == 1 else {k: dist.ordered_sum([g[k] for g in parts]) for k in parts[0]}
-            if grid.R > 1:  # the replicas' gradients, summed in rank order; fired OR-ed
-                grads = {k: grid.replica.sum(v) for k, v in grads.items()}
-                fired = grid.replica.any(fired)
-                sums = grid.replica.sum(sums)
-            if cfg.architecture == "batchtopk":  # the running inference threshold, the same on every rank
-                if grid.R > 1:
-                    low = float(grid.replica.allgather(numpy.array([low]))[:, 0].min())
-                threshold = VARIANTS["batchtopk"].update_threshold(
-                    *threshold, low if math.isfinite(low) else math.nan, cfg.threshold_rate)
-            if sums[3] > 0:  # every rank sees it after the sum, so every rank stops here (and says so once)
-                raise dist.on_every_rank(TrainingError(f"step {step}: the activation batch holds NaN or inf values; the last good "
-                                    f"checkpoint is kept in {ckdir}"))
-            if n_micro > 1:
-                for v in grads.values():
-                    v *= 1.0 / n_micro
-            loss, mse, l0 = (float(v) / n_micro for v in sums[:3])
-            if not math.isfinite(loss):
-                raise dist.on_every_rank(TrainingError(f"step {step}: the loss is {loss}; try a lower learning rate"))
-            if controller and step >= controller.start_step:
-                controller.update(step, l0)
+            try:
+                X = (batches.get(step) if batches else rows(step)) if grid.s == 0 else None  # (A*b, D)
+            except TrainingError as e:  # a batch of the wrong shape
+                raise TrainingError(f"{e}; {_kept(ckdir, last_good)}") from None
+            if grid.S > 1:  # shard 0 broadcasts the replica's rows to its other shards
+                X = grid.shard.broadcast(numpy.empty((mine, source.d_in), cfg.dtype) if X is None else X, root=0)
+            bad_batch = float(not numpy.isfinite(X).all())
+            dead = since_fired >= cfg.dead_window_tokens if cfg.uses_dead_mask() else None  # (m,)
+            hyper = hypers_at(cfg, step, dead, coeff=controller.coeff() if controller else None)
+            if alone:
+                if bad_batch:
+                    raise TrainingError(f"step {step}: the activation batch holds NaN or inf values; "
+                                        + _kept(ckdir, last_good))
+                x = asarray(X, xp)  # (B, D) normalised: E‖x‖² = 1
+                # the variant's fastest exact path (row-sparse on NumPy when few latents fire); the
+                # latents are never held as a dense (B, M) array: out["fired"] counts them per latent
+                out, grads = mod.forward_backward(params, x, **hyper, path="auto", dense_f=False)
+                fired = out["fired"] != 0  # (M,)
+                losses.append(out["loss"])
+                if cfg.architecture == "batchtopk":
+                    min_kept.append(out["min_kept"])
+                l0 = None
+                if controller and step >= controller.start_step:  # a host read: the next λ needs it
+                    l0 = float(to_numpy(out["l0"]))
+                    controller.update(step, l0)
+            else:
+                out, x = None, None
+                # sums: loss, mse, l0 over the micro-batches, and 1 where a batch held NaN or inf
+                fired, sums, parts = None, numpy.array([0.0, 0.0, 0.0, bad_batch]), []
+                low = math.inf  # BatchTopK: the smallest kept activation of the step's micro-batches
+                for j in range(accumulate):
+                    xj = asarray(X[j * b:(j + 1) * b], xp)  # (b, D)
+                    stats, g, f = shard_forward_backward(cfg.architecture, params, xj, hyper, grid.shard,
+                                                         grid.lo, cfg.d_sae)
+                    parts.append(g)
+                    fired = f if fired is None else fired | f
+                    sums[:3] += (stats["loss"], stats["mse"], stats["l0"])
+                    if math.isfinite(stats.get("min_kept", math.nan)):  # BatchTopK (NaN: nothing kept)
+                        low = min(low, stats["min_kept"])
+                grads = parts[0] if len(parts) == 1 else {k: dist.ordered_sum([g[k] for g in parts]) for k in parts[0]}
+                if grid.R > 1:  # the replicas' gradients, summed in rank order; fired OR-ed
+                    grads = {k: grid.replica.sum(v) for k, v in grads.items()}
+                    fired = grid.replica.any(fired)
+                    sums = grid.replica.sum(sums)
+                if cfg.architecture == "batchtopk":  # the running inference threshold, the same on every rank
+                    if grid.R > 1:
+                        low = float(grid.replica.allgather(numpy.array([low]))[:, 0].min())
+                    threshold = VARIANTS["batchtopk"].update_threshold(
+                        *threshold, low if math.isfinite(low) else math.nan, cfg.threshold_rate)
+                if sums[3] > 0:  # every rank sees it after the sum, so every rank stops here (and says so once)
+                    raise dist.on_every_rank(TrainingError(
+                        f"step {step}: the activation batch holds NaN or inf values; " + _kept(ckdir, last_good)))
+                if n_micro > 1:
+                    for v in grads.values():
+                        v *= 1.0 / n_micro
+                loss, mse, l0 = (float(v) / n_micro for v in sums[:3])
+                if not math.isfinite(loss):
+                    raise dist.on_every_rank(TrainingError(
+                        f"step {step}: the loss is {loss}; " + _kept(ckdir, last_good) + "; try a lower learning rate"))
+                if controller and step >= controller.start_step:
+                    controller.update(step, l0)
             lr = optim.lr_at(step, lr=cfg.lr, warmup_steps=cfg.warmup_steps, total_steps=cfg.steps,
                              decay_frac=cfg.decay_frac)
             # Adam with the decoder's rows held at unit norm: dW_dec loses its component along each
             # row first, each row is renormalised after (fused, one pass over W_dec)
             optim.adam_update(params, grads, adam, lr=lr, betas=betas, eps=cfg.adam_eps, lr_mult=lr_mult,
                               unit_rows="W_dec")
-            if "threshold" in params:  # raw θ (JumpReLU option): kept >= 0, as minisae.training.train does
+            if "threshold" in params:  # raw θ: kept >= 0 by projection (a θ < 0 would count π = 0 as active)
                 xp.maximum(params["threshold"], 0.0, out=params["threshold"])
-            since_fired = xp.where(fired, 0, since_fired + cfg.batch_size)  # (m,)
+            del grads  # the next step's gradients need the room
+            since_fired += cfg.batch_size  # (m,) tokens since each latent last fired ...
+            since_fired *= ~fired  # ... reset where it fired in this step's batch
             done = step + 1
-            if done % cfg.log_every == 0 or done == cfg.steps:  # collective: every rank takes part
-                if grid.R == 1:  # the whole batch is here: the one-process formula
-                    fvu_denom = centred_sum_of_squares(asarray(X, xp, cfg.dtype) / scale)
+            log_now = done % cfg.log_every == 0 or done == cfg.steps
+            checkpoint_now = done % cfg.checkpoint_every == 0 or done == cfg.steps
+            if alone and (log_now or checkpoint_now):  # the host reads of the steps since the last one
+                loss = _check_losses(xp, losses, done - len(losses), ckdir, last_good)
+                losses = []
+                for m in min_kept:  # in step order: the same θ as updating at every step
+                    threshold = VARIANTS["batchtopk"].update_threshold(*threshold, float(to_numpy(m)),
+                                                                       cfg.threshold_rate)
+                min_kept = []
+                mse, l0 = float(to_numpy(out["mse"])), float(to_numpy(out["l0"])) if l0 is None else l0
+            if log_now:  # collective: every rank takes part
+                if grid.R == 1:  # the whole batch is here: Σ ‖x_b − x̄‖² in its dtype
+                    fvu_denom = centred_sum_of_squares(x if alone else asarray(X, xp))
                 else:
-                    fvu_denom = _centred_sum_of_squares(X / scale, grid.replica, cfg.batch_size)
+                    fvu_denom = _centred_sum_of_squares(X, grid.replica, cfg.batch_size)
                 dead = _sum_dead(grid, since_fired >= cfg.dead_window_tokens)
                 row = log_row(cfg, done, loss=loss, mse=mse, l0=l0, fvu_denom=fvu_denom, batch_rows=cfg.batch_size,
                               lr=lr, hyper=hyper, dead_frac=dead / cfg.d_sae, elapsed=time.time() - t0,
                               threshold=threshold[0])
                 if lead:
                     pending.append(row)
-                    bar.set_postfix(loss=f"{loss:.4g}", L0=f"{l0:.1f}")
-            if done % cfg.checkpoint_every == 0 or done == cfg.steps:
+                    bar.set_postfix(loss=f"{loss:.4g}", L0=f"{l0:.1f}", FVU=f"{row['fvu']:.4f}")
+            if checkpoint_now:
                 bad = world.sum(numpy.array([0 if _finite(params, xp) else 1], dtype=numpy.int64))[0]
                 if bad:
-                    raise dist.on_every_rank(TrainingError(f"step {step}: the parameters became NaN or inf; the last good "
-                                        f"checkpoint is kept in {ckdir}; try a lower learning rate"))
+                    raise dist.on_every_rank(TrainingError(
+                        f"step {step}: the parameters became NaN or inf; " + _kept(ckdir, last_good)
+                        + "; try a lower learning rate"))
                 # the step's metrics lines reach the disk first, its checkpoint after: a kill between
                 # leaves lines past the checkpoint, which a resume cuts and writes again
                 world.on_root(lambda: _append_jsonl(metrics_path, pending, durable=True))
@@ -472,14 +547,46 @@ def _train_parallel_locked(cfg, source, out_dir, world, grid, xp, names, look, a
                                            "since_fired": since_fired, "batchtopk_threshold": threshold[0],
                                            "threshold_updates": threshold[1],
                                            "controller": controller.state() if controller else None}, cfg)
+                if legacy:  # the run now lives in checkpoint/: the one-file checkpoint it resumed from goes
+                    world.on_root(lambda: _remove_legacy(out_dir))
+                    legacy = False
+                last_good = done
                 kill_point("checkpoint", done)
             bar.update(1)
     finally:
+        if batches:
+            batches.close()
         bar.close()
         if lead:
-            _append_jsonl(metrics_path, pending)
-    return _finish(cfg, source, out_dir, ckdir, world, names, scale, threshold[0],
-                   controller.coeff() if controller else None)
+            _append_jsonl(metrics_path, pending)  # after an error: the lines since the last checkpoint
+    coeff = controller.coeff() if controller else None
+    live = {k: to_numpy(v) for k, v in params.items()} if grid.S == 1 and lead else None
+    return _finish(cfg, source, out_dir, ckdir, world, names, scale, threshold[0], coeff, live)
+
+
+def _remove_legacy(out_dir):
+    from minisae.training.checkpoint import _remove_now
+
+    _remove_now(Path(out_dir) / LEGACY_CHECKPOINT)
+
+
+def _kept(ckdir, last_good):
+    if last_good is None:
+        return "no checkpoint had been written yet"
+    return f"the last good checkpoint (step {last_good}) is kept in {ckdir}"
+
+
+def _check_losses(xp, losses, first_step, ckdir, last_good):
+    """Read the losses of steps first_step, first_step + 1, ... back at once; raise a
+    TrainingError naming the first non-finite one; return the last as a Python float."""
+    from minisae.training.train import TrainingError
+
+    values = to_numpy(xp.stack(losses)).astype(numpy.float64)  # (n,)
+    bad = numpy.flatnonzero(~numpy.isfinite(values))
+    if bad.size:
+        raise TrainingError(f"step {first_step + int(bad[0])}: the loss is {values[bad[0]]}; "
+                            + _kept(ckdir, last_good) + "; try a lower learning rate")
+    return float(values[-1])
 
 
 def _fresh_state(cfg, source, grid, xp):
@@ -541,8 +648,9 @@ def _finite(params, xp):
     return all(bool(xp.isfinite(a).all()) for a in params.values())
 
 
-def _finish(cfg, source, out_dir, ckdir, world, names, scale, batchtopk_threshold, coeff=None):
-    """Rank 0 puts the whole SAE together from the final checkpoint, saves and evaluates it."""
+def _finish(cfg, source, out_dir, ckdir, world, names, scale, batchtopk_threshold, coeff=None, live=None):
+    """Rank 0 puts the whole SAE together from the final checkpoint (or `live`, its parameters when
+    it holds every latent), saves and evaluates it."""
     from minisae.eval.evaluate import evaluate_sae
     from minisae.io.saefile import SAE
     from minisae.training.train import TrainResult, _release_hyper, _sae_metadata
@@ -550,9 +658,12 @@ def _finish(cfg, source, out_dir, ckdir, world, names, scale, batchtopk_threshol
     done = {"sae": None, "summary": {}, "params": None}
 
     def release():
-        _, st = load_sharded(ckdir, 0, cfg.d_sae, numpy, names=names, params_only=True)
-        done["params"] = st["params"]
-        done["sae"] = sae = SAE.from_training(cfg.architecture, st["params"], scale=scale,
+        if live is None:
+            _, st = load_sharded(ckdir, 0, cfg.d_sae, numpy, names=names, params_only=True)
+            done["params"] = st["params"]
+        else:
+            done["params"] = live
+        done["sae"] = sae = SAE.from_training(cfg.architecture, done["params"], scale=scale,
                                               hyper=_release_hyper(cfg, batchtopk_threshold, coeff),
                                               metadata=_sae_metadata(source))
         sae.save(out_dir / "sae", overwrite=True)
@@ -568,5 +679,5 @@ def _finish(cfg, source, out_dir, ckdir, world, names, scale, batchtopk_threshol
 
 
 def _bar(cfg, initial, enabled):
-    from minisae.progress import progress_bar
-    return progress_bar(cfg.steps, enabled=bool(enabled), initial=initial, desc=cfg.architecture, unit="step")
+    from minisae.training.train import _progress_bar  # "nested": inside `minisae compare`
+    return _progress_bar(cfg.steps, initial, cfg.architecture, enabled)

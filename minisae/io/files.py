@@ -169,6 +169,10 @@ class FolderLock:
 
     def release(self):
         if self.fd is not None:
+            try:
+                os.ftruncate(self.fd, 0)  # no holder any more (a file left by a killed holder names it: harmless)
+            except OSError:
+                pass
             os.close(self.fd)  # closing the descriptor drops the flock
             self.fd = None
 

@@ -194,23 +194,6 @@ def clear_run(out_dir):
         _remove_now(Path(out_dir) / name)
 
 
-def other_format_error(out_dir, mine):
-    """A CheckpointError naming the other trainer's checkpoint in out_dir, or None. mine: "one"
-    (this is the one-process trainer) or "parallel"."""
-    out_dir = Path(out_dir)
-    if mine == "one" and (out_dir / SHARDED_DIR / SHARDED_MANIFEST).exists():
-        return CheckpointError(
-            f"{out_dir}: holds a sharded checkpoint of the parallel trainer ({SHARDED_DIR}/{SHARDED_MANIFEST}), "
-            "which this one-process trainer does not read: resume it with --resume under mpiexec or with "
-            "--dist-backend mpi, or start over with --overwrite")
-    if mine == "parallel" and (out_dir / CHECKPOINT_NAME).exists():
-        return CheckpointError(
-            f"{out_dir}: holds a checkpoint of the one-process trainer ({CHECKPOINT_NAME}), which the parallel "
-            "trainer does not read: resume it in one process without --shards, --accumulate, --dist-backend "
-            "or mpiexec, or start over with --overwrite")
-    return None
-
-
 def kill_point(point, step):
     """The kill -9 tests' hook (tests/test_run_folder.py): MINISAE_TEST_KILL="<point>:<step>" ends this
     process with SIGKILL at that point of that step ("metrics": its lines are on disk, its checkpoint
