@@ -238,21 +238,23 @@ ONE_BY_ONE = [("jumprelu", {}), ("gated", {}), ("topk", {}), ("batchtopk", {}),
 
 
 @pytest.mark.parametrize("arch,extra", ONE_BY_ONE, ids=[f"{a}{'-' + '-'.join(e) if e else ''}" for a, e in ONE_BY_ONE])
-def test_one_process_is_the_parallel_trainer_on_the_1x1_grid_bitwise(tmp_path, arch, extra):
-    """minisae.training.train.train and minisae.dist.parallel.train_parallel on dist.SingleProcess
-    (R = S = 1) end with the same parameters, the same metrics.jsonl rows (but the wall time) and
-    the same sae/ files, bit for bit: one step function (the variant's own forward_backward), one
-    update, one log row (BatchTopK's threshold included), the λ controller and the threshold's
+def test_one_process_is_the_parallel_trainer_on_the_1x1_grid_bitwise(tmp_path, arch, extra, monkeypatch):
+    """minisae.training.train.train (one process: the loop's fast path, host reads only at log and
+    checkpoint steps) and the loop's grid path on dist.SingleProcess (R = S = 1: the per-step sums
+    every grid runs) end with the same parameters, the same metrics.jsonl rows (but the wall time)
+    and the same sae/ files, bit for bit: one step function (the variant's own forward_backward),
+    one update, one log row (BatchTopK's threshold included), the λ controller and the threshold's
     learning-rate multiplier in both."""
     import json
 
-    from minisae.dist.parallel import train_parallel
+    import minisae.dist.parallel as parallel
     from minisae.training.train import train
     from mpi_worker import SOURCE, config
 
     cfg = config(arch, steps=8, log_every=1, **extra)
     a = train(cfg, SOURCE, tmp_path / "one", progress=False)
-    b = train_parallel(cfg, SOURCE, tmp_path / "grid", comm=dist.SingleProcess(), progress=False)
+    monkeypatch.setattr(parallel, "ALONE_FAST_PATH", False)
+    b = parallel.train_parallel(cfg, SOURCE, tmp_path / "grid", comm=dist.SingleProcess(), progress=False)
     for k in a.params:
         assert numpy.array_equal(a.params[k], b.params[k]), k
 

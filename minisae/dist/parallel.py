@@ -46,6 +46,9 @@ from minisae.training.checkpoint import _append_jsonl, _truncate_metrics, clear_
 from minisae.xp import asarray, get_xp, to_numpy
 
 CHECKPOINT_DIR = "checkpoint"
+# one process on the 1 x 1 grid takes the loop's fast path (its numbers read back to the host only at
+# log and checkpoint steps); tests/test_dist.py turns it off to hold the grid path equal to it
+ALONE_FAST_PATH = True
 LEGACY_CHECKPOINT = "checkpoint.safetensors"  # the one-file checkpoint of earlier one-process runs: read, not written
 MANIFEST_NAME = "checkpoint.json"
 MANIFEST_FORMAT = "minisae-sharded-checkpoint-1"
@@ -422,7 +425,7 @@ def _train_locked(cfg, source, out_dir, world, grid, xp, names, look, accumulate
     mod = VARIANTS[cfg.architecture]
     # one process (the 1 x 1 grid, one micro-batch): the variant's own step, its numbers read back to
     # the host only at log and checkpoint steps (on CuPy a read is a sync); else the sharded step
-    alone = world.size == 1 and grid.S == 1 and n_micro == 1
+    alone = ALONE_FAST_PATH and world.size == 1 and grid.S == 1 and n_micro == 1
     last_good = state["step"] if (have or legacy) and resume else None
     bar = _bar(cfg, state["step"], progress and lead)
     pending, t0 = [], time.time()
