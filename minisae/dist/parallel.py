@@ -431,9 +431,10 @@ def _train_locked(cfg, source, out_dir, world, grid, xp, names, look, accumulate
     pending, t0 = [], time.time()
     losses, min_kept = [], []  # (alone) 0-d losses and BatchTopK's smallest kept values since the last read
 
-    def rows(i):  # shard 0 of each replica: its rows of batch i, normalised (x_raw / C, cfg.dtype)
-        X = _replica_rows(source, i, cfg.batch_size, grid.r * mine, (grid.r + 1) * mine)  # (A*b, D)
-        return numpy.divide(X, scale, dtype=cfg.dtype)  # (A*b, D) a fresh array
+    def rows(i):  # shard 0 of each replica: its rows of batch i, normalised (x_raw / C, cfg.dtype), and
+        X = numpy.divide(_replica_rows(source, i, cfg.batch_size, grid.r * mine, (grid.r + 1) * mine), scale,
+                         dtype=cfg.dtype)  # (A*b, D) a fresh array
+        return X, float(not numpy.isfinite(X).all())  # 1.0: NaN or inf (seen alike by the shards it is sent to)
 
     # shard 0's rows are made one step ahead in a background thread (cfg.prefetch = 0: in the loop)
     batches = Prefetcher(rows, state["step"], cfg.steps, depth=cfg.prefetch) \
@@ -441,12 +442,12 @@ def _train_locked(cfg, source, out_dir, world, grid, xp, names, look, accumulate
     try:
         for step in range(state["step"], cfg.steps):
             try:
-                X = (batches.get(step) if batches else rows(step)) if grid.s == 0 else None  # (A*b, D)
+                X, bad_batch = (batches.get(step) if batches else rows(step)) if grid.s == 0 else (None, 0.0)
             except TrainingError as e:  # a batch of the wrong shape
                 raise TrainingError(f"{e}; {_kept(ckdir, last_good)}") from None
-            if grid.S > 1:  # shard 0 broadcasts the replica's rows to its other shards
+            if grid.S > 1:  # shard 0 broadcasts the replica's rows (A*b, D) to its other shards
                 X = grid.shard.broadcast(numpy.empty((mine, source.d_in), cfg.dtype) if X is None else X, root=0)
-            bad_batch = float(not numpy.isfinite(X).all())
+                bad_batch = float(not numpy.isfinite(X).all())
             dead = since_fired >= cfg.dead_window_tokens if cfg.uses_dead_mask() else None  # (m,)
             hyper = hypers_at(cfg, step, dead, coeff=controller.coeff() if controller else None)
             if alone:
