@@ -1,4 +1,7 @@
-"""Training past one process: R data-parallel replicas x S latent shards (docs/scale.md).
+"""The training loop, on one process or past it: R data-parallel replicas x S latent shards
+(docs/scale.md). One process is the 1 x 1 grid (minisae.training.train.train), where the step is
+the variant's own `forward_backward` and its numbers are read back to the host only at log and
+checkpoint steps; any other grid runs the latent-sharded step.
 
     mpiexec -n 4 minisae train --arch topk --k 32 --d-sae 65536 --shards 2 --steps 1000 --out run/
 
@@ -18,7 +21,11 @@ Checkpoints (`save_sharded` / `load_sharded`): folder out_dir/checkpoint/ holds 
 shard-SSSSS.safetensors (one per shard, written by replica 0's ranks; replicas are bitwise
 identical) and checkpoint.json, written last, atomically, naming the step folder; older step
 folders are removed after it. Loading reads any latent range from the files that overlap it, so a
-run resumes on another S (resharding; `reshard` writes a converted copy).
+run resumes on another S (resharding; `reshard` writes a converted copy); every field and shard is
+checked before any collective (`read_manifest`, `load_sharded`).
+
+The run folder (docs/pipeline.md): rank 0 holds its lock (minisae.io.files.FolderLock); a step's
+metrics lines are fsynced before its checkpoint, and a resume cuts them back to the checkpoint.
 
 Legend: B tokens in the step's batch, b per micro-batch, D d_in, M d_sae, m = hi - lo latents on
 this shard, P ranks, R replicas, S shards, A micro-batches per rank.

@@ -1,5 +1,7 @@
-"""Training loop for the three SAE variants: the Gemma Scope recipe (arXiv 2408.05147),
-checkpoints, resume.
+"""Training an SAE in one process: the Gemma Scope recipe (arXiv 2408.05147), checkpoints, resume.
+`train` is the one training loop of minisae (minisae.dist.parallel.train_parallel) on its 1 x 1
+grid (dist.SingleProcess); this module holds what that loop reads from here: the config, the
+variants' hyperparameters per step, C, the λ controller hook, the log row, the release SAE.
 
     from minisae.data.synthetic import SyntheticActivations, SyntheticConfig
     from minisae.training.train import TrainConfig, train
@@ -27,8 +29,9 @@ step count, the dead-latent counters, the step number, C, the config). Data and 
 functions of the step, so `train(..., resume=True)` after an interruption ends with parameters
 bitwise equal to those of an uninterrupted run (tests/test_train.py proves it).
 
-Files in out_dir: config.json, checkpoint.safetensors (atomic, replaced every checkpoint_every
-steps; never written with non-finite values), metrics.jsonl (one JSON object per log step),
+Files in out_dir: config.json, checkpoint/ (one shard file and a manifest written last, replaced
+every checkpoint_every steps; never written with non-finite values; a checkpoint.safetensors of
+earlier versions is resumed and replaced), metrics.jsonl (one JSON object per log step),
 sae/ (the release SAE, SAELens folder format, C and the pre-encoder bias folded in), eval.json,
 .minisae.lock (held while a process writes the folder; a second writer is refused).
 
