@@ -279,3 +279,15 @@ def test_threshold_lr_mult_slows_only_the_threshold(tmp_path):
     b = train(dataclasses.replace(base, threshold_lr_mult=0.0001), tiny_source(), tmp_path / "b", progress=False)
     init = math.log(0.001)
     assert numpy.abs(b.params["log_threshold"] - init).max() < 0.01 * numpy.abs(a.params["log_threshold"] - init).max()
+
+
+def test_threshold_lr_mult_past_its_range_is_refused_by_name(capsys):
+    """--threshold-lr-mult 1e300 was accepted and made θ NaN (exit 1); now one line, exit 2."""
+    from minisae.cli.commands import main
+
+    with pytest.raises(ValueError, match=r"threshold_lr_mult: expected a value in \(0, 10000\]"):
+        TrainConfig("jumprelu", d_sae=8, sparsity_coeff=1e-3, threshold_lr_mult=1e300).resolved(4)
+    assert main(["train", "--arch", "jumprelu", "--threshold-lr-mult", "1e300", "--out", "never-written",
+                 "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "threshold_lr_mult" in err[0]
