@@ -267,3 +267,30 @@ def test_one_process_is_the_parallel_trainer_on_the_1x1_grid_bitwise(tmp_path, a
     assert files == sorted(p.name for p in (tmp_path / "grid" / "sae").iterdir())
     for name in files:
         assert (tmp_path / "one" / "sae" / name).read_bytes() == (tmp_path / "grid" / "sae" / name).read_bytes(), name
+
+
+def test_kill_9_under_mpiexec_then_resume_equals_an_uninterrupted_run(tmp_path):
+    """Every rank of `mpiexec -n 2 ... --shards 2` killed with -9 right after the checkpoint of
+    step 2, then after step 4's metrics lines but before its checkpoint; `--resume` then ends with
+    the uninterrupted run's metrics.jsonl (no gap, no duplicate) and sae/."""
+    import json
+
+    def metrics(run):
+        rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        return [{k: v for k, v in r.items() if k != "elapsed_s"} for r in rows]
+
+    args = MPI_RUN + ["--shards", "2", "--steps", "6", "--log-every", "1"]
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    assert _mpi_cli(args + ["--out", str(ref)], tmp_path).returncode == 0
+    for i, kill in enumerate(["checkpoint:2", "metrics:4"]):
+        os.environ["MINISAE_TEST_KILL"] = kill
+        try:
+            p = _mpi_cli(args + ["--out", str(run)] + (["--resume"] if i else []), tmp_path)
+        finally:
+            del os.environ["MINISAE_TEST_KILL"]
+        assert p.returncode != 0 and not (run / "sae").exists(), (kill, p.returncode, p.stderr[-2000:])
+    p = _mpi_cli(args + ["--out", str(run), "--resume"], tmp_path)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert [r["step"] for r in metrics(run)] == list(range(1, 7)) and metrics(run) == metrics(ref)
+    for f in (ref / "sae").iterdir():
+        assert (run / "sae" / f.name).read_bytes() == f.read_bytes(), f.name
