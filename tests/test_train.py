@@ -291,3 +291,11 @@ def test_threshold_lr_mult_past_its_range_is_refused_by_name(capsys):
                  "--no-progress"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "threshold_lr_mult" in err[0]
+
+
+def test_threshold_rate_is_refused_for_the_variants_that_ignore_it():
+    """--threshold-rate with topk or jumprelu was accepted and ignored."""
+    for arch, kw in (("topk", dict(k=2)), ("jumprelu", dict(sparsity_coeff=1e-3))):
+        with pytest.raises(ValueError, match="threshold_rate is a BatchTopK option"):
+            TrainConfig(arch, d_sae=8, steps=1, threshold_rate=0.5, **kw).resolved(4)
+    assert TrainConfig("batchtopk", d_sae=8, k=2, steps=1, threshold_rate=0.5).resolved(4).threshold_rate == 0.5

@@ -142,6 +142,9 @@ class TrainConfig:
             c.matryoshka = list(check_prefixes(c.matryoshka, c.d_sae, "matryoshka"))
         if not 0 < c.threshold_rate <= 1:
             raise ValueError(f"threshold_rate: expected a value in (0, 1], found {c.threshold_rate}")
+        if c.threshold_rate != TrainConfig.threshold_rate and c.architecture != "batchtopk":
+            raise ValueError(f"threshold_rate is a BatchTopK option (its running inference threshold); found it "
+                             f"set for {c.architecture!r}")
         if not c.freq_coeff >= 0 or not 0 <= c.freq_target <= 1:
             raise ValueError(f"freq_coeff >= 0 and 0 <= freq_target <= 1 expected, found {c.freq_coeff}, {c.freq_target}")
         if c.dtype not in ("float32", "float64"):
