@@ -299,3 +299,15 @@ def test_threshold_rate_is_refused_for_the_variants_that_ignore_it():
         with pytest.raises(ValueError, match="threshold_rate is a BatchTopK option"):
             TrainConfig(arch, d_sae=8, steps=1, threshold_rate=0.5, **kw).resolved(4)
     assert TrainConfig("batchtopk", d_sae=8, k=2, steps=1, threshold_rate=0.5).resolved(4).threshold_rate == 0.5
+
+
+def test_the_nested_progress_bar_of_compare_reaches_the_loop(tmp_path, monkeypatch):
+    """`minisae compare` asks for progress="nested" (its runs' bars below its own, cleared after)."""
+    import minisae.training.train as train_module
+
+    seen = []
+    real = train_module._progress_bar
+    monkeypatch.setattr(train_module, "_progress_bar", lambda total, initial, desc, enabled: (
+        seen.append(enabled), real(total, initial, desc, False))[1])
+    train(tiny_config("topk", steps=2), tiny_source(), tmp_path, progress="nested")
+    assert seen == ["nested"]

@@ -434,7 +434,7 @@ def _train_locked(cfg, source, out_dir, world, grid, xp, names, look, accumulate
     # the host only at log and checkpoint steps (on CuPy a read is a sync); else the sharded step
     alone = ALONE_FAST_PATH and world.size == 1 and grid.S == 1 and n_micro == 1
     last_good = state["step"] if (have or legacy) and resume else None
-    bar = _bar(cfg, state["step"], progress and lead)
+    bar = _bar(cfg, state["step"], progress if lead else False)  # progress may be "nested" (compare)
     pending, t0 = [], time.time()
     losses, min_kept = [], []  # (alone) 0-d losses and BatchTopK's smallest kept values since the last read
 
