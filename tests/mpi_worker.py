@@ -28,6 +28,8 @@ ARCHS = {
     "batchtopk": dict(k=4, aux_k=6, dead_window_tokens=64, matryoshka=[10, 25]),
 }
 
+OPTIONS = [("gated", dict(target_l0=3.0)), ("jumprelu", dict(target_l0=3.0, threshold_lr_mult=0.1))]
+
 
 def config(arch, **over):
     kw = dict(d_sae=40, steps=6, batch_size=64, checkpoint_every=3, log_every=2, eval_tokens=0,
@@ -89,6 +91,14 @@ def case_dataparallel(comm, tmp):
                                  comm=dist.SingleProcess(), progress=False)
             same_bits(res.params, ref.params, f"{arch} data parallel vs accumulated")
             assert (tmp / f"dp-{arch}" / "sae" / "cfg.json").exists()
+        comm.barrier()
+    # the λ controller and the threshold's learning-rate multiplier under data parallelism
+    for arch, extra in OPTIONS:
+        res = train_parallel(config(arch, **extra), SOURCE, tmp / f"dp-opt-{arch}", comm=comm, progress=False)
+        if comm.rank == 0:
+            ref = train_parallel(config(arch, **extra), SOURCE, tmp / f"ref-opt-{arch}", accumulate=2,
+                                 comm=dist.SingleProcess(), progress=False)
+            same_bits(res.params, ref.params, f"{arch} {extra} data parallel vs accumulated")
         comm.barrier()
     # a streamed cache: each replica reads only its rows (ShardStream.batch_slice)
     from minisae.data.stream import ShardStream
@@ -178,6 +188,14 @@ def case_shard(comm, tmp):
             on1 = train_parallel(config(arch), SOURCE, tmp / f"re-{arch}", comm=dist.SingleProcess(),
                                  resume=True, progress=False)
             close(on1.params, res.params, f"{arch} resumed on S=1 after S=2", SHARD32_RTOL, SHARD32_ATOL)
+        comm.barrier()
+    for arch, extra in OPTIONS:  # the controller reads the L0 summed over shards: S = 2 follows S = 1
+        res = train_parallel(config(arch, **extra), SOURCE, tmp / f"s2-opt-{arch}", shards=2, comm=comm,
+                             progress=False)
+        if comm.rank == 0:
+            one = train_parallel(config(arch, **extra), SOURCE, tmp / f"s1-opt-{arch}", comm=dist.SingleProcess(),
+                                 progress=False)
+            close(res.params, one.params, f"{arch} {extra} S=2 vs S=1 training", SHARD32_RTOL, SHARD32_ATOL)
         comm.barrier()
 
 

@@ -100,7 +100,7 @@ def test_user_errors_are_one_line_with_status_2(tmp_path, capsys):
     capsys.readouterr()
     assert main(["train", "--arch", "topk", "--k", "3", "--out", str(run)] + TINY_TRAIN) == 2
     assert "--resume" in _error_line(capsys)
-    ckpt = run / "checkpoint.safetensors"
+    ckpt = next((run / "checkpoint").glob("step-*/shard-00000.safetensors"))
     ckpt.write_bytes(ckpt.read_bytes()[:100])
     assert main(["train", "--arch", "topk", "--k", "3", "--out", str(run), "--resume"] + TINY_TRAIN) == 2
     assert "truncated or corrupt" in _error_line(capsys) and ckpt.stat().st_size == 100

@@ -25,6 +25,7 @@ from minisae.training.train import TrainConfig, hypers_at
 from minisae.xp import cupy_available
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))  # mpi_worker's source and configs
 
 
 def _mpiexec():
@@ -172,3 +173,124 @@ def test_cli_under_mpiexec(tmp_path):
     assert (tmp_path / "run" / "sae" / "cfg.json").is_file()
     p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
     assert p.returncode != 0 and "already holds a training run" in p.stderr
+
+
+def _mpi_cli(args, tmp_path, n=2, runner=("-m", "mpi4py")):
+    pytest.importorskip("mpi4py")
+    exe = _mpiexec()
+    if exe is None:
+        pytest.skip("mpiexec not found (install the dist extra: pip install 'minisae[dist]')")
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+           "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
+    try:
+        return subprocess.run([exe, "-n", str(n), sys.executable, *runner, "-m", "minisae.cli"] + args, env=env,
+                              capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    except subprocess.TimeoutExpired as e:
+        pytest.fail(f"mpiexec -n {n} minisae {' '.join(args)}: no result after 120 s (a hang?)\n{e.stderr}")
+
+
+MPI_RUN = ["train", "--arch", "topk", "--k", "4", "--d-sae", "32", "--steps", "4", "--batch-size", "64", "--d-in", "16",
+           "--checkpoint-every", "2", "--eval-tokens", "0", "--no-progress"]
+
+
+@pytest.mark.parametrize("runner", [("-m", "mpi4py"), ()], ids=["python -m mpi4py", "python"])
+def test_errors_under_mpiexec_are_one_line_and_exit_2(tmp_path, runner):
+    """docs/pipeline.md's promise under mpiexec: an argument error, a refused folder, a corrupt
+    checkpoint shard and a folder another process writes are each one line (rank 0 speaks for
+    every rank) and exit status 2 — never one line per rank, never an MPI crash."""
+    import json
+
+    from minisae.io.files import FolderLock
+    from minisae.io.safetensors_io import SafetensorsFile, save_file
+
+    run = tmp_path / "run"
+    cases = {"argument": ["train", "--arch", "topk", "--no-such-flag"],
+             "value": MPI_RUN + ["--d-sae", "0", "--out", str(run)]}
+    for what, args in cases.items():
+        p = _mpi_cli(args, tmp_path, runner=runner)
+        assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1, (what, p.returncode, p.stderr)
+    p = _mpi_cli(MPI_RUN + ["--shards", "2", "--out", str(run)], tmp_path, runner=runner)
+    assert p.returncode == 0, p.stderr[-3000:]
+    p = _mpi_cli(MPI_RUN + ["--shards", "2", "--out", str(run)], tmp_path, runner=runner)  # no --resume
+    assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1 and "--resume" in p.stderr, p.stderr
+    with FolderLock(run):
+        p = _mpi_cli(MPI_RUN + ["--shards", "2", "--out", str(run), "--resume"], tmp_path, runner=runner)
+    assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1 and f"pid {os.getpid()}" in p.stderr, p.stderr
+    # shard 1 cut to half its latents: was "Message from rank 1 and tag 7 truncated" (MPICH, rc 142)
+    man = json.loads((run / "checkpoint" / "checkpoint.json").read_text())
+    shard = run / "checkpoint" / man["shards"][1]["file"]
+    with SafetensorsFile(shard) as f:
+        tensors = {k: numpy.array(f.get(k)) for k in f.keys()}
+        meta = dict(f.metadata)
+    tensors = {k: (v[..., :8] if k.endswith("W_enc") else v[:8] if v.shape[0] == 16 else v) for k, v in tensors.items()}
+    shard.unlink()
+    save_file(tensors, shard, metadata=meta)
+    p = _mpi_cli(MPI_RUN + ["--shards", "2", "--out", str(run), "--resume", "--steps", "6"], tmp_path, runner=runner)
+    assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1 and "latents [16, 32)" in p.stderr, p.stderr
+    assert "truncated" not in p.stderr
+
+
+ONE_BY_ONE = [("jumprelu", {}), ("gated", {}), ("topk", {}), ("batchtopk", {}),
+              ("gated", dict(target_l0=3.0)), ("jumprelu", dict(target_l0=3.0, threshold_lr_mult=0.1)),
+              ("jumprelu", dict(penalty="quadratic", target_l0=3.0)), ("jumprelu", dict(penalty="tanh")),
+              ("jumprelu", dict(freq_coeff=0.5, freq_target=0.05, threshold_param="raw")),
+              ("jumprelu", dict(matryoshka=[10, 25])), ("topk", dict(matryoshka=None, dtype="float64"))]
+
+
+@pytest.mark.parametrize("arch,extra", ONE_BY_ONE, ids=[f"{a}{'-' + '-'.join(e) if e else ''}" for a, e in ONE_BY_ONE])
+def test_one_process_is_the_parallel_trainer_on_the_1x1_grid_bitwise(tmp_path, arch, extra, monkeypatch):
+    """minisae.training.train.train (one process: the loop's fast path, host reads only at log and
+    checkpoint steps) and the loop's grid path on dist.SingleProcess (R = S = 1: the per-step sums
+    every grid runs) end with the same parameters, the same metrics.jsonl rows (but the wall time)
+    and the same sae/ files, bit for bit: one step function (the variant's own forward_backward),
+    one update, one log row (BatchTopK's threshold included), the λ controller and the threshold's
+    learning-rate multiplier in both."""
+    import json
+
+    import minisae.dist.parallel as parallel
+    from minisae.training.train import train
+    from mpi_worker import SOURCE, config
+
+    cfg = config(arch, steps=8, log_every=1, **extra)
+    a = train(cfg, SOURCE, tmp_path / "one", progress=False)
+    monkeypatch.setattr(parallel, "ALONE_FAST_PATH", False)
+    b = parallel.train_parallel(cfg, SOURCE, tmp_path / "grid", comm=dist.SingleProcess(), progress=False)
+    for k in a.params:
+        assert numpy.array_equal(a.params[k], b.params[k]), k
+
+    def rows(run):
+        out = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        return [{k: v for k, v in r.items() if k != "elapsed_s"} for r in out]
+
+    assert rows(tmp_path / "one") == rows(tmp_path / "grid")
+    files = sorted(p.name for p in (tmp_path / "one" / "sae").iterdir())
+    assert files == sorted(p.name for p in (tmp_path / "grid" / "sae").iterdir())
+    for name in files:
+        assert (tmp_path / "one" / "sae" / name).read_bytes() == (tmp_path / "grid" / "sae" / name).read_bytes(), name
+
+
+def test_kill_9_under_mpiexec_then_resume_equals_an_uninterrupted_run(tmp_path):
+    """Every rank of `mpiexec -n 2 ... --shards 2` killed with -9 right after the checkpoint of
+    step 2, then after step 4's metrics lines but before its checkpoint; `--resume` then ends with
+    the uninterrupted run's metrics.jsonl (no gap, no duplicate) and sae/."""
+    import json
+
+    def metrics(run):
+        rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        return [{k: v for k, v in r.items() if k != "elapsed_s"} for r in rows]
+
+    args = MPI_RUN + ["--shards", "2", "--steps", "6", "--log-every", "1"]
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    assert _mpi_cli(args + ["--out", str(ref)], tmp_path).returncode == 0
+    for i, kill in enumerate(["checkpoint:2", "metrics:4"]):
+        os.environ["MINISAE_TEST_KILL"] = kill
+        try:
+            p = _mpi_cli(args + ["--out", str(run)] + (["--resume"] if i else []), tmp_path)
+        finally:
+            del os.environ["MINISAE_TEST_KILL"]
+        assert p.returncode != 0 and not (run / "sae").exists(), (kill, p.returncode, p.stderr[-2000:])
+    p = _mpi_cli(args + ["--out", str(run), "--resume"], tmp_path)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert [r["step"] for r in metrics(run)] == list(range(1, 7)) and metrics(run) == metrics(ref)
+    for f in (ref / "sae").iterdir():
+        assert (run / "sae" / f.name).read_bytes() == f.read_bytes(), f.name

@@ -209,18 +209,29 @@ def _train_cfg():
                        checkpoint_every=2, log_every=2)
 
 
-def _make_checkpoint(folder):
+def _trained_run(folder):
+    """A finished tiny run (made once per session), and its checkpoint resharded to 2 shards."""
     from minisae.data.synthetic import SyntheticActivations, SyntheticConfig
-    from minisae.training.train import train
+    from minisae.dist.parallel import reshard
+    from minisae.training.train import read_state, save_checkpoint, train
 
-    if "bytes" not in _CKPT:
+    if "run" not in _CKPT:
         run = folder / "run0"
         train(_train_cfg(), SyntheticActivations(SyntheticConfig(d_in=8, n_features=16, target_l0=2.0, max_freq=0.5)), run,
               progress=False)
-        _CKPT["bytes"] = (run / "checkpoint.safetensors").read_bytes()
+        cfg = _train_cfg().resolved(8)
+        save_checkpoint(folder / "legacy.safetensors", read_state(run, cfg), cfg)  # the earlier one-file format
+        _CKPT["bytes"] = (folder / "legacy.safetensors").read_bytes()
+        reshard(run, folder / "run2", 2)
+        _CKPT["run"], _CKPT["run2"] = run, folder / "run2"
+    return _CKPT
+
+
+def _make_checkpoint(folder):
+    made = _trained_run(folder)
     (folder / "run").mkdir()
     path = folder / "run" / "checkpoint.safetensors"
-    path.write_bytes(_CKPT["bytes"])
+    path.write_bytes(made["bytes"])
     return path
 
 
@@ -228,6 +239,35 @@ def _load_checkpoint(path):
     from minisae.training.train import load_checkpoint
 
     return load_checkpoint(path, _train_cfg().resolved(8), numpy)["step"]
+
+
+def _make_sharded(folder):
+    """checkpoint/ of a run resharded to 2 shards (latents [0, 8) and [8, 16)): fuzzed are its
+    manifest and its second shard, whose lo/hi/step/dtype/shapes the manifest must agree with."""
+    made = _trained_run(folder)
+    return Path(shutil.copytree(made["run2"] / "checkpoint", folder / "checkpoint"))
+
+
+def _load_sharded(path):
+    from minisae.dist.parallel import load_sharded
+
+    _, state = load_sharded(path, 0, 16, numpy, names=["W_enc", "b_enc", "W_dec", "b_dec"])
+    return state["params"]["W_enc"].shape
+
+
+def _make_bf16_cache(folder):
+    from minisae.data.stream import convert_cache
+
+    return convert_cache(_make_cache(folder), folder / "bf16", "bfloat16") or folder / "bf16"
+
+
+def _load_bf16_cache(path):
+    from minisae.data.stream import ShardStream
+
+    stream = ShardStream(path, buffer_tokens=16, prefetch=False)
+    for step in range(8):  # 64 rows: both shards are read
+        assert stream.batch(step, 8).shape == (8, stream.d_in)
+    return stream.d_in
 
 
 def _make_tokenizer(folder):
@@ -263,6 +303,12 @@ FORMATS = [
     Format("checkpoint-header", _make_checkpoint, {"checkpoint.safetensors": "safetensors"}, _load_checkpoint, 4),
     Format("tokenizer", _make_tokenizer, {"tokenizer.json": "json"}, _load_tokenizer,
            "<bos> the cat sat on a mat ."),
+    Format("sharded-checkpoint", _make_sharded, {"checkpoint.json": "json",
+                                                 "step-00000004/shard-00001.safetensors": "safetensors"}, _load_sharded,
+           (8, 16)),
+    Format("sharded-checkpoint-bytes", _make_sharded, {"step-00000004/shard-00001.safetensors": "bytes"}, _load_sharded,
+           (8, 16)),
+    Format("cache-bf16", _make_bf16_cache, {"manifest.json": "json", "shard_00001.npy": "bytes"}, _load_bf16_cache, 6),
 ]
 
 
@@ -309,3 +355,47 @@ def test_mutated_files_fail_cleanly(fmt, tmp_path_factory, target, bops, jops):
     name, how = list(fmt.targets.items())[target % len(fmt.targets)]
     _apply(_target_file(made, name), how, bops, jops)
     _bounded_load(fmt, made)
+
+
+def _poke_later(fifo, seconds=5.0):
+    """Should a reader open the FIFO after all, open its other end after `seconds`, so that the test
+    fails (the read finds it empty) instead of hanging."""
+    import os
+    import threading
+
+    def poke():
+        try:
+            os.close(os.open(fifo, os.O_RDWR | os.O_NONBLOCK))  # O_RDWR on a FIFO never blocks (Linux)
+        except OSError:
+            pass
+
+    t = threading.Timer(seconds, poke)
+    t.daemon = True
+    t.start()
+    return t
+
+
+@pytest.mark.parametrize("kind", ["fifo", "folder"])
+@pytest.mark.parametrize("fmt", FORMATS, ids=[f.name for f in FORMATS])
+def test_a_non_regular_file_where_a_file_is_expected_is_refused_before_it_is_opened(fmt, kind, tmp_path):
+    """Every file each format reads, replaced by a FIFO (opening it would wait for a writer for
+    ever) or a folder: a MinisaeError at once, never a hang."""
+    import os
+
+    for name in fmt.targets:
+        folder = tmp_path / f"{kind}-{len(list(tmp_path.iterdir()))}"
+        folder.mkdir()
+        made = fmt.make(folder)
+        target = _target_file(made, name)
+        target.unlink()
+        if kind == "fifo":
+            os.mkfifo(target)
+        else:
+            target.mkdir()
+        timer = _poke_later(target) if kind == "fifo" else None
+        t0 = time.perf_counter()
+        with pytest.raises(MinisaeError):
+            fmt.load(made)
+        assert time.perf_counter() - t0 < 4.0, f"{fmt.name}: {name} ({kind}) was waited on"
+        if timer:
+            timer.cancel()

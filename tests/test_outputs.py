@@ -161,12 +161,12 @@ def test_disk_failure_keeps_the_checkpoint_and_leaves_no_temp_file(tmp_path, mon
     run = tmp_path / "run"
     args = ["train", "--arch", "topk", "--k", "4", "--out", str(run)] + TINY_TRAIN
     assert main(args + ["--steps", "10"]) == 0
-    ckpt = (run / "checkpoint.safetensors").read_bytes()
-    monkeypatch.setattr(os, "replace", _failing_replace(code, "checkpoint.safetensors"))
+    ckpt = {p: p.read_bytes() for p in (run / "checkpoint").rglob("*") if p.is_file()}
+    monkeypatch.setattr(os, "replace", _failing_replace(code, "shard-00000.safetensors"))
     assert main(args + ["--resume"]) == 2  # steps 10 → 20: its first checkpoint write fails
     err = _error_line(capsys)
-    assert words in err and "checkpoint.safetensors" in err
-    assert (run / "checkpoint.safetensors").read_bytes() == ckpt
+    assert words in err and "shard-00000.safetensors" in err
+    assert {p: p.read_bytes() for p in ckpt} == ckpt  # the step-10 checkpoint, whole
     assert not [p for p in run.rglob("*") if files.is_temp_name(p.name)]
 
 

@@ -14,7 +14,7 @@ from minisae.sae import VARIANTS
 from minisae.io.saefile import SAE
 from minisae.data.synthetic import SyntheticActivations, SyntheticConfig
 from minisae.training.train import (CheckpointError, TrainConfig, TrainingError, estimate_scale,
-                           load_checkpoint, train)
+                           load_checkpoint, read_state, train)
 
 SETTING = {"jumprelu": {"sparsity_coeff": 1e-2}, "gated": {"sparsity_coeff": 3e-2}, "topk": {"k": 4}}
 
@@ -66,7 +66,7 @@ def _metrics(path):
 def test_train_end_to_end(tmp_path, arch):
     source = tiny_source()
     res = train(tiny_config(arch), source, tmp_path, progress=False)
-    for name in ("config.json", "checkpoint.safetensors", "metrics.jsonl", "eval.json",
+    for name in ("config.json", "checkpoint/checkpoint.json", "metrics.jsonl", "eval.json",
                  "sae/cfg.json", "sae/sae_weights.safetensors"):
         assert (tmp_path / name).is_file(), name
     rows = _metrics(tmp_path / "metrics.jsonl")
@@ -100,7 +100,7 @@ def test_resume_is_bitwise_identical(tmp_path, arch):
     straight = train(cfg, tiny_source(), tmp_path / "a", progress=False)
     with pytest.raises(Interrupt):  # killed between checkpoints: steps 20..24 are lost and redone
         train(cfg, Faulty(tiny_source(), 25, "interrupt"), tmp_path / "b", progress=False)
-    state = load_checkpoint(tmp_path / "b" / "checkpoint.safetensors", cfg.resolved(16), numpy)
+    state = read_state(tmp_path / "b", cfg.resolved(16))
     assert state["step"] == 20
     resumed = train(cfg, tiny_source(), tmp_path / "b", resume=True, progress=False)
     for k, v in straight.params.items():
@@ -116,7 +116,7 @@ def test_nan_activations_stop_with_clear_error_and_keep_checkpoint(tmp_path):
     cfg = tiny_config("jumprelu", steps=30, checkpoint_every=10)
     with pytest.raises(TrainingError, match=r"step 15: .*NaN.*last good checkpoint \(step 10\)"):
         train(cfg, Faulty(tiny_source(), 15, "nan"), tmp_path, progress=False)
-    state = load_checkpoint(tmp_path / "checkpoint.safetensors", cfg.resolved(16), numpy)
+    state = read_state(tmp_path, cfg.resolved(16))
     assert state["step"] == 10
     assert all(numpy.isfinite(v).all() for v in state["params"].values())
     assert not (tmp_path / "sae").exists()
@@ -137,7 +137,7 @@ def test_divergence_names_the_step(tmp_path):
 def test_truncated_checkpoint_is_a_clear_error_and_left_alone(tmp_path):
     cfg = tiny_config("topk", steps=10, checkpoint_every=5)
     train(cfg, tiny_source(), tmp_path, progress=False)
-    ckpt = tmp_path / "checkpoint.safetensors"
+    ckpt = next((tmp_path / "checkpoint").glob("step-*/shard-00000.safetensors"))
     data = ckpt.read_bytes()
     ckpt.write_bytes(data[: len(data) // 2])
     with pytest.raises(CheckpointError, match="truncated or corrupt"):
@@ -279,3 +279,35 @@ def test_threshold_lr_mult_slows_only_the_threshold(tmp_path):
     b = train(dataclasses.replace(base, threshold_lr_mult=0.0001), tiny_source(), tmp_path / "b", progress=False)
     init = math.log(0.001)
     assert numpy.abs(b.params["log_threshold"] - init).max() < 0.01 * numpy.abs(a.params["log_threshold"] - init).max()
+
+
+def test_threshold_lr_mult_past_its_range_is_refused_by_name(capsys):
+    """--threshold-lr-mult 1e300 was accepted and made θ NaN (exit 1); now one line, exit 2."""
+    from minisae.cli.commands import main
+
+    with pytest.raises(ValueError, match=r"threshold_lr_mult: expected a value in \(0, 10000\]"):
+        TrainConfig("jumprelu", d_sae=8, sparsity_coeff=1e-3, threshold_lr_mult=1e300).resolved(4)
+    assert main(["train", "--arch", "jumprelu", "--threshold-lr-mult", "1e300", "--out", "never-written",
+                 "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "threshold_lr_mult" in err[0]
+
+
+def test_threshold_rate_is_refused_for_the_variants_that_ignore_it():
+    """--threshold-rate with topk or jumprelu was accepted and ignored."""
+    for arch, kw in (("topk", dict(k=2)), ("jumprelu", dict(sparsity_coeff=1e-3))):
+        with pytest.raises(ValueError, match="threshold_rate is a BatchTopK option"):
+            TrainConfig(arch, d_sae=8, steps=1, threshold_rate=0.5, **kw).resolved(4)
+    assert TrainConfig("batchtopk", d_sae=8, k=2, steps=1, threshold_rate=0.5).resolved(4).threshold_rate == 0.5
+
+
+def test_the_nested_progress_bar_of_compare_reaches_the_loop(tmp_path, monkeypatch):
+    """`minisae compare` asks for progress="nested" (its runs' bars below its own, cleared after)."""
+    import minisae.training.train as train_module
+
+    seen = []
+    real = train_module._progress_bar
+    monkeypatch.setattr(train_module, "_progress_bar", lambda total, initial, desc, enabled: (
+        seen.append(enabled), real(total, initial, desc, False))[1])
+    train(tiny_config("topk", steps=2), tiny_source(), tmp_path, progress="nested")
+    assert seen == ["nested"]

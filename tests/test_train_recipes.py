@@ -11,7 +11,7 @@ from tolerances import F32_ATOL, F32_RTOL
 from minisae.cli import main
 from minisae.io.saefile import SAE
 from minisae.sae import batchtopk, jumprelu
-from minisae.training.train import TrainConfig, load_checkpoint, train
+from minisae.training.train import TrainConfig, read_state, train
 from test_cli import TINY_TRAIN
 from test_train import Faulty, Interrupt, _metrics, tiny_config, tiny_source
 
@@ -27,7 +27,7 @@ def test_recipe_trains_saves_and_resumes_bitwise(tmp_path):
     assert not numpy.all(straight.params["threshold"] == numpy.float32(0.05)), "theta never moved"
     with pytest.raises(Interrupt):
         train(cfg, Faulty(tiny_source(), 25, "interrupt"), tmp_path / "b", progress=False)
-    assert load_checkpoint(tmp_path / "b" / "checkpoint.safetensors", cfg.resolved(16), numpy)["step"] == 20
+    assert read_state(tmp_path / "b", cfg.resolved(16))["step"] == 20
     resumed = train(cfg, tiny_source(), tmp_path / "b", resume=True, progress=False)
     for k, v in straight.params.items():
         assert numpy.array_equal(v, resumed.params[k]), f"{k} differs after resume"
@@ -71,7 +71,7 @@ def test_batchtopk_trains_resumes_bitwise_and_saves_a_jumprelu(tmp_path, matryos
     assert all(r["threshold"] > 0 for r in rows) and rows[0]["threshold"] != rows[-1]["threshold"]
     with pytest.raises(Interrupt):
         train(cfg, Faulty(tiny_source(), 25, "interrupt"), tmp_path / "b", progress=False)
-    state = load_checkpoint(tmp_path / "b" / "checkpoint.safetensors", cfg.resolved(16), numpy)
+    state = read_state(tmp_path / "b", cfg.resolved(16))
     assert state["step"] == 20 and state["threshold_updates"] == 20
     resumed = train(cfg, tiny_source(), tmp_path / "b", resume=True, progress=False)
     for k, v in straight.params.items():

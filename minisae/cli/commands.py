@@ -12,7 +12,10 @@ that diverges exits with 1; --debug shows the traceback instead. The flags are b
 minisae.cli.parser and checked in minisae.cli.args.
 """
 
+import contextlib
+import io
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -73,7 +76,33 @@ def _load_model(a, xp):
 # ---------------------------------------------------------------------------------------------
 
 def cmd_train(a):
-    from minisae.training.train import TrainConfig, train
+    from minisae.training.train import train
+
+    if a.shards > 1 or a.accumulate > 1 or a.dist_backend != "auto" or _launched_by_mpiexec():
+        from minisae import dist
+        from minisae.dist.parallel import train_parallel
+
+        backend = a.dist_backend
+        if backend == "auto" and a.backend == "cupy" and dist.launched_by_mpiexec() > 1:
+            backend = "nccl"  # CuPy arrays move through NCCL
+        comm = dist.world(backend)
+        with dist.abort_on_error(comm):
+            source, cfg = comm.together(lambda: _train_inputs(a))  # an error here is every rank's
+            res = train_parallel(cfg, source, a.out, shards=a.shards, accumulate=a.accumulate, comm=comm,
+                                 resume=a.resume, overwrite=a.overwrite, progress=not a.no_progress)
+        if comm.rank != 0:
+            return
+    else:
+        source, cfg = _train_inputs(a)
+        res = train(cfg, source, a.out, resume=a.resume, overwrite=a.overwrite, progress=not a.no_progress)
+    print(f"SAE written to {Path(a.out) / 'sae'}")
+    if res.summary:
+        print(_summary_line(res.summary))
+
+
+def _train_inputs(a):
+    """(source, TrainConfig) of `minisae train`'s flags."""
+    from minisae.training.train import TrainConfig
 
     if a.shuffle_buffer is not None:
         from minisae.data.stream import ShardStream
@@ -96,24 +125,7 @@ def cmd_train(a):
         dtype=a.dtype, dead_window_tokens=a.dead_window_tokens, aux_k=a.aux_k,
         aux_coeff=TrainConfig.aux_coeff if a.aux_coeff is None else a.aux_coeff,
         checkpoint_every=a.checkpoint_every, log_every=a.log_every, eval_tokens=a.eval_tokens)
-    if a.shards > 1 or a.accumulate > 1 or a.dist_backend != "auto" or _launched_by_mpiexec():
-        from minisae import dist
-        from minisae.dist.parallel import train_parallel
-
-        backend = a.dist_backend
-        if backend == "auto" and a.backend == "cupy" and dist.launched_by_mpiexec() > 1:
-            backend = "nccl"  # CuPy arrays move through NCCL
-        comm = dist.world(backend)
-        with dist.abort_on_error(comm):
-            res = train_parallel(cfg, source, a.out, shards=a.shards, accumulate=a.accumulate, comm=comm,
-                                 resume=a.resume, overwrite=a.overwrite, progress=not a.no_progress)
-        if comm.rank != 0:
-            return
-    else:
-        res = train(cfg, source, a.out, resume=a.resume, overwrite=a.overwrite, progress=not a.no_progress)
-    print(f"SAE written to {Path(a.out) / 'sae'}")
-    if res.summary:
-        print(_summary_line(res.summary))
+    return source, cfg
 
 
 def _launched_by_mpiexec():
@@ -333,12 +345,28 @@ def _message(e):
 
 
 def main(argv=None):
-    """Entry point of the `minisae` command; returns the exit status."""
+    """Entry point of the `minisae` command; returns the exit status.
+
+    Under mpiexec every rank runs it with the same arguments: an error every rank meets (an
+    argument, or one the ranks agreed on: minisae.dist.on_every_rank) is printed by rank 0 alone,
+    and every rank exits with its status; an error of one rank alone aborts the run
+    (minisae.dist.abort_on_error)."""
+    from minisae.dist.comm import launch_rank, launched_by_mpiexec
+
+    quiet = launch_rank() != 0  # not rank 0 of an mpiexec run: rank 0 speaks for every rank
     parser = build_parser()
-    a = parser.parse_args(argv)
+    args_checked = False
+    try:
+        with contextlib.redirect_stderr(io.StringIO()) if quiet else contextlib.nullcontext():
+            a = parser.parse_args(argv)  # the same argv on every rank: the same error
+    except SystemExit as e:  # an argument error (status 2), --help or --version (0)
+        if e.code and launched_by_mpiexec() > 1:
+            _silence_stderr()
+        raise
     try:
         check_values(parser, a)  # before any work: ranges, and options the chosen --arch would ignore
         check_arch_flags(a)
+        args_checked = True
         COMMANDS[a.command](a)
     except KeyboardInterrupt:
         print(f"\nminisae {a.command}: interrupted (runs resume from their last checkpoint with --resume)",
@@ -348,9 +376,20 @@ def main(argv=None):
         status = _exit_status(e)
         if a.debug or status is None:
             raise
-        print(f"minisae {a.command}: error: {_message(e)}", file=sys.stderr)
+        if not (quiet and (not args_checked or getattr(e, "on_every_rank", False))):
+            print(f"minisae {a.command}: error: {_message(e)}", file=sys.stderr)
+        if launched_by_mpiexec() > 1:  # `python -m mpi4py` turns the status into MPI_Abort, whose own
+            _silence_stderr()           # "application called MPI_Abort" line would be a second one
         return status
     return 0
+
+
+def _silence_stderr():
+    sys.stderr.flush()
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), 2)
+    except OSError:
+        pass
 
 
 if __name__ == "__main__":

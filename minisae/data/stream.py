@@ -34,7 +34,7 @@ import numpy
 
 from minisae.errors import InputError
 from minisae.data.activations import MANIFEST, ActivationsError, read_manifest
-from minisae.io.files import check_output_dir, make_dir, write_atomic
+from minisae.io.files import check_output_dir, check_regular_file, make_dir, write_atomic
 from minisae.io.safetensors_io import bf16_bits_to_float32, float32_to_bf16_bits
 
 STORED = {"float32": numpy.float32, "bfloat16": numpy.uint16}  # manifest dtype -> .npy dtype
@@ -50,7 +50,7 @@ class ShardStream:
     def __init__(self, folder, *, seed=0, buffer_tokens=1_000_000, holdout_shards=0, prefetch=True):
         self.folder = Path(folder)
         self.manifest = man = read_manifest(self.folder)
-        if man["dtype"] not in STORED:
+        if not isinstance(man["dtype"], str) or man["dtype"] not in STORED:
             raise ActivationsError(f"{self.folder / MANIFEST}: expected dtype float32 or bfloat16, found {man['dtype']!r}")
         if int(buffer_tokens) < 1:
             raise InputError(f"buffer_tokens: expected a positive number of rows, found {buffer_tokens}")
@@ -60,6 +60,8 @@ class ShardStream:
         self.counts = numpy.array([int(sh["count"]) for sh in man["shards"]], dtype=numpy.int64)  # (S,)
         if int(self.counts.sum()) != int(man["count"]):
             raise ActivationsError(f"{self.folder / MANIFEST}: count {man['count']} but its shards list {self.counts.sum()} rows")
+        if not self.files:
+            raise ActivationsError(f"{self.folder / MANIFEST}: the cache holds no shards (no activations to train on)")
         if not 0 <= int(holdout_shards) < len(self.files):
             raise ActivationsError(f"{self.folder}: holdout_shards must be in [0, {len(self.files)}), found {holdout_shards}")
         order = numpy.random.default_rng((self.seed, 0x5EED)).permutation(len(self.files))
@@ -104,6 +106,7 @@ class ShardStream:
 
     def _read_shard(self, s):
         path = self.folder / self.files[s]
+        check_regular_file(path, error=ActivationsError)  # a FIFO would block the open
         try:
             arr = numpy.load(path, allow_pickle=False)
         except (ValueError, OSError, EOFError) as e:

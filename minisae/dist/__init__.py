@@ -15,10 +15,13 @@ from minisae.dist.comm import (
     NCCLComm,
     SingleProcess,
     abort_on_error,
+    agreed,
+    launch_rank,
     launched_by_mpiexec,
+    on_every_rank,
     ordered_sum,
     world,
 )
 
-__all__ = ["MPI_ENV", "Comm", "DistError", "MPIComm", "NCCLComm", "SingleProcess", "abort_on_error",
-           "launched_by_mpiexec", "ordered_sum", "world"]
+__all__ = ["MPI_ENV", "Comm", "DistError", "MPIComm", "NCCLComm", "SingleProcess", "abort_on_error", "agreed",
+           "launch_rank", "launched_by_mpiexec", "on_every_rank", "ordered_sum", "world"]

@@ -69,7 +69,11 @@ def world(backend="auto", *, deterministic=True):
         raise InputError(f"dist backend: expected 'auto', 'single', 'mpi' or 'nccl', found {backend!r}")
     if backend == "single" or (backend == "auto" and launched_by_mpiexec() == 1):
         return SingleProcess()
-    mpi = MPIComm(_mpi4py().COMM_WORLD, deterministic=deterministic)
+    try:
+        mpi4py = _mpi4py()
+    except DependencyError as e:  # the same on every rank
+        raise on_every_rank(e) from None
+    mpi = MPIComm(mpi4py.COMM_WORLD, deterministic=deterministic)
     if backend == "nccl":
         return NCCLComm(mpi, deterministic=deterministic)
     return mpi
@@ -84,18 +88,54 @@ def _mpi4py():
     return MPI
 
 
+def on_every_rank(e):
+    """Mark exception `e` as raised on every rank of the run (by on_root, together, check_same, or
+    a check every rank makes on the same summed values): the command reports it once, from rank 0,
+    and every rank exits with its status. Returns e."""
+    e.on_every_rank = True
+    return e
+
+
+@contextlib.contextmanager
+def agreed():
+    """Code whose checks read only what every rank holds alike (the same arguments, results of
+    on_root or a collective): an exception it raises is marked as every rank's (`on_every_rank`)."""
+    try:
+        yield
+    except Exception as e:
+        on_every_rank(e)
+        raise
+
+
+def launch_rank():
+    """This process's rank as mpiexec announced it in the environment (0 when not started by mpiexec)."""
+    for key in ("PMI_RANK", "OMPI_COMM_WORLD_RANK"):
+        if os.environ.get(key, "").isdigit():
+            return int(os.environ[key])
+    return 0
+
+
 @contextlib.contextmanager
 def abort_on_error(comm):
-    """In a run of several processes, an error on one rank would leave the others waiting in a
-    collective for ever: print it with the rank and abort every process (MPI_Abort, status 1)."""
+    """In a run of several processes, an error on one rank alone would leave the others waiting in
+    a collective for ever. An error raised on every rank (marked by `on_every_rank`) goes on up, to
+    be reported once by rank 0; any other is printed as one line naming the rank and every process
+    is aborted (MPI_Abort with the error's exit status: 2 for a MinisaeError, else 1)."""
     try:
         yield
     except BaseException as e:
-        if comm.size == 1:
+        if comm.size == 1 or getattr(e, "on_every_rank", False):
             raise
-        print(f"minisae (rank {comm.rank} of {comm.size}): error: {type(e).__name__}: {e}".replace("\n", " "),
-              file=sys.stderr, flush=True)
-        comm.abort(1)
+        from minisae.errors import one_line
+
+        status = getattr(e, "exit_status", 1) if isinstance(e, MinisaeError) else 1
+        print(f"minisae (rank {comm.rank} of {comm.size}): error: {one_line(e)}", file=sys.stderr, flush=True)
+        try:  # the MPI library's own "application called MPI_Abort" line would be a second one
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, 2)
+        except OSError:
+            pass
+        comm.abort(status)
         raise
 
 
@@ -157,7 +197,7 @@ class Comm:
                 error = e
         result, error = self.bcast_obj((result, error), root)
         if error is not None:
-            raise error
+            raise on_every_rank(error)
         return result
 
     def together(self, fn):
@@ -170,14 +210,14 @@ class Comm:
             error = e
         errors = [e for e in self.allgather_obj(error) if e is not None]
         if errors:
-            raise error if error is not None else errors[0]
+            raise on_every_rank(error if error is not None else errors[0])
         return result
 
     def check_same(self, value, what):
         """Raise DistError on every rank unless every rank passes an equal (JSON-able) value."""
         values = self.allgather_obj(value)
         if any(v != values[0] for v in values):
-            raise DistError(f"ranks disagree on {what}: {values}")
+            raise on_every_rank(DistError(f"ranks disagree on {what}: {values}"))
 
     def allgather_obj(self, obj):
         return [obj]

@@ -1,4 +1,7 @@
-"""Training past one process: R data-parallel replicas x S latent shards (docs/scale.md).
+"""The training loop, on one process or past it: R data-parallel replicas x S latent shards
+(docs/scale.md). One process is the 1 x 1 grid (minisae.training.train.train), where the step is
+the variant's own `forward_backward` and its numbers are read back to the host only at log and
+checkpoint steps; any other grid runs the latent-sharded step.
 
     mpiexec -n 4 minisae train --arch topk --k 32 --d-sae 65536 --shards 2 --steps 1000 --out run/
 
@@ -18,7 +21,11 @@ Checkpoints (`save_sharded` / `load_sharded`): folder out_dir/checkpoint/ holds 
 shard-SSSSS.safetensors (one per shard, written by replica 0's ranks; replicas are bitwise
 identical) and checkpoint.json, written last, atomically, naming the step folder; older step
 folders are removed after it. Loading reads any latent range from the files that overlap it, so a
-run resumes on another S (resharding; `reshard` writes a converted copy).
+run resumes on another S (resharding; `reshard` writes a converted copy); every field and shard is
+checked before any collective (`read_manifest`, `load_sharded`).
+
+The run folder (docs/pipeline.md): rank 0 holds its lock (minisae.io.files.FolderLock); a step's
+metrics lines are fsynced before its checkpoint, and a resume cuts them back to the checkpoint.
 
 Legend: B tokens in the step's batch, b per micro-batch, D d_in, M d_sae, m = hi - lo latents on
 this shard, P ranks, R replicas, S shards, A micro-batches per rank.
@@ -30,20 +37,26 @@ import math
 import shutil
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy
 
 from minisae import dist
 
 from minisae.training import optim
-from minisae.errors import InputError, OutputExistsError
-from minisae.io.files import check_output_dir, make_dir, write_atomic
+from minisae.errors import FileFormatError, InputError, OutputExistsError
+from minisae.io.files import FolderLock, check_output_dir, check_regular_file, make_dir, write_atomic
 from minisae.io.safetensors_io import SafetensorsError, SafetensorsFile, save_file
 from minisae.sae import VARIANTS
 from minisae.dist.sharded import _sum_scalars, init_shard, latent_range, make_grid, shard_forward_backward
+from minisae.training.checkpoint import _append_jsonl, _truncate_metrics, clear_results, clear_run, kill_point
 from minisae.xp import asarray, get_xp, to_numpy
 
 CHECKPOINT_DIR = "checkpoint"
+# one process on the 1 x 1 grid takes the loop's fast path (its numbers read back to the host only at
+# log and checkpoint steps); tests/test_dist.py turns it off to hold the grid path equal to it
+ALONE_FAST_PATH = True
+LEGACY_CHECKPOINT = "checkpoint.safetensors"  # the one-file checkpoint of earlier one-process runs: read, not written
 MANIFEST_NAME = "checkpoint.json"
 MANIFEST_FORMAT = "minisae-sharded-checkpoint-1"
 
@@ -87,34 +100,126 @@ def _write_manifest(ckdir, step_dir, grid, state, cfg):
                 "batchtopk_threshold": float(state.get("batchtopk_threshold", 0.0)),
                 "threshold_updates": int(state.get("threshold_updates", 0)),
                 "scale": state["scale"], "d_sae": cfg.d_sae, "d_in": int(state["params"]["b_dec"].shape[0]),
-                "replicas": grid.R, "shards": shards, "config": dataclasses.asdict(cfg)}
+                "replicas": grid.R, "shards": shards, "config": dataclasses.asdict(cfg),
+                "controller": state.get("controller")}
     write_atomic(ckdir / MANIFEST_NAME, json.dumps(manifest, indent=1) + "\n")
     for old in ckdir.glob("step-*"):
         if old.name != step_dir:
             shutil.rmtree(old, ignore_errors=True)
 
 
+def _count(v, least=0):
+    return isinstance(v, int) and not isinstance(v, bool) and v >= least
+
+
+def _number(v):
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _corrupt(path, what):
+    from minisae.training.checkpoint import CheckpointError
+
+    return CheckpointError(f"{path}: {what}; the checkpoint was left untouched: restore it, or move it away "
+                           "to start over")
+
+
 def read_manifest(ckdir):
+    """The sharded checkpoint's manifest, read with the JSON limits of every minisae JSON file
+    (minisae.io.files.read_json: size, depth, a regular file) and checked field by field: counts
+    are non-negative integers, C a positive finite number, the shard list tiles [0, d_sae) with
+    one entry per latent range, each file a relative path inside the checkpoint folder. A wrong
+    manifest is one CheckpointError line naming the field."""
+    from minisae.io.files import read_json
     from minisae.training.checkpoint import CheckpointError
 
     path = Path(ckdir) / MANIFEST_NAME
-    try:
-        man = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{path}: cannot read the sharded checkpoint manifest ({e})") from None
-    need = ("format", "step", "adam_step", "scale", "d_sae", "d_in", "shards", "config")
-    if not isinstance(man, dict) or man.get("format") != MANIFEST_FORMAT or any(k not in man for k in need):
-        raise CheckpointError(f"{path}: not a {MANIFEST_FORMAT} manifest (expected keys {need})")
+    man = read_json(path, error=CheckpointError)
+    if man.get("format") != MANIFEST_FORMAT:
+        raise CheckpointError(f"{path}: not a {MANIFEST_FORMAT} manifest (format {man.get('format')!r:.60})")
+    checks = (("step", _count(man.get("step"))), ("adam_step", _count(man.get("adam_step"))),
+              ("d_sae", _count(man.get("d_sae"), 1)), ("d_in", _count(man.get("d_in"), 1)),
+              ("scale", _number(man.get("scale")) and math.isfinite(man["scale"]) and man["scale"] > 0),
+              ("replicas", _count(man.get("replicas", 1), 1)),
+              ("threshold_updates", _count(man.get("threshold_updates", 0))),
+              ("batchtopk_threshold", _number(man.get("batchtopk_threshold", 0.0))),
+              ("controller", man.get("controller") is None or isinstance(man["controller"], dict)),
+              ("config", isinstance(man.get("config"), dict)
+               and man["config"].get("d_sae") == man.get("d_sae")
+               and man["config"].get("dtype") in ("float32", "float64")),
+              ("shards", isinstance(man.get("shards"), list) and 0 < len(man["shards"]) <= max(1, man.get("d_sae", 1))
+               if _count(man.get("d_sae"), 1) else False))
+    for field, ok in checks:
+        if not ok:
+            want = {"scale": "a positive finite number", "config": "an object whose d_sae and dtype "
+                    "(float32 or float64) match", "shards": "a non-empty list of at most d_sae entries",
+                    "batchtopk_threshold": "a number", "controller": "null or an object"}.get(field, "a non-negative integer")
+            raise _corrupt(path, f"{field} must be {want}, found {man.get(field)!r:.60}")
+    expected, seen = 0, set()
+    for i, sh in enumerate(man["shards"]):
+        if not (isinstance(sh, dict) and isinstance(sh.get("file"), str) and _count(sh.get("lo"))
+                and _count(sh.get("hi"))):
+            raise _corrupt(path, f"shards[{i}] must be an object with a string file and integer lo, hi; found {sh!r:.80}")
+        parts = Path(sh["file"]).parts
+        if (not parts or Path(sh["file"]).is_absolute() or ".." in parts or "\\" in sh["file"]
+                or len(parts) != 2 or not parts[0].startswith("step-")):
+            raise _corrupt(path, f"shards[{i}].file {sh['file']!r:.80} is not step-NNNNNNNN/<shard file> inside the checkpoint folder")
+        if sh["file"] in seen:
+            raise _corrupt(path, f"shards[{i}].file {sh['file']!r:.80} is listed twice")
+        seen.add(sh["file"])
+        if sh["lo"] != expected or sh["hi"] <= sh["lo"]:
+            raise _corrupt(path, f"shards[{i}] covers latents [{sh['lo']}, {sh['hi']}), expected to start at "
+                                 f"{expected} and be non-empty (the shards must tile [0, d_sae) in order)")
+        expected = sh["hi"]
+    if expected != man["d_sae"]:
+        raise _corrupt(path, f"the shards cover latents [0, {expected}), not [0, {man['d_sae']}) (d_sae)")
     return man
+
+
+_SAFETENSORS_DTYPE = {"float32": "F32", "float64": "F64"}
+
+
+def _check_shard(f, path, sh, man, names, prefixes):
+    """One shard file against its manifest entry, from its header alone (nothing is read): its own
+    record (format, lo, hi, step) equals the entry's, every tensor has the run's dtype and this
+    shard's shape. Refuses before anything reaches a collective."""
+    from minisae.io.files import parse_json
+    from minisae.training.checkpoint import CheckpointError
+
+    own = parse_json((f.metadata or {}).get("minisae", "null") or "null", f"{path}: metadata", error=CheckpointError)
+    if not isinstance(own, dict) or own.get("format") != MANIFEST_FORMAT:
+        raise _corrupt(path, f"not a shard of a {MANIFEST_FORMAT} checkpoint (no such metadata)")
+    for key in ("lo", "hi", "step"):
+        want = man["step"] if key == "step" else sh[key]
+        if own.get(key) != want or not _count(own.get(key)):
+            raise _corrupt(path, f"the shard says {key} = {own.get(key)!r:.40}, its manifest entry {want}")
+    m, d_in, dtype = sh["hi"] - sh["lo"], man["d_in"], _SAFETENSORS_DTYPE[man["config"]["dtype"]]
+    shapes = {"since_fired": ((m,), "I64")}
+    for prefix in prefixes:
+        for k in names:
+            shape = {"W_enc": (d_in, m), "W_dec": (m, d_in), "b_dec": (d_in,)}.get(k, (m,))
+            shapes[f"{prefix}.{k}"] = (shape, dtype)
+    for name, (shape, dt) in shapes.items():
+        t = f.tensors.get(name)
+        if t is None:
+            raise CheckpointError(f"{path}: tensor {name!r} is missing")
+        if t.dtype != dt or tuple(t.shape) != shape:
+            raise _corrupt(path, f"tensor {name!r} is {t.dtype} {list(t.shape)}, expected {dt} {list(shape)} "
+                                 f"(latents [{sh['lo']}, {sh['hi']}) of a {man['config']['dtype']} run)")
 
 
 def load_sharded(ckdir, lo, hi, xp, *, names, params_only=False):
     """(manifest, state) of latents [lo, hi) from a sharded checkpoint written with any S: each
     per-latent tensor is put together from the shard files that overlap [lo, hi). params_only:
-    leave out Adam's moments (a third of the memory; for the release SAE)."""
-    prefixes = ("params",) if params_only else ("params", "adam_m", "adam_v")
+    leave out Adam's moments (a third of the memory; for the release SAE).
+
+    Every shard it reads is checked first (a regular file; its header's own lo, hi, step, every
+    tensor's dtype and shape against the manifest), and the parameters must be finite: a bad shard
+    is one CheckpointError, raised before the caller's next collective (callers run it inside
+    comm.together, so every rank raises it)."""
+    from minisae.io.files import check_regular_file
     from minisae.training.checkpoint import CheckpointError
 
+    prefixes = ("params",) if params_only else ("params", "adam_m", "adam_v")
     ckdir = Path(ckdir)
     man = read_manifest(ckdir)
     pieces = {}  # tensor name -> list of slices
@@ -123,13 +228,13 @@ def load_sharded(ckdir, lo, hi, xp, *, names, params_only=False):
         if a >= b and not (sh is man["shards"][0]):
             continue
         path = ckdir / sh["file"]
+        check_regular_file(path, error=CheckpointError)  # a FIFO would block the open
         try:
             with SafetensorsFile(path) as f:
+                _check_shard(f, path, sh, man, names, prefixes)
                 for prefix in prefixes:
                     for k in names:
                         name = f"{prefix}.{k}"
-                        if name not in f:
-                            raise CheckpointError(f"{path}: tensor {name!r} is missing")
                         arr, axis = f.get(name), _latent_axis(k)
                         if axis is None:
                             pieces.setdefault(name, [numpy.array(arr)])
@@ -140,6 +245,8 @@ def load_sharded(ckdir, lo, hi, xp, *, names, params_only=False):
                 if a < b:
                     pieces.setdefault("since_fired", []).append(numpy.array(f.get("since_fired")[a - sh["lo"]:b - sh["lo"]]))
         except (SafetensorsError, OSError) as e:
+            if isinstance(e, CheckpointError):
+                raise
             raise CheckpointError(f"{path}: cannot read the checkpoint shard ({e}); it may be truncated "
                                   "or corrupt") from None
     state = {"params": {}, "adam": {"step": int(man["adam_step"]), "m": {}, "v": {}}}
@@ -151,11 +258,15 @@ def load_sharded(ckdir, lo, hi, xp, *, names, params_only=False):
             arr = pieces[f"{prefix}.{k}"][0] if axis is None else numpy.concatenate(pieces[f"{prefix}.{k}"], axis=axis)
             if axis is not None and arr.shape[axis] != hi - lo:
                 raise CheckpointError(f"{ckdir}: the shards cover {arr.shape[axis]} of latents [{lo}, {hi})")
+            if prefix == "params" and not numpy.isfinite(arr).all():
+                raise _corrupt(ckdir / MANIFEST_NAME, f"params.{k} holds NaN or inf values (a corrupt checkpoint, "
+                                                      "not a divergence: training never writes them)")
             store[k] = asarray(arr, xp)
     state["since_fired"] = asarray(numpy.concatenate(pieces["since_fired"]), xp)
     state["step"], state["scale"] = int(man["step"]), float(man["scale"])
     state["batchtopk_threshold"] = float(man.get("batchtopk_threshold", 0.0))
     state["threshold_updates"] = int(man.get("threshold_updates", 0))
+    state["controller"] = man.get("controller")
     return man, state
 
 
@@ -168,6 +279,7 @@ def reshard(src_run, dst_run, shards):
     if int(shards) < 1 or int(shards) > int(man["d_sae"]):
         raise InputError(f"shards: expected 1 ... {man['d_sae']} (d_sae), found {shards}")
     check_output_dir(dst_run, "train run", is_own=lambda d: False)  # new or empty only
+    check_regular_file(src / man["shards"][0]["file"], error=FileFormatError)
     with SafetensorsFile(src / man["shards"][0]["file"]) as f:
         names = [k[len("params."):] for k in f.keys() if k.startswith("params.")]
     step_dir = f"step-{man['step']:08d}"
@@ -198,160 +310,294 @@ def reshard(src_run, dst_run, shards):
 
 def train_parallel(cfg, source, out_dir, *, shards=1, accumulate=1, comm=None, resume=False,
                    overwrite=False, progress=True):
-    """minisae.training.train.train on a grid of R x S processes (comm: the world, default dist.world()).
+    """The training loop of minisae (`minisae.training.train.train` is this on dist.SingleProcess,
+    the 1 x 1 grid) on a grid of R x S processes (comm: the world, default dist.world()).
 
     Every rank calls it with the same arguments; rank 0 alone writes config.json, metrics.jsonl,
     the manifest, sae/ and eval.json (all atomically), replica 0's ranks the shard files.
     accumulate: micro-batches per rank per step (gradients summed in order): one process with
     accumulate=R ends bitwise equal to R ranks with accumulate=1 (tests/test_dist.py).
-    Returns minisae.training.train.TrainResult on rank 0 (on other ranks its sae, summary are None, {})."""
-    from minisae.training.checkpoint import CheckpointError, _check_resume_config
-    from minisae.training.train import TrainingError, hypers_at, is_run_folder
+    Returns minisae.training.train.TrainResult on rank 0 (on other ranks its sae, summary are None, {}).
+    Rank 0 holds the run folder's lock (minisae.io.files.FolderLock) from the first look at the
+    folder to the end."""
+    from minisae.training.train import check_memory, is_run_folder
     from minisae.training.config import param_names
 
     world = dist.world() if comm is None else comm
     cfg = cfg.resolved(int(source.d_in))
     xp = get_xp(cfg.backend)
     names = param_names(cfg)
-    world.check_same({"config": dataclasses.asdict(cfg), "shards": int(shards), "accumulate": int(accumulate),
-                      "d_in": int(source.d_in), "resume": bool(resume), "overwrite": bool(overwrite)},
-                     "the training arguments (every process must be started with the same command)")
-    grid = make_grid(world, shards, cfg.d_sae)
-    if grid.S > 1 and cfg.penalty != "l0":
-        raise InputError(f"penalty {cfg.penalty!r} couples every latent of a token (its total L0); "
-                         "it cannot be split over latent shards: train it with --shards 1")
-    if cfg.uses_controller() or cfg.threshold_lr_mult != 1.0:
-        raise ValueError("the λ controller (--target-l0 for Gated / JumpReLU) and --threshold-lr-mult run in "
-                         "single-process training only for now: train without --shards/--accumulate/mpiexec")
-    n_micro = grid.R * int(accumulate)
-    if int(accumulate) < 1 or cfg.batch_size % n_micro:
-        raise InputError(f"batch_size {cfg.batch_size} must split into {grid.R} replicas x "
-                         f"{accumulate} micro-batches (accumulate >= 1)")
-    b, mine = cfg.batch_size // n_micro, cfg.batch_size // grid.R  # rows per micro-batch, per replica
+    with dist.agreed():  # the same arguments on every rank (checked first): an error here is every rank's
+        world.check_same({"config": dataclasses.asdict(cfg), "shards": int(shards), "accumulate": int(accumulate),
+                          "d_in": int(source.d_in), "resume": bool(resume), "overwrite": bool(overwrite)},
+                         "the training arguments (every process must be started with the same command)")
+        grid = make_grid(world, shards, cfg.d_sae)
+        if grid.S > 1 and cfg.penalty != "l0":
+            raise InputError(f"penalty {cfg.penalty!r} couples every latent of a token (its total L0); "
+                             "it cannot be split over latent shards: train it with --shards 1")
+        n_micro = grid.R * int(accumulate)
+        if int(accumulate) < 1 or cfg.batch_size % n_micro:
+            raise InputError(f"batch_size {cfg.batch_size} must split into {grid.R} replicas x "
+                             f"{accumulate} micro-batches (accumulate >= 1)")
+        b, mine = cfg.batch_size // n_micro, cfg.batch_size // grid.R  # rows per micro-batch, per replica
+        # this rank's share: its latents, its micro-batch
+        check_memory(SimpleNamespace(dtype=cfg.dtype, d_sae=grid.hi - grid.lo, batch_size=b), int(source.d_in), xp)
     out_dir = Path(out_dir)
     ckdir = out_dir / CHECKPOINT_DIR
-    metrics_path = out_dir / "metrics.jsonl"
-    lead = world.rank == 0
+    lock = []  # rank 0's FolderLock: one writer per run folder
 
     def look():  # the output-folder rule (minisae.io.files): new, empty, or a run folder of ours
         check_output_dir(out_dir, "train run", is_own=is_run_folder)
-        return (ckdir / MANIFEST_NAME).exists(), (out_dir / "sae").exists()
+        make_dir(out_dir)
+        lock.append(FolderLock(out_dir, what="training run"))
+        return ((ckdir / MANIFEST_NAME).exists(), (out_dir / LEGACY_CHECKPOINT).exists(),
+                (out_dir / "sae").exists())
 
-    have = world.on_root(look)
-    if any(have) and not (resume and have[0]) and not overwrite:
-        raise OutputExistsError(f"{out_dir} already holds a training run; resume it (--resume), start it "
-                                "over (--overwrite) or choose a new folder")
-    have = have[0]
-    if have and resume:
-        man, state = world.together(lambda: load_sharded(ckdir, grid.lo, grid.hi, xp, names=names))
-        _check_resume_config(ckdir / MANIFEST_NAME, man, cfg)
-        if int(man["d_in"]) != source.d_in:
-            raise CheckpointError(f"{ckdir}: trained on d_in={man['d_in']}, the source has {source.d_in}")
-        world.on_root(lambda: _truncate_metrics(metrics_path, state["step"]))
-    else:
-        def clear():  # a fresh run (overwrite: the old run's state and results go first)
-            make_dir(out_dir)
-            if ckdir.exists():
-                shutil.rmtree(ckdir)
-            for old in (metrics_path, out_dir / "eval.json"):
-                if old.exists():
-                    old.unlink()
+    try:
+        return _train_locked(cfg, source, out_dir, world, grid, xp, names, look, int(accumulate),
+                             n_micro, b, mine, resume, overwrite, progress)
+    finally:
+        for held in lock:
+            held.release()
 
-        world.on_root(clear)
+
+def _resume_state(cfg, source, out_dir, world, grid, xp, names, legacy):
+    """The state of this rank's latents from the run's checkpoint: the sharded one, or else (legacy)
+    the one-file checkpoint.safetensors earlier one-process runs wrote, cut to [lo, hi)."""
+    from minisae.training.checkpoint import CheckpointError, _check_resume_config, load_checkpoint
+
+    ckdir = out_dir / CHECKPOINT_DIR
+    if not legacy:
+        def load():  # the config first: a mismatch is named as such, not as the shards that do not fit it
+            _check_resume_config(ckdir / MANIFEST_NAME, read_manifest(ckdir), cfg)
+            return load_sharded(ckdir, grid.lo, grid.hi, xp, names=names)
+
+        man, state = world.together(load)
+        d_in, where = int(man["d_in"]), ckdir
+    else:  # every rank reads the one file and keeps its latents
+        path = out_dir / LEGACY_CHECKPOINT
+        state = world.together(lambda: load_checkpoint(path, cfg, numpy))
+        d_in, where = int(state["params"]["W_enc"].shape[0]), path
+        cut = {k: (v if k == "b_dec" else v[:, grid.lo:grid.hi] if k == "W_enc" else v[grid.lo:grid.hi])
+               for k, v in state["params"].items()}
+        for store in ("m", "v"):
+            state["adam"][store] = {k: asarray(v if k == "b_dec" else v[:, grid.lo:grid.hi] if k == "W_enc"
+                                               else v[grid.lo:grid.hi], xp)
+                                    for k, v in state["adam"][store].items()}
+        state["params"] = {k: asarray(v, xp) for k, v in cut.items()}
+        state["since_fired"] = asarray(state["since_fired"][grid.lo:grid.hi], xp)
+    if d_in != source.d_in:
+        raise CheckpointError(f"{where}: trained on d_in={d_in}, the source has {source.d_in}")
+    return state
+
+
+def _train_locked(cfg, source, out_dir, world, grid, xp, names, look, accumulate, n_micro, b, mine,
+                  resume, overwrite, progress):
+    from minisae.training.prefetch import Prefetcher
+    from minisae.training.train import (TrainingError, centred_sum_of_squares, hypers_at, log_row,
+                                        lr_multipliers, make_controller)
+
+    ckdir = out_dir / CHECKPOINT_DIR
+    metrics_path = out_dir / "metrics.jsonl"
+    lead = world.rank == 0
+    with dist.agreed():  # each check below reads what every rank holds alike: its error is every rank's
+        have, legacy, done_sae = world.on_root(look)
+        if (have or legacy or done_sae) and not (resume and (have or legacy)) and not overwrite:
+            raise OutputExistsError(f"{out_dir} already holds a training run; resume it (--resume), start it "
+                                    "over (--overwrite) or choose a new folder")
+        state = None
+        if (have or legacy) and resume:
+            state = _resume_state(cfg, source, out_dir, world, grid, xp, names, legacy=not have)
+            world.on_root(lambda: (clear_results(out_dir), _truncate_metrics(metrics_path, state["step"])))
+        else:  # a fresh run (overwrite: the old run's results, state and record go first, config.json last)
+            world.on_root(lambda: clear_run(out_dir))
+            legacy = False
+
+        def record():
+            from minisae.training.train import _source_info
+            info = {"train": dataclasses.asdict(cfg), "source": _source_info(source),
+                    "grid": {"processes": world.size, "replicas": grid.R, "shards": grid.S,
+                             "accumulate": accumulate, "backend": world.name}}
+            write_atomic(out_dir / "config.json", json.dumps(info, indent=2) + "\n")
+
+        world.on_root(record)
+    if state is None:  # (outside: an error of one rank alone here is not every rank's)
         state = _fresh_state(cfg, source, grid, xp)
-
-    def record():
-        from minisae.training.train import _source_info
-        info = {"train": dataclasses.asdict(cfg), "source": _source_info(source),
-                "grid": {"processes": world.size, "replicas": grid.R, "shards": grid.S,
-                         "accumulate": int(accumulate), "backend": world.name}}
-        write_atomic(out_dir / "config.json", json.dumps(info, indent=2) + "\n")
-
-    world.on_root(record)
 
     scale, params, adam, since_fired = state["scale"], state["params"], state["adam"], state["since_fired"]
     threshold = (state["batchtopk_threshold"], state["threshold_updates"])  # BatchTopK's running θ
+    controller = make_controller(cfg, state)  # λ from the whole batch's L0: the same on every rank
+    lr_mult = lr_multipliers(cfg)
     betas = (cfg.adam_beta1, cfg.adam_beta2)
-    bar = _bar(cfg, state["step"], progress and lead)
+    mod = VARIANTS[cfg.architecture]
+    # one process (the 1 x 1 grid, one micro-batch): the variant's own step, its numbers read back to
+    # the host only at log and checkpoint steps (on CuPy a read is a sync); else the sharded step
+    alone = ALONE_FAST_PATH and world.size == 1 and grid.S == 1 and n_micro == 1
+    last_good = state["step"] if (have or legacy) and resume else None
+    bar = _bar(cfg, state["step"], progress if lead else False)  # progress may be "nested" (compare)
     pending, t0 = [], time.time()
+    losses, min_kept = [], []  # (alone) 0-d losses and BatchTopK's smallest kept values since the last read
+
+    def rows(i):  # shard 0 of each replica: its rows of batch i, normalised (x_raw / C, cfg.dtype), and
+        X = numpy.divide(_replica_rows(source, i, cfg.batch_size, grid.r * mine, (grid.r + 1) * mine), scale,
+                         dtype=cfg.dtype)  # (A*b, D) a fresh array
+        return X, float(not numpy.isfinite(X).all())  # 1.0: NaN or inf (seen alike by the shards it is sent to)
+
+    # shard 0's rows are made one step ahead in a background thread (cfg.prefetch = 0: in the loop)
+    batches = Prefetcher(rows, state["step"], cfg.steps, depth=cfg.prefetch) \
+        if cfg.prefetch > 0 and grid.s == 0 else None
     try:
         for step in range(state["step"], cfg.steps):
-            # shard 0 of each replica reads the replica's rows and broadcasts them to the other shards
-            X = None
-            if grid.s == 0:
-                X = _replica_rows(source, step, cfg.batch_size, grid.r * mine, (grid.r + 1) * mine)  # (A*b, D)
-            if grid.S > 1:
-                X = grid.shard.broadcast(numpy.empty((mine, source.d_in), numpy.float32) if X is None
-                                         else numpy.ascontiguousarray(X, dtype=numpy.float32), root=0)
-            hyper = hypers_at(cfg, step, since_fired >= cfg.dead_window_tokens if cfg.uses_dead_mask() else None)
-            # sums: loss, mse, l0 over the micro-batches, and 1 where a batch held NaN or inf
-            fired, sums, parts = None, numpy.array([0.0, 0.0, 0.0, float(not numpy.isfinite(X).all())]), []
-            low = math.inf  # BatchTopK: the smallest kept activation of the step's micro-batches
-            for j in range(int(accumulate)):
-                x = asarray(X[j * b:(j + 1) * b], xp, cfg.dtype) / scale  # (b, D)
-                stats, g, f = shard_forward_backward(cfg.architecture, params, x, hyper, grid.shard,
-                                                     grid.lo, cfg.d_sae)
-                parts.append(g)
-                fired = f if fired is None else fired | f
-                sums[:3] += (stats["loss"], stats["mse"], stats["l0"])
-                if math.isfinite(stats.get("min_kept", math.nan)):  # BatchTopK (NaN: nothing kept)
-                    low = min(low, stats["min_kept"])
-            grads = parts[0] if len(parts) == 1 else {k: dist.ordered_sum([g[k] for g in parts]) for k in parts[0]}
-            if grid.R > 1:  # the replicas' gradients, summed in rank order; fired OR-ed
-                grads = {k: grid.replica.sum(v) for k, v in grads.items()}
-                fired = grid.replica.any(fired)
-                sums = grid.replica.sum(sums)
-            if cfg.architecture == "batchtopk":  # the running inference threshold, the same on every rank
-                if grid.R > 1:
-                    low = float(grid.replica.allgather(numpy.array([low]))[:, 0].min())
-                threshold = VARIANTS["batchtopk"].update_threshold(
-                    *threshold, low if math.isfinite(low) else math.nan, cfg.threshold_rate)
-            if sums[3] > 0:  # every rank sees it after the sum, so every rank stops here
-                raise TrainingError(f"step {step}: the activation batch holds NaN or inf values; the last good "
-                                    f"checkpoint is kept in {ckdir}")
-            if n_micro > 1:
-                for v in grads.values():
-                    v *= 1.0 / n_micro
-            loss, mse, l0 = (float(v) / n_micro for v in sums[:3])
-            if not math.isfinite(loss):
-                raise TrainingError(f"step {step}: the loss is {loss}; try a lower learning rate")
+            try:
+                X, bad_batch = (batches.get(step) if batches else rows(step)) if grid.s == 0 else (None, 0.0)
+            except TrainingError as e:  # a batch of the wrong shape
+                raise TrainingError(f"{e}; {_kept(ckdir, last_good)}") from None
+            if grid.S > 1:  # shard 0 broadcasts the replica's rows (A*b, D) to its other shards
+                X = grid.shard.broadcast(numpy.empty((mine, source.d_in), cfg.dtype) if X is None else X, root=0)
+                bad_batch = float(not numpy.isfinite(X).all())
+            dead = since_fired >= cfg.dead_window_tokens if cfg.uses_dead_mask() else None  # (m,)
+            hyper = hypers_at(cfg, step, dead, coeff=controller.coeff() if controller else None)
+            if alone:
+                if bad_batch:
+                    raise TrainingError(f"step {step}: the activation batch holds NaN or inf values; "
+                                        + _kept(ckdir, last_good))
+                x = asarray(X, xp)  # (B, D) normalised: E‖x‖² = 1
+                # the variant's fastest exact path (row-sparse on NumPy when few latents fire); the
+                # latents are never held as a dense (B, M) array: out["fired"] counts them per latent
+                out, grads = mod.forward_backward(params, x, **hyper, path="auto", dense_f=False)
+                fired = out["fired"] != 0  # (M,)
+                losses.append(out["loss"])
+                if cfg.architecture == "batchtopk":
+                    min_kept.append(out["min_kept"])
+                l0 = None
+                if controller and step >= controller.start_step:  # a host read: the next λ needs it
+                    l0 = float(to_numpy(out["l0"]))
+                    controller.update(step, l0)
+            else:
+                out, x = None, None
+                # sums: loss, mse, l0 over the micro-batches, and 1 where a batch held NaN or inf
+                fired, sums, parts = None, numpy.array([0.0, 0.0, 0.0, bad_batch]), []
+                low = math.inf  # BatchTopK: the smallest kept activation of the step's micro-batches
+                for j in range(accumulate):
+                    xj = asarray(X[j * b:(j + 1) * b], xp)  # (b, D)
+                    stats, g, f = shard_forward_backward(cfg.architecture, params, xj, hyper, grid.shard,
+                                                         grid.lo, cfg.d_sae)
+                    parts.append(g)
+                    fired = f if fired is None else fired | f
+                    sums[:3] += (stats["loss"], stats["mse"], stats["l0"])
+                    if math.isfinite(stats.get("min_kept", math.nan)):  # BatchTopK (NaN: nothing kept)
+                        low = min(low, stats["min_kept"])
+                grads = parts[0] if len(parts) == 1 else {k: dist.ordered_sum([g[k] for g in parts]) for k in parts[0]}
+                if grid.R > 1:  # the replicas' gradients, summed in rank order; fired OR-ed
+                    grads = {k: grid.replica.sum(v) for k, v in grads.items()}
+                    fired = grid.replica.any(fired)
+                    sums = grid.replica.sum(sums)
+                if cfg.architecture == "batchtopk":  # the running inference threshold, the same on every rank
+                    if grid.R > 1:
+                        low = float(grid.replica.allgather(numpy.array([low]))[:, 0].min())
+                    threshold = VARIANTS["batchtopk"].update_threshold(
+                        *threshold, low if math.isfinite(low) else math.nan, cfg.threshold_rate)
+                if sums[3] > 0:  # every rank sees it after the sum, so every rank stops here (and says so once)
+                    raise dist.on_every_rank(TrainingError(
+                        f"step {step}: the activation batch holds NaN or inf values; " + _kept(ckdir, last_good)))
+                if n_micro > 1:
+                    for v in grads.values():
+                        v *= 1.0 / n_micro
+                loss, mse, l0 = (float(v) / n_micro for v in sums[:3])
+                if not math.isfinite(loss):
+                    raise dist.on_every_rank(TrainingError(
+                        f"step {step}: the loss is {loss}; " + _kept(ckdir, last_good) + "; try a lower learning rate"))
+                if controller and step >= controller.start_step:
+                    controller.update(step, l0)
             lr = optim.lr_at(step, lr=cfg.lr, warmup_steps=cfg.warmup_steps, total_steps=cfg.steps,
                              decay_frac=cfg.decay_frac)
             # Adam with the decoder's rows held at unit norm: dW_dec loses its component along each
             # row first, each row is renormalised after (fused, one pass over W_dec)
-            optim.adam_update(params, grads, adam, lr=lr, betas=betas, eps=cfg.adam_eps,
+            optim.adam_update(params, grads, adam, lr=lr, betas=betas, eps=cfg.adam_eps, lr_mult=lr_mult,
                               unit_rows="W_dec")
-            if "threshold" in params:  # raw θ (JumpReLU option): kept >= 0, as minisae.training.train does
+            if "threshold" in params:  # raw θ: kept >= 0 by projection (a θ < 0 would count π = 0 as active)
                 xp.maximum(params["threshold"], 0.0, out=params["threshold"])
-            since_fired = xp.where(fired, 0, since_fired + cfg.batch_size)  # (m,)
+            del grads  # the next step's gradients need the room
+            since_fired += cfg.batch_size  # (m,) tokens since each latent last fired ...
+            since_fired *= ~fired  # ... reset where it fired in this step's batch
             done = step + 1
-            if done % cfg.log_every == 0 or done == cfg.steps:  # collective: every rank takes part
-                fvu_denom = _centred_sum_of_squares(X / scale, grid.replica, cfg.batch_size)
+            log_now = done % cfg.log_every == 0 or done == cfg.steps
+            checkpoint_now = done % cfg.checkpoint_every == 0 or done == cfg.steps
+            if alone and (log_now or checkpoint_now):  # the host reads of the steps since the last one
+                loss = _check_losses(xp, losses, done - len(losses), ckdir, last_good)
+                losses = []
+                for m in min_kept:  # in step order: the same θ as updating at every step
+                    threshold = VARIANTS["batchtopk"].update_threshold(*threshold, float(to_numpy(m)),
+                                                                       cfg.threshold_rate)
+                min_kept = []
+                mse, l0 = float(to_numpy(out["mse"])), float(to_numpy(out["l0"])) if l0 is None else l0
+            if log_now:  # collective: every rank takes part
+                if grid.R == 1:  # the whole batch is here: Σ ‖x_b − x̄‖² in its dtype
+                    fvu_denom = centred_sum_of_squares(x if alone else asarray(X, xp))
+                else:
+                    fvu_denom = _centred_sum_of_squares(X, grid.replica, cfg.batch_size)
                 dead = _sum_dead(grid, since_fired >= cfg.dead_window_tokens)
-                row = {"step": done, "tokens": done * cfg.batch_size, "loss": loss, "mse": mse, "l0": l0,
-                       "fvu": mse * cfg.batch_size / fvu_denom if fvu_denom > 0 else float("nan"), "lr": lr,
-                       "dead_frac": dead / cfg.d_sae, "elapsed_s": round(time.time() - t0, 3)}
-                if "sparsity_coeff" in hyper:
-                    row["sparsity_coeff"] = hyper["sparsity_coeff"]
+                row = log_row(cfg, done, loss=loss, mse=mse, l0=l0, fvu_denom=fvu_denom, batch_rows=cfg.batch_size,
+                              lr=lr, hyper=hyper, dead_frac=dead / cfg.d_sae, elapsed=time.time() - t0,
+                              threshold=threshold[0])
                 if lead:
                     pending.append(row)
-                    bar.set_postfix(loss=f"{loss:.4g}", L0=f"{l0:.1f}")
-            if done % cfg.checkpoint_every == 0 or done == cfg.steps:
+                    bar.set_postfix(loss=f"{loss:.4g}", L0=f"{l0:.1f}", FVU=f"{row['fvu']:.4f}")
+            if checkpoint_now:
                 bad = world.sum(numpy.array([0 if _finite(params, xp) else 1], dtype=numpy.int64))[0]
                 if bad:
-                    raise TrainingError(f"step {step}: the parameters became NaN or inf; the last good "
-                                        f"checkpoint is kept in {ckdir}; try a lower learning rate")
+                    raise dist.on_every_rank(TrainingError(
+                        f"step {step}: the parameters became NaN or inf; " + _kept(ckdir, last_good)
+                        + "; try a lower learning rate"))
+                # the step's metrics lines reach the disk first, its checkpoint after: a kill between
+                # leaves lines past the checkpoint, which a resume cuts and writes again
+                world.on_root(lambda: _append_jsonl(metrics_path, pending, durable=True))
+                pending = []
+                kill_point("metrics", done)
                 save_sharded(ckdir, grid, {"step": done, "scale": scale, "params": params, "adam": adam,
                                            "since_fired": since_fired, "batchtopk_threshold": threshold[0],
-                                           "threshold_updates": threshold[1]}, cfg)
-                world.on_root(lambda: _append_jsonl(metrics_path, pending))
-                pending = []
+                                           "threshold_updates": threshold[1],
+                                           "controller": controller.state() if controller else None}, cfg)
+                if legacy:  # the run now lives in checkpoint/: the one-file checkpoint it resumed from goes
+                    world.on_root(lambda: _remove_legacy(out_dir))
+                    legacy = False
+                last_good = done
+                kill_point("checkpoint", done)
             bar.update(1)
     finally:
+        if batches:
+            batches.close()
         bar.close()
         if lead:
-            _append_jsonl(metrics_path, pending)
-    return _finish(cfg, source, out_dir, ckdir, world, names, scale, threshold[0])
+            _append_jsonl(metrics_path, pending)  # after an error: the lines since the last checkpoint
+    coeff = controller.coeff() if controller else None
+    live = {k: to_numpy(v) for k, v in params.items()} if grid.S == 1 and lead else None
+    return _finish(cfg, source, out_dir, ckdir, world, names, scale, threshold[0], coeff, live)
+
+
+def _remove_legacy(out_dir):
+    from minisae.training.checkpoint import _remove_now
+
+    _remove_now(Path(out_dir) / LEGACY_CHECKPOINT)
+
+
+def _kept(ckdir, last_good):
+    if last_good is None:
+        return "no checkpoint had been written yet"
+    return f"the last good checkpoint (step {last_good}) is kept in {ckdir}"
+
+
+def _check_losses(xp, losses, first_step, ckdir, last_good):
+    """Read the losses of steps first_step, first_step + 1, ... back at once; raise a
+    TrainingError naming the first non-finite one; return the last as a Python float."""
+    from minisae.training.train import TrainingError
+
+    values = to_numpy(xp.stack(losses)).astype(numpy.float64)  # (n,)
+    bad = numpy.flatnonzero(~numpy.isfinite(values))
+    if bad.size:
+        raise TrainingError(f"step {first_step + int(bad[0])}: the loss is {values[bad[0]]}; "
+                            + _kept(ckdir, last_good) + "; try a lower learning rate")
+    return float(values[-1])
 
 
 def _fresh_state(cfg, source, grid, xp):
@@ -413,8 +659,9 @@ def _finite(params, xp):
     return all(bool(xp.isfinite(a).all()) for a in params.values())
 
 
-def _finish(cfg, source, out_dir, ckdir, world, names, scale, batchtopk_threshold):
-    """Rank 0 puts the whole SAE together from the final checkpoint, saves and evaluates it."""
+def _finish(cfg, source, out_dir, ckdir, world, names, scale, batchtopk_threshold, coeff=None, live=None):
+    """Rank 0 puts the whole SAE together from the final checkpoint (or `live`, its parameters when
+    it holds every latent), saves and evaluates it."""
     from minisae.eval.evaluate import evaluate_sae
     from minisae.io.saefile import SAE
     from minisae.training.train import TrainResult, _release_hyper, _sae_metadata
@@ -422,14 +669,19 @@ def _finish(cfg, source, out_dir, ckdir, world, names, scale, batchtopk_threshol
     done = {"sae": None, "summary": {}, "params": None}
 
     def release():
-        _, st = load_sharded(ckdir, 0, cfg.d_sae, numpy, names=names, params_only=True)
-        done["params"] = st["params"]
-        done["sae"] = sae = SAE.from_training(cfg.architecture, st["params"], scale=scale,
-                                              hyper=_release_hyper(cfg, batchtopk_threshold),
+        if live is None:
+            _, st = load_sharded(ckdir, 0, cfg.d_sae, numpy, names=names, params_only=True)
+            done["params"] = st["params"]
+        else:
+            done["params"] = live
+        done["sae"] = sae = SAE.from_training(cfg.architecture, done["params"], scale=scale,
+                                              hyper=_release_hyper(cfg, batchtopk_threshold, coeff),
                                               metadata=_sae_metadata(source))
         sae.save(out_dir / "sae", overwrite=True)
         if cfg.eval_tokens > 0:
             done["summary"] = evaluate_sae(sae, source, n_tokens=cfg.eval_tokens, batch_size=cfg.eval_batch_size)
+            if coeff is not None:
+                done["summary"]["sparsity_coeff_final"] = coeff
             write_atomic(out_dir / "eval.json", json.dumps(done["summary"], indent=2) + "\n")
 
     world.on_root(release)
@@ -437,17 +689,6 @@ def _finish(cfg, source, out_dir, ckdir, world, names, scale, batchtopk_threshol
                        summary=done["summary"], out_dir=out_dir)
 
 
-def _append_jsonl(path, rows):
-    with open(path, "a") as fh:
-        for row in rows:
-            fh.write(json.dumps(row) + "\n")
-
-
-def _truncate_metrics(path, step):
-    from minisae.training.checkpoint import _truncate_metrics as truncate
-    truncate(path, step)
-
-
 def _bar(cfg, initial, enabled):
-    from minisae.progress import progress_bar
-    return progress_bar(cfg.steps, enabled=bool(enabled), initial=initial, desc=cfg.architecture, unit="step")
+    from minisae.training.train import _progress_bar  # "nested": inside `minisae compare`
+    return _progress_bar(cfg.steps, initial, cfg.architecture, enabled)

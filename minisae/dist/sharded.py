@@ -126,16 +126,17 @@ def shard_forward_backward(arch, params, x, hyper, comm, lo=0, d_sae=None):
 
     comm is the shard group (size S). stats: loss, mse, l0 (Python floats, over all latents;
     BatchTopK adds min_kept); grads: this shard's gradients (b_dec's summed over shards);
-    fired: (m,) bool. With S = 1 this is the variant's own forward and backward, bit for bit."""
+    fired: (m,) bool. With S = 1 this is the variant's own step, `forward_backward` (its fastest
+    exact path, the one minisae.training.train runs), bit for bit."""
+    mod = VARIANTS[arch]
+    if comm.size == 1:  # the variant's own step
+        out, grads = mod.forward_backward(params, x, **hyper, path="auto", dense_f=False)
+        stats = {k: float(to_numpy(out[k])) for k in ("loss", "mse", "l0", "min_kept") if k in out}
+        return stats, grads, out["fired"] != 0
     if arch == "topk":
         return _topk(params, x, hyper, comm)
-    mod = VARIANTS[arch]
     if arch == "batchtopk":
-        if comm.size > 1:
-            return _batchtopk(params, x, hyper, comm, lo, d_sae)
-        out, cache = mod.forward(params, x, **hyper)
-        stats = {k: float(to_numpy(out[k])) for k in ("loss", "mse", "l0", "min_kept")}
-        return stats, mod.backward(params, cache), (out["f"] != 0).any(axis=0)
+        return _batchtopk(params, x, hyper, comm, lo, d_sae)
     if comm.size > 1 and hyper.get("penalty", "l0") != "l0":
         raise InputError(f"the {hyper['penalty']} penalty couples every latent of a token (its total L0); "
                          "it cannot be split over latent shards: train it with --shards 1")

@@ -353,19 +353,29 @@ def _worker_job(spec, *args):
 _ONE_THREAD = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
 
 
-def _run_in_workers(specs, args, n_workers, finish):
+def _run_in_workers(specs, args, n_workers, finish, job=None):
     import concurrent.futures
     import multiprocessing
+
+    from minisae.errors import ResourceError
+
+    job = _worker_job if job is None else job
 
     saved = {k: os.environ.get(k) for k in _ONE_THREAD}
     os.environ.update({k: "1" for k in _ONE_THREAD})  # read by each worker's BLAS at start-up
     try:
         ctx = multiprocessing.get_context("spawn")
         with concurrent.futures.ProcessPoolExecutor(max_workers=n_workers, mp_context=ctx) as pool:
-            futures = {pool.submit(_worker_job, spec, *a): j for j, (spec, a) in enumerate(zip(specs, args))}
+            futures = {pool.submit(job, spec, *a): j for j, (spec, a) in enumerate(zip(specs, args))}
             try:
                 for fut in concurrent.futures.as_completed(futures):
                     finish(futures[fut], fut.result())
+            except concurrent.futures.process.BrokenProcessPool:
+                for fut in futures:
+                    fut.cancel()
+                raise ResourceError("a training worker process died (killed by the system, often for lack of "
+                                    "memory); the finished runs are kept: rerun the same command with --resume, "
+                                    "with fewer --jobs if memory is short") from None
             except BaseException:
                 for fut in futures:
                     fut.cancel()

@@ -18,10 +18,14 @@ so the file that was there before (a checkpoint, say) is left exactly as it was.
 """
 
 import contextlib
+import datetime
+import fcntl
 import json
 import os
 import secrets
 import shutil
+import socket
+import stat
 import tokenize
 import zipfile
 from pathlib import Path
@@ -115,7 +119,7 @@ def check_output_dir(folder, kind, *, is_own, flag="--out"):
         names = sorted(p.name for p in folder.iterdir())
     except OSError as e:
         raise storage_error(e, folder, "read the folder") from e
-    if all(is_temp_name(n) for n in names):  # only what an interrupted minisae writer left
+    if all(is_temp_name(n) or n == LOCK_NAME for n in names):  # only what an interrupted minisae writer left
         return "empty"
     if is_own(folder):
         return "own"
@@ -127,7 +131,76 @@ def check_output_dir(folder, kind, *, is_own, flag="--out"):
 
 
 # ---------------------------------------------------------------------------------------------
+# one writer per folder
+
+LOCK_NAME = ".minisae.lock"  # in a folder being written: who holds it (pid, host, start time)
+
+
+class FolderLock:
+    """An exclusive lock on `folder` for this process (fcntl.flock on folder/.minisae.lock).
+
+    The kernel releases it when the process ends, however it ends (kill -9 included), so a lock
+    file left behind by a dead run locks nothing. A second writer is refused with one line naming
+    the holder, which the lock file records. `release()` (or the end of a `with`) lets it go."""
+
+    def __init__(self, folder, *, what="run", flag="--out"):
+        self.path = Path(folder) / LOCK_NAME
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, 0o644)
+        except OSError as e:
+            raise storage_error(e, self.path, "create the lock file") from e
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise OutputExistsError(f"{self.path}: not a regular file; minisae keeps its lock there: "
+                                        f"remove it or choose another {flag}")
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 400, 0).decode("utf-8", "replace").strip() or "a process that has not said who it is"
+                raise OutputExistsError(f"{folder}: another minisae process is writing this {what} ({holder}); "
+                                        f"wait for it to end, or choose another {flag}") from None
+            now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}, started {now}\n".encode(), 0)
+        except BaseException:
+            os.close(fd)
+            raise
+        self.fd = fd
+
+    def release(self):
+        if self.fd is not None:
+            try:
+                os.ftruncate(self.fd, 0)  # no holder any more (a file left by a killed holder names it: harmless)
+            except OSError:
+                pass
+            os.close(self.fd)  # closing the descriptor drops the flock
+            self.fd = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.release()
+
+
+# ---------------------------------------------------------------------------------------------
 # bounded reading
+
+_KINDS = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+          (stat.S_ISSOCK, "a socket"), (stat.S_ISDIR, "a folder"))
+
+
+def check_regular_file(path, *, error=FileFormatError):
+    """Refuse, before it is opened, anything at `path` but a regular file (symbolic links are
+    followed): opening a FIFO blocks until a writer comes, a device never ends. Returns os.stat."""
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        raise storage_error(e, path, "read") from e
+    if not stat.S_ISREG(st.st_mode):
+        kind = next((name for test, name in _KINDS if test(st.st_mode)), "not a file")
+        raise error(f"{path}: {kind}, not a regular file; expected a file")
+    return st
 
 def _depth(obj):
     """Nesting depth of a parsed JSON value, without recursion."""
@@ -168,8 +241,8 @@ def parse_json(text, where, *, max_depth=MAX_JSON_DEPTH, object_pairs_hook=None,
 def read_json(path, *, max_bytes=MAX_JSON_BYTES, max_depth=MAX_JSON_DEPTH, expect=dict, error=FileFormatError):
     """Read a JSON file of at most max_bytes and max_depth levels whose top level is `expect`."""
     path = Path(path)
+    size = check_regular_file(path, error=error).st_size  # a FIFO would block the open
     try:
-        size = path.stat().st_size
         if size > max_bytes:
             raise error(f"{path}: {size} bytes, more than the {max_bytes}-byte limit for a JSON file here")
         with open(path, "rb") as fh:
@@ -206,6 +279,7 @@ def npz_members(path, *, max_total_bytes=None):
     max_total_bytes (default: physical memory)."""
     path = Path(path)
     limit = memory_limit_bytes() if max_total_bytes is None else max_total_bytes
+    check_regular_file(path)  # a FIFO would block the open
     out, total = {}, 0
     try:
         with zipfile.ZipFile(path) as zf:

@@ -34,6 +34,7 @@ from typing import NamedTuple
 import numpy
 
 from minisae.errors import FileFormatError, storage_error
+from minisae.io.files import check_regular_file
 from minisae.xp import to_numpy
 
 MAX_HEADER_BYTES = 100_000_000  # the reference library's limit on N
@@ -206,6 +207,7 @@ class SafetensorsFile:
     def __init__(self, path):
         self.path = Path(path)
         self._mm = None
+        check_regular_file(self.path, error=SafetensorsError)  # a FIFO would block the open
         with open(self.path, "rb") as fh:
             size = os.fstat(fh.fileno()).st_size
             self._file_size = size

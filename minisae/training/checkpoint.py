@@ -7,18 +7,21 @@ minisae.training.train uses them and re-exports every name here.
 import dataclasses
 import json
 import math
+import os
+import signal
 from pathlib import Path
 
 import numpy
 
 from minisae.errors import FileFormatError, storage_error
-from minisae.io.files import parse_json, write_atomic
+from minisae.io.files import make_dir, parse_json, temp_name, write_atomic
 from minisae.io.safetensors_io import SafetensorsError, SafetensorsFile, save_file
 from minisae.training.config import param_names
 from minisae.xp import asarray, to_numpy
 
 CHECKPOINT_NAME = "checkpoint.safetensors"
 CHECKPOINT_FORMAT = "minisae-checkpoint-1"
+SHARDED_DIR, SHARDED_MANIFEST = "checkpoint", "checkpoint.json"  # the parallel trainer's (minisae.dist.parallel)
 
 
 class CheckpointError(FileFormatError):
@@ -125,13 +128,19 @@ def _check_resume_config(path, info, cfg):
         raise CheckpointError(f"{path}: the checkpoint is at step {info['step']}, past steps={cfg.steps}")
 
 
-def _append_jsonl(path, rows):
+def _append_jsonl(path, rows, *, durable=False):
+    """Append rows to metrics.jsonl; durable=True: on the disk (fsync) before returning, as it must
+    be before the checkpoint of their step is written (a kill between leaves the lines ahead of the
+    checkpoint, which resume cuts, never behind it)."""
     if not rows:
         return
     try:
         with open(path, "a") as fh:
             for row in rows:
                 fh.write(json.dumps(row) + "\n")
+            if durable:
+                fh.flush()
+                os.fsync(fh.fileno())
     except OSError as e:
         raise storage_error(e, path) from e
 
@@ -147,5 +156,48 @@ def _truncate_metrics(path, step):
                 keep.append(line)
         except (ValueError, KeyError, TypeError):
             continue  # a line cut short by the interruption
-    write_atomic(path, "".join(s + "\n" for s in keep))
+    write_atomic(path, "".join(s + "\n" for s in keep), durable=True)
+
+
+def _remove_now(path):
+    """Remove a file or folder so that it is gone at once: a folder is renamed to a hidden temp
+    name first (one atomic step; a kill during the removal leaves only that temp name)."""
+    path = Path(path)
+    try:
+        if path.is_dir() and not path.is_symlink():
+            import shutil
+
+            tmp = temp_name(path)
+            os.replace(path, tmp)
+            shutil.rmtree(tmp, ignore_errors=True)
+        elif path.exists() or path.is_symlink():
+            path.unlink()
+    except OSError as e:
+        raise storage_error(e, path, "remove") from e
+
+
+def clear_results(out_dir):
+    """Remove a run's results (sae/, eval.json) before its training goes on or starts over: until
+    the run writes them again its folder is plainly unfinished (evaluating sae/ finds none)."""
+    for name in ("sae", "eval.json"):
+        _remove_now(Path(out_dir) / name)
+
+
+def clear_run(out_dir):
+    """Remove a run's record so that a new run can start in its folder: results first, then both
+    checkpoint formats and metrics.jsonl; config.json goes last (the new run replaces it). A kill at
+    any point leaves the old run without its results (resumable from its checkpoint while that is
+    there), never the old run's files beside the new run's config."""
+    make_dir(out_dir)
+    clear_results(out_dir)
+    for name in (CHECKPOINT_NAME, SHARDED_DIR, "metrics.jsonl"):
+        _remove_now(Path(out_dir) / name)
+
+
+def kill_point(point, step):
+    """The kill -9 tests' hook (tests/test_run_folder.py): MINISAE_TEST_KILL="<point>:<step>" ends this
+    process with SIGKILL at that point of that step ("metrics": its lines are on disk, its checkpoint
+    not yet; "checkpoint": the checkpoint is written). Unset, it does nothing."""
+    if os.environ.get("MINISAE_TEST_KILL") == f"{point}:{step}":
+        os.kill(os.getpid(), signal.SIGKILL)
 

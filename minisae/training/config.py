@@ -17,6 +17,7 @@ DEFAULT_LR = {"jumprelu": 7e-5, "gated": 3e-4}
 # The λ controller's starting λ when target_l0 is given without a sparsity coefficient (on inputs
 # normalised to E‖x‖² = 1; the controller moves it by up to a factor e per 100 steps).
 START_COEFF = {"jumprelu": 1e-2, "gated": 0.1}
+MAX_THRESHOLD_LR_MULT = 1e4  # θ at 10⁴ × lr already leaves any stable step (lr·1e300 made NaN)
 
 
 @dataclasses.dataclass
@@ -92,8 +93,9 @@ class TrainConfig:
             c.sparsity_coeff = START_COEFF[c.architecture]
         if c.uses_controller() and not c.sparsity_coeff > 0:
             raise ValueError(f"sparsity_coeff: the λ controller starts from a value > 0, found {c.sparsity_coeff}")
-        if not (c.threshold_lr_mult > 0 and math.isfinite(c.threshold_lr_mult)):
-            raise ValueError(f"threshold_lr_mult: expected a value > 0, found {c.threshold_lr_mult!r}")
+        if not (0 < c.threshold_lr_mult <= MAX_THRESHOLD_LR_MULT):  # (NaN fails too)
+            raise ValueError(f"threshold_lr_mult: expected a value in (0, {MAX_THRESHOLD_LR_MULT:g}] (θ's learning "
+                             f"rate is lr times it), found {c.threshold_lr_mult!r}")
         if c.threshold_lr_mult != 1.0 and c.architecture != "jumprelu":
             raise ValueError(f"threshold_lr_mult is a JumpReLU option; found it set for {c.architecture!r}")
         if c.architecture in ("topk", "batchtopk"):
@@ -140,6 +142,9 @@ class TrainConfig:
             c.matryoshka = list(check_prefixes(c.matryoshka, c.d_sae, "matryoshka"))
         if not 0 < c.threshold_rate <= 1:
             raise ValueError(f"threshold_rate: expected a value in (0, 1], found {c.threshold_rate}")
+        if c.threshold_rate != TrainConfig.threshold_rate and c.architecture != "batchtopk":
+            raise ValueError(f"threshold_rate is a BatchTopK option (its running inference threshold); found it "
+                             f"set for {c.architecture!r}")
         if not c.freq_coeff >= 0 or not 0 <= c.freq_target <= 1:
             raise ValueError(f"freq_coeff >= 0 and 0 <= freq_target <= 1 expected, found {c.freq_coeff}, {c.freq_target}")
         if c.dtype not in ("float32", "float64"):

@@ -1,5 +1,7 @@
-"""Training loop for the three SAE variants: the Gemma Scope recipe (arXiv 2408.05147),
-checkpoints, resume.
+"""Training an SAE in one process: the Gemma Scope recipe (arXiv 2408.05147), checkpoints, resume.
+`train` is the one training loop of minisae (minisae.dist.parallel.train_parallel) on its 1 x 1
+grid (dist.SingleProcess); this module holds what that loop reads from here: the config, the
+variants' hyperparameters per step, C, the λ controller hook, the log row, the release SAE.
 
     from minisae.data.synthetic import SyntheticActivations, SyntheticConfig
     from minisae.training.train import TrainConfig, train
@@ -27,9 +29,17 @@ step count, the dead-latent counters, the step number, C, the config). Data and 
 functions of the step, so `train(..., resume=True)` after an interruption ends with parameters
 bitwise equal to those of an uninterrupted run (tests/test_train.py proves it).
 
-Files in out_dir: config.json, checkpoint.safetensors (atomic, replaced every checkpoint_every
-steps; never written with non-finite values), metrics.jsonl (one JSON object per log step),
-sae/ (the release SAE, SAELens folder format, C and the pre-encoder bias folded in), eval.json.
+Files in out_dir: config.json, checkpoint/ (one shard file and a manifest written last, replaced
+every checkpoint_every steps; never written with non-finite values; a checkpoint.safetensors of
+earlier versions is resumed and replaced), metrics.jsonl (one JSON object per log step),
+sae/ (the release SAE, SAELens folder format, C and the pre-encoder bias folded in), eval.json,
+.minisae.lock (held while a process writes the folder; a second writer is refused).
+
+The run folder changes as a unit: a step's metrics lines are on disk (fsync) before its checkpoint
+is written, and a resume cuts metrics.jsonl back to the checkpoint's step, so a kill at any point
+leaves the log equal to an uninterrupted run's after the resume; a resume or a fresh start removes
+sae/ and eval.json first, and --overwrite removes the old checkpoint and log before the new
+config.json is written, so no folder holds one run's SAE beside another run's config.
 
 The config (TrainConfig, its defaults and checks) lives in minisae.training.config, the checkpoint
 files and metrics.jsonl handling in minisae.training.checkpoint; both are re-exported here.
@@ -38,9 +48,7 @@ Legend: B tokens in a batch, D d_in, M d_sae (latents).
 """
 
 import dataclasses
-import json
 import math
-import time
 from pathlib import Path
 
 import numpy
@@ -50,14 +58,12 @@ from minisae.training import l0control, optim
 from minisae.training.checkpoint import (CHECKPOINT_FORMAT, CHECKPOINT_NAME, _RESUME_FREE, CheckpointError,  # noqa: F401
                                 _append_jsonl, _check_checkpoint_info, _check_resume_config, _truncate_metrics,
                                 load_checkpoint, save_checkpoint)
-from minisae.errors import MinisaeError, OutputExistsError, ResourceError, TrainingError
-from minisae.io.files import check_output_dir, make_dir, memory_limit_bytes, read_json, write_atomic
-from minisae.training.prefetch import Prefetcher
+from minisae.errors import MinisaeError, ResourceError, TrainingError  # noqa: F401 (TrainingError: re-exported)
+from minisae.io.files import memory_limit_bytes, read_json
 from minisae.progress import progress_bar
-from minisae.sae import VARIANTS
 from minisae.training.config import (_RANGES, DEFAULT_LR, START_COEFF, TrainConfig, check_values,  # noqa: F401
                                  param_names)
-from minisae.xp import asarray, get_xp, to_numpy
+from minisae.xp import to_numpy
 
 
 def memory_estimate(cfg, d_in):
@@ -167,39 +173,6 @@ def estimate_scale(source, max_tokens, *, rel_se=SCALE_REL_SE, first=SCALE_FIRST
     return math.sqrt(mean), sample
 
 
-def fresh_state(cfg, source, xp):
-    """Initial training state: parameters (each variant's published init), Adam, counters, C."""
-    mod = VARIANTS[cfg.architecture]
-    scale, sample = estimate_scale(source, cfg.norm_sample_tokens)  # C, (N, D)
-    if cfg.architecture == "jumprelu":
-        # log θ moves by about lr per Adam step, so a short run cannot travel from 0.001 to the
-        # scale of its pre-activations; small-D runs (minisae compare) start θ nearer to it
-        params = mod.init(source.d_in, cfg.d_sae, seed=cfg.seed, xp=xp, dtype=cfg.dtype,
-                          threshold_param=cfg.threshold_param,
-                          threshold_init=cfg.threshold_init or mod.THRESHOLD_INIT)
-    else:
-        params = mod.init(source.d_in, cfg.d_sae, seed=cfg.seed, xp=xp, dtype=cfg.dtype)
-    if cfg.architecture in ("topk", "batchtopk"):  # b_dec = geometric median of the (normalised) data (Gao et al.)
-        from minisae.sae.common import geometric_median
-
-        xs = asarray(sample / scale, xp, cfg.dtype)  # (N, D)
-        params["b_dec"] = asarray(geometric_median(xs, xp=xp), xp, cfg.dtype)  # (D,)
-    return {
-        "step": 0,
-        "scale": scale,
-        "params": params,
-        "adam": optim.adam_init(params),
-        "since_fired": xp.zeros(cfg.d_sae, dtype=xp.int64),  # (M,) tokens since each latent fired
-        "batchtopk_threshold": 0.0,  # BatchTopK's running inference threshold (batchtopk.update_threshold)
-        "threshold_updates": 0,      # ... and how many batches it has averaged
-        "controller": None,          # the λ controller's state (minisae.training.l0control), when target_l0 uses it
-    }
-
-
-def _params_finite(params, xp):
-    return all(bool(xp.isfinite(a).all()) for a in params.values())
-
-
 def is_run_folder(folder):
     """True when `folder` is a training run folder: its config.json was written by train()."""
     try:
@@ -221,179 +194,63 @@ def _source_info(source):
 def train(cfg, source, out_dir, *, resume=False, overwrite=False, progress=True):
     """Train an SAE on `source`; write checkpoints, metrics and the release SAE into out_dir.
 
-    resume=True continues from out_dir/checkpoint.safetensors (or starts afresh if there is none);
-    resume=False refuses a folder that already holds a checkpoint unless overwrite=True.
-    Raises TrainingError (non-finite values; the last good checkpoint stays) and CheckpointError.
+    One process is the 1 x 1 grid of the one training loop, minisae.dist.parallel.train_parallel,
+    on dist.SingleProcess: the variant's own step, the same update, log row and checkpoint
+    (out_dir/checkpoint/, one shard). resume=True continues from that checkpoint (or from the
+    one-file checkpoint.safetensors earlier versions wrote; or starts afresh if there is none);
+    resume=False refuses a folder that already holds a run unless overwrite=True.
+    Raises TrainingError (non-finite values; the last good checkpoint stays) and CheckpointError;
+    OutputExistsError while another process writes out_dir (a lock, minisae.io.files.FolderLock).
     """
-    from minisae.eval.evaluate import evaluate_sae
-    from minisae.io.saefile import SAE
+    from minisae import dist
+    from minisae.dist.parallel import train_parallel
 
-    cfg = cfg.resolved(int(source.d_in))
-    xp = get_xp(cfg.backend)
-    check_memory(cfg, int(source.d_in), xp)
-    mod = VARIANTS[cfg.architecture]
-    out_dir = Path(out_dir)
-    check_output_dir(out_dir, "train run", is_own=is_run_folder)
-    ckpt = out_dir / CHECKPOINT_NAME
-    metrics_path = out_dir / "metrics.jsonl"
+    return train_parallel(cfg, source, out_dir, comm=dist.SingleProcess(), resume=resume, overwrite=overwrite,
+                          progress=progress)
 
-    if ckpt.exists() and resume:
-        state = load_checkpoint(ckpt, cfg, xp)
-        if int(state["params"]["W_enc"].shape[0]) != source.d_in:
-            raise CheckpointError(f"{ckpt}: trained on d_in={state['params']['W_enc'].shape[0]}, the source has {source.d_in}")
-        _truncate_metrics(metrics_path, state["step"])
-    elif (ckpt.exists() or (out_dir / "sae").exists()) and not overwrite:
-        raise OutputExistsError(f"{out_dir} already holds a training run; resume it (--resume), start it over "
-                                "(--overwrite) or choose a new folder")
-    else:  # a fresh run (overwrite=True: the old run's state and results go first)
-        state = fresh_state(cfg, source, xp)
-        make_dir(out_dir)
-        for old in (ckpt, metrics_path, out_dir / "eval.json"):
-            if old.exists():
-                old.unlink()
-    write_atomic(out_dir / "config.json", json.dumps(
-        {"train": dataclasses.asdict(cfg), "source": _source_info(source)}, indent=2) + "\n")
 
-    scale, params, adam = state["scale"], state["params"], state["adam"]
-    since_fired = state["since_fired"]
-    threshold = (state["batchtopk_threshold"], state["threshold_updates"])  # BatchTopK's running θ
-    controller = None
-    if cfg.uses_controller():  # λ set every step from the batch L0 (minisae.training.l0control)
-        controller = l0control.L0Controller(cfg.target_l0, cfg.sparsity_coeff, kp=cfg.controller_kp,
-                                            ki=cfg.controller_ki, start_step=cfg.sparsity_warmup_steps,
-                                            state=state.get("controller"))
-    lr_mult = None
+def read_state(run_dir, cfg, xp=numpy):
+    """The whole training state held by a run folder's checkpoint (cfg: the run's resolved config):
+    checkpoint/ (written by any grid), else the one-file checkpoint.safetensors of earlier versions."""
+    from minisae.dist.parallel import CHECKPOINT_DIR, MANIFEST_NAME, load_sharded
+
+    run_dir = Path(run_dir)
+    if (run_dir / CHECKPOINT_DIR / MANIFEST_NAME).exists():
+        return load_sharded(run_dir / CHECKPOINT_DIR, 0, cfg.d_sae, xp, names=param_names(cfg))[1]
+    return load_checkpoint(run_dir / CHECKPOINT_NAME, cfg, xp)
+
+
+# the pieces both trainers (this one and minisae.dist.parallel) share
+
+
+def make_controller(cfg, state):
+    """The λ controller (minisae.training.l0control) where target_l0 uses it, resumed from the
+    state's "controller" entry; else None. Both trainers call it, then, every step after the
+    warm-up, controller.update(step, l0 of the whole batch) and hypers_at(..., coeff=controller.coeff())."""
+    if not cfg.uses_controller():
+        return None
+    return l0control.L0Controller(cfg.target_l0, cfg.sparsity_coeff, kp=cfg.controller_kp, ki=cfg.controller_ki,
+                                  start_step=cfg.sparsity_warmup_steps, state=state.get("controller"))
+
+
+def lr_multipliers(cfg):
+    """Adam's per-parameter learning-rate multipliers (JumpReLU's --threshold-lr-mult), or None."""
     if cfg.architecture == "jumprelu" and cfg.threshold_lr_mult != 1.0:
-        lr_mult = {"log_threshold" if cfg.threshold_param == "log" else "threshold": cfg.threshold_lr_mult}
-    min_kept = []  # 0-d smallest kept activations since the last fold into `threshold`
-    last_good = state["step"] if ckpt.exists() and resume else None
-    betas = (cfg.adam_beta1, cfg.adam_beta2)
-    bar = _progress_bar(cfg.steps, state["step"], cfg.architecture, progress)
-    pending, t0 = [], time.time()
-    losses = []  # 0-d loss arrays since the last check, read back to the host in one go
-    # the batches, checked and normalised, are made one step ahead in a background thread
-    batches = Prefetcher(lambda i: _training_batch(source, i, cfg, scale), state["step"], cfg.steps,
-                         depth=cfg.prefetch) if cfg.prefetch > 0 else None
-    try:
-        for step in range(state["step"], cfg.steps):
-            try:
-                x = batches.get(step) if batches else _training_batch(source, step, cfg, scale)
-            except _BadBatch as e:
-                raise TrainingError(f"step {step}: {e}; " + _kept(ckpt, last_good)) from None
-            x = asarray(x, xp)  # (B, D) normalised: E‖x‖² = 1
-            dead = since_fired >= cfg.dead_window_tokens if cfg.uses_dead_mask() else None  # (M,)
-            hyper = hypers_at(cfg, step, dead, coeff=controller.coeff() if controller else None)
-            # the variant's fastest exact path (row-sparse on NumPy when few latents fire); the
-            # latents are never held as a dense (B, M) array: out["fired"] counts them per latent
-            out, grads = mod.forward_backward(params, x, **hyper, path="auto", dense_f=False)
-            losses.append(out["loss"])
-            if controller and step >= controller.start_step:  # a host read (a CuPy sync): the next λ needs it
-                controller.update(step, float(to_numpy(out["l0"])))
-            if cfg.architecture == "batchtopk":
-                min_kept.append(out["min_kept"])
-            lr = optim.lr_at(step, lr=cfg.lr, warmup_steps=cfg.warmup_steps,
-                             total_steps=cfg.steps, decay_frac=cfg.decay_frac)
-            # Adam with the decoder's rows held at unit norm: dW_dec loses its component along each
-            # row first, each row is renormalised after (fused, one pass over W_dec)
-            optim.adam_update(params, grads, adam, lr=lr, betas=betas, eps=cfg.adam_eps, lr_mult=lr_mult,
-                              unit_rows="W_dec")
-            if "threshold" in params:  # raw θ: kept >= 0 by projection (a θ < 0 would count π = 0 as active)
-                xp.maximum(params["threshold"], 0.0, out=params["threshold"])
-            del grads  # the next step's gradients need the room
-            since_fired += cfg.batch_size  # (M,) tokens since each latent last fired ...
-            since_fired *= out["fired"] == 0  # ... reset where it fired in this batch
-            done = step + 1
-
-            log_now = done % cfg.log_every == 0 or done == cfg.steps
-            checkpoint_now = done % cfg.checkpoint_every == 0 or done == cfg.steps
-            if log_now or checkpoint_now:  # the loss's host reads (the controller's L0 is the other)
-                loss = _check_losses(xp, losses, done - len(losses), ckpt, last_good)
-                losses = []
-                for m in min_kept:  # in step order: the same θ as updating at every step
-                    threshold = VARIANTS["batchtopk"].update_threshold(*threshold, float(to_numpy(m)),
-                                                                       cfg.threshold_rate)
-                min_kept = []
-            if log_now:
-                row = _log_row(cfg, done, out, x, lr, hyper, since_fired, loss, time.time() - t0, threshold[0])
-                pending.append(row)
-                bar.set_postfix(loss=f"{row['loss']:.4g}", L0=f"{row['l0']:.1f}", FVU=f"{row['fvu']:.4f}")
-            if checkpoint_now:
-                if not _params_finite(params, xp):
-                    raise TrainingError(f"step {step}: the parameters became NaN or inf; "
-                                        + _kept(ckpt, last_good) + "; try a lower learning rate")
-                save_checkpoint(ckpt, {"step": done, "scale": scale, "params": params, "adam": adam,
-                                       "since_fired": since_fired, "batchtopk_threshold": threshold[0],
-                                       "threshold_updates": threshold[1],
-                                       "controller": controller.state() if controller else None}, cfg)
-                last_good = done
-                _append_jsonl(metrics_path, pending)  # metrics only ever run up to the checkpoint
-                pending = []
-            bar.update(1)
-    finally:
-        if batches:
-            batches.close()
-        bar.close()
-        _append_jsonl(metrics_path, pending)  # after an error: the lines since the last checkpoint
-
-    params_np = {k: to_numpy(v) for k, v in params.items()}
-    sae = SAE.from_training(cfg.architecture, params_np, scale=scale, hyper=_release_hyper(cfg, threshold[0], controller.coeff() if controller else None),
-                            metadata=_sae_metadata(source))
-    sae.save(out_dir / "sae", overwrite=True)
-    summary = {}
-    if cfg.eval_tokens > 0:
-        summary = evaluate_sae(sae, source, n_tokens=cfg.eval_tokens, batch_size=cfg.eval_batch_size)
-        if controller:
-            summary["sparsity_coeff_final"] = controller.coeff()
-        write_atomic(out_dir / "eval.json", json.dumps(summary, indent=2) + "\n")
-    return TrainResult(sae=sae, params=params_np, scale=scale, steps=cfg.steps, summary=summary, out_dir=out_dir)
+        return {"log_threshold" if cfg.threshold_param == "log" else "threshold": cfg.threshold_lr_mult}
+    return None
 
 
-class _BadBatch(Exception):
-    """A batch the source returned cannot be trained on (wrong shape, NaN or inf)."""
-
-
-def _training_batch(source, step, cfg, scale):
-    """Batch `step` of the source, checked (shape, finite) and normalised: x_raw / C, (B, D)
-    NumPy in cfg.dtype. Runs in the prefetch thread: it reads nothing the training step writes."""
-    x_raw = numpy.asarray(source.batch(step, cfg.batch_size))  # (B, D)
-    if x_raw.shape != (cfg.batch_size, source.d_in):
-        raise _BadBatch(f"the source returned a batch of shape {x_raw.shape}, "
-                        f"expected ({cfg.batch_size}, {source.d_in})")
-    if not numpy.isfinite(x_raw).all():
-        raise _BadBatch("the activation batch holds NaN or inf values")
-    return numpy.divide(x_raw, scale, dtype=cfg.dtype)  # (B, D) a fresh array
-
-
-def _check_losses(xp, losses, first_step, ckpt, last_good):
-    """Read the losses of steps first_step, first_step + 1, ... back at once; raise a
-    TrainingError naming the first non-finite one; return the last as a Python float."""
-    values = to_numpy(xp.stack(losses)).astype(numpy.float64)  # (n,)
-    bad = numpy.flatnonzero(~numpy.isfinite(values))
-    if bad.size:
-        raise TrainingError(f"step {first_step + int(bad[0])}: the loss is {values[bad[0]]}; "
-                            + _kept(ckpt, last_good) + "; try a lower learning rate")
-    return float(values[-1])
-
-
-def _kept(ckpt, last_good):
-    if last_good is None:
-        return "no checkpoint had been written yet"
-    return f"the last good checkpoint (step {last_good}) is kept at {ckpt}"
-
-
-def _log_row(cfg, done, out, x, lr, hyper, since_fired, loss, elapsed, threshold=None):
-    xp_x = x - x.mean(axis=0)  # (B, D) centred over tokens
-    denom = float(to_numpy((xp_x * xp_x).sum()))
-    mse = float(to_numpy(out["mse"]))
+def log_row(cfg, done, *, loss, mse, l0, fvu_denom, batch_rows, lr, hyper, dead_frac, elapsed, threshold=None):
+    """One metrics.jsonl row (both trainers write this one): fvu = mse·B / Σ_b ‖x_b − x̄‖² on the step's batch."""
     row = {
         "step": done,
         "tokens": done * cfg.batch_size,
         "loss": loss,
         "mse": mse,
-        "l0": float(to_numpy(out["l0"])),
-        "fvu": mse * x.shape[0] / denom if denom > 0 else float("nan"),
+        "l0": l0,
+        "fvu": mse * batch_rows / fvu_denom if fvu_denom > 0 else float("nan"),
         "lr": lr,
-        "dead_frac": float(to_numpy((since_fired >= cfg.dead_window_tokens).mean())),
+        "dead_frac": dead_frac,
         "elapsed_s": round(elapsed, 3),
     }
     if "sparsity_coeff" in hyper:
@@ -401,6 +258,12 @@ def _log_row(cfg, done, out, x, lr, hyper, since_fired, loss, elapsed, threshold
     if cfg.architecture == "batchtopk":
         row["threshold"] = threshold
     return row
+
+
+def centred_sum_of_squares(x):
+    """Σ_b ‖x_b − x̄‖² of a batch x (B, D), in its own dtype, as a Python float."""
+    xc = x - x.mean(axis=0)  # (B, D) centred over tokens
+    return float(to_numpy((xc * xc).sum()))
 
 
 def _release_hyper(cfg, batchtopk_threshold=None, coeff=None):
