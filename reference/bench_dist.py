@@ -37,7 +37,7 @@ F = 4  # bytes per float32
 def worker(spec):
     from minisae import dist
     from minisae.data.synthetic import SyntheticActivations, SyntheticConfig
-    from minisae.dist.parallel import train_parallel
+    from minisae.training.train import train_parallel
     from minisae.training.train import TrainConfig
 
     world = dist.world("mpi")

@@ -15,7 +15,8 @@ from tolerances import SHARD32_ATOL, SHARD32_RTOL, SHARD64_RTOL, XP32_RTOL  # no
 
 from minisae import dist  # noqa: E402
 from minisae.data.synthetic import SyntheticActivations, SyntheticConfig
-from minisae.dist.parallel import load_sharded, reshard, train_parallel  # noqa: E402
+from minisae.training.checkpoint import load_sharded, reshard  # noqa: E402
+from minisae.training.train import train_parallel  # noqa: E402
 from minisae.dist.sharded import init_shard, latent_range, shard_forward_backward  # noqa: E402
 from minisae.sae import VARIANTS
 from minisae.training.train import TrainConfig, hypers_at

@@ -1,4 +1,4 @@
-"""Distributed training (minisae.dist, minisae.dist.parallel): in-process checks of the pieces, and the
+"""Distributed training (minisae.dist, minisae.training.train): in-process checks of the pieces, and the
 multi-process claims under real `mpiexec` (tests/mpi_worker.py; skipped without mpi4py/mpiexec):
 
 - collectives: the sum is the rank-ordered sum, bitwise the same on every rank; traffic counted;
@@ -128,7 +128,7 @@ def test_init_does_not_depend_on_the_shards():
 def test_parallel_trainer_follows_the_output_rule(tmp_path):
     from minisae.data.synthetic import SyntheticActivations, SyntheticConfig
     from minisae.errors import OutputExistsError
-    from minisae.dist.parallel import train_parallel
+    from minisae.training.train import train_parallel
 
     source = SyntheticActivations(SyntheticConfig(d_in=8, n_features=32, target_l0=1.0))
     cfg = TrainConfig("topk", k=2, d_sae=16, steps=2, batch_size=32, eval_tokens=0)
@@ -190,7 +190,7 @@ def _mpi_cli(args, tmp_path, n=2, runner=("-m", "mpi4py")):
 
 
 MPI_RUN = ["train", "--arch", "topk", "--k", "4", "--d-sae", "32", "--steps", "4", "--batch-size", "64", "--d-in", "16",
-           "--checkpoint-every", "2", "--eval-tokens", "0", "--no-progress"]
+           "--checkpoint-every", "2", "--eval-tokens", "0", "--warmup-steps", "1", "--no-progress"]
 
 
 @pytest.mark.parametrize("runner", [("-m", "mpi4py"), ()], ids=["python -m mpi4py", "python"])
@@ -247,7 +247,7 @@ def test_one_process_is_the_parallel_trainer_on_the_1x1_grid_bitwise(tmp_path, a
     learning-rate multiplier in both."""
     import json
 
-    import minisae.dist.parallel as parallel
+    import minisae.training.train as parallel
     from minisae.training.train import train
     from mpi_worker import SOURCE, config
 

@@ -212,7 +212,7 @@ def _train_cfg():
 def _trained_run(folder):
     """A finished tiny run (made once per session), and its checkpoint resharded to 2 shards."""
     from minisae.data.synthetic import SyntheticActivations, SyntheticConfig
-    from minisae.dist.parallel import reshard
+    from minisae.training.checkpoint import reshard
     from minisae.training.train import read_state, save_checkpoint, train
 
     if "run" not in _CKPT:
@@ -249,7 +249,7 @@ def _make_sharded(folder):
 
 
 def _load_sharded(path):
-    from minisae.dist.parallel import load_sharded
+    from minisae.training.checkpoint import load_sharded
 
     _, state = load_sharded(path, 0, 16, numpy, names=["W_enc", "b_enc", "W_dec", "b_dec"])
     return state["params"]["W_enc"].shape

@@ -82,7 +82,7 @@ def test_the_logged_fvu_is_evals_fvu_on_the_same_batch(tmp_path, trainer):
     if trainer == "train":
         result = train(cfg, source, tmp_path / "run", progress=False)
     else:
-        from minisae.dist.parallel import train_parallel
+        from minisae.training.train import train_parallel
 
         result = train_parallel(cfg, source, tmp_path / "run", accumulate=2, progress=False)
     row = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])

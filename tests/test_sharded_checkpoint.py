@@ -20,7 +20,7 @@ import numpy
 import pytest
 
 from minisae.cli.commands import main
-from minisae.dist.parallel import CHECKPOINT_DIR, MANIFEST_NAME, load_sharded, read_manifest, reshard
+from minisae.training.checkpoint import CHECKPOINT_DIR, MANIFEST_NAME, load_sharded, read_manifest, reshard
 from minisae.errors import FileFormatError
 from minisae.io.safetensors_io import SafetensorsFile, save_file
 from minisae.training.checkpoint import CheckpointError

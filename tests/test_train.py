@@ -288,6 +288,7 @@ def test_threshold_lr_mult_past_its_range_is_refused_by_name(capsys):
     with pytest.raises(ValueError, match=r"threshold_lr_mult: expected a value in \(0, 10000\]"):
         TrainConfig("jumprelu", d_sae=8, sparsity_coeff=1e-3, threshold_lr_mult=1e300).resolved(4)
     assert main(["train", "--arch", "jumprelu", "--threshold-lr-mult", "1e300", "--out", "never-written",
+                 "--steps", "10", "--lambda", "1e-3", "--warmup-steps", "1", "--sparsity-warmup-steps", "1",
                  "--no-progress"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "threshold_lr_mult" in err[0]

@@ -184,6 +184,8 @@ def warn_short_run(a):
     inside = [f"the learning rate's ({a.warmup_steps} steps, --warmup-steps)"] if steps < a.warmup_steps else []
     if not _uses_k(a.arch) and steps < a.sparsity_warmup_steps:
         inside.append(f"λ's ({a.sparsity_warmup_steps} steps, --sparsity-warmup-steps)")
-    if inside:
+    from minisae.dist import launch_rank
+
+    if inside and launch_rank() == 0:  # under mpiexec, once
         sys.stderr.write(f"minisae train: warning: {steps} steps end inside the warm-up of {' and '.join(inside)}: "
                          "the SAE will be far from trained; shorten the warm-ups or train longer\n")

@@ -80,7 +80,7 @@ def cmd_train(a):
 
     if a.shards > 1 or a.accumulate > 1 or a.dist_backend != "auto" or _launched_by_mpiexec():
         from minisae import dist
-        from minisae.dist.parallel import train_parallel
+        from minisae.training.train import train_parallel
 
         backend = a.dist_backend
         if backend == "auto" and a.backend == "cupy" and dist.launched_by_mpiexec() > 1:

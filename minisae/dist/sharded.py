@@ -1,6 +1,6 @@
 """Latent sharding: the grid of processes, an initialisation that does not depend on the number
 of shards, and one SAE step over S latent shards (docs/scale.md). The training loop is
-minisae.dist.parallel.
+minisae.training.train.
 
 P = R * S processes form a grid; rank = r * S + s holds replica r's copy of shard s: the latents
 [lo_s, hi_s) (a contiguous slice of M), i.e. W_enc[:, lo:hi], W_dec[lo:hi], every per-latent
