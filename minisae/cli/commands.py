@@ -222,6 +222,7 @@ def cmd_compare(a):
         cfg.lr = {v: 3e-4 for v in cfg.lr}
         cfg.warmup_steps, cfg.sparsity_warmup_steps, cfg.decay_frac = 1000, 10_000, 0.0
         cfg.cache_tokens, cfg.eval_tokens, cfg.dead_window_tokens = 1 << 24, 65536, 10_000_000
+        cfg.pilot = False  # the published recipe, not a pilot at 200M samples per run
     for name in ("d_sae", "steps", "batch_size", "jobs", "seeds", "threshold_lr_mult"):
         if getattr(a, name) is not None:
             setattr(cfg, name, getattr(a, name))
@@ -231,6 +232,15 @@ def cmd_compare(a):
         cfg.targets = list(a.targets)
     if a.lr is not None:
         cfg.lr = {v: a.lr for v in cfg.lr}
+        cfg.pilot = False  # a learning rate fixed by hand replaces the pilot's choice
+    if a.no_pilot:
+        cfg.pilot = False
+    if a.pilot_lrs:
+        if not cfg.pilot:
+            raise InputError("--pilot-lrs sets the pilot sweep's grid; it cannot go with --no-pilot or --lr")
+        if any(not (0 < lr < 1) for lr in a.pilot_lrs):
+            raise InputError(f"--pilot-lrs: expected learning rates in (0, 1), found {a.pilot_lrs}")
+        cfg.pilot_lrs = list(a.pilot_lrs)
     kw = {}
     check_output_dir(a.out, "compare report", is_own=is_compare_folder)
     if a.eval_text and not a.model:

@@ -164,8 +164,13 @@ def build_parser():
                    "with --preset synthsaebench-16k)")
     p.add_argument("--batch-size", type=int, help="tokens per step (default 512; 128 with --quick; 1024 with "
                    "--preset synthsaebench-16k)")
-    p.add_argument("--lr", type=float, help="learning rate of every variant (default 0.01; 3e-4 with --preset "
-                   "synthsaebench-16k, the published setting)")
+    p.add_argument("--lr", type=float, help="one learning rate for every variant, without the pilot sweep (default: "
+                   "each variant's own, picked by the pilot sweep; 3e-4 with --preset synthsaebench-16k, the "
+                   "published setting)")
+    p.add_argument("--no-pilot", action="store_true", help="skip the pilot sweep: every variant at 0.01 (or --lr) "
+                   "and JumpReLU at ε 0.001")
+    p.add_argument("--pilot-lrs", type=float, nargs="+", metavar="LR", help="learning rates of the pilot sweep "
+                   "(default 3e-3 1e-2 3e-2; 1e-2 3e-2 with --quick); JumpReLU crosses them with ε 1e-3 and 1e-2")
     p.add_argument("--threshold-lr-mult", type=float, help="JumpReLU θ learning rate = this × lr (default 1: the "
                    "paper's single learning rate)")
     p.add_argument("--jobs", type=int, help="training processes (default min(2, CPUs) on numpy, 1 on cupy)")

@@ -142,3 +142,81 @@ def sensitivity(pilot_rows, variants, *, tol=PILOT_L0_TOL):
 
 def _order(fvu_a, fvu_b):
     return "a" if fvu_a < fvu_b else ("b" if fvu_b < fvu_a else "tie")
+
+
+# ---------------------------------------------------------------------------------------------
+# report.md sections
+
+def sensitivity_lines(results, names):
+    """The verdict's dependence on the recipe, in words with the numbers (for report.md's Verdict)."""
+    pilot = results.get("pilot")
+    if not pilot:
+        return ["Sensitivity to the recipe: not measured (no pilot sweep: --no-pilot); every variant trained at "
+                "one fixed setting, so the verdict describes that recipe, not the methods.\n"]
+    t = pilot["target"]
+    if not pilot["orderings"]:
+        return [f"Sensitivity to the recipe: not measured (no pair of variants had a pilot run within "
+                f"±{PILOT_L0_TOL:.0%} of L0 = {t:g}).\n"]
+    order = "; ".join(f"{names[o['a']]} {o['fvu_a']:.4f} vs {names[o['b']]} {o['fvu_b']:.4f}" for o in pilot["orderings"])
+    if not pilot["flips"]:
+        return [f"Sensitivity to the recipe: at the pilot's L0 = {t:g} (one seed) no ordering of two variants "
+                f"flips when either takes its next-best pilot setting (held-out FVU at the best settings: {order}).\n"]
+    flips = "; ".join(
+        f"with {names[f['moved']]} at {setting_text(f['setting'])}, {names[f['a']]} {f['fvu_a']:.4f} vs "
+        f"{names[f['b']]} {f['fvu_b']:.4f}" for f in pilot["flips"])
+    return [f"Sensitivity to the recipe: **the ordering depends on the recipe.** At the pilot's L0 = {t:g} (one "
+            f"seed), with every variant at its best setting: {order}; it flips {flips} (held-out FVU, lower is "
+            "better). Read the verdict as holding for the chosen recipes only.\n"]
+
+
+def recipe_lines(results, names):
+    """The pilot grid, each run's held-out score, and the choices (report.md's Recipes section)."""
+    pilot = results.get("pilot")
+    lines = ["## Recipes\n"]
+    if not pilot:
+        lines.append("No pilot sweep (--no-pilot): " + ", ".join(
+            f"{names[v]} at {setting_text(s)}" for v, s in results.get("recipes", {}).items()) + ".\n")
+        return lines
+    lines.append(f"Each variant's setting was picked by a pilot sweep: one SAE per setting (seed 0, L0 = "
+                 f"{pilot['target']:g}, the main sweep's length), scored by FVU on held-out tokens among the runs "
+                 f"within ±{PILOT_L0_TOL:.0%} of the target. JumpReLU's θ start is not swept: the trainer "
+                 "calibrates it from the data.\n")
+    lines += ["| variant | setting | L0 | FVU (held-out) | |", "|---|---|---|---|---|"]
+    for r in pilot["runs"]:
+        best, nxt = pilot["chosen"].get(r["variant"]), pilot["next_best"].get(r["variant"])
+        mark = ("**chosen**" if best is not None and r["setting"] == best["setting"] else
+                "next-best" if nxt is not None and r["setting"] == nxt["setting"] else
+                ("failed: " + r["failed"][:60]) if r.get("failed") else
+                "" if eligible(r) else "missed the target")
+        l0 = "–" if r["l0"] is None else f"{r['l0']:.2f}"
+        fvu = "–" if r["fvu"] is None else f"{r['fvu']:.4f}"
+        lines.append(f"| {names[r['variant']]} | {setting_text(r['setting'])} | {l0} | {fvu} | {mark} |")
+    lines.append("")
+    fallback = [v for v, c in pilot["chosen"].items() if c is None]
+    if fallback:
+        lines.append("No pilot run of " + ", ".join(names[v] for v in fallback) + f" met the target within "
+                     f"±{PILOT_L0_TOL:.0%}, so " + ("it" if len(fallback) == 1 else "they") + " trained at the default "
+                     "setting (" + ", ".join(setting_text(results["recipes"][v]) for v in fallback) + ").\n")
+    return lines
+
+
+def plateau_lines(results, names):
+    """Whether each (variant, target) trained to a plateau (report.md's Plateau section)."""
+    rows = results.get("plateau") or []
+    lines = ["## Trained to a plateau?\n",
+             f"The training batches' FVU over the last {PLATEAU_TAIL:.0%} of steps (mean over seeds of each run's "
+             f"end window minus its window at {1 - PLATEAU_TAIL:.0%}) against the seeds' standard deviation of "
+             f"the held-out FVU (at least {PLATEAU_FLOOR:g}).\n",
+             "| variant | target | FVU change, last 20 % | seeds' sd | plateau |", "|---|---|---|---|---|"]
+    for p in rows:
+        ch = "–" if p["change"] is None else f"{p['change']:+.4f}"
+        sd = "–" if p["spread"] is None else f"{p['spread']:.4f}"
+        ok = {True: "yes", False: "**no**", None: "–"}[p["plateau"]]
+        lines.append(f"| {names[p['variant']]} | {p['target']:g} | {ch} | {sd} | {ok} |")
+    still = [p for p in rows if p["plateau"] is False]
+    lines.append("")
+    if still:
+        lines.append(f"{len(still)} of {len(rows)} settings were still changing at the end (a rising FVU is the L0 "
+                     "controller still tightening): more steps would move them, so differences of that size are not "
+                     "the methods'.\n")
+    return lines
