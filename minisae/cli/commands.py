@@ -201,7 +201,7 @@ def cmd_eval(a):
 
 
 def cmd_compare(a):
-    from minisae.eval.compare import CompareConfig, is_compare_folder, quick_config, run_compare
+    from minisae.eval.compare import REAL_TARGETS, CompareConfig, is_compare_folder, quick_config, run_compare
     from minisae.io.files import check_output_dir
     from minisae.xp import get_xp
 
@@ -256,8 +256,11 @@ def cmd_compare(a):
         if a.d_sae is None:
             cfg.d_sae = 4 * model.site_width(a.site)
         acts = Path(a.out) / "activations"
+        if not a.targets and not a.quick:
+            cfg.targets = list(REAL_TARGETS)
+        tokens = a.tokens if a.tokens is not None else (16384 if a.quick else 1_000_000)
         man = cache_activations(model, tokenizer, a.text, a.site, acts, seq_len=a.seq_len,
-                                max_tokens=a.tokens, text_field=a.text_field, model_name=a.model,
+                                max_tokens=tokens, text_field=a.text_field, model_name=a.model,
                                 progress=not a.no_progress)
         holdout = min(cfg.eval_tokens, man["count"] // 10)
         cfg.eval_tokens = holdout

@@ -156,7 +156,8 @@ def build_parser():
                    help="SAE variants (default jumprelu gated topk: the paper's three; matryoshka = Matryoshka "
                         "BatchTopK)")
     p.add_argument("--targets", type=float, nargs="+", metavar="L0", help="target L0s (default 5 8 12 for "
-                   "synthsaebench-cpu, 15 25 40 for synthsaebench-16k, 3 6 10 for toy; 2 4 with --quick)")
+                   "synthsaebench-cpu, 15 25 40 for synthsaebench-16k, 3 6 10 for toy, 16 32 64 with --model; 2 4 "
+                   "with --quick)")
     p.add_argument("--seeds", type=int, help="seeds per variant and target (default 3; 2 with --quick)")
     p.add_argument("--d-sae", type=int, help="latents per SAE (default 512; 32 with --quick; 4096 with --preset "
                    "synthsaebench-16k; 4 × site width with --model)")
@@ -174,7 +175,7 @@ def build_parser():
     p.add_argument("--threshold-lr-mult", type=float, help="JumpReLU θ learning rate = this × lr (default 1: the "
                    "paper's single learning rate)")
     p.add_argument("--jobs", type=int, help="training processes (default min(2, CPUs) on numpy, 1 on cupy)")
-    p.add_argument("--tokens", type=int, default=1_000_000, help="with --model: activations to cache (default 1M)")
+    p.add_argument("--tokens", type=int, help="with --model: activations to cache (default 1M; 16384 with --quick)")
     p.add_argument("--eval-text", nargs="+", metavar="FILE", help="with --model: texts for delta LM loss (default --text)")
     _model_args(p)
     _common(p)

@@ -53,6 +53,9 @@ DEFAULT_LR = {"jumprelu": 1e-2, "gated": 1e-2, "topk": 1e-2, "batchtopk": 1e-2, 
 # Targets: the published sweep spans L0 15-45 around the 16k model's true L0 of 34.5; the CPU preset's
 # true L0 is 10.9, so its targets are the published 15 / 25 / 40 scaled by 10.9 / 34.5.
 DEFAULT_TARGETS = {"synthsaebench-cpu": [5.0, 8.0, 12.0], "synthsaebench-16k": [15.0, 25.0, 40.0], "toy": [3.0, 6.0, 10.0]}
+# On a language model's activations (--model): the JumpReLU paper's Figure 2 spans L0 ≈ 10-150 on Gemma 2 9B
+# (d_model 3584); a 640-wide Gemma 3 270M site at 4 × 640 latents gets three octaves in that range.
+REAL_TARGETS = (16.0, 32.0, 64.0)
 
 
 @dataclasses.dataclass
