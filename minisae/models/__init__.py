@@ -3,7 +3,10 @@
     from minisae.models import load_model, load_tokenizer
     model = load_model("google/gemma-3-270m")     # Gemma 2 or Gemma 3, chosen by config.json's model_type
     tok = load_tokenizer("google/gemma-3-270m")
+    model = load_model("gemma-3-270m-q4_k_m.gguf") # a llama.cpp GGUF file (minisae.models.gguf)
 """
+
+import os
 
 import numpy
 
@@ -29,13 +32,29 @@ def model_module(path_or_repo_id, *, revision=None):
         raise ConfigError(f"{path}: model_type: expected one of {tuple(MODEL_TYPES)}, found {model_type!r}")
     return importlib.import_module(f"minisae.models.{MODEL_TYPES[model_type]}"), folder
 
+def _gguf_file(path_or_repo_id):
+    """True for a local GGUF file (named *.gguf, or a regular file starting with the GGUF magic)."""
+    from minisae.io.gguf import is_gguf
+
+    return isinstance(path_or_repo_id, (str, os.PathLike)) and is_gguf(os.path.expanduser(path_or_repo_id))
+
 def load_model(path_or_repo_id, *, xp=numpy, revision=None, dtype="float32"):
-    """A Gemma2Model or Gemma3Model, picked from config.json's model_type (gemma2, gemma3_text, gemma3)."""
+    """A Gemma2Model or Gemma3Model, picked from config.json's model_type (gemma2, gemma3_text, gemma3),
+    or from a GGUF file's general.architecture (gemma2, gemma3)."""
+    if _gguf_file(path_or_repo_id):
+        from minisae.models import gguf
+
+        return gguf.load(os.path.expanduser(path_or_repo_id), xp=xp, dtype=dtype)
     module, folder = model_module(path_or_repo_id, revision=revision)
     return module.load(folder, xp=xp, dtype=dtype)
 
 def load_tokenizer(path_or_repo_id, *, revision=None):
-    """The Gemma tokenizer (tokenizer.json, BOS exactly once) of a folder, file or Hub repo."""
+    """The Gemma tokenizer (tokenizer.json, BOS exactly once) of a folder, file or Hub repo, or the
+    vocabulary stored in a GGUF file."""
+    if _gguf_file(path_or_repo_id):
+        from minisae.models import gguf
+
+        return gguf.load_tokenizer(os.path.expanduser(path_or_repo_id))
     from minisae.models.gemma2.tokenizer import load_tokenizer as load
 
     return load(path_or_repo_id, revision=revision)

@@ -45,13 +45,14 @@ def _guarded(fn, *args, path=None, **kw):
 class Gemma2Tokenizer:
     """Wraps a `tokenizers.Tokenizer`; ids are Python ints, batches NumPy arrays."""
 
-    def __init__(self, tokenizer, path=None):
+    def __init__(self, tokenizer, path=None, *, bos_id=None, eos_id=None, pad_id=None):
+        """The special ids are looked up by name ("<bos>", ...) unless given (a GGUF file states them)."""
         self.tokenizer = tokenizer
         self.path = path
         vocab = tokenizer.get_vocab(with_added_tokens=True)
-        self.pad_id = vocab.get("<pad>", PAD_ID)
-        self.eos_id = vocab.get("<eos>", EOS_ID)
-        self.bos_id = vocab.get("<bos>", BOS_ID)
+        self.pad_id = vocab.get("<pad>", PAD_ID) if pad_id is None else pad_id
+        self.eos_id = vocab.get("<eos>", EOS_ID) if eos_id is None else eos_id
+        self.bos_id = vocab.get("<bos>", BOS_ID) if bos_id is None else bos_id
         self.vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
 
     def _with_one_bos(self, ids):
