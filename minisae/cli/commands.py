@@ -24,8 +24,12 @@ EXIT_USER_ERROR, EXIT_FAILED, EXIT_INTERRUPTED = 2, 1, 130
 
 
 def _check_files_exist(paths, flag):
+    from minisae.data.activations import corpus_ref, text_source_ids
+
     for p in paths:
-        if not Path(p).is_file():
+        if corpus_ref(p) is not None:
+            text_source_ids([p])  # an unknown or missing corpus: one line saying how to install it
+        elif not Path(p).is_file():
             raise MissingInputError(f"{flag} {p}: no such file")
 
 
@@ -253,7 +257,7 @@ def cmd_compare(a):
         from minisae.data.activations import ActivationStore, cache_activations
 
         model, tokenizer = _load_model(a, get_xp(a.backend))
-        if a.d_sae is None:
+        if a.d_sae is None and not a.quick:  # --quick keeps its 32 latents: a smoke test, not a result
             cfg.d_sae = 4 * model.site_width(a.site)
         acts = Path(a.out) / "activations"
         if not a.targets and not a.quick:

@@ -160,7 +160,7 @@ def build_parser():
                    "with --quick)")
     p.add_argument("--seeds", type=int, help="seeds per variant and target (default 3; 2 with --quick)")
     p.add_argument("--d-sae", type=int, help="latents per SAE (default 512; 32 with --quick; 4096 with --preset "
-                   "synthsaebench-16k; 4 × site width with --model)")
+                   "synthsaebench-16k; 4 × site width with --model, except with --quick)")
     p.add_argument("--steps", type=int, help="steps per SAE (default 3000; 250 with --quick; 195313 = 200M samples "
                    "with --preset synthsaebench-16k)")
     p.add_argument("--batch-size", type=int, help="tokens per step (default 512; 128 with --quick; 1024 with "
