@@ -94,7 +94,7 @@ def test_user_errors_are_one_line_with_status_2(tmp_path, capsys):
     assert main(["eval", "--sae", str(tmp_path / "nope")]) == 2
     assert "nope" in _error_line(capsys)
     assert main(["train", "--arch", "topk", "--out", str(tmp_path / "r")] + TINY_TRAIN) == 2
-    assert "k: TopK needs" in _error_line(capsys)
+    assert "--k is required for --arch topk" in _error_line(capsys)
     run = tmp_path / "run"
     assert main(["train", "--arch", "topk", "--k", "3", "--out", str(run)] + TINY_TRAIN) == 0
     capsys.readouterr()
@@ -128,7 +128,15 @@ def test_compare_quick_synthetic(tmp_path, capsys):
             assert r["l0"] <= r["target"] + 1e-9 and r["setting"] == f"k={r['target']:g}"
     summary = {(s["variant"], s["target"]): s for s in results["summary"]}
     assert summary["topk", 4.0]["explained_variance"][1] is not None  # mean ± sd over two seeds
-    assert results["verdict"]["paper_claim"]["holds"] in (True, False, None)
+    # the claim's verdict follows from the pairs with JumpReLU: None when none was judged, False
+    # when JumpReLU is measurably worse in one, else True; and the text says the same
+    pairs = [p for e in results["verdict"]["explained_variance"]["per_target"] for p in e["pairs"]
+             if "jumprelu" in (p["a"], p["b"])]
+    jumprelu_worse = any(p["better"] != "tie" and (p["better"] == "a") != (p["a"] == "jumprelu") for p in pairs)
+    claim = results["verdict"]["paper_claim"]
+    assert claim["holds"] is (None if not pairs else not jumprelu_worse)
+    says = {None: "it cannot be judged here", False: "it does not hold here", True: "it holds here"}
+    assert says[claim["holds"]] in claim["text"]
     assert (out / "data" / "manifest.json").is_file()  # the synthetic samples, as an activation cache
     try:
         import matplotlib  # noqa: F401  (the optional `plot` extra)

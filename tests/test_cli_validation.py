@@ -34,7 +34,7 @@ def _train(tmp_path, *extra):
     (["--arch", "jumprelu", "--lambda", "1e-2", "--k", "4"], "--k does not apply to --arch jumprelu"),
     (["--arch", "gated", "--lambda", "1e-2", "--bandwidth", "0.1"], "--bandwidth does not apply to --arch gated"),
     (["--arch", "jumprelu", "--lambda", "1e-2", "--aux-k", "4"], "--aux-k does not apply to --arch jumprelu"),
-    (["--arch", "topk", "--k", "40"], "k: TopK needs 0 < k <= d_sae=32, found 40"),
+    (["--arch", "topk", "--k", "40"], "--k: expected at most --d-sae (32) latents per token, found 40"),
     (["--arch", "topk", "--k", "4", "--d-sae", "100000000"], "choose a smaller --d-sae or --batch-size"),
     (["--arch", "topk", "--k", "4", "--steps", "x"], "argument --steps: invalid int value: 'x'"),
     (["--arch", "topk", "--k", "4", "--d-in", "0"], "--d-in: expected an integer >= 1, found 0"),

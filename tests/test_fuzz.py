@@ -25,7 +25,7 @@ import numpy
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_saefile import make_sae
+from test_saefile import D, M, make_sae
 
 from minisae import MinisaeError
 from minisae.data.activations import ActivationStore
@@ -126,13 +126,15 @@ class Format:
     name: str
     make: Callable      # make(folder) -> the path to load (a file or folder inside `folder`)
     targets: dict       # file name inside the made path's folder -> "bytes" | "json" | "safetensors"
-    load: Callable      # load(path): read and use it; returns nothing
+    load: Callable      # load(path): read and use it; returns a summary of what it read
+    expected: object    # the summary `load` returns for the unmutated file
 
 
 def _sae_use(sae):
     x = numpy.random.default_rng(0).standard_normal((4, sae.d_in)).astype(numpy.float32)
     out = sae(x)
-    assert out.shape[-1] == sae.d_out if hasattr(sae, "d_out") else sae.d_in
+    assert out.shape == (4, sae.d_out)
+    return sae.architecture, sae.d_in, sae.d_sae
 
 
 def _make_safetensors(folder):
@@ -144,8 +146,7 @@ def _make_safetensors(folder):
 
 def _load_safetensors(path):
     with SafetensorsFile(path) as f:
-        for name in f.keys():
-            f.get(name)
+        return {name: tuple(f.get(name).shape) for name in f.keys()}
 
 
 def _make_saelens(arch):
@@ -164,7 +165,7 @@ def _make_gs2(folder):
 
 
 def _load_sae(path):
-    _sae_use(SAE.load(path))
+    return _sae_use(SAE.load(path))
 
 
 def _make_model(folder):
@@ -173,7 +174,7 @@ def _make_model(folder):
 
 
 def _load_model(path):
-    load_model(path)
+    return type(load_model(path)).__name__
 
 
 def _make_cache(folder):
@@ -195,7 +196,7 @@ def _make_cache(folder):
 def _load_cache(path):
     store = ActivationStore(path, holdout_tokens=4)
     assert store.batch(3, 16).shape == (16, store.d_in)
-    store.sample(8)
+    return store.sample(8).shape
 
 
 _CKPT = {}
@@ -226,7 +227,7 @@ def _make_checkpoint(folder):
 def _load_checkpoint(path):
     from minisae.training.train import load_checkpoint
 
-    load_checkpoint(path, _train_cfg().resolved(8), numpy)
+    return load_checkpoint(path, _train_cfg().resolved(8), numpy)["step"]
 
 
 def _make_tokenizer(folder):
@@ -240,24 +241,28 @@ def _load_tokenizer(path):
     from minisae.models import load_tokenizer
 
     tok = load_tokenizer(path)
-    tok.encode("the cat sat on a mat .")
+    return tok.decode(tok.encode("the cat sat on a mat ."))
 
 
+ST_SHAPES = {"a": (3, 4), "b": (5,), "c": (2, 0)}
 FORMATS = [
-    Format("safetensors", _make_safetensors, {"t.safetensors": "bytes"}, _load_safetensors),
-    Format("safetensors-header", _make_safetensors, {"t.safetensors": "safetensors"}, _load_safetensors),
+    Format("safetensors", _make_safetensors, {"t.safetensors": "bytes"}, _load_safetensors, ST_SHAPES),
+    Format("safetensors-header", _make_safetensors, {"t.safetensors": "safetensors"}, _load_safetensors, ST_SHAPES),
     Format("saelens-jumprelu", _make_saelens("jumprelu"),
-           {"cfg.json": "json", "sae_weights.safetensors": "safetensors"}, _load_sae),
-    Format("saelens-topk", _make_saelens("topk"), {"cfg.json": "json", "sae_weights.safetensors": "bytes"}, _load_sae),
-    Format("saelens-gated", _make_saelens("gated"), {"cfg.json": "json"}, _load_sae),
-    Format("gemma-scope-npz", _make_npz, {"params.npz": "bytes"}, _load_sae),
-    Format("gemma-scope-2", _make_gs2, {"config.json": "json", "params.safetensors": "safetensors"}, _load_sae),
-    Format("model-config", _make_model, {"config.json": "json"}, _load_model),
-    Format("model-weights", _make_model, {"model.safetensors": "safetensors"}, _load_model),
-    Format("cache-manifest", _make_cache, {"manifest.json": "json", "shard_00001.npy": "bytes"}, _load_cache),
-    Format("checkpoint", _make_checkpoint, {"checkpoint.safetensors": "bytes"}, _load_checkpoint),
-    Format("checkpoint-header", _make_checkpoint, {"checkpoint.safetensors": "safetensors"}, _load_checkpoint),
-    Format("tokenizer", _make_tokenizer, {"tokenizer.json": "json"}, _load_tokenizer),
+           {"cfg.json": "json", "sae_weights.safetensors": "safetensors"}, _load_sae, ("jumprelu", D, M)),
+    Format("saelens-topk", _make_saelens("topk"), {"cfg.json": "json", "sae_weights.safetensors": "bytes"}, _load_sae,
+           ("topk", D, M)),
+    Format("saelens-gated", _make_saelens("gated"), {"cfg.json": "json"}, _load_sae, ("gated", D, M)),
+    Format("gemma-scope-npz", _make_npz, {"params.npz": "bytes"}, _load_sae, ("jumprelu", D, M)),
+    Format("gemma-scope-2", _make_gs2, {"config.json": "json", "params.safetensors": "safetensors"}, _load_sae,
+           ("jumprelu", D, M)),
+    Format("model-config", _make_model, {"config.json": "json"}, _load_model, "Gemma2Model"),
+    Format("model-weights", _make_model, {"model.safetensors": "safetensors"}, _load_model, "Gemma2Model"),
+    Format("cache-manifest", _make_cache, {"manifest.json": "json", "shard_00001.npy": "bytes"}, _load_cache, (8, 6)),
+    Format("checkpoint", _make_checkpoint, {"checkpoint.safetensors": "bytes"}, _load_checkpoint, 4),
+    Format("checkpoint-header", _make_checkpoint, {"checkpoint.safetensors": "safetensors"}, _load_checkpoint, 4),
+    Format("tokenizer", _make_tokenizer, {"tokenizer.json": "json"}, _load_tokenizer,
+           "<bos> the cat sat on a mat ."),
 ]
 
 
@@ -292,7 +297,7 @@ def _bounded_load(fmt, made):
 @pytest.mark.parametrize("fmt", FORMATS, ids=[f.name for f in FORMATS])
 def test_valid_files_load(fmt, tmp_path):
     """The unmutated file of each format loads and is usable (so a mutation is what fails)."""
-    fmt.load(fmt.make(tmp_path))
+    assert fmt.load(fmt.make(tmp_path)) == fmt.expected
 
 
 @pytest.mark.parametrize("fmt", FORMATS, ids=[f.name for f in FORMATS])

@@ -20,6 +20,7 @@ from minisae.models.gemma2 import (CheckpointError, ConfigError, Gemma2Config, G
 from minisae.models.gemma2.weights import expected_shapes
 from minisae.io.safetensors_io import bf16_bits_to_float32, float32_to_bf16_bits, save_file
 from minisae.xp import to_numpy
+from helpers import assert_close
 from tolerances import F32_ATOL, F32_RTOL, REF64_ATOL, REF64_RTOL
 
 B, T = 2, 9
@@ -88,13 +89,6 @@ def cfg():
 @pytest.fixture(scope="module")
 def weights(cfg):
     return random_weights(cfg)
-
-
-def close(got, want, rtol, atol, what=""):
-    got, want = to_numpy(got).astype(numpy.float64), to_numpy(want).astype(numpy.float64)
-    assert got.shape == want.shape, f"{what}: shape {got.shape} != {want.shape}"
-    diff = numpy.abs(got - want)
-    assert (diff <= atol + rtol * numpy.abs(want)).all(), f"{what}: max abs diff {diff.max():.3e}"
 
 
 # ---- config ----------------------------------------------------------------------------------------
@@ -289,7 +283,7 @@ def test_capture_matches_forward(model, cfg, weights, xp):
     h = to_numpy(model.capture(ids, "blocks.2.hook_resid_post")).astype(numpy.float64)  # last layer
     hn = h / numpy.sqrt((h * h).mean(-1, keepdims=True) + cfg.rms_norm_eps) * (1 + weights["model.norm.weight"])
     want = 3.0 * numpy.tanh(hn @ weights["model.embed_tokens.weight"].T / 3.0)
-    close(logits, want, F32_RTOL, F32_ATOL, "logits from the captured last resid_post")
+    assert_close(logits, want, F32_RTOL, F32_ATOL, "logits from the captured last resid_post")
 
     sites = [f"blocks.{L}.{k}" for L in range(3) for k in ("hook_resid_post", "attn.hook_z", "hook_mlp_out")]
     together = model.capture(ids, sites)
@@ -378,7 +372,7 @@ def test_sliding_window_on_layer_0(types, weights, xp):
 def test_right_padding_leaves_real_tokens_alone(model, xp):
     ids = make_ids(3)
     padded = numpy.concatenate([ids, numpy.zeros((B, 4), dtype=ids.dtype)], axis=1)
-    close(to_numpy(model.forward(padded))[:, :T], to_numpy(model.forward(ids)), F32_RTOL, F32_ATOL,
+    assert_close(to_numpy(model.forward(padded))[:, :T], to_numpy(model.forward(ids)), F32_RTOL, F32_ATOL,
           "logits of real tokens with right padding")
 
 
@@ -482,8 +476,8 @@ def test_against_float64_reference(cfg, weights, xp):
     m64 = Gemma2Model(cfg, weights, xp=xp, dtype="float64")
     got64 = to_numpy(m64.forward(ids))
     assert got64.dtype == numpy.float64
-    close(got64, want, REF64_RTOL, REF64_ATOL, "float64 model vs float64 reference")
-    close(Gemma2Model(cfg, weights, xp=xp).forward(ids), want, F32_RTOL, F32_ATOL, "float32 model vs reference")
+    assert_close(got64, want, REF64_RTOL, REF64_ATOL, "float64 model vs float64 reference")
+    assert_close(Gemma2Model(cfg, weights, xp=xp).forward(ids), want, F32_RTOL, F32_ATOL, "float32 model vs reference")
     # the attention soft-cap acts too: without it the logits move
     uncapped = Gemma2Config.from_dict(config_dict(attn_logit_softcapping=None))
     assert numpy.abs(to_numpy(Gemma2Model(uncapped, weights, xp=xp).forward(ids)) - got64).max() > 0.1
@@ -509,11 +503,11 @@ def test_linear_layouts_agree(cfg, weights, monkeypatch):
         x = rng.standard_normal((n, 5)).astype("float32")
         y = gm.linear(x, W)
         assert y.flags.c_contiguous and y.shape == (n, 7) and y.dtype == numpy.float32
-        close(y, x @ W.T, F32_RTOL, F32_ATOL, f"linear n={n}")
+        assert_close(y, x @ W.T, F32_RTOL, F32_ATOL, f"linear n={n}")
     ids = make_ids()
     swapped = Gemma2Model(cfg, weights).forward(ids)
     monkeypatch.setattr(gm, "LINEAR_SWAP_MAX_TOKENS", 0)
-    close(Gemma2Model(cfg, weights).forward(ids), swapped, F32_RTOL, F32_ATOL, "logits")
+    assert_close(Gemma2Model(cfg, weights).forward(ids), swapped, F32_RTOL, F32_ATOL, "logits")
 
 
 @pytest.mark.parametrize("order", ["C", "F"])

@@ -15,7 +15,7 @@ import numpy
 import pytest
 
 from minisae.models.gemma2 import load, parse_site
-from minisae.xp import to_numpy
+from helpers import assert_close
 from tolerances import GEMMA_ATOL, GEMMA_RTOL
 
 DATA = pathlib.Path(__file__).parent / "data" / "gemma2"
@@ -42,24 +42,6 @@ def sites_of(g):
     return sorted(k for k in g if k.startswith("blocks."))
 
 
-def assert_close(got, want, what):
-    """Elementwise |got - want| <= ATOL + RTOL |want|, reporting the first mismatches and the max diff."""
-    got = to_numpy(got)
-    assert got.shape == want.shape, f"{what}: expected shape {want.shape}, found {got.shape}"
-    assert got.dtype == numpy.float32, f"{what}: expected float32, found {got.dtype}"
-    diff = numpy.abs(got.astype(numpy.float64) - want)
-    bad = ~(diff <= GEMMA_ATOL + GEMMA_RTOL * numpy.abs(want))  # also catches NaN
-    if bad.any():
-        idx = numpy.argwhere(bad)
-        first = "\n".join(f"  {tuple(int(i) for i in ix)}: got {got[tuple(ix)]!r}, want {want[tuple(ix)]!r}"
-                          for ix in idx[:8])
-        rel = diff / numpy.maximum(numpy.abs(want), 1e-30)
-        raise AssertionError(
-            f"{what}: {bad.sum()} of {bad.size} elements differ beyond rtol={GEMMA_RTOL} atol={GEMMA_ATOL}; "
-            f"max abs diff {numpy.nanmax(diff):.3e}, max rel diff {numpy.nanmax(rel):.3e}; first mismatches:\n{first}"
-        )
-
-
 @pytest.fixture(params=VARIANTS)
 def name(request):
     return request.param
@@ -79,7 +61,7 @@ def test_logits(name, xp):
     g = golden(name)
     m = model(name, xp.__name__)
     logits = m.forward(xp.asarray(g["ids"]))
-    assert_close(logits, g["logits"], f"{name} logits")
+    assert_close(logits, g["logits"], GEMMA_RTOL, GEMMA_ATOL, f"{name} logits", dtype=numpy.float32)
 
 
 def test_every_site_in_one_capture(name, xp):
@@ -89,7 +71,7 @@ def test_every_site_in_one_capture(name, xp):
     acts = m.capture(xp.asarray(g["ids"]), sites)
     assert isinstance(acts, dict) and sorted(acts) == sites, f"expected keys {sites}, found {sorted(acts)}"
     for site in sites:
-        assert_close(acts[site], g[site], f"{name} {site}")
+        assert_close(acts[site], g[site], GEMMA_RTOL, GEMMA_ATOL, f"{name} {site}", dtype=numpy.float32)
 
 
 def test_single_site_capture_and_width(name, xp):
@@ -99,7 +81,8 @@ def test_single_site_capture_and_width(name, xp):
     for site in (f"blocks.0.{KINDS[0]}", f"blocks.{n_layers // 2}.{KINDS[1]}", f"blocks.{n_layers - 1}.{KINDS[2]}",
                  f"blocks.{n_layers - 1}.{KINDS[0]}"):
         assert m.site_width(site) == g[site].shape[-1], site
-        assert_close(m.capture(xp.asarray(g["ids"]), site), g[site], f"{name} capture({site!r})")
+        assert_close(m.capture(xp.asarray(g["ids"]), site), g[site],
+                     GEMMA_RTOL, GEMMA_ATOL, f"{name} capture({site!r})", dtype=numpy.float32)
 
 
 def test_prefix_and_single_row(name, xp):
@@ -107,10 +90,13 @@ def test_prefix_and_single_row(name, xp):
     g = golden(name)
     m = model(name, xp.__name__)
     ids = g["ids"]
-    assert_close(m.forward(xp.asarray(ids[:, :7])), g["logits"][:, :7], f"{name} logits of ids[:, :7]")
-    assert_close(m.forward(xp.asarray(ids[1:, :])), g["logits"][1:], f"{name} logits of ids[1:]")
+    assert_close(m.forward(xp.asarray(ids[:, :7])), g["logits"][:, :7],
+                 GEMMA_RTOL, GEMMA_ATOL, f"{name} logits of ids[:, :7]", dtype=numpy.float32)
+    assert_close(m.forward(xp.asarray(ids[1:, :])), g["logits"][1:],
+                 GEMMA_RTOL, GEMMA_ATOL, f"{name} logits of ids[1:]", dtype=numpy.float32)
     site = "blocks.1.attn.hook_z"
-    assert_close(m.capture(xp.asarray(ids[:1, :5]), site), g[site][:1, :5], f"{name} {site} of ids[:1, :5]")
+    assert_close(m.capture(xp.asarray(ids[:1, :5]), site), g[site][:1, :5],
+                 GEMMA_RTOL, GEMMA_ATOL, f"{name} {site} of ids[:1, :5]", dtype=numpy.float32)
 
 
 def test_splice(name, xp):
@@ -124,6 +110,9 @@ def test_splice(name, xp):
     for key in spliced:
         site = key.removeprefix("splice.")
         got = m.forward(ids, splice={site: lambda a: a * scale + shift})
-        assert_close(got, g[key], f"{name} forward with {site} spliced to a*{scale}+{shift}")
+        assert_close(got, g[key],
+                     GEMMA_RTOL, GEMMA_ATOL, f"{name} forward with {site} spliced to a*{scale}+{shift}",
+                     dtype=numpy.float32)
     identity = m.forward(ids, splice={s: (lambda a: a) for s in sites_of(g)})
-    assert_close(identity, g["logits"], f"{name} forward with identity splices at every site")
+    assert_close(identity, g["logits"],
+                 GEMMA_RTOL, GEMMA_ATOL, f"{name} forward with identity splices at every site", dtype=numpy.float32)

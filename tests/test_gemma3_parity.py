@@ -15,6 +15,8 @@ import pathlib
 
 import numpy
 import pytest
+from helpers import assert_close
+from tolerances import GEMMA_ATOL, GEMMA_RTOL
 
 from minisae.models import load_model
 from minisae.models.gemma2.model import apply_rope, rms_norm
@@ -23,7 +25,6 @@ from minisae.models.gemma3.config import Gemma3Config
 from minisae.models.gemma3.weights import load_weights
 from minisae.models.sites import hf_name
 from minisae.xp import to_numpy
-from test_gemma2_parity import assert_close
 
 DATA = pathlib.Path(__file__).parent / "data" / "gemma3"
 VARIANTS = ["tiny_f32", "tiny_bf16_shards", "tiny_4b_mm"]
@@ -76,11 +77,11 @@ def test_logits_and_every_site(name, xp):
     g = golden(name)
     m = model(name, xp.__name__)
     ids = xp.asarray(g["ids"])
-    assert_close(m.forward(ids), g["logits"], f"{name} logits")
+    assert_close(m.forward(ids), g["logits"], GEMMA_RTOL, GEMMA_ATOL, f"{name} logits", dtype=numpy.float32)
     sites = sites_of(g)
     acts = m.capture(ids, sites)
     for site in sites:
-        assert_close(acts[site], g[site], f"{name} {site}")
+        assert_close(acts[site], g[site], GEMMA_RTOL, GEMMA_ATOL, f"{name} {site}", dtype=numpy.float32)
 
 
 def test_hugging_face_site_names(name):
@@ -90,7 +91,7 @@ def test_hugging_face_site_names(name):
     hf = [hf_name(s) for s in sites_of(g)]
     acts = m.capture(g["ids"], hf)
     for site, h in zip(sites_of(g), hf):
-        assert_close(acts[h], g[site], f"{name} {h}")
+        assert_close(acts[h], g[site], GEMMA_RTOL, GEMMA_ATOL, f"{name} {h}", dtype=numpy.float32)
         assert m.site_width(h) == g[site].shape[-1]
 
 
@@ -100,14 +101,17 @@ def test_splice(name, xp):
     ids = xp.asarray(g["ids"])
     for key in (k for k in g if k.startswith("splice.")):
         site = key.removeprefix("splice.")
-        assert_close(m.forward(ids, splice={site: lambda a: a * 0.5 + 0.25}), g[key], f"{name} {key}")
-        assert_close(m.forward(ids, splice={hf_name(site): lambda a: a * 0.5 + 0.25}), g[key], f"{name} {key} (HF)")
+        assert_close(m.forward(ids, splice={site: lambda a: a * 0.5 + 0.25}), g[key],
+                     GEMMA_RTOL, GEMMA_ATOL, f"{name} {key}", dtype=numpy.float32)
+        assert_close(m.forward(ids, splice={hf_name(site): lambda a: a * 0.5 + 0.25}), g[key],
+                     GEMMA_RTOL, GEMMA_ATOL, f"{name} {key} (HF)", dtype=numpy.float32)
 
 
 def test_prefix_is_causal(name):
     g = golden(name)
     m = model(name, "numpy")
-    assert_close(m.forward(g["ids"][:, :5]), g["logits"][:, :5], f"{name} logits of ids[:, :5]")
+    assert_close(m.forward(g["ids"][:, :5]), g["logits"][:, :5],
+                 GEMMA_RTOL, GEMMA_ATOL, f"{name} logits of ids[:, :5]", dtype=numpy.float32)
 
 
 # ---- planted bugs: each one must break parity with transformers --------------------------------
@@ -115,7 +119,7 @@ def test_prefix_is_causal(name):
 def parity_breaks(m, name):
     g = golden(name)
     try:
-        assert_close(m.forward(g["ids"]), g["logits"], "planted")
+        assert_close(m.forward(g["ids"]), g["logits"], GEMMA_RTOL, GEMMA_ATOL, "planted", dtype=numpy.float32)
     except AssertionError:
         return True
     return False

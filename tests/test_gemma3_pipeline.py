@@ -124,7 +124,7 @@ def test_cli_cache_train_eval_convert_on_gemma3(tmp_path, corpus, capsys):
     assert main(["eval", "--sae", str(tc), "--activations", str(acts)]) == 2
     assert "a transcoder is evaluated on a model" in capsys.readouterr().err
     assert main(["convert", str(tc), str(tmp_path / "p.npz")]) == 2
-    assert "Gemma Scope format holds JumpReLU SAEs only" in capsys.readouterr().err
+    assert "Gemma Scope format (params.npz) holds JumpReLU SAEs only" in capsys.readouterr().err
     assert main(["convert", str(tc), str(tmp_path / "lens")]) == 0  # a SAELens transcoder folder
     back = tmp_path / "back"
     assert main(["convert", str(tmp_path / "lens"), str(back), "--to", "gemma-scope-2"]) == 0

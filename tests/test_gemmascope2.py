@@ -12,8 +12,8 @@ from pathlib import Path
 
 import numpy
 import pytest
+from helpers import assert_close
 from test_hub import offline_hub, populate_cache  # noqa: F401 (offline_hub is a fixture)
-from tolerances import F32_ATOL, F32_RTOL
 
 from minisae.errors import FileFormatError, InputError, OutputExistsError
 from minisae.io.gemmascope2 import GemmaScope2Error
@@ -35,10 +35,6 @@ def outputs(folder):
         return {k: z[k] for k in z.files}
 
 
-def close(got, want):
-    numpy.testing.assert_allclose(got, want, rtol=F32_RTOL, atol=F32_ATOL)
-
-
 @pytest.fixture(params=sorted(CASES))
 def case(request):
     return request.param
@@ -54,8 +50,8 @@ def test_released_layout_matches_saelens(case):
     assert sae.cfg["apply_b_dec_to_input"] is False
     lens_cfg = json.loads(str(want["cfg"]))
     assert lens_cfg["architecture"] == arch and lens_cfg["hook_name"] == hook
-    close(sae.encode(want["x"]), want["f"])
-    close(sae(want["x"]), want["y"])
+    assert_close(sae.encode(want["x"]), want["f"])
+    assert_close(sae(want["x"]), want["y"])
 
 
 def test_minisae_written_files_load_in_saelens_alike(case):
@@ -73,16 +69,16 @@ def test_saelens_format_transcoders_round_trip(case, tmp_path):
     want = outputs(folder)
     sae = SAE.load(folder)
     assert sae.architecture == CASES[case][0]
-    close(sae(want["x"]), want["y"])
+    assert_close(sae(want["x"]), want["y"])
     again = SAE.load(sae.save_gemma_scope_2(tmp_path / "gs2"))  # SAELens folder -> Gemma Scope 2 -> minisae
-    close(again(want["x"]), want["y"])
+    assert_close(again(want["x"]), want["y"])
     assert again.cfg["metadata"]["hook_name"] == sae.cfg["metadata"]["hook_name"]
 
 
 def test_skip_term():
     sae = SAE.load(GOLDEN / "released" / "transcoder_all/layer_3_width_48_l0_small_affine")
     x = outputs(GOLDEN / "released" / "transcoder_all/layer_3_width_48_l0_small_affine")["x"]
-    close(sae(x), sae.decode(sae.encode(x)) + x @ sae.params["W_skip"].T)
+    assert_close(sae(x), sae.decode(sae.encode(x)) + x @ sae.params["W_skip"].T)
     with pytest.raises(ValueError, match="has no skip connection"):
         SAE.load(GOLDEN / "released" / "transcoder_all/layer_3_width_48_l0_small").skip(x)
 
@@ -98,12 +94,12 @@ def test_jumprelu_with_b_dec_subtracted_is_folded(tmp_path):
     assert out.cfg["apply_b_dec_to_input"] is False
     assert json.loads((tmp_path / "gs2" / "config.json").read_text())["hf_hook_point_in"] == "model.layers.2.output"
     x = rng.standard_normal((30, 8)).astype(numpy.float32)
-    close(out(x), sae(x))
+    assert_close(out(x), sae(x))
 
 
 def test_what_cannot_be_converted_says_so(tmp_path):
     transcoder = SAE.load(GOLDEN / "released" / "transcoder_all/layer_3_width_48_l0_small")
-    with pytest.raises(ValueError, match="Gemma Scope format holds JumpReLU SAEs only.*jumprelu_transcoder"):
+    with pytest.raises(ValueError, match=r"Gemma Scope format \(params.npz\) holds JumpReLU SAEs only.*jumprelu_transcoder"):
         transcoder.save_gemma_scope(tmp_path / "p.npz")
     rng = numpy.random.default_rng(1)
     topk = SAE("topk", {"W_enc": rng.standard_normal((4, 6)), "W_dec": rng.standard_normal((6, 4)),
@@ -203,4 +199,4 @@ def test_hub_reference_from_offline_cache(offline_hub):
     for ref in (f"google/gemma-scope-2-270m-pt/{case}", f"google/gemma-scope-2-270m-pt/{case}/params.safetensors"):
         sae = SAE.load(ref)
         assert sae.architecture == "jumprelu_skip_transcoder"
-        close(sae(want["x"]), want["y"])
+        assert_close(sae(want["x"]), want["y"])

@@ -375,15 +375,17 @@ def _make_gguf(folder):
 def _use_gguf(path):
     with numpy.errstate(all="ignore"):  # a mutated weight may be inf or NaN: a valid file, silly numbers
         model = load_model(path)
-        model.forward(numpy.array([[2, 40, 41, 3, 7]]) % model.config.vocab_size)
-    load_tokenizer(path).encode_batch(["the cat sat.", "  日本 <bos>"], max_length=8)
+        logits = model.forward(numpy.array([[2, 40, 41, 3, 7]]) % model.config.vocab_size)
+    ids, _ = load_tokenizer(path).encode_batch(["the cat sat.", "  日本 <bos>"], max_length=8)
+    return type(model).__name__, logits.shape, ids.shape
 
 
-GGUF_FORMAT = Format("gguf", _make_gguf, {"tiny.gguf": "bytes"}, _use_gguf)
+GGUF_FORMAT = Format("gguf", _make_gguf, {"tiny.gguf": "bytes"}, _use_gguf, None)
 
 
 def test_valid_gguf_loads(tmp_path):
-    _use_gguf(_make_gguf(tmp_path))
+    name, logits_shape, ids_shape = _use_gguf(_make_gguf(tmp_path))
+    assert name == "Gemma3Model" and logits_shape[:2] == (1, 5) and ids_shape[0] == 2
 
 
 @settings(suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])

@@ -12,7 +12,7 @@ from minisae import threads
 
 from minisae.training import optim
 from minisae.xp import asarray, to_numpy
-from test_sae_gradients import HSETTINGS, seeds
+from helpers import HSETTINGS, seeds
 from tolerances import F32_ATOL, F32_RTOL, GOLDEN64_ATOL, XP64_RTOL
 
 # ----------------------------------------------------------------------------------------------

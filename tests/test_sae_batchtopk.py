@@ -12,8 +12,8 @@ from hypothesis import strategies as st
 
 from minisae.sae import batchtopk, common, jumprelu
 from minisae.xp import asarray, to_numpy
-from test_sae_gradients import HSETTINGS, fd_check, host, problem, seeds, shapes, to_xp
-from test_sae_invariants import assert_close, assert_paths_agree
+from helpers import HSETTINGS, assert_close, fd_check, host, problem, seeds, shapes, to_xp
+from test_sae_invariants import assert_paths_agree
 from tolerances import GOLDEN64_ATOL, KINK_MARGIN, XP64_RTOL
 
 
@@ -166,7 +166,7 @@ def test_batchtopk_sparse_path_equals_plain(B, D, M, seed, data, aux_coeff):
     rng = numpy.random.default_rng(seed)
     p, x = problem("batchtopk", rng, B, D, M)
     dead = rng.random(M) < data.draw(st.floats(0.0, 1.0), label="dead fraction")
-    # dead latents pushed negative: few AuxK entries, held sparse (topk._auxk_step); none at 50
+    # dead latents pushed negative: few AuxK entries, held sparse (auxk.sparse_step); none at 50
     p["b_enc"][dead] -= data.draw(st.sampled_from([0.0, 2.0, 50.0]), label="dead latents' shift")
     hyper = dict(k=k, aux_k=aux_k, aux_coeff=aux_coeff, dead_mask=dead,
                  prefixes=draw_prefixes(data, M))

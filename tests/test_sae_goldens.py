@@ -15,6 +15,7 @@ import pathlib
 
 import numpy
 import pytest
+from helpers import assert_close
 from tolerances import F32_ATOL, F32_RTOL, GOLDEN64_ATOL, GOLDEN64_RTOL
 
 from minisae.xp import asarray, to_numpy
@@ -60,24 +61,6 @@ def golden_case(variant, case):
     return g["x"], params, hyper, g
 
 
-def assert_close(what, got, want, rtol, atol, n_show=5):
-    """Elementwise |got - want| <= atol + rtol |want|; on failure show pairs and the max diff."""
-    got = numpy.asarray(to_numpy(got), dtype=numpy.float64)
-    want = numpy.asarray(want, dtype=numpy.float64)
-    assert got.shape == want.shape, f"{what}: expected shape {want.shape}, found {got.shape}"
-    diff = numpy.abs(got - want)
-    bad = diff > atol + rtol * numpy.abs(want)
-    if bad.any():
-        lines = [f"{what}: {int(bad.sum())} of {want.size} entries differ "
-                 f"(rtol {rtol:g}, atol {atol:g}); first pairs (minisae, golden):"]
-        for idx in list(zip(*numpy.nonzero(bad)))[:n_show]:
-            idx = tuple(int(i) for i in idx)
-            lines.append(f"  {idx}: {got[idx]: .15e} {want[idx]: .15e}")
-        worst = numpy.unravel_index(numpy.argmax(diff), diff.shape)
-        lines.append(f"  max |diff| {diff.max():.3e} at {tuple(int(i) for i in worst)}")
-        raise AssertionError("\n".join(lines))
-
-
 def _run_minisae(variant, case, xp, dtype, **extra):
     """forward + backward, and loss_and_grads (with `extra` keywords, e.g. path="sparse")."""
     mod = importlib.import_module(f"minisae.sae.{variant}")
@@ -98,21 +81,21 @@ def _run_minisae(variant, case, xp, dtype, **extra):
 
 def _compare(variant, case, out, grads_bw, loss, grads, want, rtol, atol):
     tag = f"{variant}/{case}"
-    assert_close(f"{tag} forward loss", out["loss"], want["loss"], rtol, atol)
-    assert_close(f"{tag} loss_and_grads loss", loss, want["loss"], rtol, atol)
+    assert_close(out["loss"], want["loss"], rtol, atol, f"{tag} forward loss")
+    assert_close(loss, want["loss"], rtol, atol, f"{tag} loss_and_grads loss")
     for term in VARIANTS[variant][1]:
         assert term in out, f"{tag}: forward's out has no {term!r} (keys: {sorted(out)})"
-        assert_close(f"{tag} {term}", out[term], want[term], rtol, atol)
+        assert_close(out[term], want[term], rtol, atol, f"{tag} {term}")
     # L0 = mean number of non-zero latents per token (not stored for gated/topk: count golden f)
     l0 = want["l0"] if "l0" in want else numpy.mean(numpy.sum(want["f"] != 0, axis=1))
-    assert_close(f"{tag} l0", out["l0"], l0, rtol, atol)
-    assert_close(f"{tag} f", out["f"], want["f"], rtol, atol)
-    assert_close(f"{tag} xhat", out["xhat"], want["xhat"], rtol, atol)
+    assert_close(out["l0"], l0, rtol, atol, f"{tag} l0")
+    assert_close(out["f"], want["f"], rtol, atol, f"{tag} f")
+    assert_close(out["xhat"], want["xhat"], rtol, atol, f"{tag} xhat")
     for source, gs in (("backward", grads_bw), ("loss_and_grads", grads)):
         expected = sorted(k[len("grad_"):] for k in want if k.startswith("grad_"))
         assert sorted(gs) == expected, f"{tag} {source}: gradient keys {sorted(gs)}, expected {expected}"
         for n in expected:
-            assert_close(f"{tag} {source} d{n}", gs[n], want["grad_" + n], rtol, atol)
+            assert_close(gs[n], want["grad_" + n], rtol, atol, f"{tag} {source} d{n}")
 
 
 @pytest.mark.parametrize("variant, case", CASES)

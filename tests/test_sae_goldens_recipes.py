@@ -9,7 +9,8 @@ every output term and gradient is compared; a mismatch prints the first pairs an
 
 import numpy
 import pytest
-from test_sae_goldens import GOLDEN_DIR, assert_close
+from helpers import assert_close
+from test_sae_goldens import GOLDEN_DIR
 from tolerances import F32_ATOL, F32_RTOL, GOLDEN64_ATOL, GOLDEN64_RTOL
 
 from minisae.sae import batchtopk, jumprelu
@@ -51,11 +52,11 @@ def _check(variant, case, xp, dtype, path):
     fb_out, grads = mod.forward_backward(ps, xs, path=path, **hs)
     for source, o in (("forward", out), ("forward_backward", fb_out)):
         for term in ("loss", "f", "xhat") + FILES[variant][2]:
-            assert_close(f"{tag} {source} {term}", o[term], want[term], rtol, atol)
+            assert_close(o[term], want[term], rtol, atol, f"{tag} {source} {term}")
     for source, gs in (("backward", grads_bw), ("forward_backward", grads)):
         assert sorted(gs) == sorted(params), f"{tag} {source}: keys {sorted(gs)}"
         for n in params:
-            assert_close(f"{tag} {source} d{n}", gs[n], want["grad_" + n], rtol, atol)
+            assert_close(gs[n], want["grad_" + n], rtol, atol, f"{tag} {source} d{n}")
 
 
 @pytest.mark.parametrize("variant, case", CASES)

@@ -11,86 +11,16 @@ a test-side loss holding that piece at its value at the base point.
 """
 
 import numpy
-from hypothesis import HealthCheck, assume, given, settings
+from helpers import HSETTINGS, fd_check, host, jumprelu_pre, problem, seeds, shapes, to_xp  # noqa: F401
+from hypothesis import assume, given
 from hypothesis import strategies as st
-
-from minisae.sae import gated, jumprelu, topk
-from minisae.xp import asarray, to_numpy, xp_of
 from tolerances import FD_ATOL, FD_RTOL, FD_STEP, KINK_MARGIN
 
-# `xp` is a plain module-valued fixture: safe to share across hypothesis examples.
-HSETTINGS = settings(suppress_health_check=list(settings.default.suppress_health_check)
-                     + [HealthCheck.function_scoped_fixture])
-
-shapes = st.tuples(st.integers(1, 6), st.integers(1, 6), st.integers(1, 8))  # (B, D, M)
-seeds = st.integers(0, 2**32 - 1)
-
-
-# ----------------------------------------------------------------------------------------------
-# problems (float64 on the host; moved to xp by `to_xp`)
-
-
-def problem(variant, rng, B, D, M):
-    """Random params and input x for `variant`, scaled so pre-activations are O(1)."""
-    W_enc = rng.standard_normal((D, M)) / numpy.sqrt(D)  # (D, M)
-    W_dec = 0.5 * rng.standard_normal((M, D))  # (M, D)
-    x = rng.standard_normal((B, D))  # (B, D)
-    b_dec = 0.3 * rng.standard_normal(D)  # (D,)
-    if variant == "jumprelu":
-        p = {"W_enc": W_enc, "b_enc": 0.3 * rng.standard_normal(M), "W_dec": W_dec, "b_dec": b_dec,
-             "log_threshold": numpy.log(rng.uniform(0.05, 0.8, M))}
-    elif variant == "gated":
-        p = {"W_enc": W_enc, "b_gate": 0.3 * rng.standard_normal(M),
-             "r_mag": 0.5 * rng.standard_normal(M), "b_mag": 0.3 * rng.standard_normal(M),
-             "W_dec": W_dec, "b_dec": b_dec}
-    else:
-        p = {"W_enc": W_enc, "b_enc": 0.3 * rng.standard_normal(M), "W_dec": W_dec, "b_dec": b_dec}
-    return p, x
-
-
-def to_xp(params, xp, dtype="float64"):
-    return {k: asarray(v, xp, dtype) for k, v in params.items()}
-
-
-def host(params):
-    return {k: to_numpy(v) for k, v in params.items()}
-
-
-# ----------------------------------------------------------------------------------------------
-# finite differences
-
-
-def fd_check(loss_fn, params, grads, names, rng, label):
-    """Central differences of loss_fn(params) against grads[name] . direction: every element of
-    vectors, three random unit directions for matrices."""
-    loss0 = loss_fn(params)
-    atol = FD_ATOL * max(1.0, abs(loss0))  # FD rounding error grows with |loss| * eps / step
-    for name in names:
-        p = params[name]
-        shape = tuple(p.shape)
-        if len(shape) == 1:
-            directions = list(numpy.eye(shape[0]))
-        else:
-            directions = [d / numpy.linalg.norm(d) for d in rng.standard_normal((3,) + shape)]
-        g = to_numpy(grads[name])
-        for direction in directions:
-            step = asarray(FD_STEP * direction, xp_of(p), p.dtype)
-            plus = loss_fn({**params, name: p + step})
-            minus = loss_fn({**params, name: p - step})
-            fd = (plus - minus) / (2.0 * FD_STEP)
-            analytic = float((g * direction).sum())
-            assert numpy.isclose(analytic, fd, rtol=FD_RTOL, atol=atol), (
-                f"{label}: d loss / d {name} along {numpy.round(direction, 3).tolist()}: "
-                f"backward {analytic:.10g}, finite differences {fd:.10g}")
-
+from minisae.sae import gated, jumprelu, topk
+from minisae.xp import asarray, to_numpy
 
 # ----------------------------------------------------------------------------------------------
 # JumpReLU
-
-
-def jumprelu_pre(p, x, pre_enc_bias):
-    x_c = x - p["b_dec"] if pre_enc_bias else x  # (B, D)
-    return x_c @ p["W_enc"] + p["b_enc"]  # (B, M)
 
 
 @HSETTINGS

@@ -13,9 +13,10 @@ from hypothesis import assume, given
 from hypothesis import strategies as st
 
 from minisae import threads
-from minisae.sae import VARIANTS, common, gated, get_variant, jumprelu, sparse, topk
+from minisae.sae import VARIANTS, auxk, common, gated, get_variant, jumprelu, sparse, topk
 from minisae.xp import asarray, cupy_available, get_xp, to_numpy
-from test_sae_gradients import HSETTINGS, KINK_MARGIN, problem, seeds, shapes, to_xp
+from helpers import HSETTINGS, assert_close, problem, seeds, shapes, to_xp
+from tolerances import KINK_MARGIN
 from tolerances import F32_ATOL, F32_RTOL, GOLDEN64_ATOL, XP32_RTOL, XP64_RTOL
 
 HYPER = {"jumprelu": dict(sparsity_coeff=0.7, bandwidth=0.3),
@@ -31,11 +32,6 @@ def hyper_for(variant, M, xp, dead_host=None):
         if dead_host is not None:
             h["dead_mask"] = asarray(dead_host, xp)
     return h
-
-
-def assert_close(a, b, rtol, atol, what):
-    a, b = to_numpy(a), to_numpy(b)
-    numpy.testing.assert_allclose(a, b, rtol=rtol, atol=atol, err_msg=what)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -103,7 +99,8 @@ def test_jumprelu_output_is_zero_where_pi_at_or_below_theta(xp, shape, seed, pre
     params, x = to_xp(p_host, xp), asarray(x_host, xp, "float64")
     f = to_numpy(jumprelu.encode(params, x, pre_enc_bias=pre_enc_bias))  # (B, M)
     out, _ = jumprelu.forward(params, x, sparsity_coeff=0.1, pre_enc_bias=pre_enc_bias)
-    pi_m = numpy.maximum(to_numpy(jumprelu._encoder_pre(params, x, pre_enc_bias)[1]), 0.0)
+    x_c = x - params["b_dec"] if pre_enc_bias else x
+    pi_m = numpy.maximum(to_numpy(x_c @ params["W_enc"] + params["b_enc"]), 0.0)  # (B, M)
     theta = numpy.exp(to_numpy(params["log_threshold"]))  # (M,)
     assert numpy.all(f[pi_m <= theta] == 0.0)
     numpy.testing.assert_array_equal(f[pi_m > theta], pi_m[pi_m > theta])
@@ -187,7 +184,8 @@ def test_outputs_and_grads_keep_keys_shapes_dtypes(xp, variant, dtype):
         for k in module.PARAM_NAMES:
             assert grads[k].shape == params[k].shape and grads[k].dtype == params[k].dtype, k
             assert isinstance(grads[k], type(params[k])), k
-    assert_close(module.encode(params, x, **hyper), out["f"], 0, 0, "encode vs forward's f")
+    encode_options = {n: hyper[n] for n in ("k", "pre_enc_bias") if n in hyper}  # the rest train only
+    assert_close(module.encode(params, x, **encode_options), out["f"], 0, 0, "encode vs forward's f")
     assert_close(module.decode(params, out["f"]), out["xhat"], 0, 0, "decode vs forward's xhat")
 
 
@@ -308,7 +306,7 @@ def test_topk_sparse_path_equals_plain(B, D, M, seed, data, aux_coeff):
     rng = numpy.random.default_rng(seed)
     p, x = problem("topk", rng, B, D, M)
     dead = rng.random(M) < data.draw(st.floats(0.0, 1.0), label="dead fraction")
-    # dead latents pushed negative: few AuxK entries, held sparse (topk._auxk_step); none at 50
+    # dead latents pushed negative: few AuxK entries, held sparse (auxk.sparse_step); none at 50
     p["b_enc"][dead] -= data.draw(st.sampled_from([0.0, 2.0, 50.0]), label="dead latents' shift")
     hyper = dict(k=k, aux_k=aux_k, aux_coeff=aux_coeff, dead_mask=dead)
     assert_paths_agree(topk, p, x, hyper)
@@ -500,7 +498,7 @@ def test_top_k_equals_the_plain_rule_with_ties(B, M, seed, data):
 @HSETTINGS
 @given(B=st.integers(1, 30), M=st.integers(1, 300), seed=seeds, data=st.data())
 def test_relu_top_k_equals_relu_of_the_selected_entries(B, M, seed, data):
-    """topk.relu_top_k (AuxK's z_aux: rows with at most k positive entries skip the selection)
+    """auxk.relu_top_k (AuxK's z_aux: rows with at most k positive entries skip the selection)
     equals ReLU of common.top_k's entries scattered into zeros, with ties, zeros and NaN."""
     k = data.draw(st.integers(1, M), label="k")
     rng = numpy.random.default_rng(seed)
@@ -513,7 +511,7 @@ def test_relu_top_k_equals_relu_of_the_selected_entries(B, M, seed, data):
         idx, vals = common.top_k(x, k)  # NaN counts as -inf there, so it is never a kept positive
         ref = numpy.zeros_like(x)
         numpy.put_along_axis(ref, idx, numpy.maximum(numpy.nan_to_num(vals, nan=-numpy.inf), 0.0), axis=1)
-        got = topk.relu_top_k(x, k)
+        got = auxk.relu_top_k(x, k)
         numpy.testing.assert_array_equal(got, ref)
         assert got.dtype == dtype and got.flags.c_contiguous
 

@@ -20,8 +20,8 @@ from hypothesis import strategies as st
 
 from minisae.sae import common, jumprelu
 from minisae.xp import asarray, to_numpy
-from test_sae_gradients import HSETTINGS, fd_check, jumprelu_pre, problem, seeds, shapes, to_xp
-from test_sae_invariants import assert_close, assert_paths_agree
+from helpers import HSETTINGS, assert_close, fd_check, jumprelu_pre, problem, seeds, shapes, to_xp
+from test_sae_invariants import assert_paths_agree
 from tolerances import FD_ATOL, FD_RTOL, FD_STEP, GOLDEN64_ATOL, KINK_MARGIN, XP64_RTOL
 
 options = st.fixed_dictionaries({

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy
 import pytest
+from helpers import assert_close
 from test_hub import SHA as HUB_SHA
 from test_hub import offline_hub, populate_cache  # noqa: F401 (offline_hub is a fixture)
 from tolerances import F32_ATOL, F32_RTOL, GOLDEN64_ATOL, GOLDEN64_RTOL
@@ -70,10 +71,6 @@ def reference_encode(arch, p, x, cfg):
     return f
 
 
-def close(a, b, rtol=F32_RTOL, atol=F32_ATOL):
-    numpy.testing.assert_allclose(to_numpy(a), to_numpy(b), rtol=rtol, atol=atol)
-
-
 # ------------------------------------------------------------------------------------------
 # inference
 
@@ -87,10 +84,10 @@ def test_encode_decode_match_plain_reference(xp, arch):
     assert f.dtype == numpy.float32 and f.shape == (64, M)
     assert numpy.array_equal(to_numpy(f) != 0, ref != 0)
     assert 0 < numpy.count_nonzero(ref) < ref.size  # some latents fire, some do not
-    close(f, ref)
+    assert_close(f, ref)
     W_dec, b_dec = (to_numpy(sae.params[n]).astype(numpy.float64) for n in ("W_dec", "b_dec"))
-    close(sae.decode(f), ref @ W_dec + b_dec)
-    close(sae(asarray(x, xp)), ref @ W_dec + b_dec)
+    assert_close(sae.decode(f), ref @ W_dec + b_dec)
+    assert_close(sae(asarray(x, xp)), ref @ W_dec + b_dec)
 
 
 def test_topk_keeps_k_and_relu(xp):
@@ -110,9 +107,9 @@ def test_topk_rescale_by_decoder_norm(xp):
     x = inputs()
     f = sae.encode(asarray(x, xp))
     ref = reference_encode("topk", sae.params, x, sae.cfg)
-    close(f, ref)
+    assert_close(f, ref)
     W_dec = to_numpy(sae.params["W_dec"]).astype(numpy.float64)
-    close(sae.decode(f), (ref / numpy.linalg.norm(W_dec, axis=1)) @ W_dec + to_numpy(sae.params["b_dec"]))
+    assert_close(sae.decode(f), (ref / numpy.linalg.norm(W_dec, axis=1)) @ W_dec + to_numpy(sae.params["b_dec"]))
 
 
 def test_gated_equals_jumprelu_on_magnitude_path():
@@ -199,10 +196,10 @@ def test_from_training_folds_scale_and_bias(xp, arch, hyper, dtype):
             tol = dict(rtol=GOLDEN64_RTOL, atol=C * GOLDEN64_ATOL)
         else:
             tol = dict(rtol=F32_RTOL, atol=C * F32_ATOL)
-        close(f, C * f_train, **tol)  # (ReLU's kink is continuous: no margin needed there)
-        close(sae.decode(f), C * xhat_train, **tol)
+        assert_close(f, C * f_train, **tol)  # (ReLU's kink is continuous: no margin needed there)
+        assert_close(sae.decode(f), C * xhat_train, **tol)
         if arch == "jumprelu":
-            close(sae.params["threshold"], C * numpy.exp(params["log_threshold"].astype(numpy.float64)), **tol)
+            assert_close(sae.params["threshold"], C * numpy.exp(params["log_threshold"].astype(numpy.float64)), **tol)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -273,8 +270,8 @@ def test_gemma_scope_round_trip(xp, tmp_path, apply_b_dec):
     assert back.cfg["apply_b_dec_to_input"] is False and back.architecture == "jumprelu"
     x = asarray(inputs(), xp)
     if apply_b_dec:  # b_dec folded into b_enc: same function, float32 rounding apart
-        close(back.encode(x), sae.encode(x))
-        close(back(x), sae(x))
+        assert_close(back.encode(x), sae.encode(x))
+        assert_close(back(x), sae(x))
     else:
         for name, value in sae.params.items():
             numpy.testing.assert_array_equal(to_numpy(back.params[name]), to_numpy(value))
@@ -333,7 +330,7 @@ def test_hub_gemma_scope_from_offline_cache(offline_hub):
     assert meta["context_size"] == 1024 and meta["prepend_bos"] is True
     assert sae.cfg["apply_b_dec_to_input"] is False and sae.cfg["reshape_activations"] == "none"
     x = numpy.random.default_rng(3).standard_normal((16, 8)).astype(numpy.float32)  # (16, D)
-    close(sae.encode(x), reference_encode("jumprelu", arrays, x, sae.cfg))
+    assert_close(sae.encode(x), reference_encode("jumprelu", arrays, x, sae.cfg))
     folder_ref = SAE.load(f"{GS_REPO}/{GS_FILE.rsplit('/', 1)[0]}")  # a folder in the repo: its params.npz
     numpy.testing.assert_array_equal(folder_ref.params["W_enc"], arrays["W_enc"])
     assert folder_ref.cfg == sae.cfg
@@ -511,6 +508,6 @@ def test_matches_saelens_outputs(xp, case):
         x, f_ref, xhat_ref = g["x"], g["f"], g["xhat"]
     f = sae.encode(asarray(x, xp))
     assert numpy.array_equal(to_numpy(f) != 0, f_ref != 0), "a different set of active latents than SAELens"
-    close(f, f_ref)
-    close(sae.decode(f), xhat_ref)
-    close(sae(asarray(x, xp)), xhat_ref)
+    assert_close(f, f_ref)
+    assert_close(sae.decode(f), xhat_ref)
+    assert_close(sae(asarray(x, xp)), xhat_ref)

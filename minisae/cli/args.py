@@ -3,7 +3,8 @@
     parser = OneLineParser(prog="minisae")       # argparse errors: one line, exit status 2
     show_defaults(parser)                        # every subcommand's --help shows each default
     check_values(parser, args)                   # ranges and finiteness, named by the flag
-    check_arch_flags(args)                       # --k with jumprelu, --lambda with topk, ... refused
+    check_arch_flags(args)                       # --k with jumprelu, --lambda with topk, ... refused;
+                                                 # train's required --steps and --lambda or --k, by flag
 
 The ranges live in one table, RANGES, keyed by the argument's dest, so a flag added to any
 subcommand is checked by adding one line here.
@@ -130,7 +131,9 @@ _REQUIRES = {"holdout_tokens": ("--holdout-tokens", "activations", "--activation
 
 def check_arch_flags(a):
     """Refuse options given on the command line that would be ignored: for the chosen --arch, or
-    without the option they work with (--holdout-tokens without --activations)."""
+    without the option they work with (--holdout-tokens without --activations); then the
+    required ones (check_required)."""
+    check_required(a)
     for dest, (flag, needs, needs_flag) in _REQUIRES.items():
         if getattr(a, dest, None) and not getattr(a, needs, None) and hasattr(a, needs):
             raise InputError(f"{flag} needs {needs_flag} (it would be ignored without it)")
@@ -142,3 +145,45 @@ def check_arch_flags(a):
             hint = " (TopK takes --k)" if dest == "sparsity_coeff" else (
                 " (JumpReLU and Gated take --sparsity-coeff/--lambda)" if dest == "k" else "")
             raise InputError(f"{flag} does not apply to --arch {arch}; leave it out{hint}")
+
+
+def check_required(a):
+    """`minisae train`: refuse, naming the flag, a run that lacks how long to train (--steps or
+    --tokens) or its sparsity setting (--lambda for JumpReLU and Gated, --k for TopK and BatchTopK,
+    either unless --target-l0 sets it), and the combinations TrainConfig would refuse in its own
+    (Python) names: --k or --target-l0 above --d-sae, --k and --target-l0 at odds, --penalty
+    quadratic without --target-l0, --threshold-lr-mult on a variant without θ."""
+    if getattr(a, "command", None) != "train":
+        return
+    if a.target_l0 is not None and a.target_l0 > a.d_sae:
+        raise InputError(f"--target-l0: expected at most --d-sae ({a.d_sae}) latents per token, found {a.target_l0:g}")
+    if a.arch == "jumprelu" and a.penalty == "quadratic" and a.target_l0 is None:
+        raise InputError("--penalty quadratic needs --target-l0, the L0* it pulls L0 towards")
+    if a.arch != "jumprelu" and a.threshold_lr_mult != 1.0:
+        raise InputError(f"--threshold-lr-mult does not apply to --arch {a.arch}; leave it out (JumpReLU's θ only)")
+    if _uses_k(a.arch) and a.k is not None and a.target_l0 is not None and a.k != round(a.target_l0):
+        raise InputError(f"--k {a.k} and --target-l0 {a.target_l0:g} disagree; give one of them")
+    if a.steps is None and a.tokens is None:
+        raise InputError("--steps is required: how many optimiser steps to train (or give --tokens)")
+    if _uses_k(a.arch):
+        if a.k is None and a.target_l0 is None:
+            raise InputError(f"--k is required for --arch {a.arch}: the latents kept per token "
+                             "(or give --target-l0, which sets k)")
+        if a.k is not None and a.k > a.d_sae:
+            raise InputError(f"--k: expected at most --d-sae ({a.d_sae}) latents per token, found {a.k}")
+    elif a.sparsity_coeff is None and (a.target_l0 is None or (a.arch == "jumprelu" and a.penalty == "quadratic")):
+        raise InputError(f"--lambda (--sparsity-coeff) is required for --arch {a.arch}: the sparsity "
+                         "coefficient λ, e.g. --lambda 6e-4 (or give --target-l0, which sets λ as it trains)")
+    warn_short_run(a)
+
+
+def warn_short_run(a):
+    """One line on stderr when `minisae train` would end inside its warm-ups (the learning rate's,
+    and for λ-penalised variants λ's): the SAE written would be far from trained, silently."""
+    steps = a.steps if a.steps is not None else -(-a.tokens // a.batch_size)
+    inside = [f"the learning rate's ({a.warmup_steps} steps, --warmup-steps)"] if steps < a.warmup_steps else []
+    if not _uses_k(a.arch) and steps < a.sparsity_warmup_steps:
+        inside.append(f"λ's ({a.sparsity_warmup_steps} steps, --sparsity-warmup-steps)")
+    if inside:
+        sys.stderr.write(f"minisae train: warning: {steps} steps end inside the warm-up of {' and '.join(inside)}: "
+                         "the SAE will be far from trained; shorten the warm-ups or train longer\n")

@@ -60,11 +60,17 @@ def _synthetic_from(a):
 
 
 def _load_model(a, xp):
+    from minisae.io.hub import HubError
     from minisae.models import load_model, load_tokenizer
 
     _check_files_exist(getattr(a, "text", None) or [], "--text")  # before minutes of model loading
+    try:  # the tokenizer first: a missing one is found in a second, not after the model's load
+        tokenizer = load_tokenizer(a.tokenizer or a.model)
+    except HubError as e:  # e.g. a local checkpoint without tokenizer.json
+        if a.tokenizer:
+            raise
+        raise HubError(f"{e}; give one with --tokenizer (a tokenizer.json file, a folder holding it, or a Hub repo)") from None
     model = load_model(a.model, xp=xp, revision=a.revision)  # Gemma 2 or Gemma 3, from config.json
-    tokenizer = load_tokenizer(a.tokenizer or a.model)
     return model, tokenizer
 
 
@@ -127,7 +133,7 @@ def _activation_store(folder, seed, holdout):
 
 
 def _summary_line(s):
-    keys = ["l0", "fvu", "dead_frac", "dense_frac", "rel_recon_bias", "mmcs", "frac_recovered",
+    keys = ["l0", "fvu", "dead_frac", "dense_frac", "rel_recon_bias", "mmcs", "frac_recovered", "mcc", "f1",
             "delta_lm_loss", "loss_recovered"]
     return "  ".join(f"{k}={s[k]:.4g}" for k in keys if isinstance(s.get(k), (int, float)))
 
@@ -165,7 +171,7 @@ def _run_source(sae_path):
 
 
 def cmd_eval(a):
-    from minisae.eval.evaluate import evaluate
+    from minisae.eval.evaluate import describe_eval_data, evaluate
     from minisae.io.saefile import SAE
     from minisae.xp import get_xp
 
@@ -197,11 +203,24 @@ def cmd_eval(a):
     out = evaluate(sae, source, n_tokens=a.eval_tokens, model=model, tokenizer=tokenizer, texts=a.text,
                    site=a.site, seq_len=a.seq_len, lm_batch_size=a.lm_batch_size, lm_tokens=a.lm_tokens,
                    text_field=a.text_field, site_out=a.site_out)
+    if source is not None:  # which data, held out or not, how many (minisae.eval.evaluate)
+        where = None if a.activations or a.synthetic else f"the run's own data, {Path(a.sae).parent / 'config.json'}"
+        _say_what_is_evaluated(*describe_eval_data(source, a.eval_tokens, where=where))
+    if model is not None:
+        short = out["lm_tokens"] < a.lm_tokens
+        _say_what_is_evaluated(f"delta LM loss on {out['lm_tokens']} scored tokens of {', '.join(a.text)}",
+                               f"--lm-tokens {a.lm_tokens} is more than the texts hold" if short else None)
     print(_summary_line(out))
     if a.json:
         from minisae.io.files import write_atomic
 
         write_atomic(a.json, json.dumps(out, indent=2) + "\n")
+
+
+def _say_what_is_evaluated(note, warning):
+    print(note)
+    if warning:
+        print(f"minisae eval: warning: {warning}", file=sys.stderr)
 
 
 def cmd_compare(a):

@@ -8,6 +8,7 @@ and progress) are added by the helpers below, so they read the same in every --h
 
 import argparse
 
+from minisae import __version__
 from minisae.cli.args import OneLineParser, show_defaults
 
 
@@ -44,6 +45,7 @@ def _model_args(p, *, required=False, text_help="text files (.txt: blank-line se
 def build_parser():
     parser = OneLineParser(prog="minisae", description="Sparse autoencoders (JumpReLU, Gated, TopK) "
                                      "in NumPy/CuPy, trained and evaluated on synthetic data or Gemma 2 / Gemma 3 activations.")
+    parser.add_argument("--version", action="version", version=f"minisae {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     # ---- train -------------------------------------------------------------------------------
@@ -55,16 +57,19 @@ def build_parser():
                    help="SAE variant (default jumprelu); batchtopk keeps the top B·k pre-activations of the "
                         "whole batch and is saved as a JumpReLU with one global threshold")
     p.add_argument("--d-sae", type=int, default=1024, help="latents M (default 1024)")
-    p.add_argument("--sparsity-coeff", "--lambda", dest="sparsity_coeff", type=float, help="λ (jumprelu, gated)")
-    p.add_argument("--k", type=int, help="latents kept per token (topk; batchtopk: on average)")
+    p.add_argument("--sparsity-coeff", "--lambda", dest="sparsity_coeff", type=float, metavar="LAMBDA",
+                   help="sparsity coefficient λ; required for jumprelu and gated unless --target-l0 is given (then the "
+                   "λ controller starts here, default 0.01 JumpReLU, 0.1 Gated)")
+    p.add_argument("--k", type=int, help="latents kept per token (topk; batchtopk: on average); required for them unless --target-l0 "
+                   "is given (k = round(L0*))")
     p.add_argument("--matryoshka", type=_prefix_list, metavar="M1,M2,...",
                    help="Matryoshka loss over nested latent prefixes, e.g. 128,512,2048 (batchtopk, jumprelu; "
                         "d_sae is appended as the last prefix if missing)")
     p.add_argument("--threshold-rate", type=float, default=0.01,
                    help="batchtopk: averaging rate of the running inference threshold (default 0.01)")
     p.add_argument("--lr", type=float, help="learning rate (default per architecture: 7e-5 JumpReLU, 3e-4 Gated, 2e-4/sqrt(M/2^14) TopK)")
-    p.add_argument("--steps", type=int, help="optimiser steps")
-    p.add_argument("--tokens", type=int, help="training tokens (instead of --steps)")
+    p.add_argument("--steps", type=int, help="optimiser steps; required (or --tokens)")
+    p.add_argument("--tokens", type=int, help="training tokens, instead of --steps (steps = tokens / --batch-size, rounded up)")
     p.add_argument("--batch-size", type=int, default=4096, help="tokens per step B")
     p.add_argument("--warmup-steps", type=int, default=1000, help="cosine lr warm-up (default 1000)")
     p.add_argument("--sparsity-warmup-steps", type=int, default=10000, help="linear λ warm-up (default 10000)")
@@ -147,11 +152,11 @@ def build_parser():
                        "pareto.png into --out: explained variance and, on synthetic data, feature quality (MCC, "
                        "F1) at matched L0, mean ± sd over seeds, and a verdict on the JumpReLU paper's claim. "
                        "Data: SynthSAEBench at CPU size by default (--preset), or a Gemma 2 / Gemma 3 model, site "
-                       "and text. The default run takes about 10 minutes on 2 idle CPU cores.")
+                       "and text. Run times, measured and dated: docs/benchmarks.md and docs/pipeline.md.")
     p.add_argument("--out", required=True, help="report folder")
     p.add_argument("--overwrite", action="store_true", help="start over in an --out that holds a comparison")
     p.add_argument("--resume", action="store_true", help="finish an interrupted sweep (runs resume from checkpoints)")
-    p.add_argument("--quick", action="store_true", help="a tiny comparison for smoke tests (seconds)")
+    p.add_argument("--quick", action="store_true", help="a tiny comparison for smoke tests (12 SAEs of 32 latents, 250 steps each)")
     p.add_argument("--variants", nargs="+", choices=["jumprelu", "gated", "topk", "batchtopk", "matryoshka"],
                    help="SAE variants (default jumprelu gated topk: the paper's three; matryoshka = Matryoshka "
                         "BatchTopK)")

@@ -33,7 +33,8 @@ import numpy
 from minisae.errors import InputError
 from minisae.sae import VARIANTS
 from minisae.sae.common import squared_error, squared_error_backward, unit_rows
-from minisae.sae.topk import _scatter_rows, topk_rows
+from minisae.sae.common import scatter_rows as _scatter_rows
+from minisae.sae.topk import topk_rows
 from minisae.xp import asarray, to_numpy, xp_of
 
 INIT_CHUNK = 4096  # latents per init chunk (each drawn from its own seeded generator)
@@ -215,13 +216,14 @@ def _fix_b_dec(grads, err, comm, dsum=None):
     grads["b_dec"] = dsum - comm.sum(dsum - grads["b_dec"])  # (D,)
 
 
-TOPK_BLOCK = 2 ** 22  # entries of pi per argpartition call: bounds its int64 index array to 32 MiB
+TOPK_BLOCK = 2 ** 22  # entries of pi per top_k call: bounds the selection's (b, m) temporaries
 
 
 def _topk_rows_blocked(vals, w):
     """topk.topk_rows(vals, w) a block of rows at a time (each row's selection is its own, so the
-    result is the same): argpartition's (b, m) int64 index array would otherwise be the largest
-    temporary of the step, twice the size of vals."""
+    result is the same): where common.top_k selects on whole rows (on CuPy, or when m is small
+    next to w) its partitioned copy and masks of vals would otherwise be the step's largest
+    temporaries."""
     xp = xp_of(vals)
     rows = max(1, TOPK_BLOCK // max(1, vals.shape[1]))
     if rows >= vals.shape[0]:

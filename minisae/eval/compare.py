@@ -26,7 +26,6 @@ data/ and runs/<variant>-L0<target>-s<seed>/ (each a full training folder, see m
 
 import dataclasses
 import json
-import math
 import os
 import time
 from pathlib import Path
@@ -177,6 +176,7 @@ def run_compare(cfg, out_dir, *, source=None, model=None, tokenizer=None, eval_t
     for v, t, seed in [(v, t, 0) for v in cfg.variants for t in cfg.target_list()]:
         # every setting checked (k <= d_sae, λ > 0, ...) before any data is made or SAE trains
         cfg.train_config(v, t, seed).resolved(int(source.d_in) if source is not None else _preset_d_in(cfg))
+    earlier, earlier_secs = _earlier_calls(out) if resume else ([], {})  # a finished sweep's times are kept
     t_start = time.time()
     eval_source = source
     if source is None:
@@ -204,6 +204,7 @@ def run_compare(cfg, out_dir, *, source=None, model=None, tokenizer=None, eval_t
     runs = [(cfg.train_config(v, t, s, recipes[v]), _run_dir(v, t, s), s) for v, t, s in jobs]
     labels = [f"{VARIANT_NAMES[v]} L0={t:g} seed {s}" for v, t, s in jobs]
     seconds = _train_runs(cfg, out, source, runs, labels, resume, force, progress)
+    seconds = [secs + earlier_secs.get(_run_dir(*job), 0.0) for job, secs in zip(jobs, seconds)]
     rows = [_evaluate_run(out, cfg, job, secs, eval_source, model, tokenizer, eval_texts, site, progress)
             for job, secs in zip(jobs, seconds)]
     for row in rows:
@@ -215,8 +216,12 @@ def run_compare(cfg, out_dir, *, source=None, model=None, tokenizer=None, eval_t
         "recipes": recipes,
         "pilot": pilot,
         "plateau": _plateaus(out, cfg, rows),
-        "wall_seconds": round(time.time() - t_start, 1),
     }
+    # wall time over every call that wrote this sweep; an interrupted call's time is unknown, but
+    # each run's metrics.jsonl keeps its own training time (train_seconds)
+    results["calls"] = earlier + [{"seconds": round(time.time() - t_start, 1), "resumed": bool(resume)}]
+    results["wall_seconds"] = round(sum(c["seconds"] for c in results["calls"]), 1)
+    results["train_seconds"] = round(sum(r["train_seconds"] for r in rows), 1)
     results["summary"], results["verdict"] = verdicts(rows, cfg.variants, cfg.target_list())
     results["plot"] = pareto_plot(results, out / "pareto.png")
     write_atomic(out / "results.json", json.dumps(results, indent=2, default=_json_default) + "\n")
@@ -317,12 +322,14 @@ class _FixedEval:
     """The evaluation set of a synthetic source, generated once with its true codes."""
 
     def __init__(self, source, n):
+        from minisae.eval.report import dense_limit
+
         self.d_in, self.directions = source.d_in, source.directions
         rates = source.expected_firing() if hasattr(source, "expected_firing") else source.frequencies
-        # a latent is "dense" above 10 % of tokens, or, where the data has a true feature that
-        # frequent (SynthSAEBench's feature 0 fires on 40 % of tokens), above 1.25 × its rate: more
-        # than any latent that tracks one true feature
-        self.dense_limit = max(DENSE_LIMIT, 1.25 * float(numpy.max(rates)))
+        # a run's densest latent is pathological above 10 % of tokens, or, where the data has a
+        # true feature that frequent (SynthSAEBench's feature 0: 40 %), twice its rate (report.dense_limit)
+        self.top_rate = float(numpy.max(rates))
+        self.dense_limit = dense_limit(self.top_rate)
         self.x, self.codes = source.eval_sample(n, return_codes=True)  # (n, D), (n, N)
 
     def eval_sample(self, n, *, return_codes=False):
@@ -331,6 +338,7 @@ class _FixedEval:
 
 def _evaluate_run(out, cfg, job, secs, eval_source, model, tokenizer, eval_texts, site, progress):
     from minisae.eval.evaluate import evaluate_lm, evaluate_sae
+    from minisae.eval.report import is_pathological
     from minisae.io.saefile import SAE
 
     variant, target, seed = job
@@ -339,7 +347,7 @@ def _evaluate_run(out, cfg, job, secs, eval_source, model, tokenizer, eval_texts
     summary = evaluate_sae(sae, eval_source, n_tokens=cfg.eval_tokens)
     freq = numpy.asarray(summary.pop("firing_freq"))
     row = {"variant": variant, "target": float(target), "seed": seed, "run_dir": _run_dir(*job),
-           "train_seconds": round(secs, 2), **summary, "max_firing_freq": float(freq.max()) if freq.size else 0.0}
+           "train_seconds": round(max(secs, _recorded_seconds(run)), 2), **summary, "max_firing_freq": float(freq.max()) if freq.size else 0.0}
     train_cfg = json.loads((run / "config.json").read_text())["train"]
     if train_cfg["architecture"] in ("topk", "batchtopk"):
         row["setting"] = f"k={train_cfg['k']}"
@@ -348,12 +356,42 @@ def _evaluate_run(out, cfg, job, secs, eval_source, model, tokenizer, eval_texts
         row["sparsity_coeff"] = lam
         row["setting"] = f"λ={lam:.3g}" if lam is not None else "λ=?"
     row["dense_limit"] = getattr(eval_source, "dense_limit", DENSE_LIMIT)
-    row["pathological"] = bool(row["dead_frac"] > 0.5 or row["max_firing_freq"] > row["dense_limit"])
+    row["top_feature_rate"] = getattr(eval_source, "top_rate", None)
+    row["pathological"] = is_pathological(row)
     if model is not None:
         lm_sae = SAE.load(run / "sae", xp=model.xp)
         row.update(evaluate_lm(lm_sae, model, tokenizer, eval_texts, site, seq_len=cfg.seq_len,
                                batch_size=cfg.lm_batch_size, max_tokens=cfg.lm_tokens, progress=progress))
     return row
+
+
+def _earlier_calls(out):
+    """What the results.json already in `out` (a finished sweep being resumed) recorded: its calls
+    [{"seconds", "resumed"}, ...] and each run's training seconds {run_dir: s}; ([], {}) when
+    there is none or it cannot be read."""
+    try:
+        old = json.loads((out / "results.json").read_text())
+        calls = old.get("calls") or [{"seconds": float(old["wall_seconds"]), "resumed": False}]
+        return ([{"seconds": float(c["seconds"]), "resumed": bool(c["resumed"])} for c in calls],
+                {str(r["run_dir"]): float(r["train_seconds"]) for r in old["runs"]})
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return [], {}
+
+
+def _recorded_seconds(run):
+    """A run's training time as its metrics.jsonl recorded it: each session's elapsed_s counts from
+    its own start (a resumed run starts again from 0), so the session maxima are summed."""
+    total = last = 0.0
+    try:
+        lines = (run / "metrics.jsonl").read_text().splitlines()
+    except OSError:
+        return 0.0
+    for line in lines:
+        elapsed = float(json.loads(line).get("elapsed_s", 0.0))
+        if elapsed < last:  # a new session began
+            total += last
+        last = elapsed
+    return total + last
 
 
 def _final_lambda(run):
@@ -458,10 +496,3 @@ def _json_default(o):
 
 def _bar(enabled, total, desc="compare"):
     return progress_bar(total, enabled=bool(enabled), desc=desc, unit="SAE", position=0)
-
-
-def fmt_pm(mean, sd, spec="{:.3f}"):
-    """'mean ± sd' (sd omitted for a single seed)."""
-    if mean is None or (isinstance(mean, float) and math.isnan(mean)):
-        return "–"
-    return spec.format(mean) + ("" if sd is None else " ± " + spec.format(sd))

@@ -88,6 +88,33 @@ def evaluate_sae(sae, source, *, n_tokens=65536, batch_size=4096, true_direction
     return summary
 
 
+def describe_eval_data(source, n_tokens, *, where=None):
+    """What evaluate_sae(source, n_tokens=...) reads, for the user: (one line saying which data,
+    held-out or training tokens, how many, and whether ground truth is scored; a warning line when
+    fewer tokens exist than were asked for, else None). `where`: how the source was found (e.g.
+    "the run's own data (runs/x/config.json)")."""
+    from minisae.data.activations import ActivationStore
+
+    origin = f" ({where})" if where else ""
+    if isinstance(source, ActivationStore):
+        held = int(source.holdout_rows.size)
+        have = held or int(source.train_rows.size)
+        n = min(n_tokens, have)
+        if held:
+            what = f"{n} held-out tokens of the activation cache {source.folder}{origin}"
+        else:
+            what = (f"{n} training tokens of the activation cache {source.folder}{origin}: it keeps no held-out "
+                    "tokens, so an SAE trained on it is scored on tokens it saw (train with --holdout-tokens "
+                    "to keep some out)")
+        warning = (f"--eval-tokens {n_tokens} is more than the {have} {'held-out' if held else 'training'} "
+                   f"tokens of {source.folder}; evaluating on those {have}") if n_tokens > have else None
+        return f"evaluated on {what}", warning
+    truth = getattr(source, "directions", None) is not None and callable(getattr(source, "eval_sample", None))
+    name = type(source).__name__
+    return (f"evaluated on {n_tokens} fresh tokens of {name}{origin}, held out (never drawn for training)"
+            + ("; ground truth known: MCC and F1 scored" if truth else ""), None)
+
+
 def _py(v):
     v = to_numpy(v) if not isinstance(v, (int, float)) else v
     if isinstance(v, numpy.ndarray) and v.ndim == 0:

@@ -10,6 +10,11 @@ Measurable difference. Over seeds each (variant, target) has a mean and a standa
 and B differ measurably when |mean_A − mean_B| > sqrt(sd_A² + sd_B²), their combined spread;
 anything smaller is reported as "no measurable difference", never as a win.
 
+Pathological runs. A run is flagged when more than half its latents are dead or its densest latent
+fires on more tokens than dense_limit (10 %, or twice the rate of the data's most frequent true
+feature where that is higher); a (variant, target) shows "⚠ k/n" and is drawn hollow only when
+most of its seeds are flagged, so that one seed near the limit does not change the picture.
+
 The paper's claim (Rajamanoharan et al., arXiv 2407.14435): JumpReLU SAEs reach reconstruction
 fidelity at least as good as Gated and TopK SAEs at the same sparsity. Here: JumpReLU's explained
 variance is not measurably below Gated's or TopK's at any target L0. Feature quality (MCC, F1;
@@ -71,6 +76,29 @@ def matched(rows, variant, seed, metric, target):
 
 EXTRAPOLATE = math.log(1.10)  # a target at most 10 % beyond the reached L0s is still matched
 
+DENSE_LIMIT = 0.1  # a latent firing on more tokens than this is dense (SAEBench's rule)
+DEAD_LIMIT = 0.5   # a run with more dead latents than this fraction is pathological
+
+
+def dense_limit(top_feature_rate=0.0):
+    """The firing rate above which a run's densest latent makes it pathological: 10 % of tokens,
+    or, where the data has a true feature that fires more often (SynthSAEBench's feature 0 fires
+    on 40 % of tokens), twice that feature's rate, at most 90 %. A latent tracking that feature
+    (plus a few it absorbs) fires near its rate; the margin of 2× keeps a run from being flagged
+    or not by the seed (the densest latents of the default compare fire on 43-59 % of tokens)."""
+    return max(DENSE_LIMIT, min(2.0 * float(top_feature_rate), 0.9))
+
+
+def is_pathological(row):
+    """One run (a row of results.json) is pathological: more than half its latents dead, or its
+    densest latent above dense_limit (the row's own, recorded at evaluation)."""
+    return bool(row["dead_frac"] > DEAD_LIMIT or row["max_firing_freq"] > row.get("dense_limit", DENSE_LIMIT))
+
+
+def mostly_pathological(s):
+    """A (variant, target) summary is drawn hollow when most of its seeds are pathological."""
+    return s["pathological"] * 2 > s["n"]
+
 
 def verdicts(rows, variants, targets):
     """(summary, verdict): per (variant, target) means ± sds, and the verdicts by metric."""
@@ -82,7 +110,7 @@ def verdicts(rows, variants, targets):
             sel = [r for r in rows if r["variant"] == v and r["target"] == t]
             if not sel:
                 continue
-            s = {"variant": v, "target": t, "n": len(sel), "pathological": sum(r["pathological"] for r in sel),
+            s = {"variant": v, "target": t, "n": len(sel), "pathological": sum(is_pathological(r) for r in sel),
                  "settings": [r["setting"] for r in sel]}
             for k in SUMMARY_KEYS:
                 s[k] = _mean_sd(r.get(k) for r in sel)
@@ -123,6 +151,21 @@ def _metric_verdict(summary, metric, variants, targets):
     return {"metric": metric, "per_target": per_target, "text": _metric_text(metric, per_target, by)}
 
 
+def _difference_text(diff, spread, tie):
+    """'difference 0.0153 > combined spread 0.0148': as many decimals (3 to 6) as it takes for the
+    two numbers to read differently and neither to read 0 unless it is; a spread of exactly 0 (one
+    seed each: no sd) is said in words."""
+    d = 3
+    while d < 6 and (round(abs(diff), d) == round(spread, d) or round(spread, d) == 0 < spread
+                     or round(abs(diff), d) == 0 < abs(diff)):
+        d += 1
+    shown = f"{diff:+.{d}f}" if tie else f"{abs(diff):.{d}f}"
+    if spread == 0:
+        return f"difference {shown}; one seed each, so no spread to weigh it against"
+    return f"difference {shown}, combined spread {spread:.{d}f}" if tie else \
+        f"difference {shown} > combined spread {spread:.{d}f}"
+
+
 def _metric_text(metric, per_target, by):
     name = METRIC_NAMES[metric]
     lines = []
@@ -136,20 +179,19 @@ def _metric_text(metric, per_target, by):
                      + (f" Not reached, so not compared: {', '.join(missed)}." if missed else ""))
         for p in e["pairs"]:
             a, b = NAMES[p["a"]], NAMES[p["b"]]
+            why = _difference_text(p["diff"], p["spread"], tie=p["better"] == "tie")
             if p["better"] == "tie":
-                lines.append(f"  - {a} vs {b}: no measurable difference (difference {p['diff']:+.3f}, "
-                             f"combined spread {p['spread']:.3f}).")
+                lines.append(f"  - {a} vs {b}: no measurable difference ({why}).")
             else:
                 win, lose = (a, b) if p["better"] == "a" else (b, a)
-                lines.append(f"  - {win} better than {lose} (difference {abs(p['diff']):.3f} > combined "
-                             f"spread {p['spread']:.3f}).")
+                lines.append(f"  - {win} better than {lose} ({why}).")
     return f"**{name[0].upper() + name[1:]} at matched L0** (mean ± sd over seeds):\n" + "\n".join(lines)
 
 
 def _paper_claim(ev_verdict, variants):
     if "jumprelu" not in variants or not ({"gated", "topk"} & set(variants)):
         return {"holds": None, "text": "The paper's claim needs JumpReLU and Gated or TopK among --variants."}
-    worse, better = [], []
+    worse, better = {}, {}  # other variant -> the targets where JumpReLU is measurably worse / better
     for e in ev_verdict["per_target"]:
         for p in e["pairs"]:
             if "jumprelu" not in (p["a"], p["b"]) or not ({p["a"], p["b"]} & {"gated", "topk"}):
@@ -158,7 +200,7 @@ def _paper_claim(ev_verdict, variants):
             jump_wins = (p["better"] == "a") == (p["a"] == "jumprelu") and p["better"] != "tie"
             if p["better"] == "tie":
                 continue
-            (better if jump_wins else worse).append(f"{NAMES[other]} at L0 = {e['target']:g}")
+            (better if jump_wins else worse).setdefault(NAMES[other], []).append(f"{e['target']:g}")
     claim = ("The JumpReLU paper (arXiv 2407.14435) claims reconstruction at least as good as Gated and TopK "
              "at the same sparsity")
     judged = [e for e in ev_verdict["per_target"]
@@ -170,12 +212,23 @@ def _paper_claim(ev_verdict, variants):
     note = (f" (L0 = {', '.join(skipped)} not judged: JumpReLU or both others did not reach it)" if skipped else "")
     if worse:
         return {"holds": False, "text": f"{claim}: **it does not hold here** — JumpReLU's explained variance is "
-                f"measurably below {', '.join(worse)}{note}."}
+                f"measurably below {_at_targets(worse)}{note}."}
     if better:
         return {"holds": True, "text": f"{claim}: **it holds here** — JumpReLU is measurably better than "
-                f"{', '.join(better)} and never measurably worse{note}."}
+                f"{_at_targets(better)} and never measurably worse{note}."}
     return {"holds": True, "text": f"{claim}: **it holds here only as a tie** — no measurable difference at any "
             f"target L0{note}."}
+
+
+def _and(items):
+    items = list(items)
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
+
+
+def _at_targets(by_variant):
+    """{'Gated': ['8', '12'], 'TopK': ['5']} -> 'Gated at L0 = 8 and 12, and TopK at L0 = 5'."""
+    parts = [f"{name} at L0 = {_and(targets)}" for name, targets in by_variant.items()]
+    return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + ", and " + parts[-1]
 
 
 def _pm(mean, sd, spec="{:.3f}"):
@@ -197,6 +250,42 @@ def dead_latent_sentence(data, d_sae):
                 f"{max(0.0, 1 - n / d_sae):.0%} of them without a feature of their own.")
     return ("Dead latents are not expected on real activations, which hold far more features than any SAE has "
             "latents; a run with many dead latents failed to train them.")
+
+
+def wall_time_text(results):
+    """'320 s', or for a resumed sweep the calls it took: '333 s over 2 calls (320 s, then 13 s
+    resumed with --resume)', and, where a call before was interrupted, the runs' own times."""
+    calls = results.get("calls") or [{"seconds": results["wall_seconds"], "resumed": False}]
+    train = results.get("train_seconds")
+    if len(calls) == 1 and not calls[0]["resumed"]:
+        return f"{results['wall_seconds']:.0f} s"
+    parts = [f"{c['seconds']:.0f} s" + (" resumed with --resume" if c["resumed"] else "") for c in calls]
+    text = (f"{results['wall_seconds']:.0f} s over {len(calls)} calls ({', then '.join(parts)})" if len(calls) > 1
+            else f"{parts[0]}")
+    if not any(not c["resumed"] for c in calls):  # the first call was interrupted: its time is unknown
+        text += "; the interrupted call before it is not counted"
+    if train is not None:
+        text += f"; the runs' recorded training times sum to {train:.0f} s"
+    return text
+
+
+def pathological_sentence(rows):
+    """The rule that flags a run (⚠ k/n: k of its n seeds), with this sweep's own limit and the
+    firing rates its densest latents actually reached."""
+    limit = max((r.get("dense_limit", DENSE_LIMIT) for r in rows), default=DENSE_LIMIT)
+    top = max((r.get("top_feature_rate") or 0.0 for r in rows), default=0.0)
+    rule = (f"{limit:.0%} of the evaluation tokens (twice the {top:.0%} of the data's most frequent true "
+            "feature: a latent tracking that feature is not pathological)" if limit > DENSE_LIMIT
+            else f"{limit:.0%} of the evaluation tokens")
+    text = (f"A run is flagged pathological (⚠ k/n: k of the n seeds) when more than half its latents are dead "
+            f"or its densest latent fires on more than {rule}; a point is drawn hollow in the plot when most "
+            "of its seeds are flagged.")
+    rates = [r["max_firing_freq"] for r in rows if r.get("max_firing_freq") is not None]
+    if rates:
+        flagged = sum(is_pathological(r) for r in rows)
+        text += (f" Here the densest latent of each run fired on {min(rates):.0%}–{max(rates):.0%} of tokens; "
+                 f"{flagged} of {len(rows)} runs are flagged.")
+    return text
 
 
 def render_report(results):
@@ -221,7 +310,7 @@ def render_report(results):
     lines.append("- L0: TopK/BatchTopK k = target; JumpReLU and Gated λ set every step by a PI controller on "
                  "log λ (minisae.training.l0control); λ shown is each run's final value")
     lines.append(f"- Evaluation: {cfg['eval_tokens']} held-out tokens per SAE")
-    lines.append(f"- Wall time: {results['wall_seconds']:.0f} s\n")
+    lines.append(f"- Wall time: {wall_time_text(results)}\n")
     lines.append("## Verdict\n")
     if "paper_claim" in verdict:
         lines.append(verdict["paper_claim"]["text"] + "\n")
@@ -254,11 +343,7 @@ def render_report(results):
         cells.append(flag)
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
-    limit = max((r.get("dense_limit", 0.1) for r in rows), default=0.1)
-    why = ("" if limit <= 0.1 else f" (here {limit:.0%}, 1.25 × the rate of the data's most frequent true feature: "
-           "a latent tracking that feature is not pathological)")
-    lines.append(dead_latent_sentence(data, cfg["d_sae"]) + " A run is flagged pathological (⚠, drawn hollow) "
-                 f"when more than half its latents are dead or any latent fires on more than 10 % of tokens{why}.\n")
+    lines.append(dead_latent_sentence(data, cfg["d_sae"]) + " " + pathological_sentence(rows) + "\n")
     lines += tuning.recipe_lines(results, NAMES) + tuning.plateau_lines(results, NAMES)
     if str(data.get("config", {}).get("n_features", "")) == "16384" or cfg.get("preset") == "synthsaebench-16k":
         lines += _published_lines()
@@ -309,16 +394,36 @@ def pareto_plot(results, path):
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-        from matplotlib.ticker import ScalarFormatter
     except ImportError:
         return "matplotlib is not installed (pip install 'minisae[plot]')"
+    fig = pareto_figure(results)
+    path = Path(path)
+    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.png")
+    fig.savefig(tmp, dpi=FIG_DPI)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path.name
+
+
+FIG_DPI = 110
+RAW_L0_NOTE = ("Points sit at the L0 each run reached (raw, mean over seeds); the verdict compares values "
+               "read at the exact target L0 along each seed's runs (matched L0, see report.md).")
+
+
+def pareto_figure(results):
+    """The matplotlib Figure of pareto.png (laid out, labels placed; the caller saves and closes it)."""
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import ScalarFormatter
+
     summary, verdict, cfg = results["summary"], results["verdict"], results["config"]
     panels = [m for m in ("explained_variance", "mcc", "f1", "delta_lm_loss")
               if any(s.get(m, (None,))[0] is not None for s in summary)]
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 5.0), squeeze=False)
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 5.0), squeeze=False, dpi=FIG_DPI)
     markers = dict(zip(NAMES, "osD^v"))
     colors = dict(zip(NAMES, ("C0", "C1", "C2", "C3", "C4")))
+    labels = {}  # axis -> [(x, y, text, color)]
     for ax, m in zip(axes[0], panels):
+        labels[ax] = []
         for v in cfg["variants"]:
             sel = sorted((s for s in summary if s["variant"] == v), key=lambda s: s["target"])
             if not sel:
@@ -327,31 +432,80 @@ def pareto_plot(results, path):
             ys = [s[m][0] for s in sel]
             ax.plot(xs, ys, color=colors[v], alpha=0.5)
             for s, x, y in zip(sel, xs, ys):
-                hollow = s["pathological"] > 0
                 ax.errorbar(x, y, xerr=s["l0"][1] or 0, yerr=s[m][1] or 0, fmt=markers[v], color=colors[v],
-                            mfc="none" if hollow else colors[v], capsize=3, ms=7,
+                            mfc="none" if mostly_pathological(s) else colors[v], capsize=3, ms=7,
                             label=NAMES[v] if s is sel[0] else None)
-                ax.annotate(f"{s['target']:g}: {_setting_span(s['settings'])}", (x, y), textcoords="offset points",
-                            xytext=(4, -11), fontsize=7, color=colors[v])
+                flag = f" ⚠{s['pathological']}/{s['n']}" if s["pathological"] else ""
+                labels[ax].append((x, y, f"{s['target']:g}: {_setting_span(s['settings'])}{flag}", colors[v]))
         better = "higher" if HIGHER_BETTER[m] else "lower"
-        ax.set_xlabel("L0, active latents per token (mean ± sd over seeds)")
+        ax.set_xlabel("L0 reached, active latents per token (raw, mean ± sd over seeds)")
         ax.set_ylabel(f"{METRIC_NAMES[m]} ({better} is better)")
         for axis in (ax.xaxis, ax.yaxis):
             fmt = ScalarFormatter(useOffset=False)
             fmt.set_scientific(False)
             axis.set_major_formatter(fmt)
         ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=8, loc="lower right")
+        ax.margins(0.12)  # room for the labels at the edges
     data = results["data"]
     fig.suptitle(f"minisae compare on {data.get('type', 'data')} (N={data.get('n_features', '?')} features, "
                  f"D={data.get('d_in')}): {cfg['d_sae']} latents, {cfg['steps']} steps, {cfg['seeds']} seeds — "
-                 "labels: target L0: λ or k; hollow = pathological run", fontsize=10)
+                 "labels: target L0: λ or k (⚠ k/n: k of n seeds pathological); hollow = most seeds pathological",
+                 fontsize=10)
     claim = verdict.get("paper_claim", {}).get("text", "")
+    fig.text(0.01, 0.045, RAW_L0_NOTE, fontsize=8, va="bottom")
     fig.text(0.01, 0.01, "Verdict: " + claim.replace("**", ""), fontsize=8, wrap=True, va="bottom")
-    fig.tight_layout(rect=(0, 0.07, 1, 0.94))
-    path = Path(path)
-    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path.name
+    fig.tight_layout(rect=(0, 0.09, 1, 0.94))
+    for ax, points in labels.items():
+        place_labels(ax, points)
+    return fig
+
+
+# candidate offsets of a label from its point, in points (x, y) with the text's alignment
+_OFFSETS = [((5, -12), "left"), ((5, 5), "left"), ((-5, -12), "right"), ((-5, 5), "right"),
+            ((5, -22), "left"), ((5, 15), "left"), ((-5, -22), "right"), ((-5, 15), "right"),
+            ((0, -30), "center"), ((0, 24), "center")]
+
+
+def place_labels(ax, points, fontsize=7):
+    """Annotate each (x, y, text, color) of `ax` at the candidate offset whose text box overlaps
+    least (in display pixels) with the labels placed before it, every marker of the axis, and the
+    legend; returns the annotations. Call after the figure's layout is final."""
+    fig = ax.figure
+    renderer = fig.canvas.get_renderer()
+    marker_px = 7 * fig.dpi / 72.0 / 2 + 2  # half a marker (ms 7) and a little air
+    centres = [ax.transData.transform((x, y)) for x, y, _, _ in points]  # display pixels
+    taken = [(cx - marker_px, cy - marker_px, cx + marker_px, cy + marker_px) for cx, cy in centres]
+    legend = ax.get_legend()
+    if legend is not None:
+        b = legend.get_window_extent(renderer)
+        taken.append((b.x0, b.y0, b.x1, b.y1))
+    frame = ax.get_window_extent(renderer)
+    out = []
+    for x, y, text, color in points:
+        best = None
+        for (dx, dy), ha in _OFFSETS:
+            ann = ax.annotate(text, (x, y), textcoords="offset points", xytext=(dx, dy), fontsize=fontsize,
+                              color=color, ha=ha)
+            b = ann.get_window_extent(renderer)
+            box = (b.x0, b.y0, b.x1, b.y1)
+            cost = sum(_overlap(box, t) for t in taken)
+            cost += b.width * b.height - _overlap(box, (frame.x0, frame.y0, frame.x1, frame.y1))  # outside
+            if best is None or cost < best[0]:
+                if best is not None:
+                    best[1].remove()
+                best = (cost, ann, box)
+            else:
+                ann.remove()
+            if cost == 0:
+                break
+        taken.append(best[2])
+        out.append(best[1])
+    return out
+
+
+def _overlap(a, b):
+    """Area shared by boxes a and b, each (x0, y0, x1, y1)."""
+    w = min(a[2], b[2]) - max(a[0], b[0])
+    h = min(a[3], b[3]) - max(a[1], b[1])
+    return w * h if w > 0 and h > 0 else 0.0

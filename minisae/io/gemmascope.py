@@ -5,17 +5,20 @@ A released Gemma Scope SAE (repos google/gemma-scope-{2b,9b,27b}-pt-{res,mlp,att
 b_dec (D,), threshold (M,), float32, with the pre-encoder bias folded into b_enc (inference
 subtracts no b_dec; arXiv 2408.05147, App. A). Read with allow_pickle=False, after the archive's
 sizes and headers are checked (minisae.io.files.npz_members). minisae.io.saefile.SAE.load and
-SAE.save_gemma_scope call `load` and `save` here.
+SAE.save_gemma_scope call `load` and `write` here.
 """
 
 import re
-from pathlib import Path
 
 import numpy
 
-from minisae.errors import FileFormatError, OutputExistsError
-from minisae.io.files import NPY_ERRORS, check_output_dir, make_dir, npz_members
+from minisae.errors import FileFormatError, InputError
+from minisae.io.files import NPY_ERRORS, npz_members
+from minisae.io.sae import SAE, SAEFileError, expected_shape
 from minisae.xp import to_numpy
+
+FILENAME = "params.npz"
+FILES = (FILENAME,)
 
 _GEMMA_SCOPE_NAMES = {"W_enc": ("W_enc", "w_enc"), "W_dec": ("W_dec", "w_dec"), "b_enc": ("b_enc",),
                       "b_dec": ("b_dec",), "threshold": ("threshold",)}
@@ -42,8 +45,6 @@ def _check_npz_members(path, names, expected_shapes):
     (minisae.io.files.npz_members: no zip bombs, no header claiming more than the member holds),
     and each array in `names` ({ours: (aliases...)}) is floating point with the shape that
     expected_shapes(d_in, d_sae) gives, d_in and d_sae read off W_enc."""
-    from minisae.io.saefile import SAEFileError
-
     try:
         members = npz_members(path)
     except FileFormatError as e:
@@ -69,11 +70,10 @@ def _check_npz_members(path, names, expected_shapes):
                                f"have shape {want}, found {shape}")
 
 
-def load(path, xp, dtype, ref):
-    """Read a Gemma Scope params.npz at `path` into a jumprelu SAE (`ref`: the name the user gave, for metadata)."""
-    from minisae.io.saefile import SAE, SAEFileError, _expected_shape
-
-    _check_npz_members(path, _GEMMA_SCOPE_NAMES, _expected_shape)
+def load(path, xp, dtype, ref, cls=SAE):
+    """Read a Gemma Scope params.npz at `path` into a jumprelu SAE of class `cls` (`ref`: the name
+    the user gave, for metadata)."""
+    _check_npz_members(path, _GEMMA_SCOPE_NAMES, expected_shape)
     try:
         with numpy.load(path, allow_pickle=False) as npz:
             found, params = list(npz.files), {}
@@ -89,28 +89,23 @@ def load(path, xp, dtype, ref):
     cfg = {"apply_b_dec_to_input": False, "metadata": _gemma_scope_metadata(ref)}
     if str(cfg["metadata"]["hook_name"] or "").endswith("hook_z"):
         cfg["reshape_activations"] = "hook_z"
-    return SAE("jumprelu", params, cfg, xp=xp, source=str(path))
+    return cls("jumprelu", params, cfg, xp=xp, source=str(path))
 
 
-def save(sae, path, *, overwrite=False):
-    """Write `sae` as a Gemma Scope params.npz (JumpReLU only; float32; b_dec folded into b_enc when
-    the SAE subtracts it from its input). `path`: the .npz file, or a folder to hold params.npz.
-    Atomic; refuses to overwrite unless overwrite=True. Returns the file's Path."""
-    from minisae.io.saefile import GEMMA_SCOPE_FILENAME, _atomic_write, _is_sae_folder
-
+def check_writable(sae):
+    """Refuse an SAE the format cannot hold (it holds JumpReLU SAEs only)."""
     if sae.architecture != "jumprelu":
-        raise ValueError(f"save_gemma_scope: the Gemma Scope format holds JumpReLU SAEs only, "
-                         f"this is {sae.architecture!r}")
-    path = Path(path)
-    if path.suffix != ".npz":
-        check_output_dir(path, "SAE", is_own=_is_sae_folder, flag="output folder")
-        path = path / GEMMA_SCOPE_FILENAME
-    if path.is_dir() or (path.exists() and not overwrite):
-        raise OutputExistsError(f"{path}: exists; pass overwrite=True (--overwrite) to replace it")
+        raise InputError(f"the Gemma Scope format (params.npz) holds JumpReLU SAEs only, this is a "
+                         f"{sae.architecture} SAE: write a SAELens folder instead (--to saelens)")
+
+
+def write(sae, path):
+    """Write `sae` as a Gemma Scope .npz at `path` (float32; b_dec folded into b_enc when the SAE
+    subtracts it from its input, since the format has no such flag)."""
+    check_writable(sae)
     p = {n: to_numpy(v).astype(numpy.float64) for n, v in sae.params.items()}
     b_enc = p["b_enc"] - p["b_dec"] @ p["W_enc"] if sae.cfg["apply_b_dec_to_input"] else p["b_enc"]  # (M,)
     arrays = {"W_enc": p["W_enc"], "W_dec": p["W_dec"], "b_enc": b_enc, "b_dec": p["b_dec"],
               "threshold": p["threshold"]}
-    make_dir(path.parent)
-    _atomic_write(path, lambda fh: numpy.savez(fh, **{n: a.astype(numpy.float32) for n, a in arrays.items()}))
-    return path
+    with open(path, "wb") as fh:
+        numpy.savez(fh, **{n: a.astype(numpy.float32) for n, a in arrays.items()})

@@ -25,8 +25,12 @@ from pathlib import Path
 
 import numpy
 
-from minisae.errors import FileFormatError, InputError, OutputExistsError
-from minisae.io.files import atomic_path, check_output_dir, make_dir, read_json, write_atomic
+from minisae.errors import FileFormatError, InputError
+from minisae.io import safetensors_io
+from minisae.io.files import read_json
+from minisae.io.sae import SAE, TRANSCODERS
+from minisae.models.sites import hf_name, saelens_name
+from minisae.xp import to_numpy
 
 PARAMS_FILENAME = "params.safetensors"
 CONFIG_FILENAME = "config.json"
@@ -36,6 +40,7 @@ SKIP = "affine_skip_connection"
 FLOAT_DTYPES = ("F32", "BF16", "F16", "F64")
 ARCHITECTURE = "jump_relu"  # the only one Gemma Scope 2 releases
 TYPES = ("sae", "transcoder")
+FILES = (PARAMS_FILENAME, CONFIG_FILENAME)
 
 
 class GemmaScope2Error(FileFormatError):
@@ -44,8 +49,6 @@ class GemmaScope2Error(FileFormatError):
 
 def _site_names(hf_site):
     """(SAELens name, Hugging Face name) of a config's hook point; the SAELens one None if unknown."""
-    from minisae.models.sites import saelens_name
-
     if hf_site is None:
         return None, None
     try:
@@ -82,11 +85,8 @@ def read_config(path):
     return {**cfg, "architecture": arch, "type": kind, "affine_connection": affine}
 
 
-def load(folder, *, xp, dtype, source=None, params_path=None, config_path=None):
-    """minisae.SAE from a Gemma Scope 2 folder (or its two files); tensors cast to `dtype`."""
-    from minisae.io.safetensors_io import SafetensorsFile
-    from minisae.io.saefile import SAE
-
+def load(folder, *, xp, dtype, source=None, params_path=None, config_path=None, cls=SAE):
+    """An SAE of class `cls` from a Gemma Scope 2 folder (or its two files); tensors cast to `dtype`."""
     folder = Path(folder)
     params_path = Path(params_path or folder / PARAMS_FILENAME)
     config_path = Path(config_path or folder / CONFIG_FILENAME)
@@ -96,7 +96,7 @@ def load(folder, *, xp, dtype, source=None, params_path=None, config_path=None):
         raise GemmaScope2Error(f"{params_path}: missing (a Gemma Scope 2 folder holds {PARAMS_FILENAME} and "
                                f"{CONFIG_FILENAME})")
     want = TENSORS + ((SKIP,) if cfg["affine_connection"] else ())
-    with SafetensorsFile(params_path) as st:
+    with safetensors_io.SafetensorsFile(params_path) as st:
         found = set(st.keys())
         missing, extra = [n for n in want if n not in found], sorted(found - set(want))
         if missing or extra:
@@ -146,25 +146,23 @@ def load(folder, *, xp, dtype, source=None, params_path=None, config_path=None):
                                    f"hf_hook_point_in {hf_in!r}, hf_hook_point_out {hf_out!r}")
     # inputs are flat even at attn.hook_z (o_proj's input, H*d wide): reshape "none", as SAELens records it
     sae_cfg = {"apply_b_dec_to_input": False, "reshape_activations": "none", "metadata": metadata}
-    return SAE(architecture, params, sae_cfg, xp=xp, source=source)
+    return cls(architecture, params, sae_cfg, xp=xp, source=source)
 
 
-def save(sae, folder, *, overwrite=False):
-    """Write `sae` as a Gemma Scope 2 folder (params.safetensors + config.json, float32); returns it.
-
-    JumpReLU SAEs and (skip) transcoders only. An SAE that subtracts b_dec from its input has it folded
-    into b_enc (b_enc' = b_enc - b_dec @ W_enc), since the format has no such flag. A new or empty
-    folder is written as a temporary sibling and renamed into place; a non-empty one is refused unless
-    overwrite=True, which replaces the two files, each atomically.
-    """
-    from minisae.io.safetensors_io import save_file
-    from minisae.io.saefile import TRANSCODERS
-    from minisae.models.sites import hf_name
-    from minisae.xp import to_numpy
-
+def check_writable(sae):
+    """Refuse an SAE the format cannot hold (JumpReLU SAEs and transcoders only)."""
     if sae.architecture not in ("jumprelu",) + TRANSCODERS:
         raise InputError(f"Gemma Scope 2 files hold JumpReLU SAEs and transcoders only; this is a "
                          f"{sae.architecture!r} SAE (save it as a SAELens folder instead)")
+
+
+def write(sae, folder):
+    """Write `sae` as params.safetensors + config.json (float32) into `folder`, an existing, empty one.
+
+    JumpReLU SAEs and (skip) transcoders only. An SAE that subtracts b_dec from its input has it folded
+    into b_enc (b_enc' = b_enc - b_dec @ W_enc), since the format has no such flag.
+    """
+    check_writable(sae)
     p = {n: to_numpy(v).astype(numpy.float64) for n, v in sae.params.items()}
     b_enc = p["b_enc"] - p["b_dec"] @ p["W_enc"] if sae.cfg["apply_b_dec_to_input"] else p["b_enc"]  # (M,)
     tensors = {"w_enc": p["W_enc"], "w_dec": p["W_dec"], "b_enc": b_enc, "b_dec": p["b_dec"],
@@ -192,32 +190,16 @@ def save(sae, folder, *, overwrite=False):
     text = (json.dumps(config, indent=2) + "\n").encode()
 
     folder = Path(folder)
-    state = check_output_dir(folder, "SAE", is_own=_is_sae_folder, flag="output folder")
-    if state == "own" and not overwrite:
-        raise OutputExistsError(f"{folder}: folder exists and is not empty (an SAE folder); pass overwrite=True "
-                                "(--overwrite) to replace its Gemma Scope 2 files")
-    if state == "own":
-        save_file(tensors, folder / PARAMS_FILENAME)
-        write_atomic(folder / CONFIG_FILENAME, text)
-        return folder
-    make_dir(folder.parent)
-    with atomic_path(folder) as tmp:  # all or nothing: a temporary sibling renamed into place
-        tmp.mkdir()
-        save_file(tensors, tmp / PARAMS_FILENAME)
-        (tmp / CONFIG_FILENAME).write_bytes(text)
-        if folder.is_dir():
-            folder.rmdir()  # empty (or only temporary leftovers), checked above
-    return folder
+    safetensors_io.save_file(tensors, folder / PARAMS_FILENAME)
+    (folder / CONFIG_FILENAME).write_bytes(text)
 
 
-def _is_sae_folder(folder):
-    """A folder of SAE files: params.safetensors, a SAELens/Gemma Scope file, or a config.json that
-    names architecture jump_relu. A model's config.json is not one: it is never replaced."""
-    from minisae.io.saefile import _is_sae_folder as saefile_own
-
-    if (folder / PARAMS_FILENAME).is_file() or saefile_own(folder):
-        return True
+def is_config(path):
+    """True when `path` is a Gemma Scope 2 config.json (it names architecture jump_relu); a model's
+    config.json is not one. Only a regular file is read (a FIFO would block)."""
     try:
-        return read_json(folder / CONFIG_FILENAME, max_bytes=MAX_CONFIG_BYTES).get("architecture") == ARCHITECTURE
+        if not Path(path).is_file():
+            return False
+        return read_json(path, max_bytes=MAX_CONFIG_BYTES).get("architecture") == ARCHITECTURE
     except (FileFormatError, OSError):
         return False

@@ -30,7 +30,7 @@ class HubError(MinisaeError, RuntimeError):
     """A path or Hub reference that cannot be resolved; the message says how to fix it."""
 
 
-def _looks_like_path(s):
+def looks_like_path(s):
     # "runs/jr/sae" where ./runs exists is a mistyped local path, not the Hub repo "runs/jr"
     first = s.split("/", 1)[0]
     return (os.path.isabs(s) or s.startswith((".", "~")) or "\\" in s or s.endswith("/")
@@ -84,8 +84,9 @@ def _hf(name):
     return cls or ()
 
 
-def _hub_error(exc, repo_id, revision, filename=None):
-    """Translate a huggingface_hub exception into a HubError that says how to fix it."""
+def _hub_error(exc, repo_id, revision, filename=None, include=None):
+    """Translate a huggingface_hub exception into a HubError that says how to fix it; the
+    download it advises names `filename` (or the glob patterns `include`), not the whole repo."""
     from huggingface_hub import constants
 
     rev = f" (revision {revision!r})" if revision else ""
@@ -95,8 +96,12 @@ def _hub_error(exc, repo_id, revision, filename=None):
     page = f"{constants.ENDPOINT}/{repo_id}"
     login = ("log in with `hf auth login` (`huggingface-cli login` in older huggingface_hub) "
              "or set HF_TOKEN to an access token")
-    predownload = (f"pre-download it where there is network with `hf download {repo_id}` "
-                   f"(`huggingface-cli download {repo_id}` in older versions) into the same "
+    # name just what is needed: the one file, or the folder's files, not the whole repo
+    args = f"{repo_id} {filename}" if filename else repo_id
+    if include and not filename:
+        args += " " + " ".join(f"--include '{pat}'" for pat in include)
+    predownload = (f"pre-download it where there is network with `hf download {args}` "
+                   f"(`huggingface-cli download {args}` in older versions) into the same "
                    "HF_HOME and run with HF_HUB_OFFLINE=1")
     status = getattr(getattr(exc, "response", None), "status_code", None)
     if isinstance(exc, _hf("GatedRepoError")):  # before RepositoryNotFoundError, its parent
@@ -150,7 +155,7 @@ def resolve_dir(path_or_repo_id, *, revision=None, allow_patterns=None):
         if not local.is_dir():
             raise HubError(f"{s!r} is a file; expected a folder")
         return local
-    if _looks_like_path(s):
+    if looks_like_path(s):
         raise HubError(f"local folder {s!r} does not exist")
     repo_id, sub = _split_ref(s)
     _check_repo_id(repo_id, s)
@@ -165,7 +170,7 @@ def resolve_dir(path_or_repo_id, *, revision=None, allow_patterns=None):
         snapshot = Path(huggingface_hub.snapshot_download(repo_id, revision=revision,
                                                           allow_patterns=allow_patterns))
     except _catchable() as e:
-        raise _hub_error(e, repo_id, revision) from e
+        raise _hub_error(e, repo_id, revision, include=allow_patterns) from e
     folder = snapshot / sub if sub is not None else snapshot
     if not folder.is_dir():
         raise HubError(f"Hub repo {repo_id!r} has no folder {sub!r}" +
@@ -192,7 +197,7 @@ def resolve_file(path_or_repo_id, filename=None, *, revision=None):
         if not path.is_file():
             raise HubError(f"local folder {s!r} has no file {filename!r}")
         return path
-    if _looks_like_path(s):
+    if looks_like_path(s):
         raise HubError(f"local path {s!r} does not exist")
     repo_id, sub = _split_ref(s)
     if filename is None and sub is None:

@@ -4,7 +4,11 @@
     encode, decode
 
 `forward_backward(params, x, **hyper) -> (out, grads)` is forward's out and backward's grads in
-one call; on NumPy, JumpReLU, TopK and BatchTopK take a row-sparse path there when few latents fire.
+one call; on NumPy it runs the variant's fast paths (<variant>_fast.py: row-sparse when few latents
+fire), which tests hold equal to the plain forward + backward of the variant's own file.
+Shared pieces: common.py (decoding, squared error, exact top-k, Matryoshka prefixes), auxk.py
+(TopK's and BatchTopK's auxiliary loss), penalties.py (JumpReLU's penalties and its threshold's
+pseudo-derivative), sparse.py (the row-sparse products).
 """
 
 from minisae.sae import batchtopk, gated, jumprelu, topk

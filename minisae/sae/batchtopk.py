@@ -14,7 +14,7 @@ Ties: when several entries equal the N-th largest value, they are kept in row-ma
 tokens first, then lower latent index) until exactly N are kept. Gradient flows only through the
 kept entries with pi > 0 (ReLU and selection are locally constant elsewhere). AuxK is TopK's,
 computed per token on the dead latents against the full reconstruction's residual
-(`minisae.sae.topk`).
+(`minisae.sae.auxk`).
 
 Inference: BatchTopK's output depends on the other tokens of the batch, so a trained SAE is used
 as a JumpReLU with one global threshold theta for every latent: f = pi * H(pi - theta) * H(pi).
@@ -22,7 +22,8 @@ theta is a running average of the smallest kept positive activation of each trai
 (`update_threshold`); the release file is a JumpReLU file with that threshold.
 
 `forward` + `backward` are the plain, dense reference; `forward_backward` / `loss_and_grads` take a
-row-sparse path on NumPy when k is a small fraction of M; a test holds the two equal.
+row-sparse path on NumPy when k is a small fraction of M (minisae/sae/batchtopk_fast.py); a test
+holds the two equal.
 Derivation: docs/derivations/batchtopk.md (and matryoshka.md for the prefixes).
 """
 
@@ -32,22 +33,15 @@ import numbers
 import numpy
 
 from minisae.errors import InputError
-from minisae.sae import topk
-from minisae.sae.common import (as_input, check_params, check_prefixes, decode, fire_counts,
-                                prefix_decode, prefix_decoder_gradients, prefix_squared_error,
-                                scalar, segments, sparse_prefix_decode, sparse_prefix_decoder_grad,
-                                sparse_prefix_parts, sparse_prefix_sampled, top_k)
-from minisae.sae.sparse import (by_column, column_sums, sparse_fire_counts, sparse_from_mask,
-                                sparse_t_matmul)
-from minisae.sae.topk import (_auxk_backward, _auxk_forward, _auxk_latents, _auxk_step,  # AuxK as TopK
-                              _dead_indices)
-from minisae.threads import in_background
+from minisae.sae import auxk, batchtopk_fast, topk
+from minisae.sae.common import (as_input, batch_topk_mask, check_params, check_prefixes, decode,
+                                fire_counts, min_kept, prefix_decode, prefix_decoder_gradients,
+                                prefix_squared_error, scalar, segments)
 from minisae.xp import xp_of
 
 ARCHITECTURE = "batchtopk"
 PARAM_NAMES = topk.PARAM_NAMES  # W_enc, b_enc, W_dec, b_dec
 THRESHOLD_RATE = 0.01  # the running threshold's averaging rate after its first 1/rate steps
-SPARSE_MAX_DENSITY = 0.04  # the sparse path is taken when k <= this fraction of M
 
 __all__ = ["ARCHITECTURE", "PARAM_NAMES", "init", "encode", "decode", "forward", "backward",
            "forward_backward", "loss_and_grads", "batch_topk_mask", "update_threshold",
@@ -70,49 +64,24 @@ def n_kept(k, batch, n_latents):
     return n
 
 
-def batch_topk_mask(pi, n_keep):
-    """(B, M) bool: the n_keep largest entries of pi over the whole batch. Entries equal to the
-    n_keep-th largest value are kept in row-major order until exactly n_keep are kept."""
-    xp = xp_of(pi)
-    flat = pi.reshape(-1)  # (B*M,)
-    size = flat.shape[0]
-    if n_keep >= size:
-        return xp.ones(pi.shape, dtype=bool)
-    # top_k's rule on the flattened batch as one row: ties go to the lowest flat index (row-major)
-    idx, _ = top_k(flat[None, :], n_keep)  # (1, N)
-    keep = xp.zeros(size, dtype=bool)  # (B*M,)
-    keep[idx[0]] = True
-    return keep.reshape(pi.shape)  # (B, M)
-
-
 def _check_hyper(params, x, k, aux_k, aux_coeff, dead_mask, prefixes):
     M = params["W_enc"].shape[1]
     if int(aux_k) != aux_k or int(aux_k) < 1:
         raise InputError(f"batchtopk: expected aux_k an integer >= 1, found {aux_k!r}")
     return (n_kept(k, x.shape[0], M), int(aux_k), float(aux_coeff),
-            _dead_indices(dead_mask, M, xp_of(x)), check_prefixes(prefixes, M, ARCHITECTURE))
+            auxk.dead_indices(dead_mask, M, xp_of(x)), check_prefixes(prefixes, M, ARCHITECTURE))
 
 
-def _min_kept(z, n_pos, xp, dtype):
-    """The smallest kept positive activation: the smallest positive entry of z (z >= 0, its n_pos
-    non-zero entries are the kept ones through the ReLU); 0-d, NaN when n_pos is 0. No boolean-mask
-    gather (on CuPy that waits for the device to learn the result's size)."""
-    if z.size == 0:
-        return scalar(math.nan, dtype, xp)
-    low = xp.where(z > 0.0, z, math.inf).min()  # 0-d
-    return scalar(xp.where(n_pos > 0, low, math.nan), dtype, xp)
-
-
-def encode(params, x, *, k=None, threshold=None, aux_k=None, aux_coeff=None, dead_mask=None,
-           prefixes=None):
+def encode(params, x, *, k=None, threshold=None):
     """f (B, M): with `threshold` the inference JumpReLU, pi * H(pi - threshold) * H(pi);
     without it the training selection (BatchTopK over this batch, needs k)."""
     check_params(params, PARAM_NAMES, ARCHITECTURE)
     x = as_input(params, x, ARCHITECTURE)
     xp = xp_of(x)
     pi = (x - params["b_dec"]) @ params["W_enc"] + params["b_enc"]  # (B, D) @ (D, M) -> (B, M)
-    if threshold is not None:
-        return pi * ((pi > float(threshold)) & (pi > 0.0))  # (B, M)
+    if threshold is not None:  # the inference JumpReLU, as jumprelu.encode computes it
+        pi = xp.maximum(pi, 0.0)  # (B, M)
+        return pi * (pi > pi.dtype.type(threshold))  # (B, M)
     if k is None:
         raise InputError("batchtopk.encode: give k (training selection) or threshold (inference)")
     kept = batch_topk_mask(pi, n_kept(k, x.shape[0], pi.shape[1]))  # (B, M)
@@ -168,11 +137,11 @@ def forward(params, x, *, k, aux_k=512, aux_coeff=1.0 / 32, dead_mask=None, pref
              "aux_coeff": aux_coeff, "aux": None}
     aux = 0.0
     if dead.shape[0] > 0:
-        aux, cache["aux"] = _auxk_forward(_auxk_latents(pi, dead, aux_k), errs[-1], params["W_dec"], dead)
+        aux, cache["aux"] = auxk.forward(auxk.select(pi, dead, aux_k), errs[-1], params["W_dec"], dead)
     n_pos = xp.count_nonzero(z)  # kept entries through the ReLU
     out = {"loss": scalar(total + aux_coeff * aux, dtype, xp), "mse": scalar(mse, dtype, xp),
            "matryoshka": scalar(total - mse, dtype, xp), "aux": scalar(aux, dtype, xp),
-           "l0": scalar(n_pos / B, dtype, xp), "min_kept": _min_kept(z, n_pos, xp, dtype),
+           "l0": scalar(n_pos / B, dtype, xp), "min_kept": min_kept(z, n_pos, xp, dtype),
            "f": z, "xhat": xhats[-1]}
     return out, cache
 
@@ -195,7 +164,7 @@ def backward(params, cache):
     dpi = xp.where(passes, dz, 0.0)  # (B, M)
     if cache["aux"] is not None:  # forward was: loss = ... + alpha * aux
         dead = cache["aux"]["dead"]  # (Nd,)
-        dW_dead, dpi_dead = _auxk_backward(cache["aux"], W_dec, cache["aux_coeff"])
+        dW_dead, dpi_dead = auxk.backward(cache["aux"], W_dec, cache["aux_coeff"])
         dW_dec[dead] += dW_dead  # (Nd, D)
         dpi[:, dead] += dpi_dead  # (B, Nd)
     # forward was: pi = x_c @ W_enc + b_enc, x_c = x - b_dec
@@ -208,8 +177,8 @@ def backward(params, cache):
 def forward_backward(params, x, *, k, aux_k=512, aux_coeff=1.0 / 32, dead_mask=None,
                      prefixes=None, path="auto", dense_f=True):
     """(out, grads): forward's out and backward's grads in one call, plus out["fired"] (M,)
-    int64. path: "dense", "sparse" (NumPy only) or "auto" (sparse on NumPy when k <=
-    SPARSE_MAX_DENSITY * M). The sparse path builds the dense out["f"] only when dense_f."""
+    int64. path: "dense", "sparse" (NumPy only) or "auto" (sparse on NumPy, batchtopk_fast, when
+    k <= batchtopk_fast.SPARSE_MAX_DENSITY * M). The sparse path builds the dense out["f"] only when dense_f."""
     if path not in ("auto", "dense", "sparse"):
         raise InputError(f"batchtopk.forward_backward: path must be 'auto', 'dense' or 'sparse', "
                          f"found {path!r}")
@@ -219,8 +188,11 @@ def forward_backward(params, x, *, k, aux_k=512, aux_coeff=1.0 / 32, dead_mask=N
         raise InputError("batchtopk.forward_backward: path='sparse' runs on NumPy arrays only; "
                          f"found {xp.__name__} arrays (use 'auto' or 'dense')")
     M = params["W_enc"].shape[1]
-    if xp is numpy and (path == "sparse" or (path == "auto" and k <= SPARSE_MAX_DENSITY * M)):
-        return _forward_backward_sparse(params, x, dense_f=dense_f, **hyper)
+    if xp is numpy and (path == "sparse" or (path == "auto" and k <= batchtopk_fast.SPARSE_MAX_DENSITY * M)):
+        check_params(params, PARAM_NAMES, ARCHITECTURE)
+        x = as_input(params, x, ARCHITECTURE)
+        return batchtopk_fast.forward_backward(params, x, *_check_hyper(params, x, k, aux_k, aux_coeff, dead_mask,
+                                                                         prefixes), dense_f=dense_f)
     out, cache = forward(params, x, **hyper)
     out["fired"] = fire_counts(out["f"])  # (M,)
     return out, backward(params, cache)
@@ -232,57 +204,3 @@ def loss_and_grads(params, x, *, k, aux_k=512, aux_coeff=1.0 / 32, dead_mask=Non
     out, grads = forward_backward(params, x, k=k, aux_k=aux_k, aux_coeff=aux_coeff,
                                   dead_mask=dead_mask, prefixes=prefixes, path=path, dense_f=False)
     return out["loss"], grads
-
-
-# ----------------------------------------------------------------------------------------------
-# sparse path (NumPy): z held as its N kept entries (row-major); AuxK as on TopK's sparse path
-# (topk._auxk_step); with Matryoshka prefixes each segment's entries are handled in turn
-
-
-def _forward_backward_sparse(params, x, *, k, aux_k, aux_coeff, dead_mask, prefixes, dense_f):
-    check_params(params, PARAM_NAMES, ARCHITECTURE)
-    x = as_input(params, x, ARCHITECTURE)
-    n_keep, aux_k, aux_coeff, dead, prefixes = _check_hyper(params, x, k, aux_k, aux_coeff,
-                                                            dead_mask, prefixes)
-    W_enc, W_dec, b_dec = params["W_enc"], params["W_dec"], params["b_dec"]
-    (B, D), M, dtype = x.shape, W_enc.shape[1], x.dtype
-    x_c = x - b_dec  # (B, D)
-    pi = x_c @ W_enc  # (B, D) @ (D, M) -> (B, M)
-    pi += params["b_enc"]  # (B, M)
-    rows, cols, rowptr, flat = sparse_from_mask(batch_topk_mask(pi, n_keep))  # (N,) ... (B + 1,)
-    pi_s = pi.ravel()[flat]  # (N,)
-    passes_s = pi_s > 0.0  # (N,)
-    z_s = pi_s * passes_s  # (N,)
-    parts = sparse_prefix_parts(rows, cols, rowptr, B, M, prefixes)  # per segment
-    xhats = sparse_prefix_decode(parts, cols, z_s, W_dec, b_dec)  # S x (B, D)
-    total, mse, errs = prefix_squared_error(x, xhats)  # mse: the full SAE's
-    aux, aux_grads = 0.0, None
-    if dead.shape[0] > 0:
-        aux, aux_grads = _auxk_step(pi, errs[-1], W_dec, x_c, dead, aux_k, aux_coeff)
-    # backward, as in `backward`
-    G = prefix_decoder_gradients(errs, prefixes)  # S x (B, D)
-    # dW_dec needs only z and G: computed on another thread while the sampled product runs here
-    grouped = by_column(rows, cols, B, M)  # the entries by latent, for both transposed products
-    dW_dec = in_background(sparse_prefix_decoder_grad, parts, rows, cols, z_s, G, W_dec, grouped)  # (M, D)
-    dpi_s = sparse_prefix_sampled(parts, cols, G, W_dec) * passes_s  # (N,)
-    dW_enc_t = sparse_t_matmul(rows, cols, M, [(dpi_s, x_c)], grouped=grouped)[0]  # (M, D)
-    dW_dec = dW_dec.result()  # (M, D)
-    db_enc = column_sums(cols, dpi_s, M, dtype)  # (M,)
-    if aux_grads is not None:  # forward was: loss = total + alpha * aux
-        latents, dW_aux, dW_enc_aux, db_aux = aux_grads  # (U,), (U, D), (U, D), (U,)
-        dW_dec[latents] += dW_aux  # (U, D)
-        dW_enc_t[latents] += dW_enc_aux  # (U, D)
-        db_enc[latents] += db_aux  # (U,)
-    db_dec = G[0].sum(axis=0) - W_enc @ db_enc  # (D,)
-    grads = {"W_enc": numpy.ascontiguousarray(dW_enc_t.T), "b_enc": db_enc, "W_dec": dW_dec,
-             "b_dec": db_dec}
-    n_pos = numpy.count_nonzero(z_s)  # kept entries through the ReLU
-    out = {"loss": scalar(total + aux_coeff * aux, dtype, numpy), "mse": scalar(mse, dtype, numpy),
-           "matryoshka": scalar(total - mse, dtype, numpy), "aux": scalar(aux, dtype, numpy),
-           "l0": scalar(n_pos / B, dtype, numpy), "min_kept": _min_kept(z_s, n_pos, numpy, dtype),
-           "xhat": xhats[-1],
-           "fired": sparse_fire_counts(cols, z_s, M)}
-    if dense_f:
-        out["f"] = numpy.zeros((B, M), dtype=dtype)  # (B, M)
-        out["f"].ravel()[flat] = z_s
-    return out, grads

@@ -209,6 +209,39 @@ def top_k(a, k):
     return idx, vals
 
 
+def scatter_rows(values, idx, n_cols):
+    """Dense (B, n_cols) with values (B, K) at columns idx (B, K) of each row, zeros elsewhere."""
+    xp = xp_of(values)
+    out = xp.zeros((values.shape[0], n_cols), dtype=values.dtype)  # (B, n_cols)
+    out[xp.arange(values.shape[0])[:, None], idx] = values
+    return out
+
+
+def batch_topk_mask(pi, n_keep):
+    """(B, M) bool: the n_keep largest entries of pi over the whole batch. Entries equal to the
+    n_keep-th largest value are kept in row-major order until exactly n_keep are kept."""
+    xp = xp_of(pi)
+    flat = pi.reshape(-1)  # (B*M,)
+    size = flat.shape[0]
+    if n_keep >= size:
+        return xp.ones(pi.shape, dtype=bool)
+    # top_k's rule on the flattened batch as one row: ties go to the lowest flat index (row-major)
+    idx, _ = top_k(flat[None, :], n_keep)  # (1, N)
+    keep = xp.zeros(size, dtype=bool)  # (B*M,)
+    keep[idx[0]] = True
+    return keep.reshape(pi.shape)  # (B, M)
+
+
+def min_kept(z, n_pos, xp, dtype):
+    """The smallest kept positive activation: the smallest positive entry of z (z >= 0, its n_pos
+    non-zero entries are the kept ones through the ReLU); 0-d, NaN when n_pos is 0. No boolean-mask
+    gather (on CuPy that waits for the device to learn the result's size)."""
+    if z.size == 0:
+        return scalar(math.nan, dtype, xp)
+    low = xp.where(z > 0.0, z, math.inf).min()  # 0-d
+    return scalar(xp.where(n_pos > 0, low, math.nan), dtype, xp)
+
+
 def _top_k_rows(a, k):
     """top_k on one block of rows (the algorithm above)."""
     xp = xp_of(a)

@@ -17,23 +17,20 @@ norm by the optimiser (minisae.training.optim), so the L1 term carries no norm w
 Both pre-activations share one product: x_c @ (W_enc * s) = (x_c @ W_enc) * s, s = exp(r_mag).
 The derivation, line by line, is docs/derivations/gated.md.
 
-`forward` + `backward` are the plain, dense reference. `forward_backward` and `loss_and_grads`
-run the same math on a row-sparse path on NumPy when few gates are open
-(`_forward_backward_sparse`, at the bottom); a test holds the two equal.
+`forward` + `backward` are the plain, dense reference, read top to bottom. `forward_backward` and
+`loss_and_grads` run the same math through minisae/sae/gated_fast.py (on NumPy a row-sparse path
+when few gates are open, else the dense one reusing its buffers); tests hold them equal.
 """
 
 import numpy
 
-from minisae.sae.common import (as_input, check_params, decode, fire_counts, init_dictionary,
-                                scalar, squared_error, squared_error_backward)
-from minisae.sae.sparse import (by_column, column_sums, entries_above, sampled_matmul,
-                                sparse_fire_counts, sparse_matmul, sparse_t_matmul)
-from minisae.threads import in_background
+from minisae.sae import gated_fast
+from minisae.sae.common import (as_input, check_params, decode, init_dictionary, scalar, squared_error,
+                                squared_error_backward)
 from minisae.xp import xp_of
 
 ARCHITECTURE = "gated"
 PARAM_NAMES = ("W_enc", "b_gate", "r_mag", "b_mag", "W_dec", "b_dec")
-SPARSE_MAX_DENSITY = 0.06  # the sparse path is taken up to this fraction of B*M gates open
 
 __all__ = ["ARCHITECTURE", "PARAM_NAMES", "init", "encode", "decode", "forward", "backward",
            "forward_backward", "loss_and_grads"]
@@ -52,48 +49,42 @@ def init(d_in, d_sae, *, seed=0, xp=numpy, dtype="float32"):
     }
 
 
-def _shared_product(params, x):
-    """x_c = x - b_dec (B, D) and pre = x_c @ W_enc (B, M), the product both paths share."""
-    x_c = x - params["b_dec"]  # (B, D)
-    return x_c, x_c @ params["W_enc"]  # (B, D) @ (D, M) -> (B, M)
-
-
-def _encoder(params, pre):
-    """scale = exp(r_mag), pi_gate and pi_mag from the shared product pre."""
-    scale = xp_of(pre).exp(params["r_mag"])  # (M,)
-    pi_gate = pre + params["b_gate"]  # (B, M)
-    pi_mag = pre * scale + params["b_mag"]  # (B, M) = x_c @ (W_enc * scale) + b_mag
-    return scale, pi_gate, pi_mag
-
-
-def encode(params, x, *, sparsity_coeff=None):
-    """f (B, M) for inputs x (B, D). sparsity_coeff is accepted and unused."""
+def encode(params, x):
+    """f (B, M) for inputs x (B, D)."""
     check_params(params, PARAM_NAMES, ARCHITECTURE)
     x = as_input(params, x, ARCHITECTURE)
-    _, pi_gate, pi_mag = _encoder(params, _shared_product(params, x)[1])
-    return (pi_gate > 0.0) * xp_of(x).maximum(pi_mag, 0.0)  # (B, M)
+    xp = xp_of(x)
+    x_c = x - params["b_dec"]  # (B, D)
+    pre = x_c @ params["W_enc"]  # (B, D) @ (D, M) -> (B, M), shared by both pre-activations
+    pi_gate = pre + params["b_gate"]  # (B, M)
+    pi_mag = pre * xp.exp(params["r_mag"]) + params["b_mag"]  # (B, M) = x_c @ (W_enc * exp(r_mag)) + b_mag
+    return (pi_gate > 0.0) * xp.maximum(pi_mag, 0.0)  # (B, M)
 
 
-def _check_hyper(sparsity_coeff):
+def check_hyper(sparsity_coeff):
+    """lambda as a float, checked >= 0."""
     if not float(sparsity_coeff) >= 0.0:
         raise ValueError(f"gated: expected sparsity_coeff >= 0, found {sparsity_coeff!r}")
     return float(sparsity_coeff)
 
 
+# ----------------------------------------------------------------------------------------------
+# plain forward / backward
+
+
 def forward(params, x, *, sparsity_coeff):
     """(out, cache): out has loss, mse, l1, aux, l0 (0-d), f (B, M), xhat (B, D)."""
     check_params(params, PARAM_NAMES, ARCHITECTURE)
-    sparsity_coeff = _check_hyper(sparsity_coeff)
+    sparsity_coeff = check_hyper(sparsity_coeff)
     x = as_input(params, x, ARCHITECTURE)
-    x_c, pre = _shared_product(params, x)
-    return _forward_from_pre(params, x, x_c, pre, sparsity_coeff)
-
-
-def _forward_from_pre(params, x, x_c, pre, sparsity_coeff):
     xp = xp_of(x)
     B, dtype = x.shape[0], x.dtype
     W_dec, b_dec = params["W_dec"], params["b_dec"]
-    scale, pi_gate, pi_mag = _encoder(params, pre)
+    x_c = x - b_dec  # (B, D)
+    pre = x_c @ params["W_enc"]  # (B, D) @ (D, M) -> (B, M), shared by both pre-activations
+    scale = xp.exp(params["r_mag"])  # (M,)
+    pi_gate = pre + params["b_gate"]  # (B, M)
+    pi_mag = pre * scale + params["b_mag"]  # (B, M) = x_c @ (W_enc * scale) + b_mag
     gate = pi_gate > 0.0  # (B, M) H(pi_gate)
     f = gate * xp.maximum(pi_mag, 0.0)  # (B, M)
     xhat = f @ W_dec + b_dec  # (B, M) @ (M, D) -> (B, D)
@@ -124,22 +115,21 @@ def backward(params, cache):
     db_dec = dxhat.sum(axis=0)  # (D,)
     df = dxhat @ W_dec.T  # (B, D) @ (D, M) -> (B, M)
     # forward was: f = H(pi_gate) * ReLU(pi_mag); H passes nothing, so only pi_mag gets df
-    dpi_mag = xp.multiply(df, gate & (cache["pi_mag"] > 0.0), out=df)  # (B, M)
+    dpi_mag = df * (gate & (cache["pi_mag"] > 0.0))  # (B, M)
     # forward was: aux = sum_bd (x - xhat_frozen)^2 / B,
     #              xhat_frozen = ReLU(pi_gate) @ sg(W_dec) + sg(b_dec)
     dxhat_frozen = squared_error_backward(cache["err_frozen"])  # (B, D); nothing to W_dec, b_dec
     drelu_gate = dxhat_frozen @ W_dec.T  # (B, D) @ (D, M) -> (B, M)
     # forward was: l1 = sum_bi ReLU(pi_gate) / B, weighted by lambda in the loss
-    drelu_gate += cache["sparsity_coeff"] / B  # (B, M)
+    drelu_gate = drelu_gate + cache["sparsity_coeff"] / B  # (B, M)
     # forward was: relu_gate = ReLU(pi_gate); ReLU'(pi_gate) = H(pi_gate) = gate
-    dpi_gate = xp.multiply(drelu_gate, gate, out=drelu_gate)  # (B, M)
+    dpi_gate = drelu_gate * gate  # (B, M)
     db_gate = dpi_gate.sum(axis=0)  # (M,)
     # forward was: pi_mag = pre * scale + b_mag, scale = exp(r_mag)
     db_mag = dpi_mag.sum(axis=0)  # (M,)
     dr_mag = (dpi_mag * pre).sum(axis=0) * scale  # (M,) d scale / d r_mag = scale
     # forward was: pi_gate = pre + b_gate, and pre = x_c @ W_enc feeds both paths
-    dpre = xp.multiply(dpi_mag, scale, out=dpi_mag)  # (B, M)
-    dpre += dpi_gate  # (B, M)
+    dpre = dpi_mag * scale + dpi_gate  # (B, M)
     dW_enc = x_c.T @ dpre  # (D, B) @ (B, M) -> (D, M)
     # forward was: x_c = x - b_dec; sum_b d x_c = (sum_b dpre) @ W_enc^T
     db_dec = db_dec - W_enc @ dpre.sum(axis=0)  # (D, M) @ (M,) -> (D,)
@@ -148,31 +138,21 @@ def backward(params, cache):
 
 
 def forward_backward(params, x, *, sparsity_coeff, path="auto", dense_f=True):
-    """(out, grads): forward's out and backward's grads in one call. path: "dense" (forward
-    then backward), "sparse" (NumPy only), or "auto": sparse on NumPy when at most
-    SPARSE_MAX_DENSITY of the batch's gates are open, else dense. The sparse path builds the
-    dense out["f"] (one (B, M) scatter) only when dense_f is true. out also has "fired" (M,)
-    int64: on how many of the batch's tokens each latent fired."""
+    """(out, grads): forward's out and backward's grads in one call, through gated_fast. path:
+    "dense", "sparse" (NumPy only), or "auto": sparse on NumPy when at most
+    gated_fast.SPARSE_MAX_DENSITY of the batch's gates are open, else dense. The sparse path
+    builds the dense out["f"] (one (B, M) scatter) only when dense_f is true. out also has
+    "fired" (M,) int64: on how many of the batch's tokens each latent fired."""
     if path not in ("auto", "dense", "sparse"):
         raise ValueError(f"gated.forward_backward: path must be 'auto', 'dense' or 'sparse', "
                          f"found {path!r}")
     check_params(params, PARAM_NAMES, ARCHITECTURE)
-    sparsity_coeff = _check_hyper(sparsity_coeff)
     x = as_input(params, x, ARCHITECTURE)
     xp = xp_of(x)
     if path == "sparse" and xp is not numpy:
         raise ValueError("gated.forward_backward: path='sparse' runs on NumPy arrays only; "
                          f"found {xp.__name__} arrays (use 'auto' or 'dense')")
-    x_c, pre = _shared_product(params, x)
-    if xp is numpy and path != "dense":
-        limit = None if path == "sparse" else int(SPARSE_MAX_DENSITY * pre.size)
-        gate = entries_above(pre, -params["b_gate"], limit)  # pi_gate = pre + b_gate > 0, exactly
-        if gate is not None:  # None: too many open for the sparse path
-            del pre  # (B, M): the sparse path needs only the open gates' entries
-            return _forward_backward_sparse(params, x, x_c, gate, sparsity_coeff, dense_f)
-    out, cache = _forward_from_pre(params, x, x_c, pre, sparsity_coeff)
-    out["fired"] = fire_counts(out["f"])  # (M,)
-    return out, backward(params, cache)
+    return gated_fast.forward_backward(params, x, check_hyper(sparsity_coeff), path=path, dense_f=dense_f)
 
 
 def loss_and_grads(params, x, *, sparsity_coeff, path="auto"):
@@ -180,50 +160,3 @@ def loss_and_grads(params, x, *, sparsity_coeff, path="auto"):
     out, grads = forward_backward(params, x, sparsity_coeff=sparsity_coeff, path=path,
                                   dense_f=False)
     return out["loss"], grads
-
-
-# ----------------------------------------------------------------------------------------------
-# sparse path (NumPy): the same math on the open gates only. Where a gate is shut, f,
-# ReLU(pi_gate) and every gradient to pi_gate and pi_mag are zero: only the N open entries count.
-
-
-def _forward_backward_sparse(params, x, x_c, gate, sparsity_coeff, dense_f):
-    """gate = entries_above(pre, -b_gate): the N open gates of the batch, row-major."""
-    W_enc, W_dec, b_dec = params["W_enc"], params["W_dec"], params["b_dec"]
-    (B, M), dtype = (x.shape[0], W_enc.shape[1]), x.dtype
-    scale = numpy.exp(params["r_mag"])  # (M,)
-    rows, cols, rowptr, flat, pre_s = gate  # (N,) (N,) (B + 1,) (N,) (N,)
-    relu_gate_s = pre_s + params["b_gate"][cols]  # (N,) = pi_gate > 0 on open gates
-    pi_mag_s = pre_s * scale[cols] + params["b_mag"][cols]  # (N,)
-    f_s = numpy.maximum(pi_mag_s, 0.0)  # (N,)
-    xhat = sparse_matmul(rowptr, cols, f_s, W_dec) + b_dec  # (B, M) @ (M, D) -> (B, D)
-    mse, err = squared_error(x, xhat)
-    l1 = relu_gate_s.sum() / B
-    xhat_frozen = sparse_matmul(rowptr, cols, relu_gate_s, W_dec) + b_dec  # (B, D)
-    aux, err_frozen = squared_error(x, xhat_frozen)
-    # backward, as in `backward`
-    dxhat = squared_error_backward(err)  # (B, D)
-    dxhat_frozen = squared_error_backward(err_frozen)  # (B, D)
-    # dW_dec needs only f and dxhat: computed on another thread while the sampled products run here
-    grouped = by_column(rows, cols, B, M)  # the entries by latent, for both transposed products
-    dW_dec = in_background(sparse_t_matmul, rows, cols, M, [(f_s, dxhat)], grouped=grouped)  # [(M, D)]
-    df_s, dpi_gate_s = sampled_matmul(rowptr, cols, [dxhat, dxhat_frozen], W_dec)  # 2 x (N,)
-    dpi_mag_s = df_s * (pi_mag_s > 0.0)  # (N,)
-    dpi_gate_s += sparsity_coeff / B
-    dpre_s = dpi_mag_s * scale[cols] + dpi_gate_s  # (N,)
-    dW_enc = sparse_t_matmul(rows, cols, M, [(dpre_s, x_c)], transposed=(0,), grouped=grouped)[0]  # (D, M)
-    db_dec = dxhat.sum(axis=0) - W_enc @ column_sums(cols, dpre_s, M, dtype)  # (D,)
-    grads = {"W_enc": dW_enc,
-             "b_gate": column_sums(cols, dpi_gate_s, M, dtype),
-             "r_mag": column_sums(cols, dpi_mag_s * pre_s, M, dtype) * scale,
-             "b_mag": column_sums(cols, dpi_mag_s, M, dtype), "W_dec": dW_dec.result()[0],
-             "b_dec": db_dec}
-    out = {"loss": scalar(mse + sparsity_coeff * l1 + aux, dtype, numpy),
-           "mse": scalar(mse, dtype, numpy), "l1": scalar(l1, dtype, numpy),
-           "aux": scalar(aux, dtype, numpy),
-           "l0": scalar(numpy.count_nonzero(f_s) / B, dtype, numpy), "xhat": xhat,
-           "fired": sparse_fire_counts(cols, f_s, M)}
-    if dense_f:
-        out["f"] = numpy.zeros((B, M), dtype=dtype)  # (B, M)
-        out["f"].ravel()[flat] = f_s
-    return out, grads

@@ -1,6 +1,6 @@
 """JumpReLU SAE (Rajamanoharan et al. 2024, arXiv 2407.14435): forward, hand-written backward.
 
-Dimensions: B tokens in the batch, D = d_in, M = d_sae latents, N stored entries (sparse path).
+Dimensions: B tokens in the batch, D = d_in, M = d_sae latents.
 
     x_c  = x - b_dec                  (pre-encoder bias; option pre_enc_bias, on by default)
     pi   = ReLU(x_c @ W_enc + b_enc)  (the paper's pseudo-code keeps this ReLU)
@@ -32,9 +32,10 @@ estimate of the derivative of the expected loss); everything else gets its true 
 penalties train theta only. Derivations: docs/derivations/jumprelu.md (the paper's loss) and
 docs/derivations/jumprelu_recipes.md (quadratic, frequency, raw theta).
 
-`forward` + `backward` are the plain, dense reference. `forward_backward` and `loss_and_grads`
-run the same math on a row-sparse path on NumPy when few latents fire
-(`_forward_backward_sparse`, at the bottom); a test holds the two equal.
+`forward` + `backward` are the plain, dense reference, read top to bottom. `forward_backward` and
+`loss_and_grads` run the same math through minisae/sae/jumprelu_fast.py (on NumPy a row-sparse
+path when few latents fire, else the dense one sharing the encoder's product and reusing its
+buffers); tests hold the fast paths equal to these.
 """
 
 import dataclasses
@@ -42,15 +43,12 @@ import math
 
 import numpy
 
+from minisae.sae import jumprelu_fast
 from minisae.sae.common import (as_input, check_params, check_prefixes, decode, fire_counts,
                                 init_dictionary, prefix_decode, prefix_decoder_gradients,
-                                prefix_squared_error, scalar, segments, sparse_prefix_decode,
-                                sparse_prefix_decoder_grad, sparse_prefix_parts,
-                                sparse_prefix_sampled)
-from minisae.sae.penalties import frequency_penalty, pre_act_penalty, sparsity_penalty, tanh_penalty
-from minisae.sae.sparse import (by_column, column_sums, entries_above, sparse_fire_counts,
-                                sparse_t_matmul)
-from minisae.threads import in_background
+                                prefix_squared_error, scalar, segments)
+from minisae.sae.penalties import (dtheta_ste, frequency_penalty, kernel_da_sum, kernel_window,
+                                   pre_act_penalty, sparsity_penalty, tanh_penalty)
 from minisae.xp import xp_of
 
 ARCHITECTURE = "jumprelu"
@@ -58,11 +56,10 @@ PARAM_NAMES = ("W_enc", "b_enc", "W_dec", "b_dec", "log_threshold")  # the paper
 PARAM_NAMES_RAW = ("W_enc", "b_enc", "W_dec", "b_dec", "threshold")   # threshold_param="raw"
 PENALTIES = ("l0", "quadratic", "tanh")
 THRESHOLD_INIT = 0.001  # theta at init (Gemma Scope recipe)
-SPARSE_MAX_DENSITY = 0.06  # the sparse path is taken up to this fraction of B*M entries stored
 
 __all__ = ["ARCHITECTURE", "PARAM_NAMES", "PARAM_NAMES_RAW", "PENALTIES", "Hyper", "param_names",
            "init", "encode", "decode", "forward", "backward", "forward_backward", "loss_and_grads",
-           "dtheta_ste", "kernel_window", "sparsity_penalty", "frequency_penalty"]
+           "dtheta_ste", "kernel_window", "sparsity_penalty", "frequency_penalty", "theta_of"]
 
 
 def param_names(threshold_param="log"):
@@ -97,7 +94,8 @@ def _check(params, x):
     return as_input(params, x, ARCHITECTURE), raw
 
 
-def _theta(params, raw, xp):
+def theta_of(params, raw, xp):
+    """theta (M,): the trained threshold, or exp(log_threshold)."""
     return params["threshold"] if raw else xp.exp(params["log_threshold"])  # (M,)
 
 
@@ -157,21 +155,14 @@ class Hyper:
         return dataclasses.replace(self, prefixes=check_prefixes(self.prefixes, M, ARCHITECTURE))
 
 
-def _encoder_pre(params, x, pre_enc_bias):
-    """x_c (B, D) and pre = x_c @ W_enc + b_enc (B, M), a fresh array later steps may overwrite."""
-    x_c = x - params["b_dec"] if pre_enc_bias else x  # (B, D)
-    pre = x_c @ params["W_enc"]  # (B, D) @ (D, M) -> (B, M)
-    pre += params["b_enc"]  # (B, M)
-    return x_c, pre
-
-
-def encode(params, x, *, pre_enc_bias=True, **training_only):
-    """f (B, M) for inputs x (B, D). The loss options (sparsity_coeff, ...) are accepted, unused."""
+def encode(params, x, *, pre_enc_bias=True):
+    """f (B, M) for inputs x (B, D)."""
     x, raw = _check(params, x)
     xp = xp_of(x)
-    _, pre = _encoder_pre(params, x, pre_enc_bias)
-    pi = xp.maximum(pre, 0.0, out=pre)  # (B, M)
-    return pi * (pi > _theta(params, raw, xp))  # (B, M)
+    x_c = x - params["b_dec"] if pre_enc_bias else x  # (B, D)
+    pre = x_c @ params["W_enc"] + params["b_enc"]  # (B, D) @ (D, M) -> (B, M)
+    pi = xp.maximum(pre, 0.0)  # (B, M)
+    return pi * (pi > theta_of(params, raw, xp))  # (B, M)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -182,24 +173,13 @@ def forward(params, x, **hyper):
     """(out, cache): out has loss, mse, l0, sparsity, freq (0-d), f (B, M), xhat (B, D).
     hyper: sparsity_coeff (required) and the other fields of `Hyper`."""
     x, raw = _check(params, x)
-    h = Hyper.of(**hyper).with_latents(params["W_enc"].shape[1])
-    x_c, pre = _encoder_pre(params, x, h.pre_enc_bias)
-    return _forward_from_pre(params, x, x_c, pre, h, raw)
-
-
-def _forward_from_pre(params, x, x_c, pre, h, raw):
     xp = xp_of(x)
-    (B, M), dtype = pre.shape, x.dtype
-    dead = None
-    if h.pre_act_coeff > 0.0:  # the dead latents' pre-activations, before the ReLU overwrites pre
-        dead_mask = xp.asarray(h.dead_mask)
-        if dead_mask.shape != (M,) or dead_mask.dtype != bool:
-            raise ValueError(f"jumprelu dead_mask: expected a bool array of shape ({M},), found "
-                             f"{dead_mask.dtype} {tuple(dead_mask.shape)}")
-        dead = xp.flatnonzero(dead_mask)  # (Nd,)
-        pre_dead = pre[:, dead]  # (B, Nd) a copy
-    pi = xp.maximum(pre, 0.0, out=pre)  # (B, M) ReLU, in place
-    theta = _theta(params, raw, xp)  # (M,)
+    (B, D), M, dtype = x.shape, params["W_enc"].shape[1], x.dtype
+    h = Hyper.of(**hyper).with_latents(M)
+    x_c = x - params["b_dec"] if h.pre_enc_bias else x  # (B, D)
+    pre = x_c @ params["W_enc"] + params["b_enc"]  # (B, D) @ (D, M) -> (B, M)
+    pi = xp.maximum(pre, 0.0)  # (B, M) ReLU
+    theta = theta_of(params, raw, xp)  # (M,)
     active = pi > theta  # (B, M) H(pi - theta), strict
     f = pi * active  # (B, M)
     xhats = prefix_decode(f, params["W_dec"], params["b_dec"], h.prefixes)  # S x (B, D)
@@ -212,13 +192,15 @@ def _forward_from_pre(params, x, x_c, pre, h, raw):
     cache = {"x_c": x_c, "pi": pi, "theta": theta, "active": active, "f": f,
              "err": errs[-1], "errs_inner": errs[:-1],  # x - xhat; x - xhat_j of the inner prefixes
              "da_b": da_b, "da_i": da_i, "hyper": h, "raw": raw, "s_tanh": None, "pre_act": None}
+    # SAELens' options (named divergences): the tanh penalty, the dead latents' pre-activation loss
     pre_act = 0.0
-    if h.penalty == "tanh" or dead is not None:
+    if h.penalty == "tanh" or h.pre_act_coeff > 0.0:
         cache["norms"] = norms = xp.sqrt((params["W_dec"] * params["W_dec"]).sum(axis=1))  # (M,)
     if h.penalty == "tanh":
         sparsity, cache["s_tanh"] = tanh_penalty(f, norms, h, B)  # s_tanh (B, M)
-    if dead is not None:
-        pre_act, *parts = pre_act_penalty(pre_dead, theta[dead], norms[dead], h.pre_act_coeff, B)
+    if h.pre_act_coeff > 0.0:
+        dead = _dead_latents(h.dead_mask, M, xp)  # (Nd,)
+        pre_act, *parts = pre_act_penalty(pre[:, dead], theta[dead], norms[dead], h.pre_act_coeff, B)
         cache["pre_act"] = (dead, *parts)  # dpre (B, Nd), dtheta (Nd,), dnorm (Nd,)
     out = {"loss": scalar(total + sparsity + freq + pre_act, dtype, xp), "mse": scalar(mse, dtype, xp),
            "matryoshka": scalar(total - mse, dtype, xp), "l0": scalar(l0_b.sum() / B, dtype, xp),
@@ -227,35 +209,13 @@ def _forward_from_pre(params, x, x_c, pre, h, raw):
     return out, cache
 
 
-def kernel_window(pi, theta, bandwidth):
-    """K((pi - theta)/eps) as a boolean: the rectangle kernel, 1 on the open interval
-    (-1/2, 1/2), i.e. theta - eps/2 < pi < theta + eps/2."""
-    half = 0.5 * bandwidth
-    return (pi > theta - half) & (pi < theta + half)
-
-
-def dtheta_ste(window_df_sum, window_da_sum, theta, bandwidth):
-    """Pseudo-derivative of the loss in theta: *not the derivative of the forward* (which is 0
-    almost everywhere in theta), but a kernel-density estimate of the derivative of the
-    expected loss. Per entry, with K the rectangle kernel and eps the bandwidth,
-
-        d JumpReLU_theta(pi) / d theta := -(theta / eps) K((pi - theta) / eps)
-        d H(pi - theta)      / d theta := -(1 / eps)     K((pi - theta) / eps)
-
-    so dL/dtheta_i = -(1/eps) * [theta_i * sum_b K_bi dL/df_bi + sum_b K_bi dL/da_bi], where
-    dL/da_bi is what the penalties pass to the indicator a_bi = H(pi_bi - theta_i) (lambda/B for
-    the paper's L0). Takes the two column sums (M,) and returns dL/dtheta (M,).
-    """
-    return (theta * window_df_sum + window_da_sum) * (-1.0 / bandwidth)
-
-
-def _window_da_sum(window, da_b, da_i, dtype):
-    """sum_b K_bi (da_b[b] + da_i[i]) (M,) from the (B, M) window."""
-    xp = xp_of(window)
-    s = xp.where(window, da_b[:, None], 0.0).sum(axis=0)  # (M,)
-    if da_i is not None:
-        s += da_i * window.sum(axis=0, dtype=dtype)  # (M,)
-    return s
+def _dead_latents(dead_mask, M, xp):
+    """The indices (Nd,) of the dead latents of `dead_mask`, a bool array (M,)."""
+    dead_mask = xp.asarray(dead_mask)
+    if dead_mask.shape != (M,) or dead_mask.dtype != bool:
+        raise ValueError(f"jumprelu dead_mask: expected a bool array of shape ({M},), found "
+                         f"{dead_mask.dtype} {tuple(dead_mask.shape)}")
+    return xp.flatnonzero(dead_mask)  # (Nd,)
 
 
 def backward(params, cache):
@@ -282,7 +242,7 @@ def backward(params, cache):
     # forward was: f = pi * a, a = H(pi - theta), the penalties of a; the theta part
     window = kernel_window(pi, theta, h.bandwidth)  # (B, M)
     dtheta = dtheta_ste(xp.where(window, df, 0.0).sum(axis=0),  # (M,)
-                        _window_da_sum(window, cache["da_b"], cache["da_i"], theta.dtype),  # (M,)
+                        kernel_da_sum(window, cache["da_b"], cache["da_i"], theta.dtype),  # (M,)
                         theta, h.bandwidth)
     if h.ste_to_input:  # SAELens' option: each entry's theta pseudo-derivative, negated, to pi
         da = cache["da_b"][:, None] + (0.0 if cache["da_i"] is None else cache["da_i"])  # (B, M)
@@ -291,7 +251,7 @@ def backward(params, cache):
         dpre = (df * active + ste) * (pi > 0.0)  # (B, M)
     else:
         # ... and the pi part: d f/d pi = a; the penalties' steps pass nothing to pi
-        dpi = xp.multiply(df, active, out=df)  # (B, M)
+        dpi = df * active  # (B, M)
         # forward was: pi = ReLU(pre); where a = 1, pre = pi > theta > 0, so ReLU' = 1
         dpre = dpi  # (B, M)
     if cache["pre_act"] is not None:  # forward was: coeff/B sum_dead relu(theta - pre) ||d||
@@ -317,10 +277,11 @@ def backward(params, cache):
 
 
 def forward_backward(params, x, *, path="auto", dense_f=True, **hyper):
-    """(out, grads): forward's out and backward's grads in one call. path: "dense" (forward
-    then backward), "sparse" (NumPy only), or "auto": sparse on NumPy when at most
-    SPARSE_MAX_DENSITY of the batch's entries are active or in the kernel window, else dense.
-    The sparse path builds the dense out["f"] (one (B, M) scatter) only when dense_f is true.
+    """(out, grads): forward's out and backward's grads in one call, through jumprelu_fast (the
+    SAELens options: forward then backward). path: "dense", "sparse" (NumPy only), or "auto":
+    sparse on NumPy when at most jumprelu_fast.SPARSE_MAX_DENSITY of the batch's entries are
+    active or in the kernel window, else dense. The sparse path builds the dense out["f"] (one
+    (B, M) scatter) only when dense_f is true.
     out also has "fired" (M,) int64: on how many of the batch's tokens each latent fired."""
     if path not in ("auto", "dense", "sparse"):
         raise ValueError(f"jumprelu.forward_backward: path must be 'auto', 'dense' or 'sparse', "
@@ -334,15 +295,10 @@ def forward_backward(params, x, *, path="auto", dense_f=True, **hyper):
     if path == "sparse" and h.saelens_options:
         raise ValueError("jumprelu.forward_backward: the SAELens options (penalty='tanh', "
                          "pre_act_coeff, ste_to_input) run on the dense path only")
-    x_c, pre = _encoder_pre(params, x, h.pre_enc_bias)
-    if xp is numpy and path != "dense" and not h.saelens_options:
-        limit = None if path == "sparse" else int(SPARSE_MAX_DENSITY * pre.size)
-        stored = entries_above(pre, _stored_from(_theta(params, raw, xp), h.bandwidth, pre.dtype),
-                               limit)  # None: too many for the sparse path
-        if stored is not None:
-            del pre  # (B, M): the sparse path needs only the stored entries
-            return _forward_backward_sparse(params, x, x_c, stored, h, raw, dense_f)
-    out, cache = _forward_from_pre(params, x, x_c, pre, h, raw)
+    if not h.saelens_options:
+        return jumprelu_fast.forward_backward(params, x, h, theta_of(params, raw, xp), raw, path=path,
+                                              dense_f=dense_f)
+    out, cache = forward(params, x, **hyper)
     out["fired"] = fire_counts(out["f"])  # (M,)
     return out, backward(params, cache)
 
@@ -353,64 +309,3 @@ def loss_and_grads(params, x, *, path="auto", **hyper):
     freq_coeff=0.0, freq_target=0.1, prefixes=None (see `Hyper`)."""
     out, grads = forward_backward(params, x, path=path, dense_f=False, **hyper)
     return out["loss"], grads
-
-
-# ----------------------------------------------------------------------------------------------
-# sparse path (NumPy): the same math, touching only the entries that are active or in the window
-
-
-def _stored_from(theta, bandwidth, dtype):
-    """lo (M,): the stored entries are those with pre > lo, where pi = ReLU(pre) is active or in
-    the kernel window, i.e. pi > theta - eps/2. Where theta - eps/2 >= 0 that is
-    pre > theta - eps/2; where it is < 0, every entry (lo = -inf)."""
-    lo = theta - 0.5 * bandwidth  # (M,)
-    return numpy.where(lo < 0.0, -numpy.inf, lo).astype(dtype)  # (M,)
-
-
-def _forward_backward_sparse(params, x, x_c, stored, h, raw, dense_f):
-    """stored = entries_above(pre, lo): the N stored entries of the batch, row-major."""
-    W_enc, W_dec, b_dec = params["W_enc"], params["W_dec"], params["b_dec"]
-    (B, M), dtype = (x.shape[0], W_enc.shape[1]), x.dtype
-    theta = _theta(params, raw, numpy)  # (M,)
-    # forward, on the N stored entries (row-major): pi, a = H(pi - theta), f
-    rows, cols, rowptr, flat, pre_s = stored  # (N,) (N,) (B + 1,) (N,) (N,)
-    pi_s = numpy.maximum(pre_s, 0.0)  # (N,)
-    theta_s = theta[cols]  # (N,)
-    active_s = pi_s > theta_s  # (N,)
-    f_s = pi_s * active_s  # (N,)
-    parts = sparse_prefix_parts(rows, cols, rowptr, B, M, h.prefixes)  # per segment
-    xhats = sparse_prefix_decode(parts, cols, f_s, W_dec, b_dec)  # S x (B, D)
-    total, mse, errs = prefix_squared_error(x, xhats)  # mse: the full SAE's
-    l0_b = numpy.bincount(rows[active_s], minlength=B).astype(dtype)  # (B,)
-    sparsity, da_b = sparsity_penalty(l0_b, h, numpy)  # (B,)
-    freq, da_i = 0.0, None
-    if h.freq_coeff > 0.0:
-        freq, da_i = frequency_penalty(column_sums(cols, active_s, M, dtype), h, B)  # (M,)
-    # backward, as in `backward`; entries outside the stored set have df * a = 0 and K = 0
-    G = prefix_decoder_gradients(errs, h.prefixes)  # S x (B, D)
-    # dW_dec needs only f and G: computed on another thread while the sampled product runs here
-    grouped = by_column(rows, cols, B, M)  # the entries by latent, for both transposed products
-    dW_dec = in_background(sparse_prefix_decoder_grad, parts, rows, cols, f_s, G, W_dec, grouped)  # (M, D)
-    df_s = sparse_prefix_sampled(parts, cols, G, W_dec)  # (N,) = (G @ W_dec.T)[rows, cols]
-    window_s = kernel_window(pi_s, theta_s, h.bandwidth)  # (N,)
-    window_da = column_sums(cols, numpy.where(window_s, da_b[rows], 0.0), M, dtype)  # (M,)
-    if da_i is not None:
-        window_da += da_i * column_sums(cols, window_s, M, dtype)  # (M,)
-    dtheta = dtheta_ste(column_sums(cols, df_s * window_s, M, dtype), window_da, theta, h.bandwidth)
-    dpre_s = df_s * active_s  # (N,)
-    dW_enc = sparse_t_matmul(rows, cols, M, [(dpre_s, x_c)], transposed=(0,), grouped=grouped)[0]  # (D, M)
-    db_enc = column_sums(cols, dpre_s, M, dtype)  # (M,)
-    db_dec = G[0].sum(axis=0)  # (D,)
-    if h.pre_enc_bias:
-        db_dec = db_dec - W_enc @ db_enc  # (D, M) @ (M,) -> (D,)
-    grads = {"W_enc": dW_enc, "b_enc": db_enc, "W_dec": dW_dec.result(), "b_dec": db_dec}
-    grads["threshold" if raw else "log_threshold"] = dtheta if raw else theta * dtheta
-    out = {"loss": scalar(total + sparsity + freq, dtype, numpy), "mse": scalar(mse, dtype, numpy),
-           "matryoshka": scalar(total - mse, dtype, numpy), "l0": scalar(l0_b.sum() / B, dtype, numpy),
-           "sparsity": scalar(sparsity, dtype, numpy), "freq": scalar(freq, dtype, numpy),
-           "pre_act": scalar(0.0, dtype, numpy), "xhat": xhats[-1],
-           "fired": sparse_fire_counts(cols, f_s, M)}
-    if dense_f:
-        out["f"] = numpy.zeros((B, M), dtype=dtype)  # (B, M)
-        out["f"].ravel()[flat] = f_s
-    return out, grads

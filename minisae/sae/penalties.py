@@ -1,16 +1,20 @@
-"""JumpReLU's sparsity penalties, each with the pieces of its gradient (used by minisae/sae/jumprelu.py).
+"""JumpReLU's sparsity penalties, each with the pieces of its gradient, and the threshold's
+pseudo-derivative (used by minisae/sae/jumprelu.py and its fast path, minisae/sae/jumprelu_fast.py).
 
 Dimensions: B tokens, M latents, Nd dead latents. a_bi = H(pi_bi - theta_i) are the indicators,
 f = pi * a the JumpReLU output, d_i row i of W_dec.
 
 Penalties on the indicators (their gradient reaches theta only, through the pseudo-derivative
-`jumprelu.dtheta_ste`; each returns its value and dL/da):
+`dtheta_ste`; each returns its value and dL/da):
     sparsity_penalty   "l0" (the paper) and "quadratic" (Gemma Scope 2, Eq. 5), per token
     frequency_penalty  minisae's frequency penalty on latents firing too often, per latent
 Penalties on the activations (SAELens' options, named divergences; true gradients where they exist):
     tanh_penalty       "tanh": lambda * sum_i tanh(c * f_bi * ||d_i||) (Anthropic, Jan. 2025)
     pre_act_penalty    coeff * sum_{i dead} relu(theta_i - pre_bi) * ||d_i|| (Anthropic, SAELens)
-Derivations: docs/derivations/jumprelu_recipes.md.
+The threshold's pseudo-derivative (the paper's straight-through estimator):
+    kernel_window      K((pi - theta) / eps), the rectangle kernel, as a boolean
+    dtheta_ste         dL/dtheta from the kernel's column sums
+Derivations: docs/derivations/jumprelu.md (the pseudo-derivative), jumprelu_recipes.md (the penalties).
 """
 
 from minisae.xp import xp_of
@@ -62,3 +66,38 @@ def pre_act_penalty(pre_dead, theta_dead, norms_dead, coeff, B):
     value = coeff * float((gap * norms_dead).sum()) / B
     dpre = below * (norms_dead * (-coeff / B))  # (B, Nd)
     return value, dpre, -dpre.sum(axis=0), gap.sum(axis=0) * (coeff / B)
+
+
+# ----------------------------------------------------------------------------------------------
+# the threshold's pseudo-derivative
+
+
+def kernel_window(pi, theta, bandwidth):
+    """K((pi - theta)/eps) as a boolean: the rectangle kernel, 1 on the open interval
+    (-1/2, 1/2), i.e. theta - eps/2 < pi < theta + eps/2."""
+    half = 0.5 * bandwidth
+    return (pi > theta - half) & (pi < theta + half)
+
+
+def dtheta_ste(window_df_sum, window_da_sum, theta, bandwidth):
+    """Pseudo-derivative of the loss in theta: *not the derivative of the forward* (which is 0
+    almost everywhere in theta), but a kernel-density estimate of the derivative of the
+    expected loss. Per entry, with K the rectangle kernel and eps the bandwidth,
+
+        d JumpReLU_theta(pi) / d theta := -(theta / eps) K((pi - theta) / eps)
+        d H(pi - theta)      / d theta := -(1 / eps)     K((pi - theta) / eps)
+
+    so dL/dtheta_i = -(1/eps) * [theta_i * sum_b K_bi dL/df_bi + sum_b K_bi dL/da_bi], where
+    dL/da_bi is what the penalties pass to the indicator a_bi = H(pi_bi - theta_i) (lambda/B for
+    the paper's L0). Takes the two column sums (M,) and returns dL/dtheta (M,).
+    """
+    return (theta * window_df_sum + window_da_sum) * (-1.0 / bandwidth)
+
+
+def kernel_da_sum(window, da_b, da_i, dtype):
+    """sum_b K_bi (da_b[b] + da_i[i]) (M,) from the (B, M) window."""
+    xp = xp_of(window)
+    s = xp.where(window, da_b[:, None], 0.0).sum(axis=0)  # (M,)
+    if da_i is not None:
+        s += da_i * window.sum(axis=0, dtype=dtype)  # (M,)
+    return s
