@@ -229,7 +229,8 @@ def cmd_compare(a):
     from minisae.xp import get_xp
 
     cfg = quick_config() if a.quick else CompareConfig()
-    cfg.backend, cfg.seq_len = a.backend, a.seq_len
+    cfg.backend = a.backend
+    cfg.seq_len = min(a.seq_len, 128) if a.quick else a.seq_len  # --quick: a smoke test's short sequences
     if a.preset:
         cfg.preset = a.preset
     if cfg.preset == "toy":
