@@ -156,7 +156,7 @@ def build_parser():
     p.add_argument("--out", required=True, help="report folder")
     p.add_argument("--overwrite", action="store_true", help="start over in an --out that holds a comparison")
     p.add_argument("--resume", action="store_true", help="finish an interrupted sweep (runs resume from checkpoints)")
-    p.add_argument("--quick", action="store_true", help="a tiny comparison for smoke tests (12 SAEs of 32 latents, 250 steps each); with --model: 16384 cached tokens, sequences of at most 128 tokens")
+    p.add_argument("--quick", action="store_true", help="a tiny comparison for smoke tests (12 SAEs of 32 latents, 250 steps each, after a pilot sweep of 6); with --model: 16384 cached tokens, sequences of at most 128 tokens")
     p.add_argument("--variants", nargs="+", choices=["jumprelu", "gated", "topk", "batchtopk", "matryoshka"],
                    help="SAE variants (default jumprelu gated topk: the paper's three; matryoshka = Matryoshka "
                         "BatchTopK)")
