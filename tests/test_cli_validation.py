@@ -145,7 +145,9 @@ def test_compare_help_states_the_true_defaults(capsys):
     cpu = " ".join(f"{t:g}" for t in DEFAULT_TARGETS[full.preset])
     qt = " ".join(f"{t:g}" for t in quick.targets)
     assert f"default {cpu} for {full.preset}" in text and f"{qt} with --quick" in text
-    assert f"lr of every variant (default {full.lr['jumprelu']:g}" in text.replace("learning rate", "lr")
+    assert f"every variant at {full.lr['jumprelu']:g} (or --lr)" in text  # --no-pilot
+    assert "(default " + " ".join(f"{lr:.0e}".replace("e-0", "e-") for lr in full.pilot_lrs) in text
+    assert " ".join(f"{lr:.0e}".replace("e-0", "e-") for lr in quick.pilot_lrs) + " with --quick" in text
     for flag, key in (("--n-features", "n_features"), ("--true-l0", "target_l0"), ("--max-freq", "max_freq"),
                       ("--noise-std", "noise_std"), ("--offset-norm", "offset_norm"), ("--d-in", "d_in")):
         assert re.search(rf"{flag} \S+ .*?\(default {DEFAULT_SYNTHETIC[key]:g}\)", text), flag

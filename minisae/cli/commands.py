@@ -27,8 +27,12 @@ EXIT_USER_ERROR, EXIT_FAILED, EXIT_INTERRUPTED = 2, 1, 130
 
 
 def _check_files_exist(paths, flag):
+    from minisae.data.activations import corpus_ref, text_source_ids
+
     for p in paths:
-        if not Path(p).is_file():
+        if corpus_ref(p) is not None:
+            text_source_ids([p])  # an unknown or missing corpus: one line saying how to install it
+        elif not Path(p).is_file():
             raise MissingInputError(f"{flag} {p}: no such file")
 
 
@@ -232,12 +236,13 @@ def _say_what_is_evaluated(note, warning):
 
 
 def cmd_compare(a):
-    from minisae.eval.compare import CompareConfig, is_compare_folder, quick_config, run_compare
+    from minisae.eval.compare import REAL_TARGETS, CompareConfig, is_compare_folder, quick_config, run_compare
     from minisae.io.files import check_output_dir
     from minisae.xp import get_xp
 
     cfg = quick_config() if a.quick else CompareConfig()
-    cfg.backend, cfg.seq_len = a.backend, a.seq_len
+    cfg.backend = a.backend
+    cfg.seq_len = min(a.seq_len, 128) if a.quick else a.seq_len  # --quick: a smoke test's short sequences
     if a.preset:
         cfg.preset = a.preset
     if cfg.preset == "toy":
@@ -253,6 +258,7 @@ def cmd_compare(a):
         cfg.lr = {v: 3e-4 for v in cfg.lr}
         cfg.warmup_steps, cfg.sparsity_warmup_steps, cfg.decay_frac = 1000, 10_000, 0.0
         cfg.cache_tokens, cfg.eval_tokens, cfg.dead_window_tokens = 1 << 24, 65536, 10_000_000
+        cfg.pilot = False  # the published recipe, not a pilot at 200M samples per run
     for name in ("d_sae", "steps", "batch_size", "jobs", "seeds", "threshold_lr_mult"):
         if getattr(a, name) is not None:
             setattr(cfg, name, getattr(a, name))
@@ -262,6 +268,15 @@ def cmd_compare(a):
         cfg.targets = list(a.targets)
     if a.lr is not None:
         cfg.lr = {v: a.lr for v in cfg.lr}
+        cfg.pilot = False  # a learning rate fixed by hand replaces the pilot's choice
+    if a.no_pilot:
+        cfg.pilot = False
+    if a.pilot_lrs:
+        if not cfg.pilot:
+            raise InputError("--pilot-lrs sets the pilot sweep's grid; it cannot go with --no-pilot or --lr")
+        if any(not (0 < lr < 1) for lr in a.pilot_lrs):
+            raise InputError(f"--pilot-lrs: expected learning rates in (0, 1), found {a.pilot_lrs}")
+        cfg.pilot_lrs = list(a.pilot_lrs)
     kw = {}
     check_output_dir(a.out, "compare report", is_own=is_compare_folder)
     if a.eval_text and not a.model:
@@ -274,11 +289,14 @@ def cmd_compare(a):
         from minisae.data.activations import ActivationStore, cache_activations
 
         model, tokenizer = _load_model(a, get_xp(a.backend))
-        if a.d_sae is None:
+        if a.d_sae is None and not a.quick:  # --quick keeps its 32 latents: a smoke test, not a result
             cfg.d_sae = 4 * model.site_width(a.site)
         acts = Path(a.out) / "activations"
+        if not a.targets and not a.quick:
+            cfg.targets = list(REAL_TARGETS)
+        tokens = a.tokens if a.tokens is not None else (16384 if a.quick else 1_000_000)
         man = cache_activations(model, tokenizer, a.text, a.site, acts, seq_len=a.seq_len,
-                                max_tokens=a.tokens, text_field=a.text_field, model_name=a.model,
+                                max_tokens=tokens, text_field=a.text_field, model_name=a.model,
                                 progress=not a.no_progress)
         holdout = min(cfg.eval_tokens, man["count"] // 10)
         cfg.eval_tokens = holdout

@@ -156,25 +156,31 @@ def build_parser():
     p.add_argument("--out", required=True, help="report folder")
     p.add_argument("--overwrite", action="store_true", help="start over in an --out that holds a comparison")
     p.add_argument("--resume", action="store_true", help="finish an interrupted sweep (runs resume from checkpoints)")
-    p.add_argument("--quick", action="store_true", help="a tiny comparison for smoke tests (12 SAEs of 32 latents, 250 steps each)")
+    p.add_argument("--quick", action="store_true", help="a tiny comparison for smoke tests (12 SAEs of 32 latents, 250 steps each, after a pilot sweep of 6); with --model: 16384 cached tokens, sequences of at most 128 tokens")
     p.add_argument("--variants", nargs="+", choices=["jumprelu", "gated", "topk", "batchtopk", "matryoshka"],
                    help="SAE variants (default jumprelu gated topk: the paper's three; matryoshka = Matryoshka "
                         "BatchTopK)")
     p.add_argument("--targets", type=float, nargs="+", metavar="L0", help="target L0s (default 5 8 12 for "
-                   "synthsaebench-cpu, 15 25 40 for synthsaebench-16k, 3 6 10 for toy; 2 4 with --quick)")
+                   "synthsaebench-cpu, 15 25 40 for synthsaebench-16k, 3 6 10 for toy, 16 32 64 with --model; 2 4 "
+                   "with --quick)")
     p.add_argument("--seeds", type=int, help="seeds per variant and target (default 3; 2 with --quick)")
     p.add_argument("--d-sae", type=int, help="latents per SAE (default 512; 32 with --quick; 4096 with --preset "
-                   "synthsaebench-16k; 4 × site width with --model)")
+                   "synthsaebench-16k; 4 × site width with --model, except with --quick)")
     p.add_argument("--steps", type=int, help="steps per SAE (default 3000; 250 with --quick; 195313 = 200M samples "
                    "with --preset synthsaebench-16k)")
     p.add_argument("--batch-size", type=int, help="tokens per step (default 512; 128 with --quick; 1024 with "
                    "--preset synthsaebench-16k)")
-    p.add_argument("--lr", type=float, help="learning rate of every variant (default 0.01; 3e-4 with --preset "
-                   "synthsaebench-16k, the published setting)")
+    p.add_argument("--lr", type=float, help="one learning rate for every variant, without the pilot sweep (default: "
+                   "each variant's own, picked by the pilot sweep; 3e-4 with --preset synthsaebench-16k, the "
+                   "published setting)")
+    p.add_argument("--no-pilot", action="store_true", help="skip the pilot sweep: every variant at 0.01 (or --lr) "
+                   "and JumpReLU at ε 0.001")
+    p.add_argument("--pilot-lrs", type=float, nargs="+", metavar="LR", help="learning rates of the pilot sweep "
+                   "(default 3e-3 1e-2 3e-2; 1e-2 3e-2 with --quick); JumpReLU crosses them with ε 1e-3 and 1e-2")
     p.add_argument("--threshold-lr-mult", type=float, help="JumpReLU θ learning rate = this × lr (default 1: the "
                    "paper's single learning rate)")
     p.add_argument("--jobs", type=int, help="training processes (default min(2, CPUs) on numpy, 1 on cupy)")
-    p.add_argument("--tokens", type=int, default=1_000_000, help="with --model: activations to cache (default 1M)")
+    p.add_argument("--tokens", type=int, help="with --model: activations to cache (default 1M; 16384 with --quick)")
     p.add_argument("--eval-text", nargs="+", metavar="FILE", help="with --model: texts for delta LM loss (default --text)")
     _model_args(p)
     _common(p)

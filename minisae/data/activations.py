@@ -49,9 +49,51 @@ class ActivationsError(FileFormatError):
 # ---------------------------------------------------------------------------------------------
 # text → documents → sequences → padded batches
 
+CORPUS_PREFIX = "corpus:"  # a text source "corpus:NAME[:SPLIT]" names an installed corpus (data.corpora)
+
+
+def corpus_ref(source):
+    """(name, split) of a "corpus:NAME[:SPLIT]" text source (split "train" by default), else None."""
+    source = str(source)
+    if not source.startswith(CORPUS_PREFIX):
+        return None
+    name, _, split = source[len(CORPUS_PREFIX):].partition("@")[0].partition(":")  # a manifest's @version dropped
+    return name, split or "train"
+
+
+def text_source_ids(sources):
+    """How a cache manifest records its texts: a file's resolved path, a corpus's name, split and
+    installed version (so a resume against another release of the corpus is refused)."""
+    from minisae.data import corpora
+
+    out = []
+    for src in sources:
+        ref = corpus_ref(src)
+        if ref is None:
+            path = Path(src).resolve()
+            if not path.is_file():
+                raise ActivationsError(f"text file {path} does not exist")
+            out.append(str(path))
+        else:
+            corpora.corpus_root(ref[0])  # an unknown or missing corpus: one line saying how to install it
+            if ref[1] not in corpora.SPLITS:
+                raise InputError(f"{src}: split: expected one of {', '.join(corpora.SPLITS)}, found {ref[1]!r}")
+            version = corpora.describe(ref[0]).get("version")
+            out.append(f"{CORPUS_PREFIX}{ref[0]}:{ref[1]}@{version}")
+    return out
+
+
 def iter_documents(paths, *, text_field="text"):
-    """Yield the documents of each file in order (.txt: blank-line separated; .jsonl: `text_field`)."""
-    for path in map(Path, paths):
+    """Yield the documents of each source in order: a file (.txt: blank-line separated; .jsonl:
+    `text_field`) or an installed corpus, "corpus:NAME[:SPLIT]" (minisae.data.corpora)."""
+    for source in paths:
+        ref = corpus_ref(source)
+        if ref is not None:
+            from minisae.data import corpora
+
+            yield from corpora.corpus_documents(*ref)
+            continue
+        path = Path(source)
         if not path.is_file():
             raise ActivationsError(f"text file {path} does not exist")
         if path.suffix == ".jsonl":
@@ -202,10 +244,7 @@ def cache_activations(model, tokenizer, text_paths, site, out_dir, *, seq_len=10
     state = check_output_dir(out, "activation cache", is_own=is_cache_folder)
     layer, kind = parse_site(site)
     d_in = int(model.site_width(site))
-    text_files = [str(Path(p).resolve()) for p in text_paths]
-    for p in text_files:
-        if not Path(p).is_file():
-            raise ActivationsError(f"text file {p} does not exist")
+    text_files = text_source_ids(text_paths)
     want = {"format": FORMAT, "model": str(model_name), "site": site, "layer": layer, "kind": kind,
             "d_in": d_in, "dtype": "float32", "seq_len": seq_len, "text_files": text_files,
             "text_field": text_field, "max_tokens": max_tokens}

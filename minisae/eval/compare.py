@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy
 
 from minisae.errors import DependencyError, InputError, OutputExistsError
+from minisae.eval import tuning
 from minisae.io.files import check_output_dir, is_temp_name, make_dir, write_atomic
 from minisae.progress import progress_bar
 from minisae.training.train import TrainConfig, train
@@ -51,6 +52,9 @@ DEFAULT_LR = {"jumprelu": 1e-2, "gated": 1e-2, "topk": 1e-2, "batchtopk": 1e-2, 
 # Targets: the published sweep spans L0 15-45 around the 16k model's true L0 of 34.5; the CPU preset's
 # true L0 is 10.9, so its targets are the published 15 / 25 / 40 scaled by 10.9 / 34.5.
 DEFAULT_TARGETS = {"synthsaebench-cpu": [5.0, 8.0, 12.0], "synthsaebench-16k": [15.0, 25.0, 40.0], "toy": [3.0, 6.0, 10.0]}
+# On a language model's activations (--model): the JumpReLU paper's Figure 2 spans L0 ≈ 10-150 on Gemma 2 9B
+# (d_model 3584); a 640-wide Gemma 3 270M site at 4 × 640 latents gets three octaves in that range.
+REAL_TARGETS = (16.0, 32.0, 64.0)
 
 
 @dataclasses.dataclass
@@ -79,21 +83,35 @@ class CompareConfig:
     lm_batch_size: int = 2
     seq_len: int = 1024
     jobs: int | None = None               # training processes; None = min(2, CPUs) on NumPy, 1 on CuPy
+    pilot: bool = True                    # pick each variant's lr (JumpReLU: and ε) by a pilot sweep first
+    pilot_lrs: list = dataclasses.field(default_factory=lambda: list(tuning.PILOT_LRS))
+    pilot_bandwidths: list = dataclasses.field(default_factory=lambda: list(tuning.PILOT_BANDWIDTHS))
 
     def target_list(self):
         return list(self.targets) if self.targets else list(DEFAULT_TARGETS.get(self.preset, [5.0, 8.0, 12.0]))
 
-    def train_config(self, variant, target, seed):
+    def pilot_target(self):
+        """The target L0 the pilot sweep runs at: the middle one."""
+        targets = sorted(self.target_list())
+        return targets[len(targets) // 2]
+
+    def default_recipe(self, variant):
+        """The setting a variant trains at without a pilot sweep: --lr (and JumpReLU's --bandwidth)."""
+        return {"lr": self.lr.get(variant), **({"bandwidth": self.bandwidth} if variant == "jumprelu" else {})}
+
+    def train_config(self, variant, target, seed, recipe=None):
+        """The TrainConfig of one SAE; `recipe` (a pilot setting: lr, bandwidth) overrides the defaults."""
         arch = "batchtopk" if variant == "matryoshka" else variant
+        recipe = recipe or self.default_recipe(variant)
         extra = {}
         if arch == "jumprelu":
             extra = dict(threshold_init=self.threshold_init, threshold_lr_mult=self.threshold_lr_mult,
-                         bandwidth=self.bandwidth)
+                         bandwidth=recipe.get("bandwidth", self.bandwidth))
         if variant == "matryoshka":  # nested prefixes M/4 < M/2 < M (Bussmann et al., arXiv 2503.17547)
             extra["matryoshka"] = [self.d_sae // 4, self.d_sae // 2, self.d_sae]
         return TrainConfig(
             architecture=arch, d_sae=self.d_sae, target_l0=float(target), steps=self.steps,
-            batch_size=self.batch_size, lr=self.lr.get(variant), warmup_steps=self.warmup_steps,
+            batch_size=self.batch_size, lr=recipe.get("lr", self.lr.get(variant)), warmup_steps=self.warmup_steps,
             sparsity_warmup_steps=self.sparsity_warmup_steps, decay_frac=self.decay_frac,
             dead_window_tokens=self.dead_window_tokens, seed=seed, backend=self.backend, dtype=self.dtype,
             eval_tokens=0, checkpoint_every=max(1, self.steps // 4), log_every=max(1, self.steps // 50), **extra)
@@ -105,7 +123,7 @@ def quick_config():
         d_sae=32, steps=250, batch_size=128, warmup_steps=10, sparsity_warmup_steps=20, eval_tokens=2048,
         dead_window_tokens=4096, targets=[2.0, 4.0], seeds=2, cache_tokens=8192,
         synthetic=dict(n_features=256, d_in=16, n_roots=2, corr_rank=4, ortho_steps=5, ortho_lr=1e-2),
-        lm_tokens=256, seq_len=64)
+        lm_tokens=256, seq_len=64, pilot_lrs=[1e-2, 3e-2], pilot_bandwidths=[1e-3])
 
 
 def make_source(cfg):
@@ -176,42 +194,28 @@ def run_compare(cfg, out_dir, *, source=None, model=None, tokenizer=None, eval_t
         eval_source = _FixedEval(synth, cfg.eval_tokens)
     else:
         make_dir(out)
+    recipes = {v: cfg.default_recipe(v) for v in cfg.variants}
+    pilot = None
+    if cfg.pilot:
+        pilot = _run_pilot(cfg, out, source, eval_source, resume, force, progress)
+        recipes.update({v: c["setting"] for v, c in pilot["chosen"].items() if c is not None})
     seeds = list(range(cfg.seeds))
     jobs = [(v, t, s) for v in cfg.variants for t in cfg.target_list() for s in seeds]
-    if source is None:
-        specs = [("activations", str(out / "data"), s, 0) for _, _, s in jobs]
-    else:
-        spec = _source_spec(source)
-        specs = [spec for _ in jobs]
-    n_workers = cfg.jobs if cfg.jobs is not None else (min(2, os.cpu_count() or 1) if cfg.backend == "numpy" else 1)
-    n_workers = max(1, min(n_workers, len(jobs))) if all(specs) else 1
-    rows = [None] * len(jobs)
-    seconds = [0.0] * len(jobs)
-    outer = _bar(progress, len(jobs))
-
-    def finish(j, secs):
-        seconds[j] = secs
-        outer.update(1)
-
-    args = [(cfg.train_config(v, t, s), str(out / _run_dir(v, t, s)), resume, force) for v, t, s in jobs]
-    try:
-        if n_workers == 1:
-            for j, (v, t, s) in enumerate(jobs):
-                outer.set_description(f"{VARIANT_NAMES[v]} L0={t:g} seed {s}")
-                src = source if source is not None else ActivationStore(out / "data", seed=s)
-                finish(j, _train_job(src, *args[j], progress="nested" if progress else False))
-        else:
-            outer.set_description(f"{len(jobs)} SAEs, {n_workers} processes")
-            _run_in_workers(specs, args, n_workers, finish)
-    finally:
-        outer.close()
+    runs = [(cfg.train_config(v, t, s, recipes[v]), _run_dir(v, t, s), s) for v, t, s in jobs]
+    labels = [f"{VARIANT_NAMES[v]} L0={t:g} seed {s}" for v, t, s in jobs]
+    seconds = _train_runs(cfg, out, source, runs, labels, resume, force, progress)
     seconds = [secs + earlier_secs.get(_run_dir(*job), 0.0) for job, secs in zip(jobs, seconds)]
     rows = [_evaluate_run(out, cfg, job, secs, eval_source, model, tokenizer, eval_texts, site, progress)
             for job, secs in zip(jobs, seconds)]
+    for row in rows:
+        row["recipe"] = recipes[row["variant"]]
     results = {
         "config": dataclasses.asdict(cfg),
         "data": data_description or {"type": type(source).__name__, "d_in": source.d_in},
         "runs": rows,
+        "recipes": recipes,
+        "pilot": pilot,
+        "plateau": _plateaus(out, cfg, rows),
     }
     # wall time over every call that wrote this sweep; an interrupted call's time is unknown, but
     # each run's metrics.jsonl keeps its own training time (train_seconds)
@@ -227,6 +231,91 @@ def run_compare(cfg, out_dir, *, source=None, model=None, tokenizer=None, eval_t
 
 def _run_dir(variant, target, seed):
     return str(Path("runs") / f"{variant}-L0{target:g}-s{seed}")
+
+
+def _pilot_dir(variant, setting):
+    return str(Path("pilot") / f"{variant}-{tuning.setting_tag(setting)}")
+
+
+def _train_runs(cfg, out, source, runs, labels, resume, force, progress, *, allow_fail=False, desc="compare"):
+    """Train runs [(TrainConfig, run_dir, seed)] (in worker processes where the source can be rebuilt
+    there); returns each run's seconds, or with allow_fail (None, message) for a run that diverged."""
+    from minisae.data.activations import ActivationStore
+
+    if source is None:
+        specs = [("activations", str(out / "data"), seed, 0) for _, _, seed in runs]
+    else:
+        specs = [_source_spec(source)] * len(runs)
+    n_workers = cfg.jobs if cfg.jobs is not None else (min(2, os.cpu_count() or 1) if cfg.backend == "numpy" else 1)
+    n_workers = max(1, min(n_workers, len(runs))) if all(specs) else 1
+    seconds = [None] * len(runs)
+    bar = _bar(progress, len(runs), desc)
+
+    def finish(j, secs):
+        seconds[j] = secs
+        bar.update(1)
+
+    args = [(train_cfg, str(out / run_dir), resume, force, False, allow_fail) for train_cfg, run_dir, _ in runs]
+    try:
+        if n_workers == 1:
+            for j, (_, _, seed) in enumerate(runs):
+                bar.set_description(labels[j])
+                src = source if source is not None else ActivationStore(out / "data", seed=seed)
+                a = list(args[j])
+                a[4] = "nested" if progress else False
+                finish(j, _train_job(src, *a))
+        else:
+            bar.set_description(f"{desc}: {len(runs)} SAEs, {n_workers} processes")
+            _run_in_workers(specs, args, n_workers, finish)
+    finally:
+        bar.close()
+    return seconds
+
+
+def _run_pilot(cfg, out, source, eval_source, resume, force, progress):
+    """Every variant once (seed 0, the middle target) at each pilot setting; the best and next-best
+    by FVU on held-out tokens (minisae.eval.tuning). Runs that diverge count as failed, not fatal."""
+    from minisae.eval.evaluate import evaluate_sae
+    from minisae.io.saefile import SAE
+
+    target = cfg.pilot_target()
+    grid = tuning.pilot_grid(cfg.variants, lrs=cfg.pilot_lrs, bandwidths=cfg.pilot_bandwidths)
+    cells = [(v, setting) for v in cfg.variants for setting in grid[v]]
+    runs = [(cfg.train_config(v, target, 0, setting), _pilot_dir(v, setting), 0) for v, setting in cells]
+    labels = [f"pilot {VARIANT_NAMES[v]} {tuning.setting_text(setting)}" for v, setting in cells]
+    outcomes = _train_runs(cfg, out, source, runs, labels, resume, force, progress, allow_fail=True, desc="pilot")
+    rows = []
+    for (v, setting), (_, run_dir, _), (secs, failure) in zip(cells, runs, outcomes):
+        row = {"variant": v, "setting": setting, "target": float(target), "run_dir": run_dir,
+               "train_seconds": round(secs, 2), "l0": None, "fvu": None, "failed": failure}
+        if failure is None:
+            summary = evaluate_sae(SAE.load(out / run_dir / "sae"), eval_source, n_tokens=cfg.eval_tokens)
+            row.update({k: summary.get(k) for k in ("l0", "fvu", "explained_variance", "dead_frac", "mcc", "f1")})
+        rows.append(row)
+    picks = {v: tuning.pick(rows, v) for v in cfg.variants}
+    orderings, flips = tuning.sensitivity(rows, cfg.variants)
+    return {"target": float(target), "grid": grid, "runs": rows, "chosen": {v: p[0] for v, p in picks.items()},
+            "next_best": {v: p[1] for v, p in picks.items()}, "orderings": orderings, "flips": flips}
+
+
+def _plateaus(out, cfg, rows):
+    """Per (variant, target): the logged FVU's change over the last fifth of training against the
+    seeds' spread of the held-out FVU (minisae.eval.tuning.plateau)."""
+    result = []
+    for v in cfg.variants:
+        for t in cfg.target_list():
+            sel = [r for r in rows if r["variant"] == v and r["target"] == float(t)]
+            changes = [tuning.tail_change(_read_log(out / r["run_dir"])) for r in sel]
+            result.append({"variant": v, "target": float(t),
+                           **tuning.plateau(changes, [r.get("fvu") for r in sel])})
+    return result
+
+
+def _read_log(run):
+    path = run / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 class _FixedEval:
@@ -313,10 +402,19 @@ def _final_lambda(run):
     return float(json.loads(lines[-1]).get("sparsity_coeff")) if lines else None
 
 
-def _train_job(source, train_cfg, run_dir, resume, force, progress=False):
+def _train_job(source, train_cfg, run_dir, resume, force, progress=False, allow_fail=False):
+    """Seconds one training took; with allow_fail, (seconds, None) or (seconds, why) for a run that
+    diverged (a pilot setting may be too fast for a variant: that is a result, not an error)."""
+    from minisae.errors import TrainingError
+
     t0 = time.time()
-    train(train_cfg, source, run_dir, resume=resume, overwrite=force, progress=progress)
-    return time.time() - t0
+    try:
+        train(train_cfg, source, run_dir, resume=resume, overwrite=force, progress=progress)
+    except TrainingError as e:
+        if not allow_fail:
+            raise
+        return time.time() - t0, str(e)
+    return (time.time() - t0, None) if allow_fail else time.time() - t0
 
 
 def _describe(source, n_cache):
@@ -389,7 +487,7 @@ def _run_in_workers(specs, args, n_workers, finish, job=None):
 
 
 
-_COMPARE_NAMES = {"runs", "data", "activations", "report.md", "results.json", "pareto.png"}
+_COMPARE_NAMES = {"runs", "pilot", "data", "activations", "report.md", "results.json", "pareto.png"}
 
 
 def is_compare_folder(folder):
@@ -406,5 +504,5 @@ def _json_default(o):
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
-def _bar(enabled, total):
-    return progress_bar(total, enabled=bool(enabled), desc="compare", unit="SAE", position=0)
+def _bar(enabled, total, desc="compare"):
+    return progress_bar(total, enabled=bool(enabled), desc=desc, unit="SAE", position=0)

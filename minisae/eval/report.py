@@ -27,6 +27,8 @@ from pathlib import Path
 
 import numpy
 
+from minisae.eval import tuning
+
 NAMES = {"jumprelu": "JumpReLU", "gated": "Gated", "topk": "TopK", "batchtopk": "BatchTopK",
          "matryoshka": "Matryoshka"}
 HIGHER_BETTER = {"explained_variance": True, "mcc": True, "f1": True, "delta_lm_loss": False}
@@ -294,13 +296,15 @@ def render_report(results):
     lines.append("## Setting\n")
     dat = {k: v for k, v in data.items() if k != "config"}
     lines.append("- Data: " + ", ".join(f"{k}={v}" for k, v in dat.items()))
-    lines.append(f"- Every SAE: d_sae={cfg['d_sae']}, {cfg['steps']} steps × {cfg['batch_size']} tokens, lr "
-                 + ", ".join(f"{NAMES[v]} {cfg['lr'].get(v, 0):g}" for v in cfg["variants"])
+    recipes = results.get("recipes") or {v: {"lr": cfg["lr"].get(v, 0)} for v in cfg["variants"]}
+    lines.append(f"- Every SAE: d_sae={cfg['d_sae']}, {cfg['steps']} steps × {cfg['batch_size']} tokens; "
+                 + ", ".join(f"{NAMES[v]} {tuning.setting_text(recipes[v])}" for v in cfg["variants"])
+                 + (" (picked by the pilot sweep, see Recipes)" if results.get("pilot") else "")
                  + f"; target L0s {', '.join(f'{t:g}' for t in sorted({r['target'] for r in rows}))}; "
                  f"{cfg['seeds']} seeds (SAE init and data order); backend {cfg['backend']}")
     if "jumprelu" in cfg["variants"]:
         lines.append(f"- JumpReLU: the paper's L0 penalty, θ starts at {cfg['threshold_init'] or 0.001:g}, "
-                     f"ε = {cfg['bandwidth']:g}, θ learning rate = {cfg['threshold_lr_mult']:g} × lr"
+                     f"ε = {recipes['jumprelu'].get('bandwidth', cfg['bandwidth']):g}, θ learning rate = {cfg['threshold_lr_mult']:g} × lr"
                      + (" (the paper's single learning rate)" if cfg["threshold_lr_mult"] == 1 else
                         " (minisae's --threshold-lr-mult; the paper uses one learning rate)"))
     lines.append("- L0: TopK/BatchTopK k = target; JumpReLU and Gated λ set every step by a PI controller on "
@@ -315,6 +319,7 @@ def render_report(results):
             lines.append(verdict[m]["text"] + "\n")
     lines.append("Differences count only when larger than the combined spread sqrt(sd_a² + sd_b²) over seeds; "
                  "values are read at the exact target L0 along each seed's runs (linear in log L0).\n")
+    lines += tuning.sensitivity_lines(results, NAMES)
     lines.append("## Results\n")
     has_gt = any(r.get("mcc") is not None or r.get("f1") is not None for r in rows)
     has_lm = any(r.get("delta_lm_loss") is not None for r in rows)
@@ -339,6 +344,7 @@ def render_report(results):
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
     lines.append(dead_latent_sentence(data, cfg["d_sae"]) + " " + pathological_sentence(rows) + "\n")
+    lines += tuning.recipe_lines(results, NAMES) + tuning.plateau_lines(results, NAMES)
     if str(data.get("config", {}).get("n_features", "")) == "16384" or cfg.get("preset") == "synthsaebench-16k":
         lines += _published_lines()
     lines.append("## Plot\n")
