@@ -164,7 +164,6 @@ def run_compare(cfg, out_dir, *, source=None, model=None, tokenizer=None, eval_t
     workers are spawned, so a script calling this with jobs > 1 needs the `if __name__ ==
     "__main__":` guard."""
     from minisae.eval.report import pareto_plot, render_report, verdicts
-    from minisae.data.activations import ActivationStore
 
     _check(cfg)
     out = Path(out_dir)
