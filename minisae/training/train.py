@@ -257,11 +257,9 @@ def train(cfg, source, out_dir, *, resume=False, overwrite=False, progress=True)
     scale, params, adam = state["scale"], state["params"], state["adam"]
     since_fired = state["since_fired"]
     threshold = (state["batchtopk_threshold"], state["threshold_updates"])  # BatchTopK's running θ
-    controller = None
-    if cfg.uses_controller():  # λ set every step from the batch L0 (minisae.training.l0control)
-        controller = l0control.L0Controller(cfg.target_l0, cfg.sparsity_coeff, kp=cfg.controller_kp,
-                                            ki=cfg.controller_ki, start_step=cfg.sparsity_warmup_steps,
-                                            state=state.get("controller"))
+    # target_l0 (JumpReLU, Gated): θ calibrated on batch 0 in a fresh run, then moved every step
+    controller = l0control.make(cfg, params, state.get("controller"),
+                                sample=None if state["step"] else lambda: _training_batch(source, 0, cfg, scale))
     lr_mult = None
     if cfg.architecture == "jumprelu" and cfg.threshold_lr_mult != 1.0:
         lr_mult = {"log_threshold" if cfg.threshold_param == "log" else "threshold": cfg.threshold_lr_mult}
@@ -287,8 +285,6 @@ def train(cfg, source, out_dir, *, resume=False, overwrite=False, progress=True)
             # latents are never held as a dense (B, M) array: out["fired"] counts them per latent
             out, grads = mod.forward_backward(params, x, **hyper, path="auto", dense_f=False)
             losses.append(out["loss"])
-            if controller and step >= controller.start_step:  # a host read (a CuPy sync): the next λ needs it
-                controller.update(step, float(to_numpy(out["l0"])))
             if cfg.architecture == "batchtopk":
                 min_kept.append(out["min_kept"])
             lr = optim.lr_at(step, lr=cfg.lr, warmup_steps=cfg.warmup_steps,
@@ -299,6 +295,8 @@ def train(cfg, source, out_dir, *, resume=False, overwrite=False, progress=True)
                               unit_rows="W_dec")
             if "threshold" in params:  # raw θ: kept >= 0 by projection (a θ < 0 would count π = 0 as active)
                 xp.maximum(params["threshold"], 0.0, out=params["threshold"])
+            if controller:  # the thresholds' level from the batch L0 (a host read, a CuPy sync)
+                controller.after_step(params, float(to_numpy(out["l0"])), out["fired"])
             del grads  # the next step's gradients need the room
             since_fired += cfg.batch_size  # (M,) tokens since each latent last fired ...
             since_fired *= out["fired"] == 0  # ... reset where it fired in this batch
@@ -307,7 +305,8 @@ def train(cfg, source, out_dir, *, resume=False, overwrite=False, progress=True)
             log_now = done % cfg.log_every == 0 or done == cfg.steps
             checkpoint_now = done % cfg.checkpoint_every == 0 or done == cfg.steps
             if log_now or checkpoint_now:  # the loss's host reads (the controller's L0 is the other)
-                loss = _check_losses(xp, losses, done - len(losses), ckpt, last_good)
+                loss = _check_losses(xp, losses, done - len(losses), ckpt, last_good,
+                                     lambda: optim.nonfinite_cause(params, adam, sparsity_coeff=hyper.get("sparsity_coeff")))
                 losses = []
                 for m in min_kept:  # in step order: the same θ as updating at every step
                     threshold = VARIANTS["batchtopk"].update_threshold(*threshold, float(to_numpy(m)),
@@ -318,9 +317,9 @@ def train(cfg, source, out_dir, *, resume=False, overwrite=False, progress=True)
                 pending.append(row)
                 bar.set_postfix(loss=f"{row['loss']:.4g}", L0=f"{row['l0']:.1f}", FVU=f"{row['fvu']:.4f}")
             if checkpoint_now:
-                if not _params_finite(params, xp):
+                if not (_params_finite(params, xp) and _params_finite(adam["v"], xp)):
                     raise TrainingError(f"step {step}: the parameters became NaN or inf; "
-                                        + _kept(ckpt, last_good) + "; try a lower learning rate")
+                                        + _kept(ckpt, last_good) + "; " + optim.nonfinite_cause(params, adam))
                 save_checkpoint(ckpt, {"step": done, "scale": scale, "params": params, "adam": adam,
                                        "since_fired": since_fired, "batchtopk_threshold": threshold[0],
                                        "threshold_updates": threshold[1],
@@ -342,7 +341,7 @@ def train(cfg, source, out_dir, *, resume=False, overwrite=False, progress=True)
     summary = {}
     if cfg.eval_tokens > 0:
         summary = evaluate_sae(sae, source, n_tokens=cfg.eval_tokens, batch_size=cfg.eval_batch_size)
-        if controller:
+        if controller and controller.coeff() is not None:
             summary["sparsity_coeff_final"] = controller.coeff()
         write_atomic(out_dir / "eval.json", json.dumps(summary, indent=2) + "\n")
     return TrainResult(sae=sae, params=params_np, scale=scale, steps=cfg.steps, summary=summary, out_dir=out_dir)
@@ -364,14 +363,14 @@ def _training_batch(source, step, cfg, scale):
     return numpy.divide(x_raw, scale, dtype=cfg.dtype)  # (B, D) a fresh array
 
 
-def _check_losses(xp, losses, first_step, ckpt, last_good):
+def _check_losses(xp, losses, first_step, ckpt, last_good, cause=lambda: "try a lower learning rate"):
     """Read the losses of steps first_step, first_step + 1, ... back at once; raise a
     TrainingError naming the first non-finite one; return the last as a Python float."""
     values = to_numpy(xp.stack(losses)).astype(numpy.float64)  # (n,)
     bad = numpy.flatnonzero(~numpy.isfinite(values))
     if bad.size:
         raise TrainingError(f"step {first_step + int(bad[0])}: the loss is {values[bad[0]]}; "
-                            + _kept(ckpt, last_good) + "; try a lower learning rate")
+                            + _kept(ckpt, last_good) + "; " + cause())
     return float(values[-1])
 
 
