@@ -1,8 +1,7 @@
 """--target-l0 for JumpReLU and Gated (minisae.training.l0control): thresholds calibrated to the
 target on batch 0, then moved every step outside Adam. The trajectories run on the toy preset
-(d_sae 64, 256 tokens a step, 300 steps, target L0 4): a few seconds each. (Gated at lr 1e-2 needs
-longer: in this setting it is in band only from about step 300; the 800-step runs of
-docs/derivations/l0_controller.md measure it.)"""
+(d_sae 64, 256 tokens a step, 300 steps, target L0 4; Gated d_sae 256 and 1,024 tokens, 500 steps):
+a few seconds each."""
 
 import json
 import math
@@ -38,7 +37,6 @@ def batch_l0s(run):
 CASES = [  # (architecture, lr, options)
     ("jumprelu", 7e-5, {}), ("jumprelu", 1e-3, {}), ("jumprelu", 1e-2, {}),
     ("jumprelu", 7e-5, {"threshold_param": "raw"}), ("jumprelu", 7e-5, {"penalty": "quadratic"}),
-    ("gated", 7e-5, {}), ("gated", 3e-4, {}),
 ]
 
 
@@ -52,6 +50,20 @@ def test_target_l0_is_in_band_from_step_100_and_stays_there_at_any_lr(tmp_path, 
     windows = [numpy.mean(l0[i:i + WINDOW]) for i in range(IN_BAND_FROM, STEPS - WINDOW + 1, 10)]
     assert max(abs(w / TARGET - 1) for w in windows) < 0.05, windows
     assert res.summary["l0"] == pytest.approx(TARGET, rel=0.05)
+
+
+def test_gated_is_in_band_from_step_100_and_stays_there_at_lr_7e_5(tmp_path):
+    # Gated in the issue's setting (d_sae 256, 1,024 tokens a step, target 8, warm-ups 50 / 200),
+    # at JumpReLU's lr, where λ alone could not move b_gate: every 50-step mean of the batch L0
+    # from step 100 to 500 within ±5 %, and the released SAE's held-out L0 within ±5 %. (Gated at
+    # 3e-4 and 1e-2 is measured by the 800-step runs of docs/derivations/l0_controller.md.)
+    cfg = TrainConfig("gated", d_sae=256, target_l0=8.0, steps=500, batch_size=1024, warmup_steps=50,
+                      sparsity_warmup_steps=200, lr=7e-5, log_every=1, checkpoint_every=500, eval_tokens=16384)
+    res = train(cfg, toy(), tmp_path, progress=False)
+    assert res.summary["l0"] == pytest.approx(8.0, rel=0.05)
+    l0 = batch_l0s(tmp_path)
+    windows = [numpy.mean(l0[i:i + WINDOW]) for i in range(100, 500 - WINDOW + 1, 10)]
+    assert max(abs(w / 8.0 - 1) for w in windows) < 0.05, windows
 
 
 def test_calibration_starts_each_latent_at_the_target_rate():

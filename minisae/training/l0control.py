@@ -20,14 +20,15 @@ push on θ, not its speed.
        e_t = clip(log((L0_t + 0.1) / (L0* + 0.1)), −1, 1),   I_t = clip(I_{t−1} + e_t, −100, 100)
        w_i = f_i + 0.1·mean(f)                  (the latents that fire move most: their
                                                  thresholds are the ones L0 depends on)
-   and then, for both,
+   JumpReLU (λ stays at its configured value): Adam's step Δt (the controller keeps t as it left
+       it) loses its component along w, Δt <- Δt − w (w·Δt)/(w·w), so Adam's θ updates cannot
+       move L0 to first order (they still shape θ across latents); then
        t_i <- t_i + (0.02·e_t + 0.001·I_t) · min(w_i / mean(w), 4)
-   JumpReLU (λ stays at its configured value): before that, Adam's step Δt (the controller keeps t
-       as it left it) loses its component along w, Δt <- Δt − w (w·Δt)/(w·w), so Adam's θ updates
-       cannot move L0 to first order (they still shape θ across latents).
-   Gated: λ moves too, log λ = log λ_0 + 0.5·e_t + 0.02·I_t: λ sets the balance of Adam's push on
+   Gated: λ moves, log λ = log λ_0 + 0.5·e_t + 0.02·I_t: λ sets the balance of Adam's push on
        W_enc and b_gate through the L1 term, which at a high lr moves the gates faster than the
-       controller's own move; with the calibrated start λ only has to hold L0, not move it far.
+       controller's own move could; with the calibrated start λ only has to hold L0, not move it
+       far. At a low lr, where Adam moves b_gate too slowly, the proportional move
+       t_i <- t_i + 0.02·e_t · min(w_i / mean(w), 4) holds L0.
 
 The gains do not scale with lr, so the final lr decay does not freeze the controller. Its state is
 three floats (I, the unit u or σ, and Gated's log λ), all bounded: |I| <= 100 so λ stays within a
@@ -122,12 +123,14 @@ class L0Controller:
         xp = xp_of(t)
         w = xp.asarray(fired, dtype=numpy.float64)  # (M,)
         w += FIRED_FLOOR * float(to_numpy(w.mean())) + 1e-12  # (M,) > 0
-        if self.log_coeff is not None:  # Gated: λ by PI too
+        if self.log_coeff is not None:  # Gated: λ by PI, the thresholds by the proportional move
             self.log_coeff = self.log_coeff0 + COEFF_KP * e + COEFF_KI * self.integral
-        elif self.prev is not None:  # JumpReLU: Adam's move loses its component along w (the one that moves L0)
-            d = t - self.prev  # (M,)
-            t -= w * (float(to_numpy((w * d).sum())) / float(to_numpy((w * w).sum())))
-        move = self.gain * e + KI * self.integral
+            move = self.gain * e
+        else:  # JumpReLU: Adam's move loses its component along w (the one that moves L0)
+            if self.prev is not None:
+                d = t - self.prev  # (M,)
+                t -= w * (float(to_numpy((w * d).sum())) / float(to_numpy((w * w).sum())))
+            move = self.gain * e + KI * self.integral
         t += move * xp.minimum(w / w.mean(), WEIGHT_MAX)  # (M,)
         self._set(params, t)
         self.prev = self.thresholds(params)
