@@ -84,8 +84,8 @@ def build_parser():
     p.add_argument("--target-l0", type=float, help="train to this L0 (latents per token), every variant: TopK and "
                    "BatchTopK take k = round(L0*); JumpReLU (every penalty) and Gated start their thresholds at "
                    "the quantile of batch 0 that gives L0*, then a controller moves them every step toward L0* "
-                   "(λ stays at --sparsity-coeff, default 0.1 Gated, 0.01 JumpReLU); with --penalty quadratic "
-                   "it is also the penalty's L0*")
+                   "(λ is --sparsity-coeff, default 0.01 JumpReLU, fixed; Gated's starts at 0.1 and moves within "
+                   "a factor 12); with --penalty quadratic it is also the penalty's L0*")
     p.add_argument("--threshold-lr-mult", type=float, default=1.0, help="JumpReLU: learning rate of θ = this × --lr "
                    "(default 1: the paper's single learning rate; 0.1 keeps θ from outrunning the weights)")
     p.add_argument("--threshold-param", choices=["log", "raw"], default="log",

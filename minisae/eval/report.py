@@ -215,7 +215,7 @@ def render_report(results):
                      + (" (the paper's single learning rate)" if cfg["threshold_lr_mult"] == 1 else
                         " (minisae's --threshold-lr-mult; the paper uses one learning rate)"))
     lines.append("- L0: TopK/BatchTopK k = target; JumpReLU and Gated: thresholds calibrated to the target, then moved "
-                 "every step by the L0 controller (minisae.training.l0control); λ fixed")
+                 "every step by the L0 controller (minisae.training.l0control); JumpReLU's λ fixed, Gated's bounded")
     lines.append(f"- Evaluation: {cfg['eval_tokens']} held-out tokens per SAE")
     lines.append(f"- Wall time: {results['wall_seconds']:.0f} s\n")
     lines.append("## Verdict\n")

@@ -295,7 +295,7 @@ def train(cfg, source, out_dir, *, resume=False, overwrite=False, progress=True)
                               unit_rows="W_dec")
             if "threshold" in params:  # raw θ: kept >= 0 by projection (a θ < 0 would count π = 0 as active)
                 xp.maximum(params["threshold"], 0.0, out=params["threshold"])
-            if controller:  # the thresholds' level from the batch L0 (a host read, a CuPy sync)
+            if controller:  # thresholds moved toward target_l0 from the batch L0 (a host read, a CuPy sync)
                 controller.after_step(params, float(to_numpy(out["l0"])), out["fired"])
             del grads  # the next step's gradients need the room
             since_fired += cfg.batch_size  # (M,) tokens since each latent last fired ...
