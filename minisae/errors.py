@@ -52,6 +52,10 @@ class ResourceError(MinisaeError, MemoryError):
     """The work asked for needs more memory than is reasonable or available."""
 
 
+class CheckpointError(FileFormatError):
+    """A training checkpoint is missing, unreadable, truncated or does not fit the config."""
+
+
 class TrainingError(MinisaeError, RuntimeError):
     """Training cannot go on (non-finite loss, parameters or activations); names the step."""
 

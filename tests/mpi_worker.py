@@ -17,6 +17,7 @@ from minisae import dist  # noqa: E402
 from minisae.data.synthetic import SyntheticActivations, SyntheticConfig
 from minisae.training.checkpoint import load_sharded, reshard  # noqa: E402
 from minisae.training.train import train_parallel  # noqa: E402
+from minisae.errors import InputError  # noqa: E402
 from minisae.dist.sharded import init_shard, latent_range, shard_forward_backward  # noqa: E402
 from minisae.sae import VARIANTS
 from minisae.training.train import TrainConfig, hypers_at
@@ -190,13 +191,22 @@ def case_shard(comm, tmp):
                                  resume=True, progress=False)
             close(on1.params, res.params, f"{arch} resumed on S=1 after S=2", SHARD32_RTOL, SHARD32_ATOL)
         comm.barrier()
-    for arch, extra in OPTIONS:  # the controller reads the L0 summed over shards: S = 2 follows S = 1
-        res = train_parallel(config(arch, **extra), SOURCE, tmp / f"s2-opt-{arch}", shards=2, comm=comm,
+    # the threshold's learning-rate multiplier is per latent: S = 2 follows S = 1
+    extra = dict(threshold_lr_mult=0.1)
+    res = train_parallel(config("jumprelu", **extra), SOURCE, tmp / "s2-opt-jumprelu", shards=2, comm=comm,
+                         progress=False)
+    if comm.rank == 0:
+        one = train_parallel(config("jumprelu", **extra), SOURCE, tmp / "s1-opt-jumprelu", comm=dist.SingleProcess(),
                              progress=False)
-        if comm.rank == 0:
-            one = train_parallel(config(arch, **extra), SOURCE, tmp / f"s1-opt-{arch}", comm=dist.SingleProcess(),
-                                 progress=False)
-            close(res.params, one.params, f"{arch} {extra} S=2 vs S=1 training", SHARD32_RTOL, SHARD32_ATOL)
+        close(res.params, one.params, f"jumprelu {extra} S=2 vs S=1 training", SHARD32_RTOL, SHARD32_ATOL)
+    comm.barrier()
+    for arch, extra in OPTIONS:  # the L0 controller reads every latent's firing count: refused with S > 1
+        try:
+            train_parallel(config(arch, **extra), SOURCE, tmp / f"s2-ctl-{arch}", shards=2, comm=comm, progress=False)
+        except InputError as e:
+            assert "--shards 1" in str(e), e
+        else:
+            raise AssertionError(f"{arch} {extra}: the L0 controller ran with --shards 2")
         comm.barrier()
 
 

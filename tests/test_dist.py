@@ -190,7 +190,8 @@ def _mpi_cli(args, tmp_path, n=2, runner=("-m", "mpi4py")):
 
 
 MPI_RUN = ["train", "--arch", "topk", "--k", "4", "--d-sae", "32", "--steps", "4", "--batch-size", "64", "--d-in", "16",
-           "--checkpoint-every", "2", "--eval-tokens", "0", "--warmup-steps", "1", "--no-progress"]
+           "--checkpoint-every", "2", "--eval-tokens", "0", "--warmup-steps", "1", "--sparsity-warmup-steps", "1",
+           "--no-progress"]
 
 
 @pytest.mark.parametrize("runner", [("-m", "mpi4py"), ()], ids=["python -m mpi4py", "python"])

@@ -354,16 +354,21 @@ def test_every_timing_claim_of_the_readme_is_dated():
             assert re.search(r"20\d\d-\d\d-\d\d", paragraph), (m.group(0), paragraph[:200])
 
 
-def test_a_train_run_shorter_than_its_warm_ups_is_warned_about_in_one_line(capsys):
+def test_a_train_run_shorter_than_its_given_warm_ups_is_warned_about_in_one_line(capsys):
     from minisae.cli.args import check_required
 
-    a = build_parser().parse_args(["train", "--out", "x", "--lambda", "1e-3", "--steps", "50"])
+    a = build_parser().parse_args(["train", "--out", "x", "--lambda", "1e-3", "--steps", "50",
+                                   "--warmup-steps", "1000", "--sparsity-warmup-steps", "10000"])
     check_required(a)
     assert capsys.readouterr().err == (
         "minisae train: warning: 50 steps end inside the warm-up of the learning rate's (1000 steps, --warmup-steps) "
         "and λ's (10000 steps, --sparsity-warmup-steps): the SAE will be far from trained; shorten the warm-ups "
         "or train longer\n")
-    a = build_parser().parse_args(["train", "--out", "x", "--arch", "topk", "--k", "4", "--steps", "2000"])
+    a = build_parser().parse_args(["train", "--out", "x", "--lambda", "1e-3", "--steps", "50"])
+    check_required(a)  # warm-ups left out scale to the run: nothing to warn about
+    assert capsys.readouterr().err == ""
+    a = build_parser().parse_args(["train", "--out", "x", "--arch", "topk", "--k", "4", "--steps", "2000",
+                                   "--warmup-steps", "1000", "--sparsity-warmup-steps", "10000"])
     check_required(a)  # past the learning-rate warm-up; TopK has no λ
     assert capsys.readouterr().err == ""
 

@@ -235,13 +235,15 @@ def test_prefetch_and_plain_loop_train_identically(tmp_path):
 
 def test_l0_controller_reaches_its_target(tmp_path):
     # a short Gated run on tiny data: the evaluated L0 ends within ±5 % of the target, and λ
-    # was moved (started at 0.1, the controller takes it to about 0.3)
+    # was moved (started at 0.1, the controller takes it to about 0.3, within its bound)
+    from minisae.training import l0control
+
     cfg = tiny_config("gated", steps=800, lr=1e-2, target_l0=6.0, sparsity_coeff=None, sparsity_warmup_steps=50,
                       checkpoint_every=800, log_every=50, eval_tokens=8192)
     res = train(cfg, tiny_source(), tmp_path, progress=False)
     assert res.summary["l0"] == pytest.approx(6.0, rel=0.05)
     lambdas = [r["sparsity_coeff"] for r in _metrics(tmp_path / "metrics.jsonl")]
-    assert lambdas[0] < 0.1 and max(lambdas) > 0.2
+    assert 0.2 < max(lambdas) <= 0.1 * l0control.COEFF_RANGE
 
 
 @pytest.mark.parametrize("arch", ["gated", "jumprelu"])
@@ -256,7 +258,8 @@ def test_l0_controller_resumes_bitwise(tmp_path, arch):
         assert numpy.array_equal(v, resumed.params[k]), f"{k} differs after resume"
     rows = _metrics(tmp_path / "a" / "metrics.jsonl")
     assert rows == _metrics(tmp_path / "b" / "metrics.jsonl")
-    assert len({r["sparsity_coeff"] for r in rows if r["step"] > 20}) > 1  # λ moved after the checkpoint
+    if arch == "gated":  # Gated's λ moves with the controller (JumpReLU's stays fixed)
+        assert len({r["sparsity_coeff"] for r in rows if r["step"] > 20}) > 1  # λ moved after the checkpoint
 
 
 def test_target_l0_sets_k_and_options_are_checked():
@@ -269,8 +272,8 @@ def test_target_l0_sets_k_and_options_are_checked():
         TrainConfig("gated", d_sae=32, sparsity_coeff=1.0, threshold_lr_mult=0.1, steps=1).resolved(16)
     c = TrainConfig("gated", d_sae=32, target_l0=5, steps=1).resolved(16)
     assert c.uses_controller() and c.sparsity_coeff > 0
-    assert not TrainConfig("jumprelu", d_sae=32, penalty="quadratic", target_l0=5, sparsity_coeff=1.0,
-                           steps=1).resolved(16).uses_controller()
+    assert TrainConfig("jumprelu", d_sae=32, penalty="quadratic", target_l0=5, sparsity_coeff=1.0,
+                       steps=1).resolved(16).uses_controller()  # every JumpReLU penalty (minisae.training.l0control)
 
 
 def test_threshold_lr_mult_slows_only_the_threshold(tmp_path):

@@ -178,11 +178,14 @@ def check_required(a):
 
 
 def warn_short_run(a):
-    """One line on stderr when `minisae train` would end inside its warm-ups (the learning rate's,
-    and for λ-penalised variants λ's): the SAE written would be far from trained, silently."""
+    """One line on stderr when `minisae train` would end inside warm-ups given on the command line
+    (the learning rate's, and for λ-penalised variants λ's): the SAE written would be far from
+    trained, silently. Warm-ups left out scale to the run and never warn."""
     steps = a.steps if a.steps is not None else -(-a.tokens // a.batch_size)
-    inside = [f"the learning rate's ({a.warmup_steps} steps, --warmup-steps)"] if steps < a.warmup_steps else []
-    if not _uses_k(a.arch) and steps < a.sparsity_warmup_steps:
+    # warm-ups left out are scaled to the run (minisae.training.config): only given ones can be too long
+    inside = [f"the learning rate's ({a.warmup_steps} steps, --warmup-steps)"] \
+        if a.warmup_steps is not None and steps < a.warmup_steps else []
+    if not _uses_k(a.arch) and a.sparsity_warmup_steps is not None and steps < a.sparsity_warmup_steps:
         inside.append(f"λ's ({a.sparsity_warmup_steps} steps, --sparsity-warmup-steps)")
     from minisae.dist import launch_rank
 

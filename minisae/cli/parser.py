@@ -71,8 +71,9 @@ def build_parser():
     p.add_argument("--steps", type=int, help="optimiser steps; required (or --tokens)")
     p.add_argument("--tokens", type=int, help="training tokens, instead of --steps (steps = tokens / --batch-size, rounded up)")
     p.add_argument("--batch-size", type=int, default=4096, help="tokens per step B")
-    p.add_argument("--warmup-steps", type=int, default=1000, help="cosine lr warm-up (default 1000)")
-    p.add_argument("--sparsity-warmup-steps", type=int, default=10000, help="linear λ warm-up (default 10000)")
+    p.add_argument("--warmup-steps", type=int, help="cosine lr warm-up (default: 5 %% of the steps, at most 1000)")
+    p.add_argument("--sparsity-warmup-steps", type=int,
+                   help="linear λ warm-up (default: 20 %% of the steps, at most 10000)")
     p.add_argument("--decay-frac", type=float, default=0.0, help="linear lr decay over this final fraction")
     p.add_argument("--bandwidth", type=float, help="JumpReLU kernel bandwidth ε (default 0.001)")
     p.add_argument("--penalty", choices=["l0", "quadratic", "tanh"], default="l0",
@@ -86,14 +87,16 @@ def build_parser():
                    help="JumpReLU (SAELens' option): pass the threshold's straight-through gradient to the "
                         "pre-activations too")
     p.add_argument("--target-l0", type=float, help="train to this L0 (latents per token), every variant: TopK and "
-                   "BatchTopK take k = round(L0*); Gated and JumpReLU (--penalty l0 or tanh) adjust λ every step by a "
-                   "proportional-integral controller on log λ, starting from --sparsity-coeff (default 0.1 Gated, "
-                   "0.01 JumpReLU); with --penalty quadratic it is the penalty's L0*")
+                   "BatchTopK take k = round(L0*); JumpReLU (every penalty) and Gated start their thresholds at "
+                   "the quantile of batch 0 that gives L0*, then a controller moves them every step toward L0* "
+                   "(λ is --sparsity-coeff, default 0.01 JumpReLU, fixed; Gated's starts at 0.1 and moves within "
+                   "a factor 12); with --penalty quadratic it is also the penalty's L0*")
     p.add_argument("--threshold-lr-mult", type=float, default=1.0, help="JumpReLU: learning rate of θ = this × --lr "
                    "(default 1: the paper's single learning rate; 0.1 keeps θ from outrunning the weights)")
     p.add_argument("--threshold-param", choices=["log", "raw"], default="log",
                    help="JumpReLU: train log θ (log, the paper, default) or θ itself (raw, as SAELens ≥ 6.48)")
-    p.add_argument("--threshold-init", type=float, help="JumpReLU θ at init (default 0.001)")
+    p.add_argument("--threshold-init", type=float,
+                   help="JumpReLU θ at init (default 0.001; with --target-l0 calibrated to the target)")
     p.add_argument("--freq-coeff", type=float, default=0.0,
                    help="JumpReLU: weight μ of minisae's frequency penalty μ·Σ_i max(p_i − target, 0)², "
                         "p_i the fraction of the batch latent i fires on (default 0 = off)")

@@ -95,8 +95,6 @@ def init_shard(cfg, d_in, lo, hi, xp, b_dec=None):
     """Training-form parameters of latents [lo, hi): W_dec chunk-keyed, W_enc = W_dec^T, every
     per-latent vector at its variant's init value (JumpReLU: threshold_init, threshold_param),
     b_dec given or 0."""
-    from minisae.training.config import param_names
-
     mod = VARIANTS[cfg.architecture]
     kw = {}
     if cfg.architecture == "jumprelu":
@@ -104,7 +102,7 @@ def init_shard(cfg, d_in, lo, hi, xp, b_dec=None):
     one = mod.init(d_in, 1, seed=0, dtype=cfg.dtype, **kw)  # the variant's init values, one latent
     W_dec = init_dictionary_chunked(d_in, lo, hi, seed=cfg.seed, dtype=cfg.dtype)  # (m, D)
     params = {}
-    for name in param_names(cfg):
+    for name in one:  # the variant's parameter names, in its order
         if name == "W_dec":
             params[name] = asarray(W_dec, xp)  # (m, D)
         elif name == "W_enc":
@@ -125,13 +123,14 @@ def shard_forward_backward(arch, params, x, hyper, comm, lo=0, d_sae=None):
     [lo, lo + m) of d_sae (lo, d_sae: only BatchTopK needs them, for its global order and prefixes).
 
     comm is the shard group (size S). stats: loss, mse, l0 (Python floats, over all latents;
-    BatchTopK adds min_kept); grads: this shard's gradients (b_dec's summed over shards);
+    BatchTopK adds min_kept; with S = 1 also fired_count, (m,) tokens each latent fired on); grads: this shard's gradients (b_dec's summed over shards);
     fired: (m,) bool. With S = 1 this is the variant's own step, `forward_backward` (its fastest
     exact path, the one minisae.training.train runs), bit for bit."""
     mod = VARIANTS[arch]
     if comm.size == 1:  # the variant's own step
         out, grads = mod.forward_backward(params, x, **hyper, path="auto", dense_f=False)
         stats = {k: float(to_numpy(out[k])) for k in ("loss", "mse", "l0", "min_kept") if k in out}
+        stats["fired_count"] = out["fired"]  # (M,) tokens each latent fired on (the L0 controller reads it)
         return stats, grads, out["fired"] != 0
     if arch == "topk":
         return _topk(params, x, hyper, comm)

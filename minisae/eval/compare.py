@@ -7,8 +7,8 @@ synthsaebench) at CPU size: far more true features than latents, Zipfian and cor
 a hierarchy, and known true features, so feature quality (MCC, F1) is measured beside
 reconstruction. Every variant (JumpReLU, Gated and TopK by default; BatchTopK and Matryoshka
 BatchTopK with --variants) trains at each target L0 with each seed on the same activations:
-TopK/BatchTopK through k, JumpReLU (the paper's L0 penalty) and Gated through the λ controller
-(minisae.training.l0control). Each number in the report is a mean ± standard deviation over seeds (the SAE's
+TopK/BatchTopK through k, JumpReLU (the paper's L0 penalty) and Gated through the L0 controller
+(minisae.training.l0control: thresholds calibrated to the target, then moved every step). Each number in the report is a mean ± standard deviation over seeds (the SAE's
 initialisation and the data order change with the seed; the data-generating model does not).
 
 The verdict (minisae.eval.report) is made at matched L0: each run's explained variance (and MCC,
@@ -68,10 +68,10 @@ class CompareConfig:
     batch_size: int = 512                 # tokens per step
     lr: dict = dataclasses.field(default_factory=lambda: dict(DEFAULT_LR))  # per variant
     warmup_steps: int = 100               # cosine lr warm-up
-    sparsity_warmup_steps: int = 300      # linear λ warm-up (the controller starts after it)
+    sparsity_warmup_steps: int = 300      # linear λ warm-up (the L0 controller acts from step 0)
     decay_frac: float = 0.1               # linear lr decay over the last 10% of steps
     dead_window_tokens: int = 200_000     # TopK AuxK / dead statistics window
-    threshold_init: float | None = 0.1    # JumpReLU θ at init (Gemma Scope's 0.001 needs a long run)
+    threshold_init: float | None = None   # JumpReLU θ at init; None: calibrated to each target (l0control)
     threshold_lr_mult: float = 1.0        # JumpReLU θ learning rate × this (1 = the paper's single lr)
     bandwidth: float = 0.001              # JumpReLU kernel bandwidth ε (Gemma Scope's)
     cache_tokens: int = 1 << 19           # synthetic data generated once (longer runs re-read it, reshuffled)

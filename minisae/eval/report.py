@@ -303,12 +303,12 @@ def render_report(results):
                  + f"; target L0s {', '.join(f'{t:g}' for t in sorted({r['target'] for r in rows}))}; "
                  f"{cfg['seeds']} seeds (SAE init and data order); backend {cfg['backend']}")
     if "jumprelu" in cfg["variants"]:
-        lines.append(f"- JumpReLU: the paper's L0 penalty, θ starts at {cfg['threshold_init'] or 0.001:g}, "
+        lines.append(f"- JumpReLU: the paper's L0 penalty, θ starts {'at %g' % cfg['threshold_init'] if cfg['threshold_init'] else 'calibrated to the target'}, "
                      f"ε = {recipes['jumprelu'].get('bandwidth', cfg['bandwidth']):g}, θ learning rate = {cfg['threshold_lr_mult']:g} × lr"
                      + (" (the paper's single learning rate)" if cfg["threshold_lr_mult"] == 1 else
                         " (minisae's --threshold-lr-mult; the paper uses one learning rate)"))
-    lines.append("- L0: TopK/BatchTopK k = target; JumpReLU and Gated λ set every step by a PI controller on "
-                 "log λ (minisae.training.l0control); λ shown is each run's final value")
+    lines.append("- L0: TopK/BatchTopK k = target; JumpReLU and Gated: thresholds calibrated to the target, then moved "
+                 "every step by the L0 controller (minisae.training.l0control); JumpReLU's λ fixed, Gated's bounded")
     lines.append(f"- Evaluation: {cfg['eval_tokens']} held-out tokens per SAE")
     lines.append(f"- Wall time: {wall_time_text(results)}\n")
     lines.append("## Verdict\n")

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy
 
 from minisae.dist.sharded import latent_range
-from minisae.errors import FileFormatError, InputError, storage_error
+from minisae.errors import CheckpointError, FileFormatError, InputError, storage_error
 from minisae.io.files import check_output_dir, check_regular_file, make_dir, parse_json, read_json, temp_name, write_atomic
 from minisae.io.safetensors_io import SafetensorsError, SafetensorsFile, save_file
 from minisae.training.config import param_names
@@ -31,10 +31,6 @@ from minisae.xp import asarray, to_numpy
 CHECKPOINT_NAME = "checkpoint.safetensors"
 CHECKPOINT_FORMAT = "minisae-checkpoint-1"
 SHARDED_DIR, SHARDED_MANIFEST = "checkpoint", "checkpoint.json"  # the parallel trainer's (minisae.training.train)
-
-
-class CheckpointError(FileFormatError):
-    """A checkpoint is missing, unreadable, truncated or does not fit the config."""
 
 
 # Config fields a resumed run may change without changing its result.

@@ -14,10 +14,14 @@ from minisae.sae import VARIANTS
 # arXiv 2408.05147, App. A), Gated per its paper (Rajamanoharan et al. 2024, arXiv 2404.16014);
 # TopK follows Gao et al. (arXiv 2406.04093), lr ∝ 1/√M (optim.topk_lr).
 DEFAULT_LR = {"jumprelu": 7e-5, "gated": 3e-4}
-# The λ controller's starting λ when target_l0 is given without a sparsity coefficient (on inputs
-# normalised to E‖x‖² = 1; the controller moves it by up to a factor e per 100 steps).
+# λ when target_l0 is given without a sparsity coefficient (on inputs normalised to E‖x‖² = 1). The
+# L0 controller (minisae.training.l0control) moves the thresholds themselves; JumpReLU's λ stays
+# fixed, Gated's stays within a factor 12.2 of this.
 START_COEFF = {"jumprelu": 1e-2, "gated": 0.1}
 MAX_THRESHOLD_LR_MULT = 1e4  # θ at 10⁴ × lr already leaves any stable step (lr·1e300 made NaN)
+# Warm-ups scaled to the run when not given: the recipe's 1,000 / 10,000 steps, at most these
+# fractions of the steps (a 1,000-step run warms lr over 50 steps and λ over 200).
+WARMUP_FRAC, SPARSITY_WARMUP_FRAC = 0.05, 0.2
 
 
 @dataclasses.dataclass
@@ -29,7 +33,7 @@ class TrainConfig:
     threshold_rate: float = 0.01          # BatchTopK: averaging rate of the running inference threshold
     matryoshka: tuple | None = None       # BatchTopK, JumpReLU: nested prefix sizes m_1 < m_2 < ... (≤ d_sae)
     bandwidth: float = 0.001              # JumpReLU: ε of the threshold pseudo-derivative
-    threshold_init: float | None = None   # JumpReLU: θ at init; None = 0.001, Gemma Scope's (see below)
+    threshold_init: float | None = None   # JumpReLU: θ at init; None = 0.001, Gemma Scope's (with target_l0: calibrated)
     threshold_param: str = "log"          # JumpReLU: train log θ ("log", the paper) or θ itself ("raw", SAELens)
     penalty: str = "l0"                   # JumpReLU: "l0" (the paper) | "quadratic" (Gemma Scope 2, needs target_l0) | "tanh" (SAELens)
     target_l0: float | None = None        # L0* of the quadratic penalty: λ·(2/L0*)·(L0_b − L0*)² per token
@@ -45,8 +49,8 @@ class TrainConfig:
     steps: int | None = None              # optimiser steps; or give tokens
     tokens: int | None = None             # training tokens (steps = ceil(tokens / batch_size))
     batch_size: int = 4096                # B
-    warmup_steps: int = 1000              # cosine lr warm-up from 0.1·lr
-    sparsity_warmup_steps: int = 10000    # linear λ warm-up from 0 (JumpReLU, Gated)
+    warmup_steps: int | None = None       # cosine lr warm-up from 0.1·lr; None = min(1000, 5 % of steps)
+    sparsity_warmup_steps: int | None = None  # linear λ warm-up from 0 (JumpReLU, Gated); None = min(10000, 20 % of steps)
     decay_frac: float = 0.0               # linear lr decay to 0 over this last fraction of steps
     seed: int = 0                         # parameter init (data order belongs to the source)
     backend: str = "numpy"                # "numpy" | "cupy"
@@ -61,14 +65,12 @@ class TrainConfig:
     eval_batch_size: int = 4096
     prefetch: int = 1                     # batches made ahead in a background thread (0 = none)
     threshold_lr_mult: float = 1.0        # JumpReLU: θ's learning rate = this × lr (1 = the paper's single lr)
-    controller_kp: float = l0control.DEFAULT_KP  # λ controller gains (with target_l0; minisae.training.l0control)
-    controller_ki: float = l0control.DEFAULT_KI
+    controller_gain: float = l0control.DEFAULT_GAIN  # L0 controller: threshold level move per step (minisae.training.l0control)
 
     def uses_controller(self):
-        """True when target_l0 is met by the λ controller: Gated, and JumpReLU with the L0 (or tanh) penalty.
-        (TopK/BatchTopK meet it through k, JumpReLU's quadratic penalty through its own target.)"""
-        return self.target_l0 is not None and (
-            self.architecture == "gated" or (self.architecture == "jumprelu" and self.penalty in ("l0", "tanh")))
+        """True when target_l0 is met by the L0 controller (θ calibrated, then moved outside Adam):
+        Gated and JumpReLU, every penalty. (TopK/BatchTopK meet it through k.)"""
+        return self.target_l0 is not None and self.architecture in ("jumprelu", "gated")
 
     def uses_dead_mask(self):
         """True when the loss reads which latents are dead (none fired for dead_window_tokens):
@@ -91,8 +93,8 @@ class TrainConfig:
                 raise ValueError(f"k={c.k} and target_l0={c.target_l0} disagree; give one of them")
         if c.uses_controller() and c.sparsity_coeff is None:
             c.sparsity_coeff = START_COEFF[c.architecture]
-        if c.uses_controller() and not c.sparsity_coeff > 0:
-            raise ValueError(f"sparsity_coeff: the λ controller starts from a value > 0, found {c.sparsity_coeff}")
+        if not (c.controller_gain > 0 and math.isfinite(c.controller_gain)):
+            raise ValueError(f"controller_gain: expected a value > 0, found {c.controller_gain!r}")
         if not (0 < c.threshold_lr_mult <= MAX_THRESHOLD_LR_MULT):  # (NaN fails too)
             raise ValueError(f"threshold_lr_mult: expected a value in (0, {MAX_THRESHOLD_LR_MULT:g}] (θ's learning "
                              f"rate is lr times it), found {c.threshold_lr_mult!r}")
@@ -116,6 +118,10 @@ class TrainConfig:
                 raise ValueError("give steps or tokens (how long to train)")
             c.steps = -(-c.tokens // c.batch_size)
         c.tokens = c.steps * c.batch_size
+        if c.warmup_steps is None:  # scaled to the run (the recipe's 1,000 steps at most)
+            c.warmup_steps = min(1000, math.ceil(WARMUP_FRAC * c.steps))
+        if c.sparsity_warmup_steps is None:
+            c.sparsity_warmup_steps = min(10000, math.ceil(SPARSITY_WARMUP_FRAC * c.steps))
         for name in ("d_sae", "steps", "batch_size", "checkpoint_every", "log_every"):
             if getattr(c, name) < 1:
                 raise ValueError(f"{name}: expected a positive integer, found {getattr(c, name)}")

@@ -316,3 +316,23 @@ def sparsity_coeff_at(step, *, coeff, warmup_steps=10000):
 def topk_lr(d_sae):
     """Gao et al.'s learning-rate scaling: 2e-4 / sqrt(d_sae / 2^14)."""
     return 2e-4 / math.sqrt(d_sae / 2 ** 14)
+
+
+FLOAT32_SQUARE_MAX = math.sqrt(numpy.finfo(numpy.float32).max)  # |g| above this overflows g² in float32
+
+
+def nonfinite_cause(params, state, *, sparsity_coeff=None):
+    """Why a run went non-finite, in words, read off the parameters and Adam's moments: a second
+    moment that overflowed (a gradient above 1.8e19 in float32: Adam's update of that parameter
+    becomes 0, then NaN), a first moment or parameter that is NaN/inf, or, when all are finite,
+    the learning rate (the loss overflowed from finite parameters)."""
+    for k in params:
+        v = state["v"][k]
+        if not bool(xp_of(v).isfinite(v).all()):
+            lam = f" (sparsity_coeff = {sparsity_coeff:g} scales it)" if sparsity_coeff is not None else ""
+            return (f"the gradient of {k} exceeded {FLOAT32_SQUARE_MAX:.2g}, so its square overflowed Adam's "
+                    f"{v.dtype} second moment{lam}; use a smaller sparsity coefficient or --dtype float64")
+    for k, p in params.items():
+        if not (bool(xp_of(p).isfinite(p).all()) and bool(xp_of(p).isfinite(state["m"][k]).all())):
+            return f"{k} (or its Adam first moment) became NaN or inf; try a lower learning rate"
+    return "the parameters are finite, the loss overflowed; try a lower learning rate"

@@ -147,14 +147,13 @@ def _source_info(source):
 # the pieces of one step
 
 
-def make_controller(cfg, state):
-    """The λ controller (minisae.training.l0control) where target_l0 uses it, resumed from the
-    state's "controller" entry; else None. Both trainers call it, then, every step after the
-    warm-up, controller.update(step, l0 of the whole batch) and hypers_at(..., coeff=controller.coeff())."""
-    if not cfg.uses_controller():
-        return None
-    return l0control.L0Controller(cfg.target_l0, cfg.sparsity_coeff, kp=cfg.controller_kp, ki=cfg.controller_ki,
-                                  start_step=cfg.sparsity_warmup_steps, state=state.get("controller"))
+def make_controller(cfg, state, params, sample):
+    """The L0 controller (minisae.training.l0control) where target_l0 uses it, else None: resumed
+    from the state's "controller" entry, or (a fresh run) calibrating the thresholds of params in
+    place on sample() (normalised inputs, the same on every rank). The loop then calls, after every
+    optimiser step, controller.after_step(params, L0 of the whole batch, (M,) firing counts) and
+    reads λ as hypers_at(..., coeff=controller.coeff())."""
+    return l0control.make(cfg, params, state.get("controller"), sample)
 
 
 def lr_multipliers(cfg):

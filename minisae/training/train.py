@@ -135,6 +135,9 @@ def train_parallel(cfg, source, out_dir, *, shards=1, accumulate=1, comm=None, r
         if grid.S > 1 and cfg.penalty != "l0":
             raise InputError(f"penalty {cfg.penalty!r} couples every latent of a token (its total L0); "
                              "it cannot be split over latent shards: train it with --shards 1")
+        if grid.S > 1 and cfg.uses_controller():
+            raise InputError(f"--target-l0 for {cfg.architecture} is met by the L0 controller, whose calibration and "
+                             "step read every latent's firing count: train it with --shards 1 (data parallelism works)")
         n_micro = grid.R * int(accumulate)
         if int(accumulate) < 1 or cfg.batch_size % n_micro:
             raise InputError(f"batch_size {cfg.batch_size} must split into {grid.R} replicas x "
@@ -223,7 +226,10 @@ def _train_locked(cfg, source, out_dir, world, grid, xp, names, look, accumulate
 
     scale, params, adam, since_fired = state["scale"], state["params"], state["adam"], state["since_fired"]
     threshold = (state["batchtopk_threshold"], state["threshold_updates"])  # BatchTopK's running θ
-    controller = make_controller(cfg, state)  # λ from the whole batch's L0: the same on every rank
+    # target_l0 (JumpReLU, Gated): thresholds calibrated on batch 0 in a fresh run (every rank reads all of
+    # it, so every rank calibrates alike), then moved after every step (minisae.training.l0control)
+    controller = make_controller(cfg, state, params, None if state["step"] else lambda: numpy.divide(
+        _replica_rows(source, 0, cfg.batch_size, 0, cfg.batch_size), scale, dtype=cfg.dtype))  # (B, D)
     lr_mult = lr_multipliers(cfg)
     betas = (cfg.adam_beta1, cfg.adam_beta2)
     mod = VARIANTS[cfg.architecture]
@@ -266,10 +272,8 @@ def _train_locked(cfg, source, out_dir, world, grid, xp, names, look, accumulate
                 losses.append(out["loss"])
                 if cfg.architecture == "batchtopk":
                     min_kept.append(out["min_kept"])
-                l0 = None
-                if controller and step >= controller.start_step:  # a host read: the next λ needs it
-                    l0 = float(to_numpy(out["l0"]))
-                    controller.update(step, l0)
+                counts = out["fired"]  # (M,) tokens each latent fired on
+                l0 = float(to_numpy(out["l0"])) if controller else None  # a host read: the controller needs it
             else:
                 out, x = None, None
                 # sums: loss, mse, l0 over the micro-batches, and 1 where a batch held NaN or inf
@@ -279,6 +283,9 @@ def _train_locked(cfg, source, out_dir, world, grid, xp, names, look, accumulate
                     xj = asarray(X[j * b:(j + 1) * b], xp)  # (b, D)
                     stats, g, f = shard_forward_backward(cfg.architecture, params, xj, hyper, grid.shard,
                                                          grid.lo, cfg.d_sae)
+                    if controller:  # (m,) firing counts (S = 1: the controller refuses more shards)
+                        c = to_numpy(stats.pop("fired_count")).astype(numpy.float64)
+                        counts = c if j == 0 else counts + c
                     parts.append(g)
                     fired = f if fired is None else fired | f
                     sums[:3] += (stats["loss"], stats["mse"], stats["l0"])
@@ -289,6 +296,8 @@ def _train_locked(cfg, source, out_dir, world, grid, xp, names, look, accumulate
                     grads = {k: grid.replica.sum(v) for k, v in grads.items()}
                     fired = grid.replica.any(fired)
                     sums = grid.replica.sum(sums)
+                    if controller:
+                        counts = grid.replica.sum(counts)
                 if cfg.architecture == "batchtopk":  # the running inference threshold, the same on every rank
                     if grid.R > 1:
                         low = float(grid.replica.allgather(numpy.array([low]))[:, 0].min())
@@ -304,8 +313,6 @@ def _train_locked(cfg, source, out_dir, world, grid, xp, names, look, accumulate
                 if not math.isfinite(loss):
                     raise dist.on_every_rank(TrainingError(
                         f"step {step}: the loss is {loss}; " + _kept(ckdir, last_good) + "; try a lower learning rate"))
-                if controller and step >= controller.start_step:
-                    controller.update(step, l0)
             lr = optim.lr_at(step, lr=cfg.lr, warmup_steps=cfg.warmup_steps, total_steps=cfg.steps,
                              decay_frac=cfg.decay_frac)
             # Adam with the decoder's rows held at unit norm: dW_dec loses its component along each
@@ -314,6 +321,8 @@ def _train_locked(cfg, source, out_dir, world, grid, xp, names, look, accumulate
                               unit_rows="W_dec")
             if "threshold" in params:  # raw θ: kept >= 0 by projection (a θ < 0 would count π = 0 as active)
                 xp.maximum(params["threshold"], 0.0, out=params["threshold"])
+            if controller:  # the thresholds moved toward target_l0 from the whole batch's L0 and counts
+                controller.after_step(params, l0, counts)
             del grads  # the next step's gradients need the room
             since_fired += cfg.batch_size  # (m,) tokens since each latent last fired ...
             since_fired *= ~fired  # ... reset where it fired in this step's batch
@@ -321,7 +330,8 @@ def _train_locked(cfg, source, out_dir, world, grid, xp, names, look, accumulate
             log_now = done % cfg.log_every == 0 or done == cfg.steps
             checkpoint_now = done % cfg.checkpoint_every == 0 or done == cfg.steps
             if alone and (log_now or checkpoint_now):  # the host reads of the steps since the last one
-                loss = _check_losses(xp, losses, done - len(losses), ckdir, last_good)
+                loss = _check_losses(xp, losses, done - len(losses), ckdir, last_good,
+                                     lambda: optim.nonfinite_cause(params, adam, sparsity_coeff=hyper.get("sparsity_coeff")))
                 losses = []
                 for m in min_kept:  # in step order: the same θ as updating at every step
                     threshold = VARIANTS["batchtopk"].update_threshold(*threshold, float(to_numpy(m)),
@@ -341,11 +351,12 @@ def _train_locked(cfg, source, out_dir, world, grid, xp, names, look, accumulate
                     pending.append(row)
                     bar.set_postfix(loss=f"{loss:.4g}", L0=f"{l0:.1f}", FVU=f"{row['fvu']:.4f}")
             if checkpoint_now:
-                bad = world.sum(numpy.array([0 if _finite(params, xp) else 1], dtype=numpy.int64))[0]
+                bad = world.sum(numpy.array([0 if _finite(params, xp) and _finite(adam["v"], xp) else 1],
+                                            dtype=numpy.int64))[0]
                 if bad:
                     raise dist.on_every_rank(TrainingError(
                         f"step {step}: the parameters became NaN or inf; " + _kept(ckdir, last_good)
-                        + "; try a lower learning rate"))
+                        + "; " + optim.nonfinite_cause(params, adam)))
                 # the step's metrics lines reach the disk first, its checkpoint after: a kill between
                 # leaves lines past the checkpoint, which a resume cuts and writes again
                 world.on_root(lambda: _append_jsonl(metrics_path, pending, durable=True))
@@ -384,7 +395,7 @@ def _kept(ckdir, last_good):
     return f"the last good checkpoint (step {last_good}) is kept in {ckdir}"
 
 
-def _check_losses(xp, losses, first_step, ckdir, last_good):
+def _check_losses(xp, losses, first_step, ckdir, last_good, cause=lambda: "try a lower learning rate"):
     """Read the losses of steps first_step, first_step + 1, ... back at once; raise a
     TrainingError naming the first non-finite one; return the last as a Python float."""
 
@@ -392,7 +403,7 @@ def _check_losses(xp, losses, first_step, ckdir, last_good):
     bad = numpy.flatnonzero(~numpy.isfinite(values))
     if bad.size:
         raise TrainingError(f"step {first_step + int(bad[0])}: the loss is {values[bad[0]]}; "
-                            + _kept(ckdir, last_good) + "; try a lower learning rate")
+                            + _kept(ckdir, last_good) + "; " + cause())
     return float(values[-1])
 
 
