@@ -420,6 +420,27 @@ def test_model_loss_equals_cross_entropy_of_forward(model, xp, monkeypatch):
         cross_entropy(model.forward(ids, splice=splice), ids, mask)[0], rel=1e-6)
 
 
+def test_attention_by_query_blocks_equals_the_full_masked_attention(model, xp, monkeypatch):
+    # query blocks of 2 positions, each against only the keys it sees (causal; sliding window W=3
+    # on the sliding layers): the same logits as the full (T, T) scores with the mask, up to the
+    # order of float32 sums; and so do the captured activations at every layer
+    import minisae.models.gemma2.model as gm
+
+    ids = make_ids(6)
+    full = to_numpy(model.forward(ids))
+    acts = {s: to_numpy(a) for s, a in model.capture(ids, ["blocks.0.attn.hook_z", "blocks.2.hook_resid_post"]).items()}
+    monkeypatch.setattr(gm, "_ATTN_QBLOCK", 2)  # T = 9 > 2 blocks: the blocked path runs
+    calls = []
+    real = model._attention_blocked
+    monkeypatch.setattr(model, "_attention_blocked", lambda *a: calls.append(a[-1]) or real(*a))
+    blocked = to_numpy(model.forward(ids))
+    assert sorted(set(calls), key=str) == sorted({W, None}, key=str)  # sliding and global layers both ran
+    numpy.testing.assert_allclose(blocked, full, rtol=F32_RTOL, atol=F32_ATOL)
+    got = model.capture(ids, list(acts))
+    for s in acts:
+        numpy.testing.assert_allclose(to_numpy(got[s]), acts[s], rtol=F32_RTOL, atol=F32_ATOL)
+
+
 def test_blocked_nll_equals_float64_nll_of_the_whole_logits(model, xp, monkeypatch):
     # _nll_sum makes the logits (rows x vocabulary block) at a time with an online log-sum-exp in
     # float32; nll_sum takes the whole (n, V) logits in float64: the same number within float32

@@ -31,6 +31,7 @@ from .config import Gemma2Config
 from .weights import check_shapes, expected_shapes
 
 _ATTN_BYTES = 256 * 2**20  # attention scores are computed for as many batch rows as fit in this
+_ATTN_QBLOCK = 128  # longer than 2 blocks: attention by blocks of this many queries (_attention_blocked)
 _CE_ELEMS = 2**22  # cross_entropy gathers about this many logits at a time (float64)
 _LOSS_ROWS = 1024  # Gemma2Model.loss scores this many tokens at a time ...
 _LOSS_COLS = 4096  # ... against this many vocabulary entries at a time: (rows, cols) logits, 16 MiB
@@ -74,20 +75,20 @@ def apply_rope(x, cos, sin):
 
 
 def attention_scores_to_probs(s, mask, scale, cap, xp):
-    """In place on s (b, K, G, T, T): scale, soft-cap, mask, float32 softmax over keys. On NumPy
+    """In place on s (b, K, G, Tq, T): scale, soft-cap, mask (Tq, T), float32 softmax over keys. On NumPy
     the passes run over blocks of query rows that stay in cache, split over threads (every row
     is done exactly as the whole array would be: the same numbers)."""
     if xp is not numpy or not s.flags.c_contiguous:
         return _scores_to_probs(s, mask, scale, cap, xp)
-    T = s.shape[-1]
-    rows = s.reshape(-1, T)  # (R, T) view: row r is query position r % T of one head
+    Tq, T = s.shape[-2], s.shape[-1]  # queries, keys (Tq < T for a block of queries)
+    rows = s.reshape(-1, T)  # (R, T) view: row r is query position r % Tq of one head
     per_block = max(1, PASS_BLOCK // max(T, 1))
 
     def piece(lo, hi):
         r0 = lo
         while r0 < hi:
-            r1 = min(r0 + per_block, hi, (r0 // T + 1) * T)  # a block never crosses a head
-            q0 = r0 % T
+            r1 = min(r0 + per_block, hi, (r0 // Tq + 1) * Tq)  # a block never crosses a head
+            q0 = r0 % Tq
             _scores_to_probs(rows[r0:r1], mask[q0:q0 + r1 - r0], scale, cap, numpy)
             r0 = r1
 
@@ -395,6 +396,10 @@ class Gemma2Model:
         vh = xp.ascontiguousarray(v.transpose(0, 2, 1, 3))  # (B, K, T, d)
         z = xp.empty((B, T, K, G, d), dtype=self.dtype)  # (B, T, K, G, d) == (B, T, H*d) head-major
         scale = float(c.query_pre_attn_scalar) ** -0.5
+        if T > 2 * _ATTN_QBLOCK:
+            window = c.sliding_window if c.is_sliding(layer) else None
+            self._attention_blocked(q, kh, vh, z, mask, scale, window)
+            return z.reshape(B * T, H * d)  # (N, H*d)
         rows = max(1, _ATTN_BYTES // (H * T * T * self.dtype.itemsize))  # batch rows per chunk
         for b0 in range(0, B, rows):
             b1 = min(B, b0 + rows)
@@ -404,6 +409,32 @@ class Gemma2Model:
             o = p.reshape(b1 - b0, K, G * T, T) @ vh[b0:b1]  # (b, K, G*T, T) @ (b, K, T, d) -> (b, K, G*T, d)
             z[b0:b1] = o.reshape(b1 - b0, K, G, T, d).transpose(0, 3, 1, 2, 4)  # (b, T, K, G, d)
         return z.reshape(B * T, H * d)  # (N, H*d)
+
+    def _attention_blocked(self, q, kh, vh, z, mask, scale, window):
+        """_attention's scores, softmax and values for query blocks of _ATTN_QBLOCK positions,
+        each against only the keys it can see: 0..t1 (causal) or t0-W+1..t1 (a sliding window
+        of W). For T = 1024 that is 56 % (causal) or 47 % (W = 512) of the full (T, T) products
+        and softmax. The keys left out are masked in the plain path (exp gives exactly 0 there),
+        so only the order of the float32 sums differs (tests/test_gemma2_model.py).
+        q (B, T, H, d), kh and vh (B, K, T, d); writes z (B, T, K, G, d)."""
+        xp, c = self.xp, self.config
+        B, T, H, d = q.shape
+        K = kh.shape[1]
+        G = H // K
+        qh = q.reshape(B, T, K, G, d).transpose(0, 2, 3, 1, 4)  # (B, K, G, T, d) a view
+        for t0 in range(0, T, _ATTN_QBLOCK):
+            t1 = min(T, t0 + _ATTN_QBLOCK)
+            k0 = 0 if window is None else max(0, t0 - window + 1)  # first key any query here sees
+            tq, tk = t1 - t0, t1 - k0
+            rows = max(1, _ATTN_BYTES // (H * tq * tk * self.dtype.itemsize))  # batch rows per chunk
+            for b0 in range(0, B, rows):
+                b1 = min(B, b0 + rows)
+                qb = qh[b0:b1, :, :, t0:t1].reshape(b1 - b0, K, G * tq, d)  # (b, K, G*tq, d) a copy
+                s = qb @ kh[b0:b1, :, k0:t1].swapaxes(-1, -2)  # (b, K, G*tq, d) @ (b, K, d, tk) -> (b, K, G*tq, tk)
+                p = attention_scores_to_probs(s.reshape(b1 - b0, K, G, tq, tk), mask[t0:t1, k0:t1], scale,
+                                              c.attn_logit_softcapping, xp)  # (b, K, G, tq, tk)
+                o = p.reshape(b1 - b0, K, G * tq, tk) @ vh[b0:b1, :, k0:t1]  # (b, K, G*tq, tk) @ (b, K, tk, d)
+                z[b0:b1, t0:t1] = o.reshape(b1 - b0, K, G, tq, d).transpose(0, 3, 1, 2, 4)  # (b, tq, K, G, d)
 
     def _position_qk(self, q, k, lw, cos, sin):
         """RoPE on queries (B, T, H, d) and keys (B, T, K, d); values are not rotated."""
