@@ -414,6 +414,68 @@ def test_model_loss_equals_cross_entropy_of_forward(model, xp, monkeypatch):
         cross_entropy(model.forward(ids, splice=splice), ids, mask)[0], rel=1e-6)
 
 
+def test_attention_by_query_blocks_equals_the_full_masked_attention(model, xp, monkeypatch):
+    # query blocks of 2 positions, each against only the keys it sees (causal; sliding window W=3
+    # on the sliding layers): the same logits as the full (T, T) scores with the mask, up to the
+    # order of float32 sums; and so do the captured activations at every layer
+    import minisae.models.gemma2.model as gm
+
+    ids = make_ids(6)
+    full = to_numpy(model.forward(ids))
+    acts = {s: to_numpy(a) for s, a in model.capture(ids, ["blocks.0.attn.hook_z", "blocks.2.hook_resid_post"]).items()}
+    monkeypatch.setattr(gm, "_ATTN_QBLOCK", 2)  # T = 9 > 2 blocks: the blocked path runs
+    calls = []
+    real = model._attention_blocked
+    monkeypatch.setattr(model, "_attention_blocked", lambda *a: calls.append(a[-1]) or real(*a))
+    blocked = to_numpy(model.forward(ids))
+    assert sorted(set(calls), key=str) == sorted({W, None}, key=str)  # sliding and global layers both ran
+    numpy.testing.assert_allclose(blocked, full, rtol=F32_RTOL, atol=F32_ATOL)
+    got = model.capture(ids, list(acts))
+    for s in acts:
+        numpy.testing.assert_allclose(to_numpy(got[s]), acts[s], rtol=F32_RTOL, atol=F32_ATOL)
+
+
+def test_blocked_nll_equals_float64_nll_of_the_whole_logits(model, xp, monkeypatch):
+    # _nll_sum makes the logits (rows x vocabulary block) at a time with an online log-sum-exp in
+    # float32; nll_sum takes the whole (n, V) logits in float64: the same number within float32
+    # rounding of the exp terms (1e-6 relative, well inside GEMMA_RTOL), soft-cap included
+    import minisae.models.gemma2.model as gm
+
+    assert model.config.final_logit_softcapping is not None  # the cap is exercised too
+    h = xp.asarray(numpy.random.default_rng(3).standard_normal((37, model.config.hidden_size)) * 3,
+                   dtype=numpy.float32)  # (n, D)
+    targets = xp.asarray(numpy.random.default_rng(4).integers(0, model.config.vocab_size, 37))
+    want = gm.nll_sum(model._logits(h), targets, xp)
+    for cols in (model.config.vocab_size, 7, 16):  # one block; blocks not dividing V; several
+        monkeypatch.setattr(gm, "_LOSS_COLS", cols)
+        assert model._nll_sum(h, targets) == pytest.approx(want, rel=1e-6)
+
+
+def test_losses_of_several_splices_equal_one_loss_per_splice_bitwise(model, xp, monkeypatch):
+    # the shared prefix (layers below the lowest spliced one, run once) changes no number
+    import minisae.models.gemma2.model as gm
+
+    monkeypatch.setattr(gm, "_LOSS_ROWS", 5)
+    ids = make_ids(5)
+    mask = numpy.ones((B, T), bool)
+    mask[1, 6:] = False
+    last = model.config.num_hidden_layers - 1
+    splices = [None, {f"blocks.{last}.hook_resid_post": lambda a: a * 0.5},
+               {f"blocks.{last}.hook_mlp_out": lambda a: a * 0.0},
+               {f"blocks.{last}.hook_resid_post": lambda a: a + 1.0, "blocks.0.hook_mlp_in": lambda a: a}]
+    runs = []
+    real_run = model._run
+    monkeypatch.setattr(model, "_run", lambda *a, **k: runs.append(k.get("stop")) or real_run(*a, **k))
+    got = model.losses(ids, mask, splices)
+    assert runs == [None] * 4  # the lowest splice is at layer 0 here: nothing to share
+    want = [model.loss(ids, mask, splice=sp) for sp in splices]
+    assert got == want
+    runs.clear()
+    got = model.losses(ids, mask, splices[:3])
+    assert runs == [last] + [None] * 3  # layers 0..last-1 once, then the top layer per splice
+    assert got == want[:3] and len({g[0] for g in got}) == 3  # and the splices do differ
+
+
 # ---- an independent float64 reference --------------------------------------------------------------
 
 def reference_logits(cfg, w, ids):

@@ -200,11 +200,12 @@ def evaluate_lm(sae, model, tokenizer, text_paths, site, *, seq_len=1024, batch_
             clean = {site: record("in"), site_out: record("out")} if transcoder else None
             spliced = {site: record("in"), site_out: splice_sae} if transcoder else {site: splice_sae}
             losses = {}
-            for name, splice in (("clean", clean), ("sae", spliced), ("zero", {site_out: splice_zero})):
-                # = cross_entropy(model.forward(ids, splice), ...) without the (B, T, V) logits
-                loss, n = model.loss(ids, mask, splice=splice, exclude_ids=special)
+            names, splices = ("clean", "sae", "zero"), (clean, spliced, {site_out: splice_zero})
+            # = cross_entropy(model.forward(ids, splice), ...) per splice without the (B, T, V) logits,
+            # the layers below the site run once for all three (model.losses)
+            for name, (loss, n) in zip(names, model.losses(ids, mask, splices, exclude_ids=special)):
                 losses[name] = (float(to_numpy(loss)), int(to_numpy(n)))
-                if name == "clean" and transcoder:
+                if name == "clean" and transcoder:  # seen["in"]: the sae pass recorded the same values
                     rows = mask & (ids != tokenizer.bos_id)  # (B, T) real tokens, BOS excluded
                     x = asarray(seen["in"][rows], sae.xp)  # (n, D_in)
                     f = sae.encode(x)  # (n, M)

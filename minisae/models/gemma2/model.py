@@ -31,8 +31,11 @@ from .config import Gemma2Config
 from .weights import check_shapes, expected_shapes
 
 _ATTN_BYTES = 256 * 2**20  # attention scores are computed for as many batch rows as fit in this
+_ATTN_QBLOCK = 128  # longer than 2 blocks: attention by blocks of this many queries (_attention_blocked)
 _CE_ELEMS = 2**22  # cross_entropy gathers about this many logits at a time (float64)
-_LOSS_ROWS = 256  # Gemma2Model.loss makes logits for this many tokens at a time (256 MB for 2B)
+_LOSS_ROWS = 1024  # Gemma2Model.loss scores this many tokens at a time ...
+_LOSS_COLS = 8192  # ... against this many vocabulary entries at a time: (rows, cols) logits, 32 MiB
+# (4096-entry blocks cost 1.27x the GEMM time of the whole head with OpenBLAS, 8192 1.09x, 16384 1.09x)
 
 
 # ---- the pieces of a block, in the order they run -------------------------------------------------
@@ -73,20 +76,20 @@ def apply_rope(x, cos, sin):
 
 
 def attention_scores_to_probs(s, mask, scale, cap, xp):
-    """In place on s (b, K, G, T, T): scale, soft-cap, mask, float32 softmax over keys. On NumPy
+    """In place on s (b, K, G, Tq, T): scale, soft-cap, mask (Tq, T), float32 softmax over keys. On NumPy
     the passes run over blocks of query rows that stay in cache, split over threads (every row
     is done exactly as the whole array would be: the same numbers)."""
     if xp is not numpy or not s.flags.c_contiguous:
         return _scores_to_probs(s, mask, scale, cap, xp)
-    T = s.shape[-1]
-    rows = s.reshape(-1, T)  # (R, T) view: row r is query position r % T of one head
+    Tq, T = s.shape[-2], s.shape[-1]  # queries, keys (Tq < T for a block of queries)
+    rows = s.reshape(-1, T)  # (R, T) view: row r is query position r % Tq of one head
     per_block = max(1, PASS_BLOCK // max(T, 1))
 
     def piece(lo, hi):
         r0 = lo
         while r0 < hi:
-            r1 = min(r0 + per_block, hi, (r0 // T + 1) * T)  # a block never crosses a head
-            q0 = r0 % T
+            r1 = min(r0 + per_block, hi, (r0 // Tq + 1) * Tq)  # a block never crosses a head
+            q0 = r0 % Tq
             _scores_to_probs(rows[r0:r1], mask[q0:q0 + r1 - r0], scale, cap, numpy)
             r0 = r1
 
@@ -241,26 +244,86 @@ class Gemma2Model:
     def loss(self, ids, mask=None, splice=None, *, exclude_ids=None):
         """cross_entropy(forward(ids, splice), ids, mask) without ever holding (B, T, V) logits.
 
-        Logits are made only for the counted positions, _LOSS_ROWS at a time. exclude_ids
-        defaults to the config's PAD, EOS and BOS ids. Returns (mean loss, count).
+        Only the counted positions are scored, in (_LOSS_ROWS, _LOSS_COLS) blocks of logits
+        (see _nll_sum). exclude_ids defaults to the config's PAD, EOS and BOS ids. Returns
+        (mean loss, count).
         """
+        return self.losses(ids, mask, [splice], exclude_ids=exclude_ids)[0]
+
+    def losses(self, ids, mask=None, splices=(None,), *, exclude_ids=None):
+        """[loss(ids, mask, splice=s, exclude_ids=...) for s in splices], the same numbers, with
+        the layers below the lowest spliced layer run once for all of them: those layers see the
+        same tokens and no splice, so every pass would compute the same residual stream there.
+        (A clean pass and an SAE pass spliced at layer 6 of 18 share layers 0-5.)"""
         c = self.config
         if exclude_ids is None:
             exclude_ids = [i for i in (c.pad_token_id, *c.eos_token_ids, c.bos_token_id) if i is not None]
-        h, _, (B, T) = self._run(ids, splice=splice, capture=())
+        ids = self._check_ids(ids)
+        B, T = ids.shape
         rows, cols, targets = counted_pairs(ids, mask, exclude_ids, (B, T), self.xp)  # (n,) each
         n = int(rows.shape[0])
-        if n == 0:
-            return float("nan"), 0
-        flat = rows * T + cols  # (n,) token index into h
-        total = 0.0
-        for s0 in range(0, n, _LOSS_ROWS):
-            s1 = s0 + _LOSS_ROWS
-            total += nll_sum(self._logits(h[flat[s0:s1]]), targets[s0:s1], self.xp)  # (n, V) a chunk
-        return total / n, n
+        splices = list(splices)
+        layers = [self._check_site(site)[0] for sp in splices for site in (sp or {})]
+        split = min(layers) if layers and len(splices) > 1 else 0  # layers 0..split-1 are shared
+        prefix = self._run(ids, splice=None, capture=(), stop=split)[0] if split > 0 else None  # (N, D)
+        out = []
+        for sp in splices:
+            h, _, _ = self._run(ids, splice=sp, capture=(), start=(split, prefix) if split > 0 else None)
+            if n == 0:
+                out.append((float("nan"), 0))
+                continue
+            flat = rows * T + cols  # (n,) token index into h
+            total = 0.0
+            for s0 in range(0, n, _LOSS_ROWS):
+                total += self._nll_sum(h[flat[s0:s0 + _LOSS_ROWS]], targets[s0:s0 + _LOSS_ROWS])
+            out.append((total / n, n))
+        return out
+
+    def _nll_sum(self, h, targets):
+        """sum over the rows of h (n, D) of logsumexp(z) - z[target], z = _logits(h) (n, V).
+
+        z is made _LOSS_COLS vocabulary entries at a time: the (V, D) head is read once, the (n, V)
+        logits never exist. The log-sum-exp runs online across the blocks: a running max m and a
+        running sum s of exp(z - m), rescaled by exp(m_old - m_new) when the max grows; exp in the
+        logits' dtype on the block, the running sums in float64. The same value as nll_sum of the
+        whole logits (float64 throughout) within float32 rounding (tests/test_gemma2_model.py). On
+        NumPy the elementwise passes over a block are split over threads by rows.
+        """
+        xp, c = self.xp, self.config
+        x = rms_norm(h, self.final_norm, c.rms_norm_eps)  # (n, D)  model.norm
+        n, V = x.shape[0], self.lm_head.shape[0]
+        m = xp.full(n, -numpy.inf)  # (n,) float64 running max
+        s = xp.zeros(n)  # (n,) float64 running sum of exp(z - m)
+        picked = xp.zeros(n)  # (n,) float64 z[target]
+        targets = asarray(targets, xp)
+        cap = c.final_logit_softcapping
+
+        def block(z, v0, lo, hi):  # rows lo..hi of the block z (n, Vc) holding vocabulary v0..v0+Vc
+            zb = z[lo:hi]  # (r, Vc)
+            if cap is not None:
+                zb /= cap  # final soft-cap, as in _logits
+                xp.tanh(zb, out=zb)
+                zb *= cap
+            t = targets[lo:hi] - v0  # (r,)
+            here = xp.nonzero((t >= 0) & (t < zb.shape[1]))[0]  # rows whose target is in this block
+            picked[lo + here] = zb[here, t[here]]
+            new = xp.maximum(m[lo:hi], zb.max(axis=-1))  # (r,) float64; a float32 value or m
+            zb -= new[:, None].astype(zb.dtype)  # exact cast: new is one of the block's values or m
+            xp.exp(zb, out=zb)
+            s[lo:hi] = s[lo:hi] * xp.exp(m[lo:hi] - new) + zb.sum(axis=-1)  # (r,)
+            m[lo:hi] = new
+
+        nt = threads.threads() if xp is numpy else 1
+        bounds = threads.even_pieces(n, nt, 64) if nt > 1 else [0, n]
+        for v0 in range(0, V, _LOSS_COLS):
+            z = x @ self.lm_head[v0:v0 + _LOSS_COLS].T  # (n, D) @ (D, Vc) -> (n, Vc)  tied head, a block
+            threads.run(lambda lo, hi: block(z, v0, lo, hi), bounds, nt)
+        return float((m + xp.log(s) - picked).sum())
 
     # ---- the forward recipe ----------------------------------------------------------------------
-    def _run(self, ids, *, splice, capture):
+    def _run(self, ids, *, splice, capture, start=None, stop=None):
+        """(h after the last layer run, {site: acts}, (B, T)). start=(L, h): begin at layer L from
+        the residual stream h (N, D) that layers 0..L-1 made; stop=L: run layers 0..L-1 only."""
         xp, c = self.xp, self.config
         ids = self._check_ids(ids)
         B, T = ids.shape
@@ -289,9 +352,13 @@ class Gemma2Model:
                 acts[name] = x.reshape(B, T, -1)  # (B, T, width)
             return x.reshape(B * T, -1)  # (N, width)
 
-        h = self.embed[ids.reshape(-1)]  # (N, D)  embedding lookup (a gather: a copy)
-        h = h * xp.asarray(math.sqrt(c.hidden_size), dtype=self.dtype)  # x sqrt(D), cast first (Gemma)
-        for layer in range(last + 1):
+        if stop is not None:
+            last = stop - 1
+        first, h = start if start is not None else (0, None)
+        if h is None:
+            h = self.embed[ids.reshape(-1)]  # (N, D)  embedding lookup (a gather: a copy)
+            h = h * xp.asarray(math.sqrt(c.hidden_size), dtype=self.dtype)  # x sqrt(D), cast first (Gemma)
+        for layer in range(first, last + 1):
             h = self._block(h, layer, B, T, hook, stop_after_z=only_z and layer == last)
         return h, acts, (B, T)
 
@@ -330,6 +397,10 @@ class Gemma2Model:
         vh = xp.ascontiguousarray(v.transpose(0, 2, 1, 3))  # (B, K, T, d)
         z = xp.empty((B, T, K, G, d), dtype=self.dtype)  # (B, T, K, G, d) == (B, T, H*d) head-major
         scale = float(c.query_pre_attn_scalar) ** -0.5
+        if T > 2 * _ATTN_QBLOCK:
+            window = c.sliding_window if c.is_sliding(layer) else None
+            self._attention_blocked(q, kh, vh, z, mask, scale, window)
+            return z.reshape(B * T, H * d)  # (N, H*d)
         rows = max(1, _ATTN_BYTES // (H * T * T * self.dtype.itemsize))  # batch rows per chunk
         for b0 in range(0, B, rows):
             b1 = min(B, b0 + rows)
@@ -339,6 +410,32 @@ class Gemma2Model:
             o = p.reshape(b1 - b0, K, G * T, T) @ vh[b0:b1]  # (b, K, G*T, T) @ (b, K, T, d) -> (b, K, G*T, d)
             z[b0:b1] = o.reshape(b1 - b0, K, G, T, d).transpose(0, 3, 1, 2, 4)  # (b, T, K, G, d)
         return z.reshape(B * T, H * d)  # (N, H*d)
+
+    def _attention_blocked(self, q, kh, vh, z, mask, scale, window):
+        """_attention's scores, softmax and values for query blocks of _ATTN_QBLOCK positions,
+        each against only the keys it can see: 0..t1 (causal) or t0-W+1..t1 (a sliding window
+        of W). For T = 1024 that is 56 % (causal) or 47 % (W = 512) of the full (T, T) products
+        and softmax. The keys left out are masked in the plain path (exp gives exactly 0 there),
+        so only the order of the float32 sums differs (tests/test_gemma2_model.py).
+        q (B, T, H, d), kh and vh (B, K, T, d); writes z (B, T, K, G, d)."""
+        xp, c = self.xp, self.config
+        B, T, H, d = q.shape
+        K = kh.shape[1]
+        G = H // K
+        qh = q.reshape(B, T, K, G, d).transpose(0, 2, 3, 1, 4)  # (B, K, G, T, d) a view
+        for t0 in range(0, T, _ATTN_QBLOCK):
+            t1 = min(T, t0 + _ATTN_QBLOCK)
+            k0 = 0 if window is None else max(0, t0 - window + 1)  # first key any query here sees
+            tq, tk = t1 - t0, t1 - k0
+            rows = max(1, _ATTN_BYTES // (H * tq * tk * self.dtype.itemsize))  # batch rows per chunk
+            for b0 in range(0, B, rows):
+                b1 = min(B, b0 + rows)
+                qb = qh[b0:b1, :, :, t0:t1].reshape(b1 - b0, K, G * tq, d)  # (b, K, G*tq, d) a copy
+                s = qb @ kh[b0:b1, :, k0:t1].swapaxes(-1, -2)  # (b, K, G*tq, d) @ (b, K, d, tk) -> (b, K, G*tq, tk)
+                p = attention_scores_to_probs(s.reshape(b1 - b0, K, G, tq, tk), mask[t0:t1, k0:t1], scale,
+                                              c.attn_logit_softcapping, xp)  # (b, K, G, tq, tk)
+                o = p.reshape(b1 - b0, K, G * tq, tk) @ vh[b0:b1, :, k0:t1]  # (b, K, G*tq, tk) @ (b, K, tk, d)
+                z[b0:b1, t0:t1] = o.reshape(b1 - b0, K, G, tq, d).transpose(0, 3, 1, 2, 4)  # (b, tq, K, G, d)
 
     def _position_qk(self, q, k, lw, cos, sin):
         """RoPE on queries (B, T, H, d) and keys (B, T, K, d); values are not rotated."""
