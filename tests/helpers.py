@@ -99,3 +99,27 @@ def fd_check(loss_fn, params, grads, names, rng, label):
 def jumprelu_pre(p, x, pre_enc_bias):
     x_c = x - p["b_dec"] if pre_enc_bias else x  # (B, D)
     return x_c @ p["W_enc"] + p["b_enc"]  # (B, M)
+
+
+# ---- mpiexec ------------------------------------------------------------------------------------
+
+def mpiexec_or_skip():
+    """(mpiexec, env) for running minisae under `mpiexec -n P` from a test: the mpiexec of the venv's
+    `mpich` wheel (or on PATH), and an environment that imports this checkout with one BLAS thread
+    per rank. Skips the test where mpi4py or mpiexec is missing (the dist extra)."""
+    import os
+    import shutil
+    import sys
+    from pathlib import Path
+
+    import pytest
+
+    pytest.importorskip("mpi4py")
+    here = Path(sys.executable).parent / "mpiexec"
+    exe = str(here) if here.exists() else shutil.which("mpiexec")
+    if exe is None:
+        pytest.skip("mpiexec not found (install the dist extra: pip install 'minisae[dist]')")
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "PYTHONPATH": f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+           "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
+    return exe, env

@@ -10,13 +10,13 @@ multi-process claims under real `mpiexec` (tests/mpi_worker.py; skipped without 
 """
 
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy
 import pytest
+from helpers import mpiexec_or_skip
 
 from minisae import dist
 from minisae.dist.sharded import init_shard, latent_range, make_grid, shard_forward_backward
@@ -28,19 +28,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))  # mpi_worker's source and configs
 
 
-def _mpiexec():
-    here = Path(sys.executable).parent / "mpiexec"
-    return str(here) if here.exists() else shutil.which("mpiexec")
-
-
 def run_mpi(case, n, tmp_path, timeout=120):
     """Run tests/mpi_worker.py CASE under `mpiexec -n n`; fail with its output if it fails."""
-    pytest.importorskip("mpi4py")
-    exe = _mpiexec()
-    if exe is None:
-        pytest.skip("mpiexec not found (install the dist extra: pip install 'minisae[dist]')")
-    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-           "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    exe, env = mpiexec_or_skip()
+    env["MKL_NUM_THREADS"] = "1"
     cmd = [exe, "-n", str(n), sys.executable, "-m", "mpi4py", str(ROOT / "tests" / "mpi_worker.py"),
            case, str(tmp_path)]
     try:
@@ -156,12 +147,7 @@ def test_blocked_topk_is_the_plain_one(monkeypatch):
 def test_cli_under_mpiexec(tmp_path):
     """`mpiexec -n 2 minisae train --shards 2`: the run folder, its grid record; then a second
     launch into the same folder fails on every rank with one error line, and nothing hangs."""
-    pytest.importorskip("mpi4py")
-    exe = _mpiexec()
-    if exe is None:
-        pytest.skip("mpiexec not found (install the dist extra: pip install 'minisae[dist]')")
-    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-           "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
+    exe, env = mpiexec_or_skip()
     cmd = [exe, "-n", "2", sys.executable, "-m", "mpi4py", "-m", "minisae.cli", "train", "--arch", "topk",
            "--k", "4", "--d-sae", "32", "--steps", "4", "--batch-size", "64", "--shards", "2", "--d-in", "16",
            "--eval-tokens", "256", "--out", str(tmp_path / "run"), "--no-progress"]
@@ -176,12 +162,7 @@ def test_cli_under_mpiexec(tmp_path):
 
 
 def _mpi_cli(args, tmp_path, n=2, runner=("-m", "mpi4py")):
-    pytest.importorskip("mpi4py")
-    exe = _mpiexec()
-    if exe is None:
-        pytest.skip("mpiexec not found (install the dist extra: pip install 'minisae[dist]')")
-    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-           "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
+    exe, env = mpiexec_or_skip()
     try:
         return subprocess.run([exe, "-n", str(n), sys.executable, *runner, "-m", "minisae.cli"] + args, env=env,
                               capture_output=True, text=True, timeout=120, cwd=tmp_path)

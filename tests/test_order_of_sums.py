@@ -7,14 +7,13 @@ with two, (a + b) and (b + a) are the same bits, so a sum taken in reverse would
   in order (`minisae train --accumulate 3` against `mpiexec -n 3 minisae train`).
 """
 
-import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy
 import pytest
+from helpers import mpiexec_or_skip
 
 from minisae.dist import comm as dist_comm
 from minisae.dist import ordered_sum
@@ -73,18 +72,8 @@ def test_mpi_sum_adds_the_ranks_in_rank_order(rank):
     assert got[rank].tobytes() != reverse.tobytes()
 
 
-def _mpiexec():
-    here = Path(sys.executable).parent / "mpiexec"
-    return str(here) if here.exists() else shutil.which("mpiexec")
-
-
 def test_three_ranks_equal_one_process_accumulating_three_micro_batches(tmp_path):
-    pytest.importorskip("mpi4py")
-    exe = _mpiexec()
-    if exe is None:
-        pytest.skip("mpiexec not found (install the dist extra: pip install 'minisae[dist]')")
-    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-           "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
+    exe, env = mpiexec_or_skip()
     train = ["-m", "minisae.cli", "train", "--arch", "topk", "--k", "4", "--d-sae", "48", "--steps", "3",
              "--batch-size", "96", "--d-in", "16", "--eval-tokens", "0", "--no-progress", "--lr", "0.01"]
     one = subprocess.run([sys.executable] + train + ["--accumulate", "3", "--out", str(tmp_path / "one")],

