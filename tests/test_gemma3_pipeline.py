@@ -129,3 +129,21 @@ def test_cli_cache_train_eval_convert_on_gemma3(tmp_path, corpus, capsys):
     back = tmp_path / "back"
     assert main(["convert", str(tmp_path / "lens"), str(back), "--to", "gemma-scope-2"]) == 0
     assert json.loads((back / "config.json").read_text()) == json.loads((tc / "config.json").read_text())
+
+
+def test_eval_of_a_transcoder_whose_outputs_overflow_writes_no_nan(tmp_path, corpus, capsys):
+    """A transcoder with a finite but huge W_skip (3e38) wrote NaN into eval.json with exit 0; now one
+    line, exit 2, and no file."""
+    from minisae.io.safetensors_io import SafetensorsFile, save_file
+
+    _, tok_path, texts = corpus
+    tc = transcoder_folder(tmp_path / "tc")
+    with SafetensorsFile(tc / "params.safetensors") as f:
+        t = {k: f.get(k) for k in f.keys()}
+    t["affine_skip_connection"] = numpy.full_like(t["affine_skip_connection"], 3e38)
+    save_file(t, tc / "params.safetensors")
+    capsys.readouterr()
+    assert main(["eval", "--sae", str(tc), "--text", texts[0], "--lm-tokens", "64", "--json", str(tmp_path / "t.json"),
+                 "--model", str(TINY3), "--tokenizer", str(tok_path), "--seq-len", "24", "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "non-finite" in err[0] and not (tmp_path / "t.json").exists()

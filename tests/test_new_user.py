@@ -407,3 +407,11 @@ def test_no_file_of_the_package_is_git_ignored():
     assert all((p.parent / "__init__.py").is_file() for p in (ROOT / "minisae").rglob("*.py"))
     run = subprocess.run(["git", "check-ignore", "--no-index", *files], cwd=ROOT, capture_output=True, text=True)
     assert run.stdout == "", f"git-ignored: {run.stdout}"
+
+
+def test_compare_refuses_a_jumprelu_option_when_no_jumprelu_is_compared(capsys):
+    """`compare --variants topk --threshold-lr-mult 0.1` was accepted and the option ignored."""
+    assert main(["compare", "--quick", "--variants", "topk", "--threshold-lr-mult", "0.1", "--out", "never-written",
+                 "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--threshold-lr-mult" in err[0] and "JumpReLU" in err[0]
