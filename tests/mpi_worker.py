@@ -47,7 +47,8 @@ def same_bits(a, b, what):
         assert a[k].dtype == b[k].dtype and numpy.array_equal(a[k], b[k]), f"{what}: {k} differs"
 
 
-def close(a, b, what, rtol, atol):
+def params_close(a, b, what, rtol, atol):
+    """Each parameter of a within atol + rtol·max|b| of b's (the scale-relative bound of sharded sums)."""
     for k in a:
         err = numpy.abs(a[k] - b[k]).max()
         bound = atol + rtol * numpy.abs(b[k]).max()
@@ -158,7 +159,7 @@ def case_shard(comm, tmp):
         assert abs(stats["loss"] - float(out["loss"])) <= SHARD64_RTOL * abs(float(out["loss"])), arch
         got = {k: (g[k] if k == "b_dec" else numpy.concatenate(
             list(_gather_var(comm, g[k], 1 if k == "W_enc" else 0)), axis=1 if k == "W_enc" else 0)) for k in g}
-        close(got, ref, f"{arch} sharded gradients", SHARD64_RTOL, 0.0)
+        params_close(got, ref, f"{arch} sharded gradients", SHARD64_RTOL, 0.0)
         assert numpy.array_equal(numpy.concatenate(_gather_var(comm, fired, 0)), (out["f"] != 0).any(axis=0))
         if extra:
             continue
@@ -177,7 +178,7 @@ def case_shard(comm, tmp):
             same_bits(resumed.params, res.params, f"{arch} resumed on the same grid")
             one = train_parallel(config(arch), SOURCE, tmp / f"s1-{arch}", comm=dist.SingleProcess(),
                                  progress=False)
-            close(res.params, one.params, f"{arch} S=2 vs S=1 training", SHARD32_RTOL, SHARD32_ATOL)
+            params_close(res.params, one.params, f"{arch} S=2 vs S=1 training", SHARD32_RTOL, SHARD32_ATOL)
         comm.barrier()
         if comm.rank == 0:  # the step-3 checkpoint converted to S = 3, then resumed on S = 1
             moved = reshard(tmp / f"copy-{arch}", tmp / f"re-{arch}", 3)
@@ -189,7 +190,7 @@ def case_shard(comm, tmp):
             assert numpy.array_equal(a["since_fired"], b["since_fired"]) and a["step"] == 3
             on1 = train_parallel(config(arch), SOURCE, tmp / f"re-{arch}", comm=dist.SingleProcess(),
                                  resume=True, progress=False)
-            close(on1.params, res.params, f"{arch} resumed on S=1 after S=2", SHARD32_RTOL, SHARD32_ATOL)
+            params_close(on1.params, res.params, f"{arch} resumed on S=1 after S=2", SHARD32_RTOL, SHARD32_ATOL)
         comm.barrier()
     # the threshold's learning-rate multiplier is per latent: S = 2 follows S = 1
     extra = dict(threshold_lr_mult=0.1)
@@ -198,7 +199,7 @@ def case_shard(comm, tmp):
     if comm.rank == 0:
         one = train_parallel(config("jumprelu", **extra), SOURCE, tmp / "s1-opt-jumprelu", comm=dist.SingleProcess(),
                              progress=False)
-        close(res.params, one.params, f"jumprelu {extra} S=2 vs S=1 training", SHARD32_RTOL, SHARD32_ATOL)
+        params_close(res.params, one.params, f"jumprelu {extra} S=2 vs S=1 training", SHARD32_RTOL, SHARD32_ATOL)
     comm.barrier()
     for arch, extra in OPTIONS:  # the L0 controller reads every latent's firing count: refused with S > 1
         try:
@@ -245,7 +246,7 @@ def case_nccl(comm, tmp):
     res = train_parallel(config("topk", backend="cupy"), SOURCE, tmp / "gpu", comm=comm, progress=False)
     if comm.rank == 0:
         ref = train_parallel(config("topk"), SOURCE, tmp / "cpu", comm=dist.SingleProcess(), progress=False)
-        close(res.params, ref.params, "GPU vs CPU", XP32_RTOL, XP32_RTOL)
+        params_close(res.params, ref.params, "GPU vs CPU", XP32_RTOL, XP32_RTOL)
 
 
 if __name__ == "__main__":

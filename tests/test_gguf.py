@@ -44,7 +44,7 @@ def one_bos(ids, bos=2):
     return [bos] + list(ids[start:])
 
 
-def close(a, b):
+def within_tolerance(a, b):
     """Max |a - b| / (ATOL + RTOL |b|): <= 1 passes."""
     return float(numpy.max(numpy.abs(a - b) / (GEMMA_ATOL + GEMMA_RTOL * numpy.abs(b))))
 
@@ -60,7 +60,7 @@ def test_tiny_logits_match_transformers(tmp_path, arch, variant):
     model = load_model(path)
     assert type(model).__name__ == {"gemma3": "Gemma3Model", "gemma2": "Gemma2Model"}[arch]
     logits = model.forward(arrays["ids"])
-    assert close(logits, arrays[f"logits.{variant}"]) <= 1, numpy.abs(logits - arrays[f"logits.{variant}"]).max()
+    assert within_tolerance(logits, arrays[f"logits.{variant}"]) <= 1, numpy.abs(logits - arrays[f"logits.{variant}"]).max()
 
 
 def test_tiny_tokenizer_matches_transformers(tmp_path):
@@ -216,13 +216,13 @@ def test_real_logits_norms_and_loss_match_transformers(real):
     ours = numpy.take_along_axis(logits, arrays["top_ids"].astype(numpy.int64), -1)  # (T, 10)
     rel = numpy.abs(ours - arrays["top_logits"]) / numpy.abs(arrays["top_logits"])
     print(f"max relative |Δlogit| over the top-10 at every position: {rel.max():.2e}")
-    assert close(ours, arrays["top_logits"]) <= 1
+    assert within_tolerance(ours, arrays["top_logits"]) <= 1
     # the same top-10, in the same order, wherever transformers' logits are not tied within the tolerance
     gaps = numpy.diff(-arrays["top_logits"], axis=-1) > 2 * (GEMMA_ATOL + GEMMA_RTOL * numpy.abs(arrays["top_logits"][:, 1:]))
     top = numpy.argsort(-logits, axis=-1, kind="stable")[:, :10]
     assert (top[:, 0] == arrays["top_ids"][:, 0])[gaps[:, 0]].all()
     norms = numpy.stack([resid[L] for L in range(model.config.num_hidden_layers)])  # (L, T)
-    assert close(norms, arrays["resid_norms"]) <= 1
+    assert within_tolerance(norms, arrays["resid_norms"]) <= 1
     loss, n = gemma2.cross_entropy(logits[None], ids, exclude_ids=())
     assert n == ids.shape[1] - 1 and loss == pytest.approx(float(arrays["loss"]), rel=1e-5)
 
@@ -251,4 +251,4 @@ def test_planted_bugs_break_parity(tmp_path, monkeypatch, bug):
     write_golden_gguf("gemma3", "f32", path)
     PLANTED[bug](monkeypatch)
     logits = load_model(path).forward(arrays["ids"])
-    assert close(logits, arrays["logits.f32"]) > 1, bug
+    assert within_tolerance(logits, arrays["logits.f32"]) > 1, bug
