@@ -15,7 +15,6 @@ minisae.cli.parser and checked in minisae.cli.args.
 import contextlib
 import io
 import json
-import math
 import os
 import sys
 from pathlib import Path
@@ -223,10 +222,6 @@ def cmd_eval(a):
         short = out["lm_tokens"] < a.lm_tokens
         _say_what_is_evaluated(f"delta LM loss on {out['lm_tokens']} scored tokens of {', '.join(a.text)}",
                                f"--lm-tokens {a.lm_tokens} is more than the texts hold" if short else None)
-    bad = [k for k, v in out.items() if isinstance(v, float) and not math.isfinite(v)]
-    if bad:  # e.g. a transcoder whose finite but huge W_skip overflows float32: no NaN is written as a result
-        raise InputError(f"{a.sae}: the evaluation gave non-finite {', '.join(bad)} (the SAE's outputs overflow "
-                         "on these activations: are its weights, e.g. W_skip, sane?); nothing written")
     print(_summary_line(out))
     if a.json:
         from minisae.io.files import write_atomic

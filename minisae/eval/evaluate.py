@@ -242,7 +242,8 @@ def evaluate_lm(sae, model, tokenizer, text_paths, site, *, seq_len=1024, batch_
 def evaluate(sae, source=None, *, n_tokens=65536, batch_size=4096, model=None, tokenizer=None,
              texts=None, site=None, seq_len=1024, lm_batch_size=2, lm_tokens=8192, text_field="text",
              site_out=None):
-    """evaluate_sae on `source` (when given) plus evaluate_lm (when model, tokenizer, texts, site are).
+    """evaluate_sae on `source` (when given) plus evaluate_lm (when model, tokenizer, texts, site are);
+    an InputError instead of a result holding NaN or inf.
 
     A transcoder is evaluated on the model only (cached activations hold one site, a transcoder
     needs two): its FVU and L0 come from evaluate_lm."""
@@ -261,6 +262,13 @@ def evaluate(sae, source=None, *, n_tokens=65536, batch_size=4096, model=None, t
                                max_tokens=lm_tokens, text_field=text_field, site_out=site_out))
     if not out:
         raise ValueError("nothing to evaluate: give an activation source, or a model with texts and a site")
+    bad = [k for k, v in out.items() if isinstance(v, float) and not math.isfinite(v)]
+    if bad:  # e.g. a transcoder whose finite but huge W_skip overflows float32: a NaN is no result
+        from minisae.errors import InputError
+
+        raise InputError(f"{getattr(sae, 'source', None) or 'the SAE'}: the evaluation gave non-finite "
+                         f"{', '.join(bad)} (its outputs overflow on these activations: are its weights, e.g. "
+                         "W_skip, sane?)")
     return out
 
 
