@@ -214,7 +214,7 @@ def run_compare(cfg, out_dir, *, source=None, model=None, tokenizer=None, eval_t
         "runs": rows,
         "recipes": recipes,
         "pilot": pilot,
-        "plateau": _plateaus(out, cfg, rows),
+        "plateau": _plateaus(cfg, rows),
     }
     # wall time over every call that wrote this sweep; an interrupted call's time is unknown, but
     # each run's metrics.jsonl keeps its own training time (train_seconds)
@@ -297,20 +297,21 @@ def _run_pilot(cfg, out, source, eval_source, resume, force, progress):
             "next_best": {v: p[1] for v, p in picks.items()}, "orderings": orderings, "flips": flips}
 
 
-def _plateaus(out, cfg, rows):
-    """Per (variant, target): the logged FVU's change over the last fifth of training against the
-    seeds' spread of the held-out FVU (minisae.eval.tuning.plateau)."""
+def _plateaus(cfg, rows):
+    """Per (variant, target): the logged FVU's change over the last fifth of training (each row's
+    fvu_tail_change) against the seeds' spread of the held-out FVU (minisae.eval.tuning.plateau)."""
     result = []
     for v in cfg.variants:
         for t in cfg.target_list():
             sel = [r for r in rows if r["variant"] == v and r["target"] == float(t)]
-            changes = [tuning.tail_change(_read_log(out / r["run_dir"])) for r in sel]
+            changes = [r.get("fvu_tail_change") for r in sel]
             result.append({"variant": v, "target": float(t),
                            **tuning.plateau(changes, [r.get("fvu") for r in sel])})
     return result
 
 
 def _read_log(run):
+    """A run's metrics.jsonl rows ([] when it has none)."""
     path = run / "metrics.jsonl"
     if not path.is_file():
         return []
@@ -345,13 +346,15 @@ def _evaluate_run(out, cfg, job, secs, eval_source, model, tokenizer, eval_texts
     sae = SAE.load(run / "sae")
     summary = evaluate_sae(sae, eval_source, n_tokens=cfg.eval_tokens)
     freq = numpy.asarray(summary.pop("firing_freq"))
+    log = _read_log(run)  # read once: training time, final λ, the tail of the FVU curve
     row = {"variant": variant, "target": float(target), "seed": seed, "run_dir": _run_dir(*job),
-           "train_seconds": round(max(secs, _recorded_seconds(run)), 2), **summary, "max_firing_freq": float(freq.max()) if freq.size else 0.0}
+           "train_seconds": round(max(secs, _recorded_seconds(log)), 2), **summary,
+           "max_firing_freq": float(freq.max()) if freq.size else 0.0, "fvu_tail_change": tuning.tail_change(log)}
     train_cfg = json.loads((run / "config.json").read_text())["train"]
     if train_cfg["architecture"] in ("topk", "batchtopk"):
         row["setting"] = f"k={train_cfg['k']}"
     else:
-        lam = _final_lambda(run)
+        lam = _final_lambda(log)
         row["sparsity_coeff"] = lam
         row["setting"] = f"λ={lam:.3g}" if lam is not None else "λ=?"
     row["dense_limit"] = getattr(eval_source, "dense_limit", DENSE_LIMIT)
@@ -377,28 +380,23 @@ def _earlier_calls(out):
         return [], {}
 
 
-def _recorded_seconds(run):
-    """A run's training time as its metrics.jsonl recorded it: each session's elapsed_s counts from
-    its own start (a resumed run starts again from 0), so the session maxima are summed."""
+def _recorded_seconds(log):
+    """A run's training time as its metrics.jsonl rows recorded it: each session's elapsed_s counts
+    from its own start (a resumed run starts again from 0), so the session maxima are summed."""
     total = last = 0.0
-    try:
-        lines = (run / "metrics.jsonl").read_text().splitlines()
-    except OSError:
-        return 0.0
-    for line in lines:
-        elapsed = float(json.loads(line).get("elapsed_s", 0.0))
+    for row in log:
+        elapsed = float(row.get("elapsed_s", 0.0))
         if elapsed < last:  # a new session began
             total += last
         last = elapsed
     return total + last
 
 
-def _final_lambda(run):
-    """The λ a run ended with: the one used at its last step (metrics.jsonl's last line; runs log
+def _final_lambda(log):
+    """The λ a run ended with: the one used at its last step (metrics.jsonl's last row; runs log
     their last step). The saved SAE keeps no λ (cfg.json has none), and the controller state in the
     checkpoint gives the λ for the step after the last, one update further."""
-    lines = (run / "metrics.jsonl").read_text().splitlines()
-    return float(json.loads(lines[-1]).get("sparsity_coeff")) if lines else None
+    return float(log[-1].get("sparsity_coeff")) if log else None
 
 
 def _train_job(source, train_cfg, run_dir, resume, force, progress=False, allow_fail=False):
