@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy
 
-from minisae.training import l0control, optim
+from minisae.training import optim
 from minisae.errors import MinisaeError, ResourceError, TrainingError  # noqa: F401 (TrainingError: re-exported)
 from minisae.io.files import memory_limit_bytes, read_json
 from minisae.progress import progress_bar
@@ -145,15 +145,6 @@ def _source_info(source):
 
 
 # the pieces of one step
-
-
-def make_controller(cfg, state, params, sample):
-    """The L0 controller (minisae.training.l0control) where target_l0 uses it, else None: resumed
-    from the state's "controller" entry, or (a fresh run) calibrating the thresholds of params in
-    place on sample() (normalised inputs, the same on every rank). The loop then calls, after every
-    optimiser step, controller.after_step(params, L0 of the whole batch, (M,) firing counts) and
-    reads λ as hypers_at(..., coeff=controller.coeff())."""
-    return l0control.make(cfg, params, state.get("controller"), sample)
 
 
 def lr_multipliers(cfg):

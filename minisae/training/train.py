@@ -81,7 +81,7 @@ import numpy
 
 from minisae import dist
 
-from minisae.training import optim
+from minisae.training import l0control, optim
 from minisae.errors import InputError, OutputExistsError
 from minisae.io.files import FolderLock, check_output_dir, make_dir, write_atomic
 from minisae.sae import VARIANTS
@@ -92,7 +92,7 @@ from minisae.training.checkpoint import (CHECKPOINT_DIR, CHECKPOINT_NAME, MANIFE
 from minisae.training.config import TrainConfig, param_names
 from minisae.training.recipe import (TrainingError, TrainResult, _progress_bar, _release_hyper, _sae_metadata,
                                      _source_info, centred_sum_of_squares, check_memory, estimate_scale, hypers_at,
-                                     is_run_folder, log_row, lr_multipliers, make_controller, memory_estimate)
+                                     is_run_folder, log_row, lr_multipliers, memory_estimate)
 
 # what callers import from here: the loop's inputs and outputs, its checkpoints, its helpers
 __all__ = ["train", "train_parallel", "read_state", "TrainConfig", "TrainResult", "TrainingError", "CheckpointError",
@@ -227,8 +227,9 @@ def _train_locked(cfg, source, out_dir, world, grid, xp, names, look, accumulate
     scale, params, adam, since_fired = state["scale"], state["params"], state["adam"], state["since_fired"]
     threshold = (state["batchtopk_threshold"], state["threshold_updates"])  # BatchTopK's running θ
     # target_l0 (JumpReLU, Gated): thresholds calibrated on batch 0 in a fresh run (every rank reads all of
-    # it, so every rank calibrates alike), then moved after every step (minisae.training.l0control)
-    controller = make_controller(cfg, state, params, None if state["step"] else lambda: numpy.divide(
+    # it, so every rank calibrates alike), then moved after every step (minisae.training.l0control);
+    # None where cfg uses no controller
+    controller = l0control.make(cfg, params, state.get("controller"), None if state["step"] else lambda: numpy.divide(
         _replica_rows(source, 0, cfg.batch_size, 0, cfg.batch_size), scale, dtype=cfg.dtype))  # (B, D)
     lr_mult = lr_multipliers(cfg)
     betas = (cfg.adam_beta1, cfg.adam_beta2)
