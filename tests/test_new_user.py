@@ -195,7 +195,8 @@ def test_densest_latents_around_half_the_tokens_flag_no_run_and_the_report_says_
 
 def test_a_point_is_hollow_only_when_most_of_its_seeds_are_flagged():
     pytest.importorskip("matplotlib")
-    from minisae.eval.report import mostly_pathological, pareto_figure
+    from minisae.eval.plot import pareto_figure
+    from minisae.eval.report import mostly_pathological
 
     results = _default_results(densest=(0.3, 0.3, 0.95))  # one seed of three past the 80 % limit
     assert all(s["pathological"] == 1 for s in results["summary"])
@@ -235,7 +236,7 @@ def test_plot_labels_overlap_neither_each_other_nor_a_marker_and_the_plot_says_i
     pytest.importorskip("matplotlib")
     import matplotlib.pyplot as plt
 
-    from minisae.eval.report import RAW_L0_NOTE, pareto_figure
+    from minisae.eval.plot import RAW_L0_NOTE, pareto_figure
 
     fig = pareto_figure(_default_results())
     try:

@@ -163,7 +163,8 @@ def run_compare(cfg, out_dir, *, source=None, model=None, tokenizer=None, eval_t
     BLAS (on small matrices one BLAS thread per process beats threads fighting over the cores);
     workers are spawned, so a script calling this with jobs > 1 needs the `if __name__ ==
     "__main__":` guard."""
-    from minisae.eval.report import pareto_plot, render_report, verdicts
+    from minisae.eval.plot import pareto_plot
+    from minisae.eval.report import render_report, verdicts
 
     _check(cfg)
     out = Path(out_dir)
