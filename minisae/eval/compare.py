@@ -255,15 +255,16 @@ def _train_runs(cfg, out, source, runs, labels, resume, force, progress, *, allo
         seconds[j] = secs
         bar.update(1)
 
+    # a worker's arguments (its runs train without progress bars)
     args = [(train_cfg, str(out / run_dir), resume, force, False, allow_fail) for train_cfg, run_dir, _ in runs]
     try:
         if n_workers == 1:
             for j, (_, _, seed) in enumerate(runs):
                 bar.set_description(labels[j])
                 src = source if source is not None else ActivationStore(out / "data", seed=seed)
-                a = list(args[j])
-                a[4] = "nested" if progress else False
-                finish(j, _train_job(src, *a))
+                train_cfg, run_dir, _ = runs[j]
+                finish(j, _train_job(src, train_cfg, str(out / run_dir), resume, force,
+                                     "nested" if progress else False, allow_fail))
         else:
             bar.set_description(f"{desc}: {len(runs)} SAEs, {n_workers} processes")
             _run_in_workers(specs, args, n_workers, finish)
