@@ -341,3 +341,35 @@ def test_real_corpus_exact_gemma3_token_count(real):
     chars = sum(map(len, train))
     assert tokens >= 1_000_000
     assert abs(chars / tokens - CORPORA[name].chars_per_token) < CHARS_PER_TOKEN_RTOL * CORPORA[name].chars_per_token
+
+
+# ---- "corpus:NAME[:SPLIT]" wherever text is read (minisae.data.activations) --------------------
+
+def test_a_corpus_text_source_names_its_corpus_and_split():
+    from minisae.data.activations import corpus_ref
+
+    assert corpus_ref("corpus:sotu") == ("sotu", "train")
+    assert corpus_ref("corpus:sotu:test") == ("sotu", "test")
+    assert corpus_ref("corpus:sotu:test@0.1.2") == ("sotu", "test")  # as a cache manifest records it
+    assert corpus_ref("my_corpus.jsonl") is None
+
+
+def test_an_unknown_corpus_or_split_is_one_line_before_any_work():
+    from minisae.data.activations import text_source_ids
+
+    with pytest.raises(MinisaeError, match="expected one of"):
+        text_source_ids(["corpus:no-such-corpus"])
+    if corpora.describe("sotu")["installed"]:
+        with pytest.raises(MinisaeError, match="split"):
+            text_source_ids(["corpus:sotu:validation"])
+
+
+def test_a_corpus_source_reads_the_same_documents_as_the_corpus():
+    from minisae.data.activations import text_source_ids
+
+    if not corpora.describe("sotu")["installed"]:
+        pytest.skip("the sotu corpus is not installed: " + corpora.describe("sotu")["install"])
+    docs = list(iter_documents(["corpus:sotu:test"]))
+    assert docs == list(corpora.corpus_documents("sotu", "test")) and docs
+    (ident,) = text_source_ids(["corpus:sotu:test"])
+    assert ident.startswith("corpus:sotu:test@")
