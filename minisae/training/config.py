@@ -15,13 +15,18 @@ from minisae.sae import VARIANTS
 # TopK follows Gao et al. (arXiv 2406.04093), lr ∝ 1/√M (optim.topk_lr).
 DEFAULT_LR = {"jumprelu": 7e-5, "gated": 3e-4}
 # λ when target_l0 is given without a sparsity coefficient (on inputs normalised to E‖x‖² = 1). The
-# L0 controller (minisae.training.l0control) moves the thresholds themselves; JumpReLU's λ stays
-# fixed, Gated's stays within a factor 12.2 of this.
+# L0 controller (minisae.training.l0control) moves the thresholds themselves and λ from here:
+# JumpReLU's within a factor 100 (it settles where Adam's push on θ is balanced), Gated's within 12.2.
 START_COEFF = {"jumprelu": 1e-2, "gated": 0.1}
 MAX_THRESHOLD_LR_MULT = 1e4  # θ at 10⁴ × lr already leaves any stable step (lr·1e300 made NaN)
 # Warm-ups scaled to the run when not given: the recipe's 1,000 / 10,000 steps, at most these
 # fractions of the steps (a 1,000-step run warms lr over 50 steps and λ over 200).
 WARMUP_FRAC, SPARSITY_WARMUP_FRAC = 0.05, 0.2
+# With target_l0 (JumpReLU, Gated), the L0 warm-up: the target descends from min(8·L0*, M/4) over
+# this fraction of the steps, at most L0_WARMUP_MAX steps (minisae.training.l0control), in runs
+# whose weights can travel: Adam moves each by at most lr a step, and the warm-up pays only where
+# lr × steps >= L0_WARMUP_TRAVEL (measured: docs/derivations/l0_controller.md); else none.
+L0_WARMUP_FRAC, L0_WARMUP_MAX, L0_WARMUP_TRAVEL = 1 / 3, 30_000, 1.0
 
 
 @dataclasses.dataclass
@@ -51,6 +56,7 @@ class TrainConfig:
     batch_size: int = 4096                # B
     warmup_steps: int | None = None       # cosine lr warm-up from 0.1·lr; None = min(1000, 5 % of steps)
     sparsity_warmup_steps: int | None = None  # linear λ warm-up from 0 (JumpReLU, Gated); None = min(10000, 20 % of steps)
+    l0_warmup_steps: int | None = None    # target_l0 (JumpReLU, Gated): the target descends from 8·L0* over these; None = min(30000, a third of steps) where lr·steps >= 1, else 0
     decay_frac: float = 0.0               # linear lr decay to 0 over this last fraction of steps
     seed: int = 0                         # parameter init (data order belongs to the source)
     backend: str = "numpy"                # "numpy" | "cupy"
@@ -65,7 +71,7 @@ class TrainConfig:
     eval_batch_size: int = 4096
     prefetch: int = 1                     # batches made ahead in a background thread (0 = none)
     threshold_lr_mult: float = 1.0        # JumpReLU: θ's learning rate = this × lr (1 = the paper's single lr)
-    controller_gain: float = l0control.DEFAULT_GAIN  # L0 controller: threshold level move per step (minisae.training.l0control)
+    controller_gain: float | None = None  # L0 controller: threshold move per unit of error; None = 0.2 JumpReLU, 0.02 Gated (minisae.training.l0control)
 
     def uses_controller(self):
         """True when target_l0 is met by the L0 controller (θ calibrated, then moved outside Adam):
@@ -93,6 +99,8 @@ class TrainConfig:
                 raise ValueError(f"k={c.k} and target_l0={c.target_l0} disagree; give one of them")
         if c.uses_controller() and c.sparsity_coeff is None:
             c.sparsity_coeff = START_COEFF[c.architecture]
+        if c.controller_gain is None:
+            c.controller_gain = l0control.GAIN.get(c.architecture, l0control.GAIN["jumprelu"])
         if not (c.controller_gain > 0 and math.isfinite(c.controller_gain)):
             raise ValueError(f"controller_gain: expected a value > 0, found {c.controller_gain!r}")
         if not (0 < c.threshold_lr_mult <= MAX_THRESHOLD_LR_MULT):  # (NaN fails too)
@@ -122,6 +130,15 @@ class TrainConfig:
             c.warmup_steps = min(1000, math.ceil(WARMUP_FRAC * c.steps))
         if c.sparsity_warmup_steps is None:
             c.sparsity_warmup_steps = min(10000, math.ceil(SPARSITY_WARMUP_FRAC * c.steps))
+        if c.l0_warmup_steps is None:  # scaled to the run: it always ends inside it
+            travels = c.uses_controller() and c.lr * c.steps >= L0_WARMUP_TRAVEL
+            c.l0_warmup_steps = min(L0_WARMUP_MAX, int(L0_WARMUP_FRAC * c.steps)) if travels else 0
+        elif c.l0_warmup_steps and not c.uses_controller():
+            raise ValueError("l0_warmup_steps: the L0 warm-up belongs to target_l0 for jumprelu and gated; "
+                             f"found it set for {c.architecture!r}" + ("" if c.target_l0 else " without target_l0"))
+        elif c.l0_warmup_steps >= c.steps:
+            raise ValueError(f"l0_warmup_steps: the target L0 is reached after the L0 warm-up's "
+                             f"{c.l0_warmup_steps} steps, and the run has {c.steps}: give fewer or train longer")
         for name in ("d_sae", "steps", "batch_size", "checkpoint_every", "log_every"):
             if getattr(c, name) < 1:
                 raise ValueError(f"{name}: expected a positive integer, found {getattr(c, name)}")
@@ -164,7 +181,8 @@ class TrainConfig:
 _RANGES = {
     "d_sae": (1, None, True, True), "k": (1, None, True, True), "steps": (1, None, True, True),
     "tokens": (1, None, True, True), "batch_size": (1, None, True, True), "warmup_steps": (0, None, True, True),
-    "sparsity_warmup_steps": (0, None, True, True), "dead_window_tokens": (1, None, True, True),
+    "sparsity_warmup_steps": (0, None, True, True), "l0_warmup_steps": (0, None, True, True),
+    "dead_window_tokens": (1, None, True, True),
     "aux_k": (1, None, True, True), "norm_sample_tokens": (1, None, True, True),
     "checkpoint_every": (1, None, True, True), "log_every": (1, None, True, True),
     "eval_tokens": (0, None, True, True), "eval_batch_size": (1, None, True, True), "seed": (0, None, True, True),

@@ -323,7 +323,7 @@ def _train_locked(cfg, source, out_dir, world, grid, xp, names, look, accumulate
             if "threshold" in params:  # raw θ: kept >= 0 by projection (a θ < 0 would count π = 0 as active)
                 xp.maximum(params["threshold"], 0.0, out=params["threshold"])
             if controller:  # the thresholds moved toward target_l0 from the whole batch's L0 and counts
-                controller.after_step(params, l0, counts)
+                controller.after_step(params, l0, counts, step)
             del grads  # the next step's gradients need the room
             since_fired += cfg.batch_size  # (m,) tokens since each latent last fired ...
             since_fired *= ~fired  # ... reset where it fired in this step's batch
