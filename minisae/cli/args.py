@@ -58,6 +58,7 @@ RANGES = {
     "d_sae": ("int", 1, None, True), "k": ("int", 1, None, True), "aux_k": ("int", 1, None, True),
     "steps": ("int", 1, None, True), "tokens": ("int", 1, None, True), "batch_size": ("int", 1, None, True),
     "warmup_steps": ("int", 0, None, True), "sparsity_warmup_steps": ("int", 0, None, True),
+    "l0_warmup_steps": ("int", 0, None, True),
     "dead_window_tokens": ("int", 1, None, True), "checkpoint_every": ("int", 1, None, True),
     "log_every": ("int", 1, None, True), "eval_tokens": ("int", 0, None, True),
     "holdout_tokens": ("int", 0, None, True), "seed": ("int", 0, 2**63 - 1, True),

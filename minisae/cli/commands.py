@@ -125,7 +125,8 @@ def _train_inputs(a):
         pre_act_coeff=a.pre_act_coeff, ste_to_input=a.ste_to_input,
         threshold_rate=a.threshold_rate,
         steps=a.steps, tokens=a.tokens, batch_size=a.batch_size, warmup_steps=a.warmup_steps,
-        sparsity_warmup_steps=a.sparsity_warmup_steps, decay_frac=a.decay_frac, seed=a.seed, backend=a.backend,
+        sparsity_warmup_steps=a.sparsity_warmup_steps, l0_warmup_steps=a.l0_warmup_steps, decay_frac=a.decay_frac,
+        seed=a.seed, backend=a.backend,
         dtype=a.dtype, dead_window_tokens=a.dead_window_tokens, aux_k=a.aux_k,
         aux_coeff=TrainConfig.aux_coeff if a.aux_coeff is None else a.aux_coeff,
         checkpoint_every=a.checkpoint_every, log_every=a.log_every, eval_tokens=a.eval_tokens)
@@ -282,8 +283,9 @@ def cmd_compare(a):
         cfg.pilot_lrs = list(a.pilot_lrs)
     kw = {}
     check_output_dir(a.out, "compare report", is_own=is_compare_folder)
-    if a.eval_text and not a.model:
-        raise InputError("--eval-text scores delta LM loss and needs --model, --site and --text")
+    if (a.eval_text or a.lm_tokens is not None) and not a.model:
+        flag = "--eval-text" if a.eval_text else "--lm-tokens"
+        raise InputError(f"{flag} is for delta LM loss and needs --model, --site and --text")
     if a.model:
         if not (a.site and a.text):
             raise InputError("--model needs --site and --text")
@@ -294,6 +296,8 @@ def cmd_compare(a):
         model, tokenizer = _load_model(a, get_xp(a.backend))
         if a.d_sae is None and not a.quick:  # --quick keeps its 32 latents: a smoke test, not a result
             cfg.d_sae = 4 * model.site_width(a.site)
+        if a.lm_tokens is not None:
+            cfg.lm_tokens = a.lm_tokens
         acts = Path(a.out) / "activations"
         if not a.targets and not a.quick:
             cfg.targets = list(REAL_TARGETS)

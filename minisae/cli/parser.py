@@ -59,7 +59,7 @@ def build_parser():
     p.add_argument("--d-sae", type=int, default=1024, help="latents M (default 1024)")
     p.add_argument("--sparsity-coeff", "--lambda", dest="sparsity_coeff", type=float, metavar="LAMBDA",
                    help="sparsity coefficient λ; required for jumprelu and gated unless --target-l0 is given (then the "
-                   "λ controller starts here, default 0.01 JumpReLU, 0.1 Gated)")
+                   "controller moves λ from here, default 0.01 JumpReLU, 0.1 Gated)")
     p.add_argument("--k", type=int, help="latents kept per token (topk; batchtopk: on average); required for them unless --target-l0 "
                    "is given (k = round(L0*))")
     p.add_argument("--matryoshka", type=_prefix_list, metavar="M1,M2,...",
@@ -74,6 +74,11 @@ def build_parser():
     p.add_argument("--warmup-steps", type=int, help="cosine lr warm-up (default: 5 %% of the steps, at most 1000)")
     p.add_argument("--sparsity-warmup-steps", type=int,
                    help="linear λ warm-up (default: 20 %% of the steps, at most 10000)")
+    p.add_argument("--l0-warmup-steps", type=int,
+                   help="with --target-l0 (jumprelu, gated): the controller's target descends from min(8·L0*, d_sae/4) "
+                        "to L0* over these steps, so every latent fires often while the dictionary forms "
+                        "(default: a third of the steps, at most 30000, where lr × steps >= 1, the weights can "
+                        "travel far enough for it to pay; else 0 = start at L0*)")
     p.add_argument("--decay-frac", type=float, default=0.0, help="linear lr decay over this final fraction")
     p.add_argument("--bandwidth", type=float, help="JumpReLU kernel bandwidth ε (default 0.001)")
     p.add_argument("--penalty", choices=["l0", "quadratic", "tanh"], default="l0",
@@ -88,9 +93,10 @@ def build_parser():
                         "pre-activations too")
     p.add_argument("--target-l0", type=float, help="train to this L0 (latents per token), every variant: TopK and "
                    "BatchTopK take k = round(L0*); JumpReLU (every penalty) and Gated start their thresholds at "
-                   "the quantile of batch 0 that gives L0*, then a controller moves them every step toward L0* "
-                   "(λ is --sparsity-coeff, default 0.01 JumpReLU, fixed; Gated's starts at 0.1 and moves within "
-                   "a factor 12); with --penalty quadratic it is also the penalty's L0*")
+                   "the quantile of batch 0 that gives the L0 warm-up's start (--l0-warmup-steps), then a controller "
+                   "moves them every step toward the warm-up's target and L0* after it; λ (--sparsity-coeff) moves "
+                   "too: JumpReLU's to where Adam's push on θ balances (within a factor 100; fixed with --penalty "
+                   "quadratic, where it is also the penalty's L0*), Gated's by the L0 error (within a factor 12)")
     p.add_argument("--threshold-lr-mult", type=float, default=1.0, help="JumpReLU: learning rate of θ = this × --lr "
                    "(default 1: the paper's single learning rate; 0.1 keeps θ from outrunning the weights)")
     p.add_argument("--threshold-param", choices=["log", "raw"], default="log",
@@ -185,6 +191,8 @@ def build_parser():
     p.add_argument("--jobs", type=int, help="training processes (default min(2, CPUs) on numpy, 1 on cupy)")
     p.add_argument("--tokens", type=int, help="with --model: activations to cache (default 1M; 16384 with --quick)")
     p.add_argument("--eval-text", nargs="+", metavar="FILE", help="with --model: texts for delta LM loss (default --text)")
+    p.add_argument("--lm-tokens", type=int, help="with --model: scored tokens for each SAE's delta LM loss "
+                   "(default 8192; 256 with --quick)")
     _model_args(p)
     _common(p)
     _synthetic_args(p)
