@@ -8,7 +8,8 @@ a hierarchy, and known true features, so feature quality (MCC, F1) is measured b
 reconstruction. Every variant (JumpReLU, Gated and TopK by default; BatchTopK and Matryoshka
 BatchTopK with --variants) trains at each target L0 with each seed on the same activations:
 TopK/BatchTopK through k, JumpReLU (the paper's L0 penalty) and Gated through the L0 controller
-(minisae.training.l0control: thresholds calibrated to the target, then moved every step). Each number in the report is a mean ± standard deviation over seeds (the SAE's
+(minisae.training.l0control: thresholds calibrated from the data, brought down to the target over
+an L0 warm-up, then held there). Each number in the report is a mean ± standard deviation over seeds (the SAE's
 initialisation and the data order change with the seed; the data-generating model does not).
 
 The verdict (minisae.eval.report) is made at matched L0: each run's explained variance (and MCC,
@@ -69,6 +70,7 @@ class CompareConfig:
     lr: dict = dataclasses.field(default_factory=lambda: dict(DEFAULT_LR))  # per variant
     warmup_steps: int = 100               # cosine lr warm-up
     sparsity_warmup_steps: int = 300      # linear λ warm-up (the L0 controller acts from step 0)
+    l0_warmup_steps: int | None = None    # the controller's target descends to each target over these (None: a third of the steps)
     decay_frac: float = 0.1               # linear lr decay over the last 10% of steps
     dead_window_tokens: int = 200_000     # TopK AuxK / dead statistics window
     threshold_init: float | None = None   # JumpReLU θ at init; None: calibrated to each target (l0control)
@@ -112,7 +114,8 @@ class CompareConfig:
         return TrainConfig(
             architecture=arch, d_sae=self.d_sae, target_l0=float(target), steps=self.steps,
             batch_size=self.batch_size, lr=recipe.get("lr", self.lr.get(variant)), warmup_steps=self.warmup_steps,
-            sparsity_warmup_steps=self.sparsity_warmup_steps, decay_frac=self.decay_frac,
+            sparsity_warmup_steps=self.sparsity_warmup_steps,
+            l0_warmup_steps=self.l0_warmup_steps if arch in ("jumprelu", "gated") else None, decay_frac=self.decay_frac,
             dead_window_tokens=self.dead_window_tokens, seed=seed, backend=self.backend, dtype=self.dtype,
             eval_tokens=0, checkpoint_every=max(1, self.steps // 4), log_every=max(1, self.steps // 50), **extra)
 

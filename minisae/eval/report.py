@@ -301,12 +301,16 @@ def render_report(results):
                  + f"; target L0s {', '.join(f'{t:g}' for t in sorted({r['target'] for r in rows}))}; "
                  f"{cfg['seeds']} seeds (SAE init and data order); backend {cfg['backend']}")
     if "jumprelu" in cfg["variants"]:
-        lines.append(f"- JumpReLU: the paper's L0 penalty, θ starts {'at %g' % cfg['threshold_init'] if cfg['threshold_init'] else 'calibrated to the target'}, "
+        lines.append(f"- JumpReLU: the paper's L0 penalty, θ starts {'at %g' % cfg['threshold_init'] if cfg['threshold_init'] else 'calibrated from the data'}, "
                      f"ε = {recipes['jumprelu'].get('bandwidth', cfg['bandwidth']):g}, θ learning rate = {cfg['threshold_lr_mult']:g} × lr"
                      + (" (the paper's single learning rate)" if cfg["threshold_lr_mult"] == 1 else
                         " (minisae's --threshold-lr-mult; the paper uses one learning rate)"))
-    lines.append("- L0: TopK/BatchTopK k = target; JumpReLU and Gated: thresholds calibrated to the target, then moved "
-                 "every step by the L0 controller (minisae.training.l0control); JumpReLU's λ fixed, Gated's bounded")
+    warmup = cfg.get("l0_warmup_steps")
+    warmup = f"{warmup} steps" if warmup is not None else "a third of the steps"
+    lines.append("- L0: TopK/BatchTopK k = target; JumpReLU and Gated: thresholds calibrated to min(8 × target, "
+                 f"d_sae/4) on batch 0, brought down to the target over {warmup} and held there by the L0 controller "
+                 "(minisae.training.l0control); λ moves within bounds (JumpReLU's to where Adam's push on θ "
+                 "balances, Gated's by the L0 error)")
     lines.append(f"- Evaluation: {cfg['eval_tokens']} held-out tokens per SAE")
     lines.append(f"- Wall time: {wall_time_text(results)}\n")
     lines.append("## Verdict\n")

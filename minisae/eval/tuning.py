@@ -8,7 +8,7 @@ one lucky setting. Three rules, each a function here:
 1. Pilot sweep. Before the main sweep, every variant trains once (seed 0, the middle target L0,
    the main sweep's length) at each setting of a small grid: its learning rate and, for JumpReLU,
    the bandwidth ε of the threshold's pseudo-derivative. (JumpReLU's θ start is not a grid axis:
-   the trainer calibrates it from the data to the target L0.) Each pilot SAE is scored on
+   the trainer calibrates it from the data.) Each pilot SAE is scored on
    held-out tokens; the best setting is the variant's recipe, the runner-up its "next-best".
    Only runs that met the target (L0 within PILOT_L0_TOL) are eligible, so no variant is
    credited for having run denser.
@@ -216,7 +216,7 @@ def plateau_lines(results, names):
     still = [p for p in rows if p["plateau"] is False]
     lines.append("")
     if still:
-        lines.append(f"{len(still)} of {len(rows)} settings were still changing at the end (a rising FVU is the L0 "
-                     "controller still tightening): more steps would move them, so differences of that size are not "
+        lines.append(f"{len(still)} of {len(rows)} settings were still changing at the end (the last tenth "
+                     "decays the learning rate): more steps would move them, so differences of that size are not "
                      "the methods'.\n")
     return lines
