@@ -154,3 +154,51 @@ def test_a_compare_worker_that_dies_is_one_line_naming_resume():
     with pytest.raises(ResourceError, match="rerun the same command with --resume") as e:
         _run_in_workers([3], [()], 1, lambda j, r: None, job=os._exit)  # the worker ends at once, status 3
     assert "\n" not in str(e.value)
+
+
+def _children(pid):
+    """The pids whose parent is `pid` (Linux /proc)."""
+    kids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            kids.append(int(stat.parent.name))
+    return kids
+
+
+def _alive(pid):
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads processes from Linux's /proc")
+def test_compare_workers_end_when_the_compare_process_is_killed(tmp_path):
+    """`kill -9` of a running compare ran no clean-up, and its training workers went on writing runs
+    into the folder (racing a rerun); now each worker watches its parent and ends with it."""
+    import time
+
+    script = ("import sys, time\n"
+              "from minisae.eval.compare import _run_in_workers\n"
+              "_run_in_workers([60, 60], [(), ()], 2, lambda j, r: None, job=time.sleep)\n")
+    proc = subprocess.Popen([sys.executable, "-c", script])
+    try:
+        deadline, workers = time.time() + 60, []
+        while time.time() < deadline and len(workers) < 2:  # the resource tracker is a child too
+            time.sleep(0.2)
+            workers = [k for k in _children(proc.pid)
+                       if "spawn_main" in Path(f"/proc/{k}/cmdline").read_text(errors="replace")]
+        assert len(workers) == 2, "the two workers did not start"
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        deadline = time.time() + 10
+        while time.time() < deadline and any(_alive(w) for w in workers):
+            time.sleep(0.2)
+        assert not any(_alive(w) for w in workers), "a worker outlived its compare"
+    finally:
+        proc.kill()

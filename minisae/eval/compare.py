@@ -451,6 +451,21 @@ def _worker_job(spec, *args):
 
 
 _ONE_THREAD = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
+PARENT_POLL_SECONDS = 1.0  # a worker checks this often that the compare process that started it still lives
+
+
+def _watch_parent(parent_pid):
+    """A worker's initializer: a daemon thread ends the worker as soon as its parent is gone (a
+    compare killed by a signal runs no clean-up, and its workers would go on writing runs into
+    the folder, racing a rerun)."""
+    import threading
+
+    def watch():
+        while os.getppid() == parent_pid:
+            time.sleep(PARENT_POLL_SECONDS)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True, name="watch-parent").start()
 
 
 def _run_in_workers(specs, args, n_workers, finish, job=None):
@@ -465,7 +480,8 @@ def _run_in_workers(specs, args, n_workers, finish, job=None):
     os.environ.update({k: "1" for k in _ONE_THREAD})  # read by each worker's BLAS at start-up
     try:
         ctx = multiprocessing.get_context("spawn")
-        with concurrent.futures.ProcessPoolExecutor(max_workers=n_workers, mp_context=ctx) as pool:
+        with concurrent.futures.ProcessPoolExecutor(max_workers=n_workers, mp_context=ctx, initializer=_watch_parent,
+                                                    initargs=(os.getpid(),)) as pool:
             futures = {pool.submit(job, spec, *a): j for j, (spec, a) in enumerate(zip(specs, args))}
             try:
                 for fut in concurrent.futures.as_completed(futures):
