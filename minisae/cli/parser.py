@@ -59,7 +59,7 @@ def build_parser():
     p.add_argument("--d-sae", type=int, default=1024, help="latents M (default 1024)")
     p.add_argument("--sparsity-coeff", "--lambda", dest="sparsity_coeff", type=float, metavar="LAMBDA",
                    help="sparsity coefficient λ; required for jumprelu and gated unless --target-l0 is given (then the "
-                   "controller moves λ from here, default 0.01 JumpReLU, 0.1 Gated)")
+                   "controller moves λ from here, default 0.01 JumpReLU, 0.03 Gated)")
     p.add_argument("--k", type=int, help="latents kept per token (topk; batchtopk: on average); required for them unless --target-l0 "
                    "is given (k = round(L0*))")
     p.add_argument("--matryoshka", type=_prefix_list, metavar="M1,M2,...",

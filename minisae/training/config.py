@@ -16,8 +16,8 @@ from minisae.sae import VARIANTS
 DEFAULT_LR = {"jumprelu": 7e-5, "gated": 3e-4}
 # λ when target_l0 is given without a sparsity coefficient (on inputs normalised to E‖x‖² = 1). The
 # L0 controller (minisae.training.l0control) moves the thresholds themselves and λ from here:
-# JumpReLU's within a factor 100 (it settles where Adam's push on θ is balanced), Gated's within 12.2.
-START_COEFF = {"jumprelu": 1e-2, "gated": 0.1}
+# JumpReLU's within a factor 100 (it settles where Adam's push on θ is balanced), Gated's within 245 (a Gated λ₀ of 0.1 closed its gates for good at L0* 64 on Gemma 3 activations).
+START_COEFF = {"jumprelu": 1e-2, "gated": 0.03}
 MAX_THRESHOLD_LR_MULT = 1e4  # θ at 10⁴ × lr already leaves any stable step (lr·1e300 made NaN)
 # Warm-ups scaled to the run when not given: the recipe's 1,000 / 10,000 steps, at most these
 # fractions of the steps (a 1,000-step run warms lr over 50 steps and λ over 200).

@@ -36,7 +36,7 @@ push on θ, not its speed.
        - Adam's step loses the uniform shift that moves L0 to first order,
          t_i <- t_i − Σ_j f_j Δt_j / Σ_j f_j  (f_j: tokens latent j fired on in the batch);
        - every threshold moves alike: t_i <- t_i + 0.1·e_t + 0.002·I_t.
-   Gated: λ moves by PI, log λ = log λ_0 + 0.5·e_t + 0.02·I_t (λ sets the balance of Adam's push
+   Gated: λ moves by PI, log λ = log λ_0 + 0.5·e_t + 0.05·I_t (λ sets the balance of Adam's push
        on W_enc and b_gate through the L1 term, which at a high lr moves the gates faster than the
        controller could); the thresholds by t_i <- t_i + 0.02·e_t·min(w_i / mean w, 4),
        w_i = f_i + 0.1·mean f, which holds L0 where Adam is too slow.
@@ -74,8 +74,8 @@ WEIGHT_MAX = 4.0        # Gated: no latent's control move is more than this × t
 STATE_FORMAT = "minisae-l0-controller-3"
 CALIBRATION_ENTRIES = 1 << 24  # most (tokens × latents) pre-activations held at once while calibrating
 KINDS = ("log_threshold", "threshold", "b_gate")
-COEFF_KP, COEFF_KI = 0.5, 0.02  # Gated: log λ = log λ_0 + COEFF_KP·e + COEFF_KI·integral
-COEFF_RANGE = math.exp(COEFF_KP * ERROR_CLIP + COEFF_KI * INTEGRAL_MAX)  # Gated: λ in [λ_0 / 12.2, λ_0 × 12.2]
+COEFF_KP, COEFF_KI = 0.5, 0.05  # Gated: log λ = log λ_0 + COEFF_KP·e + COEFF_KI·integral
+COEFF_RANGE = math.exp(COEFF_KP * ERROR_CLIP + COEFF_KI * INTEGRAL_MAX)  # Gated: λ in [λ_0 / 245, λ_0 × 245]
 
 
 def start_l0(target, d_sae, warmup_steps):
