@@ -213,3 +213,85 @@ def test_width_mismatch_is_refused(tmp_path, tiny):
         evaluate_sae(_identity_sae(32), ActivationStore(tmp_path))
     ok = evaluate_sae(_identity_sae(64), ActivationStore(tmp_path), n_tokens=64)
     assert ok["fvu"] == 0.0 and ok["rel_recon_bias"] == 1.0
+
+
+def test_norm_outliers_are_the_real_tokens_over_ratio_times_the_batch_median():
+    from minisae.data.activations import check_norm_ratio, norm_outliers
+
+    rng = numpy.random.default_rng(0)
+    acts = rng.standard_normal((2, 50, 8)).astype(numpy.float32)  # (B, T, D)
+    acts[0, 7] *= 20.0
+    acts[1, 3] *= 20.0   # a real token with a massive activation
+    acts[1, 40] *= 20.0  # ... and one at a padded position: not real, never flagged
+    real = numpy.ones((2, 50), dtype=bool)
+    real[1, 30:] = False
+    norms = numpy.linalg.norm(acts, axis=-1)
+    want = real & (norms > 5.0 * numpy.median(norms[real]))
+    got = norm_outliers(acts, real, 5.0)
+    assert (got == want).all() and got[0, 7] and got[1, 3] and not got[1, 40] and got.sum() == 2
+    assert not norm_outliers(acts, real, None).any() and not norm_outliers(acts, ~numpy.ones_like(real), 5.0).any()
+    for bad in (1.0, 0.5, -3, float("nan"), float("inf"), True, "5"):
+        with pytest.raises(ValueError, match="max_norm_ratio: expected a number > 1"):
+            check_norm_ratio(bad)
+
+
+class _Massive:
+    """The tiny model with every 'sat' token's site activation scaled 50 × (a planted massive activation)."""
+
+    def __init__(self, model, sat_id):
+        self.model, self.xp, self.sat_id = model, model.xp, sat_id
+
+    def site_width(self, site):
+        return self.model.site_width(site)
+
+    def capture(self, ids, site):
+        acts = self.model.capture(ids, site)  # (B, T, D)
+        return numpy.where((numpy.asarray(ids) == self.sat_id)[..., None], 50.0 * acts, acts)
+
+
+def test_a_cache_with_max_norm_ratio_leaves_out_exactly_the_massive_tokens(tmp_path, tiny):
+    model, tok, texts = tiny
+    sat = tok.encode("sat")[-1]
+    massive = _Massive(model, sat)
+    kw = dict(seq_len=16, batch_size=3, shard_tokens=40, model_name="tiny_f32", progress=False)
+    every = cache_activations(massive, tok, texts, SITE, tmp_path / "all", **kw)
+    kept = cache_activations(massive, tok, texts, SITE, tmp_path / "kept", max_norm_ratio=10.0, **kw)
+    n_sat = sum(s[1:].count(sat) for s in iter_sequences(tok, texts, 16))
+    assert n_sat > 0 and every["outliers"] == 0 and every["max_norm_ratio"] is None
+    assert kept["outliers"] == n_sat and kept["count"] == every["count"] - n_sat
+    rows = numpy.concatenate([numpy.load(tmp_path / "all" / s["file"]) for s in every["shards"]])
+    left = numpy.concatenate([numpy.load(tmp_path / "kept" / s["file"]) for s in kept["shards"]])
+    ids = numpy.concatenate([numpy.array(s[1:]) for s in iter_sequences(tok, texts, 16)])
+    numpy.testing.assert_array_equal(left, rows[ids != sat])
+    assert ActivationStore(tmp_path / "kept").describe()["outliers"] == n_sat
+    with pytest.raises(ActivationsError, match="max_norm_ratio: cache 10.0, now None"):  # resume: same rule only
+        cache_activations(massive, tok, texts, SITE, tmp_path / "kept", **kw)
+
+
+def test_delta_lm_loss_leaves_the_massive_tokens_unspliced(tiny):
+    # a zero SAE spliced everywhere but at BOS and at tokens over 1.05 × the batch's median norm is
+    # the model run with exactly those positions kept, zeroed elsewhere (computed here by hand)
+    from minisae.data.activations import iter_batches, real_token_mask
+
+    model, tok, texts = tiny
+    zero = _identity_sae(64)
+    zero.params["W_dec"][:] = 0.0
+    kw = dict(seq_len=16, batch_size=3, max_tokens=60)
+    z = evaluate_lm(zero, model, tok, texts, SITE, max_norm_ratio=1.05, **kw)
+    total = n_total = n_out = 0
+    for _, ids, mask in iter_batches(tok, texts, 16, 3):
+        acts = model.capture(ids, SITE)  # (B, T, D)
+        real = real_token_mask(ids, mask, tok)
+        norms = numpy.linalg.norm(acts, axis=-1)
+        out = real & (norms > 1.05 * numpy.median(norms[real]))
+        keep = ((ids == tok.bos_id) | out)[..., None]
+        loss, n = gemma2.cross_entropy(model.forward(ids, splice={SITE: lambda a: numpy.where(keep, a, 0.0)}), ids, mask)
+        total, n_total, n_out = total + float(loss) * n, n_total + n, n_out + int(out.sum())
+        if n_total >= 60:
+            break
+    assert z["unspliced_outliers"] == n_out > 0 and z["lm_tokens"] == n_total
+    assert z["ce_sae"] == pytest.approx(total / n_total, rel=1e-5) and z["ce_sae"] == z["ce_zero"]
+    plain = evaluate_lm(zero, model, tok, texts, SITE, **kw)
+    assert plain["unspliced_outliers"] == 0 and plain["ce_sae"] != z["ce_sae"] and plain["ce_clean"] == z["ce_clean"]
+    huge = evaluate_lm(zero, model, tok, texts, SITE, max_norm_ratio=1e30, **kw)
+    assert huge["ce_sae"] == plain["ce_sae"] and huge["unspliced_outliers"] == 0

@@ -87,6 +87,11 @@ def test_other_commands_check_values_before_loading_anything(tmp_path, capsys):
         assert "--text" in _error_line(capsys)
     assert main(["eval", "--sae", "x", "--lm-batch-size", "0"]) == 2
     assert "--lm-batch-size" in _error_line(capsys)
+    for ratio in ("1", "0.5", "inf", "nan", "x"):
+        with pytest.raises(SystemExit) as e:
+            main(["cache", "--model", missing, "--site", "blocks.0.hook_resid_post", "--text", "t.txt",
+                  "--out", str(tmp_path / "c"), "--max-norm-ratio", ratio])
+        assert e.value.code == 2 and "--max-norm-ratio: expected a number > 1 or 'none'" in _error_line(capsys)
     assert not (tmp_path / "c").exists() and not (tmp_path / "cmp").exists()
 
 

@@ -215,7 +215,7 @@ def cmd_eval(a):
         raise InputError("nothing to evaluate on: give --activations, --synthetic, or --model/--site/--text")
     out = evaluate(sae, source, n_tokens=a.eval_tokens, model=model, tokenizer=tokenizer, texts=a.text,
                    site=a.site, seq_len=a.seq_len, lm_batch_size=a.lm_batch_size, lm_tokens=a.lm_tokens,
-                   text_field=a.text_field, site_out=a.site_out)
+                   text_field=a.text_field, site_out=a.site_out, max_norm_ratio=_ratio(a.max_norm_ratio))
     if source is not None:  # which data, held out or not, how many (minisae.eval.evaluate)
         where = None if a.activations or a.synthetic else f"the run's own data, {Path(a.sae).parent / 'config.json'}"
         _say_what_is_evaluated(*describe_eval_data(source, a.eval_tokens, where=where))
@@ -237,7 +237,7 @@ def _say_what_is_evaluated(note, warning):
 
 
 def cmd_compare(a):
-    from minisae.eval.compare import REAL_TARGETS, CompareConfig, is_compare_folder, quick_config, run_compare
+    from minisae.eval.compare import REAL_MAX_NORM_RATIO, REAL_TARGETS, CompareConfig, is_compare_folder, quick_config, run_compare
     from minisae.io.files import check_output_dir
     from minisae.xp import get_xp
 
@@ -302,21 +302,28 @@ def cmd_compare(a):
         if not a.targets and not a.quick:
             cfg.targets = list(REAL_TARGETS)
         tokens = a.tokens if a.tokens is not None else (16384 if a.quick else 1_000_000)
+        cfg.max_norm_ratio = REAL_MAX_NORM_RATIO if a.max_norm_ratio is None else _ratio(a.max_norm_ratio)
         man = cache_activations(model, tokenizer, a.text, a.site, acts, seq_len=a.seq_len,
                                 max_tokens=tokens, text_field=a.text_field, model_name=a.model,
-                                progress=not a.no_progress)
+                                progress=not a.no_progress, max_norm_ratio=cfg.max_norm_ratio)
         holdout = min(cfg.eval_tokens, man["count"] // 10)
         cfg.eval_tokens = holdout
         source = ActivationStore(acts, seed=a.data_seed, holdout_tokens=holdout)
         kw = dict(source=source, model=model, tokenizer=tokenizer, eval_texts=a.eval_text or a.text, site=a.site,
                   data_description={"type": type(model).__name__.removesuffix("Model").lower(),  # gemma2 / gemma3
                                     "model": a.model, "site": a.site, "d_in": source.d_in,
-                                    "cached_tokens": source.count, "held_out_tokens": holdout})
+                                    "cached_tokens": source.count, "held_out_tokens": holdout,
+                                    "max_norm_ratio": cfg.max_norm_ratio, "outlier_tokens_left_out": man.get("outliers", 0)})
     res = run_compare(cfg, a.out, force=a.overwrite, resume=a.resume, progress=not a.no_progress, **kw)
     print(f"report: {Path(a.out) / 'report.md'}  ({res['wall_seconds']:.0f} s)")
     claim = res["verdict"].get("paper_claim")
     if claim:
         print(claim["text"].replace("**", ""))
+
+
+def _ratio(value):
+    """--max-norm-ratio as the library takes it: a number, or None for 'none' / not given."""
+    return None if value in (None, "none") else value
 
 
 def cmd_cache(a):
@@ -328,8 +335,10 @@ def cmd_cache(a):
     model, tokenizer = _load_model(a, get_xp(a.backend))
     man = cache_activations(model, tokenizer, a.text, a.site, a.out, seq_len=a.seq_len, batch_size=a.batch_size,
                             max_tokens=a.max_tokens, shard_tokens=a.shard_tokens, resume=not a.no_resume, overwrite=a.overwrite,
-                            text_field=a.text_field, model_name=a.model, progress=not a.no_progress)
-    print(f"{man['count']} tokens of {man['site']} (d_in {man['d_in']}) in {len(man['shards'])} shards at {a.out}")
+                            text_field=a.text_field, model_name=a.model, progress=not a.no_progress,
+                            max_norm_ratio=_ratio(a.max_norm_ratio))
+    dropped = f", {man['outliers']} outlier tokens left out" if man.get("outliers") else ""
+    print(f"{man['count']} tokens of {man['site']} (d_in {man['d_in']}) in {len(man['shards'])} shards at {a.out}{dropped}")
 
 
 def cmd_convert(a):

@@ -56,6 +56,7 @@ DEFAULT_TARGETS = {"synthsaebench-cpu": [5.0, 8.0, 12.0], "synthsaebench-16k": [
 # On a language model's activations (--model): the JumpReLU paper's Figure 2 spans L0 ≈ 10-150 on Gemma 2 9B
 # (d_model 3584); a 640-wide Gemma 3 270M site at 4 × 640 latents gets three octaves in that range.
 REAL_TARGETS = (16.0, 32.0, 64.0)
+REAL_MAX_NORM_RATIO = 5.0  # compare --model: tokens over 5 × the median norm are left out (norm_outliers)
 
 
 @dataclasses.dataclass
@@ -83,6 +84,7 @@ class CompareConfig:
     synthetic: dict = dataclasses.field(default_factory=dict)  # overrides of the preset's data config
     lm_tokens: int = 8192                 # scored tokens for delta LM loss (Gemma runs)
     lm_batch_size: int = 2
+    max_norm_ratio: float | None = None   # Gemma runs: tokens over this × the median norm not cached, not spliced
     seq_len: int = 1024
     jobs: int | None = None               # training processes; None = min(2, CPUs) on NumPy, 1 on CuPy
     pilot: bool = True                    # pick each variant's lr (JumpReLU: and ε) by a pilot sweep first
@@ -368,7 +370,8 @@ def _evaluate_run(out, cfg, job, secs, eval_source, model, tokenizer, eval_texts
     if model is not None:
         lm_sae = SAE.load(run / "sae", xp=model.xp)
         row.update(evaluate_lm(lm_sae, model, tokenizer, eval_texts, site, seq_len=cfg.seq_len,
-                               batch_size=cfg.lm_batch_size, max_tokens=cfg.lm_tokens, progress=progress))
+                               batch_size=cfg.lm_batch_size, max_tokens=cfg.lm_tokens, progress=progress,
+                               max_norm_ratio=cfg.max_norm_ratio))
     return row
 
 

@@ -11,6 +11,10 @@ planted dictionary (`source.directions`) it adds feature recovery.
 evaluate_lm runs the model three times per batch: clean, with the SAE reconstruction spliced in at
 the site, and with the site zero-ablated. BOS positions are never spliced (their activations are
 huge outliers that SAEs are not trained on) and next-token losses exclude BOS/EOS/PAD targets.
+With max_norm_ratio = r, positions whose activation norm at the SAE's input site exceeds r × the
+batch's median (minisae.data.activations.norm_outliers, the rule a cache made with the same r
+dropped them by) stay unspliced as well, in the SAE and the zero-ablated pass alike; their
+next-token losses still count. The result says how many positions that was.
 
 Legend: B sequences, T tokens per sequence, N tokens, D site width, M latents, F true features.
 """
@@ -146,11 +150,12 @@ def transcoder_sites(sae, model, site, site_out=None):
 
 
 def evaluate_lm(sae, model, tokenizer, text_paths, site, *, seq_len=1024, batch_size=2,
-                max_tokens=8192, text_field="text", progress=False, site_out=None):
+                max_tokens=8192, text_field="text", progress=False, site_out=None, max_norm_ratio=None):
     """Delta LM loss and loss recovered of `sae` spliced into `model` at `site`.
 
-    Returns {"ce_clean", "ce_sae", "ce_zero", "delta_lm_loss", "loss_recovered", "lm_tokens"}; losses
-    are token-weighted means over the batches read until max_tokens scored tokens.
+    Returns {"ce_clean", "ce_sae", "ce_zero", "delta_lm_loss", "loss_recovered", "lm_tokens",
+    "unspliced_outliers"}; losses are token-weighted means over the batches read until max_tokens
+    scored tokens; unspliced_outliers counts the positions max_norm_ratio left as they were.
 
     A transcoder reads `site` and predicts `site_out` (default: its cfg's hook_name_out, e.g. the
     MLP's output for a Gemma Scope 2 transcoder reading the MLP's input): its prediction (skip term
@@ -159,7 +164,7 @@ def evaluate_lm(sae, model, tokenizer, text_paths, site, *, seq_len=1024, batch_
     token, adding the keys of minisae.eval.metrics.EvalAccumulator (fvu: the FVU of the MLP output, l0,
     mse, dead_frac, dense_frac, rel_recon_bias, n_tokens).
     """
-    from minisae.data.activations import iter_batches
+    from minisae.data.activations import check_norm_ratio, iter_batches, norm_outliers, real_token_mask
 
     transcoder = getattr(sae, "is_transcoder", False)
     if transcoder:
@@ -170,15 +175,25 @@ def evaluate_lm(sae, model, tokenizer, text_paths, site, *, seq_len=1024, batch_
         site_out = site
     mx = model.xp
     sums = {"clean": 0.0, "sae": 0.0, "zero": 0.0}
-    n_total = 0
+    n_total, n_outliers = 0, 0
+    check_norm_ratio(max_norm_ratio)
     special = (tokenizer.pad_id, tokenizer.eos_id, tokenizer.bos_id)
     bar = _bar(progress, max_tokens)
     try:
         for _, ids_np, mask_np in iter_batches(tokenizer, text_paths, seq_len, batch_size, text_field=text_field):
             ids = mx.asarray(ids_np)  # (B, T)
             mask = mx.asarray(mask_np)  # (B, T)
-            keep = (ids == tokenizer.bos_id)[..., None]  # (B, T, 1) BOS positions stay as they are
+            bos = ids == tokenizer.bos_id  # (B, T) BOS positions stay as they are
+            real = mx.asarray(real_token_mask(ids_np, mask_np, tokenizer))  # (B, T)
             seen = {}  # site -> activations recorded by the splices below during one pass
+            kept = {}  # "mask": (B, T, 1) the positions left as they are, from the first pass that saw `site`
+
+            def keep_mask(acts_in):
+                if "mask" not in kept:
+                    outliers = norm_outliers(acts_in, real, max_norm_ratio)  # (B, T)
+                    kept["n"] = int(outliers.sum())
+                    kept["mask"] = (bos | outliers)[..., None]  # (B, T, 1)
+                return kept["mask"]
 
             def record(name):
                 def fn(acts):
@@ -192,21 +207,23 @@ def evaluate_lm(sae, model, tokenizer, text_paths, site, *, seq_len=1024, batch_
                 return asarray(out, mx, like.dtype).reshape(like.shape)  # (B, T, D_out)
 
             def splice_sae(acts):  # at site_out; for a transcoder seen["in"] was recorded earlier in this pass
-                return mx.where(keep, acts, sae_output(seen["in"] if transcoder else acts, acts))
+                acts_in = seen["in"] if transcoder else acts
+                return mx.where(keep_mask(acts_in), acts, sae_output(acts_in, acts))
 
             def splice_zero(acts):
-                return mx.where(keep, acts, mx.zeros_like(acts))
+                return mx.where(keep_mask(seen["in"] if transcoder else acts), acts, mx.zeros_like(acts))
 
             clean = {site: record("in"), site_out: record("out")} if transcoder else None
             spliced = {site: record("in"), site_out: splice_sae} if transcoder else {site: splice_sae}
+            zeroed = {site: record("in"), site_out: splice_zero} if transcoder else {site: splice_zero}
             losses = {}
-            names, splices = ("clean", "sae", "zero"), (clean, spliced, {site_out: splice_zero})
+            names, splices = ("clean", "sae", "zero"), (clean, spliced, zeroed)
             # = cross_entropy(model.forward(ids, splice), ...) per splice without the (B, T, V) logits,
             # the layers below the site run once for all three (model.losses)
             for name, (loss, n) in zip(names, model.losses(ids, mask, splices, exclude_ids=special)):
                 losses[name] = (float(to_numpy(loss)), int(to_numpy(n)))
                 if name == "clean" and transcoder:  # seen["in"]: the sae pass recorded the same values
-                    rows = mask & (ids != tokenizer.bos_id)  # (B, T) real tokens, BOS excluded
+                    rows = mask & ~bos  # (B, T) real tokens, BOS excluded
                     x = asarray(seen["in"][rows], sae.xp)  # (n, D_in)
                     f = sae.encode(x)  # (n, M)
                     y_hat = sae.decode(f) + (sae.skip(x) if "W_skip" in sae.params else 0.0)  # (n, D_out)
@@ -217,6 +234,7 @@ def evaluate_lm(sae, model, tokenizer, text_paths, site, *, seq_len=1024, batch_
             for name in sums:
                 sums[name] += losses[name][0] * n
             n_total += n
+            n_outliers += kept.get("n", 0)
             bar.update(n)
             if n_total >= max_tokens:
                 break
@@ -233,6 +251,7 @@ def evaluate_lm(sae, model, tokenizer, text_paths, site, *, seq_len=1024, batch_
         "delta_lm_loss": ce["sae"] - ce["clean"],
         "loss_recovered": (ce["zero"] - ce["sae"]) / denom if denom != 0 else math.nan,
         "lm_tokens": n_total,
+        "unspliced_outliers": n_outliers,
     }
     if transcoder:
         out.update({k: _py(v) for k, v in acc.summary().items()}, site_out=site_out)
@@ -241,7 +260,7 @@ def evaluate_lm(sae, model, tokenizer, text_paths, site, *, seq_len=1024, batch_
 
 def evaluate(sae, source=None, *, n_tokens=65536, batch_size=4096, model=None, tokenizer=None,
              texts=None, site=None, seq_len=1024, lm_batch_size=2, lm_tokens=8192, text_field="text",
-             site_out=None):
+             site_out=None, max_norm_ratio=None):
     """evaluate_sae on `source` (when given) plus evaluate_lm (when model, tokenizer, texts, site are);
     an InputError instead of a result holding NaN or inf.
 
@@ -259,7 +278,8 @@ def evaluate(sae, source=None, *, n_tokens=65536, batch_size=4096, model=None, t
         if tokenizer is None or not texts or site is None:
             raise ValueError("delta LM loss needs a tokenizer, evaluation texts and a site besides the model")
         out.update(evaluate_lm(sae, model, tokenizer, texts, site, seq_len=seq_len, batch_size=lm_batch_size,
-                               max_tokens=lm_tokens, text_field=text_field, site_out=site_out))
+                               max_tokens=lm_tokens, text_field=text_field, site_out=site_out,
+                               max_norm_ratio=max_norm_ratio))
     if not out:
         raise ValueError("nothing to evaluate: give an activation source, or a model with texts and a site")
     bad = [k for k, v in out.items() if isinstance(v, float) and not math.isfinite(v)]

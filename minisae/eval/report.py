@@ -312,6 +312,10 @@ def render_report(results):
                  "(minisae.training.l0control); λ moves within bounds (JumpReLU's to where Adam's push on θ "
                  "balances, Gated's by the L0 error)")
     lines.append(f"- Evaluation: {cfg['eval_tokens']} held-out tokens per SAE")
+    if cfg.get("max_norm_ratio"):
+        lines.append(f"- Massive activations: tokens whose activation norm exceeds {cfg['max_norm_ratio']:g} × their "
+                     f"batch's median were left out of the cache ({data.get('outlier_tokens_left_out', '?')} tokens) "
+                     "and left unspliced in delta LM loss (their next-token losses still count)")
     lines.append(f"- Wall time: {wall_time_text(results)}\n")
     lines.append("## Verdict\n")
     if "paper_claim" in verdict:
