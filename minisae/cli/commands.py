@@ -237,7 +237,7 @@ def _say_what_is_evaluated(note, warning):
 
 
 def cmd_compare(a):
-    from minisae.eval.compare import REAL_MAX_NORM_RATIO, REAL_TARGETS, CompareConfig, is_compare_folder, quick_config, run_compare
+    from minisae.eval.compare import REAL_MAX_NORM_RATIO, REAL_PILOT_LRS, REAL_TARGETS, CompareConfig, is_compare_folder, quick_config, run_compare
     from minisae.io.files import check_output_dir
     from minisae.xp import get_xp
 
@@ -283,9 +283,9 @@ def cmd_compare(a):
         cfg.pilot_lrs = list(a.pilot_lrs)
     kw = {}
     check_output_dir(a.out, "compare report", is_own=is_compare_folder)
-    if (a.eval_text or a.lm_tokens is not None) and not a.model:
-        flag = "--eval-text" if a.eval_text else "--lm-tokens"
-        raise InputError(f"{flag} is for delta LM loss and needs --model, --site and --text")
+    if (a.eval_text or a.lm_tokens is not None or a.max_norm_ratio is not None) and not a.model:
+        flag = "--eval-text" if a.eval_text else "--lm-tokens" if a.lm_tokens is not None else "--max-norm-ratio"
+        raise InputError(f"{flag} is for a real model's activations and needs --model, --site and --text")
     if a.model:
         if not (a.site and a.text):
             raise InputError("--model needs --site and --text")
@@ -298,6 +298,8 @@ def cmd_compare(a):
             cfg.d_sae = 4 * model.site_width(a.site)
         if a.lm_tokens is not None:
             cfg.lm_tokens = a.lm_tokens
+        if not a.pilot_lrs and not a.quick:  # real activations need lower rates than the synthetic presets
+            cfg.pilot_lrs = list(REAL_PILOT_LRS)
         acts = Path(a.out) / "activations"
         if not a.targets and not a.quick:
             cfg.targets = list(REAL_TARGETS)

@@ -201,7 +201,7 @@ def build_parser():
     p.add_argument("--no-pilot", action="store_true", help="skip the pilot sweep: every variant at 0.01 (or --lr) "
                    "and JumpReLU at ε 0.001")
     p.add_argument("--pilot-lrs", type=float, nargs="+", metavar="LR", help="learning rates of the pilot sweep "
-                   "(default 3e-3 1e-2 3e-2; 1e-2 3e-2 with --quick); JumpReLU crosses them with ε 1e-3 and 1e-2")
+                   "(default 3e-3 1e-2 3e-2; 1e-3 3e-3 1e-2 with --model; 1e-2 3e-2 with --quick); JumpReLU crosses them with ε 1e-3 and 1e-2")
     p.add_argument("--threshold-lr-mult", type=float, help="JumpReLU θ learning rate = this × lr (default 1: the "
                    "paper's single learning rate)")
     p.add_argument("--jobs", type=int, help="training processes (default min(2, CPUs) on numpy, 1 on cupy)")

@@ -56,6 +56,7 @@ DEFAULT_TARGETS = {"synthsaebench-cpu": [5.0, 8.0, 12.0], "synthsaebench-16k": [
 # On a language model's activations (--model): the JumpReLU paper's Figure 2 spans L0 ≈ 10-150 on Gemma 2 9B
 # (d_model 3584); a 640-wide Gemma 3 270M site at 4 × 640 latents gets three octaves in that range.
 REAL_TARGETS = (16.0, 32.0, 64.0)
+REAL_PILOT_LRS = (1e-3, 3e-3, 1e-2)  # compare --model: Gemma 3 270M chose 1e-3 (JumpReLU, Gated) and 3e-3 (TopK)
 REAL_MAX_NORM_RATIO = 5.0  # compare --model: tokens over 5 × the median norm are left out (norm_outliers)
 
 
