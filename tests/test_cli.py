@@ -171,6 +171,8 @@ def test_cache_and_compare_on_tiny_gemma2(tmp_path, capsys):
                  "--d-sae", "128", "--no-progress"] + model) == 0
     results = json.loads((out / "results.json").read_text())
     assert results["data"]["type"] == "gemma2" and results["data"]["d_in"] == 64
+    assert results["config"]["max_norm_ratio"] == 5.0 and results["data"]["max_norm_ratio"] == 5.0  # the default
+    assert "Massive activations: tokens whose activation norm exceeds 5 ×" in (out / "report.md").read_text()
     for r in results["runs"]:
         assert r["lm_tokens"] >= 256 and r["ce_zero"] > r["ce_clean"]
         assert r["delta_lm_loss"] == pytest.approx(r["ce_sae"] - r["ce_clean"])

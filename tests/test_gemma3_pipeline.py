@@ -113,7 +113,17 @@ def test_cli_cache_train_eval_convert_on_gemma3(tmp_path, corpus, capsys):
     assert main(["eval", "--sae", str(gs2), "--text", texts[0], "--lm-tokens", "64", "--json",
                  str(tmp_path / "e.json")] + model) == 0
     res = json.loads((tmp_path / "e.json").read_text())
-    assert res["lm_tokens"] >= 64 and res["ce_zero"] > res["ce_clean"]
+    assert res["lm_tokens"] >= 64 and res["ce_zero"] > res["ce_clean"] and res["unspliced_outliers"] == 0
+    # --max-norm-ratio: the cache leaves the tokens over it out and says how many; eval leaves them unspliced
+    capsys.readouterr()
+    assert main(["cache", "--site", "model.layers.3.output", "--text", *texts, "--out", str(tmp_path / "few"),
+                 "--max-tokens", "400", "--max-norm-ratio", "1.05"] + model) == 0
+    few = json.loads((tmp_path / "few" / "manifest.json").read_text())
+    assert few["max_norm_ratio"] == 1.05 and few["outliers"] > 0 and f"{few['outliers']} outlier tokens left out" in capsys.readouterr().out
+    assert main(["eval", "--sae", str(gs2), "--text", texts[0], "--lm-tokens", "64", "--max-norm-ratio", "1.05",
+                 "--json", str(tmp_path / "e2.json")] + model) == 0
+    res2 = json.loads((tmp_path / "e2.json").read_text())
+    assert res2["unspliced_outliers"] > 0 and res2["ce_clean"] == res["ce_clean"] and res2["ce_sae"] != res["ce_sae"]
 
     tc = transcoder_folder(tmp_path / "tc")
     assert main(["eval", "--sae", str(tc), "--text", texts[0], "--lm-tokens", "64", "--json",
