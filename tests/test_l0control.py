@@ -72,9 +72,11 @@ def test_gated_is_in_band_from_step_600_and_stays_there_at_any_lr(tmp_path, lr):
 
 
 def test_the_l0_warmup_descends_from_its_start_to_the_target_and_the_run_starts_there(tmp_path):
-    # L0*_t = L0_0·(L0*/L0_0)^g(t), g from 0 to 1 with a cosine pace; L0_0 = min(8·L0*, M/4)
+    # L0*_t = L0_0·(L0*/L0_0)^g(t), g from 0 to 1 with a cosine pace; L0_0 = min(8·L0*, M/4), Gated M/10
     assert l0control.start_l0(4.0, 64, 100) == 16.0 and l0control.start_l0(4.0, 1024, 100) == 32.0
     assert l0control.start_l0(4.0, 64, 0) == 4.0 and l0control.start_l0(30.0, 64, 100) == 30.0
+    # Gated starts at M/10 at most: from M/4 its gates closed for good on Gemma 3's layer 6
+    assert l0control.start_l0(64.0, 2560, 100, "gated") == 256.0 and l0control.start_l0(64.0, 2560, 100) == 512.0
     ctrl = l0control.L0Controller(4.0, "log_threshold", start=16.0, warmup=100)
     path = [ctrl.target_at(t) for t in range(0, 151)]
     assert path[0] == 16.0 and path[50] == pytest.approx(8.0) and path[100:] == [4.0] * 51

@@ -91,7 +91,7 @@ def build_parser():
     p.add_argument("--sparsity-warmup-steps", type=int,
                    help="linear λ warm-up (default: 20 %% of the steps, at most 10000)")
     p.add_argument("--l0-warmup-steps", type=int,
-                   help="with --target-l0 (jumprelu, gated): the controller's target descends from min(8·L0*, d_sae/4) "
+                   help="with --target-l0 (jumprelu, gated): the controller's target descends from min(8·L0*, d_sae/4; Gated d_sae/10) "
                         "to L0* over these steps, so every latent fires often while the dictionary forms "
                         "(default: a third of the steps, at most 30000, where lr × steps >= 1, the weights can "
                         "travel far enough for it to pay; else 0 = start at L0*)")

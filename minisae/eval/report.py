@@ -308,7 +308,7 @@ def render_report(results):
     warmup = cfg.get("l0_warmup_steps")
     warmup = f"{warmup} steps" if warmup is not None else "a third of the steps"
     lines.append("- L0: TopK/BatchTopK k = target; JumpReLU and Gated: thresholds calibrated to min(8 × target, "
-                 f"d_sae/4) on batch 0, brought down to the target over {warmup} and held there by the L0 controller "
+                 f"d_sae/4, Gated d_sae/10) on batch 0, brought down to the target over {warmup} and held there by the L0 controller "
                  "(minisae.training.l0control); λ moves within bounds (JumpReLU's to where Adam's push on θ "
                  "balances, Gated's by the L0 error)")
     lines.append(f"- Evaluation: {cfg['eval_tokens']} held-out tokens per SAE")

@@ -22,7 +22,7 @@ MAX_THRESHOLD_LR_MULT = 1e4  # θ at 10⁴ × lr already leaves any stable step 
 # Warm-ups scaled to the run when not given: the recipe's 1,000 / 10,000 steps, at most these
 # fractions of the steps (a 1,000-step run warms lr over 50 steps and λ over 200).
 WARMUP_FRAC, SPARSITY_WARMUP_FRAC = 0.05, 0.2
-# With target_l0 (JumpReLU, Gated), the L0 warm-up: the target descends from min(8·L0*, M/4) over
+# With target_l0 (JumpReLU, Gated), the L0 warm-up: the target descends from min(8·L0*, M/4) (Gated: M/10) over
 # this fraction of the steps, at most L0_WARMUP_MAX steps (minisae.training.l0control), in runs
 # whose weights can travel: Adam moves each by at most lr a step, and the warm-up pays only where
 # lr × steps >= L0_WARMUP_TRAVEL (measured: docs/derivations/l0_controller.md); else none.
