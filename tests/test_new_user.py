@@ -242,6 +242,9 @@ def test_plot_labels_overlap_neither_each_other_nor_a_marker_and_the_plot_says_i
     try:
         renderer = fig.canvas.get_renderer()
         assert RAW_L0_NOTE in [t.get_text() for t in fig.texts] and "matched L0" in RAW_L0_NOTE
+        notes = [t.get_window_extent(renderer) for t in fig.texts if t is not fig._suptitle]  # under the panels
+        assert all(not a.overlaps(b) for i, a in enumerate(notes) for b in notes[i + 1:])
+        assert all(n.y1 < ax.get_tightbbox(renderer).y0 for n in notes for ax in fig.axes)
         for ax in fig.axes:
             assert "raw" in ax.get_xlabel()
             boxes = [t.get_window_extent(renderer) for t in ax.texts]
@@ -257,6 +260,14 @@ def test_plot_labels_overlap_neither_each_other_nor_a_marker_and_the_plot_says_i
                     assert not (box.x0 < cx < box.x1 and box.y0 < cy < box.y1), (ax.get_ylabel(), box, cx, cy)
     finally:
         plt.close(fig)
+
+
+def test_the_plot_title_names_a_real_models_site_and_a_synthetic_sets_features():
+    from minisae.eval.plot import _data_text
+
+    assert _data_text({"type": "gemma3", "model": "/m/gemma-3-270m-q4_k_m.gguf", "site": "blocks.6.hook_resid_post",
+                       "d_in": 640}) == "gemma-3-270m-q4_k_m.gguf blocks.6.hook_resid_post (D=640)"
+    assert _data_text({"type": "synthsaebench", "n_features": 2048, "d_in": 96}) == "synthsaebench (N=2048 features, D=96)"
 
 
 def test_resuming_a_finished_sweep_keeps_its_wall_time_and_says_it_resumed():

@@ -4,6 +4,7 @@ labels placed off each other, the markers and the legend (minisae.eval.report wr
 """
 
 import os
+import textwrap
 from pathlib import Path
 
 from minisae.eval.report import HIGHER_BETTER, METRIC_NAMES, NAMES, _setting_span, mostly_pathological
@@ -70,18 +71,28 @@ def pareto_figure(results):
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8, loc="lower right")
         ax.margins(0.12)  # room for the labels at the edges
-    data = results["data"]
-    fig.suptitle(f"minisae compare on {data.get('type', 'data')} (N={data.get('n_features', '?')} features, "
-                 f"D={data.get('d_in')}): {cfg['d_sae']} latents, {cfg['steps']} steps, {cfg['seeds']} seeds — "
-                 "labels: target L0: λ or k (⚠ k/n: k of n seeds pathological); hollow = most seeds pathological",
-                 fontsize=10)
+    fig.suptitle(f"minisae compare on {_data_text(results['data'])}: {cfg['d_sae']} latents, {cfg['steps']} steps, "
+                 f"{cfg['seeds']} seeds\nlabels: target L0: λ or k (⚠ k/n: k of n seeds pathological); "
+                 "hollow = most seeds pathological", fontsize=10)
     claim = verdict.get("paper_claim", {}).get("text", "")
-    fig.text(0.01, 0.045, RAW_L0_NOTE, fontsize=8, va="bottom")
-    fig.text(0.01, 0.01, "Verdict: " + claim.replace("**", ""), fontsize=8, wrap=True, va="bottom")
-    fig.tight_layout(rect=(0, 0.09, 1, 0.94))
+    width = int(60 * len(panels))  # characters of 8-point text across the figure
+    notes = textwrap.wrap(RAW_L0_NOTE, width) + textwrap.wrap("Verdict: " + claim.replace("**", ""), width)
+    line = 0.035 * 5.0 / fig.get_figheight()  # one 8-point line in figure units
+    for i, text in enumerate(reversed(notes)):  # bottom up, one line each: nothing overlaps
+        fig.text(0.01, 0.01 + i * line, text, fontsize=8, va="bottom")
+    fig.tight_layout(rect=(0, 0.02 + len(notes) * line, 1, 0.92))
     for ax, points in labels.items():
         place_labels(ax, points)
     return fig
+
+
+def _data_text(data):
+    """What the data was, for the title: synthetic (N features, D) or a model's site (D)."""
+    if data.get("n_features"):
+        return f"{data.get('type', 'data')} (N={data['n_features']} features, D={data.get('d_in')})"
+    if data.get("site"):
+        return f"{Path(str(data.get('model', data.get('type', 'model')))).name} {data['site']} (D={data.get('d_in')})"
+    return f"{data.get('type', 'data')} (D={data.get('d_in')})"
 
 
 # candidate offsets of a label from its point, in points (x, y) with the text's alignment
