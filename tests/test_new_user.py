@@ -227,9 +227,31 @@ def test_the_verdict_names_each_variant_once_and_numbers_that_differ():
     assert _difference_text(0.0104, 0.0003, tie=False) == "difference 0.0104 > combined spread 0.0003"
     assert _difference_text(0.0004, 0.0, tie=False).endswith("one seed each, so no spread to weigh it against")
     assert _difference_text(0.0004, 0.003, tie=True) == "difference +0.0004, combined spread 0.0030"
+    assert _difference_text(-0.0010, 0.0009, tie=True, floor=0.002) == \
+        "difference -0.0010 below 0.002, the smallest difference counted (combined spread 0.0009)"
+    assert _difference_text(0.0104, 0.0003, tie=False, floor=0.002) == \
+        "difference 0.0104 >= 0.002, the smallest difference counted (combined spread 0.0003)"
     for line in text.splitlines():  # the two numbers never read the same
         m = re.search(r"difference ([+-]?[\d.]+) > combined spread ([\d.]+)", line)
         assert not m or m.group(1).lstrip("+-") != m.group(2), line
+
+
+def test_a_difference_within_the_seeds_spread_or_below_the_floor_is_no_win():
+    # the default sweep's own case: JumpReLU 0.001 below Gated with a spread of 0.0009 turned the
+    # verdict over between two runs of the same sweep; such a difference is a tie now
+    from minisae.eval.report import MIN_EFFECT, _pair_outcome
+    from minisae.eval.tuning import _order
+
+    def s(mean, sd):
+        return {"matched_explained_variance": (mean, sd), "matched_delta_lm_loss": (mean, sd)}
+
+    assert _pair_outcome(s(0.798, 0.0006), s(0.799, 0.0007), "explained_variance")["better"] == "tie"
+    assert _pair_outcome(s(0.798, 0.0006), s(0.8005, 0.0007), "explained_variance")["better"] == "b"
+    assert _pair_outcome(s(0.80, 0.004), s(0.805, 0.004), "explained_variance")["better"] == "tie"  # the spread
+    assert _pair_outcome(s(0.30, 0.001), s(0.305, 0.001), "delta_lm_loss")["better"] == "tie"  # lower is better
+    assert _pair_outcome(s(0.30, 0.001), s(0.32, 0.001), "delta_lm_loss")["better"] == "a"
+    assert MIN_EFFECT["explained_variance"] == 0.002
+    assert _order(0.0874, 0.0884) == "tie" and _order(0.0874, 0.0904) == "a" and _order(0.09, 0.05) == "b"
 
 
 def test_plot_labels_overlap_neither_each_other_nor_a_marker_and_the_plot_says_its_l0_is_raw():

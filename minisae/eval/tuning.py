@@ -38,6 +38,7 @@ import numpy
 PILOT_LRS = (3e-3, 1e-2, 3e-2)      # around the 1e-2 that pilot runs on synthsaebench-cpu chose
 PILOT_BANDWIDTHS = (1e-3, 1e-2)     # JumpReLU's ε: Gemma Scope's 0.001, and 0.01 (a tenfold wider kernel)
 PILOT_L0_TOL = 0.10                 # a pilot run is eligible when |L0 / target − 1| ≤ this
+FVU_FLOOR = 0.002                   # held-out FVUs closer than this order neither way (the verdict's smallest EV difference)
 PLATEAU_TAIL = 0.20                 # the last fifth of training
 PLATEAU_WINDOW = 0.05               # ± this fraction of the steps around each point is averaged
 PLATEAU_FLOOR = 1e-3                # FVU changes below this count as flat, whatever the seeds' spread
@@ -120,7 +121,7 @@ def sensitivity(pilot_rows, variants, *, tol=PILOT_L0_TOL):
 
     Returns (orderings, flips): for each pair (a, b) with both best settings known, the FVUs and
     which is better; each flip names the variant moved to its next-best, both FVUs and the new
-    order. Lower FVU is better; equal scores order neither way (no flip is read from a tie)."""
+    order. Lower FVU is better; scores within FVU_FLOOR order neither way (no flip is read from a tie)."""
     chosen = {v: pick(pilot_rows, v, tol=tol) for v in variants}
     orderings, flips = [], []
     pairs = [(a, b) for i, a in enumerate(variants) for b in variants[i + 1:]]
@@ -141,7 +142,8 @@ def sensitivity(pilot_rows, variants, *, tol=PILOT_L0_TOL):
 
 
 def _order(fvu_a, fvu_b):
-    return "a" if fvu_a < fvu_b else ("b" if fvu_b < fvu_a else "tie")
+    """Which of two held-out FVUs is better, or "tie" when they differ by less than FVU_FLOOR."""
+    return "a" if fvu_b - fvu_a >= FVU_FLOOR else ("b" if fvu_a - fvu_b >= FVU_FLOOR else "tie")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -160,7 +162,8 @@ def sensitivity_lines(results, names):
     order = "; ".join(f"{names[o['a']]} {o['fvu_a']:.4f} vs {names[o['b']]} {o['fvu_b']:.4f}" for o in pilot["orderings"])
     if not pilot["flips"]:
         return [f"Sensitivity to the recipe: at the pilot's L0 = {t:g} (one seed) no ordering of two variants "
-                f"flips when either takes its next-best pilot setting (held-out FVU at the best settings: {order}).\n"]
+                f"flips when either takes its next-best pilot setting (held-out FVU at the best settings: {order}; "
+                f"FVUs within {FVU_FLOOR:g} count as a tie).\n"]
     flips = "; ".join(
         f"with {names[f['moved']]} at {setting_text(f['setting'])}, {names[f['a']]} {f['fvu_a']:.4f} vs "
         f"{names[f['b']]} {f['fvu_b']:.4f}" for f in pilot["flips"])
