@@ -69,7 +69,7 @@ def pareto_figure(results):
             fmt.set_scientific(False)
             axis.set_major_formatter(fmt)
         ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=8, loc="lower right")
+        ax.legend(fontsize=8, loc="lower right" if HIGHER_BETTER[m] else "upper right")  # away from the curves' far end
         ax.margins(0.12)  # room for the labels at the edges
     fig.suptitle(f"minisae compare on {_data_text(results['data'])}: {cfg['d_sae']} latents, {cfg['steps']} steps, "
                  f"{cfg['seeds']} seeds\nlabels: target L0: λ or k (⚠ k/n: k of n seeds pathological); "
