@@ -228,9 +228,9 @@ def test_the_verdict_names_each_variant_once_and_numbers_that_differ():
     assert _difference_text(0.0004, 0.0, tie=False).endswith("one seed each, so no spread to weigh it against")
     assert _difference_text(0.0004, 0.003, tie=True) == "difference +0.0004, combined spread 0.0030"
     assert _difference_text(-0.0010, 0.0009, tie=True, floor=0.002) == \
-        "difference -0.0010 below 0.002, the smallest difference counted (combined spread 0.0009)"
+        "difference -0.0010 below 0.002, the smallest difference counted; combined spread 0.0009"
     assert _difference_text(0.0104, 0.0003, tie=False, floor=0.002) == \
-        "difference 0.0104 >= 0.002, the smallest difference counted (combined spread 0.0003)"
+        "difference 0.0104 ≥ 0.002, the smallest difference counted; combined spread 0.0003"
     for line in text.splitlines():  # the two numbers never read the same
         m = re.search(r"difference ([+-]?[\d.]+) > combined spread ([\d.]+)", line)
         assert not m or m.group(1).lstrip("+-") != m.group(2), line

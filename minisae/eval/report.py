@@ -166,8 +166,8 @@ def _difference_text(diff, spread, tie, floor=0.0):
         d += 1
     shown = f"{diff:+.{d}f}" if tie else f"{abs(diff):.{d}f}"
     if floor > spread and (tie and abs(diff) > spread or not tie):  # the floor, not the seeds, decided
-        rel = "below" if tie else ">="
-        return f"difference {shown} {rel} {floor:g}, the smallest difference counted (combined spread {spread:.{d}f})"
+        rel = "below" if tie else "≥"
+        return f"difference {shown} {rel} {floor:g}, the smallest difference counted; combined spread {spread:.{d}f}"
     if spread == 0:
         return f"difference {shown}; one seed each, so no spread to weigh it against"
     return f"difference {shown}, combined spread {spread:.{d}f}" if tie else \
