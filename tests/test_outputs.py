@@ -117,6 +117,9 @@ def test_compare_checks_eval_text_before_training(tmp_path, capsys):
     assert "needs --model" in _error_line(capsys) and not out.exists()
     assert main(["compare", "--quick", "--out", str(out), "--lm-tokens", "512"]) == 2
     assert "--lm-tokens is for delta LM loss and needs --model" in _error_line(capsys) and not out.exists()
+    assert main(["compare", "--quick", "--out", str(out), "--max-norm-ratio", "5"]) == 2
+    assert "--max-norm-ratio is for a real model's activations and needs --model" in _error_line(capsys)
+    assert not out.exists()
 
 
 def test_convert_refuses_a_foreign_folder(foreign, tiny_sae, tmp_path, capsys):

@@ -285,7 +285,8 @@ def cmd_compare(a):
     check_output_dir(a.out, "compare report", is_own=is_compare_folder)
     if (a.eval_text or a.lm_tokens is not None or a.max_norm_ratio is not None) and not a.model:
         flag = "--eval-text" if a.eval_text else "--lm-tokens" if a.lm_tokens is not None else "--max-norm-ratio"
-        raise InputError(f"{flag} is for a real model's activations and needs --model, --site and --text")
+        what = "a real model's activations" if flag == "--max-norm-ratio" else "delta LM loss"
+        raise InputError(f"{flag} is for {what} and needs --model, --site and --text")
     if a.model:
         if not (a.site and a.text):
             raise InputError("--model needs --site and --text")
