@@ -1,5 +1,6 @@
-"""Where a Gemma 3 270M forward's time goes: the 18 layers, the tied head, and the head's GEMM
-alone in NumPy (OpenBLAS) and, when --ref-python has torch, in torch (MKL) on the same shapes.
+"""Where a Gemma 3 270M forward's time goes: the 18 layers, the tied head, the head's GEMM alone in
+NumPy (OpenBLAS) whole and in the loss's 8,192-column blocks, the loss head (`_nll_sum`: blocked
+GEMM, soft-cap, online log-sum-exp), and, when --ref-python has torch, the GEMM in torch (MKL).
 
     /work/venv/bin/python reference/bench_head.py --model /work/models/gemma-3-270m-hf \\
         --ref-python /work/benchvenv/bin/python
@@ -55,6 +56,17 @@ def main(argv=None):
         t0 = time.perf_counter()
         x @ model.embed.T  # (T, D) @ (D, V)
         rows["head GEMM, numpy"] = min(rows.get("head GEMM, numpy", 1e9), time.perf_counter() - t0)
+    out = numpy.empty((a.tokens, 8192), dtype=numpy.float32)
+    targets = numpy.random.default_rng(2).integers(0, V, a.tokens)
+    for _ in range(a.repeats):
+        t0 = time.perf_counter()
+        for v0 in range(0, V, 8192):  # what the loss does: blocks of 8,192 columns, never the (T, V) logits
+            numpy.matmul(x, model.embed[v0:v0 + 8192].T, out=out[:, :min(8192, V - v0)])
+        t1 = time.perf_counter()
+        model._nll_sum(x, targets)  # the whole loss head: blocked GEMM, soft-cap, online log-sum-exp
+        t2 = time.perf_counter()
+        rows["head GEMM in 8,192-column blocks, numpy"] = min(rows.get("head GEMM in 8,192-column blocks, numpy", 1e9), t1 - t0)
+        rows["loss head (_nll_sum)"] = min(rows.get("loss head (_nll_sum)", 1e9), t2 - t1)
     if a.ref_python and os.path.exists(a.ref_python):
         code = TORCH_GEMM.format(threads=a.threads, T=a.tokens, D=D, V=V, repeats=a.repeats)
         out = subprocess.run([a.ref_python, "-c", code], capture_output=True, text=True, check=True)
