@@ -295,3 +295,32 @@ def test_delta_lm_loss_leaves_the_massive_tokens_unspliced(tiny):
     assert plain["unspliced_outliers"] == 0 and plain["ce_sae"] != z["ce_sae"] and plain["ce_clean"] == z["ce_clean"]
     huge = evaluate_lm(zero, model, tok, texts, SITE, max_norm_ratio=1e30, **kw)
     assert huge["ce_sae"] == plain["ce_sae"] and huge["unspliced_outliers"] == 0
+
+
+def test_a_shared_baseline_gives_the_same_numbers_with_one_pass_per_batch(tiny):
+    # compare evaluates many SAEs on the same tokens: the clean and zero-ablated losses are computed
+    # once and reused; every number equals the plain three-pass evaluation bitwise
+    model, tok, texts = tiny
+    zero = _identity_sae(64)
+    zero.params["W_dec"] *= 0.5  # an SAE that changes the loss
+    ident = _identity_sae(64)
+    kw = dict(seq_len=16, batch_size=3, max_tokens=60, max_norm_ratio=1.05)
+    plain = [evaluate_lm(s, model, tok, texts, SITE, **kw) for s in (zero, ident)]
+    calls = []
+    real_losses = model.losses
+
+    def counting(ids, mask, splices, **k):
+        calls.append(len(splices))
+        return real_losses(ids, mask, splices, **k)
+
+    model.losses = counting
+    try:
+        shared = {}
+        cached = [evaluate_lm(s, model, tok, texts, SITE, baseline=shared, **kw) for s in (zero, ident)]
+    finally:
+        del model.losses
+    assert cached == plain and len(shared) == 1
+    first = len(shared[next(iter(shared))])
+    assert calls == [3] * first + [1] * first  # three passes a batch the first time, one after
+    other = evaluate_lm(ident, model, tok, texts, SITE, baseline=shared, **{**kw, "max_tokens": 30})
+    assert other == evaluate_lm(ident, model, tok, texts, SITE, **{**kw, "max_tokens": 30}) and len(shared) == 2

@@ -211,7 +211,8 @@ def run_compare(cfg, out_dir, *, source=None, model=None, tokenizer=None, eval_t
     labels = [f"{VARIANT_NAMES[v]} L0={t:g} seed {s}" for v, t, s in jobs]
     seconds = _train_runs(cfg, out, source, runs, labels, resume, force, progress)
     seconds = [secs + earlier_secs.get(_run_dir(*job), 0.0) for job, secs in zip(jobs, seconds)]
-    rows = [_evaluate_run(out, cfg, job, secs, eval_source, model, tokenizer, eval_texts, site, progress)
+    lm_baseline = {}  # the clean and zero-ablated losses, the same for every SAE: computed once
+    rows = [_evaluate_run(out, cfg, job, secs, eval_source, model, tokenizer, eval_texts, site, progress, lm_baseline)
             for job, secs in zip(jobs, seconds)]
     for row in rows:
         row["recipe"] = recipes[row["variant"]]
@@ -344,7 +345,7 @@ class _FixedEval:
         return (self.x[:n], self.codes[:n]) if return_codes else self.x[:n]
 
 
-def _evaluate_run(out, cfg, job, secs, eval_source, model, tokenizer, eval_texts, site, progress):
+def _evaluate_run(out, cfg, job, secs, eval_source, model, tokenizer, eval_texts, site, progress, lm_baseline=None):
     from minisae.eval.evaluate import evaluate_lm, evaluate_sae
     from minisae.eval.report import is_pathological
     from minisae.io.saefile import SAE
@@ -372,7 +373,7 @@ def _evaluate_run(out, cfg, job, secs, eval_source, model, tokenizer, eval_texts
         lm_sae = SAE.load(run / "sae", xp=model.xp)
         row.update(evaluate_lm(lm_sae, model, tokenizer, eval_texts, site, seq_len=cfg.seq_len,
                                batch_size=cfg.lm_batch_size, max_tokens=cfg.lm_tokens, progress=progress,
-                               max_norm_ratio=cfg.max_norm_ratio))
+                               max_norm_ratio=cfg.max_norm_ratio, baseline=lm_baseline))
     return row
 
 

@@ -150,12 +150,19 @@ def transcoder_sites(sae, model, site, site_out=None):
 
 
 def evaluate_lm(sae, model, tokenizer, text_paths, site, *, seq_len=1024, batch_size=2,
-                max_tokens=8192, text_field="text", progress=False, site_out=None, max_norm_ratio=None):
+                max_tokens=8192, text_field="text", progress=False, site_out=None, max_norm_ratio=None,
+                baseline=None):
     """Delta LM loss and loss recovered of `sae` spliced into `model` at `site`.
 
     Returns {"ce_clean", "ce_sae", "ce_zero", "delta_lm_loss", "loss_recovered", "lm_tokens",
     "unspliced_outliers"}; losses are token-weighted means over the batches read until max_tokens
     scored tokens; unspliced_outliers counts the positions max_norm_ratio left as they were.
+
+    baseline: a dict the caller keeps between calls (minisae compare: one per sweep). The clean
+    and zero-ablated losses do not depend on the SAE, so the first call stores them per batch
+    under the evaluation's settings, and later calls with the same settings run only the SAE pass
+    (one head pass a batch instead of three; the same numbers, bitwise: model.losses runs each
+    splice on its own). Not used for transcoders (their clean pass also measures the prediction).
 
     A transcoder reads `site` and predicts `site_out` (default: its cfg's hook_name_out, e.g. the
     MLP's output for a Gemma Scope 2 transcoder reading the MLP's input): its prediction (skip term
@@ -178,9 +185,16 @@ def evaluate_lm(sae, model, tokenizer, text_paths, site, *, seq_len=1024, batch_
     n_total, n_outliers = 0, 0
     check_norm_ratio(max_norm_ratio)
     special = (tokenizer.pad_id, tokenizer.eos_id, tokenizer.bos_id)
+    key = (id(model), id(tokenizer), tuple(map(str, text_paths)), site, seq_len, batch_size, max_tokens, text_field,
+           max_norm_ratio)
+    stored = None if baseline is None or transcoder else baseline.get(key)  # [(clean, zero, n), ...] per batch
+    fresh = [] if baseline is not None and not transcoder and stored is None else None
     bar = _bar(progress, max_tokens)
     try:
-        for _, ids_np, mask_np in iter_batches(tokenizer, text_paths, seq_len, batch_size, text_field=text_field):
+        for i, (_, ids_np, mask_np) in enumerate(iter_batches(tokenizer, text_paths, seq_len, batch_size,
+                                                             text_field=text_field)):
+            if stored is not None and i >= len(stored):
+                break
             ids = mx.asarray(ids_np)  # (B, T)
             mask = mx.asarray(mask_np)  # (B, T)
             bos = ids == tokenizer.bos_id  # (B, T) BOS positions stay as they are
@@ -220,15 +234,23 @@ def evaluate_lm(sae, model, tokenizer, text_paths, site, *, seq_len=1024, batch_
             names, splices = ("clean", "sae", "zero"), (clean, spliced, zeroed)
             # = cross_entropy(model.forward(ids, splice), ...) per splice without the (B, T, V) logits,
             # the layers below the site run once for all three (model.losses)
-            for name, (loss, n) in zip(names, model.losses(ids, mask, splices, exclude_ids=special)):
-                losses[name] = (float(to_numpy(loss)), int(to_numpy(n)))
-                if name == "clean" and transcoder:  # seen["in"]: the sae pass recorded the same values
-                    rows = mask & ~bos  # (B, T) real tokens, BOS excluded
-                    x = asarray(seen["in"][rows], sae.xp)  # (n, D_in)
-                    f = sae.encode(x)  # (n, M)
-                    y_hat = sae.decode(f) + (sae.skip(x) if "W_skip" in sae.params else 0.0)  # (n, D_out)
-                    acc.update(asarray(seen["out"][rows], sae.xp), y_hat, f)
+            if stored is not None:  # clean and zero from the first call: the SAE pass alone
+                (loss, n), = model.losses(ids, mask, [spliced], exclude_ids=special)
+                clean_loss, zero_loss, n_clean = stored[i]
+                losses = {"clean": (clean_loss, n_clean), "sae": (float(to_numpy(loss)), int(to_numpy(n))),
+                          "zero": (zero_loss, n_clean)}
+            else:
+                for name, (loss, n) in zip(names, model.losses(ids, mask, splices, exclude_ids=special)):
+                    losses[name] = (float(to_numpy(loss)), int(to_numpy(n)))
+                    if name == "clean" and transcoder:  # seen["in"]: the sae pass recorded the same values
+                        rows = mask & ~bos  # (B, T) real tokens, BOS excluded
+                        x = asarray(seen["in"][rows], sae.xp)  # (n, D_in)
+                        f = sae.encode(x)  # (n, M)
+                        y_hat = sae.decode(f) + (sae.skip(x) if "W_skip" in sae.params else 0.0)  # (n, D_out)
+                        acc.update(asarray(seen["out"][rows], sae.xp), y_hat, f)
             n = losses["clean"][1]
+            if fresh is not None:
+                fresh.append((losses["clean"][0], losses["zero"][0], n))
             if n == 0:
                 continue
             for name in sums:
@@ -242,6 +264,8 @@ def evaluate_lm(sae, model, tokenizer, text_paths, site, *, seq_len=1024, batch_
         bar.close()
     if n_total == 0:
         raise ValueError(f"no scored tokens in the evaluation texts {list(map(str, text_paths))}")
+    if fresh is not None:
+        baseline[key] = fresh
     ce = {k: v / n_total for k, v in sums.items()}
     denom = ce["zero"] - ce["clean"]
     out = {
