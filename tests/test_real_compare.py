@@ -2,8 +2,8 @@
 read from its GGUF file, activations of the sotu corpus's training split, delta LM loss on its test
 split (docs/real_model.md).
 
-Marked slow (loads the real model and runs it over 16,384 tokens: 35 s on 2 idle cores since the
-sweep's SAEs share one delta-LM-loss baseline, 92 s before; 2026-12-06) and run only when asked for and the real-model package, the gguf package
+Marked slow (loads the real model and runs it over 16,384 tokens: 35 s on 2 idle cores, 2026-12-06;
+the CLI command took 54 s before the sweep's SAEs shared one delta-LM-loss baseline) and run only when asked for and the real-model package, the gguf package
 and the corpus are installed:
 
     python -m pytest -m slow tests/test_real_compare.py
