@@ -223,6 +223,7 @@ def test_the_verdict_names_each_variant_once_and_numbers_that_differ():
     assert "measurably below Gated at L0 = 8 and 12." in claim, claim
     assert claim.count("Gated") == 2  # the claim's own "Gated and TopK", then once in the finding
     assert "combined spread 0.000" not in text
+    assert "brought down to the target over a third of the steps" in text and "{" not in text  # no raw template
     assert _difference_text(0.0153, 0.0148, tie=False) == "difference 0.0153 > combined spread 0.0148"
     assert _difference_text(0.0104, 0.0003, tie=False) == "difference 0.0104 > combined spread 0.0003"
     assert _difference_text(0.0004, 0.0, tie=False).endswith("one seed each, so no spread to weigh it against")

@@ -112,7 +112,7 @@ def build_parser():
                    "the quantile of batch 0 that gives the L0 warm-up's start (--l0-warmup-steps), then a controller "
                    "moves them every step toward the warm-up's target and L0* after it; λ (--sparsity-coeff) moves "
                    "too: JumpReLU's to where Adam's push on θ balances (within a factor 100; fixed with --penalty "
-                   "quadratic, where it is also the penalty's L0*), Gated's by the L0 error (within a factor 12)")
+                   "quadratic, where it is also the penalty's L0*), Gated's by the L0 error (within a factor 245)")
     p.add_argument("--threshold-lr-mult", type=float, default=1.0, help="JumpReLU: learning rate of θ = this × --lr "
                    "(default 1: the paper's single learning rate; 0.1 keeps θ from outrunning the weights)")
     p.add_argument("--threshold-param", choices=["log", "raw"], default="log",

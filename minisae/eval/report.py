@@ -30,6 +30,7 @@ import math
 import numpy
 
 from minisae.eval import tuning
+from minisae.training import l0control
 
 NAMES = {"jumprelu": "JumpReLU", "gated": "Gated", "topk": "TopK", "batchtopk": "BatchTopK",
          "matryoshka": "Matryoshka"}
@@ -136,8 +137,8 @@ def _pair_outcome(sa, sb, metric):
     spread = math.sqrt((da or 0.0) ** 2 + (db or 0.0) ** 2)
     floor = MIN_EFFECT.get(metric, 0.0)
     diff = ma - mb if HIGHER_BETTER[metric] else mb - ma  # > 0: a is better
-    need = max(spread, floor)
-    better = "a" if diff > need and diff >= floor else ("b" if -diff > need and -diff >= floor else "tie")
+    need = max(spread, floor)  # beyond the seeds' spread and at least the smallest difference counted
+    better = "a" if diff > need else ("b" if -diff > need else "tie")
     return {"diff": ma - mb, "spread": spread, "floor": floor, "better": better}
 
 
@@ -317,8 +318,10 @@ def render_report(results):
                         " (minisae's --threshold-lr-mult; the paper uses one learning rate)"))
     warmup = cfg.get("l0_warmup_steps")
     warmup = f"{warmup} steps" if warmup is not None else "a third of the steps"
-    lines.append("- L0: TopK/BatchTopK k = target; JumpReLU and Gated: thresholds calibrated to min(8 × target, "
-                 f"d_sae/4, Gated d_sae/10) on batch 0, brought down to the target over {warmup} and held there by the L0 controller "
+    start = l0control.START_DENSITY
+    lines.append(f"- L0: TopK/BatchTopK k = target; JumpReLU and Gated: thresholds calibrated to min("
+                 f"{l0control.START_FACTOR:g} × target, d_sae × {start['jumprelu']:g}, Gated d_sae × {start['gated']:g}) "
+                 f"on batch 0, brought down to the target over {warmup} and held there by the L0 controller "
                  "(minisae.training.l0control); λ moves within bounds (JumpReLU's to where Adam's push on θ "
                  "balances, Gated's by the L0 error)")
     lines.append(f"- Evaluation: {cfg['eval_tokens']} held-out tokens per SAE")

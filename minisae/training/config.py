@@ -71,7 +71,7 @@ class TrainConfig:
     eval_batch_size: int = 4096
     prefetch: int = 1                     # batches made ahead in a background thread (0 = none)
     threshold_lr_mult: float = 1.0        # JumpReLU: θ's learning rate = this × lr (1 = the paper's single lr)
-    controller_gain: float | None = None  # L0 controller: threshold move per unit of error; None = 0.2 JumpReLU, 0.02 Gated (minisae.training.l0control)
+    controller_gain: float | None = None  # L0 controller: threshold move per unit of error; None = l0control.GAIN (0.1 JumpReLU, 0.02 Gated)
 
     def uses_controller(self):
         """True when target_l0 is met by the L0 controller (θ calibrated, then moved outside Adam):
