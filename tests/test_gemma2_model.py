@@ -607,3 +607,25 @@ def test_blocked_attention_softmax_is_bitwise_the_whole_array(cap, n_threads, mo
                        numpy.finfo(numpy.float32).min).astype(numpy.float32)  # (T, T)
     want = model._scores_to_probs(s.copy(), mask, 0.0625, cap, numpy)
     numpy.testing.assert_array_equal(model.attention_scores_to_probs(s, mask, 0.0625, cap, numpy), want)
+
+
+@pytest.mark.parametrize("n_threads", [1, 3])
+def test_blocked_rms_norm_and_rope_are_bitwise_the_whole_array(n_threads, monkeypatch):
+    """rms_norm and apply_rope in blocks of rows (RoPE's never crossing a batch row), split over
+    threads, give exactly the passes over the whole array; rms_norm's mean is numpy.mean's."""
+    from minisae import threads
+    from minisae.models.gemma2 import model
+
+    monkeypatch.setattr(model, "PASS_BLOCK", 3 * 2 * 8)  # 3 positions of 2 heads x d = 8 per block
+    monkeypatch.setattr(threads, "threads", lambda: n_threads)
+    rng = numpy.random.default_rng(2)
+    x = rng.standard_normal((2, 7, 2, 8), dtype=numpy.float32) * 5  # (B, T, n, d): T = 7 is not a multiple of 3
+    w1 = 1 + rng.standard_normal(8, dtype=numpy.float32)  # (d,)
+    want = (x * (1.0 / numpy.sqrt(numpy.mean(x * x, axis=-1, keepdims=True) + 1e-6))) * w1
+    numpy.testing.assert_array_equal(model.rms_norm(x, w1, 1e-6), want)
+    cos, sin = model.rope_tables(7, 8, 10_000.0, numpy, numpy.float32)  # (T, 1, d) each
+    numpy.testing.assert_array_equal(model.apply_rope(x, cos, sin), model._apply_rope(x, cos, sin, numpy))
+    h = rng.standard_normal((13, 11), dtype=numpy.float32)  # (N, D): D = 11 does not divide a block
+    w = 1 + rng.standard_normal(11, dtype=numpy.float32)
+    want = (h * (1.0 / numpy.sqrt(numpy.mean(h * h, axis=-1, keepdims=True) + 1e-6))) * w
+    numpy.testing.assert_array_equal(model.rms_norm(h, w, 1e-6), want)

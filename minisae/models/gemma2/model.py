@@ -40,14 +40,55 @@ _LOSS_COLS = 8192  # ... against this many vocabulary entries at a time: (rows, 
 
 # ---- the pieces of a block, in the order they run -------------------------------------------------
 
-PASS_BLOCK = 1 << 15  # elements per block of a blocked elementwise pass (128 KiB of float32: in cache)
+PASS_BLOCK = 1 << 17  # elements per block of a blocked elementwise pass (512 KiB of float32: in L2)
 
 
 def rms_norm(x, w1, eps):
-    """x * rsqrt(mean(x^2) + eps) * (1 + w); `w1` is (1 + w), precomputed once per weight."""
+    """x * rsqrt(mean(x^2) + eps) * (1 + w) over the last axis; `w1` is (1 + w), precomputed once
+    per weight. On NumPy the passes run over cache-sized blocks of rows split over threads
+    (by_row_blocks: every row is done exactly as the whole array would be, the same numbers)."""
     xp = _module_of(x)
-    ms = xp.mean(x * x, axis=-1, keepdims=True)  # (N, 1)  Gemma2RMSNorm._norm: x.pow(2).mean(-1)
-    return (x * (1.0 / xp.sqrt(ms + eps))) * w1  # (N, D)  output * (1.0 + weight): Gemma's (1 + w)
+    if xp is not numpy or not x.flags.c_contiguous or x.dtype != w1.dtype or x.size <= PASS_BLOCK:
+        return _rms_norm(x, w1, eps, xp)
+    D = x.shape[-1]
+    rows, out = x.reshape(-1, D), numpy.empty_like(x)  # (R, D) view, the result
+    out_rows = out.reshape(-1, D)  # (R, D) view
+    by_row_blocks(lambda r0, r1: _rms_norm(rows[r0:r1], w1, eps, numpy, out=out_rows[r0:r1]), rows.shape[0], D)
+    return out
+
+
+def _rms_norm(x, w1, eps, xp, out=None):
+    """rms_norm on one array, into `out` when given."""
+    if xp is numpy:  # Gemma2RMSNorm._norm: x.pow(2).mean(-1), as numpy.mean computes it ...
+        ms = numpy.add.reduce(x * x, axis=-1, keepdims=True)  # (N, 1)
+        numpy.true_divide(ms, numpy.intp(x.shape[-1]), out=ms, casting="unsafe")  # ... without its overhead
+    else:
+        ms = xp.mean(x * x, axis=-1, keepdims=True)  # (N, 1)
+    r = 1.0 / xp.sqrt(ms + eps)  # (N, 1)  rsqrt(... + eps)
+    if out is None:
+        return (x * r) * w1  # (N, D)  output * (1.0 + weight): Gemma's (1 + w)
+    xp.multiply(x, r, out=out)
+    out *= w1
+    return out
+
+
+def by_row_blocks(fn, n_rows, row_elems, period=None):
+    """fn(r0, r1) for consecutive blocks of rows [r0, r1) covering [0, n_rows): each about
+    PASS_BLOCK elements (rows of row_elems each), so a block's passes run in cache; no block
+    crosses a multiple of `period` rows (a head, a batch row); the blocks are split over threads
+    (minisae.threads), each thread taking a contiguous run of them."""
+    per_block = max(1, PASS_BLOCK // max(row_elems, 1))
+    period = period or n_rows
+
+    def piece(lo, hi):
+        r0 = lo
+        while r0 < hi:
+            r1 = min(r0 + per_block, hi, (r0 // period + 1) * period)
+            fn(r0, r1)
+            r0 = r1
+
+    n = threads.threads()
+    threads.run(piece, threads.even_pieces(n_rows, n, per_block), n)
 
 
 def rope_tables(T, head_dim, theta, xp, dtype, factor=1.0):
@@ -66,10 +107,29 @@ def rope_tables(T, head_dim, theta, xp, dtype, factor=1.0):
 
 
 def apply_rope(x, cos, sin):
-    """x (B, T, n, d) rotated by "rotate_half": pairs (i, i + d/2), not adjacent pairs."""
+    """x (B, T, n, d) rotated by "rotate_half": pairs (i, i + d/2), not adjacent pairs; cos and
+    sin (T, 1, d). On NumPy the passes run over cache-sized blocks of positions split over
+    threads (by_row_blocks; the same numbers as the whole array)."""
+    xp = _module_of(x)
+    if xp is not numpy or not x.flags.c_contiguous or x.size <= PASS_BLOCK:
+        return _apply_rope(x, cos, sin, xp)
+    B, T, n, d = x.shape
+    rows, out = x.reshape(B * T, n, d), numpy.empty_like(x)  # (B*T, n, d) view, the result
+    out_rows = out.reshape(B * T, n, d)  # (B*T, n, d) view
+
+    def block(r0, r1):  # positions r0..r1 of one batch row: t0..t0 + r1 - r0
+        t0 = r0 % T
+        _apply_rope(rows[r0:r1], cos[t0:t0 + r1 - r0], sin[t0:t0 + r1 - r0], numpy, out=out_rows[r0:r1])
+
+    by_row_blocks(block, B * T, n * d, period=T)
+    return out
+
+
+def _apply_rope(x, cos, sin, xp, out=None):
+    """apply_rope on one array (cos, sin broadcast against its leading axis), into `out` when given."""
     half = x.shape[-1] // 2
-    x1, x2 = x[..., :half], x[..., half:]  # (B, T, n, d/2) each
-    out = x * cos  # (B, T, n, d)  q * cos
+    x1, x2 = x[..., :half], x[..., half:]  # (..., n, d/2) each
+    out = xp.multiply(x, cos, out=out)  # (..., n, d)  q * cos
     out[..., :half] -= x2 * sin[..., :half]  # + rotate_half(q) * sin; rotate_half = cat(-x2, x1)
     out[..., half:] += x1 * sin[..., half:]  # (same IEEE result as adding (-x2) * sin)
     return out
@@ -83,18 +143,12 @@ def attention_scores_to_probs(s, mask, scale, cap, xp):
         return _scores_to_probs(s, mask, scale, cap, xp)
     Tq, T = s.shape[-2], s.shape[-1]  # queries, keys (Tq < T for a block of queries)
     rows = s.reshape(-1, T)  # (R, T) view: row r is query position r % Tq of one head
-    per_block = max(1, PASS_BLOCK // max(T, 1))
 
-    def piece(lo, hi):
-        r0 = lo
-        while r0 < hi:
-            r1 = min(r0 + per_block, hi, (r0 // Tq + 1) * Tq)  # a block never crosses a head
-            q0 = r0 % Tq
-            _scores_to_probs(rows[r0:r1], mask[q0:q0 + r1 - r0], scale, cap, numpy)
-            r0 = r1
+    def block(r0, r1):  # query rows r0..r1 of one head: positions q0..q0 + r1 - r0
+        q0 = r0 % Tq
+        _scores_to_probs(rows[r0:r1], mask[q0:q0 + r1 - r0], scale, cap, numpy)
 
-    n = threads.threads()
-    threads.run(piece, threads.even_pieces(rows.shape[0], n, per_block), n)
+    by_row_blocks(block, rows.shape[0], T, period=Tq)
     return s
 
 
