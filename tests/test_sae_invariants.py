@@ -530,3 +530,29 @@ def test_top_k_large_rows_take_the_sampled_path(n_threads, monkeypatch):
         ref_idx, ref_vals = common.top_k_plain(a, k)
         numpy.testing.assert_array_equal(idx, ref_idx)
         numpy.testing.assert_array_equal(vals, ref_vals)
+
+
+@pytest.mark.parametrize("n_threads", [1, 3])
+def test_sampled_product_with_k_entries_per_row_is_bitwise_the_row_loop(n_threads, monkeypatch):
+    """TopK's pattern (every row holds k entries) takes the stacked product in blocks of rows:
+    the same numbers as one BLAS call per row, for one E and for two."""
+    from minisae import threads
+    from minisae.sae import sparse
+
+    if threads.blas_controller() is None:
+        pytest.skip("needs threadpoolctl (impl 'blas1')")
+    monkeypatch.setattr(threads, "threads", lambda: n_threads)
+    monkeypatch.setattr(sparse, "SAMPLED_BLOCK", 3 * 4 * 37)  # 3 rows of k = 4 per block
+    monkeypatch.setattr(sparse, "MIN_PIECE_ENTRIES", 8)  # several pieces
+    rng = numpy.random.default_rng(3)
+    B, M, D, k = 50, 40, 37, 4
+    cols = numpy.argsort(rng.random((B, M)), axis=1)[:, :k].ravel()  # (B * k,) k latents a row
+    rowptr = numpy.arange(B + 1) * k  # (B + 1,)
+    W = rng.standard_normal((M, D), dtype=numpy.float32)  # (M, D)
+    E = rng.standard_normal((B, D), dtype=numpy.float32)  # (B, D)
+    want = sparse.sampled_matmul(rowptr, cols, E, W, impl="loop")
+    numpy.testing.assert_array_equal(sparse.sampled_matmul(rowptr, cols, E, W, impl="blas1"), want)
+    numpy.testing.assert_allclose(want, numpy.einsum("bkd,bd->bk", W[cols.reshape(B, k)], E).ravel(), rtol=1e-5, atol=1e-5)
+    got = sparse.sampled_matmul(rowptr, cols, [E, 2 * E], W, impl="blas1")
+    for g, w in zip(got, sparse.sampled_matmul(rowptr, cols, [E, 2 * E], W, impl="loop")):
+        numpy.testing.assert_array_equal(g, w)

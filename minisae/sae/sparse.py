@@ -35,6 +35,7 @@ from minisae import threads
 
 SPARSE_IMPLS = ("loop", "blas1", "einsum", "scipy")
 MIN_PIECE_ENTRIES = 8192  # fewer stored entries than this per piece are not worth a task
+SAMPLED_BLOCK = 1 << 17  # W elements gathered per block of rows in sampled_matmul's stacked product
 _optional = {}
 
 
@@ -205,18 +206,23 @@ def sparse_matmul(rowptr, cols, values, W, *, impl=None):
 
 def sampled_matmul(rowptr, cols, E, W, *, impl=None):
     """(E @ W.T)[rows, cols] for E (B, D) and W (M, D): only the stored entries, (N,).
-    E may be a list of K such matrices: then a list of K results, each W row gathered once."""
+    E may be a list of K such matrices: then a list of K results, each W row gathered once.
+    When every row holds the same number n of entries (TopK's z), "blas1" takes rows in blocks:
+    one gather of (r, n, D) and one stacked product, the same BLAS call per row as the loop
+    (the same numbers) without a Python step per row."""
     impl = _pick(impl, ("blas1", "einsum"), "sampled_matmul")
     if impl == "scipy":
         raise ValueError("sampled_matmul: SciPy has no sampled product; use 'blas1', 'einsum' or 'loop'")
     several = isinstance(E, (list, tuple))
     Es = numpy.stack(E, axis=1) if several else E[:, None, :]  # (B, K, D)
-    K = Es.shape[1]
+    B, K, D = Es.shape
     out = numpy.empty((cols.shape[0], K), dtype=W.dtype)  # (N, K)
     ptr = rowptr.tolist()
+    n = ptr[-1] // B if B else 0  # entries per row, when they are all alike
+    uniform = impl == "blas1" and n > 0 and ptr[-1] == n * B and bool((numpy.diff(rowptr) == n).all())
 
-    def piece(lo, hi):
-        buf = numpy.empty((_widest(ptr, lo, hi), W.shape[1]), dtype=W.dtype)  # one row's W rows
+    def piece_rows(lo, hi):
+        buf = numpy.empty((_widest(ptr, lo, hi), D), dtype=W.dtype)  # one row's W rows
         for b in range(lo, hi):
             s, e = ptr[b], ptr[b + 1]
             Wb = _gather_rows(W, cols[s:e], buf, impl)  # (n, D) the rows of the latents in row b
@@ -227,7 +233,17 @@ def sampled_matmul(rowptr, cols, E, W, *, impl=None):
             else:
                 numpy.dot(Wb, Es[b].T, out=out[s:e])  # (n, D) @ (D, K) -> (n, K)
 
-    _run_pieces(piece, rowptr, impl)
+    def piece_blocks(lo, hi):  # rows of n entries each, r at a time
+        r = max(1, SAMPLED_BLOCK // (n * D))
+        buf = numpy.empty((r, n, D), dtype=W.dtype)  # (r, n, D) the W rows of r batch rows
+        for b0 in range(lo, hi, r):
+            b1 = min(b0 + r, hi)
+            Wb = buf[:b1 - b0]
+            W.take(cols[b0 * n:b1 * n].reshape(b1 - b0, n), axis=0, out=Wb, mode="clip")
+            numpy.matmul(Wb, Es[b0:b1].transpose(0, 2, 1),
+                         out=out[b0 * n:b1 * n].reshape(b1 - b0, n, K))  # (r, n, D) @ (r, D, K)
+
+    _run_pieces(piece_blocks if uniform else piece_rows, rowptr, impl)
     return [out[:, j].copy() for j in range(K)] if several else out[:, 0]  # (N,) each, contiguous
 
 
