@@ -207,9 +207,10 @@ def sparse_matmul(rowptr, cols, values, W, *, impl=None):
 def sampled_matmul(rowptr, cols, E, W, *, impl=None):
     """(E @ W.T)[rows, cols] for E (B, D) and W (M, D): only the stored entries, (N,).
     E may be a list of K such matrices: then a list of K results, each W row gathered once.
-    When every row holds the same number n of entries (TopK's z), "blas1" takes rows in blocks:
-    one gather of (r, n, D) and one stacked product, the same BLAS call per row as the loop
-    (the same numbers) without a Python step per row."""
+    The W rows of several batch rows are gathered at once (one `take` per block of about
+    SAMPLED_BLOCK elements), then one BLAS call per row. When every row holds the same number n
+    of entries (TopK's z), "blas1" runs a block as one stacked product (r, n, D) @ (r, D, K)
+    instead: the same BLAS call per row (the same numbers) without a Python step per row."""
     impl = _pick(impl, ("blas1", "einsum"), "sampled_matmul")
     if impl == "scipy":
         raise ValueError("sampled_matmul: SciPy has no sampled product; use 'blas1', 'einsum' or 'loop'")
@@ -221,17 +222,31 @@ def sampled_matmul(rowptr, cols, E, W, *, impl=None):
     n = ptr[-1] // B if B else 0  # entries per row, when they are all alike
     uniform = impl == "blas1" and n > 0 and ptr[-1] == n * B and bool((numpy.diff(rowptr) == n).all())
 
+    def row_product(Wb, b, s, e):  # out[s:e] = Wb @ E_k[b] for row b's W rows Wb (n, D)
+        if impl == "einsum":
+            numpy.einsum("nd,kd->nk", Wb, Es[b], out=out[s:e])
+        elif K == 1:
+            numpy.dot(Wb, Es[b, 0], out=out[s:e, 0])  # (n, D) @ (D,) -> (n,)
+        else:
+            numpy.dot(Wb, Es[b].T, out=out[s:e])  # (n, D) @ (D, K) -> (n, K)
+
     def piece_rows(lo, hi):
-        buf = numpy.empty((_widest(ptr, lo, hi), D), dtype=W.dtype)  # one row's W rows
-        for b in range(lo, hi):
-            s, e = ptr[b], ptr[b + 1]
-            Wb = _gather_rows(W, cols[s:e], buf, impl)  # (n, D) the rows of the latents in row b
-            if impl == "einsum":
-                numpy.einsum("nd,kd->nk", Wb, Es[b], out=out[s:e])
-            elif K == 1:
-                numpy.dot(Wb, Es[b, 0], out=out[s:e, 0])  # (n, D) @ (D,) -> (n,)
-            else:
-                numpy.dot(Wb, Es[b].T, out=out[s:e])  # (n, D) @ (D, K) -> (n, K)
+        if impl == "loop":
+            for b in range(lo, hi):
+                row_product(W[cols[ptr[b]:ptr[b + 1]]], b, ptr[b], ptr[b + 1])
+            return
+        per = max(1, SAMPLED_BLOCK // max(D, 1))  # W rows gathered at once, whole batch rows
+        buf = numpy.empty((max(per, _widest(ptr, lo, hi)), D), dtype=W.dtype)
+        b0 = lo
+        while b0 < hi:  # batch rows b0..b1 whose entries s..e fit the buffer (at least one row)
+            b1 = b0 + 1
+            while b1 < hi and ptr[b1 + 1] - ptr[b0] <= per:
+                b1 += 1
+            s, e = ptr[b0], ptr[b1]
+            Wg = _gather_rows(W, cols[s:e], buf, impl)  # (e - s, D) the W rows of those entries
+            for b in range(b0, b1):
+                row_product(Wg[ptr[b] - s:ptr[b + 1] - s], b, ptr[b], ptr[b + 1])  # (n, D) row b's
+            b0 = b1
 
     def piece_blocks(lo, hi):  # rows of n entries each, r at a time
         r = max(1, SAMPLED_BLOCK // (n * D))
