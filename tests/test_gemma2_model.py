@@ -445,7 +445,9 @@ def test_blocked_nll_equals_float64_nll_of_the_whole_logits(model, xp, monkeypat
     h = xp.asarray(numpy.random.default_rng(3).standard_normal((37, model.config.hidden_size)) * 3,
                    dtype=numpy.float32)  # (n, D)
     targets = xp.asarray(numpy.random.default_rng(4).integers(0, model.config.vocab_size, 37))
-    want = gm.nll_sum(model._logits(h), targets, xp)
+    from minisae.models.gemma2.loss import nll_sum
+
+    want = nll_sum(model._logits(h), targets, xp)
     for cols in (model.config.vocab_size, 7, 16):  # one block; blocks not dividing V; several
         monkeypatch.setattr(gm, "_LOSS_COLS", cols)
         assert model._nll_sum(h, targets) == pytest.approx(want, rel=1e-6)
@@ -557,18 +559,18 @@ def test_attention_chunked_over_batch_rows_is_the_same(model, monkeypatch):
 def test_linear_layouts_agree(cfg, weights, monkeypatch):
     """linear() computes x @ W.T as (W @ x.T).T for few tokens: the same product, C-ordered,
     and a forward through either layout gives the same logits to float32 rounding."""
-    from minisae.models.gemma2 import model as gm
+    from minisae.models.gemma2 import layers
 
     rng = numpy.random.default_rng(0)
     W = rng.standard_normal((7, 5)).astype("float32")
-    for n in (1, 3, gm.LINEAR_SWAP_MAX_TOKENS + 1):
+    for n in (1, 3, layers.LINEAR_SWAP_MAX_TOKENS + 1):
         x = rng.standard_normal((n, 5)).astype("float32")
-        y = gm.linear(x, W)
+        y = layers.linear(x, W)
         assert y.flags.c_contiguous and y.shape == (n, 7) and y.dtype == numpy.float32
         assert_close(y, x @ W.T, F32_RTOL, F32_ATOL, f"linear n={n}")
     ids = make_ids()
     swapped = Gemma2Model(cfg, weights).forward(ids)
-    monkeypatch.setattr(gm, "LINEAR_SWAP_MAX_TOKENS", 0)
+    monkeypatch.setattr(layers, "LINEAR_SWAP_MAX_TOKENS", 0)
     assert_close(Gemma2Model(cfg, weights).forward(ids), swapped, F32_RTOL, F32_ATOL, "logits")
 
 
@@ -578,15 +580,15 @@ def test_fused_gelu_times_up_is_bitwise_the_plain_passes(order, n_threads, monke
     """gelu_tanh_times_ (blocks of the flat array, split over threads) gives exactly
     gelu_tanh_(g) * u, for C- and Fortran-ordered operands (linear() returns either)."""
     from minisae import threads
-    from minisae.models.gemma2 import model
+    from minisae.models.gemma2 import layers, layers_fast
 
-    monkeypatch.setattr(model, "PASS_BLOCK", 7)  # many blocks, a ragged last one
+    monkeypatch.setattr(layers_fast, "PASS_BLOCK", 7)  # many blocks, a ragged last one
     monkeypatch.setattr(threads, "threads", lambda: n_threads)
     rng = numpy.random.default_rng(0)
     g = numpy.asarray(rng.standard_normal((37, 11), dtype=numpy.float32) * 4, order=order)
     u = numpy.asarray(rng.standard_normal((37, 11), dtype=numpy.float32), order=order)
-    want = model.gelu_tanh_(g.copy(order="K"), numpy) * u
-    got = model.gelu_tanh_times_(g, u, numpy)
+    want = layers.gelu_tanh_(g.copy(order="K"), numpy) * u
+    got = layers_fast.gelu_tanh_times_(g, u, numpy)
     assert got is g
     numpy.testing.assert_array_equal(got, want)
 
@@ -597,16 +599,16 @@ def test_blocked_attention_softmax_is_bitwise_the_whole_array(cap, n_threads, mo
     """attention_scores_to_probs in blocks of query rows (never crossing a head), split over
     threads, gives exactly the passes over the whole (b, K, G, T, T) array."""
     from minisae import threads
-    from minisae.models.gemma2 import model
+    from minisae.models.gemma2 import layers, layers_fast
 
-    monkeypatch.setattr(model, "PASS_BLOCK", 5 * 6)  # 5 rows of T = 6 per block
+    monkeypatch.setattr(layers_fast, "PASS_BLOCK", 5 * 6)  # 5 rows of T = 6 per block
     monkeypatch.setattr(threads, "threads", lambda: n_threads)
     rng = numpy.random.default_rng(1)
     s = rng.standard_normal((2, 2, 3, 6, 6), dtype=numpy.float32) * 30  # (b, K, G, T, T)
     mask = numpy.where(numpy.tril(numpy.ones((6, 6), dtype=bool)), 0.0,
                        numpy.finfo(numpy.float32).min).astype(numpy.float32)  # (T, T)
-    want = model._scores_to_probs(s.copy(), mask, 0.0625, cap, numpy)
-    numpy.testing.assert_array_equal(model.attention_scores_to_probs(s, mask, 0.0625, cap, numpy), want)
+    want = layers.scores_to_probs(s.copy(), mask, 0.0625, cap, numpy)
+    numpy.testing.assert_array_equal(layers_fast.attention_scores_to_probs(s, mask, 0.0625, cap, numpy), want)
 
 
 @pytest.mark.parametrize("n_threads", [1, 3])
@@ -614,18 +616,18 @@ def test_blocked_rms_norm_and_rope_are_bitwise_the_whole_array(n_threads, monkey
     """rms_norm and apply_rope in blocks of rows (RoPE's never crossing a batch row), split over
     threads, give exactly the passes over the whole array; rms_norm's mean is numpy.mean's."""
     from minisae import threads
-    from minisae.models.gemma2 import model
+    from minisae.models.gemma2 import layers, layers_fast
 
-    monkeypatch.setattr(model, "PASS_BLOCK", 3 * 2 * 8)  # 3 positions of 2 heads x d = 8 per block
+    monkeypatch.setattr(layers_fast, "PASS_BLOCK", 3 * 2 * 8)  # 3 positions of 2 heads x d = 8 per block
     monkeypatch.setattr(threads, "threads", lambda: n_threads)
     rng = numpy.random.default_rng(2)
     x = rng.standard_normal((2, 7, 2, 8), dtype=numpy.float32) * 5  # (B, T, n, d): T = 7 is not a multiple of 3
     w1 = 1 + rng.standard_normal(8, dtype=numpy.float32)  # (d,)
     want = (x * (1.0 / numpy.sqrt(numpy.mean(x * x, axis=-1, keepdims=True) + 1e-6))) * w1
-    numpy.testing.assert_array_equal(model.rms_norm(x, w1, 1e-6), want)
-    cos, sin = model.rope_tables(7, 8, 10_000.0, numpy, numpy.float32)  # (T, 1, d) each
-    numpy.testing.assert_array_equal(model.apply_rope(x, cos, sin), model._apply_rope(x, cos, sin, numpy))
+    numpy.testing.assert_array_equal(layers_fast.rms_norm(x, w1, 1e-6), want)
+    cos, sin = layers.rope_tables(7, 8, 10_000.0, numpy, numpy.float32)  # (T, 1, d) each
+    numpy.testing.assert_array_equal(layers_fast.apply_rope(x, cos, sin), layers.apply_rope(x, cos, sin, numpy))
     h = rng.standard_normal((13, 11), dtype=numpy.float32)  # (N, D): D = 11 does not divide a block
     w = 1 + rng.standard_normal(11, dtype=numpy.float32)
     want = (h * (1.0 / numpy.sqrt(numpy.mean(h * h, axis=-1, keepdims=True) + 1e-6))) * w
-    numpy.testing.assert_array_equal(model.rms_norm(h, w, 1e-6), want)
+    numpy.testing.assert_array_equal(layers_fast.rms_norm(h, w, 1e-6), want)

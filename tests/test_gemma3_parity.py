@@ -19,7 +19,7 @@ from helpers import assert_close
 from tolerances import GEMMA_ATOL, GEMMA_RTOL
 
 from minisae.models import load_model
-from minisae.models.gemma2.model import apply_rope, rms_norm
+from minisae.models.gemma2.layers_fast import apply_rope, rms_norm
 from minisae.models.gemma3 import Gemma3Model
 from minisae.models.gemma3.config import Gemma3Config
 from minisae.models.gemma3.weights import load_weights

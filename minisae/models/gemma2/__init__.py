@@ -16,7 +16,8 @@ import numpy
 from minisae.xp import get_xp
 
 from .config import ConfigError, Gemma2Config
-from .model import SITE_KINDS, Gemma2Model, cross_entropy, parse_site
+from .loss import cross_entropy
+from .model import SITE_KINDS, Gemma2Model, parse_site
 from .weights import CheckpointError, checkpoint_dir, load_weights
 
 

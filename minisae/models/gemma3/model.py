@@ -23,7 +23,8 @@ K key/value heads, d head_dim, L layer.
 
 import numpy
 
-from minisae.models.gemma2.model import Gemma2Model, rms_norm
+from minisae.models.gemma2.layers_fast import rms_norm
+from minisae.models.gemma2.model import Gemma2Model
 from minisae.xp import asarray
 
 from .config import Gemma3Config
