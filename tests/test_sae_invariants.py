@@ -516,15 +516,11 @@ def test_relu_top_k_equals_relu_of_the_selected_entries(B, M, seed, data):
         assert got.dtype == dtype and got.flags.c_contiguous
 
 
-@pytest.mark.parametrize("partition_max_m", [0, 4096])
 @pytest.mark.parametrize("n_threads", [1, 3])
-def test_top_k_large_rows_take_the_sampled_path(n_threads, partition_max_m, monkeypatch):
-    """The sampled path (and with partition_max_m, the partition first, which leaves the pieces
-    with a tie at the k-th place to the sample), on one thread and with the rows split over
-    three (pieces of 3 rows)."""
+def test_top_k_large_rows_take_the_sampled_path(n_threads, monkeypatch):
+    """The sampled path, on one thread and with the rows split over three (pieces of 3 rows)."""
     monkeypatch.setattr(threads, "threads", lambda: n_threads)
     monkeypatch.setattr(common, "TOPK_PIECE_ENTRIES", 3 * 4096)
-    monkeypatch.setattr(common, "TOPK_PARTITION_MAX_M", partition_max_m)
     rng = numpy.random.default_rng(3)
     a = rng.standard_normal((40, 4096)).astype("float32")
     a[:, 100] = a[:, 7]  # a tie that can sit at the k-th place
@@ -560,23 +556,3 @@ def test_sampled_product_with_k_entries_per_row_is_bitwise_the_row_loop(n_thread
     got = sparse.sampled_matmul(rowptr, cols, [E, 2 * E], W, impl="blas1")
     for g, w in zip(got, sparse.sampled_matmul(rowptr, cols, [E, 2 * E], W, impl="loop")):
         numpy.testing.assert_array_equal(g, w)
-
-
-def test_top_k_by_partition_keeps_the_rule_and_declines_ties_and_nan():
-    """Whole rows partitioned at the k-th value: the plain rule's entries on rows without ties
-    or NaN, and None -- the sampled path -- when a tie sits at the k-th place or a row holds a
-    NaN (partition sorts it last, among the largest, so fewer than k entries pass)."""
-    rng = numpy.random.default_rng(5)
-    a = rng.standard_normal((6, 50)).astype("float32")
-    idx, vals = common._top_k_by_partition(a, 4)
-    ref_idx, ref_vals = common.top_k_plain(a, 4)
-    numpy.testing.assert_array_equal(idx, ref_idx)
-    numpy.testing.assert_array_equal(vals, ref_vals)
-    tied = a.copy()
-    tied[1, 3] = tied[1, numpy.argsort(-tied[1])[3]]  # another column holds the 4th largest value
-    assert common._top_k_by_partition(tied, 4) is None
-    with_nan = a.copy()
-    with_nan[2, 10] = numpy.nan
-    assert common._top_k_by_partition(with_nan, 4) is None
-    numpy.testing.assert_array_equal(common.top_k(with_nan, 4)[0], common.top_k_plain(
-        numpy.where(numpy.isnan(with_nan), -numpy.inf, with_nan), 4)[0])  # the sampled path's answer

@@ -150,8 +150,6 @@ def geometric_median(x, *, iters=100, tol=1e-7, xp=None):
 
 TOPK_SAMPLE_STRIDE = 8  # top_k estimates each row's threshold from every 8th column
 TOPK_PIECE_ENTRIES = 1 << 20  # top_k splits rows over threads in pieces of at least this many entries
-TOPK_PARTITION_MAX_M = 8192  # up to this many columns top_k first tries numpy.partition on whole rows
-# (B 1024-2048: 2.1x faster than the sample at M 4096, 1.15x at 8192, 0.77x at 16,384; docs/benchmarks.md)
 
 
 def top_k_plain(a, k):
@@ -188,9 +186,6 @@ def top_k(a, k):
     candidates are gathered (one compare pass over (B, M)) and the exact rule is applied to
     them alone; the rare rows with fewer than k candidates are done on the whole row. Cost: a
     pass over (B, M) and work on (B, ~2k), instead of partitioning (B, M). NaN counts as -inf.
-    Up to TOPK_PARTITION_MAX_M columns, where partitioning whole rows is cheaper still, each
-    piece of rows is first partitioned at its k-th largest values (_top_k_by_partition); a piece
-    with a tie at the k-th place or a NaN in the way takes the sampled path instead.
     """
     xp = xp_of(a)
     B, M = a.shape
@@ -254,10 +249,6 @@ def _top_k_rows(a, k):
     if xp is not numpy or M < 4 * TOPK_SAMPLE_STRIDE * k or B == 0:
         full = xp.where(xp.isnan(a), -xp.inf, a)  # (B, M)
         return _select_in_candidates(full, xp.broadcast_to(xp.arange(M), (B, M)), k)
-    if M <= TOPK_PARTITION_MAX_M:
-        found = _top_k_by_partition(a, k)
-        if found is not None:
-            return found
     sample = a[:, ::TOPK_SAMPLE_STRIDE]  # (B, S) strided view
     S = sample.shape[1]
     expected = k * S / M  # how many of the top k fall in the sample, on average
@@ -288,22 +279,6 @@ def _top_k_rows(a, k):
     full = numpy.where(numpy.isnan(a[bad]), -numpy.inf, a[bad])  # (R', M)
     idx[bad], vals[bad] = _select_in_candidates(full, numpy.broadcast_to(numpy.arange(M), full.shape), k)
     return idx, vals
-
-
-def _top_k_by_partition(a, k):
-    """top_k on a block of rows when every row has exactly k entries >= its k-th largest value t_b
-    (numpy.partition): those k entries are then the row's top k, every other entry being < t_b
-    (or NaN, which fails the comparison). None when a row has more or fewer -- a tie at the
-    k-th place, or a NaN, which partition sorts last, among the largest: the sampled path."""
-    B, M = a.shape
-    kth = numpy.partition(a, M - k, axis=1)[:, M - k]  # (B,) the k-th largest of each row
-    flat = numpy.flatnonzero(a >= kth[:, None])  # (N,) row-major: columns ascend in each row
-    if flat.size != B * k:
-        return None
-    r, c = numpy.divmod(flat, M)  # (N,) row, column
-    if not (numpy.bincount(r, minlength=B) == k).all():
-        return None
-    return c.reshape(B, k), a.ravel()[flat].reshape(B, k)
 
 
 def fire_counts(f):
