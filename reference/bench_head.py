@@ -1,6 +1,7 @@
 """Where a Gemma 3 270M forward's time goes: the 18 layers, the tied head, the head's GEMM alone in
-NumPy (OpenBLAS) whole and in the loss's 8,192-column blocks, the loss head (`_nll_sum`: blocked
-GEMM, soft-cap, online log-sum-exp), and, when --ref-python has torch, the GEMM in torch (MKL).
+NumPy (OpenBLAS) whole, written as (V, T) instead of (T, V), and in the loss's 8,192-column blocks,
+`cross_entropy` of C-ordered and of transposed logits, the loss head (`_nll_sum`: blocked GEMM,
+soft-cap, online log-sum-exp), and, when --ref-python has torch, the GEMM in torch (MKL).
 
     /work/venv/bin/python reference/bench_head.py --model /work/models/gemma-3-270m-hf \\
         --ref-python /work/benchvenv/bin/python
@@ -55,7 +56,24 @@ def main(argv=None):
     for _ in range(a.repeats):
         t0 = time.perf_counter()
         x @ model.embed.T  # (T, D) @ (D, V)
-        rows["head GEMM, numpy"] = min(rows.get("head GEMM, numpy", 1e9), time.perf_counter() - t0)
+        t1 = time.perf_counter()
+        model.embed @ x.T  # (V, D) @ (D, T): the same numbers, written as (V, T)
+        t2 = time.perf_counter()
+        rows["head GEMM, numpy"] = min(rows.get("head GEMM, numpy", 1e9), t1 - t0)
+        rows["head GEMM written as (V, T), numpy"] = min(rows.get("head GEMM written as (V, T), numpy", 1e9), t2 - t1)
+    from minisae.models.gemma2.loss import cross_entropy
+    z = x @ model.embed.T  # (T, V) C-ordered
+    zt = (model.embed @ x.T).T  # (T, V), a transposed view of (V, T) memory
+    ids = numpy.random.default_rng(3).integers(10, V, size=(1, a.tokens))
+    for _ in range(a.repeats):
+        t0 = time.perf_counter()
+        cross_entropy(z[None], ids)
+        t1 = time.perf_counter()
+        cross_entropy(zt[None], ids)
+        t2 = time.perf_counter()
+        rows["cross_entropy of (T, V) logits"] = min(rows.get("cross_entropy of (T, V) logits", 1e9), t1 - t0)
+        rows["cross_entropy of the transposed view"] = min(rows.get("cross_entropy of the transposed view", 1e9), t2 - t1)
+    del z, zt
     out = numpy.empty((a.tokens, 8192), dtype=numpy.float32)
     targets = numpy.random.default_rng(2).integers(0, V, a.tokens)
     for _ in range(a.repeats):

@@ -7,10 +7,14 @@
     topk      one TopK training step at the real experiment's size (B 1024, D 640, M 4096,
               k 32, layer-6 activations from a `minisae cache` folder), split into the encoder's
               product, the top-k, the sparse products and the rest, and the optimiser step
+    step      a JumpReLU or Gated step on reference/bench_sae.py's problem (B 2048, D 512,
+              M 8192, L0 about 1 %), split by the functions of its fast path, beside the
+              encoder's product alone (the 1-GEMM floor)
 
     /work/venv/bin/python reference/bench_parts.py capture --model /work/models/gemma-3-270m-hf \\
         --ref-python /work/benchvenv/bin/python
     /work/venv/bin/python reference/bench_parts.py topk --cache /work/exp/gemma_l6
+    /work/refvenv/bin/python reference/bench_parts.py step --variant jumprelu   # imports bench_sae.py: torch
 
 Prints tables (seconds or milliseconds per call; 2 threads by default). The parts are timed by
 wrapping minisae's own functions, so they include the Python around each call and sum to a
@@ -78,6 +82,9 @@ def capture_parts(a):
     from minisae.models.gemma2 import model as gm
 
     model = minisae.load_model(a.model)
+    if a.pass_block:
+        from minisae.models.gemma2 import layers_fast
+        layers_fast.PASS_BLOCK = a.pass_block  # elements per block of the blocked passes
     layer = int(a.site.split(".")[1])
     ids = numpy.random.default_rng(0).integers(10, 200_000, size=(a.batch, a.seq))
     totals = collections.Counter()
@@ -183,13 +190,58 @@ def topk_parts(a):
         print(f"| {name} | {ms:.2f} |")
 
 
+def step_parts(a):
+    """JumpReLU's or Gated's training step on bench_sae.py's problem, split by wrapping the
+    functions its fast path calls (each call's wall time, summed; some run beside others)."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import importlib
+
+    import bench_sae
+
+    module = importlib.import_module(f"minisae.sae.{a.variant}")
+    fast = importlib.import_module(f"minisae.sae.{a.variant}_fast")
+    params, x, hyper = bench_sae.make_problem(a.variant, module, a.batch_sae, a.d_in, a.d_sae_step,
+                                              density=0.01, dead_frac=0.1, seed=0)[:3]
+    totals = collections.Counter()
+    names = [n for n, f in vars(fast).items() if callable(f) and not isinstance(f, type)
+             and getattr(f, "__module__", "").startswith("minisae") and n != "forward_backward"
+             and not n.startswith("_") or n == "_sparse"]
+    timers(fast, names, totals)
+    for _ in range(2):
+        module.loss_and_grads(params, x, **hyper)
+    totals.clear()
+    t0 = time.perf_counter()
+    for _ in range(a.repeats):
+        module.loss_and_grads(params, x, **hyper)
+    whole = (time.perf_counter() - t0) / a.repeats
+    x_c = x - params["b_dec"]
+    t0 = time.perf_counter()
+    for _ in range(a.repeats):
+        x_c @ params["W_enc"]
+    gemm = (time.perf_counter() - t0) / a.repeats
+    print(f"\nminisae {a.variant} step (loss_and_grads): B {a.batch_sae}, D {a.d_in}, M {a.d_sae_step}, "
+          f"L0 about 1 % of M; means of {a.repeats} calls")
+    print("| part | ms |\n|---|---:|")
+    print(f"| the step | {whole * 1e3:.1f} |")
+    print(f"| the encoder's product alone (the 1-GEMM floor) | {gemm * 1e3:.1f} |")
+    for name, t in sorted(totals.items(), key=lambda kv: -kv[1]):
+        if t / a.repeats >= 5e-4:
+            print(f"| {name} | {t / a.repeats * 1e3:.1f} |")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("stage", choices=("capture", "topk"))
+    p.add_argument("stage", choices=("capture", "topk", "step"))
+    p.add_argument("--variant", choices=("jumprelu", "gated"), default="jumprelu", help="step: the SAE")
+    p.add_argument("--batch-sae", type=int, default=2048, help="step: B")
+    p.add_argument("--d-in", type=int, default=512, help="step: D")
+    p.add_argument("--d-sae-step", type=int, default=8192, help="step: M")
     p.add_argument("--model", default="/work/models/gemma-3-270m-hf")
     p.add_argument("--ref-python", default="/work/benchvenv/bin/python")
     p.add_argument("--site", default="blocks.6.hook_resid_post")
     p.add_argument("--batch", type=int, default=4, help="capture: rows of --seq tokens")
+    p.add_argument("--pass-block", type=int, default=None,
+                   help="capture: elements per block of the blocked elementwise passes (default: minisae's)")
     p.add_argument("--seq", type=int, default=1024)
     p.add_argument("--cache", default="/work/exp/gemma_l6", help="topk: a `minisae cache` folder")
     p.add_argument("--tokens", type=int, default=1024, help="topk: B")
@@ -202,7 +254,7 @@ def main(argv=None):
         os.environ[var] = str(a.threads)
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
     print(time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), f"threads {a.threads}")
-    (capture_parts if a.stage == "capture" else topk_parts)(a)
+    {"capture": capture_parts, "topk": topk_parts, "step": step_parts}[a.stage](a)
 
 
 if __name__ == "__main__":
