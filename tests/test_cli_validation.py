@@ -13,7 +13,7 @@ from test_cli import TINY_TRAIN, _error_line
 
 from minisae.cli import build_parser, main
 from minisae.cli.args import check_arch_flags, check_values
-from minisae.eval.compare import DEFAULT_SYNTHETIC, CompareConfig, quick_config
+from minisae.experiment.compare import DEFAULT_SYNTHETIC, CompareConfig, quick_config
 from minisae.training.train import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -136,7 +136,7 @@ def test_help_shows_every_default_and_no_spec(cmd, capsys):
 
 
 def test_compare_help_states_the_true_defaults(capsys):
-    from minisae.eval.compare import DEFAULT_TARGETS
+    from minisae.experiment.compare import DEFAULT_TARGETS
 
     with pytest.raises(SystemExit):
         main(["compare", "--help"])

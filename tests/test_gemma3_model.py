@@ -13,7 +13,7 @@ from minisae.models import load_model
 from minisae.models.gemma2 import Gemma2Model
 from minisae.models.gemma3 import CheckpointError, ConfigError, Gemma3Config
 from minisae.models.gemma3.weights import text_name
-from minisae.models.sites import hf_name, parse_site, saelens_name
+from minisae.sites import hf_name, parse_site, saelens_name
 from test_gemma3_parity import DATA, golden
 
 GEMMA3_270M = {  # google/gemma-3-270m config.json (2025, transformers 4.55), abridged to what minisae reads

@@ -23,7 +23,7 @@ from minisae.models.gemma2.layers_fast import apply_rope, rms_norm
 from minisae.models.gemma3 import Gemma3Model
 from minisae.models.gemma3.config import Gemma3Config
 from minisae.models.gemma3.weights import load_weights
-from minisae.models.sites import hf_name
+from minisae.sites import hf_name
 from minisae.xp import to_numpy
 
 DATA = pathlib.Path(__file__).parent / "data" / "gemma3"

@@ -9,7 +9,7 @@ import math
 import numpy
 import pytest
 
-from minisae.eval.compare import CompareConfig, make_source
+from minisae.experiment.compare import CompareConfig, make_source
 from minisae.training import l0control, optim
 from minisae.training.train import TrainConfig, TrainingError, train
 

@@ -161,8 +161,8 @@ DEFAULT_RUN = {
 def _default_results(seeds=3, densest=(0.43, 0.51, 0.59), dead=0.1):
     import dataclasses
 
-    from minisae.eval.compare import CompareConfig
-    from minisae.eval.report import dense_limit, is_pathological, verdicts
+    from minisae.experiment.compare import CompareConfig
+    from minisae.experiment.report import dense_limit, is_pathological, verdicts
 
     cfg = dataclasses.asdict(CompareConfig(seeds=seeds))
     rows = []
@@ -183,7 +183,7 @@ def _default_results(seeds=3, densest=(0.43, 0.51, 0.59), dead=0.1):
 
 
 def test_densest_latents_around_half_the_tokens_flag_no_run_and_the_report_says_the_rates():
-    from minisae.eval.report import render_report
+    from minisae.experiment.report import render_report
 
     results = _default_results()
     assert not any(r["pathological"] for r in results["runs"])
@@ -195,8 +195,8 @@ def test_densest_latents_around_half_the_tokens_flag_no_run_and_the_report_says_
 
 def test_a_point_is_hollow_only_when_most_of_its_seeds_are_flagged():
     pytest.importorskip("matplotlib")
-    from minisae.eval.plot import pareto_figure
-    from minisae.eval.report import mostly_pathological
+    from minisae.experiment.plot import pareto_figure
+    from minisae.experiment.report import mostly_pathological
 
     results = _default_results(densest=(0.3, 0.3, 0.95))  # one seed of three past the 80 % limit
     assert all(s["pathological"] == 1 for s in results["summary"])
@@ -216,7 +216,7 @@ def test_a_point_is_hollow_only_when_most_of_its_seeds_are_flagged():
 
 
 def test_the_verdict_names_each_variant_once_and_numbers_that_differ():
-    from minisae.eval.report import _difference_text, render_report
+    from minisae.experiment.report import _difference_text, render_report
 
     text = render_report(_default_results())
     claim = text.split("## Verdict")[1].split("\n\n")[1]
@@ -240,8 +240,8 @@ def test_the_verdict_names_each_variant_once_and_numbers_that_differ():
 def test_a_difference_within_the_seeds_spread_or_below_the_floor_is_no_win():
     # the default sweep's own case: JumpReLU 0.001 below Gated with a spread of 0.0009 turned the
     # verdict over between two runs of the same sweep; such a difference is a tie now
-    from minisae.eval.report import MIN_EFFECT, _pair_outcome
-    from minisae.eval.tuning import _order
+    from minisae.experiment.report import MIN_EFFECT, _pair_outcome
+    from minisae.experiment.tuning import _order
 
     def s(mean, sd):
         return {"matched_explained_variance": (mean, sd), "matched_delta_lm_loss": (mean, sd)}
@@ -259,7 +259,7 @@ def test_plot_labels_overlap_neither_each_other_nor_a_marker_and_the_plot_says_i
     pytest.importorskip("matplotlib")
     import matplotlib.pyplot as plt
 
-    from minisae.eval.plot import RAW_L0_NOTE, pareto_figure
+    from minisae.experiment.plot import RAW_L0_NOTE, pareto_figure
 
     fig = pareto_figure(_default_results())
     try:
@@ -286,7 +286,7 @@ def test_plot_labels_overlap_neither_each_other_nor_a_marker_and_the_plot_says_i
 
 
 def test_the_plot_title_names_a_real_models_site_and_a_synthetic_sets_features():
-    from minisae.eval.plot import _data_text
+    from minisae.experiment.plot import _data_text
 
     assert _data_text({"type": "gemma3", "model": "/m/gemma-3-270m-q4_k_m.gguf", "site": "blocks.6.hook_resid_post",
                        "d_in": 640}) == "gemma-3-270m-q4_k_m.gguf blocks.6.hook_resid_post (D=640)"
@@ -294,7 +294,7 @@ def test_the_plot_title_names_a_real_models_site_and_a_synthetic_sets_features()
 
 
 def test_resuming_a_finished_sweep_keeps_its_wall_time_and_says_it_resumed():
-    from minisae.eval.report import render_report
+    from minisae.experiment.report import render_report
 
     results = _default_results()
     results.update(calls=[{"seconds": 320.0, "resumed": False}, {"seconds": 13.0, "resumed": True}],
@@ -307,7 +307,7 @@ def test_resuming_a_finished_sweep_keeps_its_wall_time_and_says_it_resumed():
 
 
 def test_compare_resume_of_a_finished_sweep_adds_its_time_to_the_first(tmp_path):
-    from minisae.eval.compare import quick_config, run_compare
+    from minisae.experiment.compare import quick_config, run_compare
 
     cfg = quick_config()
     cfg.variants, cfg.targets, cfg.jobs = ["topk"], [2.0, 4.0], 1

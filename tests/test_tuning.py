@@ -1,8 +1,8 @@
-"""The fair-recipe rules of `minisae compare` (minisae.eval.tuning): pilot choice, plateau, sensitivity."""
+"""The fair-recipe rules of `minisae compare` (minisae.experiment.tuning): pilot choice, plateau, sensitivity."""
 
 import pytest
 
-from minisae.eval import tuning
+from minisae.experiment import tuning
 
 
 def _row(variant, lr, fvu, l0=8.0, target=8.0, **extra):

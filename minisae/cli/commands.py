@@ -48,7 +48,7 @@ def _synthetic_dict(a, base):
 
 
 def _synthetic_from(a):
-    from minisae.eval.compare import DEFAULT_SYNTHETIC
+    from minisae.experiment.compare import DEFAULT_SYNTHETIC
     from minisae.data.synthetic import SyntheticActivations, SyntheticConfig
 
     preset = getattr(a, "preset", None) or "toy"
@@ -237,7 +237,7 @@ def _say_what_is_evaluated(note, warning):
 
 
 def cmd_compare(a):
-    from minisae.eval.compare import REAL_MAX_NORM_RATIO, REAL_PILOT_LRS, REAL_TARGETS, CompareConfig, is_compare_folder, quick_config, run_compare
+    from minisae.experiment.compare import REAL_MAX_NORM_RATIO, REAL_PILOT_LRS, REAL_TARGETS, CompareConfig, is_compare_folder, quick_config, run_compare
     from minisae.io.files import check_output_dir
     from minisae.xp import get_xp
 

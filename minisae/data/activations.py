@@ -261,7 +261,7 @@ def cache_activations(model, tokenizer, text_paths, site, out_dir, *, seq_len=10
     max_norm_ratio: also drop tokens whose norm exceeds this × the batch's median (`norm_outliers`);
     the manifest counts them ("outliers").
     """
-    from minisae.models.sites import parse_site
+    from minisae.sites import parse_site
 
     for name, value, least in (("batch_size", batch_size, 1), ("shard_tokens", shard_tokens, 1), ("seq_len", seq_len, 2)):
         if isinstance(value, bool) or not isinstance(value, int) or value < least:

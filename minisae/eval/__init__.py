@@ -1,4 +1,4 @@
-"""Measuring SAEs: reconstruction, sparsity and ground-truth metrics (`metrics`), the evaluation
-of an SAE on activations or a language model (`evaluate`), and the variant comparison behind
-`minisae compare` (`compare`, its fair-recipe rules in `tuning`, its report in `report`, its plot in `plot`).
+"""Measuring SAEs: reconstruction, sparsity and ground-truth metrics (`metrics`), and the
+evaluation of an SAE on activations or a language model (`evaluate`). The variant comparison
+behind `minisae compare` that reads these is minisae.experiment.
 """

@@ -134,7 +134,7 @@ _KIND_ORDER = {"attn.hook_z": 0, "hook_mlp_in": 1, "hook_mlp_out": 2, "hook_resi
 def transcoder_sites(sae, model, site, site_out=None):
     """(input site, output site) of a transcoder in `model`, checked: widths, and the output after the input."""
     from minisae.errors import InputError
-    from minisae.models.sites import parse_site
+    from minisae.sites import parse_site
 
     site_out = site_out or sae.cfg["metadata"].get("hook_name_out")
     if not site_out:

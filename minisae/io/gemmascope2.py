@@ -29,7 +29,7 @@ from minisae.errors import FileFormatError, InputError
 from minisae.io import safetensors_io
 from minisae.io.files import read_json
 from minisae.io.sae import SAE, TRANSCODERS
-from minisae.models.sites import hf_name, saelens_name
+from minisae.sites import hf_name, saelens_name
 from minisae.xp import to_numpy
 
 PARAMS_FILENAME = "params.safetensors"

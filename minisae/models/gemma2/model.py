@@ -24,9 +24,9 @@ import math
 import numpy
 
 from minisae import threads
+from minisae.sites import SITE_KINDS, parse_site
 from minisae.xp import asarray
 
-from ..sites import SITE_KINDS, parse_site
 from .config import Gemma2Config
 from .layers import linear, rope_tables
 from .layers_fast import apply_rope, attention_scores_to_probs, gelu_tanh_times_, rms_norm

@@ -17,7 +17,7 @@ import numpy
 from minisae.models.gemma2 import cross_entropy
 from minisae.models.gemma2.config import ConfigError
 from minisae.models.gemma2.weights import CheckpointError, checkpoint_dir
-from minisae.models.sites import SITE_KINDS, parse_site
+from minisae.sites import SITE_KINDS, parse_site
 from minisae.xp import get_xp
 
 from .config import Gemma3Config

@@ -1,4 +1,4 @@
-"""The verdict and report.md of `minisae compare` (minisae.eval.compare runs the SAEs; minisae.eval.plot draws pareto.png).
+"""The verdict and report.md of `minisae compare` (minisae.experiment.compare runs the SAEs; minisae.experiment.plot draws pareto.png).
 
 Matched L0. Every (variant, seed) has one run per target L0; a metric is read at each exact
 target by linear interpolation in log L0 along that seed's own runs (a target outside the L0s the
@@ -29,7 +29,7 @@ import math
 
 import numpy
 
-from minisae.eval import tuning
+from minisae.experiment import tuning
 from minisae.training import l0control
 
 NAMES = {"jumprelu": "JumpReLU", "gated": "Gated", "topk": "TopK", "batchtopk": "BatchTopK",

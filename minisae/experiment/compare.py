@@ -12,7 +12,7 @@ TopK/BatchTopK through k, JumpReLU (the paper's L0 penalty) and Gated through th
 an L0 warm-up, then held there). Each number in the report is a mean ± standard deviation over seeds (the SAE's
 initialisation and the data order change with the seed; the data-generating model does not).
 
-The verdict (minisae.eval.report) is made at matched L0: each run's explained variance (and MCC,
+The verdict (minisae.experiment.report) is made at matched L0: each run's explained variance (and MCC,
 F1) is read off its own seed's curve through the three targets at the exact target L0 (linear in
 log L0), which corrects the small misses of the controller; a difference between two variants
 smaller than their combined spread sqrt(sd_a² + sd_b²) is "no measurable difference".
@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy
 
 from minisae.errors import DependencyError, InputError, OutputExistsError
-from minisae.eval import tuning
+from minisae.experiment import tuning
 from minisae.io.files import check_output_dir, is_temp_name, make_dir, write_atomic
 from minisae.progress import progress_bar
 from minisae.training.train import TrainConfig, train
@@ -169,8 +169,8 @@ def run_compare(cfg, out_dir, *, source=None, model=None, tokenizer=None, eval_t
     BLAS (on small matrices one BLAS thread per process beats threads fighting over the cores);
     workers are spawned, so a script calling this with jobs > 1 needs the `if __name__ ==
     "__main__":` guard."""
-    from minisae.eval.plot import pareto_plot
-    from minisae.eval.report import render_report, verdicts
+    from minisae.experiment.plot import pareto_plot
+    from minisae.experiment.report import render_report, verdicts
 
     _check(cfg)
     out = Path(out_dir)
@@ -282,7 +282,7 @@ def _train_runs(cfg, out, source, runs, labels, resume, force, progress, *, allo
 
 def _run_pilot(cfg, out, source, eval_source, resume, force, progress):
     """Every variant once (seed 0, the middle target) at each pilot setting; the best and next-best
-    by FVU on held-out tokens (minisae.eval.tuning). Runs that diverge count as failed, not fatal."""
+    by FVU on held-out tokens (minisae.experiment.tuning). Runs that diverge count as failed, not fatal."""
     from minisae.eval.evaluate import evaluate_sae
     from minisae.io.saefile import SAE
 
@@ -308,7 +308,7 @@ def _run_pilot(cfg, out, source, eval_source, resume, force, progress):
 
 def _plateaus(cfg, rows):
     """Per (variant, target): the logged FVU's change over the last fifth of training (each row's
-    fvu_tail_change) against the seeds' spread of the held-out FVU (minisae.eval.tuning.plateau)."""
+    fvu_tail_change) against the seeds' spread of the held-out FVU (minisae.experiment.tuning.plateau)."""
     result = []
     for v in cfg.variants:
         for t in cfg.target_list():
@@ -331,7 +331,7 @@ class _FixedEval:
     """The evaluation set of a synthetic source, generated once with its true codes."""
 
     def __init__(self, source, n):
-        from minisae.eval.report import dense_limit
+        from minisae.experiment.report import dense_limit
 
         self.d_in, self.directions = source.d_in, source.directions
         rates = source.expected_firing() if hasattr(source, "expected_firing") else source.frequencies
@@ -347,7 +347,7 @@ class _FixedEval:
 
 def _evaluate_run(out, cfg, job, secs, eval_source, model, tokenizer, eval_texts, site, progress, lm_baseline=None):
     from minisae.eval.evaluate import evaluate_lm, evaluate_sae
-    from minisae.eval.report import is_pathological
+    from minisae.experiment.report import is_pathological
     from minisae.io.saefile import SAE
 
     variant, target, seed = job

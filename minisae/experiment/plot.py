@@ -1,13 +1,13 @@
 """pareto.png of `minisae compare`: explained variance (and MCC, F1 or delta LM loss) against L0, one
 line per variant, error bars over seeds, every point labelled with its target and λ or k, the
-labels placed off each other, the markers and the legend (minisae.eval.report writes the words).
+labels placed off each other, the markers and the legend (minisae.experiment.report writes the words).
 """
 
 import os
 import textwrap
 from pathlib import Path
 
-from minisae.eval.report import HIGHER_BETTER, METRIC_NAMES, NAMES, _setting_span, mostly_pathological
+from minisae.experiment.report import HIGHER_BETTER, METRIC_NAMES, NAMES, _setting_span, mostly_pathological
 
 
 def pareto_plot(results, path):
