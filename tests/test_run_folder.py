@@ -149,10 +149,10 @@ def test_a_checkpoint_of_the_earlier_one_file_format_is_resumed_not_restarted(tm
 def test_a_compare_worker_that_dies_is_one_line_naming_resume():
     """A worker killed under `minisae compare` (the OOM killer, say) was a BrokenProcessPool traceback."""
     from minisae.errors import ResourceError
-    from minisae.experiment.compare import _run_in_workers
+    from minisae.experiment.workers import run_in_workers
 
     with pytest.raises(ResourceError, match="rerun the same command with --resume") as e:
-        _run_in_workers([3], [()], 1, lambda j, r: None, job=os._exit)  # the worker ends at once, status 3
+        run_in_workers([3], [()], 1, lambda j, r: None, job=os._exit)  # the worker ends at once, status 3
     assert "\n" not in str(e.value)
 
 
@@ -184,8 +184,8 @@ def test_compare_workers_end_when_the_compare_process_is_killed(tmp_path):
     import time
 
     script = ("import sys, time\n"
-              "from minisae.experiment.compare import _run_in_workers\n"
-              "_run_in_workers([60, 60], [(), ()], 2, lambda j, r: None, job=time.sleep)\n")
+              "from minisae.experiment.workers import run_in_workers\n"
+              "run_in_workers([60, 60], [(), ()], 2, lambda j, r: None, job=time.sleep)\n")
     proc = subprocess.Popen([sys.executable, "-c", script])
     try:
         deadline, workers = time.time() + 60, []

@@ -171,16 +171,16 @@ def evaluate_lm(sae, model, tokenizer, text_paths, site, *, seq_len=1024, batch_
     token, adding the keys of minisae.eval.metrics.EvalAccumulator (fvu: the FVU of the MLP output, l0,
     mse, dead_frac, dense_frac, rel_recon_bias, n_tokens).
     """
-    from minisae.data.activations import check_norm_ratio, iter_batches, norm_outliers, real_token_mask
+    from minisae.data.activations import check_norm_ratio, iter_batches
 
     transcoder = getattr(sae, "is_transcoder", False)
+    acc = None
     if transcoder:
         site, site_out = transcoder_sites(sae, model, site, site_out)
         acc = EvalAccumulator(sae.d_sae, sae.xp)
     else:
         check_width(sae, model.site_width(site), f"site {site} of the model")
         site_out = site
-    mx = model.xp
     sums = {"clean": 0.0, "sae": 0.0, "zero": 0.0}
     n_total, n_outliers = 0, 0
     check_norm_ratio(max_norm_ratio)
@@ -195,59 +195,8 @@ def evaluate_lm(sae, model, tokenizer, text_paths, site, *, seq_len=1024, batch_
                                                              text_field=text_field)):
             if stored is not None and i >= len(stored):
                 break
-            ids = mx.asarray(ids_np)  # (B, T)
-            mask = mx.asarray(mask_np)  # (B, T)
-            bos = ids == tokenizer.bos_id  # (B, T) BOS positions stay as they are
-            real = mx.asarray(real_token_mask(ids_np, mask_np, tokenizer))  # (B, T)
-            seen = {}  # site -> activations recorded by the splices below during one pass
-            kept = {}  # "mask": (B, T, 1) the positions left as they are, from the first pass that saw `site`
-
-            def keep_mask(acts_in):
-                if "mask" not in kept:
-                    outliers = norm_outliers(acts_in, real, max_norm_ratio)  # (B, T)
-                    kept["n"] = int(outliers.sum())
-                    kept["mask"] = (bos | outliers)[..., None]  # (B, T, 1)
-                return kept["mask"]
-
-            def record(name):
-                def fn(acts):
-                    seen[name] = acts
-                    return acts
-                return fn
-
-            def sae_output(acts_in, like):  # the SAE's reconstruction / transcoder's prediction, shaped like `like`
-                B, T = acts_in.shape[:2]
-                out = sae(asarray(acts_in.reshape(B * T, -1), sae.xp))  # (B*T, D_out)
-                return asarray(out, mx, like.dtype).reshape(like.shape)  # (B, T, D_out)
-
-            def splice_sae(acts):  # at site_out; for a transcoder seen["in"] was recorded earlier in this pass
-                acts_in = seen["in"] if transcoder else acts
-                return mx.where(keep_mask(acts_in), acts, sae_output(acts_in, acts))
-
-            def splice_zero(acts):
-                return mx.where(keep_mask(seen["in"] if transcoder else acts), acts, mx.zeros_like(acts))
-
-            clean = {site: record("in"), site_out: record("out")} if transcoder else None
-            spliced = {site: record("in"), site_out: splice_sae} if transcoder else {site: splice_sae}
-            zeroed = {site: record("in"), site_out: splice_zero} if transcoder else {site: splice_zero}
-            losses = {}
-            names, splices = ("clean", "sae", "zero"), (clean, spliced, zeroed)
-            # = cross_entropy(model.forward(ids, splice), ...) per splice without the (B, T, V) logits,
-            # the layers below the site run once for all three (model.losses)
-            if stored is not None:  # clean and zero from the first call: the SAE pass alone
-                (loss, n), = model.losses(ids, mask, [spliced], exclude_ids=special)
-                clean_loss, zero_loss, n_clean = stored[i]
-                losses = {"clean": (clean_loss, n_clean), "sae": (float(to_numpy(loss)), int(to_numpy(n))),
-                          "zero": (zero_loss, n_clean)}
-            else:
-                for name, (loss, n) in zip(names, model.losses(ids, mask, splices, exclude_ids=special)):
-                    losses[name] = (float(to_numpy(loss)), int(to_numpy(n)))
-                    if name == "clean" and transcoder:  # seen["in"]: the sae pass recorded the same values
-                        rows = mask & ~bos  # (B, T) real tokens, BOS excluded
-                        x = asarray(seen["in"][rows], sae.xp)  # (n, D_in)
-                        f = sae.encode(x)  # (n, M)
-                        y_hat = sae.decode(f) + (sae.skip(x) if "W_skip" in sae.params else 0.0)  # (n, D_out)
-                        acc.update(asarray(seen["out"][rows], sae.xp), y_hat, f)
+            losses, n_out = _batch_losses(sae, model, tokenizer, ids_np, mask_np, site, site_out, max_norm_ratio,
+                                          special, stored[i] if stored is not None else None, acc)
             n = losses["clean"][1]
             if fresh is not None:
                 fresh.append((losses["clean"][0], losses["zero"][0], n))
@@ -256,7 +205,7 @@ def evaluate_lm(sae, model, tokenizer, text_paths, site, *, seq_len=1024, batch_
             for name in sums:
                 sums[name] += losses[name][0] * n
             n_total += n
-            n_outliers += kept.get("n", 0)
+            n_outliers += n_out
             bar.update(n)
             if n_total >= max_tokens:
                 break
@@ -280,6 +229,71 @@ def evaluate_lm(sae, model, tokenizer, text_paths, site, *, seq_len=1024, batch_
     if transcoder:
         out.update({k: _py(v) for k, v in acc.summary().items()}, site_out=site_out)
     return out
+
+
+def _batch_losses(sae, model, tokenizer, ids_np, mask_np, site, site_out, max_norm_ratio, special, stored, acc):
+    """One batch of evaluate_lm: ({"clean", "sae", "zero"}: (mean loss, count)), the number of
+    positions max_norm_ratio left unspliced). stored: this batch's (clean, zero, count) from an
+    earlier call (only the SAE pass runs), or None. A transcoder (site_out != site) reads `site`
+    and splices at site_out; its clean pass also feeds the prediction's metrics into acc."""
+    from minisae.data.activations import norm_outliers, real_token_mask
+
+    mx = model.xp
+    transcoder = getattr(sae, "is_transcoder", False)
+    ids = mx.asarray(ids_np)  # (B, T)
+    mask = mx.asarray(mask_np)  # (B, T)
+    bos = ids == tokenizer.bos_id  # (B, T) BOS positions stay as they are
+    real = mx.asarray(real_token_mask(ids_np, mask_np, tokenizer))  # (B, T)
+    seen = {}  # site -> activations recorded by the splices below during one pass
+    kept = {}  # "mask": (B, T, 1) the positions left as they are, from the first pass that saw `site`
+
+    def keep_mask(acts_in):
+        if "mask" not in kept:
+            outliers = norm_outliers(acts_in, real, max_norm_ratio)  # (B, T)
+            kept["n"] = int(outliers.sum())
+            kept["mask"] = (bos | outliers)[..., None]  # (B, T, 1)
+        return kept["mask"]
+
+    def record(name):
+        def fn(acts):
+            seen[name] = acts
+            return acts
+        return fn
+
+    def sae_output(acts_in, like):  # the SAE's reconstruction / transcoder's prediction, shaped like `like`
+        B, T = acts_in.shape[:2]
+        out = sae(asarray(acts_in.reshape(B * T, -1), sae.xp))  # (B*T, D_out)
+        return asarray(out, mx, like.dtype).reshape(like.shape)  # (B, T, D_out)
+
+    def splice_sae(acts):  # at site_out; for a transcoder seen["in"] was recorded earlier in this pass
+        acts_in = seen["in"] if transcoder else acts
+        return mx.where(keep_mask(acts_in), acts, sae_output(acts_in, acts))
+
+    def splice_zero(acts):
+        return mx.where(keep_mask(seen["in"] if transcoder else acts), acts, mx.zeros_like(acts))
+
+    clean = {site: record("in"), site_out: record("out")} if transcoder else None
+    spliced = {site: record("in"), site_out: splice_sae} if transcoder else {site: splice_sae}
+    zeroed = {site: record("in"), site_out: splice_zero} if transcoder else {site: splice_zero}
+    losses = {}
+    names, splices = ("clean", "sae", "zero"), (clean, spliced, zeroed)
+    # = cross_entropy(model.forward(ids, splice), ...) per splice without the (B, T, V) logits,
+    # the layers below the site run once for all three (model.losses)
+    if stored is not None:  # clean and zero from the first call: the SAE pass alone
+        (loss, n), = model.losses(ids, mask, [spliced], exclude_ids=special)
+        clean_loss, zero_loss, n_clean = stored
+        losses = {"clean": (clean_loss, n_clean), "sae": (float(to_numpy(loss)), int(to_numpy(n))),
+                  "zero": (zero_loss, n_clean)}
+    else:
+        for name, (loss, n) in zip(names, model.losses(ids, mask, splices, exclude_ids=special)):
+            losses[name] = (float(to_numpy(loss)), int(to_numpy(n)))
+            if name == "clean" and transcoder:  # seen["in"]: the sae pass recorded the same values
+                rows = mask & ~bos  # (B, T) real tokens, BOS excluded
+                x = asarray(seen["in"][rows], sae.xp)  # (n, D_in)
+                f = sae.encode(x)  # (n, M)
+                y_hat = sae.decode(f) + (sae.skip(x) if "W_skip" in sae.params else 0.0)  # (n, D_out)
+                acc.update(asarray(seen["out"][rows], sae.xp), y_hat, f)
+    return losses, kept.get("n", 0)
 
 
 def evaluate(sae, source=None, *, n_tokens=65536, batch_size=4096, model=None, tokenizer=None,

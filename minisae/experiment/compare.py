@@ -34,10 +34,10 @@ from pathlib import Path
 import numpy
 
 from minisae.errors import DependencyError, InputError, OutputExistsError
-from minisae.experiment import tuning
+from minisae.experiment import tuning, workers
 from minisae.io.files import check_output_dir, is_temp_name, make_dir, write_atomic
 from minisae.progress import progress_bar
-from minisae.training.train import TrainConfig, train
+from minisae.training.train import TrainConfig
 
 VARIANT_NAMES = {"jumprelu": "JumpReLU", "gated": "Gated", "topk": "TopK", "batchtopk": "BatchTopK",
                  "matryoshka": "Matryoshka"}
@@ -252,7 +252,7 @@ def _train_runs(cfg, out, source, runs, labels, resume, force, progress, *, allo
     if source is None:
         specs = [("activations", str(out / "data"), seed, 0) for _, _, seed in runs]
     else:
-        specs = [_source_spec(source)] * len(runs)
+        specs = [workers.source_spec(source)] * len(runs)
     n_workers = cfg.jobs if cfg.jobs is not None else (min(2, os.cpu_count() or 1) if cfg.backend == "numpy" else 1)
     n_workers = max(1, min(n_workers, len(runs))) if all(specs) else 1
     seconds = [None] * len(runs)
@@ -270,11 +270,11 @@ def _train_runs(cfg, out, source, runs, labels, resume, force, progress, *, allo
                 bar.set_description(labels[j])
                 src = source if source is not None else ActivationStore(out / "data", seed=seed)
                 train_cfg, run_dir, _ = runs[j]
-                finish(j, _train_job(src, train_cfg, str(out / run_dir), resume, force,
+                finish(j, workers.train_job(src, train_cfg, str(out / run_dir), resume, force,
                                      "nested" if progress else False, allow_fail))
         else:
             bar.set_description(f"{desc}: {len(runs)} SAEs, {n_workers} processes")
-            _run_in_workers(specs, args, n_workers, finish)
+            workers.run_in_workers(specs, args, n_workers, finish)
     finally:
         bar.close()
     return seconds
@@ -409,21 +409,6 @@ def _final_lambda(log):
     return float(log[-1].get("sparsity_coeff")) if log else None
 
 
-def _train_job(source, train_cfg, run_dir, resume, force, progress=False, allow_fail=False):
-    """Seconds one training took; with allow_fail, (seconds, None) or (seconds, why) for a run that
-    diverged (a pilot setting may be too fast for a variant: that is a result, not an error)."""
-    from minisae.errors import TrainingError
-
-    t0 = time.time()
-    try:
-        train(train_cfg, source, run_dir, resume=resume, overwrite=force, progress=progress)
-    except TrainingError as e:
-        if not allow_fail:
-            raise
-        return time.time() - t0, str(e)
-    return (time.time() - t0, None) if allow_fail else time.time() - t0
-
-
 def _describe(source, n_cache):
     info = source.describe() if hasattr(source, "describe") else {"type": "synthetic", **source.cfg.to_dict()}
     info.pop("expected_l0", None)
@@ -432,82 +417,6 @@ def _describe(source, n_cache):
     info.pop("config", None)
     info["config"] = source.cfg.to_dict()
     return info
-
-
-def _source_spec(source):
-    """A picklable description a worker rebuilds the source from (None: train in this process)."""
-    from minisae.data.activations import ActivationStore
-
-    if isinstance(source, ActivationStore):
-        return ("activations", str(source.folder), source.seed, int(source.holdout_rows.size))
-    return None
-
-
-_WORKER_SOURCE = {}
-
-
-def _worker_job(spec, *args):
-    key = json.dumps(spec)
-    if key not in _WORKER_SOURCE:  # one source per (folder, seed) per worker process
-        from minisae.data.activations import ActivationStore
-
-        _WORKER_SOURCE[key] = ActivationStore(spec[1], seed=spec[2], holdout_tokens=spec[3])
-    return _train_job(_WORKER_SOURCE[key], *args)
-
-
-_ONE_THREAD = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
-PARENT_POLL_SECONDS = 1.0  # a worker checks this often that the compare process that started it still lives
-
-
-def _watch_parent(parent_pid):
-    """A worker's initializer: a daemon thread ends the worker as soon as its parent is gone (a
-    compare killed by a signal runs no clean-up, and its workers would go on writing runs into
-    the folder, racing a rerun)."""
-    import threading
-
-    def watch():
-        while os.getppid() == parent_pid:
-            time.sleep(PARENT_POLL_SECONDS)
-        os._exit(1)
-
-    threading.Thread(target=watch, daemon=True, name="watch-parent").start()
-
-
-def _run_in_workers(specs, args, n_workers, finish, job=None):
-    import concurrent.futures
-    import multiprocessing
-
-    from minisae.errors import ResourceError
-
-    job = _worker_job if job is None else job
-
-    saved = {k: os.environ.get(k) for k in _ONE_THREAD}
-    os.environ.update({k: "1" for k in _ONE_THREAD})  # read by each worker's BLAS at start-up
-    try:
-        ctx = multiprocessing.get_context("spawn")
-        with concurrent.futures.ProcessPoolExecutor(max_workers=n_workers, mp_context=ctx, initializer=_watch_parent,
-                                                    initargs=(os.getpid(),)) as pool:
-            futures = {pool.submit(job, spec, *a): j for j, (spec, a) in enumerate(zip(specs, args))}
-            try:
-                for fut in concurrent.futures.as_completed(futures):
-                    finish(futures[fut], fut.result())
-            except concurrent.futures.process.BrokenProcessPool:
-                for fut in futures:
-                    fut.cancel()
-                raise ResourceError("a training worker process died (killed by the system, often for lack of "
-                                    "memory); the finished runs are kept: rerun the same command with --resume, "
-                                    "with fewer --jobs if memory is short") from None
-            except BaseException:
-                for fut in futures:
-                    fut.cancel()
-                raise
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
 
 
 _COMPARE_NAMES = {"runs", "pilot", "data", "activations", "report.md", "results.json", "pareto.png"}
