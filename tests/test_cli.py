@@ -184,3 +184,32 @@ def test_cache_and_compare_on_tiny_gemma2(tmp_path, capsys):
     assert main(["eval", "--sae", str(sae_dir), "--site", "blocks.0.attn.hook_z", "--text", texts[0],
                  "--no-progress"] + model) == 2
     assert "d_in=64 does not match site blocks.0.attn.hook_z" in _error_line(capsys)
+
+
+def test_compare_on_a_model_takes_the_model_defaults_where_no_flag_is_given(tmp_path, monkeypatch):
+    """compare --model without --quick: M = 4 × the site's width, the real pilot grid, the real
+    targets and a norm ratio of 5 (experiment.compare.model_defaults), each flag overriding its
+    own; the sweep itself is stubbed (its runs are what the other tests check)."""
+    from minisae.experiment import compare
+
+    seen = []
+
+    def fake_run(cfg, out, **kw):
+        seen.append(cfg)
+        return {"wall_seconds": 0.0, "verdict": {}}
+
+    monkeypatch.setattr(compare, "run_compare", fake_run)
+    tok_dir = tmp_path / "tok"
+    tok_dir.mkdir()
+    make_tokenizer(tok_dir)
+    texts = [str(p) for p in write_texts(tmp_path, n_docs=30)]
+    model = ["--model", str(TINY), "--tokenizer", str(tok_dir / "tokenizer.json"), "--seq-len", "32"]
+    base = ["compare", "--site", SITE, "--text", *texts, "--tokens", "300", "--no-progress"] + model
+    assert main(base + ["--out", str(tmp_path / "a")]) == 0
+    want = compare.model_defaults(64)
+    assert (seen[0].d_sae, seen[0].pilot_lrs, seen[0].targets, seen[0].max_norm_ratio) == (
+        256, want["pilot_lrs"], want["targets"], 5.0) and want["tokens"] == compare.REAL_TOKENS
+    assert main(base + ["--out", str(tmp_path / "b"), "--d-sae", "96", "--targets", "3", "6",
+                        "--pilot-lrs", "0.02", "--max-norm-ratio", "none"]) == 0
+    assert (seen[1].d_sae, seen[1].pilot_lrs, seen[1].targets, seen[1].max_norm_ratio) == (96, [0.02], [3.0, 6.0], None)
+    assert "d_sae" not in compare.model_defaults(64, quick=True)  # --quick keeps its smoke-test sizes

@@ -237,7 +237,7 @@ def _say_what_is_evaluated(note, warning):
 
 
 def cmd_compare(a):
-    from minisae.experiment.compare import REAL_MAX_NORM_RATIO, REAL_PILOT_LRS, REAL_TARGETS, CompareConfig, is_compare_folder, quick_config, run_compare
+    from minisae.experiment.compare import CompareConfig, is_compare_folder, model_defaults, quick_config, run_compare
     from minisae.io.files import check_output_dir
     from minisae.xp import get_xp
 
@@ -295,17 +295,18 @@ def cmd_compare(a):
         from minisae.data.activations import ActivationStore, cache_activations
 
         model, tokenizer = _load_model(a, get_xp(a.backend))
-        if a.d_sae is None and not a.quick:  # --quick keeps its 32 latents: a smoke test, not a result
-            cfg.d_sae = 4 * model.site_width(a.site)
+        defaults = model_defaults(model.site_width(a.site), quick=a.quick)  # where no flag says otherwise
+        given = {"d_sae": a.d_sae is not None, "pilot_lrs": bool(a.pilot_lrs), "targets": bool(a.targets),
+                 "max_norm_ratio": a.max_norm_ratio is not None}
+        for name, value in defaults.items():
+            if name != "tokens" and not given[name]:
+                setattr(cfg, name, value)
+        if a.max_norm_ratio is not None:
+            cfg.max_norm_ratio = _ratio(a.max_norm_ratio)
         if a.lm_tokens is not None:
             cfg.lm_tokens = a.lm_tokens
-        if not a.pilot_lrs and not a.quick:  # real activations need lower rates than the synthetic presets
-            cfg.pilot_lrs = list(REAL_PILOT_LRS)
         acts = Path(a.out) / "activations"
-        if not a.targets and not a.quick:
-            cfg.targets = list(REAL_TARGETS)
-        tokens = a.tokens if a.tokens is not None else (16384 if a.quick else 1_000_000)
-        cfg.max_norm_ratio = REAL_MAX_NORM_RATIO if a.max_norm_ratio is None else _ratio(a.max_norm_ratio)
+        tokens = a.tokens if a.tokens is not None else defaults["tokens"]
         man = cache_activations(model, tokenizer, a.text, a.site, acts, seq_len=a.seq_len,
                                 max_tokens=tokens, text_field=a.text_field, model_name=a.model,
                                 progress=not a.no_progress, max_norm_ratio=cfg.max_norm_ratio)

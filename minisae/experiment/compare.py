@@ -58,6 +58,23 @@ DEFAULT_TARGETS = {"synthsaebench-cpu": [5.0, 8.0, 12.0], "synthsaebench-16k": [
 REAL_TARGETS = (16.0, 32.0, 64.0)
 REAL_PILOT_LRS = (1e-3, 3e-3, 1e-2)  # compare --model: Gemma 3 270M chose 1e-3 (JumpReLU, Gated) and 3e-3 (TopK)
 REAL_MAX_NORM_RATIO = 5.0  # compare --model: tokens over 5 × the median norm are left out (norm_outliers)
+REAL_LATENTS_PER_WIDTH = 4  # compare --model: M = 4 × the site's width
+REAL_TOKENS = 1_000_000  # compare --model: activations cached for training (--quick: REAL_QUICK_TOKENS)
+REAL_QUICK_TOKENS = 16_384
+
+
+def model_defaults(width, *, quick=False):
+    """What a comparison on a language model's activations at a site `width` wide changes from
+    the synthetic defaults, as {CompareConfig field: value}, plus "tokens" (how many to cache):
+    M = REAL_LATENTS_PER_WIDTH × width, the pilot grid REAL_PILOT_LRS (the synthetic grid's
+    rates collapse JumpReLU and Gated there), the targets REAL_TARGETS, tokens over
+    REAL_MAX_NORM_RATIO × their batch's median norm left out (massive activations,
+    docs/real_model.md), REAL_TOKENS cached. quick (a smoke test) keeps quick_config's sizes,
+    targets and grid. `minisae compare --model` applies each where its flag is not given."""
+    out = {"max_norm_ratio": REAL_MAX_NORM_RATIO, "tokens": REAL_QUICK_TOKENS if quick else REAL_TOKENS}
+    if not quick:
+        out.update(d_sae=REAL_LATENTS_PER_WIDTH * width, pilot_lrs=list(REAL_PILOT_LRS), targets=list(REAL_TARGETS))
+    return out
 
 
 @dataclasses.dataclass
