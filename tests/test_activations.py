@@ -266,6 +266,12 @@ def test_a_cache_with_max_norm_ratio_leaves_out_exactly_the_massive_tokens(tmp_p
     assert ActivationStore(tmp_path / "kept").describe()["outliers"] == n_sat
     with pytest.raises(ActivationsError, match="max_norm_ratio: cache 10.0, now None"):  # resume: same rule only
         cache_activations(massive, tok, texts, SITE, tmp_path / "kept", **kw)
+    # a max_tokens cut inside a batch: the outliers after the last row kept are not counted
+    for n in (kept["count"] - 5, kept["count"] // 2):
+        cut = cache_activations(massive, tok, texts, SITE, tmp_path / f"cut{n}", max_norm_ratio=10.0,
+                                max_tokens=n, **kw)
+        first_left_out = numpy.flatnonzero(ids != sat)[n]  # the first row the cut leaves out
+        assert cut["count"] == n and cut["outliers"] == int((ids[:first_left_out] == sat).sum())
 
 
 def test_delta_lm_loss_leaves_the_massive_tokens_unspliced(tiny):

@@ -301,11 +301,12 @@ def cache_activations(model, tokenizer, text_paths, site, out_dir, *, seq_len=10
         for first, ids, mask in iter_batches(tokenizer, text_files, seq_len, batch_size,
                                               text_field=text_field, skip=man["sequences_done"]):
             acts = to_numpy(model.capture(model.xp.asarray(ids), site))  # (B, T, D)
-            keep = real_token_mask(ids, mask, tokenizer)  # (B, T)
-            outliers = norm_outliers(acts, keep, max_norm_ratio)  # (B, T)
-            dropped += int(outliers.sum())
-            keep &= ~outliers
+            real = real_token_mask(ids, mask, tokenizer)  # (B, T)
+            outliers = norm_outliers(acts, real, max_norm_ratio)  # (B, T)
+            keep = real & ~outliers
             rows = numpy.ascontiguousarray(acts[keep], dtype=numpy.float32)  # (n, D)
+            dropped += _outliers_before_cut(outliers[real], None if max_tokens is None else
+                                            max_tokens - man["count"] - buf_n)
             buf.append(rows)
             buf_n += rows.shape[0]
             next_seq = first + ids.shape[0]
@@ -326,6 +327,19 @@ def cache_activations(model, tokenizer, text_paths, site, out_dir, *, seq_len=10
     finally:
         bar.close()
     return man
+
+
+def _outliers_before_cut(flags, room):
+    """How many of a batch's outliers count: flags (n,) marks them among its real tokens in order
+    (the rest are its rows); room, how many rows the cache still takes (None: all). When the
+    max_tokens cut falls inside the batch, only the outliers before its first row left out count."""
+    n_out = int(flags.sum())
+    if room is None or n_out == 0:
+        return n_out
+    rows_at = numpy.flatnonzero(~flags)  # (rows,) each row's place among the real tokens
+    if room >= rows_at.shape[0]:
+        return n_out
+    return int(flags[:rows_at[max(room, 0)]].sum())
 
 
 def _remove_cache(out):
