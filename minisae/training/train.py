@@ -277,43 +277,9 @@ def _train_locked(cfg, source, out_dir, world, grid, xp, names, look, accumulate
                 l0 = float(to_numpy(out["l0"])) if controller else None  # a host read: the controller needs it
             else:
                 out, x = None, None
-                # sums: loss, mse, l0 over the micro-batches, and 1 where a batch held NaN or inf
-                fired, sums, parts = None, numpy.array([0.0, 0.0, 0.0, bad_batch]), []
-                low = math.inf  # BatchTopK: the smallest kept activation of the step's micro-batches
-                for j in range(accumulate):
-                    xj = asarray(X[j * b:(j + 1) * b], xp)  # (b, D)
-                    stats, g, f = shard_forward_backward(cfg.architecture, params, xj, hyper, grid.shard,
-                                                         grid.lo, cfg.d_sae)
-                    if controller:  # (m,) firing counts (S = 1: the controller refuses more shards)
-                        c = to_numpy(stats.pop("fired_count")).astype(numpy.float64)
-                        counts = c if j == 0 else counts + c
-                    parts.append(g)
-                    fired = f if fired is None else fired | f
-                    sums[:3] += (stats["loss"], stats["mse"], stats["l0"])
-                    if math.isfinite(stats.get("min_kept", math.nan)):  # BatchTopK (NaN: nothing kept)
-                        low = min(low, stats["min_kept"])
-                grads = parts[0] if len(parts) == 1 else {k: dist.ordered_sum([g[k] for g in parts]) for k in parts[0]}
-                if grid.R > 1:  # the replicas' gradients, summed in rank order; fired OR-ed
-                    grads = {k: grid.replica.sum(v) for k, v in grads.items()}
-                    fired = grid.replica.any(fired)
-                    sums = grid.replica.sum(sums)
-                    if controller:
-                        counts = grid.replica.sum(counts)
-                if cfg.architecture == "batchtopk":  # the running inference threshold, the same on every rank
-                    if grid.R > 1:
-                        low = float(grid.replica.allgather(numpy.array([low]))[:, 0].min())
-                    threshold = VARIANTS["batchtopk"].update_threshold(
-                        *threshold, low if math.isfinite(low) else math.nan, cfg.threshold_rate)
-                if sums[3] > 0:  # every rank sees it after the sum, so every rank stops here (and says so once)
-                    raise dist.on_every_rank(TrainingError(
-                        f"step {step}: the activation batch holds NaN or inf values; " + _kept(ckdir, last_good)))
-                if n_micro > 1:
-                    for v in grads.values():
-                        v *= 1.0 / n_micro
-                loss, mse, l0 = (float(v) / n_micro for v in sums[:3])
-                if not math.isfinite(loss):
-                    raise dist.on_every_rank(TrainingError(
-                        f"step {step}: the loss is {loss}; " + _kept(ckdir, last_good) + "; try a lower learning rate"))
+                grads, fired, counts, (loss, mse, l0), threshold = _sharded_step(
+                    cfg, params, X, bad_batch, hyper, grid, xp, accumulate, b, n_micro, controller, threshold,
+                    f"step {step}", lambda: _kept(ckdir, last_good))
             lr = optim.lr_at(step, lr=cfg.lr, warmup_steps=cfg.warmup_steps, total_steps=cfg.steps,
                              decay_frac=cfg.decay_frac)
             # Adam with the decoder's rows held at unit norm: dW_dec loses its component along each
@@ -382,6 +348,52 @@ def _train_locked(cfg, source, out_dir, world, grid, xp, names, look, accumulate
     coeff = controller.coeff() if controller else None
     live = {k: to_numpy(v) for k, v in params.items()} if grid.S == 1 and lead else None
     return _finish(cfg, source, out_dir, ckdir, world, names, scale, threshold[0], coeff, live)
+
+
+def _sharded_step(cfg, params, X, bad_batch, hyper, grid, xp, accumulate, b, n_micro, controller, threshold,
+                  where, kept):
+    """The step's gradients on the sharded / accumulated path: each of the `accumulate` micro-batches
+    of X (A*b, D) through `shard_forward_backward`, their gradients summed in order, over the
+    replicas too, and scaled by 1 / n_micro. Returns (grads, fired (m,), counts (m,) or None,
+    (loss, mse, l0) the batch's means, threshold (BatchTopK's running θ, updated)). Errors (a batch
+    with NaN or inf, a non-finite loss) are every rank's; `where` and kept() say where and what is
+    kept."""
+    counts = None
+    # sums: loss, mse, l0 over the micro-batches, and 1 where a batch held NaN or inf
+    fired, sums, parts = None, numpy.array([0.0, 0.0, 0.0, bad_batch]), []
+    low = math.inf  # BatchTopK: the smallest kept activation of the step's micro-batches
+    for j in range(accumulate):
+        xj = asarray(X[j * b:(j + 1) * b], xp)  # (b, D)
+        stats, g, f = shard_forward_backward(cfg.architecture, params, xj, hyper, grid.shard, grid.lo, cfg.d_sae)
+        if controller:  # (m,) firing counts (S = 1: the controller refuses more shards)
+            c = to_numpy(stats.pop("fired_count")).astype(numpy.float64)
+            counts = c if j == 0 else counts + c
+        parts.append(g)
+        fired = f if fired is None else fired | f
+        sums[:3] += (stats["loss"], stats["mse"], stats["l0"])
+        if math.isfinite(stats.get("min_kept", math.nan)):  # BatchTopK (NaN: nothing kept)
+            low = min(low, stats["min_kept"])
+    grads = parts[0] if len(parts) == 1 else {k: dist.ordered_sum([g[k] for g in parts]) for k in parts[0]}
+    if grid.R > 1:  # the replicas' gradients, summed in rank order; fired OR-ed
+        grads = {k: grid.replica.sum(v) for k, v in grads.items()}
+        fired = grid.replica.any(fired)
+        sums = grid.replica.sum(sums)
+        if controller:
+            counts = grid.replica.sum(counts)
+    if cfg.architecture == "batchtopk":  # the running inference threshold, the same on every rank
+        if grid.R > 1:
+            low = float(grid.replica.allgather(numpy.array([low]))[:, 0].min())
+        threshold = VARIANTS["batchtopk"].update_threshold(*threshold, low if math.isfinite(low) else math.nan,
+                                                          cfg.threshold_rate)
+    if sums[3] > 0:  # every rank sees it after the sum, so every rank stops here (and says so once)
+        raise dist.on_every_rank(TrainingError(f"{where}: the activation batch holds NaN or inf values; " + kept()))
+    if n_micro > 1:
+        for v in grads.values():
+            v *= 1.0 / n_micro
+    loss, mse, l0 = (float(v) / n_micro for v in sums[:3])
+    if not math.isfinite(loss):
+        raise dist.on_every_rank(TrainingError(f"{where}: the loss is {loss}; " + kept() + "; try a lower learning rate"))
+    return grads, fired, counts, (loss, mse, l0), threshold
 
 
 def _remove_legacy(out_dir):
