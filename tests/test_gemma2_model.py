@@ -627,6 +627,10 @@ def test_blocked_rms_norm_and_rope_are_bitwise_the_whole_array(n_threads, monkey
     numpy.testing.assert_array_equal(layers_fast.rms_norm(x, w1, 1e-6), want)
     cos, sin = layers.rope_tables(7, 8, 10_000.0, numpy, numpy.float32)  # (T, 1, d) each
     numpy.testing.assert_array_equal(layers_fast.apply_rope(x, cos, sin), layers.apply_rope(x, cos, sin, numpy))
+    cos64, sin64 = cos.astype(numpy.float64), sin.astype(numpy.float64)  # tables of another dtype: the plain piece
+    got = layers_fast.apply_rope(x, cos64, sin64)
+    assert got.dtype == numpy.float64
+    numpy.testing.assert_array_equal(got, layers.apply_rope(x, cos64, sin64, numpy))
     h = rng.standard_normal((13, 11), dtype=numpy.float32)  # (N, D): D = 11 does not divide a block
     w = 1 + rng.standard_normal(11, dtype=numpy.float32)
     want = (h * (1.0 / numpy.sqrt(numpy.mean(h * h, axis=-1, keepdims=True) + 1e-6))) * w

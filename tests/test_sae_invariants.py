@@ -556,3 +556,10 @@ def test_sampled_product_with_k_entries_per_row_is_bitwise_the_row_loop(n_thread
     got = sparse.sampled_matmul(rowptr, cols, [E, 2 * E], W, impl="blas1")
     for g, w in zip(got, sparse.sampled_matmul(rowptr, cols, [E, 2 * E], W, impl="loop")):
         numpy.testing.assert_array_equal(g, w)
+    # one entry a row and Fortran-ordered E's: their stack is strided, and takes the row loop
+    one = numpy.arange(B + 1)  # (B + 1,)
+    W64 = rng.standard_normal((M, 64), dtype=numpy.float32)  # (M, 64): a width where the sums differ
+    Fs = [numpy.asfortranarray(rng.standard_normal((B, 64), dtype=numpy.float32)) for _ in range(2)]
+    for g, w in zip(sparse.sampled_matmul(one, cols[:B], Fs, W64, impl="blas1"),
+                    sparse.sampled_matmul(one, cols[:B], Fs, W64, impl="loop")):
+        numpy.testing.assert_array_equal(g, w)

@@ -220,7 +220,8 @@ def sampled_matmul(rowptr, cols, E, W, *, impl=None):
     out = numpy.empty((cols.shape[0], K), dtype=W.dtype)  # (N, K)
     ptr = rowptr.tolist()
     n = ptr[-1] // B if B else 0  # entries per row, when they are all alike
-    uniform = impl == "blas1" and n > 0 and ptr[-1] == n * B and bool((numpy.diff(rowptr) == n).all())
+    uniform = (impl == "blas1" and n > 0 and ptr[-1] == n * B and Es.flags.c_contiguous  # (a strided Es:
+               and bool((numpy.diff(rowptr) == n).all()))  # matmul's sums would not be the per-row dot's)
 
     def row_product(Wb, b, s, e):  # out[s:e] = Wb @ E_k[b] for row b's W rows Wb (n, D)
         if impl == "einsum":

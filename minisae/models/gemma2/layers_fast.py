@@ -57,7 +57,8 @@ def apply_rope(x, cos, sin):
     sin (T, 1, d). On NumPy the passes run over cache-sized blocks of positions split over
     threads (by_row_blocks; the same numbers as the whole array)."""
     xp = module_of(x)
-    if xp is not numpy or not x.flags.c_contiguous or x.size <= PASS_BLOCK:
+    if (xp is not numpy or x.ndim != 4 or not x.flags.c_contiguous or x.size <= PASS_BLOCK
+            or not x.dtype == cos.dtype == sin.dtype):
         return layers.apply_rope(x, cos, sin, xp)
     B, T, n, d = x.shape
     rows, out = x.reshape(B * T, n, d), numpy.empty_like(x)  # (B*T, n, d) view, the result
