@@ -82,10 +82,27 @@ def capture_parts(a):
     from minisae.models.gemma2 import model as gm
 
     model = minisae.load_model(a.model)
-    if a.pass_block:
-        from minisae.models.gemma2 import layers_fast
-        layers_fast.PASS_BLOCK = a.pass_block  # elements per block of the blocked passes
     layer = int(a.site.split(".")[1])
+    if a.pass_block:  # only the block sizes, interleaved in this process: the best capture of each per round
+        from minisae.models.gemma2 import layers_fast
+        sizes = [int(v) for v in a.pass_block.split(",")]
+        ids = numpy.random.default_rng(0).integers(10, 200_000, size=(a.batch, a.seq))
+        model.capture(ids, a.site)
+        print(f"\nminisae: capture of {a.batch} x {a.seq} tokens at {a.site}, best of {a.repeats} a round")
+        print("| round | " + " | ".join(f"PASS_BLOCK {v}" for v in sizes) + " |")
+        print("|---|" + "---:|" * len(sizes))
+        for r in range(a.rounds):
+            best = []
+            for v in sizes:
+                layers_fast.PASS_BLOCK = v
+                runs = []
+                for _ in range(a.repeats):
+                    t0 = time.perf_counter()
+                    model.capture(ids, a.site)
+                    runs.append(time.perf_counter() - t0)
+                best.append(min(runs))
+            print(f"| {r} | " + " | ".join(f"{t:.3f}" for t in best) + " |")
+        return
     ids = numpy.random.default_rng(0).integers(10, 200_000, size=(a.batch, a.seq))
     totals = collections.Counter()
     timers(gm, ["linear", "rms_norm", "apply_rope", "gelu_tanh_times_", "attention_scores_to_probs"], totals)
@@ -240,8 +257,9 @@ def main(argv=None):
     p.add_argument("--ref-python", default="/work/benchvenv/bin/python")
     p.add_argument("--site", default="blocks.6.hook_resid_post")
     p.add_argument("--batch", type=int, default=4, help="capture: rows of --seq tokens")
-    p.add_argument("--pass-block", type=int, default=None,
-                   help="capture: elements per block of the blocked elementwise passes (default: minisae's)")
+    p.add_argument("--pass-block", default=None, metavar="N,N,...",
+                   help="capture: time only these block sizes of the blocked elementwise passes, interleaved")
+    p.add_argument("--rounds", type=int, default=3, help="capture --pass-block: rounds")
     p.add_argument("--seq", type=int, default=1024)
     p.add_argument("--cache", default="/work/exp/gemma_l6", help="topk: a `minisae cache` folder")
     p.add_argument("--tokens", type=int, default=1024, help="topk: B")
