@@ -15,6 +15,9 @@ vector, plus b_dec (replicated). One step on one shard (`shard_forward_backward`
   3. run the variant's own backward on the shard with the global error x - xhat; complete
      b_dec's gradient with its sum over shards; everything else is shard-local.
 
+`sharded_step` is a training step on the grid: a replica's micro-batches through that step, their
+gradients summed in order and over the replicas, every rank's errors.
+
 The parameters at init do not depend on S: the dictionary is drawn in chunks of INIT_CHUNK latents,
 chunk c from the generator seeded (seed, c) (`init_shard`). A sharded step therefore agrees with
 the unsharded variant up to floating-point rounding (the sum over shards adds in another order;
@@ -30,7 +33,8 @@ import math
 
 import numpy
 
-from minisae.errors import InputError
+from minisae.dist.comm import on_every_rank, ordered_sum
+from minisae.errors import InputError, TrainingError
 from minisae.sae import VARIANTS
 from minisae.sae.common import squared_error, squared_error_backward, unit_rows
 from minisae.sae.common import scatter_rows as _scatter_rows
@@ -167,6 +171,54 @@ def shard_forward_backward(arch, params, x, hyper, comm, lo=0, d_sae=None):
         stats["loss"] = mse + counts[1] + aux
     _fix_b_dec(grads, cache["err"], comm)
     return stats, grads, (out["f"] != 0).any(axis=0)
+
+
+def sharded_step(cfg, params, X, bad_batch, hyper, grid, xp, accumulate, threshold, *, count_fired, where, kept):
+    """One training step's gradients on a grid (R replicas x S shards, `accumulate` micro-batches):
+    each micro-batch of this replica's rows X (A*b, D) through `shard_forward_backward`, the
+    gradients summed in order, over the replicas too, and scaled by 1 / (R·A). Returns (grads,
+    fired (m,), counts (m,) when count_fired else None, (loss, mse, l0) the batch's means,
+    threshold: BatchTopK's running θ, updated). bad_batch: 1.0 when X held NaN or inf. Errors (such
+    a batch anywhere, a non-finite loss) are every rank's (dist.on_every_rank); `where` and kept()
+    say at which step and what is kept. cfg: the run's TrainConfig."""
+    n_micro = grid.R * accumulate
+    b = X.shape[0] // accumulate  # rows per micro-batch
+    counts = None
+    # sums: loss, mse, l0 over the micro-batches, and 1 where a batch held NaN or inf
+    fired, sums, parts = None, numpy.array([0.0, 0.0, 0.0, bad_batch]), []
+    low = math.inf  # BatchTopK: the smallest kept activation of the step's micro-batches
+    for j in range(accumulate):
+        xj = asarray(X[j * b:(j + 1) * b], xp)  # (b, D)
+        stats, g, f = shard_forward_backward(cfg.architecture, params, xj, hyper, grid.shard, grid.lo, cfg.d_sae)
+        if count_fired:  # (m,) firing counts (the L0 controller's; it runs on one shard)
+            c = to_numpy(stats.pop("fired_count")).astype(numpy.float64)
+            counts = c if j == 0 else counts + c
+        parts.append(g)
+        fired = f if fired is None else fired | f
+        sums[:3] += (stats["loss"], stats["mse"], stats["l0"])
+        if math.isfinite(stats.get("min_kept", math.nan)):  # BatchTopK (NaN: nothing kept)
+            low = min(low, stats["min_kept"])
+    grads = parts[0] if len(parts) == 1 else {k: ordered_sum([g[k] for g in parts]) for k in parts[0]}
+    if grid.R > 1:  # the replicas' gradients, summed in rank order; fired OR-ed
+        grads = {k: grid.replica.sum(v) for k, v in grads.items()}
+        fired = grid.replica.any(fired)
+        sums = grid.replica.sum(sums)
+        if count_fired:
+            counts = grid.replica.sum(counts)
+    if cfg.architecture == "batchtopk":  # the running inference threshold, the same on every rank
+        if grid.R > 1:
+            low = float(grid.replica.allgather(numpy.array([low]))[:, 0].min())
+        threshold = VARIANTS["batchtopk"].update_threshold(*threshold, low if math.isfinite(low) else math.nan,
+                                                          cfg.threshold_rate)
+    if sums[3] > 0:  # every rank sees it after the sum, so every rank stops here (and says so once)
+        raise on_every_rank(TrainingError(f"{where}: the activation batch holds NaN or inf values; " + kept()))
+    if n_micro > 1:
+        for v in grads.values():
+            v *= 1.0 / n_micro
+    loss, mse, l0 = (float(v) / n_micro for v in sums[:3])
+    if not math.isfinite(loss):
+        raise on_every_rank(TrainingError(f"{where}: the loss is {loss}; " + kept() + "; try a lower learning rate"))
+    return grads, fired, counts, (loss, mse, l0), threshold
 
 
 def _jumprelu_matryoshka(params, x, hyper, comm, lo, d_sae):

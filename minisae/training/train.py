@@ -55,10 +55,11 @@ dead-latent counters. One step of `train_parallel`:
 
   1. replica r reads its rows of the step's batch (rows r*B/R ... (r+1)*B/R): its shard-0 rank
      reads them and broadcasts them to the replica's other shards;
-  2. each of its `accumulate` micro-batches goes through `sharded.shard_forward_backward`
-     (the shard group's sums inside), and the micro-batches' gradients are added in order;
-  3. gradients are summed over the replica group in rank order (minisae.dist: bitwise the same
-     as one process accumulating the R micro-batches in rank order), "fired" is OR-ed;
+  2. `sharded.sharded_step`: each of its `accumulate` micro-batches goes through
+     `sharded.shard_forward_backward` (the shard group's sums inside), and the micro-batches'
+     gradients are added in order;
+  3. ... and summed over the replica group in rank order (minisae.dist: bitwise the same as one
+     process accumulating the R micro-batches in rank order), "fired" is OR-ed;
   4. Adam and the unit-norm decoder constraint run locally (both are per latent).
 
 Checkpoints: minisae.training.checkpoint (`save_sharded` / `load_sharded`, any grid resumes on any other).
@@ -72,7 +73,6 @@ this shard, P ranks, R replicas, S shards, A micro-batches per rank.
 
 import dataclasses
 import json
-import math
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -85,7 +85,7 @@ from minisae.training import l0control, optim
 from minisae.errors import InputError, OutputExistsError
 from minisae.io.files import FolderLock, check_output_dir, make_dir, write_atomic
 from minisae.sae import VARIANTS
-from minisae.dist.sharded import _sum_scalars, init_shard, make_grid, shard_forward_backward
+from minisae.dist.sharded import _sum_scalars, init_shard, make_grid, sharded_step
 from minisae.training.checkpoint import (CHECKPOINT_DIR, CHECKPOINT_NAME, MANIFEST_NAME, CheckpointError,
                                          _append_jsonl, _truncate_metrics, clear_results, clear_run, kill_point,
                                          load_checkpoint, load_sharded, read_manifest, save_checkpoint, save_sharded)
@@ -158,7 +158,7 @@ def train_parallel(cfg, source, out_dir, *, shards=1, accumulate=1, comm=None, r
 
     try:
         return _train_locked(cfg, source, out_dir, world, grid, xp, names, look, int(accumulate),
-                             n_micro, b, mine, resume, overwrite, progress)
+                             n_micro, mine, resume, overwrite, progress)
     finally:
         for held in lock:
             held.release()
@@ -194,7 +194,7 @@ def _resume_state(cfg, source, out_dir, world, grid, xp, names, legacy):
     return state
 
 
-def _train_locked(cfg, source, out_dir, world, grid, xp, names, look, accumulate, n_micro, b, mine,
+def _train_locked(cfg, source, out_dir, world, grid, xp, names, look, accumulate, n_micro, mine,
                   resume, overwrite, progress):
     from minisae.training.prefetch import Prefetcher
 
@@ -277,9 +277,9 @@ def _train_locked(cfg, source, out_dir, world, grid, xp, names, look, accumulate
                 l0 = float(to_numpy(out["l0"])) if controller else None  # a host read: the controller needs it
             else:
                 out, x = None, None
-                grads, fired, counts, (loss, mse, l0), threshold = _sharded_step(
-                    cfg, params, X, bad_batch, hyper, grid, xp, accumulate, b, n_micro, controller, threshold,
-                    f"step {step}", lambda: _kept(ckdir, last_good))
+                grads, fired, counts, (loss, mse, l0), threshold = sharded_step(
+                    cfg, params, X, bad_batch, hyper, grid, xp, accumulate, threshold, count_fired=controller is not None,
+                    where=f"step {step}", kept=lambda: _kept(ckdir, last_good))
             lr = optim.lr_at(step, lr=cfg.lr, warmup_steps=cfg.warmup_steps, total_steps=cfg.steps,
                              decay_frac=cfg.decay_frac)
             # Adam with the decoder's rows held at unit norm: dW_dec loses its component along each
@@ -348,52 +348,6 @@ def _train_locked(cfg, source, out_dir, world, grid, xp, names, look, accumulate
     coeff = controller.coeff() if controller else None
     live = {k: to_numpy(v) for k, v in params.items()} if grid.S == 1 and lead else None
     return _finish(cfg, source, out_dir, ckdir, world, names, scale, threshold[0], coeff, live)
-
-
-def _sharded_step(cfg, params, X, bad_batch, hyper, grid, xp, accumulate, b, n_micro, controller, threshold,
-                  where, kept):
-    """The step's gradients on the sharded / accumulated path: each of the `accumulate` micro-batches
-    of X (A*b, D) through `shard_forward_backward`, their gradients summed in order, over the
-    replicas too, and scaled by 1 / n_micro. Returns (grads, fired (m,), counts (m,) or None,
-    (loss, mse, l0) the batch's means, threshold (BatchTopK's running θ, updated)). Errors (a batch
-    with NaN or inf, a non-finite loss) are every rank's; `where` and kept() say where and what is
-    kept."""
-    counts = None
-    # sums: loss, mse, l0 over the micro-batches, and 1 where a batch held NaN or inf
-    fired, sums, parts = None, numpy.array([0.0, 0.0, 0.0, bad_batch]), []
-    low = math.inf  # BatchTopK: the smallest kept activation of the step's micro-batches
-    for j in range(accumulate):
-        xj = asarray(X[j * b:(j + 1) * b], xp)  # (b, D)
-        stats, g, f = shard_forward_backward(cfg.architecture, params, xj, hyper, grid.shard, grid.lo, cfg.d_sae)
-        if controller:  # (m,) firing counts (S = 1: the controller refuses more shards)
-            c = to_numpy(stats.pop("fired_count")).astype(numpy.float64)
-            counts = c if j == 0 else counts + c
-        parts.append(g)
-        fired = f if fired is None else fired | f
-        sums[:3] += (stats["loss"], stats["mse"], stats["l0"])
-        if math.isfinite(stats.get("min_kept", math.nan)):  # BatchTopK (NaN: nothing kept)
-            low = min(low, stats["min_kept"])
-    grads = parts[0] if len(parts) == 1 else {k: dist.ordered_sum([g[k] for g in parts]) for k in parts[0]}
-    if grid.R > 1:  # the replicas' gradients, summed in rank order; fired OR-ed
-        grads = {k: grid.replica.sum(v) for k, v in grads.items()}
-        fired = grid.replica.any(fired)
-        sums = grid.replica.sum(sums)
-        if controller:
-            counts = grid.replica.sum(counts)
-    if cfg.architecture == "batchtopk":  # the running inference threshold, the same on every rank
-        if grid.R > 1:
-            low = float(grid.replica.allgather(numpy.array([low]))[:, 0].min())
-        threshold = VARIANTS["batchtopk"].update_threshold(*threshold, low if math.isfinite(low) else math.nan,
-                                                          cfg.threshold_rate)
-    if sums[3] > 0:  # every rank sees it after the sum, so every rank stops here (and says so once)
-        raise dist.on_every_rank(TrainingError(f"{where}: the activation batch holds NaN or inf values; " + kept()))
-    if n_micro > 1:
-        for v in grads.values():
-            v *= 1.0 / n_micro
-    loss, mse, l0 = (float(v) / n_micro for v in sums[:3])
-    if not math.isfinite(loss):
-        raise dist.on_every_rank(TrainingError(f"{where}: the loss is {loss}; " + kept() + "; try a lower learning rate"))
-    return grads, fired, counts, (loss, mse, l0), threshold
 
 
 def _remove_legacy(out_dir):
