@@ -303,22 +303,26 @@ def cache_activations(model, tokenizer, text_paths, site, out_dir, *, seq_len=10
             acts = to_numpy(model.capture(model.xp.asarray(ids), site))  # (B, T, D)
             real = real_token_mask(ids, mask, tokenizer)  # (B, T)
             outliers = norm_outliers(acts, real, max_norm_ratio)  # (B, T)
-            keep = real & ~outliers
-            rows = numpy.ascontiguousarray(acts[keep], dtype=numpy.float32)  # (n, D)
-            dropped += _outliers_before_cut(outliers[real], None if max_tokens is None else
-                                            max_tokens - man["count"] - buf_n)
+            rows = numpy.ascontiguousarray(acts[real & ~outliers], dtype=numpy.float32)  # (n, D)
+            n_out = int(outliers.sum())
+            room = None if max_tokens is None else max_tokens - man["count"] - buf_n  # rows still taken, >= 1
+            if room is not None and rows.shape[0] > room:  # max_tokens cuts this batch: only the outliers
+                flags = outliers[real]  # (n_real,) among the real tokens in order; the others are the rows
+                n_out = int(flags[:numpy.flatnonzero(~flags)[room]].sum())  # before the first row cut count
+                rows = rows[:room]
+            dropped += n_out
             buf.append(rows)
             buf_n += rows.shape[0]
             next_seq = first + ids.shape[0]
             bar.update(rows.shape[0])
             reached = max_tokens is not None and man["count"] + buf_n >= max_tokens
             if buf_n >= shard_tokens or reached:
-                _flush(out, man, buf, next_seq, max_tokens, dropped)
+                _flush(out, man, buf, next_seq, dropped)
                 buf, buf_n, dropped = [], 0, 0
                 if reached:
                     break
         if buf_n:
-            _flush(out, man, buf, next_seq, max_tokens, dropped)
+            _flush(out, man, buf, next_seq, dropped)
         if man["count"] == 0:  # no manifest was written: the folder stays free for other texts
             raise ActivationsError(f"the texts gave no tokens to cache ({', '.join(text_files)}); "
                                    f"nothing was written to {out}")
@@ -327,19 +331,6 @@ def cache_activations(model, tokenizer, text_paths, site, out_dir, *, seq_len=10
     finally:
         bar.close()
     return man
-
-
-def _outliers_before_cut(flags, room):
-    """How many of a batch's outliers count: flags (n,) marks them among its real tokens in order
-    (the rest are its rows); room, how many rows the cache still takes (None: all). When the
-    max_tokens cut falls inside the batch, only the outliers before its first row left out count."""
-    n_out = int(flags.sum())
-    if room is None or n_out == 0:
-        return n_out
-    rows_at = numpy.flatnonzero(~flags)  # (rows,) each row's place among the real tokens
-    if room >= rows_at.shape[0]:
-        return n_out
-    return int(flags[:rows_at[max(room, 0)]].sum())
 
 
 def _remove_cache(out):
@@ -353,10 +344,8 @@ def _remove_cache(out):
         raise storage_error(e, out, "remove the old cache in") from e
 
 
-def _flush(out, man, buf, next_seq, max_tokens, dropped=0):
+def _flush(out, man, buf, next_seq, dropped=0):
     rows = numpy.concatenate(buf, axis=0)  # (n, D)
-    if max_tokens is not None:
-        rows = rows[:max(0, max_tokens - man["count"])]
     name = f"shard_{len(man['shards']):05d}.npy"
     _write_shard(out / name, rows)
     man["shards"].append({"file": name, "count": int(rows.shape[0])})
