@@ -59,19 +59,21 @@ for e in sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:12]:
 """
 
 
+def timed(fn, name, totals):
+    """fn, its calls adding their wall time to totals[name] (a method too: self is one of the args)."""
+    def wrapped(*a, **k):
+        t0 = time.perf_counter()
+        try:
+            return fn(*a, **k)
+        finally:
+            totals[name] += time.perf_counter() - t0
+    return wrapped
+
+
 def timers(module, names, totals):
-    """Wrap module.<name> for each name so that its calls add their wall time to totals[name]."""
+    """Wrap module.<name> for each name with `timed`."""
     for name in names:
-        fn = getattr(module, name)
-
-        def wrapped(*a, _fn=fn, _name=name, **k):
-            t0 = time.perf_counter()
-            try:
-                return _fn(*a, **k)
-            finally:
-                totals[_name] += time.perf_counter() - t0
-
-        setattr(module, name, wrapped)
+        setattr(module, name, timed(getattr(module, name), name, totals))
 
 
 def capture_parts(a):
@@ -106,7 +108,7 @@ def capture_parts(a):
     ids = numpy.random.default_rng(0).integers(10, 200_000, size=(a.batch, a.seq))
     totals = collections.Counter()
     timers(gm, ["linear", "rms_norm", "apply_rope", "gelu_tanh_times_", "attention_scores_to_probs"], totals)
-    gm.Gemma2Model._attention_blocked = _timed_method(gm.Gemma2Model._attention_blocked, "attention by query blocks", totals)
+    gm.Gemma2Model._attention_blocked = timed(gm.Gemma2Model._attention_blocked, "attention by query blocks", totals)
     g3.rms_norm = gm.rms_norm  # QK-norm's RMSNorms count with the others
     model.capture(ids, a.site)
     totals.clear()
@@ -137,16 +139,6 @@ def capture_parts(a):
             elif line.startswith("PART"):
                 _, key, s = line.split(maxsplit=2)
                 print(f"| {key} | {float(s):.3f} |")
-
-
-def _timed_method(fn, name, totals):
-    def wrapped(self, *a, **k):
-        t0 = time.perf_counter()
-        try:
-            return fn(self, *a, **k)
-        finally:
-            totals[name] += time.perf_counter() - t0
-    return wrapped
 
 
 def topk_parts(a):

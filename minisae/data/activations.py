@@ -180,7 +180,7 @@ def norm_outliers(acts, real, ratio):
     out = xp.zeros(real.shape, dtype=bool)  # (B, T)
     if ratio is None or not bool(real.any()):
         return out
-    norms = xp.sqrt(xp.sum(xp.square(acts.astype(xp.float32)), axis=-1))  # (B, T)
+    norms = xp.sqrt(xp.sum(xp.square(acts.astype(xp.float32, copy=False)), axis=-1))  # (B, T)
     cut = float(ratio) * float(xp.median(norms[real]))
     return real & (norms > cut)
 

@@ -288,7 +288,7 @@ def _train_runs(cfg, out, source, runs, labels, resume, force, progress, *, allo
                 src = source if source is not None else ActivationStore(out / "data", seed=seed)
                 train_cfg, run_dir, _ = runs[j]
                 finish(j, workers.train_job(src, train_cfg, str(out / run_dir), resume, force,
-                                     "nested" if progress else False, allow_fail))
+                                            "nested" if progress else False, allow_fail))
         else:
             bar.set_description(f"{desc}: {len(runs)} SAEs, {n_workers} processes")
             workers.run_in_workers(specs, args, n_workers, finish)
@@ -387,7 +387,7 @@ def _evaluate_run(out, cfg, job, secs, eval_source, model, tokenizer, eval_texts
     row["top_feature_rate"] = getattr(eval_source, "top_rate", None)
     row["pathological"] = is_pathological(row)
     if model is not None:
-        lm_sae = SAE.load(run / "sae", xp=model.xp)
+        lm_sae = sae if model.xp is sae.xp else SAE.load(run / "sae", xp=model.xp)  # on the model's backend
         row.update(evaluate_lm(lm_sae, model, tokenizer, eval_texts, site, seq_len=cfg.seq_len,
                                batch_size=cfg.lm_batch_size, max_tokens=cfg.lm_tokens, progress=progress,
                                max_norm_ratio=cfg.max_norm_ratio, baseline=lm_baseline))
