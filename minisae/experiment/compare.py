@@ -35,13 +35,12 @@ import numpy
 
 from minisae.errors import DependencyError, InputError, OutputExistsError
 from minisae.experiment import tuning, workers
+from minisae.experiment.plot import pareto_plot
+from minisae.experiment.report import DENSE_LIMIT, NAMES, dense_limit, is_pathological, render_report, verdicts
 from minisae.io.files import check_output_dir, is_temp_name, make_dir, write_atomic
 from minisae.progress import progress_bar
 from minisae.training.train import TrainConfig
 
-VARIANT_NAMES = {"jumprelu": "JumpReLU", "gated": "Gated", "topk": "TopK", "batchtopk": "BatchTopK",
-                 "matryoshka": "Matryoshka"}
-DENSE_LIMIT = 0.1  # a run with a latent firing on more tokens than this is flagged (see _FixedEval)
 PAPER_VARIANTS = ("jumprelu", "gated", "topk")  # the JumpReLU paper's comparison (arXiv 2407.14435)
 
 # The planted-dictionary toy of the first release (preset "toy").
@@ -169,9 +168,9 @@ def _preset_d_in(cfg):
 
 
 def _check(cfg):
-    bad = [v for v in cfg.variants if v not in VARIANT_NAMES]
+    bad = [v for v in cfg.variants if v not in NAMES]
     if bad or not cfg.variants:
-        raise InputError(f"--variants: expected some of {', '.join(VARIANT_NAMES)}, found {bad or 'none'}")
+        raise InputError(f"--variants: expected some of {', '.join(NAMES)}, found {bad or 'none'}")
     if cfg.seeds < 1 or any(not (0 < t <= cfg.d_sae) for t in cfg.target_list()):
         raise InputError(f"expected seeds >= 1 and targets in (0, d_sae={cfg.d_sae}], found {cfg.seeds}, "
                          f"{cfg.target_list()}")
@@ -186,9 +185,6 @@ def run_compare(cfg, out_dir, *, source=None, model=None, tokenizer=None, eval_t
     BLAS (on small matrices one BLAS thread per process beats threads fighting over the cores);
     workers are spawned, so a script calling this with jobs > 1 needs the `if __name__ ==
     "__main__":` guard."""
-    from minisae.experiment.plot import pareto_plot
-    from minisae.experiment.report import render_report, verdicts
-
     _check(cfg)
     out = Path(out_dir)
     check_output_dir(out, "compare report", is_own=is_compare_folder)
@@ -225,7 +221,7 @@ def run_compare(cfg, out_dir, *, source=None, model=None, tokenizer=None, eval_t
     seeds = list(range(cfg.seeds))
     jobs = [(v, t, s) for v in cfg.variants for t in cfg.target_list() for s in seeds]
     runs = [(cfg.train_config(v, t, s, recipes[v]), _run_dir(v, t, s), s) for v, t, s in jobs]
-    labels = [f"{VARIANT_NAMES[v]} L0={t:g} seed {s}" for v, t, s in jobs]
+    labels = [f"{NAMES[v]} L0={t:g} seed {s}" for v, t, s in jobs]
     seconds = _train_runs(cfg, out, source, runs, labels, resume, force, progress)
     seconds = [secs + earlier_secs.get(_run_dir(*job), 0.0) for job, secs in zip(jobs, seconds)]
     lm_baseline = {}  # the clean and zero-ablated losses, the same for every SAE: computed once
@@ -307,7 +303,7 @@ def _run_pilot(cfg, out, source, eval_source, resume, force, progress):
     grid = tuning.pilot_grid(cfg.variants, lrs=cfg.pilot_lrs, bandwidths=cfg.pilot_bandwidths)
     cells = [(v, setting) for v in cfg.variants for setting in grid[v]]
     runs = [(cfg.train_config(v, target, 0, setting), _pilot_dir(v, setting), 0) for v, setting in cells]
-    labels = [f"pilot {VARIANT_NAMES[v]} {tuning.setting_text(setting)}" for v, setting in cells]
+    labels = [f"pilot {NAMES[v]} {tuning.setting_text(setting)}" for v, setting in cells]
     outcomes = _train_runs(cfg, out, source, runs, labels, resume, force, progress, allow_fail=True, desc="pilot")
     rows = []
     for (v, setting), (_, run_dir, _), (secs, failure) in zip(cells, runs, outcomes):
@@ -348,8 +344,6 @@ class _FixedEval:
     """The evaluation set of a synthetic source, generated once with its true codes."""
 
     def __init__(self, source, n):
-        from minisae.experiment.report import dense_limit
-
         self.d_in, self.directions = source.d_in, source.directions
         rates = source.expected_firing() if hasattr(source, "expected_firing") else source.frequencies
         # a run's densest latent is pathological above 10 % of tokens, or, where the data has a
@@ -364,7 +358,6 @@ class _FixedEval:
 
 def _evaluate_run(out, cfg, job, secs, eval_source, model, tokenizer, eval_texts, site, progress, lm_baseline=None):
     from minisae.eval.evaluate import evaluate_lm, evaluate_sae
-    from minisae.experiment.report import is_pathological
     from minisae.io.saefile import SAE
 
     variant, target, seed = job

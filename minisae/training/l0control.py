@@ -19,7 +19,7 @@ push on θ, not its speed.
    starts one shift s below, t_i = t*_i − s, s the smallest giving the sample L0 = L0_0.
 2. L0 warm-up (in runs whose weights can travel, lr·steps >= 1; cfg.l0_warmup_steps): the
    controller's target descends from L0_0 = min(8·L0*, max(L0*, c·M)) to L0* over W steps
-   (c = M/4 JumpReLU, M/10 Gated),
+   (c = 1/4 JumpReLU, 1/10 Gated),
        L0*_t = L0_0·(L0*/L0_0)^g(t),   g(t) = (1 − cos(π·min(1, t/W))) / 2,
    and every threshold rises by s·(g(t+1) − g(t)) a step (feed-forward: each ends at its own t*_i
    where the weights have not moved). Every latent fires often while the dictionary forms
